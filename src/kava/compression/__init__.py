@@ -1,0 +1,120 @@
+"""Compression of the teacher's chain-of-thought KV-cache to M entries per layer and head.
+
+Selectors are found by name in :data:`SELECTORS`. :func:`select` is the public contract for
+index-based selectors on one layer; :func:`compress_cache` compresses every layer at once
+(layers are folded into the batch dimension, no Python loop over layers or heads).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .base import Compressed, ScoreSelector, Selector, gather_slots, top_budget
+from .pooled import MeanPoolSelector
+from .positional import FirstSelector, LastSelector, RandomSelector, StrideSelector
+from .rkv import RKVSelector, attention_importance, redundancy_scores, rkv_scores
+from .shuffled import ShuffledSelector
+
+SELECTORS: dict[str, Callable[[float], Selector]] = {
+    "rkv": lambda lam: RKVSelector(lam=lam),
+    "attention": lambda lam: RKVSelector(lam=1.0, name="attention"),
+    "redundancy": lambda lam: RKVSelector(lam=0.0, name="redundancy"),
+    "right_crop": lambda lam: FirstSelector(),
+    "last": lambda lam: LastSelector(),
+    "stride": lambda lam: StrideSelector(),
+    "random": lambda lam: RandomSelector(),
+    "mean_pool": lambda lam: MeanPoolSelector(),
+    "shuffled": lambda lam: ShuffledSelector(lam=lam),
+}
+"""Every selector by name. ``none`` (no KV loss) is handled by the objective, not here."""
+
+METHODS = ("none", *SELECTORS)
+
+
+def get_selector(method: str, lam: float = 0.1) -> Selector:
+    """The selector called ``method`` (see :data:`SELECTORS`)."""
+    try:
+        return SELECTORS[method](lam)
+    except KeyError:
+        raise ValueError(f"unknown compression method {method!r}; choose from {', '.join(SELECTORS)}") from None
+
+
+def _roll_batch(t: torch.Tensor, batch_dim: int) -> torch.Tensor:
+    if t.shape[batch_dim] < 2:
+        raise ValueError("the shuffled selector needs at least 2 examples per batch")
+    return t.roll(1, dims=batch_dim)
+
+
+def select(
+    method: str,
+    keys: torch.Tensor,
+    queries: torch.Tensor | None,
+    cot_mask: torch.Tensor,
+    answer_mask: torch.Tensor | None,
+    budget: int,
+    lam: float = 0.1,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the ``budget`` teacher entries to keep, per example and KV head.
+
+    keys ``[B, H_kv, N, d]`` (the whole teacher sequence of one layer), queries
+    ``[B, H_q, A, d]`` at the answer positions, cot_mask ``[B, N]``, answer_mask ``[B, A]``.
+    Returns ``(indices [B, H_kv, budget] long, valid [B, H_kv, budget] bool)``; kept indices
+    are in increasing (time) order, then the invalid slots when the CoT is shorter than
+    ``budget``. Only index-based selectors have indices; ``mean_pool`` builds new entries,
+    use :func:`compress_cache` for it.
+    """
+    selector = get_selector(method, lam)
+    if not isinstance(selector, ScoreSelector):
+        raise ValueError(f"method {method!r} builds pooled entries and has no indices; use compress_cache")
+    indices, valid = selector.select(keys, queries, cot_mask, answer_mask, budget, generator)
+    if getattr(selector, "shuffle_batch", False):
+        indices, valid = _roll_batch(indices, 0), _roll_batch(valid, 0)
+    return indices, valid
+
+
+def compress_cache(
+    selector: Selector,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    queries: torch.Tensor | None,
+    cot_mask: torch.Tensor,
+    answer_mask: torch.Tensor | None,
+    budget: int,
+    generator: torch.Generator | None = None,
+) -> Compressed:
+    """Compress every layer at once.
+
+    keys / values ``[L, B, H_kv, N, d]``, queries ``[L, B, H_q, A, d]`` (or None when the
+    selector does not need them), cot_mask ``[B, N]``, answer_mask ``[B, A]``. Returns
+    :class:`Compressed` with ``[L, B, H_kv, M, ...]`` tensors.
+    """
+    n_layers, b = keys.shape[:2]
+    fold = lambda t: t.reshape(n_layers * b, *t.shape[2:])  # noqa: E731
+    rep = lambda m: None if m is None else m.repeat(n_layers, 1)  # noqa: E731
+    q = fold(queries) if queries is not None and selector.needs_queries else None
+    c = selector.compress(fold(keys), fold(values), q, rep(cot_mask), rep(answer_mask), budget, generator)
+    unfold = lambda t: None if t is None else t.reshape(n_layers, b, *t.shape[1:])  # noqa: E731
+    out = Compressed(unfold(c.keys), unfold(c.values), unfold(c.valid), unfold(c.indices))
+    if getattr(selector, "shuffle_batch", False):
+        out = Compressed(*(None if t is None else _roll_batch(t, 1) for t in (out.keys, out.values, out.valid, out.indices)))
+    return out
+
+
+__all__ = [
+    "Compressed",
+    "METHODS",
+    "SELECTORS",
+    "Selector",
+    "ScoreSelector",
+    "attention_importance",
+    "compress_cache",
+    "gather_slots",
+    "get_selector",
+    "redundancy_scores",
+    "rkv_scores",
+    "select",
+    "top_budget",
+]

@@ -1,0 +1,358 @@
+"""Typed configuration: defaults -> YAML file -> ``key=value`` command-line overrides.
+
+Every field carries help text (``metadata["help"]``); ``__post_init__`` validates and names
+the offending field. The resolved configuration is saved as YAML beside every run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .compression import METHODS
+from .losses import CODI_LOSSES, KV_LOSSES
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the field."""
+
+
+def _check(cond: bool, name: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"config field '{name}': {msg}")
+
+
+def _choice(value: Any, name: str, choices: typing.Iterable[Any]) -> None:
+    choices = tuple(choices)
+    _check(value in choices, name, f"{value!r} is not one of {', '.join(map(str, choices))}")
+
+
+@dataclass
+class TinyModelConfig:
+    """A small decoder built in code (no download), for CPU work and tests."""
+
+    arch: str = _f("llama", "architecture: llama or qwen2")
+    hidden_size: int = _f(128, "model width")
+    num_layers: int = _f(4, "decoder layers")
+    num_heads: int = _f(4, "query heads")
+    num_kv_heads: int = _f(2, "key/value heads (fewer than num_heads gives GQA)")
+    intermediate_size: int = _f(256, "MLP width")
+    max_position_embeddings: int = _f(512, "longest sequence")
+
+    def __post_init__(self) -> None:
+        _choice(self.arch, "model.tiny.arch", ("llama", "qwen2"))
+        _check(self.num_heads % max(self.num_kv_heads, 1) == 0 and self.num_kv_heads > 0, "model.tiny.num_kv_heads",
+               f"{self.num_heads} query heads are not a multiple of {self.num_kv_heads} KV heads")
+        _check(self.hidden_size % self.num_heads == 0, "model.tiny.hidden_size", "must be divisible by num_heads")
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = _f("tiny", "hub id, local model folder, a .gguf file, or 'tiny' for a model built in code")
+    gguf_file: str = _f("", "GGUF file name inside name_or_path (or leave empty and give the .gguf path)")
+    init_from: str = _f("", "a kava checkpoint folder whose trained weights start this run (e.g. a CoT base)")
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig, metadata={"help": "shape of the 'tiny' model"})
+    dtype: str = _f("auto", "weights dtype: auto (float32 on CPU, bfloat16 on GPUs that support it), float32, bfloat16, float16")
+    attn_implementation: str = _f("sdpa", "attention kernel: sdpa, eager, flash_attention_2")
+    trust_remote_code: bool = _f(False, "allow code shipped with a hub model to run")
+    use_chat_template: bool = _f(False, "wrap the question in the tokenizer's chat template")
+    adapter: str = _f("lora", "what is trained: lora (peft adapters + new token rows) or full (all weights)")
+    lora_r: int = _f(128, "LoRA rank")
+    lora_alpha: int = _f(32, "LoRA alpha")
+    lora_dropout: float = _f(0.1, "LoRA dropout")
+    lora_target_modules: list = _f(["q_proj", "k_proj", "v_proj", "o_proj"], "module names that get LoRA adapters")
+    gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass to save memory")
+
+    def __post_init__(self) -> None:
+        _choice(self.dtype, "model.dtype", ("auto", "float32", "bfloat16", "float16"))
+        _choice(self.adapter, "model.adapter", ("lora", "full"))
+        _check(self.lora_r > 0, "model.lora_r", "must be positive")
+        _check(0 <= self.lora_dropout < 1, "model.lora_dropout", "must be in [0, 1)")
+
+
+@dataclass
+class LatentConfig:
+    num_latents: int = _f(24, "M: latent thoughts per example")
+    iterations: int = _f(3, "T: Jacobi iterations (scheme=jacobi)")
+    scheme: str = _f("jacobi", "jacobi (PCCoT, all latents updated per pass) or sequential (Coconut/CODI, one per pass)")
+    projection: bool = _f(True, "map hidden states to latent inputs through the projection MLP")
+    projection_hidden: int = _f(0, "projection MLP width (0: the model width)")
+    projection_dropout: float = _f(0.0, "dropout at the projection input")
+
+    def __post_init__(self) -> None:
+        _check(self.num_latents >= 1, "latent.num_latents", "must be >= 1")
+        _check(self.iterations >= 1, "latent.iterations", "must be >= 1")
+        _choice(self.scheme, "latent.scheme", ("jacobi", "sequential"))
+        _check(self.projection_hidden >= 0, "latent.projection_hidden", "must be >= 0")
+
+
+@dataclass
+class LossConfig:
+    compression: str = _f("rkv", "teacher-cache selector: " + ", ".join(METHODS))
+    lam: float = _f(0.1, "R-KV mix: lam * attention importance + (1 - lam) * redundancy")
+    kv_loss: str = _f("l1", "KV distance: " + ", ".join(KV_LOSSES))
+    layer_std: bool = _f(True, "divide teacher and student K/V by the teacher's per-layer std")
+    rope: str = _f("post", "compare keys as cached (post) or with RoPE undone (pre)")
+    codi_loss: str = _f("l1", "CODI hidden-state distance: " + ", ".join(CODI_LOSSES))
+    alpha_codi: float = _f(10.0, "alpha1: weight of the CODI hidden-state loss")
+    alpha_kv: float = _f(1.0, "alpha2: weight of the KV loss (0 gives CODI-only)")
+    teacher_ce: float = _f(1.0, "weight of the teacher's CE on CoT and answer")
+    student_ce: float = _f(1.0, "weight of the student's CE on the answer")
+    latent_ce: float = _f(0.0, "weight of the per-latent loss: the state that makes latent j predicts step j's result (beyond the paper)")
+    drop_last_step: bool = _f(True, "the teacher's CoT drops its final step")
+
+    def __post_init__(self) -> None:
+        _choice(self.compression, "loss.compression", METHODS)
+        _check(0.0 <= self.lam <= 1.0, "loss.lam", "must be in [0, 1]")
+        _choice(self.kv_loss, "loss.kv_loss", KV_LOSSES)
+        _choice(self.codi_loss, "loss.codi_loss", CODI_LOSSES)
+        _choice(self.rope, "loss.rope", ("post", "pre"))
+        for name in ("alpha_codi", "alpha_kv", "teacher_ce", "student_ce", "latent_ce"):
+            _check(getattr(self, name) >= 0, f"loss.{name}", "must be >= 0")
+
+
+@dataclass
+class CurriculumConfig:
+    """Coconut-style stages (beyond the paper): stage k replaces the first k CoT steps by latents."""
+
+    enabled: bool = _f(False, "replace CoT steps by latents stage by stage")
+    steps_per_stage: int = _f(100, "optimizer steps spent in each stage")
+    latents_per_step: int = _f(1, "latents that replace one CoT step")
+    max_stage: int = _f(0, "last stage (0: num_latents / latents_per_step)")
+
+    def __post_init__(self) -> None:
+        _check(self.steps_per_stage >= 1, "curriculum.steps_per_stage", "must be >= 1")
+        _check(self.latents_per_step >= 1, "curriculum.latents_per_step", "must be >= 1")
+        _check(self.max_stage >= 0, "curriculum.max_stage", "must be >= 0")
+
+
+@dataclass
+class DataConfig:
+    train: str = _f("synthetic", "training data: a dataset name (see `kava data list`) or a local file")
+    eval: str = _f("synthetic", "evaluation data: a dataset name or a local file")
+    train_split: str = _f("train", "split of the training data")
+    eval_split: str = _f("test", "split of the evaluation data")
+    train_limit: int = _f(0, "use only the first N training examples (0: all)")
+    eval_limit: int = _f(0, "evaluate on the first N examples (0: all)")
+    on_error: str = _f("raise", "bad records: raise (stop before training) or skip (drop and report)")
+    synthetic_ops: int = _f(4, "synthetic task: operations per question")
+    synthetic_modulus: int = _f(10, "synthetic task: arithmetic modulus")
+    synthetic_train_size: int = _f(20000, "synthetic task: training examples")
+    synthetic_test_size: int = _f(500, "synthetic task: test examples")
+    question_template: str = _f("{question}\n", "how the question is written before the CoT or latents")
+    step_separator: str = _f(" ", "text between CoT steps")
+    answer_prefix: str = _f(" The answer is:", "text before the answer (its last token is the CODI position)")
+    answer_template: str = _f(" {answer}", "how the answer follows the prefix")
+    max_question_tokens: int = _f(256, "longer questions are an error")
+    max_cot_tokens: int = _f(256, "longer chains of thought are an error")
+
+    def __post_init__(self) -> None:
+        _choice(self.on_error, "data.on_error", ("raise", "skip"))
+        _check("{question}" in self.question_template, "data.question_template", "must contain {question}")
+        _check("{answer}" in self.answer_template, "data.answer_template", "must contain {answer}")
+        _check(self.answer_prefix != "", "data.answer_prefix", "must not be empty (it marks the CODI position)")
+
+
+@dataclass
+class TrainConfig:
+    mode: str = _f("kava", "what to train: kava (latent student + teacher), cot (CoT fine-tuning), nocot (answer only)")
+    output_dir: str = _f("runs/run", "folder for checkpoints, metrics and the resolved config")
+    seed: int = _f(0, "seed for data order, initialisation and dropout")
+    lr: float = _f(8e-4, "peak learning rate")
+    projection_lr: float = _f(0.0, "learning rate of the projection MLP (0: lr)")
+    weight_decay: float = _f(0.1, "AdamW weight decay")
+    warmup_steps: int = _f(0, "linear warm-up steps (overrides warmup_ratio when > 0)")
+    warmup_ratio: float = _f(0.03, "warm-up as a fraction of max_steps")
+    max_steps: int = _f(0, "optimizer steps (0: epochs * steps per epoch)")
+    epochs: float = _f(10.0, "passes over the training data when max_steps is 0")
+    batch_size: int = _f(8, "examples per device per forward")
+    effective_batch: int = _f(0, "examples per optimizer step over all devices (0: batch_size * devices)")
+    grad_clip: float = _f(2.0, "clip the gradient norm to this (0: off)")
+    mixed_precision: str = _f("auto", "auto (bf16 > fp16 > no, by hardware), no, bf16, fp16")
+    log_every: int = _f(10, "log metrics every N optimizer steps")
+    save_every: int = _f(0, "checkpoint every N optimizer steps (0: only at the end)")
+    eval_every: int = _f(0, "evaluate every N optimizer steps (0: only at the end)")
+    eval_at_end: bool = _f(True, "evaluate the final model on data.eval")
+    num_threads: int = _f(0, "CPU threads for torch (0: torch's default)")
+    tensorboard: bool = _f(False, "also write TensorBoard logs")
+    progress: bool = _f(True, "show a progress bar")
+
+    def __post_init__(self) -> None:
+        _choice(self.mode, "train.mode", ("kava", "cot", "nocot"))
+        _check(self.lr > 0, "train.lr", "must be positive")
+        _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
+        _check(self.effective_batch >= 0, "train.effective_batch", "must be >= 0")
+        _check(self.max_steps > 0 or self.epochs > 0, "train.max_steps", "set max_steps or epochs")
+        _check(0 <= self.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)")
+        _choice(self.mixed_precision, "train.mixed_precision", ("auto", "no", "bf16", "fp16"))
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = _f(64, "examples per generation batch")
+    max_new_tokens: int = _f(32, "answer tokens to generate (student and no-CoT)")
+    max_cot_tokens: int = _f(256, "CoT tokens to generate (teacher mode)")
+    modes: list = _f(["student"], "what to evaluate: student, cot, nocot")
+
+    def __post_init__(self) -> None:
+        for m in self.modes:
+            _choice(m, "eval.modes", ("student", "cot", "nocot"))
+
+
+@dataclass
+class KavaConfig:
+    """Everything a run needs. Load with :func:`load_config`."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    latent: LatentConfig = field(default_factory=LatentConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        if self.loss.compression == "shuffled":
+            _check(self.train.batch_size >= 2, "train.batch_size", "the shuffled selector needs at least 2 examples per batch")
+        if self.curriculum.enabled:
+            _check(self.latent.scheme == "sequential" or self.latent.iterations >= 1, "latent.scheme", "invalid")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        from .io import atomic_write_text
+
+        atomic_write_text(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+# --- building from dicts, YAML and overrides ---------------------------------------------
+
+
+def _convert(value: Any, tp: Any, name: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        _check(isinstance(value, dict), name, f"expected a mapping, got {type(value).__name__}")
+        return _from_dict(tp, value, name)
+    if tp is bool:
+        _check(isinstance(value, bool), name, f"expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), name, f"expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), name, f"expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        _check(isinstance(value, (str, int, float)) and not isinstance(value, bool), name, f"expected a string, got {value!r}")
+        return str(value)
+    if tp is list or origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        _check(isinstance(value, list), name, f"expected a list, got {value!r}")
+        return list(value)
+    if origin in (typing.Union, types.UnionType):
+        return value
+    return value
+
+
+def _from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        _check(key in names, f"{prefix}{'.' if prefix else ''}{key}", f"unknown key; {cls.__name__} has {', '.join(sorted(names))}")
+    kwargs = {}
+    for key, value in data.items():
+        name = f"{prefix}{'.' if prefix else ''}{key}"
+        kwargs[key] = _convert(value, hints[key], name)
+    return cls(**kwargs)
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_overrides(overrides: typing.Sequence[str]) -> dict:
+    """``["train.lr=1e-3", "latent.scheme=sequential"]`` -> nested dict (values parsed as YAML)."""
+    out: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. train.lr=1e-3")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r}: empty key")
+        value = yaml.safe_load(raw) if raw.strip() != "" else ""
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: '{p}' is not a section")
+        node[parts[-1]] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    base = data.pop("base", None)
+    if base:
+        parent = read_yaml((path.parent / base).resolve())
+        data = _deep_merge(parent, data)
+    return data
+
+
+def config_from_dict(data: dict) -> KavaConfig:
+    return _from_dict(KavaConfig, data)
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> KavaConfig:
+    """Defaults, then the YAML file (which may name a ``base:`` file), then overrides."""
+    data = read_yaml(path) if path else {}
+    data = _deep_merge(data, parse_overrides(overrides))
+    return config_from_dict(data)
+
+
+def help_lines(cls: type = KavaConfig, prefix: str = "") -> list[str]:
+    """One ``key (default): help`` line per field, for ``kava config``."""
+    lines = []
+    for f in dataclasses.fields(cls):
+        name = f"{prefix}{f.name}"
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default  # type: ignore[misc]
+        if dataclasses.is_dataclass(default):
+            lines.extend(help_lines(type(default), name + "."))
+        else:
+            lines.append(f"{name} ({default!r}): {f.metadata.get('help', '')}")
+    return lines

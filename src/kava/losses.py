@@ -1,0 +1,122 @@
+"""The KaVa loss terms as pure tensor functions.
+
+Every function takes plain tensors and returns a scalar; none touches a model. Teacher
+tensors are detached here (stop-gradient), so callers may pass them as they are.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+KV_LOSSES = ("l1", "mse", "smooth_l1", "cosine")
+CODI_LOSSES = ("l1", "smooth_l1", "mse")
+
+
+def elementwise(kind: str, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """|x - y| (l1), (x - y)^2 (mse) or Huber with beta 1 (smooth_l1), element by element."""
+    if kind == "l1":
+        return (pred - target).abs()
+    if kind == "mse":
+        return (pred - target).square()
+    if kind == "smooth_l1":
+        return F.smooth_l1_loss(pred, target, reduction="none")
+    raise ValueError(f"unknown element loss {kind!r}")
+
+
+def masked_layer_std(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Std of ``x [L, ..., d]`` per layer over the entries where ``mask [L, ...]`` is True.
+
+    Returns ``[L]``, detached: a normaliser, not something to learn through.
+    """
+    x = x.detach().float()
+    w = mask[..., None].expand_as(x).float()
+    dims = tuple(range(1, x.dim()))
+    count = w.sum(dims).clamp_min(1.0)
+    mean = (x * w).sum(dims) / count
+    centred = (x - mean.view(-1, *[1] * (x.dim() - 1))) * w
+    return (centred.square().sum(dims) / count).sqrt().clamp_min(eps)
+
+
+def _per_slot_cosine_magnitude(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """1 - cos(pred, target) + | |pred| - |target| | / |target|, per slot ``[..., d] -> [...]``."""
+    cos = F.cosine_similarity(pred.float(), target.float(), dim=-1, eps=eps)
+    tn = target.float().norm(dim=-1)
+    pn = pred.float().norm(dim=-1)
+    return (1 - cos) + (pn - tn).abs() / tn.clamp_min(eps)
+
+
+def kv_loss(
+    teacher_k: torch.Tensor,
+    teacher_v: torch.Tensor,
+    student_k: torch.Tensor,
+    student_v: torch.Tensor,
+    valid: torch.Tensor,
+    kind: str = "l1",
+    layer_std: bool = False,
+) -> torch.Tensor:
+    """L_KV = (loss(K) + loss(V)) / 2 over the valid slots.
+
+    Tensors ``[L, B, H, M, d]``; ``valid [L, B, H, M]`` bool (False slots never count).
+    For the element losses the mean runs over layers, batch, heads, valid slots and dims,
+    which is the paper's ``1/(2M) * (||K_t - K_s||_p^p + ||V_t - V_s||_p^p)`` averaged over
+    layers, heads and dims. ``kind="cosine"`` averages the per-slot cosine + magnitude
+    term instead. ``layer_std`` divides both sides by the teacher's per-layer std.
+    Returns 0 (with a gradient path) when no slot is valid.
+    """
+    if kind not in KV_LOSSES:
+        raise ValueError(f"unknown KV loss {kind!r}; choose from {', '.join(KV_LOSSES)}")
+    parts = []
+    for t, s in ((teacher_k.detach(), student_k), (teacher_v.detach(), student_v)):
+        t, s = t.float(), s.float()
+        if layer_std:
+            std = masked_layer_std(t, valid).view(-1, *[1] * (t.dim() - 1))
+            t, s = t / std, s / std
+        w = valid.float()
+        if kind == "cosine":
+            per = _per_slot_cosine_magnitude(s, t)
+            parts.append((per * w).sum() / w.sum().clamp_min(1.0))
+        else:
+            per = elementwise(kind, s, t) * w[..., None]
+            parts.append(per.sum() / (w.sum() * t.shape[-1]).clamp_min(1.0))
+    return (parts[0] + parts[1]) / 2
+
+
+def codi_loss(
+    teacher_hidden: torch.Tensor, student_hidden: torch.Tensor, kind: str = "l1", mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """CODI distillation at the position that predicts the first answer token.
+
+    ``teacher_hidden`` / ``student_hidden``: ``[L, B, D]`` (one entry per layer). Each layer is
+    divided by the teacher's std for that layer (detached), the element loss is averaged over
+    dims, batch (``mask [B]`` selects examples) and layers.
+    """
+    if kind not in CODI_LOSSES:
+        raise ValueError(f"unknown CODI loss {kind!r}; choose from {', '.join(CODI_LOSSES)}")
+    t = teacher_hidden.detach().float()
+    s = student_hidden.float()
+    if mask is None:
+        mask = torch.ones(t.shape[1], dtype=torch.bool, device=t.device)
+    m = mask[None, :].expand(t.shape[0], -1)
+    std = masked_layer_std(t, m)[:, None, None]
+    per = elementwise(kind, s / std, t / std).mean(-1)  # [L, B]
+    w = m.float()
+    return (per * w).sum() / w.sum().clamp_min(1.0)
+
+
+def token_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy; ``labels`` are already aligned with ``logits`` (-100 ignored).
+
+    Returns 0 when no label is set.
+    """
+    flat = labels.reshape(-1)
+    if not (flat != -100).any():
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), flat, ignore_index=-100)
+
+
+def kv_cosine(teacher: torch.Tensor, student: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean cosine similarity between teacher and student entries over valid slots (a metric)."""
+    cos = F.cosine_similarity(teacher.detach().float(), student.detach().float(), dim=-1)
+    w = valid.float()
+    return (cos * w).sum() / w.sum().clamp_min(1.0)

@@ -1,0 +1,150 @@
+"""The training objective: one teacher pass, T+1 student passes, and every loss term.
+
+    L = w_s * CE_student + w_t * CE_teacher + alpha1 * L_CODI + alpha2 * L_KV (+ w_z * CE_latent)
+
+``train.mode`` picks what is trained: ``kava`` (all of the above; ``alpha_kv=0`` or
+``loss.compression=none`` gives CODI-only), ``cot`` (CE on ``Q C A``) or ``nocot`` (CE on ``Q A``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from . import losses
+from .compression import Compressed, compress_cache, get_selector
+from .config import KavaConfig
+from .latent import cache_span, final_pass, positions, run_latents
+from .modeling import KavaModel
+from .sequences import Encoded, latent_count, student_batch, teacher_batch
+from .teacher import rope_at, teacher_forward, undo_rope
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+class Objective:
+    """Builds batches from encoded examples and computes the loss for ``cfg.train.mode``."""
+
+    def __init__(self, model: KavaModel, cfg: KavaConfig):
+        self.model = model
+        self.cfg = cfg
+        self.pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else model.tokenizer.eos_token_id
+        use_kv = cfg.loss.compression != "none" and cfg.loss.alpha_kv > 0
+        self.selector = get_selector(cfg.loss.compression, cfg.loss.lam) if use_kv else None
+        self.generator = torch.Generator().manual_seed(cfg.train.seed)
+
+    # --- curriculum -----------------------------------------------------------------
+    def max_stage(self) -> int:
+        c = self.cfg.curriculum
+        return c.max_stage or max(1, self.cfg.latent.num_latents // c.latents_per_step)
+
+    def stage_at(self, step: int) -> int | None:
+        """Curriculum stage at optimizer ``step`` (None when the curriculum is off)."""
+        c = self.cfg.curriculum
+        if not c.enabled or self.cfg.train.mode != "kava":
+            return None
+        return min(self.max_stage(), 1 + step // c.steps_per_stage)
+
+    # --- batches ---------------------------------------------------------------------
+    def make_batch(self, encs: list[Encoded], step: int = 0) -> dict:
+        mode = self.cfg.train.mode
+        if mode == "cot":
+            return {"teacher": teacher_batch(encs, self.pad_id, with_cot=True, drop_last_step=False)}
+        if mode == "nocot":
+            return {"teacher": teacher_batch(encs, self.pad_id, with_cot=False)}
+        stage = self.stage_at(step)
+        lat = self.cfg.latent
+        return {
+            "stage": stage,
+            "teacher": teacher_batch(encs, self.pad_id, with_cot=True, drop_last_step=self.cfg.loss.drop_last_step),
+            "student": student_batch(
+                encs, self.pad_id, self.model.bot_id, self.model.eot_id, lat.num_latents,
+                stage=stage, latents_per_step=self.cfg.curriculum.latents_per_step,
+            ),
+        }
+
+    # --- loss ------------------------------------------------------------------------
+    def __call__(self, batch: dict) -> StepOutput:
+        device = next(self.model.parameters()).device
+        t_batch = to_device(batch["teacher"], device)
+        if self.cfg.train.mode != "kava":
+            out = teacher_forward(self.model, t_batch, want_queries=False, want_cache=False)
+            ce = losses.token_ce(out.logits, t_batch["labels"])
+            return StepOutput(ce, {"loss": ce.item(), "ce": ce.item()})
+        return self.kava_loss(t_batch, to_device(batch["student"], device), batch.get("stage"))
+
+    def kava_loss(self, tb: dict, sb: dict, stage: int | None) -> StepOutput:
+        cfg, model = self.cfg, self.model
+        want_kv = self.selector is not None
+        teacher = teacher_forward(model, tb, want_queries=want_kv and self.selector.needs_queries, want_cache=want_kv)
+        ce_t = losses.token_ce(teacher.logits, tb["labels"])
+
+        m = sb["num_latents"]
+        state = run_latents(model, sb["prefix_ids"], sb["prefix_mask"], m, cfg.latent.scheme, cfg.latent.iterations)
+        out, mask, k = final_pass(model, state, sb["suffix_ids"], sb["suffix_mask"], output_hidden_states=True)
+        suffix_h = out.last_hidden_state[:, k:]
+        ce_s = losses.token_ce(model.lm_head(suffix_h), sb["suffix_labels"])
+
+        b = sb["prefix_ids"].shape[0]
+        rows = torch.arange(b, device=suffix_h.device)
+        s_hidden = torch.stack(out.hidden_states[1:])[:, rows, k + sb["distill_idx"]]
+        codi = losses.codi_loss(teacher.hidden, s_hidden, cfg.loss.codi_loss)
+
+        metrics: dict[str, float] = {}
+        total = cfg.loss.student_ce * ce_s + cfg.loss.teacher_ce * ce_t + cfg.loss.alpha_codi * codi
+        if cfg.loss.latent_ce > 0:
+            lat_ce = losses.token_ce(model.lm_head(state.producers), sb["latent_targets"])
+            total = total + cfg.loss.latent_ce * lat_ce
+            metrics["latent_ce"] = lat_ce.item()
+        if want_kv:
+            p = state.prefix_len
+            s_keys, s_values = cache_span(state.cache, p, p + m)
+            target = self.teacher_targets(teacher, tb, stage, m)
+            if cfg.loss.rope == "pre":
+                s_keys = self.unrotate(s_keys, positions(mask)[:, p : p + m])
+            kv = losses.kv_loss(target.keys, target.values, s_keys, s_values, target.valid, cfg.loss.kv_loss, cfg.loss.layer_std)
+            total = total + cfg.loss.alpha_kv * kv
+            metrics["kv"] = kv.item()
+            metrics["kv_cos"] = 0.5 * (
+                losses.kv_cosine(target.keys, s_keys, target.valid) + losses.kv_cosine(target.values, s_values, target.valid)
+            ).item()
+        metrics.update(loss=total.item(), ce_student=ce_s.item(), ce_teacher=ce_t.item(), codi=codi.item())
+        if stage is not None:
+            metrics["stage"] = float(stage)
+        return StepOutput(total, metrics)
+
+    def teacher_targets(self, teacher, tb: dict, stage: int | None, m: int) -> Compressed:
+        """The teacher's compressed CoT cache: ``m`` slots per layer and KV head."""
+        cot = tb["cot_step"] >= 0
+        if stage is not None:
+            cot = cot & (tb["cot_step"] < stage)
+        answer_valid = tb["answer_valid"]
+        with torch.no_grad():
+            keys, values = teacher.keys, teacher.values
+            if self.cfg.loss.rope == "post":
+                return compress_cache(self.selector, keys, values, teacher.queries, cot, answer_valid, m, self.generator)
+            # Score on the cached (post-RoPE) keys, but carry RoPE-free keys through the same
+            # gather / pooling / shuffling by packing them beside the values.
+            pos = torch.arange(keys.shape[3], device=cot.device)[None].expand(cot.shape[0], -1)
+            packed = torch.cat([values, self.unrotate(keys, pos)], -1)
+            c = compress_cache(self.selector, keys, packed, teacher.queries, cot, answer_valid, m, self.generator)
+            d = values.shape[-1]
+            c = Compressed(c.values[..., d:], c.values[..., :d], c.valid, c.indices)
+        return c
+
+    def unrotate(self, keys: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Undo RoPE on ``keys [L, B, H, n, d]`` at positions ``pos [B, n]``."""
+        cos, sin = rope_at(self.model, keys, pos)
+        return undo_rope(keys, cos[None, :, None].to(keys.dtype), sin[None, :, None].to(keys.dtype))
+
+
+__all__ = ["Objective", "StepOutput", "latent_count"]

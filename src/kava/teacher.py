@@ -1,0 +1,109 @@
+"""Teacher mode: one forward pass over ``Q C A`` that yields the CE loss, the hidden states
+for CODI, the KV-cache of every layer and KV head, and the queries at the answer positions
+(recomputed from each attention module's input, so any attention kernel can be used)."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from .latent import cache_span, positions
+from .modeling import KavaModel
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x [..., n, d]`` by angles whose ``cos``/``sin`` broadcast to it."""
+    return x * cos + rotate_half(x) * sin
+
+
+def undo_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`apply_rope` (rotation by the opposite angle)."""
+    return x * cos - rotate_half(x) * sin
+
+
+def rope_at(model: KavaModel, like: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos, sin`` of the model's rotary embedding at ``pos [B, n]`` -> ``[B, n, d]`` each."""
+    rotary = getattr(model.decoder, "rotary_emb", None)
+    if rotary is None:
+        raise ValueError("loss.rope=pre needs a model with a rotary embedding (decoder.rotary_emb)")
+    return rotary(like, pos)
+
+
+@contextmanager
+def capture_answer_queries(model: KavaModel, answer_pos: torch.Tensor, store: list):
+    """Record, for every layer, the post-RoPE queries at ``answer_pos [B, A]`` -> ``[B, H_q, A, d]``.
+
+    Forward hooks read each attention module's input hidden states and rotary angles and
+    recompute ``q`` for the answer positions only (no attention matrix is materialised).
+    Hooks are removed on exit, whatever happens.
+    """
+    handles = []
+    mods = model.attention_modules()
+    store.clear()
+    store.extend([None] * len(mods))
+
+    def make(i):
+        def hook(module, args, kwargs, output):
+            h = args[0] if args else kwargs["hidden_states"]
+            cos, sin = kwargs["position_embeddings"]
+            with torch.no_grad():
+                idx = answer_pos[..., None]
+                hs = h.detach().gather(1, idx.expand(-1, -1, h.shape[-1]))
+                head_dim = getattr(module, "head_dim", cos.shape[-1])
+                q = module.q_proj(hs).view(hs.shape[0], hs.shape[1], -1, head_dim)
+                if hasattr(module, "q_norm"):
+                    q = module.q_norm(q)
+                q = q.transpose(1, 2)
+                c = cos.expand(h.shape[0], -1, -1).gather(1, idx.expand(-1, -1, cos.shape[-1]))[:, None]
+                s = sin.expand(h.shape[0], -1, -1).gather(1, idx.expand(-1, -1, sin.shape[-1]))[:, None]
+                store[i] = apply_rope(q, c.to(q.dtype), s.to(q.dtype))
+
+        return hook
+
+    try:
+        for i, mod in enumerate(mods):
+            handles.append(mod.register_forward_hook(make(i), with_kwargs=True))
+        yield store
+    finally:
+        for hd in handles:
+            hd.remove()
+
+
+@dataclass
+class TeacherOutput:
+    logits: torch.Tensor  # [B, N, V]
+    hidden: torch.Tensor  # [L, B, D] at the distillation position (detached)
+    keys: torch.Tensor  # [L, B, H_kv, N, d] (detached)
+    values: torch.Tensor  # [L, B, H_kv, N, d] (detached)
+    queries: torch.Tensor | None  # [L, B, H_q, A, d] at the answer positions, or None
+
+
+def teacher_forward(model: KavaModel, batch: dict, want_queries: bool, want_cache: bool = True) -> TeacherOutput:
+    """Run the teacher once over ``batch`` (from :func:`kava.sequences.teacher_batch`)."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    cache = DynamicCache()
+    store: list = []
+    embeds = model.embed(ids)
+    if want_queries:
+        with capture_answer_queries(model, batch["answer_pos"], store):
+            out = model.run(embeds, mask, positions(mask), cache, output_hidden_states=True)
+    else:
+        out = model.run(embeds, mask, positions(mask), cache, output_hidden_states=True)
+    logits = model.lm_head(out.last_hidden_state)
+    pos = batch["distill_pos"]
+    hs = torch.stack(out.hidden_states[1:])  # [L, B, N, D]
+    hidden = hs[:, torch.arange(ids.shape[0], device=ids.device), pos].detach()
+    keys = values = None
+    if want_cache:
+        keys, values = cache_span(cache, 0, ids.shape[1])
+        keys, values = keys.detach(), values.detach()
+    queries = torch.stack(store) if want_queries else None
+    return TeacherOutput(logits, hidden, keys, values, queries)

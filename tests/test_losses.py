@@ -1,0 +1,127 @@
+"""Loss functions on analytic cases."""
+
+import pytest
+import torch
+
+from kava import losses
+
+
+def _kv(seed=0, shape=(2, 3, 2, 4, 5)):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g), torch.randn(*shape, generator=g)
+
+
+@pytest.mark.parametrize("kind", losses.KV_LOSSES)
+@pytest.mark.parametrize("layer_std", [False, True])
+def test_kv_loss_is_zero_for_identical_inputs(kind, layer_std):
+    k, v = _kv()
+    valid = torch.ones(k.shape[:-1], dtype=torch.bool)
+    assert losses.kv_loss(k, v, k.clone(), v.clone(), valid, kind, layer_std).item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_kv_loss_l1_and_mse_values():
+    k = torch.zeros(1, 1, 1, 2, 4)
+    v = torch.zeros_like(k)
+    valid = torch.ones(1, 1, 1, 2, dtype=torch.bool)
+    sk = torch.full_like(k, 2.0)
+    # K differs by 2 everywhere, V not at all: (2 + 0) / 2 = 1 for l1, (4 + 0) / 2 = 2 for mse.
+    assert losses.kv_loss(k, v, sk, v, valid, "l1").item() == pytest.approx(1.0)
+    assert losses.kv_loss(k, v, sk, v, valid, "mse").item() == pytest.approx(2.0)
+    # smooth_l1 with beta 1: |x| - 0.5 = 1.5
+    assert losses.kv_loss(k, v, sk, v, valid, "smooth_l1").item() == pytest.approx(0.75)
+
+
+def test_kv_loss_ignores_masked_slots():
+    k, v = _kv(1)
+    sk, sv = k.clone(), v.clone()
+    valid = torch.ones(k.shape[:-1], dtype=torch.bool)
+    valid[..., -1] = False
+    sk[..., -1, :] += 100.0
+    sv[..., -1, :] -= 100.0
+    for kind in losses.KV_LOSSES:
+        assert losses.kv_loss(k, v, sk, sv, valid, kind).item() == pytest.approx(0.0, abs=1e-5)
+    assert losses.kv_loss(k, v, sk, sv, torch.ones_like(valid), "l1").item() > 1.0
+
+
+def test_kv_loss_no_valid_slot_is_zero_with_gradient():
+    k, v = _kv(2)
+    sk = k.clone().requires_grad_(True)
+    out = losses.kv_loss(k, v, sk, v, torch.zeros(k.shape[:-1], dtype=torch.bool), "l1")
+    out.backward()
+    assert out.item() == 0.0 and sk.grad is not None
+
+
+def test_layer_std_normalisation_makes_the_loss_scale_free():
+    k, v = _kv(3)
+    sk, sv = k + 0.3, v - 0.2
+    valid = torch.ones(k.shape[:-1], dtype=torch.bool)
+    a = losses.kv_loss(k, v, sk, sv, valid, "l1", layer_std=True)
+    b = losses.kv_loss(10 * k, 10 * v, 10 * sk, 10 * sv, valid, "l1", layer_std=True)
+    c = losses.kv_loss(10 * k, 10 * v, 10 * sk, 10 * sv, valid, "l1", layer_std=False)
+    assert a.item() == pytest.approx(b.item(), rel=1e-5)
+    assert c.item() == pytest.approx(10 * losses.kv_loss(k, v, sk, sv, valid, "l1").item(), rel=1e-5)
+
+
+def test_masked_layer_std_matches_torch_std_per_layer():
+    x = torch.randn(3, 2, 5, 4)
+    mask = torch.ones(3, 2, 5, dtype=torch.bool)
+    mask[:, :, -2:] = False
+    got = losses.masked_layer_std(x, mask)
+    for layer in range(3):
+        ref = x[layer, :, :3].reshape(-1).std(unbiased=False)
+        assert got[layer].item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+def test_kv_loss_gradient_flows_to_student_only():
+    k, v = _kv(4)
+    tk, tv = k.clone().requires_grad_(True), v.clone().requires_grad_(True)
+    sk, sv = (k + 1).requires_grad_(True), (v + 1).requires_grad_(True)
+    losses.kv_loss(tk, tv, sk, sv, torch.ones(k.shape[:-1], dtype=torch.bool), "l1", True).backward()
+    assert tk.grad is None and tv.grad is None
+    assert sk.grad.abs().sum() > 0 and sv.grad.abs().sum() > 0
+
+
+def test_cosine_variant_is_scale_aware():
+    k, v = _kv(5)
+    valid = torch.ones(k.shape[:-1], dtype=torch.bool)
+    # Same direction, double length: cosine term 0, magnitude term |2|k| - |k|| / |k| = 1 (for K), 0 for V.
+    out = losses.kv_loss(k, v, 2 * k, v, valid, "cosine")
+    assert out.item() == pytest.approx(0.5, rel=1e-4)
+
+
+@pytest.mark.parametrize("kind", losses.CODI_LOSSES)
+def test_codi_loss_zero_when_equal_and_symmetric_for_l1(kind):
+    t = torch.randn(4, 3, 8)
+    s = torch.randn(4, 3, 8)
+    assert losses.codi_loss(t, t.clone(), kind).item() == pytest.approx(0.0, abs=1e-6)
+    if kind == "l1":
+        # Normalised by the *teacher's* std, so swap only keeps the value when stds agree.
+        s_same_std = s * (t.std(dim=(1, 2), unbiased=False, keepdim=True) / s.std(dim=(1, 2), unbiased=False, keepdim=True))
+        a = losses.codi_loss(t, s_same_std, kind).item()
+        b = losses.codi_loss(s_same_std, t, kind).item()
+        assert a == pytest.approx(b, rel=1e-4)
+
+
+def test_codi_loss_divides_each_layer_by_teacher_std():
+    t = torch.zeros(2, 2, 4)
+    t[0] = torch.tensor([[1.0, -1, 1, -1], [1, -1, 1, -1]])  # std 1
+    t[1] = 10 * t[0]  # std 10
+    s = t.clone()
+    s[0] += 1.0
+    s[1] += 10.0
+    # layer 0: |1| / 1 = 1 ; layer 1: |10| / 10 = 1 -> mean 1
+    assert losses.codi_loss(t, s, "l1").item() == pytest.approx(1.0, rel=1e-5)
+
+
+def test_token_ce_ignores_unlabelled_and_matches_cross_entropy():
+    logits = torch.randn(2, 5, 7)
+    labels = torch.tensor([[1, 2, -100, -100, 3], [-100, -100, -100, 4, 0]])
+    ref = torch.nn.functional.cross_entropy(logits.view(-1, 7), labels.view(-1), ignore_index=-100)
+    assert losses.token_ce(logits, labels).item() == pytest.approx(ref.item(), rel=1e-6)
+    assert losses.token_ce(logits, torch.full_like(labels, -100)).item() == 0.0
+
+
+def test_unknown_loss_kind_is_an_error():
+    k, v = _kv()
+    with pytest.raises(ValueError, match="unknown KV loss"):
+        losses.kv_loss(k, v, k, v, torch.ones(k.shape[:-1], dtype=torch.bool), "l3")
