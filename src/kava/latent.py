@@ -37,6 +37,13 @@ class LatentState:
     passes: int  # decoder passes made so far
 
 
+def crop_cache(cache: DynamicCache, length: int) -> None:
+    """Keep the first ``length`` columns of every layer (the question prefix)."""
+    for layer in cache.layers:
+        layer.keys = layer.keys[:, :, :length]
+        layer.values = layer.values[:, :, :length]
+
+
 def _step(model: KavaModel, embeds, mask, cache, new: int):
     out = model.run(embeds, mask, positions(mask)[:, -new:], cache)
     return out.last_hidden_state
@@ -64,12 +71,12 @@ def run_latents(
         h = _step(model, torch.cat([prefix_emb, z], 1), mask, cache, p + m)
         h_bot = h[:, p - 1 : p]
         producers = torch.cat([h_bot, h[:, p : p + m - 1]], 1)
-        cache.crop(p)
+        crop_cache(cache, p)
         for _ in range(iterations - 1):
             z = model.project(producers)
             h = _step(model, z, mask, cache, m)
             producers = torch.cat([h_bot, h[:, : m - 1]], 1)
-            cache.crop(p)
+            crop_cache(cache, p)
         return LatentState(cache, mask, model.project(producers), producers, p, m, iterations)
     if scheme == "sequential":
         mask = prefix_mask

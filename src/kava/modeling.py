@@ -111,7 +111,7 @@ def add_latent_tokens(tokenizer, model) -> tuple[int, int]:
     """Add ``<bot>``/``<eot>`` to the tokenizer and grow the embeddings; returns their ids."""
     new = [t for t in (BOT, EOT) if t not in tokenizer.get_vocab()]
     if new:
-        tokenizer.add_special_tokens({"additional_special_tokens": new}, replace_additional_special_tokens=False)
+        tokenizer.add_tokens(new, special_tokens=True)
     if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     return tokenizer.convert_tokens_to_ids(BOT), tokenizer.convert_tokens_to_ids(EOT)
@@ -225,13 +225,15 @@ class KavaModel(nn.Module):
                 out[n] = t.detach().to("cpu").clone().contiguous()
         return out
 
-    def save(self, path: str | Path, extra: dict[str, torch.Tensor] | None = None) -> None:
-        def build(tmp: Path) -> None:
-            self.cfg.save(tmp / CONFIG_FILE)
-            self.tokenizer.save_pretrained(tmp / "tokenizer")
-            save_file(self.weights_to_save(), str(tmp / WEIGHTS_FILE), metadata={"format": "kava", "full": str(self.cfg.model.adapter == "full" or not self.base_reloadable)})
+    def write_to(self, folder: Path) -> None:
+        """Write config, tokenizer and weights into an existing folder (not atomic by itself)."""
+        self.cfg.save(folder / CONFIG_FILE)
+        self.tokenizer.save_pretrained(folder / "tokenizer")
+        save_file(self.weights_to_save(), str(folder / WEIGHTS_FILE), metadata={"format": "kava"})
 
-        atomic_replace_dir(Path(path), build)
+    def save(self, path: str | Path) -> None:
+        """Save atomically: the folder appears complete or not at all."""
+        atomic_replace_dir(Path(path), self.write_to)
 
 
 def build_model(cfg: KavaConfig, with_adapter: bool = True) -> KavaModel:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from . import losses
 from .compression import Compressed, compress_cache, get_selector
@@ -31,10 +32,15 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-class Objective:
-    """Builds batches from encoded examples and computes the loss for ``cfg.train.mode``."""
+class Objective(nn.Module):
+    """Builds batches from encoded examples and computes the loss for ``cfg.train.mode``.
+
+    An ``nn.Module`` holding the model, so that ``accelerate``/DDP wrap the whole step:
+    ``loss, metrics = objective(batch)``.
+    """
 
     def __init__(self, model: KavaModel, cfg: KavaConfig):
+        super().__init__()
         self.model = model
         self.cfg = cfg
         self.pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else model.tokenizer.eos_token_id
@@ -73,7 +79,11 @@ class Objective:
         }
 
     # --- loss ------------------------------------------------------------------------
-    def __call__(self, batch: dict) -> StepOutput:
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        out = self.compute(batch)
+        return out.loss, out.metrics
+
+    def compute(self, batch: dict) -> StepOutput:
         device = next(self.model.parameters()).device
         t_batch = to_device(batch["teacher"], device)
         if self.cfg.train.mode != "kava":

@@ -26,7 +26,7 @@ def attention_importance(
     if h_q % h_kv:
         raise ValueError(f"query heads ({h_q}) must be a multiple of KV heads ({h_kv})")
     g = h_q // h_kv
-    q = queries.float().view(b, h_kv, g * a, d)  # query heads of one group are contiguous
+    q = queries.float().reshape(b, h_kv, g * a, d)  # query heads of one group are contiguous
     logits = torch.einsum("bhqd,bhnd->bhqn", q, keys.float()) / math.sqrt(d)
     logits = logits.masked_fill(~cot_mask[:, None, None, :], NEG_INF)
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # rows with no CoT give 0

@@ -1,0 +1,146 @@
+"""The ``kava`` command: it only parses arguments and calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "accelerate"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def cmd_train(args) -> int:
+    from .config import load_config
+    from .train import train
+
+    cfg = load_config(args.config, args.overrides)
+    result = train(cfg, resume=args.resume)
+    print(f"{result['state']}: step {result['step']}/{result['max_steps']}, checkpoint {result['checkpoint']}")
+    for mode, r in result.get("eval", {}).items():
+        print(f"eval {mode}: accuracy {r['accuracy']:.3f}, forward passes {r['forward_passes']:.2f}, n={r['n']}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import json
+
+    from .checkpoint import latest_checkpoint
+    from .config import parse_overrides, _deep_merge, config_from_dict
+    from .evaluate import evaluate
+    from .modeling import CONFIG_FILE, load_checkpoint
+    from .train import eval_modes, load_data
+
+    ckpt = Path(args.checkpoint)
+    if not (ckpt / CONFIG_FILE).is_file():
+        found = latest_checkpoint(ckpt)
+        if found is None:
+            raise FileNotFoundError(f"{ckpt}: no kava checkpoint here (expected {CONFIG_FILE} or checkpoint-N folders)")
+        ckpt = found
+    model = load_checkpoint(ckpt)
+    data = model.cfg.to_dict()
+    extra = list(args.overrides)
+    if args.data:
+        extra.append(f"data.eval={args.data}")
+    if args.split:
+        extra.append(f"data.eval_split={args.split}")
+    if args.limit:
+        extra.append(f"data.eval_limit={args.limit}")
+    cfg = config_from_dict(_deep_merge(data, parse_overrides(extra)))
+    model.cfg = cfg
+    modes = args.modes.split(",") if args.modes else eval_modes(cfg)
+    out = Path(args.out) if args.out else ckpt / "eval"
+    res = evaluate(model, load_data(cfg, "eval"), cfg, modes, out)
+    print(json.dumps(res, indent=2))
+    print(f"predictions and metrics written to {out}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(Path(args.out), quick=args.quick, threads=args.threads)
+    return 0
+
+
+def cmd_config(args) -> int:
+    from .config import help_lines, load_config
+
+    if args.show:
+        import yaml
+
+        print(yaml.safe_dump(load_config(args.show, args.overrides).to_dict(), sort_keys=False))
+    else:
+        print("\n".join(help_lines()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kava", description="Latent reasoning by compressed KV-cache distillation (KaVa).")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model (kava, cot or nocot mode)")
+    t.add_argument("--config", help="YAML config file (see configs/)")
+    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.output_dir")
+    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=1e-3 latent.scheme=sequential")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint")
+    e.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (its latest checkpoint)")
+    e.add_argument("--data", help="dataset name or local file (default: the run's data.eval)")
+    e.add_argument("--split", help="split of --data")
+    e.add_argument("--limit", type=int, default=0, help="first N examples only")
+    e.add_argument("--modes", help="comma-separated: student, cot, nocot (default: the run's own mode)")
+    e.add_argument("--out", help="folder for predictions and metrics (default: CHECKPOINT/eval)")
+    e.add_argument("overrides", nargs="*", help="key=value overrides, e.g. eval.batch_size=16")
+    e.set_defaults(func=cmd_eval)
+
+    d = sub.add_parser("demo", help="the embedded CPU demo: CoT, no-CoT, CODI and KaVa on the synthetic task")
+    d.add_argument("--out", default="runs/demo", help="output folder")
+    d.add_argument("--quick", action="store_true", help="a much shorter run (for smoke tests; accuracies mean little)")
+    d.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
+    d.set_defaults(func=cmd_demo)
+
+    c = sub.add_parser("config", help="list every config field with its default and help, or show a resolved config")
+    c.add_argument("--show", metavar="FILE", help="print FILE resolved with defaults and overrides")
+    c.add_argument("overrides", nargs="*", help="key=value overrides")
+    c.set_defaults(func=cmd_config)
+
+    try:
+        from .data.commands import register as register_data
+    except ImportError:  # pragma: no cover - the data layer is part of the package
+        register_data = None
+    if register_data is not None:
+        register_data(sub)
+    for name in ("sweep", "report", "env", "teacher"):
+        try:
+            mod = __import__(f"kava.commands_{name}", fromlist=["register"])
+        except ImportError:
+            continue
+        mod.register(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .config import ConfigError
+    from .data.schema import DataError
+    from .modeling import ModelLoadError
+    from .sequences import SequenceError
+    from .train import TrainingError
+
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, DataError, ModelLoadError, SequenceError, TrainingError, FileNotFoundError) as e:
+        print(f"kava: error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, ConfigError) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,271 @@
+"""The training loop on ``accelerate``: one script for CPU, one GPU or many.
+
+Gradient accumulation to ``train.effective_batch``, mixed precision picked from the
+hardware, AdamW with a cosine schedule and warm-up, gradient clipping, a progress bar with
+the loss terms, metrics as JSONL, atomic safetensors checkpoints with everything an exact
+resume needs, and a clean stop on SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from .checkpoint import latest_checkpoint, load_trainer_state, save_trainer_state
+from .config import ConfigError, KavaConfig
+from .data.schema import Example
+from .io import atomic_replace_dir, atomic_write_json
+from .modeling import WEIGHTS_FILE, build_model
+from .objective import Objective
+from .sequences import TextEncoder
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (a non-finite loss, say); the message says why."""
+
+
+def pick_mixed_precision(setting: str) -> str:
+    """``auto``: bf16 where the GPU supports it, else fp16 on a GPU, else none."""
+    if setting != "auto":
+        return setting
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+def load_data(cfg: KavaConfig, which: str) -> list[Example]:
+    """The training (``which="train"``) or evaluation examples named by ``cfg.data``."""
+    from .data.loaders import load_examples
+
+    d = cfg.data
+    source, split, limit = (d.train, d.train_split, d.train_limit) if which == "train" else (d.eval, d.eval_split, d.eval_limit)
+    if source in ("synthetic", "synthetic-nl"):
+        from .data.synthetic import generate_split
+
+        n = d.synthetic_train_size if split == "train" else d.synthetic_test_size
+        examples = generate_split(
+            split, n, seed=0, n_ops=d.synthetic_ops, modulus=d.synthetic_modulus,
+            style="nl" if source.endswith("-nl") else "eq", test_size=d.synthetic_test_size,
+        )
+        return examples[:limit] if limit else examples
+    return list(load_examples(source, split, limit=limit or None, on_error=d.on_error))
+
+
+class DataOrder:
+    """Deterministic example order: a fresh seeded permutation each epoch; resumable."""
+
+    def __init__(self, n: int, seed: int, epoch: int = 0, offset: int = 0):
+        if n == 0:
+            raise TrainingError("no training examples")
+        self.n, self.seed, self.epoch, self.offset = n, seed, epoch, offset
+        self._perm = self._permutation()
+
+    def _permutation(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def take(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            if self.offset == self.n:
+                self.epoch, self.offset = self.epoch + 1, 0
+                self._perm = self._permutation()
+            out.append(self._perm[self.offset])
+            self.offset += 1
+        return out
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "offset": self.offset}
+
+
+def _param_groups(objective: Objective, cfg: KavaConfig) -> list[dict]:
+    proj_lr = cfg.train.projection_lr or cfg.train.lr
+    groups = {"decay": [], "no_decay": [], "proj_decay": [], "proj_no_decay": []}
+    for name, p in objective.model.named_parameters():
+        if not p.requires_grad:
+            continue
+        proj = name.startswith("projection.")
+        key = ("proj_" if proj else "") + ("decay" if p.ndim >= 2 else "no_decay")
+        groups[key].append(p)
+    wd = cfg.train.weight_decay
+    spec = [("decay", cfg.train.lr, wd), ("no_decay", cfg.train.lr, 0.0), ("proj_decay", proj_lr, wd), ("proj_no_decay", proj_lr, 0.0)]
+    return [{"params": groups[k], "lr": lr, "weight_decay": w} for k, lr, w in spec if groups[k]]
+
+
+class _StopSignal:
+    """Turns SIGINT/SIGTERM into a flag checked between optimizer steps."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def train(cfg: KavaConfig, resume: bool = False) -> dict:
+    """Run training as configured; returns the final metrics (and evaluation, if asked)."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+    from transformers import get_cosine_schedule_with_warmup
+
+    tc = cfg.train
+    if tc.num_threads:
+        torch.set_num_threads(tc.num_threads)
+    out = Path(tc.output_dir)
+    accelerator = Accelerator(mixed_precision=pick_mixed_precision(tc.mixed_precision), cpu=not torch.cuda.is_available())
+    world, rank = accelerator.num_processes, accelerator.process_index
+    effective = tc.effective_batch or tc.batch_size * world
+    if effective % (tc.batch_size * world):
+        raise ConfigError(
+            f"config field 'train.effective_batch': {effective} is not a multiple of batch_size x processes = {tc.batch_size * world}"
+        )
+    accum = effective // (tc.batch_size * world)
+    set_seed(tc.seed)
+
+    train_examples = load_data(cfg, "train")
+    eval_examples = load_data(cfg, "eval") if tc.eval_at_end or tc.eval_every else []
+    model = build_model(cfg)
+    encoder = TextEncoder(model.tokenizer, cfg.data, cfg.model.use_chat_template)
+    encoded = [encoder.encode(ex) for ex in train_examples]
+    objective = Objective(model, cfg)
+
+    steps_per_epoch = math.ceil(len(encoded) / effective)
+    max_steps = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
+    warmup = tc.warmup_steps or int(tc.warmup_ratio * max_steps)
+    optimizer = torch.optim.AdamW(_param_groups(objective, cfg), lr=tc.lr, weight_decay=tc.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, max_steps)
+    wrapped, optimizer, scheduler = accelerator.prepare(objective, optimizer, scheduler)
+    generators = {"selector": objective.generator}
+
+    order = DataOrder(len(encoded), tc.seed)
+    step = 0
+    if resume:
+        ckpt = latest_checkpoint(out)
+        if ckpt is not None:
+            from safetensors.torch import load_file
+
+            model.load_state_dict(load_file(str(ckpt / WEIGHTS_FILE)), strict=False)
+            progress = load_trainer_state(ckpt, optimizer, scheduler, generators)
+            step = progress["step"]
+            order = DataOrder(len(encoded), tc.seed, progress["epoch"], progress["offset"])
+            log.info("resumed from %s at step %d", ckpt, step)
+        else:
+            log.info("no checkpoint in %s: starting from scratch", out)
+
+    main = accelerator.is_main_process
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.save(out / "config.yaml")
+        atomic_write_json(out / "status.json", {"state": "running", "step": step, "max_steps": max_steps})
+    writer = None
+    if main and tc.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out / "tensorboard"))
+
+    def save_checkpoint(at: int) -> Path:
+        path = out / f"checkpoint-{at}"
+        if main:
+            def build(tmp: Path) -> None:
+                model.write_to(tmp)
+                save_trainer_state(tmp, optimizer, scheduler, generators, {"step": at, **order.state()})
+
+            atomic_replace_dir(path, build)
+        accelerator.wait_for_everyone()
+        return path
+
+    metrics_file = out / "metrics.jsonl"
+    window: dict[str, list[float]] = {}
+    started = time.perf_counter()
+    bar = tqdm(total=max_steps, initial=step, desc=f"train[{tc.mode}]", disable=not (main and tc.progress), dynamic_ncols=True)
+    final: dict = {}
+    state = "finished"
+    with _StopSignal() as stop:
+        wrapped.train()
+        while step < max_steps:
+            for micro in range(accum):
+                idx = order.take(tc.batch_size * world)[rank::world]
+                batch = objective.make_batch([encoded[i] for i in idx], step)
+                sync = accelerator.no_sync(wrapped) if micro < accum - 1 else nullcontext()
+                with sync:
+                    loss, metrics = wrapped(batch)
+                    if not torch.isfinite(loss):
+                        raise TrainingError(f"non-finite loss ({loss.item()}) at step {step}: {metrics}; lower train.lr or check the data")
+                    accelerator.backward(loss / accum)
+                for k, v in metrics.items():
+                    window.setdefault(k, []).append(v)
+            if tc.grad_clip > 0:
+                grad_norm = accelerator.clip_grad_norm_(wrapped.parameters(), tc.grad_clip)
+                window.setdefault("grad_norm", []).append(float(grad_norm))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+            if step % tc.log_every == 0 or step == max_steps:
+                row = {"step": step, "lr": scheduler.get_last_lr()[0], "elapsed_s": round(time.perf_counter() - started, 3)}
+                row.update({k: sum(v) / len(v) for k, v in window.items()})
+                window.clear()
+                bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k in ("loss", "ce", "ce_student", "kv", "codi", "kv_cos", "stage")})
+                if main:
+                    with metrics_file.open("a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    if writer:
+                        for k, v in row.items():
+                            writer.add_scalar(k, v, step)
+                final = row
+            if tc.save_every and step % tc.save_every == 0 and step < max_steps:
+                save_checkpoint(step)
+            if tc.eval_every and step % tc.eval_every == 0 and step < max_steps and main:
+                _evaluate(model, eval_examples, cfg, out / f"eval-{step}")
+            if stop.received is not None:
+                state = "interrupted"
+                log.warning("signal %d received: saving a checkpoint at step %d and stopping", stop.received, step)
+                break
+    bar.close()
+    ckpt = save_checkpoint(step)
+    result = {"state": state, "step": step, "max_steps": max_steps, "checkpoint": str(ckpt), "train": final}
+    if state == "finished" and tc.eval_at_end and main and eval_examples:
+        result["eval"] = _evaluate(model, eval_examples, cfg, out)
+    if main:
+        atomic_write_json(out / "status.json", result)
+    if writer:
+        writer.close()
+    return result
+
+
+def eval_modes(cfg: KavaConfig) -> list[str]:
+    """What a trained model is evaluated on: its own mode."""
+    return {"cot": ["cot"], "nocot": ["nocot"]}.get(cfg.train.mode, list(cfg.eval.modes))
+
+
+def _evaluate(model, examples, cfg: KavaConfig, out_dir: Path) -> dict:
+    from .evaluate import evaluate
+
+    res = evaluate(model, examples, cfg, eval_modes(cfg), out_dir)
+    for mode, r in res.items():
+        log.info("eval %s: accuracy %.3f, forward passes %.2f (n=%d)", mode, r["accuracy"], r["forward_passes"], r["n"])
+    return res

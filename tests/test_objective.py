@@ -1,0 +1,187 @@
+"""The KaVa objective on tiny models built in code (Llama and Qwen2, with and without GQA)."""
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from kava.compression import attention_importance
+from kava.data.schema import Example
+from kava.latent import final_pass, run_latents
+from kava.modeling import build_model
+from kava.objective import Objective
+from kava.sequences import TextEncoder, student_batch, teacher_batch
+from kava.teacher import capture_answer_queries, teacher_forward
+
+EXAMPLES = [
+    Example("7*2-7", ("<<7*2=4>>", "<<4-7=7>>"), "7", "a"),
+    Example("3+4+1+2", ("<<3+4=7>>", "<<7+1=8>>", "<<8+2=0>>"), "0", "b"),
+    Example("5*5", ("<<5*5=5>>",), "5", "c"),
+    Example("9-3-3", ("<<9-3=6>>", "<<6-3=3>>"), "3", "d"),
+]
+ARCHS = [("llama", 4, 2), ("llama", 4, 4), ("qwen2", 4, 2)]
+
+
+def _setup(arch="llama", heads=4, kv=2, **sections):
+    model_sec = {"tiny": {"arch": arch, "num_heads": heads, "num_kv_heads": kv}, **sections.pop("model", {})}
+    cfg = tiny_config(model=model_sec, **sections)
+    model = build_model(cfg)
+    obj = Objective(model, cfg)
+    enc = TextEncoder(model.tokenizer, cfg.data)
+    return cfg, model, obj, [enc.encode(e) for e in EXAMPLES]
+
+
+def test_gradients_reach_lora_projection_and_new_tokens_only():
+    cfg, model, obj, encs = _setup(model={"adapter": "lora", "lora_r": 4}, loss={"latent_ce": 1.0})
+    loss, _ = obj(obj.make_batch(encs))
+    loss.backward()
+    named = dict(model.named_parameters())
+    lora = [n for n in named if "lora_" in n]
+    tokens = [n for n in named if "trainable_tokens_delta" in n]
+    proj = [n for n in named if n.startswith("projection.")]
+    assert lora and tokens and proj
+    for n in lora + proj + tokens:
+        assert named[n].grad is not None, n
+        # LoRA's B starts at zero, so only B (not A) has a non-zero gradient at step one.
+        if "lora_A" not in n:
+            assert named[n].grad.abs().sum() > 0, n
+    frozen = [n for n, p in named.items() if not p.requires_grad]
+    assert any("embed_tokens" in n for n in frozen) and any("mlp" in n for n in frozen)
+    assert all(named[n].grad is None for n in frozen)
+    # Only the rows of <bot>/<eot> move.
+    delta = named[tokens[0]]
+    assert delta.shape[0] == 2
+
+
+@pytest.mark.parametrize("arch,heads,kv", ARCHS)
+@pytest.mark.parametrize("scheme", ["jacobi", "sequential"])
+def test_every_loss_term_falls_on_a_fixed_batch(arch, heads, kv, scheme):
+    torch.manual_seed(0)
+    cfg, model, obj, encs = _setup(arch, heads, kv, latent={"scheme": scheme}, loss={"latent_ce": 1.0})
+    batch = obj.make_batch(encs)
+    opt = torch.optim.AdamW([p for p in obj.parameters() if p.requires_grad], lr=3e-3)
+    history = []
+    for _ in range(150):
+        loss, metrics = obj(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        history.append(metrics)
+    first, last = history[0], {k: sum(h[k] for h in history[-5:]) / 5 for k in history[0]}
+    for term in ("ce_student", "ce_teacher", "codi", "kv", "latent_ce", "loss"):
+        assert last[term] < 0.7 * first[term], (term, first[term], last[term])
+    assert last["kv_cos"] > first["kv_cos"] + 0.2
+
+
+def test_teacher_runs_once_and_student_runs_t_plus_one_passes():
+    cfg, model, obj, encs = _setup(latent={"scheme": "jacobi", "iterations": 3})
+    calls = []
+    handle = model.decoder.register_forward_hook(lambda mod, args, kwargs, out: calls.append(kwargs["inputs_embeds"].shape[1]), with_kwargs=True)
+    try:
+        obj(obj.make_batch(encs))
+    finally:
+        handle.remove()
+    tb = obj.make_batch(encs)["teacher"]
+    assert calls[0] == tb["input_ids"].shape[1]  # one teacher pass over the whole sequence
+    assert len(calls) == 1 + 3 + 1  # teacher + T iterations + final pass
+
+
+def test_captured_queries_reproduce_eager_attention_over_the_cot():
+    cfg, model, obj, encs = _setup(model={"attn_implementation": "eager"})
+    model.eval()
+    tb = teacher_batch(encs, obj.pad_id, drop_last_step=True)
+    store = []
+    with torch.no_grad(), capture_answer_queries(model, tb["answer_pos"], store):
+        out = model.decoder(input_ids=tb["input_ids"], attention_mask=tb["attention_mask"].long(), output_attentions=True, use_cache=True)
+    t = teacher_forward(model, tb, want_queries=True)
+    cot = tb["cot_step"] >= 0
+    for layer in range(len(store)):
+        got = attention_importance(t.keys[layer], store[layer], cot, tb["answer_valid"])
+        att = out.attentions[layer]  # [B, H_q, N, N]
+        rows = att.gather(2, tb["answer_pos"][:, None, :, None].expand(-1, att.shape[1], -1, att.shape[3]))
+        rows = rows * cot[:, None, None, :]
+        rows = rows / rows.sum(-1, keepdim=True)
+        rows = rows * tb["answer_valid"][:, None, :, None]
+        b, hq = rows.shape[:2]
+        hkv = t.keys.shape[2]
+        ref = rows.view(b, hkv, hq // hkv, -1, rows.shape[-1]).sum((2, 3))
+        ref = ref / ref.sum(-1, keepdim=True)
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_jacobi_with_t_equal_m_matches_sequential():
+    cfg, model, obj, encs = _setup(latent={"num_latents": 3, "iterations": 3})
+    model.eval()
+    sb = student_batch(encs, obj.pad_id, model.bot_id, model.eot_id, 3)
+    with torch.no_grad():
+        jac = run_latents(model, sb["prefix_ids"], sb["prefix_mask"], 3, "jacobi", 3)
+        seq = run_latents(model, sb["prefix_ids"], sb["prefix_mask"], 3, "sequential", 3)
+        out_j, _, kj = final_pass(model, jac, sb["suffix_ids"], sb["suffix_mask"])
+        out_s, _, ks = final_pass(model, seq, sb["suffix_ids"], sb["suffix_mask"])
+    torch.testing.assert_close(jac.producers, seq.producers, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out_j.last_hidden_state[:, kj:], out_s.last_hidden_state[:, ks:], atol=1e-5, rtol=1e-4)
+    # With fewer iterations the later latents differ (Jacobi has not converged yet).
+    with torch.no_grad():
+        jac1 = run_latents(model, sb["prefix_ids"], sb["prefix_mask"], 3, "jacobi", 1)
+    assert not torch.allclose(jac1.producers[:, 2], seq.producers[:, 2], atol=1e-4)
+
+
+@pytest.mark.parametrize("scheme", ["jacobi", "sequential"])
+def test_padding_does_not_change_an_examples_outputs(scheme):
+    cfg, model, obj, encs = _setup(latent={"scheme": scheme})
+    model.eval()
+    short, long = encs[2], encs[1]  # different question and CoT lengths
+
+    def student_hidden(batch_encs):
+        sb = student_batch(batch_encs, obj.pad_id, model.bot_id, model.eot_id, 3)
+        st = run_latents(model, sb["prefix_ids"], sb["prefix_mask"], 3, scheme, 2)
+        out, _, k = final_pass(model, st, sb["suffix_ids"], sb["suffix_mask"])
+        n = int(sb["suffix_mask"][0].sum())
+        return out.last_hidden_state[0, : k + n]
+
+    def teacher_logits(batch_encs):
+        tb = teacher_batch(batch_encs, obj.pad_id, drop_last_step=True)
+        n = int(tb["attention_mask"][0].sum())
+        return teacher_forward(model, tb, want_queries=False).logits[0, :n]
+
+    with torch.no_grad():
+        torch.testing.assert_close(student_hidden([short]), student_hidden([short, long]), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(teacher_logits([short]), teacher_logits([short, long]), atol=1e-5, rtol=1e-4)
+
+
+def test_pre_rope_keys_are_position_free():
+    """Undoing RoPE: the same token at two positions gives the same pre-RoPE key."""
+    cfg, model, obj, encs = _setup(loss={"rope": "pre"})
+    model.eval()
+    ids = torch.tensor([[5, 9, 5, 9, 5]])
+    from transformers import DynamicCache
+
+    from kava.latent import cache_span, positions
+
+    cache = DynamicCache()
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    with torch.no_grad():
+        model.run(model.embed(ids), mask, positions(mask), cache)
+        keys, _ = cache_span(cache, 0, 5)  # [L, 1, H, 5, d]
+        pre = obj.unrotate(keys, positions(mask))
+    # Layer 0 keys depend only on the token (before attention mixes anything in).
+    assert not torch.allclose(keys[0, 0, :, 0], keys[0, 0, :, 2], atol=1e-4)
+    torch.testing.assert_close(pre[0, 0, :, 0], pre[0, 0, :, 2], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(pre[0, 0, :, 0], pre[0, 0, :, 4], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["none", "mean_pool", "shuffled", "right_crop", "random"])
+def test_each_selector_trains_one_step(method):
+    cfg, model, obj, encs = _setup(loss={"compression": method})
+    loss, metrics = obj(obj.make_batch(encs))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert ("kv" in metrics) == (method != "none")
+
+
+def test_curriculum_stages_advance_and_restrict_the_teacher_cot():
+    cfg, model, obj, encs = _setup(curriculum={"enabled": True, "steps_per_stage": 2}, latent={"num_latents": 3})
+    assert [obj.stage_at(s) for s in range(8)] == [1, 1, 2, 2, 3, 3, 3, 3]
+    b = obj.make_batch(encs, step=0)
+    assert b["student"]["num_latents"] == 1
+    loss, metrics = obj(b)
+    assert metrics["stage"] == 1.0 and torch.isfinite(loss)
