@@ -20,14 +20,14 @@ __all__ = ["extract_number", "find_numbers", "format_number", "is_correct", "par
 # does not follow a word character or closing bracket ("7-4" is 7 then 4, not 7 and -4).
 _NUMBER_RE = re.compile(
     r"""
-    (?:(?<![\w)\]])(?P<sign>[-+\u2212]))?      # sign, not a binary operator
-    (?P<cur>\$\s?)?                            # currency
-    (?P<sign2>(?<=\$)[-\u2212]|(?<=\$\s)[-\u2212])?  # "$-5"
-    (?<![\d.,])                                # do not start inside another number
-    (?P<int>\d{1,3}(?:,\d{3})+(?!\d)|\d+)?     # 1,234 or 1234
-    (?P<frac>(?(int)(?:\.\d+)?|\.\d+))         # .5 or 1.25
-    (?:/(?P<den>\d+)(?![\d.]))?                # 3/4
-    (?P<pct>\s?%)?                             # 50%
+    (?:(?<![\w)\]])(?P<sign>[-+\u2212]))?    # sign, unless it is a binary operator
+    (?P<cur>\$\s?)?                           # currency
+    (?:(?<=\$)(?P<sign2>[-\u2212]))?          # "$-5"
+    (?<!\d)                                   # never start inside another number
+    (?P<int>\d{1,3}(?:,\d{3})+(?!\d)|\d+)?    # 1,234 or 1234
+    (?P<frac>\.\d+)?                          # .5
+    (?:/(?P<den>\d+)(?!\d|\.\d|,\d))?          # /4
+    (?P<pct>\s?%)?                            # %
     """,
     re.VERBOSE,
 )
@@ -48,13 +48,13 @@ def _value(match: re.Match[str]) -> float | None:
     frac_part = match.group("frac") or ""
     if not int_part and not frac_part:
         return None
-    value = float(Fraction(int_part.replace(",", "") + frac_part if int_part else "0" + frac_part))
+    value = Fraction((int_part or "0").replace(",", "") + frac_part)
     den = match.group("den")
-    if den is not None and int(den) != 0 and not frac_part:
+    if den is not None and int(den) != 0:
         value = value / int(den)
     if match.group("sign") in ("-", "\u2212") or match.group("sign2"):
         value = -value
-    return value
+    return float(value)
 
 
 def _matches(text: str) -> list[re.Match[str]]:

@@ -90,12 +90,14 @@ class LatentConfig:
     projection: bool = _f(True, "map hidden states to latent inputs through the projection MLP")
     projection_hidden: int = _f(0, "projection MLP width (0: the model width)")
     projection_dropout: float = _f(0.0, "dropout at the projection input")
+    projection_scale: str = _f("embedding", "initial scale of the projection's LayerNorm: embedding (the token embeddings' rms) or unit (1.0, as in CODI)")
 
     def __post_init__(self) -> None:
         _check(self.num_latents >= 1, "latent.num_latents", "must be >= 1")
         _check(self.iterations >= 1, "latent.iterations", "must be >= 1")
         _choice(self.scheme, "latent.scheme", ("jacobi", "sequential"))
         _check(self.projection_hidden >= 0, "latent.projection_hidden", "must be >= 0")
+        _choice(self.projection_scale, "latent.projection_scale", ("embedding", "unit"))
 
 
 @dataclass
@@ -175,6 +177,7 @@ class TrainConfig:
     weight_decay: float = _f(0.1, "AdamW weight decay")
     warmup_steps: int = _f(0, "linear warm-up steps (overrides warmup_ratio when > 0)")
     warmup_ratio: float = _f(0.03, "warm-up as a fraction of max_steps")
+    lr_schedule: str = _f("cosine", "learning-rate schedule after warm-up: cosine (to 0) or constant")
     max_steps: int = _f(0, "optimizer steps (0: epochs * steps per epoch)")
     epochs: float = _f(10.0, "passes over the training data when max_steps is 0")
     batch_size: int = _f(8, "examples per device per forward")
@@ -197,6 +200,7 @@ class TrainConfig:
         _check(self.max_steps > 0 or self.epochs > 0, "train.max_steps", "set max_steps or epochs")
         _check(0 <= self.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)")
         _choice(self.mixed_precision, "train.mixed_precision", ("auto", "no", "bf16", "fp16"))
+        _choice(self.lr_schedule, "train.lr_schedule", ("cosine", "constant"))
 
 
 @dataclass

@@ -163,6 +163,11 @@ class KavaModel(nn.Module):
         w = base.get_input_embeddings().weight
         if cfg.latent.projection:
             self.projection = LatentProjection(d, cfg.latent.projection_hidden or d, cfg.latent.projection_dropout)
+            if cfg.latent.projection_scale == "embedding":
+                # Start latent inputs at the scale of the token embeddings: a LayerNorm output has
+                # unit variance per dim, often far larger than a trained embedding's.
+                with torch.no_grad():
+                    self.projection.net[-1].weight.fill_(float(w.detach().float().pow(2).mean().sqrt()))
             self.projection.to(device=w.device, dtype=w.dtype)
         else:
             self.projection = nn.Identity()

@@ -129,7 +129,7 @@ def train(cfg: KavaConfig, resume: bool = False) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
-    from transformers import get_cosine_schedule_with_warmup
+    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
     tc = cfg.train
     if tc.num_threads:
@@ -156,7 +156,10 @@ def train(cfg: KavaConfig, resume: bool = False) -> dict:
     max_steps = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
     warmup = tc.warmup_steps or int(tc.warmup_ratio * max_steps)
     optimizer = torch.optim.AdamW(_param_groups(objective, cfg), lr=tc.lr, weight_decay=tc.weight_decay)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, max_steps)
+    if tc.lr_schedule == "cosine":
+        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, max_steps)
+    else:
+        scheduler = get_constant_schedule_with_warmup(optimizer, warmup)
     wrapped, optimizer, scheduler = accelerator.prepare(objective, optimizer, scheduler)
     generators = {"selector": objective.generator}
 

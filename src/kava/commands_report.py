@@ -1,0 +1,57 @@
+"""``kava report``: tables, plots and claim verdicts from a folder of runs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _names(args: argparse.Namespace):
+    from .report import ClaimNames
+
+    names = ClaimNames(mode=args.mode)
+    for item in args.method:
+        role, _, found = item.partition("=")
+        if not role or not found:
+            raise ValueError(f"--method {item!r}: expected ROLE=NAME[,NAME...], e.g. kava=rkv")
+        names.methods[role.strip()] = tuple(n.strip() for n in found.split(",") if n.strip())
+    for item in args.nl_pair:
+        eq, sep, nl = item.partition(":")
+        if not sep or not eq or not nl:
+            raise ValueError(f"--nl-pair {item!r}: expected EQ_DATASET:NL_DATASET, e.g. synthetic:synthetic-nl")
+        names.nl_pairs.append((eq, nl))
+    return names
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Write the report; exit code 1 where no run folder was found, 2 for a bad flag."""
+    from .report import to_report_markdown, write_report
+
+    try:
+        names = _names(args)
+    except ValueError as e:
+        print(f"kava: error: {e}", file=sys.stderr)
+        return 2
+    report = write_report(args.runs_dir, args.out, names)
+    if not report.runs:
+        print(f"kava: error: no run folders (with a status.json) under {args.runs_dir}", file=sys.stderr)
+        return 1
+    print(to_report_markdown(report.runs, report.rows, report.verdicts))
+    print("written: " + ", ".join(str(f) for f in report.files))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``kava report`` to the ``kava`` command."""
+    p = subparsers.add_parser("report", help="aggregate runs over seeds: CSV/Markdown/LaTeX tables, plots, claim verdicts",
+                              description="Collect every run folder (with a status.json) under RUNS_DIR, aggregate over seeds "
+                                          "and write results.csv, results.md, results.tex, verdicts.json and plots.")
+    p.add_argument("runs_dir", metavar="RUNS_DIR", help="folder holding the runs, e.g. a sweep's output_dir")
+    p.add_argument("--out", default=None, help="output folder (default: RUNS_DIR/report)")
+    p.add_argument("--mode", default="student", choices=("student", "cot", "nocot"), help="eval mode the claims are checked on (student, cot, nocot)")
+    p.add_argument("--method", action="append", default=[], metavar="ROLE=NAME[,NAME]",
+                   help="which method names play a role in the claims (roles: codi, kava, right_crop, mean_pool, shuffled); "
+                        "repeatable, e.g. --method kava=rkv_M8")
+    p.add_argument("--nl-pair", action="append", default=[], metavar="EQ:NL",
+                   help="an equation/natural-language dataset pair for claim 4 (default: every X-nl with its X); repeatable")
+    p.set_defaults(func=cmd_report)

