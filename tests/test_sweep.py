@@ -115,6 +115,9 @@ def test_the_ablation_suite_expands_to_valid_overrides():
     codi = next(s for s in specs if s.name == "codi")
     assert load_config(None, codi.overrides).loss.alpha_kv == 0
     assert codi.base_config == REPO / "configs" / "tiny" / "kava.yaml"
+    if codi.base_config.is_file():
+        assert codi.config().loss.alpha_kv == 0
+        assert {s.name: s.config().latent.num_latents for s in specs if s.seed == 0}["rkv_M8"] == 8
 
 
 # --- resume and failures -------------------------------------------------------------------

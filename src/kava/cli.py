@@ -111,18 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("overrides", nargs="*", help="key=value overrides")
     c.set_defaults(func=cmd_config)
 
-    try:
-        from .data.commands import register as register_data
-    except ImportError:  # pragma: no cover - the data layer is part of the package
-        register_data = None
-    if register_data is not None:
-        register_data(sub)
-    for name in ("sweep", "report", "env", "teacher"):
-        try:
-            mod = __import__(f"kava.commands_{name}", fromlist=["register"])
-        except ImportError:
-            continue
-        mod.register(sub)
+    from . import commands_report, commands_sweep
+    from .data import commands as data_commands
+
+    for module in (data_commands, commands_sweep, commands_report):
+        module.register(sub)
     return p
 
 

@@ -48,7 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                           "and write results.csv, results.md, results.tex, verdicts.json and plots.")
     p.add_argument("runs_dir", metavar="RUNS_DIR", help="folder holding the runs, e.g. a sweep's output_dir")
     p.add_argument("--out", default=None, help="output folder (default: RUNS_DIR/report)")
-    p.add_argument("--mode", default="student", choices=("student", "cot", "nocot"), help="eval mode the claims are checked on (student, cot, nocot)")
+    p.add_argument("--mode", default="student", choices=("student", "cot", "nocot"),
+                   help="eval mode the claims are checked on")
     p.add_argument("--method", action="append", default=[], metavar="ROLE=NAME[,NAME]",
                    help="which method names play a role in the claims (roles: codi, kava, right_crop, mean_pool, shuffled); "
                         "repeatable, e.g. --method kava=rkv_M8")
