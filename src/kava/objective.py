@@ -106,7 +106,7 @@ class Objective(nn.Module):
 
         b = sb["prefix_ids"].shape[0]
         rows = torch.arange(b, device=suffix_h.device)
-        s_hidden = torch.stack(out.hidden_states[1:])[:, rows, k + sb["distill_idx"]]
+        s_hidden = torch.stack([h[rows, k + sb["distill_idx"]] for h in out.hidden_states[1:]])
         codi = losses.codi_loss(teacher.hidden, s_hidden, cfg.loss.codi_loss)
 
         metrics: dict[str, float] = {}

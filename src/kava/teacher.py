@@ -99,8 +99,8 @@ def teacher_forward(model: KavaModel, batch: dict, want_queries: bool, want_cach
         out = model.run(embeds, mask, positions(mask), cache, output_hidden_states=True)
     logits = model.lm_head(out.last_hidden_state)
     pos = batch["distill_pos"]
-    hs = torch.stack(out.hidden_states[1:])  # [L, B, N, D]
-    hidden = hs[:, torch.arange(ids.shape[0], device=ids.device), pos].detach()
+    rows = torch.arange(ids.shape[0], device=ids.device)
+    hidden = torch.stack([h[rows, pos] for h in out.hidden_states[1:]]).detach()  # [L, B, D]
     keys = values = None
     if want_cache:
         keys, values = cache_span(cache, 0, ids.shape[1])

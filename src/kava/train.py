@@ -127,7 +127,7 @@ class _StopSignal:
 def train(cfg: KavaConfig, resume: bool = False) -> dict:
     """Run training as configured; returns the final metrics (and evaluation, if asked)."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
     from tqdm.auto import tqdm
     from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
@@ -135,7 +135,14 @@ def train(cfg: KavaConfig, resume: bool = False) -> dict:
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
     out = Path(tc.output_dir)
-    accelerator = Accelerator(mixed_precision=pick_mixed_precision(tc.mixed_precision), cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(
+        mixed_precision=pick_mixed_precision(tc.mixed_precision),
+        cpu=not torch.cuda.is_available(),
+        # One scheduler step per optimizer step (accelerate would otherwise step it once per process).
+        step_scheduler_with_optimizer=False,
+        # cot/nocot never touch the latent projection; DDP must be told that some parameters get no gradient.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=tc.mode != "kava")],
+    )
     world, rank = accelerator.num_processes, accelerator.process_index
     effective = tc.effective_batch or tc.batch_size * world
     if effective % (tc.batch_size * world):
@@ -165,6 +172,8 @@ def train(cfg: KavaConfig, resume: bool = False) -> dict:
 
     order = DataOrder(len(encoded), tc.seed)
     step = 0
+    if resume and accelerator.distributed_type == DistributedType.FSDP:
+        raise TrainingError("--resume is not supported under FSDP (checkpoints hold the gathered weights, not the sharded optimizer state); start a new run with model.init_from=CHECKPOINT")
     if resume:
         ckpt = latest_checkpoint(out)
         if ckpt is not None:
@@ -189,12 +198,20 @@ def train(cfg: KavaConfig, resume: bool = False) -> dict:
 
         writer = SummaryWriter(str(out / "tensorboard"))
 
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+
     def save_checkpoint(at: int) -> Path:
         path = out / f"checkpoint-{at}"
+        # FSDP shards the weights: gather them (a collective, every process takes part). Its
+        # optimizer state stays sharded, so FSDP checkpoints hold weights only (no exact resume).
+        state = None
+        if fsdp:
+            state = {k.removeprefix("model."): v for k, v in accelerator.get_state_dict(wrapped).items()}
         if main:
             def build(tmp: Path) -> None:
-                model.write_to(tmp)
-                save_trainer_state(tmp, optimizer, scheduler, generators, {"step": at, **order.state()})
+                model.write_to(tmp, state)
+                if not fsdp:
+                    save_trainer_state(tmp, optimizer, scheduler, generators, {"step": at, **order.state()})
 
             atomic_replace_dir(path, build)
         accelerator.wait_for_everyone()
@@ -230,7 +247,7 @@ def train(cfg: KavaConfig, resume: bool = False) -> dict:
             bar.update(1)
             if step % tc.log_every == 0 or step == max_steps:
                 row = {"step": step, "lr": scheduler.get_last_lr()[0], "elapsed_s": round(time.perf_counter() - started, 3)}
-                row.update({k: sum(v) / len(v) for k, v in window.items()})
+                row.update(_mean_over_processes(accelerator, {k: sum(v) / len(v) for k, v in window.items()}))
                 window.clear()
                 bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k in ("loss", "ce", "ce_student", "kv", "codi", "kv_cos", "stage")})
                 if main:
@@ -258,6 +275,15 @@ def train(cfg: KavaConfig, resume: bool = False) -> dict:
     if writer:
         writer.close()
     return result
+
+
+def _mean_over_processes(accelerator, values: dict[str, float]) -> dict[str, float]:
+    """Average logged metrics over all processes (each saw its own share of the batch)."""
+    if accelerator.num_processes == 1 or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=accelerator.device)
+    return dict(zip(keys, accelerator.reduce(t, reduction="mean").tolist()))
 
 
 def eval_modes(cfg: KavaConfig) -> list[str]:
