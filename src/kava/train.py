@@ -296,5 +296,5 @@ def _evaluate(model, examples, cfg: KavaConfig, out_dir: Path) -> dict:
 
     res = evaluate(model, examples, cfg, eval_modes(cfg), out_dir)
     for mode, r in res.items():
-        log.info("eval %s: accuracy %.3f, forward passes %.2f (n=%d)", mode, r["accuracy"], r["forward_passes"], r["n"])
+        log.info("eval %s [%s]: accuracy %.3f, forward passes %.2f (n=%d)", out_dir.name, mode, r["accuracy"], r["forward_passes"], r["n"])
     return res

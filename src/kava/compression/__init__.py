@@ -75,6 +75,14 @@ def select(
     return indices, valid
 
 
+def _cot_columns(cot_mask: torch.Tensor) -> tuple[int, int]:
+    """``[lo, hi)``: the smallest column range holding every CoT position of the batch."""
+    cols = cot_mask.any(0).nonzero()
+    if cols.numel() == 0:
+        return 0, cot_mask.shape[1]
+    return int(cols[0]), int(cols[-1]) + 1
+
+
 def compress_cache(
     selector: Selector,
     keys: torch.Tensor,
@@ -92,12 +100,19 @@ def compress_cache(
     :class:`Compressed` with ``[L, B, H_kv, M, ...]`` tensors.
     """
     n_layers, b = keys.shape[:2]
+    # Only the columns that hold a CoT token somewhere in the batch can be kept: score those
+    # alone (the answer-query x CoT-key block, and CoT x CoT for redundancy), not the whole sequence.
+    lo, hi = _cot_columns(cot_mask)
+    keys, values, cot_mask = keys[..., lo:hi, :], values[..., lo:hi, :], cot_mask[:, lo:hi]
     fold = lambda t: t.reshape(n_layers * b, *t.shape[2:])  # noqa: E731
     rep = lambda m: None if m is None else m.repeat(n_layers, 1)  # noqa: E731
     q = fold(queries) if queries is not None and selector.needs_queries else None
     c = selector.compress(fold(keys), fold(values), q, rep(cot_mask), rep(answer_mask), budget, generator)
     unfold = lambda t: None if t is None else t.reshape(n_layers, b, *t.shape[1:])  # noqa: E731
-    out = Compressed(unfold(c.keys), unfold(c.values), unfold(c.valid), unfold(c.indices))
+    indices = unfold(c.indices)
+    if indices is not None and lo:
+        indices = torch.where(unfold(c.valid), indices + lo, torch.zeros_like(indices))
+    out = Compressed(unfold(c.keys), unfold(c.values), unfold(c.valid), indices)
     if getattr(selector, "shuffle_batch", False):
         out = Compressed(*(None if t is None else _roll_batch(t, 1) for t in (out.keys, out.values, out.valid, out.indices)))
     return out

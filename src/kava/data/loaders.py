@@ -40,6 +40,7 @@ __all__ = [
     "map_gsm_hard",
     "map_multiarith",
     "map_svamp",
+    "parse_source_options",
 ]
 
 log = logging.getLogger(__name__)
@@ -177,7 +178,7 @@ def _generate_synthetic(style: str) -> Callable[[str, int | None, Mapping[str, A
 
 
 def _generate_gsm_symbolic(style: str) -> Callable[[str, int | None, Mapping[str, Any]], list[Example]]:
-    allowed = {"lang", "seed", "n_per_template", "test_fraction"}
+    allowed = {"lang", "seed", "split_seed", "n_per_template", "test_fraction"}
 
     def generate(split: str, limit: int | None, options: Mapping[str, Any]) -> list[Example]:
         from kava.data import gsm_symbolic
@@ -187,9 +188,11 @@ def _generate_gsm_symbolic(style: str) -> Callable[[str, int | None, Mapping[str
         if split == "original":
             examples = gsm_symbolic.load_original(lang, style)
         else:
+            # The template split has its own seed, so drawing new instances (``seed``) can never
+            # move a template between train and test.
             seed = int(options.get("seed", 0))
             train_ids, test_ids = gsm_symbolic.split_templates(
-                seed, float(options.get("test_fraction", 0.2)), lang=lang
+                int(options.get("split_seed", 0)), float(options.get("test_fraction", 0.2)), lang=lang
             )
             if split == "train":
                 log.warning("gsm-symbolic items are GSM8k TEST problems: never train on them and report GSM8k test")
@@ -200,6 +203,24 @@ def _generate_gsm_symbolic(style: str) -> Callable[[str, int | None, Mapping[str
         return examples if limit is None else examples[:limit]
 
     return generate
+
+
+def parse_source_options(source: str) -> dict[str, Any]:
+    """Options written after a generated dataset's name: ``"gsm-symbolic?n_per_template=50&seed=1"``
+    gives ``{"n_per_template": 50, "seed": 1}`` (``&`` or ``,`` between pairs; values read as
+    YAML scalars), so a config's ``data.train``/``data.eval`` string can size or seed the draw."""
+    import yaml
+
+    query = source.split("?", 1)[1] if "?" in source else ""
+    out: dict[str, Any] = {}
+    for pair in query.replace(",", "&").split("&"):
+        if not pair.strip():
+            continue
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{source!r}: expected name?key=value&key=value, got {pair!r}")
+        out[key.strip()] = yaml.safe_load(value.strip()) if value.strip() else ""
+    return out
 
 
 def _check_options(name: str, options: Mapping[str, Any], allowed: set[str]) -> None:
@@ -373,6 +394,8 @@ def _stream(
         raise ValueError(f"limit must be >= 0, got {limit}")
     options = options or {}
     spec = REGISTRY.get(source)
+    if spec is None and "?" in source and source.split("?", 1)[0] in REGISTRY:
+        spec, options = REGISTRY[source.split("?", 1)[0]], {**parse_source_options(source), **options}
     if spec is not None:
         if fmt is not None:
             raise ValueError(f"fmt applies to local files only, not to the registered dataset {source!r}")
@@ -459,7 +482,8 @@ def load_examples(
     the count (use `load_examples_report` to get it). fmt: the native field layout of a
     local file ("gsm8k", "svamp", ...; default: our schema). options: knobs of the
     generated datasets (synthetic: n, seed, n_ops, modulus, max_operand, ops, unique;
-    gsm-symbolic: lang, seed, n_per_template, test_fraction).
+    gsm-symbolic: lang, seed, split_seed, n_per_template, test_fraction); they may also follow the
+    name, as in ``"gsm-symbolic?n_per_template=50"`` (see `parse_source_options`).
     """
     if not streaming:
         return load_examples_report(source, split, limit=limit, on_error=on_error, fmt=fmt, options=options).examples

@@ -1,0 +1,467 @@
+"""Training-step and decoding benchmark for KaVa (see benchmarks/README.md).
+
+For one model and batch it times, with the same examples:
+
+  (a) cot      a plain CoT fine-tuning step on the teacher sequence (forward + backward, CE)
+  (b) passes   the model passes a KaVa step cannot avoid: teacher forward + backward and the
+               student's T+1 passes (Jacobi) or M+1 (sequential) with backward, CE losses only
+  (c) kava     the full KaVa step (Objective: + answer-query capture, cache selection, KV/CODI losses)
+
+and, on their own, the teacher-cache selection and the KV/CODI loss terms (forward + backward),
+as a share of (c). For inference it decodes the same batch in latent mode and in CoT mode
+(greedy, with the KV cache, lengths fixed to the examples' own so that random weights decode
+as many tokens as a trained model would) and reports forward passes, wall time and KV-cache
+bytes. Targets: (c) within 10% of (b); selection + losses under 5% of (c); latent decoding
+speed-up at least 80% of the forward-pass ratio.
+
+  python benchmarks/bench_step.py                       # tiny model of configs/tiny/kava.yaml
+  python benchmarks/bench_step.py --model llama-1b      # Llama-3.2-1B shape, random weights (GPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Llama-3.2-1B (meta-llama/Llama-3.2-1B-Instruct config.json), built with random weights.
+LLAMA_1B = dict(
+    vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+    num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
+    rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=True,
+    rope_scaling={"rope_type": "llama3", "factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                  "original_max_position_embeddings": 8192},
+)
+
+# Dense bf16 peak FLOP/s by device name, for model FLOPs utilisation.
+PEAK_BF16 = (("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12), ("A10G", 70e12), ("L4", 121e12))
+
+
+# --- setup ----------------------------------------------------------------------------------
+
+
+def build(args):
+    """(cfg, model, encoded examples, device, autocast dtype or None)."""
+    from kava.config import load_config
+    from kava.modeling import add_latent_tokens, apply_adapter, build_model, enable_checkpointing, KavaModel, resolve_dtype
+    from kava.sequences import Encoded, TextEncoder
+    from kava.train import load_data, pick_mixed_precision
+
+    device = torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available()) or args.device == "cuda" else "cpu")
+    if args.model == "llama-1b":
+        config = args.config or str(ROOT / "configs/paper/llama1b_aug.yaml")
+    else:
+        config = args.config or str(ROOT / "configs/tiny/kava.yaml")
+    overrides = ["model.init_from=", "train.mode=kava", *args.overrides]
+    if args.model == "llama-1b":
+        overrides.append("model.name_or_path=tiny")  # the tokenizer: ids only matter for shapes
+    if args.batch:
+        overrides.append(f"train.batch_size={args.batch}")
+    if args.gradient_checkpointing:
+        overrides.append("model.gradient_checkpointing=true")
+    cfg = load_config(config, overrides)
+    if device.type == "cpu":
+        cfg.model.dtype = "float32" if cfg.model.dtype == "auto" else cfg.model.dtype
+    mp = pick_mixed_precision(cfg.train.mixed_precision) if device.type == "cuda" else "no"
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp)
+
+    if args.model == "llama-1b":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        from kava.tokenizer import build_synthetic_tokenizer
+
+        tok = build_synthetic_tokenizer()
+        conf = dict(LLAMA_1B)
+        if args.layers:
+            conf["num_hidden_layers"] = args.layers
+        lc = LlamaConfig(**conf, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+        lc._attn_implementation = cfg.model.attn_implementation
+        dtype = resolve_dtype(cfg.model.dtype) if device.type == "cuda" else torch.float32
+        torch.manual_seed(cfg.train.seed)
+        with device:
+            backbone = LlamaForCausalLM(lc).to(dtype)
+        ids = add_latent_tokens(tok, backbone)
+        backbone = apply_adapter(backbone, cfg.model, list(ids))
+        model = KavaModel(backbone, tok, cfg, base_reloadable=True)
+        if cfg.model.gradient_checkpointing:
+            enable_checkpointing(model.decoder.layers)
+        encoder = TextEncoder(tok, cfg.data)
+        g = torch.Generator().manual_seed(0)
+        lo, hi = 10, min(len(tok) - 4, 60)
+
+        def rand(n):
+            return torch.randint(lo, hi, (n,), generator=g).tolist()
+
+        n_ex = max(cfg.train.batch_size, 8)
+        encoded = [
+            Encoded(rand(args.question_tokens), [rand(args.step_tokens) for _ in range(args.cot_steps)],
+                    list(encoder.answer_prefix_ids), rand(args.answer_tokens - 1) + [tok.eos_token_id], [-100] * args.cot_steps)
+            for _ in range(n_ex)
+        ]
+    else:
+        cfg.data.synthetic_train_size = min(cfg.data.synthetic_train_size, 1000)
+        model = build_model(cfg)
+        encoder = TextEncoder(model.tokenizer, cfg.data, cfg.model.use_chat_template)
+        encoded = [encoder.encode(ex) for ex in load_data(cfg, "train")]
+    model.to(device)
+    return cfg, model, encoded, device, amp
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@contextmanager
+def count_positions(model):
+    """Count the positions fed to the decoder (sum over passes of batch x new tokens)."""
+    box = {"positions": 0, "passes": 0}
+    inner = model.run
+
+    def run(inputs_embeds, *a, **kw):
+        box["positions"] += inputs_embeds.shape[0] * inputs_embeds.shape[1]
+        box["passes"] += 1
+        return inner(inputs_embeds, *a, **kw)
+
+    model.run = run
+    try:
+        yield box
+    finally:
+        del model.run
+
+
+def saved_activation_bytes(fn, model) -> int:
+    """Bytes of the distinct tensors (not parameters) autograd keeps for the backward pass of ``fn``."""
+    params = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(backward=False)
+    return sum(seen.values())
+
+
+def peak_memory(fn, device, model) -> dict:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        sync(device)
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        sync(device)
+        peak = torch.cuda.max_memory_allocated()
+        return {"peak_bytes": peak, "step_bytes": peak - base}
+    return {"saved_activation_bytes": saved_activation_bytes(fn, model)}
+
+
+def interleaved_times(fns: dict, warmup: int, iters: int, device) -> dict[str, list[float]]:
+    """Run the functions round-robin (so load changes hit all alike); seconds per call."""
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    sync(device)
+    out: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(iters):
+        for k, f in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            f()
+            sync(device)
+            out[k].append(time.perf_counter() - t0)
+    return out
+
+
+# --- the benchmark ---------------------------------------------------------------------------
+
+
+def run_benchmark(args) -> dict:
+    from kava import losses
+    from kava.evaluate import kv_bytes_per_token
+    from kava.latent import cache_span, final_pass, positions, run_latents
+    from kava.objective import Objective, to_device
+    from kava.sequences import prompt_batch, student_batch, teacher_batch
+    from kava.teacher import teacher_forward
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg, model, encoded, device, amp = build(args)
+    objective = Objective(model, cfg).train()
+    b = cfg.train.batch_size
+    encs = [encoded[i % len(encoded)] for i in range(b)]
+    at_step = 10**9 if cfg.curriculum.enabled else 0  # the last curriculum stage: all latents, no CoT left in the student
+    batch = objective.make_batch(encs, at_step)
+    tb, sb = to_device(batch["teacher"], device), to_device(batch["student"], device)
+    stage, m, lat = batch.get("stage"), sb["num_latents"], cfg.latent
+    dev_batch = {**batch, "teacher": tb, "student": sb}
+    autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp is not None else nullcontext
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def zero():
+        for p in params:
+            p.grad = None
+
+    def step_cot(backward=True):
+        with autocast():
+            out = teacher_forward(model, tb, want_queries=False, want_cache=False)
+            loss = losses.token_ce(out.logits, tb["labels"])
+        if backward:
+            loss.backward()
+            zero()
+
+    def step_passes(backward=True):
+        with autocast():
+            out = teacher_forward(model, tb, want_queries=False, want_cache=False)
+            ce_t = losses.token_ce(out.logits, tb["labels"])
+            state = run_latents(model, sb["prefix_ids"], sb["prefix_mask"], m, lat.scheme, lat.iterations)
+            fo, _, k = final_pass(model, state, sb["suffix_ids"], sb["suffix_mask"])
+            ce_s = losses.token_ce(model.lm_head(fo.last_hidden_state[:, k:]), sb["suffix_labels"])
+            loss = ce_t + ce_s
+        if backward:
+            loss.backward()
+            zero()
+
+    def step_kava(backward=True):
+        with autocast():
+            loss, _ = objective(dev_batch)
+        if backward:
+            loss.backward()
+            zero()
+
+    # Inputs of the selection and of the loss terms, computed once.
+    with torch.no_grad(), autocast():
+        sel = objective.selector
+        t_out = teacher_forward(model, tb, want_queries=sel is not None and sel.needs_queries, want_cache=True)
+        state = run_latents(model, sb["prefix_ids"], sb["prefix_mask"], m, lat.scheme, lat.iterations)
+        fo, _, k = final_pass(model, state, sb["suffix_ids"], sb["suffix_mask"], output_hidden_states=True)
+        s_keys, s_values = cache_span(state.cache, state.prefix_len, state.prefix_len + m)
+        rows = torch.arange(b, device=device)
+        s_hidden = torch.stack(fo.hidden_states[1:])[:, rows, k + sb["distill_idx"]]
+        target = objective.teacher_targets(t_out, tb, stage, m) if sel is not None else None
+    s_keys, s_values, s_hidden = (t.detach().clone().requires_grad_() for t in (s_keys, s_values, s_hidden))
+
+    def selection():
+        with torch.no_grad(), autocast():
+            objective.teacher_targets(t_out, tb, stage, m)
+
+    def loss_terms():
+        with autocast():
+            total = cfg.loss.alpha_codi * losses.codi_loss(t_out.hidden, s_hidden, cfg.loss.codi_loss)
+            if target is not None:
+                total = total + cfg.loss.alpha_kv * losses.kv_loss(
+                    target.keys, target.values, s_keys, s_values, target.valid, cfg.loss.kv_loss, cfg.loss.layer_std)
+                losses.kv_cosine(target.keys, s_keys, target.valid).item()
+        total.backward()
+        for t in (s_keys, s_values, s_hidden):
+            t.grad = None
+
+    fns = {"cot": step_cot, "passes": step_passes, "kava": step_kava}
+    if sel is not None:
+        fns["selection"] = selection
+    fns["losses"] = loss_terms
+    times = interleaved_times(fns, args.warmup, args.iters, device)
+    med = {k: statistics.median(v) for k, v in times.items()}
+
+    positions_per_step = {}
+    for name, fn in (("cot", step_cot), ("passes", step_passes), ("kava", step_kava)):
+        with count_positions(model) as box:
+            fn()
+        positions_per_step[name] = box
+    memory = {name: peak_memory(fn, device, model) for name, fn in (("cot", step_cot), ("passes", step_passes), ("kava", step_kava))}
+
+    teacher_tokens = int(tb["attention_mask"].sum())
+    n_flop_params = sum(p.numel() for n, p in model.base_model.named_parameters() if "embed_tokens" not in n)
+    if model.lm_head.weight is model.base_model.get_input_embeddings().weight:
+        n_flop_params += model.lm_head.weight.numel()
+    peak = next((f for name, f in PEAK_BF16 if name in torch.cuda.get_device_name()), None) if device.type == "cuda" and amp is torch.bfloat16 else None
+    train = {}
+    for name in ("cot", "passes", "kava"):
+        t = med[name]
+        pos = positions_per_step[name]["positions"]
+        flops = 6 * n_flop_params * pos
+        train[name] = {
+            "step_s": t, "step_s_min": min(times[name]), "passes": positions_per_step[name]["passes"],
+            "positions": pos, "teacher_tokens_per_s": teacher_tokens / t, "examples_per_s": b / t,
+            "model_tflops_per_s": flops / t / 1e12, "mfu": None if peak is None else flops / t / peak,
+            **memory[name],
+        }
+    sel_s = med.get("selection", 0.0)
+    summary = {
+        "kava_over_passes": med["kava"] / med["passes"] - 1.0,
+        "selection_s": sel_s,
+        "losses_s": med["losses"],
+        "selection_losses_share": (sel_s + med["losses"]) / med["kava"],
+        "other_overhead_s": med["kava"] - med["passes"] - sel_s - med["losses"],
+    }
+
+    # --- inference: latent vs CoT decoding on the same batch ---
+    model.eval()
+    bpt = kv_bytes_per_token(model)
+    pad = objective.pad_id
+    n_ans = max(len(e.answer) for e in encs)
+    n_cot = max(sum(map(len, e.steps)) + len(e.answer_prefix) + len(e.answer) for e in encs)
+
+    def decode(cache, mask, h, n_new, passes):
+        for t in range(n_new):
+            nxt = model.lm_head(h).argmax(-1)
+            if t == n_new - 1:
+                break
+            mask = torch.cat([mask, mask.new_ones(b, 1)], 1)
+            h = model.run(model.embed(nxt[:, None]), mask, positions(mask)[:, -1:], cache).last_hidden_state[:, -1]
+            passes += 1
+        return passes, float(mask.long().sum(-1).float().mean())
+
+    @torch.no_grad()
+    def latent_decode():
+        with autocast():
+            s = student_batch(encs, pad, model.bot_id, model.eot_id, lat.num_latents, with_answer=False)
+            st = run_latents(model, s["prefix_ids"].to(device), s["prefix_mask"].to(device), lat.num_latents, lat.scheme, lat.iterations)
+            out, mask, _ = final_pass(model, st, s["suffix_ids"].to(device), s["suffix_mask"].to(device))
+            return decode(st.cache, mask, out.last_hidden_state[:, -1], n_ans, st.passes)
+
+    @torch.no_grad()
+    def cot_decode():
+        from transformers import DynamicCache
+
+        with autocast():
+            p = prompt_batch(encs, pad, with_prefix=False)
+            ids, mask = p["input_ids"].to(device), p["attention_mask"].to(device)
+            cache = DynamicCache()
+            h = model.run(model.embed(ids), mask, positions(mask), cache).last_hidden_state[:, -1]
+            return decode(cache, mask, h, n_cot, 1)
+
+    with count_positions(model) as lat_box:
+        lat_passes, lat_kv = latent_decode()
+    with count_positions(model) as cot_box:
+        cot_passes, cot_kv = cot_decode()
+    dtimes = interleaved_times({"latent": latent_decode, "cot": cot_decode}, args.warmup, args.iters, device)
+    t_lat, t_cot = statistics.median(dtimes["latent"]), statistics.median(dtimes["cot"])
+    ratio = cot_passes / lat_passes
+    inference = {
+        "latent": {"passes": lat_passes, "positions_per_example": lat_box["positions"] / b, "wall_s": t_lat, "kv_cache_bytes_per_example": lat_kv * bpt},
+        "cot": {"passes": cot_passes, "positions_per_example": cot_box["positions"] / b, "wall_s": t_cot, "kv_cache_bytes_per_example": cot_kv * bpt},
+        "pass_ratio": ratio, "position_ratio": cot_box["positions"] / lat_box["positions"],
+        "speedup": t_cot / t_lat, "speedup_over_pass_ratio": (t_cot / t_lat) / ratio,
+    }
+
+    largest = None
+    if device.type == "cuda" and not args.no_find_batch:
+        from kava.batch_finder import find_largest_batch, training_step_fn
+
+        step = training_step_fn(objective, encoded, at_step=at_step)
+
+        def run(bs):
+            with autocast():
+                step(bs)
+
+        largest = find_largest_batch(run, start=b, max_batch=args.max_batch).largest
+
+    targets = {
+        "kava_within_10pct_of_passes": summary["kava_over_passes"] <= 0.10,
+        "selection_losses_under_5pct": summary["selection_losses_share"] < 0.05,
+        "latent_speedup_at_least_80pct_of_pass_ratio": inference["speedup_over_pass_ratio"] >= 0.80,
+    }
+    c = model.base_model.config
+    return {
+        "machine": machine(device),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "",
+        "model": {"name": args.model, "layers": c.num_hidden_layers, "hidden": c.hidden_size, "heads": c.num_attention_heads,
+                  "kv_heads": c.num_key_value_heads, "params": sum(p.numel() for p in model.parameters()),
+                  "trainable": sum(p.numel() for p in params), "adapter": cfg.model.adapter,
+                  "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "autocast": str(amp).removeprefix("torch.") if amp else "no",
+                  "gradient_checkpointing": cfg.model.gradient_checkpointing},
+        "batch": {"size": b, "teacher_len": int(tb["input_ids"].shape[1]), "teacher_tokens": teacher_tokens,
+                  "prefix_len": int(sb["prefix_ids"].shape[1]), "suffix_len": int(sb["suffix_ids"].shape[1]),
+                  "latents": m, "scheme": lat.scheme, "iterations": lat.iterations, "selector": cfg.loss.compression},
+        "iters": args.iters, "train": train, "summary": summary, "inference": inference,
+        "largest_batch": largest, "targets": targets,
+    }
+
+
+def machine(device) -> dict:
+    out = {"device": device.type, "platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+           "torch": torch.__version__}
+    if device.type == "cuda":
+        out["gpu"] = torch.cuda.get_device_name()
+    try:
+        out["load_average"] = os.getloadavg()
+    except OSError:
+        pass
+    return out
+
+
+def report(r: dict) -> str:
+    ms = lambda s: f"{s * 1e3:8.1f} ms"  # noqa: E731
+    mb = lambda x: f"{x / 2**20:7.1f} MiB"  # noqa: E731
+    lines = [f"model {r['model']}", f"batch {r['batch']}", f"machine {r['machine']}", "", "training step (median of %d)" % r["iters"]]
+    for name, label in (("cot", "(a) CoT fine-tuning step"), ("passes", "(b) unavoidable KaVa passes"), ("kava", "(c) full KaVa step")):
+        t = r["train"][name]
+        mem = f"peak {mb(t['peak_bytes'])}" if "peak_bytes" in t else f"saved activations {mb(t['saved_activation_bytes'])}"
+        mfu = f", MFU {t['mfu']:.1%}" if t["mfu"] is not None else ""
+        lines.append(f"  {label:<30}{ms(t['step_s'])}  {t['passes']:3d} passes  {t['teacher_tokens_per_s']:9.0f} teacher tok/s  {mem}{mfu}")
+    s = r["summary"]
+    lines += [
+        f"  (c) over (b): {s['kava_over_passes']:+.1%}   selection {ms(s['selection_s'])}   losses {ms(s['losses_s'])}   "
+        f"selection+losses share of (c): {s['selection_losses_share']:.1%}   other overhead {ms(s['other_overhead_s'])}",
+        "", "decoding (same batch, greedy with the KV cache)",
+    ]
+    i = r["inference"]
+    for name in ("latent", "cot"):
+        d = i[name]
+        lines.append(f"  {name:<7}{d['passes']:4d} passes  {d['positions_per_example']:6.1f} positions/example  {ms(d['wall_s'])}  "
+                     f"KV cache {d['kv_cache_bytes_per_example'] / 1024:8.1f} KiB/example")
+    lines.append(f"  pass ratio {i['pass_ratio']:.2f}x (positions ratio {i['position_ratio']:.2f}x), wall-time speed-up {i['speedup']:.2f}x "
+                 f"= {i['speedup_over_pass_ratio']:.0%} of the pass ratio")
+    if r["largest_batch"] is not None:
+        lines.append(f"largest batch that fits: {r['largest_batch']}")
+    lines += ["", "targets: " + ", ".join(f"{k} {'MET' if v else 'MISSED'}" for k, v in r["targets"].items())]
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=("tiny", "llama-1b"), default="tiny", help="tiny: the config's model; llama-1b: Llama-3.2-1B shape, random weights")
+    p.add_argument("--config", help="config file (default: configs/tiny/kava.yaml, or configs/paper/llama1b_aug.yaml for llama-1b)")
+    p.add_argument("--batch", type=int, default=0, help="batch size (default: the config's train.batch_size)")
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--layers", type=int, default=0, help="llama-1b: fewer layers (a quick smoke run)")
+    p.add_argument("--question-tokens", type=int, default=96, help="llama-1b: question length (GSM8k-like)")
+    p.add_argument("--cot-steps", type=int, default=4, help="llama-1b: CoT steps")
+    p.add_argument("--step-tokens", type=int, default=14, help="llama-1b: tokens per CoT step")
+    p.add_argument("--answer-tokens", type=int, default=3, help="llama-1b: answer tokens including <eos>")
+    p.add_argument("--no-find-batch", action="store_true", help="GPU: skip the largest-batch search")
+    p.add_argument("--max-batch", type=int, default=512)
+    p.add_argument("--json", help="also write the results as JSON here")
+    p.add_argument("overrides", nargs="*", help="config overrides key=value")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    r = run_benchmark(args)
+    print(report(r))
+    if args.json:
+        Path(args.json).write_text(json.dumps(r, indent=2))
+    return r
+
+
+if __name__ == "__main__":
+    main()
