@@ -194,7 +194,7 @@ def run_benchmark(args) -> dict:
     from kava.evaluate import kv_bytes_per_token
     from kava.latent import cache_span, final_pass, positions, run_latents
     from kava.objective import Objective, to_device
-    from kava.sequences import prompt_batch, student_batch, teacher_batch
+    from kava.sequences import prompt_batch, student_batch
     from kava.teacher import teacher_forward
 
     if args.threads:

@@ -55,30 +55,34 @@ def _rows(path: Path) -> list[dict]:
 def test_two_processes_match_one_process_with_the_same_effective_batch(tmp_path):
     """batch 2 x 2 processes == batch 4 x 1 process: same metrics at every step, same weights.
 
-    Also runs ``cot`` mode on two processes: its latent projection gets no gradient, which DDP
-    only accepts when told (find_unused_parameters)."""
+    Also on two processes: the same run with gradient checkpointing (same metrics), and ``cot``
+    mode, whose latent projection gets no gradient, which DDP only accepts when told
+    (find_unused_parameters)."""
     loss = {"compression": "rkv", "alpha_codi": 0.0, "layer_std": False}
     common = dict(loss=loss, data={"synthetic_train_size": 32})
     one = tiny_config(train={"batch_size": 4, "max_steps": 3, "output_dir": str(tmp_path / "one")}, **common)
     two = tiny_config(train={"batch_size": 2, "max_steps": 3, "output_dir": str(tmp_path / "two")}, **common)
+    ckpt = tiny_config(train={"batch_size": 2, "max_steps": 3, "output_dir": str(tmp_path / "ckpt")},
+                       model={"gradient_checkpointing": True}, **common)
     cot = tiny_config(train={"mode": "cot", "batch_size": 2, "max_steps": 2, "output_dir": str(tmp_path / "cot")}, **common)
-    for name, cfg in (("two", two), ("cot", cot)):
+    for name, cfg in (("two", two), ("ckpt", ckpt), ("cot", cot)):
         cfg.save(tmp_path / f"{name}.yaml")
     script = tmp_path / "ddp.py"
     script.write_text(_DDP_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(script), str(tmp_path / "two.yaml"), str(tmp_path / "cot.yaml")]
+           "--master_port", str(_free_port()), str(script)] + [str(tmp_path / f"{n}.yaml") for n in ("two", "ckpt", "cot")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     train(one)
 
-    a, b = _rows(tmp_path / "one" / "metrics.jsonl"), _rows(tmp_path / "two" / "metrics.jsonl")
-    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3]  # written once (rank 0 only)
-    for ra, rb in zip(a, b):
+    a, b, c = (_rows(tmp_path / n / "metrics.jsonl") for n in ("one", "two", "ckpt"))
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [r["step"] for r in c] == [1, 2, 3]  # rank 0 writes
+    for ra, rb, rc in zip(a, b, c):
         assert ra["lr"] == pytest.approx(rb["lr"], rel=1e-9)  # the schedule steps once per optimizer step
         for k in ("loss", "ce_student", "ce_teacher", "kv", "grad_norm"):
             assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-6), (ra["step"], k)
+            assert rc[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-7), (rc["step"], k)
     wa = load_file(str(tmp_path / "one" / "checkpoint-3" / WEIGHTS_FILE))
     wb = load_file(str(tmp_path / "two" / "checkpoint-3" / WEIGHTS_FILE))
     assert wa.keys() == wb.keys()
