@@ -111,10 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("overrides", nargs="*", help="key=value overrides")
     c.set_defaults(func=cmd_config)
 
-    from . import commands_env, commands_report, commands_sweep
+    from . import commands_env, commands_report, commands_sweep, commands_teacher
     from .data import commands as data_commands
 
-    for module in (data_commands, commands_sweep, commands_report, commands_env):
+    for module in (data_commands, commands_sweep, commands_report, commands_env, commands_teacher):
         module.register(sub)
     return p
 

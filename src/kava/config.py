@@ -120,6 +120,7 @@ class LossConfig:
     student_ce: float = _f(1.0, "weight of the student's CE on the answer")
     latent_ce: float = _f(0.0, "weight of the per-latent loss: the state that makes latent j predicts step j's result (beyond the paper)")
     drop_last_step: bool = _f(True, "the teacher's CoT drops its final step")
+    teacher_cache: str = _f("", "folder written by `kava teacher extract`: read the KV and CODI targets from it instead of running the teacher (empty: run the teacher)")
 
     def __post_init__(self) -> None:
         _choice(self.compression, "loss.compression", METHODS)
@@ -236,6 +237,9 @@ class KavaConfig:
     def __post_init__(self) -> None:
         if self.loss.compression == "shuffled":
             _check(self.train.batch_size >= 2, "train.batch_size", "the shuffled selector needs at least 2 examples per batch")
+        if self.loss.teacher_cache:
+            _check(not self.curriculum.enabled, "curriculum.enabled", "curriculum stages are not supported with offline teacher caches (loss.teacher_cache)")
+            _check(self.loss.compression != "shuffled", "loss.compression", "'shuffled' takes another example of the batch and cannot be read from loss.teacher_cache")
         if self.curriculum.enabled:
             _check(self.latent.scheme == "sequential" or self.latent.iterations >= 1, "latent.scheme", "invalid")
 

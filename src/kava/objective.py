@@ -47,6 +47,12 @@ class Objective(nn.Module):
         use_kv = cfg.loss.compression != "none" and cfg.loss.alpha_kv > 0
         self.selector = get_selector(cfg.loss.compression, cfg.loss.lam) if use_kv else None
         self.generator = torch.Generator().manual_seed(cfg.train.seed)
+        # Offline teacher targets (``loss.teacher_cache``), looked up by the examples' source_ids.
+        self.cache = None
+        if cfg.loss.teacher_cache and cfg.train.mode == "kava":
+            from .teacher_cache import TeacherCache
+
+            self.cache = TeacherCache(cfg.loss.teacher_cache, cfg, model)
 
     # --- curriculum -----------------------------------------------------------------
     def max_stage(self) -> int:
@@ -69,7 +75,7 @@ class Objective(nn.Module):
             return {"teacher": teacher_batch(encs, self.pad_id, with_cot=False)}
         stage = self.stage_at(step)
         lat = self.cfg.latent
-        return {
+        batch = {
             "stage": stage,
             "teacher": teacher_batch(encs, self.pad_id, with_cot=True, drop_last_step=self.cfg.loss.drop_last_step),
             "student": student_batch(
@@ -77,6 +83,9 @@ class Objective(nn.Module):
                 stage=stage, latents_per_step=self.cfg.curriculum.latents_per_step,
             ),
         }
+        if self.cache is not None:
+            batch["source_ids"] = [e.source_id for e in encs]
+        return batch
 
     # --- loss ------------------------------------------------------------------------
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
@@ -90,13 +99,23 @@ class Objective(nn.Module):
             out = teacher_forward(self.model, t_batch, want_queries=False, want_cache=False)
             ce = losses.token_ce(out.logits, t_batch["labels"])
             return StepOutput(ce, {"loss": ce.item(), "ce": ce.item()})
-        return self.kava_loss(t_batch, to_device(batch["student"], device), batch.get("stage"))
+        return self.kava_loss(t_batch, to_device(batch["student"], device), batch.get("stage"), batch.get("source_ids"))
 
-    def kava_loss(self, tb: dict, sb: dict, stage: int | None) -> StepOutput:
+    def kava_loss(self, tb: dict, sb: dict, stage: int | None, source_ids: list[str] | None = None) -> StepOutput:
         cfg, model = self.cfg, self.model
         want_kv = self.selector is not None
-        teacher = teacher_forward(model, tb, want_queries=want_kv and self.selector.needs_queries, want_cache=want_kv)
-        ce_t = losses.token_ce(teacher.logits, tb["labels"])
+        cached = None
+        if self.cache is not None:
+            if source_ids is None:
+                raise ValueError("loss.teacher_cache is set but the batch carries no source_ids (build it with Objective.make_batch)")
+            cached = self.cache.lookup(source_ids, tb["input_ids"].device)
+        # With a cache the teacher runs only for its own CE (and not at all when teacher_ce == 0).
+        run_teacher = cached is None or cfg.loss.teacher_ce > 0
+        if run_teacher:
+            online_kv = want_kv and cached is None
+            teacher = teacher_forward(model, tb, want_queries=online_kv and self.selector.needs_queries, want_cache=online_kv)
+            ce_t = losses.token_ce(teacher.logits, tb["labels"])
+        t_hidden = cached[1] if cached is not None else teacher.hidden
 
         m = sb["num_latents"]
         state = run_latents(model, sb["prefix_ids"], sb["prefix_mask"], m, cfg.latent.scheme, cfg.latent.iterations)
@@ -107,10 +126,11 @@ class Objective(nn.Module):
         b = sb["prefix_ids"].shape[0]
         rows = torch.arange(b, device=suffix_h.device)
         s_hidden = torch.stack([h[rows, k + sb["distill_idx"]] for h in out.hidden_states[1:]])
-        codi = losses.codi_loss(teacher.hidden, s_hidden, cfg.loss.codi_loss)
+        codi = losses.codi_loss(t_hidden, s_hidden, cfg.loss.codi_loss)
 
         metrics: dict[str, float] = {}
-        total = cfg.loss.student_ce * ce_s + cfg.loss.teacher_ce * ce_t + cfg.loss.alpha_codi * codi
+        teacher_term = cfg.loss.teacher_ce * ce_t if run_teacher else 0.0
+        total = cfg.loss.student_ce * ce_s + teacher_term + cfg.loss.alpha_codi * codi
         if cfg.loss.latent_ce > 0:
             lat_ce = losses.token_ce(model.lm_head(state.producers), sb["latent_targets"])
             total = total + cfg.loss.latent_ce * lat_ce
@@ -118,7 +138,7 @@ class Objective(nn.Module):
         if want_kv:
             p = state.prefix_len
             s_keys, s_values = cache_span(state.cache, p, p + m)
-            target = self.teacher_targets(teacher, tb, stage, m)
+            target = cached[0] if cached is not None else self.teacher_targets(teacher, tb, stage, m)
             if cfg.loss.rope == "pre":
                 s_keys = self.unrotate(s_keys, positions(mask)[:, p : p + m])
             kv = losses.kv_loss(target.keys, target.values, s_keys, s_values, target.valid, cfg.loss.kv_loss, cfg.loss.layer_std)
@@ -127,7 +147,7 @@ class Objective(nn.Module):
             metrics["kv_cos"] = 0.5 * (
                 losses.kv_cosine(target.keys, s_keys, target.valid) + losses.kv_cosine(target.values, s_values, target.valid)
             ).item()
-        metrics.update(loss=total.item(), ce_student=ce_s.item(), ce_teacher=ce_t.item(), codi=codi.item())
+        metrics.update(loss=total.item(), ce_student=ce_s.item(), **({"ce_teacher": ce_t.item()} if run_teacher else {}), codi=codi.item())
         if stage is not None:
             metrics["stage"] = float(stage)
         return StepOutput(total, metrics)
