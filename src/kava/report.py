@@ -194,8 +194,12 @@ class Verdict:
     def text(self) -> str:
         head = f"({self.claim}) {self.statement}: **{self.status}**"
         if self.exceeds_se is not None:
-            head += " (every difference exceeds the combined standard error)" if self.exceeds_se else \
-                " (not every difference exceeds the combined standard error)"
+            if self.exceeds_se:
+                head += " (every difference exceeds the combined standard error)"
+            elif self.status == HOLDS:
+                head += " in the means only: not every difference exceeds the combined standard error"
+            else:
+                head += " (not every difference exceeds the combined standard error)"
         return "\n".join([head, *(f"  - {d}" for d in self.details)])
 
 
@@ -451,6 +455,17 @@ def plot_accuracy_vs_passes(rows: Sequence[dict], path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def matplotlib_colors(n: int) -> list:
+    """``n`` distinct colours (matplotlib's default cycle, then tab20)."""
+    import matplotlib
+
+    cycle = [c["color"] for c in matplotlib.rcParams["axes.prop_cycle"]]
+    if n <= len(cycle):
+        return cycle[:n]
+    cmap = matplotlib.colormaps["tab20"]
+    return [cmap(i % 20) for i in range(n)]
+
+
 def plot_training_curves(runs: Sequence[dict], path: Path) -> Path | None:
     """A panel per loss term present in ``metrics.jsonl``; a line per run name, mean over its seeds."""
     curves: dict[str, dict[int, dict[str, list[float]]]] = {}
@@ -467,18 +482,23 @@ def plot_training_curves(runs: Sequence[dict], path: Path) -> Path | None:
     nrows = math.ceil(len(terms) / cols)
     fig = _figure(4.5 * cols, 3.2 * nrows)
     axes = fig.subplots(nrows, cols, squeeze=False).ravel()
+    # One colour per run name across every panel (a panel may lack some runs' terms).
+    palette = matplotlib_colors(len(curves))
+    colour = {name: palette[i] for i, name in enumerate(sorted(curves))}
     for ax, term in zip(axes, terms):
         for name in sorted(curves):
             pts = [(s, statistics.fmean(v[term])) for s, v in sorted(curves[name].items()) if term in v]
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name, color=colour[name])
         ax.set(title=term, xlabel="step")
         ax.grid(alpha=0.3)
     for ax in axes[len(terms):]:
         ax.set_axis_off()
-    handles, names = axes[0].get_legend_handles_labels()
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=colour[n], label=n) for n in sorted(curves)]
     if handles:
-        fig.legend(handles, names, loc="outside right upper", fontsize=7)
+        fig.legend(handles, [h.get_label() for h in handles], loc="outside right upper", fontsize=7)
     return _save(fig, path)
 
 
