@@ -185,3 +185,19 @@ def test_curriculum_stages_advance_and_restrict_the_teacher_cot():
     assert b["student"]["num_latents"] == 1
     loss, metrics = obj(b)
     assert metrics["stage"] == 1.0 and torch.isfinite(loss)
+
+
+def test_kv_cosine_grid_is_layers_by_slots_and_matches_the_logged_metric():
+    cfg, model, obj, encs = _setup()
+    grid = obj.kv_cosine_grid(encs[:1])
+    assert len(grid) == cfg.model.tiny.num_layers and all(len(row) == cfg.latent.num_latents for row in grid)
+    flat = [v for row in grid for v in row]
+    assert all(v is not None and -1.0 <= v <= 1.0 for v in flat)
+    model.eval()
+    with torch.no_grad():
+        _, metrics = obj(obj.make_batch(encs[:1]))
+    # Every slot is filled here, so the grid's mean is the logged kv_cos of that one example.
+    assert sum(flat) / len(flat) == pytest.approx(metrics["kv_cos"], abs=1e-3)
+    assert model.training is False  # the grid leaves the mode as it found it
+    _, _, codi_obj, _ = _setup(loss={"alpha_kv": 0})
+    assert codi_obj.kv_cosine_grid(encs[:1]) is None

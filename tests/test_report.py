@@ -58,7 +58,7 @@ def runs(tmp_path: Path) -> Path:
         make_run(root, "rkv@nl", seed, acc, data="synthetic-nl")
     for seed, acc in enumerate((0.2, 0.22)):
         make_run(root, "codi@nl", seed, acc, data="synthetic-nl")
-    make_run(root, "cot", 0, 0.9, fp=37.0, mode="cot", kv_cosine=[[0.1, 0.5], [0.9, -0.2], [0.3, 0.3]])
+    make_run(root, "cot", 0, 0.9, fp=37.0, mode="cot", kv_cosine=[[0.1, 0.5], [0.9, -0.2], [0.3, None]])
     return root
 
 

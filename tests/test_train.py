@@ -84,6 +84,8 @@ def test_metrics_config_and_reloaded_student_gives_same_answers(tmp_path):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert {"ce_student", "ce_teacher", "codi", "kv", "kv_cos", "lr"} <= rows[0].keys()
+    grid = json.loads((run / "kv_cosine.json").read_text())  # for `kava report`'s heatmap
+    assert len(grid) == cfg.model.tiny.num_layers and len(grid[0]) == cfg.latent.num_latents
     assert "student" in res["eval"] and (run / "predictions_student.jsonl").is_file()
     model = load_checkpoint(run / "checkpoint-3")
     again = evaluate(model, load_data(cfg, "eval"), cfg, ["student"], tmp_path / "again")
@@ -100,6 +102,7 @@ def test_baseline_modes_train_and_evaluate(tmp_path, mode):
     assert list(res["eval"]) == [mode]
     r = res["eval"][mode]
     assert r["n"] == 16 and r["forward_passes"] >= 1 and r["kv_cache_bytes"] > 0
+    assert not (tmp_path / mode / "kv_cosine.json").exists()
 
 
 def test_accumulation_matches_one_big_batch(tmp_path):

@@ -26,6 +26,9 @@ from .teacher import rope_at, teacher_forward, undo_rope
 class StepOutput:
     loss: torch.Tensor
     metrics: dict[str, float] = field(default_factory=dict)
+    # The KV pair the loss compared, ``(teacher Compressed, student keys, student values)``,
+    # each ``[L, B, H, M, d]``; None when no KV loss is computed.
+    kv: tuple | None = None
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -129,6 +132,7 @@ class Objective(nn.Module):
         codi = losses.codi_loss(t_hidden, s_hidden, cfg.loss.codi_loss)
 
         metrics: dict[str, float] = {}
+        kv_pair = None
         teacher_term = cfg.loss.teacher_ce * ce_t if run_teacher else 0.0
         total = cfg.loss.student_ce * ce_s + teacher_term + cfg.loss.alpha_codi * codi
         if cfg.loss.latent_ce > 0:
@@ -144,13 +148,41 @@ class Objective(nn.Module):
             kv = losses.kv_loss(target.keys, target.values, s_keys, s_values, target.valid, cfg.loss.kv_loss, cfg.loss.layer_std)
             total = total + cfg.loss.alpha_kv * kv
             metrics["kv"] = kv.item()
+            kv_pair = (target, s_keys, s_values)
             metrics["kv_cos"] = 0.5 * (
                 losses.kv_cosine(target.keys, s_keys, target.valid) + losses.kv_cosine(target.values, s_values, target.valid)
             ).item()
         metrics.update(loss=total.item(), ce_student=ce_s.item(), **({"ce_teacher": ce_t.item()} if run_teacher else {}), codi=codi.item())
         if stage is not None:
             metrics["stage"] = float(stage)
-        return StepOutput(total, metrics)
+        return StepOutput(total, metrics, kv_pair)
+
+    @torch.no_grad()
+    def kv_cosine_grid(self, encs: list[Encoded]) -> list[list[float]] | None:
+        """Teacher-student cosine per layer and latent slot for the first of ``encs``.
+
+        Keys and values are compared entry by entry, averaged over KV heads and over K and V,
+        at the last curriculum stage; slots the teacher could not fill are NaN. ``[L][M]``, or
+        None when this run has no KV loss.
+        """
+        if self.selector is None:
+            return None
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            batch = self.make_batch(encs[:1], step=10**9)
+            device = next(self.model.parameters()).device
+            out = self.kava_loss(to_device(batch["teacher"], device), to_device(batch["student"], device),
+                                 batch.get("stage"), batch.get("source_ids"))
+        finally:
+            self.model.train(was_training)
+        target, s_keys, s_values = out.kv
+        cos = 0.5 * (torch.nn.functional.cosine_similarity(target.keys.float(), s_keys.float(), dim=-1)
+                     + torch.nn.functional.cosine_similarity(target.values.float(), s_values.float(), dim=-1))
+        valid = target.valid.expand_as(cos)[:, 0]  # [L, H, M] for the one example
+        cos = cos[:, 0].masked_fill(~valid, float("nan"))
+        grid = cos.nanmean(1)  # [L, M], mean over KV heads
+        return [[None if v != v else round(v, 4) for v in row] for row in grid.tolist()]
 
     def teacher_targets(self, teacher, tb: dict, stage: int | None, m: int) -> Compressed:
         """The teacher's compressed CoT cache: ``m`` slots per layer and KV head."""

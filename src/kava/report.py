@@ -512,6 +512,7 @@ def plot_kv_cosine(run: dict, path: Path) -> Path | None:
     grid = json.loads(src.read_text())
     if not (isinstance(grid, list) and grid and all(isinstance(row, list) and len(row) == len(grid[0]) for row in grid)):
         raise ValueError(f"{src}: expected a non-empty [layers][slots] list of lists of equal length")
+    grid = [[float("nan") if v is None else float(v) for v in row] for row in grid]  # None: an unfilled slot
     fig = _figure(max(4.0, 0.35 * len(grid[0]) + 2), max(3.0, 0.3 * len(grid) + 1.5))
     ax = fig.subplots()
     im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=-1, vmax=1, origin="lower")

@@ -268,6 +268,12 @@ def train(cfg: KavaConfig, resume: bool = False) -> dict:
     bar.close()
     ckpt = save_checkpoint(step)
     result = {"state": state, "step": step, "max_steps": max_steps, "checkpoint": str(ckpt), "train": final}
+    if state == "finished" and main and tc.mode == "kava":
+        # One example's teacher-student KV cosine per layer and slot, for `kava report`'s heatmap.
+        probe = encoder.encode(eval_examples[0]) if eval_examples else encoded[0]
+        grid = objective.kv_cosine_grid([probe])
+        if grid is not None:
+            atomic_write_json(out / "kv_cosine.json", grid)
     if state == "finished" and tc.eval_at_end and main and eval_examples:
         result["eval"] = _evaluate(model, eval_examples, cfg, out)
     if main:
