@@ -50,9 +50,17 @@ class TinyModelConfig:
     num_kv_heads: int = _f(2, "key/value heads (fewer than num_heads gives GQA)")
     intermediate_size: int = _f(256, "MLP width")
     max_position_embeddings: int = _f(512, "longest sequence")
+    head_dim: int = _f(0, "size of one attention head (0: hidden_size / num_heads)")
+    rope_theta: float = _f(10000.0, "RoPE base")
+    rope_scaling: float = _f(1.0, "linear RoPE scaling factor (1: none)")
+    tokenizer: str = _f("word", "synthetic tokenizer: word (words and digits) or char (one token per character)")
 
     def __post_init__(self) -> None:
         _choice(self.arch, "model.tiny.arch", ("llama", "qwen2"))
+        _choice(self.tokenizer, "model.tiny.tokenizer", ("word", "char"))
+        _check(self.head_dim >= 0, "model.tiny.head_dim", "must be >= 0")
+        _check(self.rope_theta > 0, "model.tiny.rope_theta", "must be positive")
+        _check(self.rope_scaling >= 1.0, "model.tiny.rope_scaling", "must be >= 1")
         _check(self.num_heads % max(self.num_kv_heads, 1) == 0 and self.num_kv_heads > 0, "model.tiny.num_kv_heads",
                f"{self.num_heads} query heads are not a multiple of {self.num_kv_heads} KV heads")
         _check(self.hidden_size % self.num_heads == 0, "model.tiny.hidden_size", "must be divisible by num_heads")
@@ -130,6 +138,52 @@ class LossConfig:
         _choice(self.rope, "loss.rope", ("post", "pre"))
         for name in ("alpha_codi", "alpha_kv", "teacher_ce", "student_ce", "latent_ce"):
             _check(getattr(self, name) >= 0, f"loss.{name}", "must be >= 0")
+
+
+@dataclass
+class TeacherModelConfig:
+    """One teacher other than the student: frozen, run once per step beside the student."""
+
+    name_or_path: str = _f("", "a kava checkpoint folder (e.g. the CoT run of a larger model), a hub id, a local model folder, a .gguf file, or 'tiny'")
+    gguf_file: str = _f("", "GGUF file name inside name_or_path")
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig, metadata={"help": "shape of a 'tiny' teacher"})
+    weight: float = _f(1.0, "its weight under teachers.fusion=fixed")
+
+    def __post_init__(self) -> None:
+        _check(self.name_or_path != "", "teachers.models[].name_or_path", "must name the teacher")
+        _check(self.weight >= 0, "teachers.models[].weight", "must be >= 0")
+
+
+@dataclass
+class TeachersConfig:
+    """Distil from other teachers (a larger model, several models) instead of, or beside, the
+    student's own teacher pass. Empty ``models``: self-distillation, as in the paper."""
+
+    models: list[TeacherModelConfig] = _f([], "the teachers; each may differ from the student in layers, heads, head size, hidden size, RoPE and tokenizer")
+    include_self: bool = _f(False, "also distil from the student's own teacher pass, as one more teacher")
+    self_weight: float = _f(1.0, "weight of the student's own pass under fusion=fixed (with include_self)")
+    aggregation: str = _f("interp", "teacher layers onto student layers: interp (ratio map with interpolation), mean (of a bucket), weighted (learned mix), concat (a window of layers)")
+    fusion: str = _f("fixed", "how teachers' targets combine per slot: fixed (weights), similarity (the teacher the student is closest to), router (learned)")
+    router: str = _f("mlp", "learned router (fusion=router): mlp, gate or attention")
+    router_hidden: int = _f(64, "router width")
+    temperature: float = _f(0.1, "softmax temperature of similarity routing")
+    entropy_weight: float = _f(0.01, "router entropy regulariser: weight of (log K - H(routing))")
+    adapter_lr: float = _f(0.0, "learning rate of the KV adapters, layer mixes, CODI projections and router (0: train.lr)")
+
+    def __post_init__(self) -> None:
+        _choice(self.aggregation, "teachers.aggregation", ("interp", "mean", "weighted", "concat"))
+        _choice(self.fusion, "teachers.fusion", ("fixed", "similarity", "router"))
+        _choice(self.router, "teachers.router", ("mlp", "gate", "attention"))
+        _check(self.router_hidden >= 1, "teachers.router_hidden", "must be >= 1")
+        _check(self.temperature > 0, "teachers.temperature", "must be positive")
+        _check(self.entropy_weight >= 0, "teachers.entropy_weight", "must be >= 0")
+        _check(self.self_weight >= 0, "teachers.self_weight", "must be >= 0")
+        _check(not self.include_self or self.models, "teachers.include_self", "needs teachers.models (alone, the student's own pass is the default)")
+
+    @property
+    def count(self) -> int:
+        """Teachers whose targets are fused (0: plain self-distillation)."""
+        return len(self.models) + (1 if self.models and self.include_self else 0)
 
 
 @dataclass
@@ -230,6 +284,7 @@ class KavaConfig:
     latent: LatentConfig = field(default_factory=LatentConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    teachers: TeachersConfig = field(default_factory=TeachersConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -240,6 +295,10 @@ class KavaConfig:
         if self.loss.teacher_cache:
             _check(not self.curriculum.enabled, "curriculum.enabled", "curriculum stages are not supported with offline teacher caches (loss.teacher_cache)")
             _check(self.loss.compression != "shuffled", "loss.compression", "'shuffled' takes another example of the batch and cannot be read from loss.teacher_cache")
+        if self.teachers.models:
+            _check(not self.loss.teacher_cache, "loss.teacher_cache", "offline caches hold the student's own teacher; they cannot be combined with teachers.models")
+            _check(self.loss.compression != "none" and self.loss.alpha_kv > 0, "teachers.models",
+                   "other teachers give KV targets: set loss.compression and loss.alpha_kv > 0")
         if self.curriculum.enabled:
             _check(self.latent.scheme == "sequential" or self.latent.iterations >= 1, "latent.scheme", "invalid")
 
@@ -277,6 +336,9 @@ def _convert(value: Any, tp: Any, name: str) -> Any:
     if tp is str:
         _check(isinstance(value, (str, int, float)) and not isinstance(value, bool), name, f"expected a string, got {value!r}")
         return str(value)
+    if origin is list and typing.get_args(tp) and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+        _check(isinstance(value, list), name, f"expected a list of mappings, got {value!r}")
+        return [_convert(v, typing.get_args(tp)[0], f"{name}[{i}]") for i, v in enumerate(value)]
     if tp is list or origin is list:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]

@@ -63,11 +63,15 @@ def _tiny_model(cfg: ModelConfig, tokenizer, seed: int):
         num_key_value_heads=t.num_kv_heads,
         intermediate_size=t.intermediate_size,
         max_position_embeddings=t.max_position_embeddings,
+        rope_parameters={"rope_type": "linear", "factor": t.rope_scaling, "rope_theta": t.rope_theta}
+        if t.rope_scaling != 1.0 else {"rope_type": "default", "rope_theta": t.rope_theta},
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
     )
+    if t.head_dim:
+        common["head_dim"] = t.head_dim
     config = LlamaConfig(**common) if t.arch == "llama" else Qwen2Config(**common)
     config._attn_implementation = cfg.attn_implementation
     with torch.random.fork_rng():
@@ -143,7 +147,7 @@ def load_backbone(cfg: ModelConfig, seed: int = 0):
         model = load_checkpoint(cfg.init_from)
         return model.tokenizer, model.merged_backbone()
     if cfg.name_or_path == "tiny":
-        tok = build_synthetic_tokenizer()
+        tok = build_synthetic_tokenizer(chars=cfg.tiny.tokenizer == "char")
         return tok, _tiny_model(cfg, tok, seed)
     path, gguf = cfg.name_or_path, cfg.gguf_file or None
     if path == SMOLLM2:

@@ -56,6 +56,12 @@ class Objective(nn.Module):
             from .teacher_cache import TeacherCache
 
             self.cache = TeacherCache(cfg.loss.teacher_cache, cfg, model)
+        # Other teachers (``teachers.models``): frozen models, with trainable aligners and fusion.
+        self.teachers = None
+        if cfg.teachers.models and cfg.train.mode == "kava":
+            from .teachers.external import TeacherSet
+
+            self.teachers = TeacherSet(model, cfg)
 
     # --- curriculum -----------------------------------------------------------------
     def max_stage(self) -> int:
@@ -88,6 +94,8 @@ class Objective(nn.Module):
         }
         if self.cache is not None:
             batch["source_ids"] = [e.source_id for e in encs]
+        if self.teachers is not None:
+            batch["external"] = self.teachers.batches(encs)
         return batch
 
     # --- loss ------------------------------------------------------------------------
@@ -102,9 +110,11 @@ class Objective(nn.Module):
             out = teacher_forward(self.model, t_batch, want_queries=False, want_cache=False)
             ce = losses.token_ce(out.logits, t_batch["labels"])
             return StepOutput(ce, {"loss": ce.item(), "ce": ce.item()})
-        return self.kava_loss(t_batch, to_device(batch["student"], device), batch.get("stage"), batch.get("source_ids"))
+        return self.kava_loss(t_batch, to_device(batch["student"], device), batch.get("stage"), batch.get("source_ids"),
+                              batch.get("external"))
 
-    def kava_loss(self, tb: dict, sb: dict, stage: int | None, source_ids: list[str] | None = None) -> StepOutput:
+    def kava_loss(self, tb: dict, sb: dict, stage: int | None, source_ids: list[str] | None = None,
+                  external: list[dict] | None = None) -> StepOutput:
         cfg, model = self.cfg, self.model
         want_kv = self.selector is not None
         cached = None
@@ -112,13 +122,17 @@ class Objective(nn.Module):
             if source_ids is None:
                 raise ValueError("loss.teacher_cache is set but the batch carries no source_ids (build it with Objective.make_batch)")
             cached = self.cache.lookup(source_ids, tb["input_ids"].device)
-        # With a cache the teacher runs only for its own CE (and not at all when teacher_ce == 0).
-        run_teacher = cached is None or cfg.loss.teacher_ce > 0
+        if self.teachers is not None and external is None:
+            raise ValueError("teachers.models is set but the batch carries no teacher batches (build it with Objective.make_batch)")
+        # The student's own teacher pass gives targets unless they come from a cache or only from
+        # other teachers; it also runs for its own CE (teacher_ce > 0).
+        own_targets = cached is None and (self.teachers is None or self.teachers.include_self)
+        run_teacher = own_targets or cfg.loss.teacher_ce > 0
         if run_teacher:
-            online_kv = want_kv and cached is None
+            online_kv = want_kv and own_targets
             teacher = teacher_forward(model, tb, want_queries=online_kv and self.selector.needs_queries, want_cache=online_kv)
             ce_t = losses.token_ce(teacher.logits, tb["labels"])
-        t_hidden = cached[1] if cached is not None else teacher.hidden
+        t_hidden = cached[1] if cached is not None else teacher.hidden if own_targets else None
 
         m = sb["num_latents"]
         state = run_latents(model, sb["prefix_ids"], sb["prefix_mask"], m, cfg.latent.scheme, cfg.latent.iterations)
@@ -129,12 +143,11 @@ class Objective(nn.Module):
         b = sb["prefix_ids"].shape[0]
         rows = torch.arange(b, device=suffix_h.device)
         s_hidden = torch.stack([h[rows, k + sb["distill_idx"]] for h in out.hidden_states[1:]])
-        codi = losses.codi_loss(t_hidden, s_hidden, cfg.loss.codi_loss)
 
         metrics: dict[str, float] = {}
         kv_pair = None
         teacher_term = cfg.loss.teacher_ce * ce_t if run_teacher else 0.0
-        total = cfg.loss.student_ce * ce_s + teacher_term + cfg.loss.alpha_codi * codi
+        total = cfg.loss.student_ce * ce_s + teacher_term
         if cfg.loss.latent_ce > 0:
             lat_ce = losses.token_ce(model.lm_head(state.producers), sb["latent_targets"])
             total = total + cfg.loss.latent_ce * lat_ce
@@ -142,16 +155,27 @@ class Objective(nn.Module):
         if want_kv:
             p = state.prefix_len
             s_keys, s_values = cache_span(state.cache, p, p + m)
-            target = cached[0] if cached is not None else self.teacher_targets(teacher, tb, stage, m)
             if cfg.loss.rope == "pre":
                 s_keys = self.unrotate(s_keys, positions(mask)[:, p : p + m])
-            kv = losses.kv_loss(target.keys, target.values, s_keys, s_values, target.valid, cfg.loss.kv_loss, cfg.loss.layer_std)
+        if self.teachers is not None:
+            targets = self.teachers.teacher_targets(external, self, stage, m)
+            if self.teachers.include_self:
+                targets.append((self.teacher_targets(teacher, tb, stage, m), teacher.hidden))
+            kv, codi, fused, kv_pair = self.teachers(targets, s_keys, s_values, s_hidden, state.producers)
             total = total + cfg.loss.alpha_kv * kv
-            metrics["kv"] = kv.item()
-            kv_pair = (target, s_keys, s_values)
-            metrics["kv_cos"] = 0.5 * (
-                losses.kv_cosine(target.keys, s_keys, target.valid) + losses.kv_cosine(target.values, s_values, target.valid)
-            ).item()
+            metrics.update(fused, kv=kv.item())
+        else:
+            codi = losses.codi_loss(t_hidden, s_hidden, cfg.loss.codi_loss)
+            if want_kv:
+                target = cached[0] if cached is not None else self.teacher_targets(teacher, tb, stage, m)
+                kv = losses.kv_loss(target.keys, target.values, s_keys, s_values, target.valid, cfg.loss.kv_loss, cfg.loss.layer_std)
+                total = total + cfg.loss.alpha_kv * kv
+                metrics["kv"] = kv.item()
+                kv_pair = (target, s_keys, s_values)
+                metrics["kv_cos"] = 0.5 * (
+                    losses.kv_cosine(target.keys, s_keys, target.valid) + losses.kv_cosine(target.values, s_values, target.valid)
+                ).item()
+        total = total + cfg.loss.alpha_codi * codi
         metrics.update(loss=total.item(), ce_student=ce_s.item(), **({"ce_teacher": ce_t.item()} if run_teacher else {}), codi=codi.item())
         if stage is not None:
             metrics["stage"] = float(stage)
@@ -173,7 +197,7 @@ class Objective(nn.Module):
             batch = self.make_batch(encs[:1], step=10**9)
             device = next(self.model.parameters()).device
             out = self.kava_loss(to_device(batch["teacher"], device), to_device(batch["student"], device),
-                                 batch.get("stage"), batch.get("source_ids"))
+                                 batch.get("stage"), batch.get("source_ids"), batch.get("external"))
         finally:
             self.model.train(was_training)
         target, s_keys, s_values = out.kv
@@ -184,8 +208,12 @@ class Objective(nn.Module):
         grid = cos.nanmean(1)  # [L, M], mean over KV heads
         return [[None if v != v else round(v, 4) for v in row] for row in grid.tolist()]
 
-    def teacher_targets(self, teacher, tb: dict, stage: int | None, m: int) -> Compressed:
-        """The teacher's compressed CoT cache: ``m`` slots per layer and KV head."""
+    def teacher_targets(self, teacher, tb: dict, stage: int | None, m: int, model: KavaModel | None = None) -> Compressed:
+        """The teacher's compressed CoT cache: ``m`` slots per layer and KV head.
+
+        ``model``: the model that produced ``teacher`` (default the student's own), whose RoPE
+        is undone for ``loss.rope=pre``.
+        """
         cot = tb["cot_step"] >= 0
         if stage is not None:
             cot = cot & (tb["cot_step"] < stage)
@@ -197,15 +225,15 @@ class Objective(nn.Module):
             # Score on the cached (post-RoPE) keys, but carry RoPE-free keys through the same
             # gather / pooling / shuffling by packing them beside the values.
             pos = torch.arange(keys.shape[3], device=cot.device)[None].expand(cot.shape[0], -1)
-            packed = torch.cat([values, self.unrotate(keys, pos)], -1)
+            packed = torch.cat([values, self.unrotate(keys, pos, model)], -1)
             c = compress_cache(self.selector, keys, packed, teacher.queries, cot, answer_valid, m, self.generator)
             d = values.shape[-1]
             c = Compressed(c.values[..., d:], c.values[..., :d], c.valid, c.indices)
         return c
 
-    def unrotate(self, keys: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Undo RoPE on ``keys [L, B, H, n, d]`` at positions ``pos [B, n]``."""
-        cos, sin = rope_at(self.model, keys, pos)
+    def unrotate(self, keys: torch.Tensor, pos: torch.Tensor, model: KavaModel | None = None) -> torch.Tensor:
+        """Undo ``model``'s (default: the student's) RoPE on ``keys [L, B, H, n, d]`` at positions ``pos [B, n]``."""
+        cos, sin = rope_at(model or self.model, keys, pos)
         return undo_rope(keys, cos[None, :, None].to(keys.dtype), sin[None, :, None].to(keys.dtype))
 
 

@@ -38,6 +38,7 @@ class Encoded:
     step_targets: list[int] = field(default_factory=list)  # first token of each step's result, or -100
     gold: str = ""
     source_id: str = ""
+    example: Example | None = None  # the text it came from (a teacher with another tokenizer re-encodes it)
 
 
 class TextEncoder:
@@ -93,7 +94,7 @@ class TextEncoder:
         n_cot = sum(map(len, steps))
         if n_cot > self.cfg.max_cot_tokens:
             raise SequenceError(f"example {ex.source_id}: CoT has {n_cot} tokens > data.max_cot_tokens")
-        return Encoded(question, steps, list(self.answer_prefix_ids), answer, targets, str(ex.answer), ex.source_id)
+        return Encoded(question, steps, list(self.answer_prefix_ids), answer, targets, str(ex.answer), ex.source_id, ex)
 
 
 def _pad_right(rows: list[list[int]], value: int) -> torch.Tensor:

@@ -79,14 +79,14 @@ def capture_answer_queries(model: KavaModel, answer_pos: torch.Tensor, store: li
 
 @dataclass
 class TeacherOutput:
-    logits: torch.Tensor  # [B, N, V]
+    logits: torch.Tensor | None  # [B, N, V] (None when not asked for)
     hidden: torch.Tensor  # [L, B, D] at the distillation position (detached)
     keys: torch.Tensor  # [L, B, H_kv, N, d] (detached)
     values: torch.Tensor  # [L, B, H_kv, N, d] (detached)
     queries: torch.Tensor | None  # [L, B, H_q, A, d] at the answer positions, or None
 
 
-def teacher_forward(model: KavaModel, batch: dict, want_queries: bool, want_cache: bool = True) -> TeacherOutput:
+def teacher_forward(model: KavaModel, batch: dict, want_queries: bool, want_cache: bool = True, want_logits: bool = True) -> TeacherOutput:
     """Run the teacher once over ``batch`` (from :func:`kava.sequences.teacher_batch`)."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
     cache = DynamicCache()
@@ -97,7 +97,7 @@ def teacher_forward(model: KavaModel, batch: dict, want_queries: bool, want_cach
             out = model.run(embeds, mask, positions(mask), cache, output_hidden_states=True)
     else:
         out = model.run(embeds, mask, positions(mask), cache, output_hidden_states=True)
-    logits = model.lm_head(out.last_hidden_state)
+    logits = model.lm_head(out.last_hidden_state) if want_logits else None
     pos = batch["distill_pos"]
     rows = torch.arange(ids.shape[0], device=ids.device)
     hidden = torch.stack([h[rows, pos] for h in out.hidden_states[1:]]).detach()  # [L, B, D]

@@ -20,22 +20,27 @@ WORDS = (
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
 
 
-def build_synthetic_tokenizer(add_bos: bool = False) -> PreTrainedTokenizerFast:
+def build_synthetic_tokenizer(add_bos: bool = False, chars: bool = False) -> PreTrainedTokenizerFast:
     """A fixed-vocabulary tokenizer covering the synthetic task's text (and a little more).
 
     With ``add_bos`` the tokenizer prepends ``<s>`` like Llama tokenizers do, which is
-    how tests check that spans stay exact when a BOS is added.
+    how tests check that spans stay exact when a BOS is added. With ``chars`` every
+    printable character is one token: a tokenizer with another vocabulary and other
+    sequence lengths, for teachers that do not share the student's tokenizer.
     """
     pieces: list[str] = []
-    symbols = [c for c in string.punctuation if c not in "<>"] + ["<", ">", "<<", ">>"]
-    for base in [*WORDS, *[w.lower() for w in WORDS], *string.digits, *symbols]:
-        pieces += [base, " " + base]
-    pieces += ["\n", " ", "\t"]
+    if chars:
+        pieces = list(string.printable)
+    else:
+        symbols = [c for c in string.punctuation if c not in "<>"] + ["<", ">", "<<", ">>"]
+        for base in [*WORDS, *[w.lower() for w in WORDS], *string.digits, *symbols]:
+            pieces += [base, " " + base]
+        pieces += ["\n", " ", "\t"]
     vocab: dict[str, int] = {}
     for tok in [*SPECIALS, *pieces]:
         vocab.setdefault(tok, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(PATTERN), behavior="isolated")
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]" if chars else PATTERN), behavior="isolated")
     tok.decoder = decoders.Fuse()
     if add_bos:
         from tokenizers import processors

@@ -17,6 +17,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from .checkpoint import latest_checkpoint, load_trainer_state, save_trainer_state
 from .config import ConfigError, KavaConfig
@@ -24,6 +25,7 @@ from .data.schema import Example
 from .io import atomic_replace_dir, atomic_write_json
 from .modeling import WEIGHTS_FILE, build_model
 from .objective import Objective
+from .teachers.external import ALIGN_FILE
 from .sequences import TextEncoder
 
 log = logging.getLogger(__name__)
@@ -96,8 +98,11 @@ def _param_groups(objective: Objective, cfg: KavaConfig) -> list[dict]:
         proj = name.startswith("projection.")
         key = ("proj_" if proj else "") + ("decay" if p.ndim >= 2 else "no_decay")
         groups[key].append(p)
+    # Aligners, layer mixes and the router of other teachers: no decay (adapters start at the identity).
+    groups["teachers"] = [p for p in objective.teachers.parameters() if p.requires_grad] if objective.teachers is not None else []
     wd = cfg.train.weight_decay
-    spec = [("decay", cfg.train.lr, wd), ("no_decay", cfg.train.lr, 0.0), ("proj_decay", proj_lr, wd), ("proj_no_decay", proj_lr, 0.0)]
+    spec = [("decay", cfg.train.lr, wd), ("no_decay", cfg.train.lr, 0.0), ("proj_decay", proj_lr, wd), ("proj_no_decay", proj_lr, 0.0),
+            ("teachers", cfg.teachers.adapter_lr or cfg.train.lr, 0.0)]
     return [{"params": groups[k], "lr": lr, "weight_decay": w} for k, lr, w in spec if groups[k]]
 
 
@@ -180,6 +185,8 @@ def train(cfg: KavaConfig, resume: bool = False) -> dict:
             from safetensors.torch import load_file
 
             model.load_state_dict(load_file(str(ckpt / WEIGHTS_FILE)), strict=False)
+            if objective.teachers is not None:
+                objective.teachers.load_state_dict(load_file(str(ckpt / ALIGN_FILE)))
             progress = load_trainer_state(ckpt, optimizer, scheduler, generators)
             step = progress["step"]
             order = DataOrder(len(encoded), tc.seed, progress["epoch"], progress["offset"])
@@ -210,6 +217,10 @@ def train(cfg: KavaConfig, resume: bool = False) -> dict:
         if main:
             def build(tmp: Path) -> None:
                 model.write_to(tmp, state)
+                if objective.teachers is not None:
+                    # Training state of the aligners and router (the student does not need them).
+                    save_file({k: v.detach().cpu().contiguous() for k, v in objective.teachers.state_dict().items()},
+                              str(tmp / ALIGN_FILE), metadata={"format": "kava"})
                 if not fsdp:
                     save_trainer_state(tmp, optimizer, scheduler, generators, {"step": at, **order.state()})
 

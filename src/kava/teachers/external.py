@@ -1,0 +1,170 @@
+"""Teachers other than the student: loading them, their batches, and their fused targets.
+
+Each teacher reads the example in its own tokenization (``Q C A``), runs once per step
+without gradients, and its CoT cache is compressed to the same ``M`` slots as the student's
+latents by the configured selector: the slots are the shared time axis, whatever the
+tokenizers. A :class:`~kava.teachers.align.TeacherAligner` per teacher maps its layers onto
+the student's and the student's KV (and CODI hidden states) into the teacher's space; a
+:class:`~kava.teachers.fusion.Fusion` weighs the teachers slot by slot.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import losses
+from ..compression import Compressed
+from ..config import ConfigError, KavaConfig, ModelConfig, TeacherModelConfig
+from ..modeling import CONFIG_FILE, WEIGHTS_FILE, KavaModel, ModelLoadError, build_model, load_checkpoint
+from ..sequences import Encoded, TextEncoder, teacher_batch
+from ..teacher import TeacherOutput, teacher_forward
+from .align import KVShape, TeacherAligner
+from .fusion import Fusion, slot_distance, slot_valid
+
+ALIGN_FILE = "teachers.safetensors"
+
+
+def kv_shape(model: KavaModel) -> KVShape:
+    """Layers, KV heads, head size and width of a model's decoder."""
+    c = model.base_model.config.get_text_config()
+    heads = c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    return KVShape(c.num_hidden_layers, getattr(c, "num_key_value_heads", None) or heads, head_dim, c.hidden_size)
+
+
+def rope_settings(model: KavaModel) -> dict:
+    """What decides a key's rotation: RoPE parameters (base, scaling) and head size."""
+    c = model.base_model.config.get_text_config()
+    params = dict(getattr(c, "rope_parameters", None) or {})
+    if not params:
+        params = {"rope_theta": getattr(c, "rope_theta", None), "rope_scaling": getattr(c, "rope_scaling", None)}
+    return {**params, "head_dim": kv_shape(model).head_dim}
+
+
+def load_teacher(spec: TeacherModelConfig, cfg: KavaConfig, where: str = "teachers.models[]") -> KavaModel:
+    """A frozen teacher in eval mode: a kava checkpoint folder, or any backbone kava can load."""
+    path = Path(spec.name_or_path)
+    try:
+        if (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file():
+            model = load_checkpoint(path)
+        else:
+            tcfg = copy.deepcopy(cfg)
+            tcfg.model = ModelConfig(
+                name_or_path=spec.name_or_path, gguf_file=spec.gguf_file, tiny=spec.tiny, adapter="full",
+                dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation,
+                trust_remote_code=cfg.model.trust_remote_code, use_chat_template=cfg.model.use_chat_template,
+            )
+            model = build_model(tcfg, with_adapter=False)
+    except ModelLoadError as e:
+        raise ModelLoadError(f"{where}.name_or_path: {e}") from None
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def feature_size(aligner: TeacherAligner, student: KVShape) -> int:
+    """Width of one aligned slot (all of a teacher layer's KV heads, flattened; concat: a window of layers)."""
+    return student.kv_heads * student.head_dim if aligner.identity else aligner.features
+
+
+def _slot_cosine(t: torch.Tensor, s: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Cosine of ``[L, B, H, M, F]`` entries averaged over layers and heads -> ``[B, M]``."""
+    cos = F.cosine_similarity(t.detach().float(), s.detach().float(), dim=-1)
+    w = valid.float()
+    return (cos * w).sum((0, 2)) / w.sum((0, 2)).clamp_min(1.0)
+
+
+class TeacherSet(nn.Module):
+    """The teachers of one run, their aligners and their fusion (the trainable parts).
+
+    The teacher models themselves are kept outside the module tree: they are frozen, and
+    neither the optimizer, DDP nor checkpoints should see them.
+    """
+
+    def __init__(self, model: KavaModel, cfg: KavaConfig):
+        super().__init__()
+        tc = cfg.teachers
+        self.cfg = cfg
+        self.include_self = tc.include_self
+        self.externals: list[KavaModel] = [load_teacher(s, cfg, f"teachers.models[{i}]") for i, s in enumerate(tc.models)]
+        self.encoders = [TextEncoder(t.tokenizer, cfg.data, t.cfg.model.use_chat_template) for t in self.externals]
+        student = kv_shape(model)
+        shapes = [kv_shape(t) for t in self.externals] + ([student] if tc.include_self else [])
+        self.names = [Path(s.name_or_path).name or s.name_or_path for s in tc.models] + (["self"] if tc.include_self else [])
+        self.aligners = nn.ModuleList(TeacherAligner(student, sh, tc.aggregation) for sh in shapes)
+        for i, (t, al) in enumerate(zip(self.externals, self.aligners)):
+            if cfg.loss.rope == "post" and (not al.identity or rope_settings(t) != rope_settings(model)):
+                raise ConfigError(
+                    f"config field 'loss.rope': teachers.models[{i}] differs from the student in shape or RoPE, "
+                    "so keys must be compared before RoPE: set loss.rope=pre"
+                )
+        dims = [feature_size(al, student) for al in self.aligners]
+        weights = [s.weight for s in tc.models] + ([tc.self_weight] if tc.include_self else [])
+        self.fusion = Fusion(tc.fusion, len(shapes), weights, tc.router, student.hidden, dims, tc.router_hidden,
+                             tc.temperature, tc.entropy_weight)
+
+    # --- batches -------------------------------------------------------------------------
+    def batches(self, encs: list[Encoded]) -> list[dict]:
+        """Each external teacher's ``Q C A`` batch, from the examples in its own tokenization."""
+        if any(e.example is None for e in encs):
+            raise ValueError("teachers.models needs the examples' text: encode them with TextEncoder.encode")
+        pads = [t.tokenizer.pad_token_id if t.tokenizer.pad_token_id is not None else t.tokenizer.eos_token_id for t in self.externals]
+        drop = self.cfg.loss.drop_last_step
+        return [teacher_batch([enc.encode(e.example) for e in encs], pad, with_cot=True, drop_last_step=drop)
+                for enc, pad in zip(self.encoders, pads)]
+
+    # --- targets and loss ------------------------------------------------------------------
+    def teacher_targets(self, batches: list[dict], objective, stage: int | None, m: int) -> list[tuple[Compressed, torch.Tensor]]:
+        """(compressed ``[Lt, B, Ht, m, dt]`` cache, CODI hidden ``[Lt, B, Dt]``) per external teacher."""
+        from ..objective import to_device
+
+        out = []
+        for t, tb in zip(self.externals, batches):
+            device = objective.model.lm_head.weight.device
+            if t.lm_head.weight.device != device:
+                t.to(device)
+            tb = to_device(tb, device)
+            with torch.no_grad():
+                run = teacher_forward(t, tb, want_queries=objective.selector.needs_queries, want_cache=True, want_logits=False)
+            out.append((objective.teacher_targets(run, tb, stage, m, model=t), run.hidden))
+        return out
+
+    def forward(self, targets: list[tuple[Compressed, torch.Tensor]], s_keys: torch.Tensor, s_values: torch.Tensor,
+                s_hidden: torch.Tensor, producers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict, tuple]:
+        """Fused KV loss and CODI loss against every teacher.
+
+        ``targets``: per teacher (external ones first, then the student's own pass), its
+        compressed cache and CODI hidden states; ``s_keys``/``s_values`` ``[Ls, B, Hs, m, ds]``
+        the student's latent KV (pre-RoPE when ``loss.rope=pre``), ``s_hidden [Ls, B, Ds]`` at
+        the CODI position, ``producers [B, m, D]`` the states that produced each latent (router
+        input). Returns ``(kv, codi, metrics, (first teacher's aligned target, student k, v))``.
+        """
+        lc = self.cfg.loss
+        dist, sims, valid, summaries, codis, pairs = [], [], [], [], [], []
+        for al, (comp, hidden) in zip(self.aligners, targets):
+            tk, tv, tval = al.teacher_kv(comp.keys, comp.values, comp.valid)
+            sk, sv = al.student_kv(s_keys, s_values)
+            dist.append(slot_distance(tk, tv, sk, sv, tval, lc.kv_loss, lc.layer_std))
+            sims.append(0.5 * (_slot_cosine(tk, sk, tval) + _slot_cosine(tv, sv, tval)))
+            valid.append(slot_valid(tval))
+            summaries.append(tk.detach().float().mean(0).permute(0, 2, 1, 3).flatten(2))  # [B, m, H * F]
+            codis.append(losses.codi_loss(al.teacher_hidden(hidden), al.student_hidden(s_hidden), lc.codi_loss))
+            pairs.append((Compressed(tk, tv, tval), sk, sv))
+        kv, weights, metrics = self.fusion(torch.stack(dist), torch.stack(sims), torch.stack(valid), producers, summaries)
+        # Each teacher's share of the CODI loss is its mean routing weight over the filled slots.
+        filled = torch.stack(valid).float()
+        share = ((weights.detach() * filled).sum((1, 2)) / filled.sum((1, 2)).clamp_min(1.0))
+        share = share / share.sum().clamp_min(1e-8)
+        codi = (share * torch.stack(codis)).sum()
+        sim_mean = (torch.stack(sims) * filled).sum((1, 2)) / filled.sum((1, 2)).clamp_min(1.0)
+        metrics = {**metrics, "kv_cos": float((share * sim_mean).sum())}
+        for name, c in zip(range(len(codis)), sim_mean.tolist()):
+            metrics[f"kv_cos{name}"] = c
+        return kv, codi, metrics, pairs[0]
+
+
+__all__ = ["ALIGN_FILE", "TeacherSet", "feature_size", "kv_shape", "load_teacher", "rope_settings"]
