@@ -166,3 +166,12 @@ def test_training_with_a_router_resumes_exactly(tmp_path):
         assert a.keys() == b.keys() and any("fusion" in k for k in a) == (f == ALIGN_FILE)
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    # A run folder names its latest checkpoint as a teacher: frozen, with exactly those weights.
+    from kava.config import TeacherModelConfig
+    from kava.teachers.external import load_teacher
+
+    teacher = load_teacher(TeacherModelConfig(name_or_path=str(tmp_path / "straight")), cfg("unused", 1))
+    saved = load_file(str(tmp_path / "straight" / "checkpoint-4" / WEIGHTS_FILE))
+    mine = teacher.weights_to_save()
+    assert mine.keys() == saved.keys() and all(torch.equal(mine[k], saved[k]) for k in saved)
+    assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import losses
+from ..checkpoint import latest_checkpoint
 from ..compression import Compressed
 from ..config import ConfigError, KavaConfig, ModelConfig, TeacherModelConfig
 from ..modeling import CONFIG_FILE, WEIGHTS_FILE, KavaModel, ModelLoadError, build_model, load_checkpoint
@@ -47,8 +48,11 @@ def rope_settings(model: KavaModel) -> dict:
 
 
 def load_teacher(spec: TeacherModelConfig, cfg: KavaConfig, where: str = "teachers.models[]") -> KavaModel:
-    """A frozen teacher in eval mode: a kava checkpoint folder, or any backbone kava can load."""
+    """A frozen teacher in eval mode: a kava checkpoint or run folder (its latest checkpoint), or
+    any backbone kava can load."""
     path = Path(spec.name_or_path)
+    if path.is_dir() and not (path / CONFIG_FILE).is_file():
+        path = latest_checkpoint(path) or path  # a run folder: its latest checkpoint
     try:
         if (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file():
             model = load_checkpoint(path)
