@@ -139,6 +139,8 @@ def test_bad_teacher_settings_are_one_line_errors(tmp_path):
         _setup([], teachers={"models": [{"name_or_path": str(tmp_path / "missing")}]})
     with pytest.raises(ConfigError, match="teacher_cache"):
         tiny_config(teachers={"models": [{"name_or_path": "tiny"}]}, loss={"teacher_cache": str(tmp_path)})
+    with pytest.raises(ConfigError, match="either name_or_path"):
+        tiny_config(teachers={"models": [{"name_or_path": "tiny", "cache": str(tmp_path)}]})
     with pytest.raises(ConfigError, match="teachers.fusion"):
         tiny_config(teachers={"models": [{"name_or_path": "tiny"}], "fusion": "vote"})
 
@@ -175,3 +177,25 @@ def test_training_with_a_router_resumes_exactly(tmp_path):
     mine = teacher.weights_to_save()
     assert mine.keys() == saved.keys() and all(torch.equal(mine[k], saved[k]) for k in saved)
     assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
+
+
+def test_a_teachers_offline_cache_gives_the_same_loss_as_running_it(tmp_path):
+    """`kava teacher extract` run with the larger teacher as the model; the student reads it back."""
+    from kava.teacher_cache import TeacherCacheError, extract
+
+    teacher_cfg = tiny_config(model={"tiny": DEEP_MQA}, loss={"rope": "pre"})
+    examples = [e for e in EXAMPLES]
+    extract(teacher_cfg, tmp_path / "cache", examples=examples, shard_size=3)
+    online = _setup([DEEP_MQA], loss={"alpha_codi": 1.0})
+    cfg = tiny_config(teachers={"models": [{"cache": str(tmp_path / "cache")}]}, loss={"rope": "pre", "alpha_codi": 1.0})
+    obj = Objective(online[1], cfg)
+    assert obj.teachers.externals == [None] and obj.teachers.aligners[0].teacher.layers == 5
+    obj.teachers.load_state_dict(online[2].teachers.state_dict())  # the same adapter initialisation
+    online[1].eval()
+    with torch.no_grad():
+        _, a = online[2](online[2].make_batch(online[3]))
+        _, b = obj(obj.make_batch(online[3]))
+    assert b["kv"] == pytest.approx(a["kv"], rel=1e-5) and b["codi"] == pytest.approx(a["codi"], rel=1e-5)
+    # A cache made with another M (or selector, lambda, RoPE mode) is refused, naming the field.
+    with pytest.raises(TeacherCacheError, match="latent.num_latents"):
+        Objective(online[1], tiny_config(teachers={"models": [{"cache": str(tmp_path / "cache")}]}, loss={"rope": "pre"}, latent={"num_latents": 5}))

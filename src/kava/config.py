@@ -147,10 +147,12 @@ class TeacherModelConfig:
     name_or_path: str = _f("", "a kava checkpoint folder (e.g. the CoT run of a larger model), a hub id, a local model folder, a .gguf file, or 'tiny'")
     gguf_file: str = _f("", "GGUF file name inside name_or_path")
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig, metadata={"help": "shape of a 'tiny' teacher"})
+    cache: str = _f("", "a folder written by `kava teacher extract` with this teacher as the model: its targets are read instead of running it")
     weight: float = _f(1.0, "its weight under teachers.fusion=fixed")
 
     def __post_init__(self) -> None:
-        _check(self.name_or_path != "", "teachers.models[].name_or_path", "must name the teacher")
+        _check(bool(self.name_or_path) != bool(self.cache), "teachers.models[].name_or_path",
+               "give each teacher either name_or_path (a model to run) or cache (targets extracted before)")
         _check(self.weight >= 0, "teachers.models[].weight", "must be >= 0")
 
 

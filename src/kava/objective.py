@@ -92,7 +92,7 @@ class Objective(nn.Module):
                 stage=stage, latents_per_step=self.cfg.curriculum.latents_per_step,
             ),
         }
-        if self.cache is not None:
+        if self.cache is not None or (self.teachers is not None and self.teachers.uses_caches):
             batch["source_ids"] = [e.source_id for e in encs]
         if self.teachers is not None:
             batch["external"] = self.teachers.batches(encs)
@@ -158,7 +158,7 @@ class Objective(nn.Module):
             if cfg.loss.rope == "pre":
                 s_keys = self.unrotate(s_keys, positions(mask)[:, p : p + m])
         if self.teachers is not None:
-            targets = self.teachers.teacher_targets(external, self, stage, m)
+            targets = self.teachers.teacher_targets(external, self, stage, m, source_ids)
             if self.teachers.include_self:
                 targets.append((self.teacher_targets(teacher, tb, stage, m), teacher.hidden))
             kv, codi, fused, kv_pair = self.teachers(targets, s_keys, s_values, s_hidden, state.producers)

@@ -249,24 +249,34 @@ def extract(
 class TeacherCache:
     """Compressed targets and CODI hidden states by ``source_id``, read lazily from the shards."""
 
-    def __init__(self, path: str | Path, cfg: KavaConfig, model):
+    def __init__(self, path: str | Path, cfg: KavaConfig, model, field: str = "loss.teacher_cache", other_model: bool = False):
+        """``other_model``: the cache of another teacher (``teachers.models[].cache``), whose
+        shape and vocabulary may differ from the student's (``model``)."""
         self.path = Path(path)
         file = self.path / MANIFEST
         if not file.is_file():
-            raise TeacherCacheError(f"config field 'loss.teacher_cache': {file} does not exist (run `kava teacher extract` first)")
+            raise TeacherCacheError(f"config field '{field}': {file} does not exist (run `kava teacher extract` first)")
         check_config(cfg)
         self.manifest = json.loads(file.read_text())
         if self.manifest.get("format") != FORMAT:
-            raise TeacherCacheError(f"config field 'loss.teacher_cache': {file} is not a {FORMAT} manifest")
+            raise TeacherCacheError(f"config field '{field}': {file} is not a {FORMAT} manifest")
         use_kv = cfg.loss.compression != "none" and cfg.loss.alpha_kv > 0
         # CODI hidden states do not depend on the selector; the KV targets do.
         skip = () if use_kv else ("selector", "lam", "rope", "num_latents")
+        if other_model:
+            skip += ("num_layers", "num_kv_heads", "head_dim", "hidden_size", "vocab_size")
         _compare(settings(cfg, model), self.manifest.get("settings", {}), self.path, skip)
         self.where: dict[str, tuple[int, int]] = {}
         for i, s in enumerate(self.manifest["shards"]):
             for r, sid in enumerate(s["source_ids"]):
                 self.where[sid] = (i, r)
         self._open: dict[int, object] = {}
+
+    @property
+    def shape(self) -> dict:
+        """The extracting model's ``num_layers``, ``num_kv_heads``, ``head_dim``, ``hidden_size``."""
+        st = self.manifest["settings"]
+        return {k: st[k] for k in ("num_layers", "num_kv_heads", "head_dim", "hidden_size")}
 
     def _shard(self, i: int):
         h = self._open.get(i)

@@ -23,7 +23,8 @@ from ..compression import Compressed
 from ..config import ConfigError, KavaConfig, ModelConfig, TeacherModelConfig
 from ..modeling import CONFIG_FILE, WEIGHTS_FILE, KavaModel, ModelLoadError, build_model, load_checkpoint
 from ..sequences import Encoded, TextEncoder, teacher_batch
-from ..teacher import TeacherOutput, teacher_forward
+from ..teacher import teacher_forward
+from ..teacher_cache import TeacherCache
 from .align import KVShape, TeacherAligner
 from .fusion import Fusion, slot_distance, slot_valid
 
@@ -94,14 +95,23 @@ class TeacherSet(nn.Module):
         tc = cfg.teachers
         self.cfg = cfg
         self.include_self = tc.include_self
-        self.externals: list[KavaModel] = [load_teacher(s, cfg, f"teachers.models[{i}]") for i, s in enumerate(tc.models)]
-        self.encoders = [TextEncoder(t.tokenizer, cfg.data, t.cfg.model.use_chat_template) for t in self.externals]
+        # Per teacher: a frozen model to run, or the offline cache of one (the other is None).
+        self.externals: list[KavaModel | None] = []
+        self.caches: list[TeacherCache | None] = []
+        for i, s in enumerate(tc.models):
+            where = f"teachers.models[{i}]"
+            cache = TeacherCache(s.cache, cfg, model, f"{where}.cache", other_model=True) if s.cache else None
+            self.caches.append(cache)
+            self.externals.append(None if cache else load_teacher(s, cfg, where))
+        self.encoders = [t and TextEncoder(t.tokenizer, cfg.data, t.cfg.model.use_chat_template) for t in self.externals]
         student = kv_shape(model)
-        shapes = [kv_shape(t) for t in self.externals] + ([student] if tc.include_self else [])
-        self.names = [Path(s.name_or_path).name or s.name_or_path for s in tc.models] + (["self"] if tc.include_self else [])
+        shapes = [kv_shape(t) if t else KVShape(*c.shape.values()) for t, c in zip(self.externals, self.caches)]
+        shapes += [student] if tc.include_self else []
         self.aligners = nn.ModuleList(TeacherAligner(student, sh, tc.aggregation) for sh in shapes)
         for i, (t, al) in enumerate(zip(self.externals, self.aligners)):
-            if cfg.loss.rope == "post" and (not al.identity or rope_settings(t) != rope_settings(model)):
+            # (A cache records its RoPE mode, which must be this run's loss.rope.)
+            rope_differs = t is not None and rope_settings(t) != rope_settings(model)
+            if cfg.loss.rope == "post" and (not al.identity or rope_differs):
                 raise ConfigError(
                     f"config field 'loss.rope': teachers.models[{i}] differs from the student in shape or RoPE, "
                     "so keys must be compared before RoPE: set loss.rope=pre"
@@ -112,23 +122,35 @@ class TeacherSet(nn.Module):
                              tc.temperature, tc.entropy_weight)
 
     # --- batches -------------------------------------------------------------------------
-    def batches(self, encs: list[Encoded]) -> list[dict]:
-        """Each external teacher's ``Q C A`` batch, from the examples in its own tokenization."""
+    @property
+    def uses_caches(self) -> bool:
+        return any(c is not None for c in self.caches)
+
+    def batches(self, encs: list[Encoded]) -> list[dict | None]:
+        """Each teacher's ``Q C A`` batch from the examples in its own tokenization (None for a cache)."""
         if any(e.example is None for e in encs):
             raise ValueError("teachers.models needs the examples' text: encode them with TextEncoder.encode")
-        pads = [t.tokenizer.pad_token_id if t.tokenizer.pad_token_id is not None else t.tokenizer.eos_token_id for t in self.externals]
-        drop = self.cfg.loss.drop_last_step
-        return [teacher_batch([enc.encode(e.example) for e in encs], pad, with_cot=True, drop_last_step=drop)
-                for enc, pad in zip(self.encoders, pads)]
+        out = []
+        for t, enc in zip(self.externals, self.encoders):
+            if t is None:
+                out.append(None)
+                continue
+            pad = t.tokenizer.pad_token_id if t.tokenizer.pad_token_id is not None else t.tokenizer.eos_token_id
+            out.append(teacher_batch([enc.encode(e.example) for e in encs], pad, with_cot=True, drop_last_step=self.cfg.loss.drop_last_step))
+        return out
 
     # --- targets and loss ------------------------------------------------------------------
-    def teacher_targets(self, batches: list[dict], objective, stage: int | None, m: int) -> list[tuple[Compressed, torch.Tensor]]:
+    def teacher_targets(self, batches: list[dict | None], objective, stage: int | None, m: int,
+                        source_ids: list[str] | None = None) -> list[tuple[Compressed, torch.Tensor]]:
         """(compressed ``[Lt, B, Ht, m, dt]`` cache, CODI hidden ``[Lt, B, Dt]``) per external teacher."""
         from ..objective import to_device
 
         out = []
-        for t, tb in zip(self.externals, batches):
-            device = objective.model.lm_head.weight.device
+        device = objective.model.lm_head.weight.device
+        for t, cache, tb in zip(self.externals, self.caches, batches):
+            if cache is not None:
+                out.append(cache.lookup(source_ids, device))
+                continue
             if t.lm_head.weight.device != device:
                 t.to(device)
             tb = to_device(tb, device)
