@@ -46,6 +46,20 @@ def _per_slot_cosine_magnitude(pred: torch.Tensor, target: torch.Tensor, eps: fl
     return (1 - cos) + (pn - tn).abs() / tn.clamp_min(eps)
 
 
+def kv_entry_distance(teacher: torch.Tensor, student: torch.Tensor, valid: torch.Tensor, kind: str = "l1",
+                      layer_std: bool = False) -> torch.Tensor:
+    """Distance of each cache entry ``[L, B, H, M, d] -> [L, B, H, M]``: the element loss averaged
+    over dims, or for ``kind="cosine"`` the cosine + magnitude term. ``layer_std`` first divides
+    both sides by the teacher's per-layer std over the ``valid`` entries. Nothing is detached."""
+    if kind not in KV_LOSSES:
+        raise ValueError(f"unknown KV loss {kind!r}; choose from {', '.join(KV_LOSSES)}")
+    t, s = teacher.float(), student.float()
+    if layer_std:
+        std = masked_layer_std(t, valid).view(-1, *[1] * (t.dim() - 1))
+        t, s = t / std, s / std
+    return _per_slot_cosine_magnitude(s, t) if kind == "cosine" else elementwise(kind, s, t).mean(-1)
+
+
 def kv_loss(
     teacher_k: torch.Tensor,
     teacher_v: torch.Tensor,
@@ -64,22 +78,29 @@ def kv_loss(
     term instead. ``layer_std`` divides both sides by the teacher's per-layer std.
     Returns 0 (with a gradient path) when no slot is valid.
     """
-    if kind not in KV_LOSSES:
-        raise ValueError(f"unknown KV loss {kind!r}; choose from {', '.join(KV_LOSSES)}")
-    parts = []
-    for t, s in ((teacher_k.detach(), student_k), (teacher_v.detach(), student_v)):
-        t, s = t.float(), s.float()
-        if layer_std:
-            std = masked_layer_std(t, valid).view(-1, *[1] * (t.dim() - 1))
-            t, s = t / std, s / std
-        w = valid.float()
-        if kind == "cosine":
-            per = _per_slot_cosine_magnitude(s, t)
-            parts.append((per * w).sum() / w.sum().clamp_min(1.0))
-        else:
-            per = elementwise(kind, s, t) * w[..., None]
-            parts.append(per.sum() / (w.sum() * t.shape[-1]).clamp_min(1.0))
-    return (parts[0] + parts[1]) / 2
+    per = (kv_entry_distance(teacher_k.detach(), student_k, valid, kind, layer_std)
+           + kv_entry_distance(teacher_v.detach(), student_v, valid, kind, layer_std)) / 2
+    w = valid.float()
+    return (per * w).sum() / w.sum().clamp_min(1.0)
+
+
+def kv_slot_distance(
+    teacher_k: torch.Tensor,
+    teacher_v: torch.Tensor,
+    student_k: torch.Tensor,
+    student_v: torch.Tensor,
+    valid: torch.Tensor,
+    kind: str = "l1",
+    layer_std: bool = False,
+) -> torch.Tensor:
+    """The terms of :func:`kv_loss` per example and slot, ``[B, M]``: averaged over layers, heads
+    and dims of the valid entries only (0 where a slot is valid nowhere). The teacher is not
+    detached: aligned teacher KV is already cut from its model, and a learned layer mix of
+    another teacher (:mod:`kava.teachers.align`) learns through it."""
+    per = (kv_entry_distance(teacher_k, student_k, valid, kind, layer_std)
+           + kv_entry_distance(teacher_v, student_v, valid, kind, layer_std)) / 2
+    w = valid.float()
+    return (per * w).sum((0, 2)) / w.sum((0, 2)).clamp_min(1.0)
 
 
 def codi_loss(

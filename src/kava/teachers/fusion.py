@@ -7,41 +7,10 @@ import math
 import torch
 from torch import nn
 
-from kava.losses import KV_LOSSES, _per_slot_cosine_magnitude, elementwise, masked_layer_std
+from kava.losses import kv_slot_distance as slot_distance  # noqa: F401  (the per-slot KV distance fused here)
 
 FUSIONS = ("fixed", "similarity", "router")
 ROUTERS = ("mlp", "gate", "attention")
-
-
-def slot_distance(
-    t_keys: torch.Tensor,
-    t_values: torch.Tensor,
-    s_keys: torch.Tensor,
-    s_values: torch.Tensor,
-    valid: torch.Tensor,
-    kind: str = "l1",
-    layer_std: bool = True,
-) -> torch.Tensor:
-    """Per-example, per-slot KV distance ``[B, M]``.
-
-    The quantity of :func:`kava.losses.kv_loss` (tensors ``[L, B, H, M, d]``, ``valid
-    [L, B, H, M]``) averaged only over layers, heads and dims of the valid entries; slots valid
-    nowhere give 0. Unlike ``kv_loss`` the teacher is not detached here: aligned teacher KV is
-    already cut from the teacher model, and a ``weighted`` aligner's layer mixing learns through it.
-    """
-    if kind not in KV_LOSSES:
-        raise ValueError(f"unknown KV loss {kind!r}; choose from {', '.join(KV_LOSSES)}")
-    w = valid.float()
-    count = w.sum((0, 2))  # [B, M]
-    parts = []
-    for t, s in ((t_keys, s_keys), (t_values, s_values)):
-        t, s = t.float(), s.float()
-        if layer_std:
-            std = masked_layer_std(t, valid).view(-1, *[1] * (t.dim() - 1))
-            t, s = t / std, s / std
-        per = _per_slot_cosine_magnitude(s, t) if kind == "cosine" else elementwise(kind, s, t).mean(-1)
-        parts.append((per * w).sum((0, 2)) / count.clamp_min(1.0))
-    return (parts[0] + parts[1]) / 2
 
 
 def slot_valid(valid: torch.Tensor) -> torch.Tensor:
