@@ -188,8 +188,7 @@ class TeacherSet(nn.Module):
         codi = (share * torch.stack(codis)).sum()
         sim_mean = (torch.stack(sims) * filled).sum((1, 2)) / filled.sum((1, 2)).clamp_min(1.0)
         metrics = {**metrics, "kv_cos": float((share * sim_mean).sum())}
-        for name, c in zip(range(len(codis)), sim_mean.tolist()):
-            metrics[f"kv_cos{name}"] = c
+        metrics.update({f"kv_cos{k}": c for k, c in enumerate(sim_mean.tolist())})
         return kv, codi, metrics, pairs[0]
 
 
