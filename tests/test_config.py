@@ -65,6 +65,7 @@ def test_every_field_has_help():
     lines = help_lines()
     assert len(lines) > 60
     assert all(line.split(": ", 1)[1].strip() for line in lines)
+    assert any(line.startswith("teachers.models[].cache ") for line in lines)  # entries of a list of sections
 
 
 @pytest.mark.parametrize("path", sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "sweeps" not in p.parts and "accelerate" not in p.parts), ids=str)

@@ -431,6 +431,9 @@ def help_lines(cls: type = KavaConfig, prefix: str = "") -> list[str]:
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default  # type: ignore[misc]
         if dataclasses.is_dataclass(default):
             lines.extend(help_lines(type(default), name + "."))
-        else:
-            lines.append(f"{name} ({default!r}): {f.metadata.get('help', '')}")
+            continue
+        lines.append(f"{name} ({default!r}): {f.metadata.get('help', '')}")
+        item = typing.get_args(typing.get_type_hints(cls)[f.name])
+        if item and dataclasses.is_dataclass(item[0]):  # a list of sections: describe one entry
+            lines.extend(help_lines(item[0], name + "[]."))
     return lines
