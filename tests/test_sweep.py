@@ -288,7 +288,7 @@ def test_cli_runs_locally_and_reports_failures(tmp_path: Path, monkeypatch, caps
 
 def test_the_teachers_experiment_expands_to_valid_teacher_lists():
     specs = expand_sweep(REPO / "configs" / "sweeps" / "teachers.yaml")
-    assert {s.name for s in specs} == {"self", "frozen_self", "large", "fused", "fused_fixed"} and len(specs) == 15
+    assert {s.name for s in specs} == {"self", "frozen_self", "large", "fused", "fused_fixed", "fused_entropy"} and len(specs) == 18
     by_name = {s.name: load_config(None, s.overrides) for s in specs if s.seed == 0}
     assert by_name["self"].teachers.models == []
     fused = by_name["fused"]
