@@ -137,6 +137,10 @@ def test_bad_teacher_settings_are_one_line_errors(tmp_path):
         _setup([DEEP_MQA], loss={"rope": "post"})
     with pytest.raises(ModelLoadError, match=r"teachers.models\[0\].name_or_path"):
         _setup([], teachers={"models": [{"name_or_path": str(tmp_path / "missing")}]})
+    with pytest.raises(ModelLoadError, match=r"teachers.models\[0\].name_or_path: .* is neither a kava checkpoint"):
+        _setup([], teachers={"models": [{"name_or_path": str(tmp_path)}]})  # a folder with no model in it
+    with pytest.raises(ConfigError, match=r"'teachers.models\[1\].name_or_path'"):  # names the entry
+        tiny_config(teachers={"models": [{"name_or_path": "tiny"}, {"weight": 2.0}]})
     with pytest.raises(ConfigError, match="teacher_cache"):
         tiny_config(teachers={"models": [{"name_or_path": "tiny"}]}, loss={"teacher_cache": str(tmp_path)})
     with pytest.raises(ConfigError, match="either name_or_path"):
@@ -199,3 +203,17 @@ def test_a_teachers_offline_cache_gives_the_same_loss_as_running_it(tmp_path):
     # A cache made with another M (or selector, lambda, RoPE mode) is refused, naming the field.
     with pytest.raises(TeacherCacheError, match="latent.num_latents"):
         Objective(online[1], tiny_config(teachers={"models": [{"cache": str(tmp_path / "cache")}]}, loss={"rope": "pre"}, latent={"num_latents": 5}))
+
+
+def test_resume_without_the_teachers_file_is_a_clear_error(tmp_path):
+    from kava.teachers.external import ALIGN_FILE
+    from kava.train import TrainingError, train
+
+    cfg = tiny_config(teachers={"models": [{"name_or_path": "tiny", "tiny": SHALLOW}], "aggregation": "weighted"},
+                      loss={"rope": "pre"}, train={"output_dir": str(tmp_path / "run"), "max_steps": 2})
+    train(cfg)
+    (tmp_path / "run" / "checkpoint-2" / ALIGN_FILE).unlink()
+    cfg.train.max_steps = 3
+    with pytest.raises(TrainingError, match=ALIGN_FILE):
+        train(cfg, resume=True)
+    assert (tmp_path / "run" / "checkpoint-2" / "model.safetensors").is_file()  # nothing already written is lost

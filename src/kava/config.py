@@ -340,7 +340,13 @@ def _convert(value: Any, tp: Any, name: str) -> Any:
         return str(value)
     if origin is list and typing.get_args(tp) and dataclasses.is_dataclass(typing.get_args(tp)[0]):
         _check(isinstance(value, list), name, f"expected a list of mappings, got {value!r}")
-        return [_convert(v, typing.get_args(tp)[0], f"{name}[{i}]") for i, v in enumerate(value)]
+        out = []
+        for i, v in enumerate(value):
+            try:
+                out.append(_convert(v, typing.get_args(tp)[0], f"{name}[{i}]"))
+            except ConfigError as e:  # a section's own checks say "name[]": name the entry
+                raise ConfigError(str(e).replace(f"'{name}[].", f"'{name}[{i}].")) from None
+        return out
     if tp is list or origin is list:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]

@@ -186,7 +186,7 @@ class Objective(nn.Module):
         """Teacher-student cosine per layer and latent slot for the first of ``encs``.
 
         Keys and values are compared entry by entry, averaged over KV heads and over K and V,
-        at the last curriculum stage; slots the teacher could not fill are NaN. ``[L][M]``, or
+        at the last curriculum stage; slots the teacher could not fill are None. ``[L][M]``, or
         None when this run has no KV loss.
         """
         if self.selector is None:

@@ -25,8 +25,8 @@ from .data.schema import Example
 from .io import atomic_replace_dir, atomic_write_json
 from .modeling import WEIGHTS_FILE, build_model
 from .objective import Objective
-from .teachers.external import ALIGN_FILE
 from .sequences import TextEncoder
+from .teachers.external import ALIGN_FILE
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +186,8 @@ def train(cfg: KavaConfig, resume: bool = False) -> dict:
 
             model.load_state_dict(load_file(str(ckpt / WEIGHTS_FILE)), strict=False)
             if objective.teachers is not None:
+                if not (ckpt / ALIGN_FILE).is_file():
+                    raise TrainingError(f"{ckpt}: no {ALIGN_FILE} to resume the teachers' adapters from (was it written without teachers.models?)")
                 objective.teachers.load_state_dict(load_file(str(ckpt / ALIGN_FILE)))
             progress = load_trainer_state(ckpt, optimizer, scheduler, generators)
             step = progress["step"]
@@ -270,7 +272,7 @@ def train(cfg: KavaConfig, resume: bool = False) -> dict:
                 final = row
             if tc.save_every and step % tc.save_every == 0 and step < max_steps:
                 save_checkpoint(step)
-            if tc.eval_every and step % tc.eval_every == 0 and step < max_steps and main:
+            if tc.eval_every and step % tc.eval_every == 0 and step < max_steps and main and not fsdp:
                 _evaluate(model, eval_examples, cfg, out / f"eval-{step}")
             if stop.received is not None:
                 state = "interrupted"
@@ -279,13 +281,17 @@ def train(cfg: KavaConfig, resume: bool = False) -> dict:
     bar.close()
     ckpt = save_checkpoint(step)
     result = {"state": state, "step": step, "max_steps": max_steps, "checkpoint": str(ckpt), "train": final}
-    if state == "finished" and main and tc.mode == "kava":
+    # (Both below run on the main process alone, which FSDP's sharded weights cannot do: under
+    # FSDP evaluate the saved checkpoint with `kava eval` instead.)
+    if fsdp and tc.eval_at_end and main:
+        log.info("FSDP: skipping the evaluation at the end; run `kava eval --checkpoint %s`", ckpt)
+    if state == "finished" and main and tc.mode == "kava" and not fsdp:
         # One example's teacher-student KV cosine per layer and slot, for `kava report`'s heatmap.
         probe = encoder.encode(eval_examples[0]) if eval_examples else encoded[0]
         grid = objective.kv_cosine_grid([probe])
         if grid is not None:
             atomic_write_json(out / "kv_cosine.json", grid)
-    if state == "finished" and tc.eval_at_end and main and eval_examples:
+    if state == "finished" and tc.eval_at_end and main and eval_examples and not fsdp:
         result["eval"] = _evaluate(model, eval_examples, cfg, out)
     if main:
         atomic_write_json(out / "status.json", result)

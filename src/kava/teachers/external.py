@@ -54,6 +54,9 @@ def load_teacher(spec: TeacherModelConfig, cfg: KavaConfig, where: str = "teache
     path = Path(spec.name_or_path)
     if path.is_dir() and not (path / CONFIG_FILE).is_file():
         path = latest_checkpoint(path) or path  # a run folder: its latest checkpoint
+        if not (path / CONFIG_FILE).is_file() and not (path / "config.json").is_file():
+            raise ModelLoadError(f"{where}.name_or_path: {path} is neither a kava checkpoint or run folder "
+                                 f"(with {CONFIG_FILE} or checkpoint-N/) nor a model folder (with config.json)")
     try:
         if (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file():
             model = load_checkpoint(path)
@@ -66,7 +69,7 @@ def load_teacher(spec: TeacherModelConfig, cfg: KavaConfig, where: str = "teache
             )
             model = build_model(tcfg, with_adapter=False)
     except ModelLoadError as e:
-        raise ModelLoadError(f"{where}.name_or_path: {e}") from None
+        raise ModelLoadError(f"{where}.name_or_path: {str(e).removeprefix('model.name_or_path: ')}") from None
     model.requires_grad_(False)
     return model.eval()
 
