@@ -43,6 +43,9 @@ def test_three_teachers_of_other_shapes_train_the_student_and_their_aligners(agg
     # The char-level teacher reads longer sequences than the word-level student and teachers.
     lengths = [b["input_ids"].shape[1] for b in batch["external"]]
     assert lengths[1] > lengths[0] + 10 and lengths[0] == lengths[2]
+    again = obj.make_batch(encs)  # encoded once per teacher and example, then reused
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(batch["external"], again["external"]))
+    assert [len(seen) for seen in obj.teachers._encoded] == [len(EXAMPLES)] * 3
     loss, metrics = obj(batch)
     loss.backward()
     assert torch.isfinite(loss) and {"kv", "kv_cos", "w0", "w1", "w2"} <= metrics.keys()

@@ -107,6 +107,8 @@ class TeacherSet(nn.Module):
             self.caches.append(cache)
             self.externals.append(None if cache else load_teacher(s, cfg, where))
         self.encoders = [t and TextEncoder(t.tokenizer, cfg.data, t.cfg.model.use_chat_template) for t in self.externals]
+        # Each teacher's encoding of an example, made once (tokenising a batch costs ~30 ms on a CPU).
+        self._encoded: list[dict] = [{} for _ in self.externals]
         student = kv_shape(model)
         shapes = [kv_shape(t) if t else KVShape(*c.shape.values()) for t, c in zip(self.externals, self.caches)]
         shapes += [student] if tc.include_self else []
@@ -134,12 +136,13 @@ class TeacherSet(nn.Module):
         if any(e.example is None for e in encs):
             raise ValueError("teachers.models needs the examples' text: encode them with TextEncoder.encode")
         out = []
-        for t, enc in zip(self.externals, self.encoders):
+        for t, enc, seen in zip(self.externals, self.encoders, self._encoded):
             if t is None:
                 out.append(None)
                 continue
+            rows = [seen[e.example] if e.example in seen else seen.setdefault(e.example, enc.encode(e.example)) for e in encs]
             pad = t.tokenizer.pad_token_id if t.tokenizer.pad_token_id is not None else t.tokenizer.eos_token_id
-            out.append(teacher_batch([enc.encode(e.example) for e in encs], pad, with_cot=True, drop_last_step=self.cfg.loss.drop_last_step))
+            out.append(teacher_batch(rows, pad, with_cot=True, drop_last_step=self.cfg.loss.drop_last_step))
         return out
 
     # --- targets and loss ------------------------------------------------------------------
