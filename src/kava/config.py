@@ -182,11 +182,6 @@ class TeachersConfig:
         _check(self.self_weight >= 0, "teachers.self_weight", "must be >= 0")
         _check(not self.include_self or self.models, "teachers.include_self", "needs teachers.models (alone, the student's own pass is the default)")
 
-    @property
-    def count(self) -> int:
-        """Teachers whose targets are fused (0: plain self-distillation)."""
-        return len(self.models) + (1 if self.models and self.include_self else 0)
-
 
 @dataclass
 class CurriculumConfig:

@@ -24,7 +24,7 @@ from ..config import ConfigError, KavaConfig, ModelConfig, TeacherModelConfig
 from ..modeling import CONFIG_FILE, WEIGHTS_FILE, KavaModel, ModelLoadError, build_model, load_checkpoint
 from ..sequences import Encoded, TextEncoder, teacher_batch
 from ..teacher import teacher_forward
-from ..teacher_cache import TeacherCache
+from ..teacher_cache import TeacherCache, model_shape
 from .align import KVShape, TeacherAligner
 from .fusion import Fusion, slot_distance, slot_valid
 
@@ -33,10 +33,12 @@ ALIGN_FILE = "teachers.safetensors"
 
 def kv_shape(model: KavaModel) -> KVShape:
     """Layers, KV heads, head size and width of a model's decoder."""
-    c = model.base_model.config.get_text_config()
-    heads = c.num_attention_heads
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
-    return KVShape(c.num_hidden_layers, getattr(c, "num_key_value_heads", None) or heads, head_dim, c.hidden_size)
+    return _shape(model_shape(model))
+
+
+def _shape(d: dict) -> KVShape:
+    """A :class:`KVShape` from :func:`kava.teacher_cache.model_shape`'s dict (also a cache manifest's)."""
+    return KVShape(d["num_layers"], d["num_kv_heads"], d["head_dim"], d["hidden_size"])
 
 
 def rope_settings(model: KavaModel) -> dict:
@@ -110,7 +112,7 @@ class TeacherSet(nn.Module):
         # Each teacher's encoding of an example, made once (tokenising a batch costs ~30 ms on a CPU).
         self._encoded: list[dict] = [{} for _ in self.externals]
         student = kv_shape(model)
-        shapes = [kv_shape(t) if t else KVShape(*c.shape.values()) for t, c in zip(self.externals, self.caches)]
+        shapes = [kv_shape(t) if t else _shape(c.shape) for t, c in zip(self.externals, self.caches)]
         shapes += [student] if tc.include_self else []
         self.aligners = nn.ModuleList(TeacherAligner(student, sh, tc.aggregation) for sh in shapes)
         for i, (t, al) in enumerate(zip(self.externals, self.aligners)):

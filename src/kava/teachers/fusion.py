@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from kava.losses import kv_slot_distance as slot_distance  # noqa: F401  (the per-slot KV distance fused here)
+from ..losses import kv_slot_distance as slot_distance  # noqa: F401  (the per-slot KV distance fused here)
 
 FUSIONS = ("fixed", "similarity", "router")
 ROUTERS = ("mlp", "gate", "attention")
