@@ -184,3 +184,16 @@ def test_cli_report(runs: Path, tmp_path: Path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["report", str(tmp_path / "empty")]) == 1
     assert main(["report", str(runs), "--nl-pair", "nocolon"]) == 2
+
+
+def test_a_malformed_kv_cosine_file_is_a_one_line_error(tmp_path: Path, capsys):
+    from kava.cli import main
+
+    bad = make_run(tmp_path / "runs", "rkv", 0, 0.9, kv_cosine=[[0.1, 0.2], [0.3]])  # ragged rows
+    assert main(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(bad / "kv_cosine.json") in err
+    assert (tmp_path / "r" / "results.csv").is_file()  # the tables written before it are kept
+    (bad / "kv_cosine.json").write_text("{not json")
+    assert main(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "r")]) == 1
+    assert "not valid JSON" in capsys.readouterr().err

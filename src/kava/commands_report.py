@@ -32,7 +32,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"kava: error: {e}", file=sys.stderr)
         return 2
-    report = write_report(args.runs_dir, args.out, names)
+    try:
+        report = write_report(args.runs_dir, args.out, names)
+    except ValueError as e:  # a malformed file in a run folder: the message names it
+        print(f"kava: error: {e}", file=sys.stderr)
+        return 1
     if not report.runs:
         print(f"kava: error: no run folders (with a status.json) under {args.runs_dir}", file=sys.stderr)
         return 1

@@ -509,7 +509,10 @@ def plot_kv_cosine(run: dict, path: Path) -> Path | None:
     src = Path(run["path"]) / "kv_cosine.json"
     if not src.is_file():
         return None
-    grid = json.loads(src.read_text())
+    try:
+        grid = json.loads(src.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{src}: not valid JSON ({e})") from None
     if not (isinstance(grid, list) and grid and all(isinstance(row, list) and len(row) == len(grid[0]) for row in grid)):
         raise ValueError(f"{src}: expected a non-empty [layers][slots] list of lists of equal length")
     grid = [[float("nan") if v is None else float(v) for v in row] for row in grid]  # None: an unfilled slot
