@@ -10,9 +10,12 @@ from kava.compression import (
     attention_importance,
     compress_cache,
     get_selector,
+    partners,
     redundancy_scores,
     select,
 )
+from kava.compression.base import top_budget
+from kava.compression.rkv import redundancy_scores_quadratic
 
 
 def _mask(rows):
@@ -187,3 +190,52 @@ def test_unknown_method_is_a_clear_error():
         get_selector("nope")
     with pytest.raises(ValueError, match="no indices"):
         select("mean_pool", torch.zeros(1, 1, 2, 2), None, torch.ones(1, 2, dtype=torch.bool), None, 1)
+
+
+def test_fast_redundancy_equals_the_quadratic_definition():
+    torch.manual_seed(5)
+    b, h, n, d = 3, 2, 23, 8
+    keys = torch.randn(b, h, n, d)
+    keys[0, 0, 4] = 0.0  # a zero key: normalises to zero in both forms
+    keys[1, :, 7] = keys[1, :, 3]  # duplicated keys tie in both forms
+    cot = torch.rand(b, n) > 0.3
+    cot[2] = False  # an example without a CoT scores 0 everywhere
+    fast, slow = redundancy_scores(keys, cot), redundancy_scores_quadratic(keys, cot)
+    torch.testing.assert_close(fast, slow, atol=1e-6, rtol=1e-5)
+    assert torch.all(fast[2] == 0)
+    # The same selections as the quadratic form for every budget.
+    for budget in (1, 4, 9):
+        scored = [top_budget(s, cot, budget) for s in (fast, slow)]
+        assert torch.equal(scored[0][0], scored[1][0]) and torch.equal(scored[0][1], scored[1][1])
+
+
+@pytest.mark.parametrize("ids", [
+    ["a", "b", "c", "d"],
+    ["a", "b", "a", "c"],
+    ["a", "a", "b", "b", "c", "c"],
+    ["x", "y", "x", "x", "z", "y"],
+    ["a", "a", "a", "b", "c", "d"],
+])
+def test_shuffled_partners_are_never_the_same_example(ids):
+    partner, ok = partners(ids, len(ids))
+    assert ok.all()
+    assert all(ids[int(partner[i])] != ids[i] for i in range(len(ids)))
+    assert sorted(partner.tolist()) == list(range(len(ids)))  # every example's targets used once
+
+
+def test_shuffled_flags_examples_that_have_no_other_example():
+    # Two copies of one example (possible at an epoch boundary with batch 2): no partner exists.
+    partner, ok = partners(["a", "a"], 2)
+    assert not ok.any()
+    partner, ok = partners(["a", "a", "a", "b"], 4)  # 3 copies of 4: only 2 can be paired with 'b'
+    ids = ["a", "a", "a", "b"]
+    assert all(ids[int(partner[i])] != ids[i] for i in range(4) if ok[i])
+    assert int(ok.sum()) == 2
+    # Those slots never count in the KV loss: they are invalid.
+    keys = torch.randn(1, 2, 1, 5, 2)
+    cot = torch.ones(2, 5, dtype=torch.bool)
+    c = compress_cache(get_selector("shuffled"), keys, keys, torch.randn(1, 2, 1, 1, 2), cot, torch.ones(2, 1, dtype=torch.bool), 2,
+                       source_ids=["a", "a"])
+    assert not c.valid.any()
+    idx, valid = select("shuffled", keys[0], torch.randn(2, 1, 1, 2), cot, torch.ones(2, 1, dtype=torch.bool), 2, source_ids=["q", "q"])
+    assert not valid.any()

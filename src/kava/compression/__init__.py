@@ -15,7 +15,7 @@ from .base import Compressed, ScoreSelector, Selector, gather_slots, top_budget
 from .pooled import MeanPoolSelector
 from .positional import FirstSelector, LastSelector, RandomSelector, StrideSelector
 from .rkv import RKVSelector, attention_importance, redundancy_scores, rkv_scores
-from .shuffled import ShuffledSelector
+from .shuffled import ShuffledSelector, partners
 
 SELECTORS: dict[str, Callable[[float], Selector]] = {
     "rkv": lambda lam: RKVSelector(lam=lam),
@@ -41,10 +41,9 @@ def get_selector(method: str, lam: float = 0.1) -> Selector:
         raise ValueError(f"unknown compression method {method!r}; choose from {', '.join(SELECTORS)}") from None
 
 
-def _roll_batch(t: torch.Tensor, batch_dim: int) -> torch.Tensor:
-    if t.shape[batch_dim] < 2:
-        raise ValueError("the shuffled selector needs at least 2 examples per batch")
-    return t.roll(1, dims=batch_dim)
+def _exchange(t: torch.Tensor, batch_dim: int, partner: torch.Tensor) -> torch.Tensor:
+    """``t`` with example ``i`` holding example ``partner[i]``'s entries along ``batch_dim``."""
+    return t.index_select(batch_dim, partner.to(t.device))
 
 
 def select(
@@ -56,6 +55,7 @@ def select(
     budget: int,
     lam: float = 0.1,
     generator: torch.Generator | None = None,
+    source_ids: list[str] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices of the ``budget`` teacher entries to keep, per example and KV head.
 
@@ -64,14 +64,17 @@ def select(
     Returns ``(indices [B, H_kv, budget] long, valid [B, H_kv, budget] bool)``; kept indices
     are in increasing (time) order, then the invalid slots when the CoT is shorter than
     ``budget``. Only index-based selectors have indices; ``mean_pool`` builds new entries,
-    use :func:`compress_cache` for it.
+    use :func:`compress_cache` for it. ``source_ids`` (one per example) let the shuffled
+    control avoid pairing an example with a copy of itself (see :func:`partners`); slots of an
+    example left without a partner are invalid.
     """
     selector = get_selector(method, lam)
     if not isinstance(selector, ScoreSelector):
         raise ValueError(f"method {method!r} builds pooled entries and has no indices; use compress_cache")
     indices, valid = selector.select(keys, queries, cot_mask, answer_mask, budget, generator)
     if getattr(selector, "shuffle_batch", False):
-        indices, valid = _roll_batch(indices, 0), _roll_batch(valid, 0)
+        partner, ok = partners(source_ids, indices.shape[0], indices.device)
+        indices, valid = _exchange(indices, 0, partner), _exchange(valid, 0, partner) & ok[:, None, None]
     return indices, valid
 
 
@@ -92,12 +95,13 @@ def compress_cache(
     answer_mask: torch.Tensor | None,
     budget: int,
     generator: torch.Generator | None = None,
+    source_ids: list[str] | None = None,
 ) -> Compressed:
     """Compress every layer at once.
 
     keys / values ``[L, B, H_kv, N, d]``, queries ``[L, B, H_q, A, d]`` (or None when the
     selector does not need them), cot_mask ``[B, N]``, answer_mask ``[B, A]``. Returns
-    :class:`Compressed` with ``[L, B, H_kv, M, ...]`` tensors.
+    :class:`Compressed` with ``[L, B, H_kv, M, ...]`` tensors. ``source_ids``: as for :func:`select`.
     """
     n_layers, b = keys.shape[:2]
     # Only the columns that hold a CoT token somewhere in the batch can be kept: score those
@@ -114,7 +118,10 @@ def compress_cache(
         indices = torch.where(unfold(c.valid), indices + lo, torch.zeros_like(indices))
     out = Compressed(unfold(c.keys), unfold(c.values), unfold(c.valid), indices)
     if getattr(selector, "shuffle_batch", False):
-        out = Compressed(*(None if t is None else _roll_batch(t, 1) for t in (out.keys, out.values, out.valid, out.indices)))
+        partner, ok = partners(source_ids, b, keys.device)
+        moved = [None if t is None else _exchange(t, 1, partner) for t in (out.keys, out.values, out.valid, out.indices)]
+        moved[2] = moved[2] & ok[None, :, None, None]
+        out = Compressed(*moved)
     return out
 
 
@@ -127,6 +134,7 @@ __all__ = [
     "attention_importance",
     "compress_cache",
     "gather_slots",
+    "partners",
     "get_selector",
     "redundancy_scores",
     "rkv_scores",

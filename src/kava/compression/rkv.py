@@ -43,15 +43,29 @@ def redundancy_scores(keys: torch.Tensor, cot_mask: torch.Tensor) -> torch.Tenso
 
     keys ``[B, H, N, d]``, cot_mask ``[B, N]`` -> ``[B, H, N]``, 0 outside the CoT.
     A key unlike the others (low mean similarity) gets a high score.
+
+    Computed in O(N d) per head, without the N x N similarity matrix: with unit keys
+    ``u_i``, ``sum_{j != i} cos(k_i, k_j) = u_i . (sum_j u_j) - u_i . u_i`` over CoT keys.
     """
+    u = torch.nn.functional.normalize(keys.float(), dim=-1)
+    u = u * cot_mask[:, None, :, None]
+    total = u.sum(2, keepdim=True)  # [B, H, 1, d]
+    others = (u * total).sum(-1) - (u * u).sum(-1)  # [B, H, N]
+    n_cot = cot_mask.sum(-1).clamp_min(1).float()[:, None, None]
+    logits = (-others / n_cot).masked_fill(~cot_mask[:, None, :], NEG_INF)
+    return torch.softmax(logits, dim=-1).nan_to_num(0.0)
+
+
+def redundancy_scores_quadratic(keys: torch.Tensor, cot_mask: torch.Tensor) -> torch.Tensor:
+    """The same scores as :func:`redundancy_scores` from the full ``[B, H, N, N]`` cosine
+    matrix: the definition as written, kept as the reference the fast form is tested against."""
     k = torch.nn.functional.normalize(keys.float(), dim=-1)
     sim = k @ k.transpose(-1, -2)  # [B, H, N, N]
     pair = cot_mask[:, None, :, None] & cot_mask[:, None, None, :]
     eye = torch.eye(keys.shape[2], dtype=torch.bool, device=keys.device)
     sim = sim.masked_fill(~pair | eye, 0.0)
     n_cot = cot_mask.sum(-1).clamp_min(1).float()[:, None, None]
-    mean_sim = sim.sum(-1) / n_cot
-    logits = (-mean_sim).masked_fill(~cot_mask[:, None, :], NEG_INF)
+    logits = (-sim.sum(-1) / n_cot).masked_fill(~cot_mask[:, None, :], NEG_INF)
     return torch.softmax(logits, dim=-1).nan_to_num(0.0)
 
 
