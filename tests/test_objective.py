@@ -141,7 +141,7 @@ def test_padding_does_not_change_an_examples_outputs(scheme):
     def teacher_logits(batch_encs):
         tb = teacher_batch(batch_encs, obj.pad_id, drop_last_step=True)
         n = int(tb["attention_mask"][0].sum())
-        return teacher_forward(model, tb, want_queries=False).logits[0, :n]
+        return teacher_forward(model, tb, want_queries=False, want_logits=True).logits[0, :n]
 
     with torch.no_grad():
         torch.testing.assert_close(student_hidden([short]), student_hidden([short, long]), atol=1e-5, rtol=1e-4)
@@ -197,7 +197,205 @@ def test_kv_cosine_grid_is_layers_by_slots_and_matches_the_logged_metric():
     with torch.no_grad():
         _, metrics = obj(obj.make_batch(encs[:1]))
     # Every slot is filled here, so the grid's mean is the logged kv_cos of that one example.
-    assert sum(flat) / len(flat) == pytest.approx(metrics["kv_cos"], abs=1e-3)
+    assert sum(flat) / len(flat) == pytest.approx(float(metrics["kv_cos"]), abs=1e-3)
     assert model.training is False  # the grid leaves the mode as it found it
     _, _, codi_obj, _ = _setup(loss={"alpha_kv": 0})
     assert codi_obj.kv_cosine_grid(encs[:1]) is None
+
+
+def _importance_vs_attention(t, attn_rows_by_layer, tb):
+    """Max abs difference between importance from captured queries and from the attention weights."""
+    cot = tb["cot_step"] >= 0
+    worst = 0.0
+    for layer, att in enumerate(attn_rows_by_layer):
+        got = attention_importance(t.keys[layer], t.queries[layer], cot, tb["answer_valid"])
+        rows = att.gather(2, tb["answer_pos"][:, None, :, None].expand(-1, att.shape[1], -1, att.shape[3]))
+        rows = rows * cot[:, None, None, :]
+        rows = rows / rows.sum(-1, keepdim=True)
+        rows = rows * tb["answer_valid"][:, None, :, None]
+        b, hq = rows.shape[:2]
+        hkv = t.keys.shape[2]
+        ref = rows.view(b, hkv, hq // hkv, -1, rows.shape[-1]).sum((2, 3))
+        ref = ref / ref.sum(-1, keepdim=True)
+        worst = max(worst, float((got - ref).abs().max()))
+    return worst
+
+
+def test_importance_queries_are_the_ones_attention_used_under_lora_dropout():
+    # Training mode, LoRA dropout 0.5 on q_proj: a second q_proj call would draw another mask.
+    cfg, model, obj, encs = _setup(model={"adapter": "lora", "lora_r": 8, "lora_dropout": 0.5, "attn_implementation": "eager"})
+    model.train()
+    with torch.no_grad():  # LoRA B starts at zero: give the adapters weight so dropout shows
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    tb = teacher_batch(encs, obj.pad_id, drop_last_step=True)
+    weights = {}
+    hooks = [m.register_forward_hook(lambda mod, a, out, i=i: weights.__setitem__(i, out[1].detach()))
+             for i, m in enumerate(model.attention_modules())]
+    try:
+        torch.manual_seed(0)
+        t = teacher_forward(model, tb, want_queries=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert _importance_vs_attention(t, [weights[i] for i in range(len(weights))], tb) < 1e-5
+
+
+def test_teacher_runs_without_a_graph_when_its_ce_is_off_and_gradients_are_unchanged():
+    grads, needs = {}, {}
+    for name in ("no_graph", "graph"):
+        cfg, model, obj, encs = _setup(loss={"teacher_ce": 0.0, "latent_ce": 1.0})
+        if name == "graph":  # the reference: the teacher pass with its graph, as before
+            obj.teacher_needs_graph = lambda: True
+        seen = []
+        hook = model.decoder.register_forward_hook(lambda mod, a, kw, out: seen.append(out.last_hidden_state.requires_grad), with_kwargs=True)
+        loss, _ = obj(obj.make_batch(encs))
+        hook.remove()
+        loss.backward()
+        needs[name] = seen[0]  # the first decoder call is the teacher's
+        grads[name] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert needs == {"no_graph": False, "graph": True}
+    assert grads["no_graph"].keys() == grads["graph"].keys()
+    for n in grads["graph"]:
+        torch.testing.assert_close(grads["no_graph"][n], grads["graph"][n], rtol=1e-6, atol=1e-7, msg=n)
+    # With the teacher's CE on, its pass keeps its graph.
+    cfg, model, obj, encs = _setup(loss={"teacher_ce": 1.0})
+    assert obj.teacher_needs_graph()
+    seen = []
+    hook = model.decoder.register_forward_hook(lambda mod, a, kw, out: seen.append(out.last_hidden_state.requires_grad), with_kwargs=True)
+    obj(obj.make_batch(encs))
+    hook.remove()
+    assert seen[0] is True
+
+
+def test_building_a_model_is_deterministic_for_a_seed():
+    """Same seed, same weights, whatever the global RNG did before (the new token rows included)."""
+    sums = []
+    for noise in (0, 1):
+        torch.manual_seed(noise)
+        torch.rand(10)
+        cfg, model, obj, encs = _setup()
+        sums.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.equal(sums[0], sums[1])
+
+
+def test_teacher_ce_uses_the_head_at_labelled_positions_only():
+    cfg, model, obj, encs = _setup()
+    tb = teacher_batch(encs, obj.pad_id, drop_last_step=True)
+    rows = []
+    hook = model.lm_head.register_forward_hook(lambda mod, a, out: rows.append(a[0].shape[0]))
+    t = teacher_forward(model, tb, want_queries=False, want_logits=True)
+    hook.remove()
+    labelled = int((tb["labels"] != -100).sum())
+    assert rows[0] == labelled < tb["input_ids"].numel()  # question and padding rows skipped
+    from kava import losses
+
+    torch.testing.assert_close(t.ce, losses.token_ce(t.logits, tb["labels"]))
+
+
+@pytest.mark.parametrize("sections", [
+    {"latent": {"num_latents": 3}, "curriculum": {"latents_per_step": 2}},  # M % latents_per_step != 0
+    {"latent": {"num_latents": 3}, "curriculum": {"max_stage": 1}},  # a last stage set below M
+    {"latent": {"num_latents": 2}, "curriculum": {}},  # examples with more steps (3) than stages (2)
+])
+def test_the_last_curriculum_stage_is_the_sequence_evaluation_decodes(sections):
+    curriculum = {"enabled": True, "steps_per_stage": 2, **sections["curriculum"]}
+    cfg, model, obj, encs = _setup(latent=sections["latent"], curriculum=curriculum, loss={"latent_ce": 1.0})
+    last = obj.make_batch(encs, step=10**6)
+    m = cfg.latent.num_latents
+    evaluated = student_batch(encs, obj.pad_id, model.bot_id, model.eot_id, m)  # what evaluation builds (no stage)
+    for key, value in evaluated.items():
+        if key == "latent_targets":  # training labels only; they follow curriculum.latents_per_step
+            continue
+        got = last["student"][key]
+        assert (torch.equal(got, value) if torch.is_tensor(value) else got == value), key
+    assert last["stage"] == obj.max_stage()
+    # The teacher compresses its whole CoT at that stage, as for evaluation-time targets.
+    loss, metrics = obj(last)
+    assert torch.isfinite(loss) and float(metrics["stage"]) == obj.max_stage()
+    # Earlier stages still replace only their first steps.
+    first = obj.make_batch(encs, step=0)
+    if obj.max_stage() > 1:
+        assert first["sequence_stage"] == 1 and first["student"]["suffix_ids"].shape[1] > evaluated["suffix_ids"].shape[1]
+    else:
+        assert first["sequence_stage"] is None
+
+
+def test_shuffled_control_never_hands_an_example_its_own_targets():
+    cfg, model, obj, encs = _setup(loss={"compression": "shuffled"})
+    model.eval()
+    dup = [encs[0], encs[0], encs[1], encs[2]]  # the same example twice, as at an epoch boundary
+    batch = obj.make_batch(dup)
+    tb = batch["teacher"]
+    with torch.no_grad():
+        own = _rkv_targets(obj, model, tb)  # [L, B, H, M, d]: each example's own R-KV target
+        paired = obj.compute(batch).kv[0].keys
+        rolled = obj.compute({**batch, "source_ids": None}).kv[0].keys  # without ids: a plain roll by one
+    def source(keys, i):
+        return [j for j in range(4) if torch.equal(keys[:, i], own[:, j])]
+    # A roll by one hands example 1 the targets of example 0, a copy of itself ...
+    assert source(rolled, 1) == [0, 1]
+    # ... the pairing by source id never does.
+    for i in range(4):
+        found = source(paired, i)
+        assert found and all(dup[j].source_id != dup[i].source_id for j in found), (i, found)
+
+
+def _rkv_targets(obj, model, tb):
+    from kava.compression import compress_cache, get_selector
+
+    t = teacher_forward(model, tb, want_queries=True)
+    c = compress_cache(get_selector("rkv", obj.cfg.loss.lam), t.keys, t.values, t.queries, tb["cot_step"] >= 0, tb["answer_valid"],
+                       obj.cfg.latent.num_latents)
+    return c.keys
+
+
+def test_kv_cosine_grid_works_for_the_shuffled_control():
+    cfg, model, obj, encs = _setup(loss={"compression": "shuffled"})
+    grid = obj.kv_cosine_grid(encs)
+    assert len(grid) == cfg.model.tiny.num_layers and all(v is not None for row in grid for v in row)
+
+
+def test_step_metrics_stay_on_the_device(monkeypatch):
+    """No host reads inside a step: metrics are tensors, read once per logging step."""
+    cfg, model, obj, encs = _setup(loss={"latent_ce": 1.0})
+    batch = obj.make_batch(encs)
+    reads = []
+    for name in ("item", "tolist", "__float__"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=original, _n=name, **k: (reads.append(_n), _o(self, *a, **k))[1])
+    loss, metrics = obj(batch)
+    loss.backward()
+    monkeypatch.undo()
+    assert reads == []
+    assert all(torch.is_tensor(v) and v.dim() == 0 and not v.requires_grad for v in metrics.values())
+    from kava.objective import metric_floats
+
+    floats = metric_floats(metrics)
+    assert floats.keys() == metrics.keys() and all(isinstance(v, float) for v in floats.values())
+
+
+@pytest.mark.parametrize("adapter", ["lora", "full"])
+def test_parameters_kava_adds_keep_float32_master_weights_on_a_bf16_backbone(adapter):
+    cfg, model, obj, encs = _setup(model={"dtype": "bfloat16", "adapter": adapter, "lora_r": 4})
+    assert model.decoder.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16  # the backbone is bf16
+    added = {n: p for n, p in model.named_parameters()
+             if p.requires_grad and (n.startswith("projection.") or "lora_" in n or "trainable_tokens" in n)}
+    assert any(n.startswith("projection.") for n in added)
+    assert all(p.dtype == torch.float32 for p in added.values()), {n: p.dtype for n, p in added.items() if p.dtype != torch.float32}
+    # Small AdamW updates move them (in bf16 a LayerNorm gain at 1.0 would not move at lr 8e-4).
+    gain = model.projection.net[-1].weight
+    start = gain.detach().clone()
+    opt = torch.optim.AdamW([p for p in obj.parameters() if p.requires_grad], lr=8e-4, weight_decay=0.0)
+    batch = obj.make_batch(encs)
+    for _ in range(5):
+        loss, _ = obj(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert torch.isfinite(loss)
+    assert float((gain.detach() - start).abs().max()) > 2e-3
+    # The latent inputs come out in the backbone's dtype.
+    h = torch.randn(2, 1, cfg.model.tiny.hidden_size, dtype=torch.bfloat16)
+    assert model.project(h).dtype == torch.bfloat16

@@ -134,13 +134,13 @@ def test_chat_template_missing_is_a_clear_error():
 # --- a local Hugging Face folder: tied embeddings, no pad, BOS, chat template, LoRA --------
 
 
-def _save_hf_folder(folder, tok):
+def _save_hf_folder(folder, tok, tied=True):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         intermediate_size=64, max_position_embeddings=256, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, pad_token_id=None, tie_word_embeddings=True,
+        eos_token_id=tok.eos_token_id, pad_token_id=None, tie_word_embeddings=tied,
     )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(folder)
@@ -212,3 +212,32 @@ def test_dataset_options_after_the_name():
         load_examples("synthetic?bogus=1", "train")
     with pytest.raises(ValueError, match="key=value"):
         load_examples("synthetic?n", "train")
+
+
+def test_untied_lm_head_rows_of_the_new_tokens_are_trained_saved_and_reloaded(tmp_path):
+    tok = _tokenizer()
+    _save_hf_folder(tmp_path / "hf-untied", tok, tied=False)
+    cfg = tiny_config(
+        model={"name_or_path": str(tmp_path / "hf-untied"), "adapter": "lora", "lora_r": 4},
+        train={"max_steps": 2, "weight_decay": 0.0, "output_dir": str(tmp_path / "run")},
+    )
+    model = build_model(cfg)
+    assert not model.base_model.config.tie_word_embeddings
+    # The head's <bot>/<eot> rows get gradients ...
+    encs = [TextEncoder(model.tokenizer, cfg.data).encode(e) for e in (EX, EX2)]
+    objective = Objective(model, cfg)
+    h = torch.randn(1, 32)
+    before = model.lm_head(h)[0, [model.bot_id, model.eot_id]].detach()
+    loss, _ = objective(objective.make_batch(encs))
+    loss.backward()
+    head_rows = [(n, p) for n, p in model.named_parameters() if "trainable_tokens_delta" in n and "lm_head" in n]
+    assert len(head_rows) == 1 and head_rows[0][1].grad is not None and head_rows[0][1].grad.abs().sum() > 0
+    # ... are saved, and come back identical after a reload (not drawn again).
+    train(cfg)
+    ckpt = tmp_path / "run" / "checkpoint-2"
+    saved = load_file(str(ckpt / WEIGHTS_FILE))
+    assert any("lm_head" in k and "trainable_tokens_delta" in k for k in saved)
+    first, second = load_checkpoint(ckpt), load_checkpoint(ckpt)
+    ids = [first.bot_id, first.eot_id]
+    torch.testing.assert_close(first.lm_head(h)[0, ids], second.lm_head(h)[0, ids], rtol=0, atol=0)
+    assert not torch.allclose(first.lm_head(h)[0, ids], before)  # trained away from the resized rows

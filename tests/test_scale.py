@@ -18,7 +18,7 @@ from kava.batch_finder import BatchSearch, find_largest_batch, is_oom, training_
 from kava.config import ConfigError, load_config
 from kava.data.schema import Example
 from kava.modeling import WEIGHTS_FILE, ModelLoadError, build_model, quantization_config
-from kava.objective import Objective
+from kava.objective import Objective, metric_floats
 from kava.sequences import TextEncoder
 from kava.train import pick_mixed_precision, train
 
@@ -120,7 +120,7 @@ def _step(adapter: str, scheme: str, checkpointing: bool, saved: dict | None = N
             loss, metrics = obj(batch)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return metrics, grads
+    return metric_floats(metrics), grads
 
 
 @pytest.mark.parametrize("adapter", ["full", "lora"])

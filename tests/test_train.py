@@ -135,3 +135,31 @@ def test_cli_missing_checkpoint_and_model(tmp_path, capsys):
     assert "no kava checkpoint" in capsys.readouterr().err
     assert main(["train", f"train.output_dir={tmp_path / 'm'}", f"model.name_or_path={tmp_path / 'missing.gguf'}"]) == 1
     assert "missing.gguf" in capsys.readouterr().err
+
+
+def test_shuffled_control_trains_to_the_end_and_is_evaluated(tmp_path):
+    """The end-of-run KV-cosine probe used to raise for the shuffled control (a batch of one)."""
+    cfg = _cfg(tmp_path, "shuf", train={"max_steps": 2, "eval_at_end": True}, loss={"compression": "shuffled"})
+    res = train(cfg)
+    assert res["state"] == "finished" and "student" in res["eval"]
+    status = json.loads((tmp_path / "shuf" / "status.json").read_text())
+    assert status["state"] == "finished" and status["eval"]["student"]["n"] == 16
+    grid = json.loads((tmp_path / "shuf" / "kv_cosine.json").read_text())
+    assert len(grid) == cfg.model.tiny.num_layers
+
+
+def test_init_from_another_architecture_is_a_one_line_error(tmp_path, capsys):
+    base = _cfg(tmp_path, "base", train={"mode": "cot", "max_steps": 1})
+    train(base)
+    ckpt = tmp_path / "base" / "checkpoint-1"
+    # The run's config describes a wider model than the checkpoint holds.
+    code = main(["train", f"train.output_dir={tmp_path / 'student'}", f"model.init_from={ckpt}", "model.tiny.hidden_size=64",
+                 "model.tiny.num_layers=2", "model.tiny.num_heads=4", "model.tiny.num_kv_heads=2", "model.tiny.intermediate_size=64",
+                 "train.max_steps=1", "train.progress=false"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1
+    assert "model.tiny.hidden_size=32" in err[0] and str(ckpt) in err[0]
+    assert not (tmp_path / "student" / "config.yaml").exists()  # nothing recorded for a run that did not start
+    # The same architecture starts from the checkpoint and records what it trains.
+    same = _cfg(tmp_path, "student2", model={"init_from": str(ckpt)}, train={"max_steps": 1})
+    assert train(same)["state"] == "finished"

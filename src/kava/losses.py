@@ -141,3 +141,20 @@ def kv_cosine(teacher: torch.Tensor, student: torch.Tensor, valid: torch.Tensor)
     cos = F.cosine_similarity(teacher.detach().float(), student.detach().float(), dim=-1)
     w = valid.float()
     return (cos * w).sum() / w.sum().clamp_min(1.0)
+
+
+def labelled_ce(head, hidden: torch.Tensor, labels: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`token_ce` of ``head(hidden)`` with the head applied only where ``labels`` are set.
+
+    ``hidden [B, N, D]``, ``labels [B, N]`` aligned with it (-100: nothing to predict);
+    ``index``: the flat positions (``b * N + n``) that carry a label, when the batch builder
+    already knows them (then nothing here waits for the device). The same value and gradients
+    as ``token_ce(head(hidden), labels)`` without the logits of the unlabelled positions. 0
+    (with a gradient path) when nothing is labelled.
+    """
+    flat_h, flat_y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    if index is None:
+        index = (flat_y != -100).nonzero().squeeze(-1)
+    if index.numel() == 0:
+        return hidden.sum() * 0.0
+    return F.cross_entropy(head(flat_h.index_select(0, index)).float(), flat_y.index_select(0, index))

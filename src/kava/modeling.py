@@ -9,6 +9,7 @@ both. Checkpoints are a folder with ``kava_config.yaml``, ``tokenizer/`` and
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import logging
 import threading
@@ -77,7 +78,7 @@ def _tiny_model(cfg: ModelConfig, tokenizer, seed: int):
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = (LlamaForCausalLM if t.arch == "llama" else Qwen2ForCausalLM)(config)
-    return model
+    return model.to(resolve_dtype(cfg.dtype))
 
 
 def quantization_config(cfg: ModelConfig):
@@ -133,6 +134,39 @@ def _local_source(path: str) -> str:
     return path
 
 
+def architecture_differences(run: ModelConfig, other: ModelConfig) -> list[tuple[str, object, object]]:
+    """``(field, run's value, other's value)`` for each model field that decides the
+    architecture (the base model, and the shape of a model built in code) where they differ."""
+    out = []
+    a, b = _local_source(run.name_or_path), _local_source(other.name_or_path)
+    if a != b:
+        out.append(("model.name_or_path", run.name_or_path, other.name_or_path))
+    if run.gguf_file != other.gguf_file:
+        out.append(("model.gguf_file", run.gguf_file, other.gguf_file))
+    if a == b == "tiny":
+        for f in dataclasses.fields(run.tiny):
+            x, y = getattr(run.tiny, f.name), getattr(other.tiny, f.name)
+            if x != y:
+                out.append((f"model.tiny.{f.name}", x, y))
+    return out
+
+
+def check_init_from(cfg: ModelConfig) -> None:
+    """Stop, naming the field, when ``model.init_from`` holds another architecture than the
+    run's config describes: the run would train the checkpoint's model while its
+    ``config.yaml`` recorded a different one."""
+    path = Path(cfg.init_from)
+    cfg_file = path / CONFIG_FILE
+    if not cfg_file.is_file():
+        raise ModelLoadError(f"model.init_from: {path} is not a kava checkpoint (no {CONFIG_FILE}; give a checkpoint-N folder)")
+    theirs = config_from_dict(read_yaml(cfg_file)).model
+    diff = architecture_differences(cfg, theirs)
+    if diff:
+        field, mine, other = diff[0]
+        raise ModelLoadError(f"model.init_from: checkpoint {path} has {field}={other!r} but this run's config has {mine!r}; "
+                             f"set {field}={other} (or start from a checkpoint of this architecture)")
+
+
 def load_backbone(cfg: ModelConfig, seed: int = 0):
     """(tokenizer, causal LM) for ``cfg``: built in code, a local folder, a .gguf file, the
     packaged SmolLM2 GGUF (``smollm2``), or the hub.
@@ -144,6 +178,7 @@ def load_backbone(cfg: ModelConfig, seed: int = 0):
     from .tokenizer import build_synthetic_tokenizer
 
     if cfg.init_from:
+        check_init_from(cfg)
         model = load_checkpoint(cfg.init_from)
         return model.tokenizer, model.merged_backbone()
     if cfg.name_or_path == "tiny":
@@ -193,12 +228,17 @@ def add_latent_tokens(tokenizer, model, mean_resizing: bool = True) -> tuple[int
     return tokenizer.convert_tokens_to_ids(BOT), tokenizer.convert_tokens_to_ids(EOT)
 
 
-def _embedding_name(model) -> str:
-    emb = model.get_input_embeddings()
+def _module_name(model, target, what: str) -> str:
     for name, module in model.named_modules():
-        if module is emb:
+        if module is target:
             return name.split(".")[-1]
-    raise ModelLoadError("cannot find the input embedding module")
+    raise ModelLoadError(f"cannot find the {what} module")
+
+
+def tied_embeddings(model) -> bool:
+    """Whether the LM head shares its weight with the input embedding."""
+    head = model.get_output_embeddings()
+    return head is not None and head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
 
 
 def apply_adapter(model, cfg: ModelConfig, token_ids: list[int]):
@@ -209,12 +249,18 @@ def apply_adapter(model, cfg: ModelConfig, token_ids: list[int]):
         return model
     from peft import LoraConfig, get_peft_model
 
+    # The new tokens' rows are trained (and saved): in the input embedding, and in an untied LM
+    # head too, whose rows a resize would otherwise draw at random, leave untrained and draw
+    # again at every reload. A tied head shares the embedding's rows (peft ties them).
+    rows = {_module_name(model, model.get_input_embeddings(), "input embedding"): list(token_ids)}
+    if not tied_embeddings(model):
+        rows[_module_name(model, model.get_output_embeddings(), "output embedding")] = list(token_ids)
     lora = LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
         target_modules=list(cfg.lora_target_modules),
-        trainable_token_indices={_embedding_name(model): list(token_ids)},
+        trainable_token_indices=rows,
         task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(model, lora)
@@ -408,7 +454,9 @@ class KavaModel(nn.Module):
                 # unit variance per dim, often far larger than a trained embedding's.
                 with torch.no_grad():
                     self.projection.net[-1].weight.fill_(float(w.detach().float().pow(2).mean().sqrt()))
-            self.projection.to(device=w.device, dtype=w.dtype)
+            # Kept in float32 whatever the backbone's dtype: its AdamW updates must not round
+            # away in bf16 (compute may still run in bf16, see :meth:`project`).
+            self.projection.to(device=w.device, dtype=torch.float32)
         else:
             self.projection = nn.Identity()
 
@@ -452,7 +500,13 @@ class KavaModel(nn.Module):
         )
 
     def project(self, h: torch.Tensor) -> torch.Tensor:
-        return self.projection(h)
+        """The latent input made from hidden states ``h``, in ``h``'s dtype (the projection's
+        float32 weights are cast by autocast where it is on, else ``h`` is lifted to float32)."""
+        if isinstance(self.projection, nn.Identity):
+            return h
+        weight = self.projection.net[1].weight
+        x = h if torch.is_autocast_enabled(h.device.type) else h.to(weight.dtype)
+        return self.projection(x).to(h.dtype)
 
     def merged_backbone(self):
         """The backbone with any LoRA merged in (for starting another run from this one)."""
@@ -493,7 +547,9 @@ def build_model(cfg: KavaConfig, with_adapter: bool = True) -> KavaModel:
     """Load the backbone, add the latent tokens, apply LoRA or full fine-tuning."""
     tok, backbone = load_backbone(cfg.model, cfg.train.seed)
     base_reloadable = cfg.model.name_or_path != "tiny" or bool(cfg.model.init_from)
-    ids = add_latent_tokens(tok, backbone, mean_resizing=base_reloadable)
+    with torch.random.fork_rng():  # the new rows are drawn from the run's seed, not the global RNG
+        torch.manual_seed(cfg.train.seed)
+        ids = add_latent_tokens(tok, backbone, mean_resizing=base_reloadable)
     if cfg.model.quantization != "none":
         from peft import prepare_model_for_kbit_training
 

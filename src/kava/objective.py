@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -25,7 +26,7 @@ from .teacher import rope_at, teacher_forward, undo_rope
 @dataclass
 class StepOutput:
     loss: torch.Tensor
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # detached 0-dim tensors
     # The KV pair the loss compared, ``(teacher Compressed, student keys, student values)``,
     # each ``[L, B, H, M, d]``; None when no KV loss is computed.
     kv: tuple | None = None
@@ -33,6 +34,20 @@ class StepOutput:
 
 def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def detached(**values: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Metrics as detached float tensors, left on the device (no host sync here)."""
+    return {k: v.detach().float() for k, v in values.items()}
+
+
+def metric_floats(metrics: dict[str, torch.Tensor | float]) -> dict[str, float]:
+    """Read a dict of 0-dim metric tensors (or floats) with one device-to-host transfer."""
+    if not metrics:
+        return {}
+    device = next((v.device for v in metrics.values() if torch.is_tensor(v)), torch.device("cpu"))
+    values = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device).reshape(()) for v in metrics.values()])
+    return dict(zip(metrics, values.tolist()))
 
 
 class Objective(nn.Module):
@@ -65,8 +80,10 @@ class Objective(nn.Module):
 
     # --- curriculum -----------------------------------------------------------------
     def max_stage(self) -> int:
+        """The last curriculum stage: ``curriculum.max_stage``, or enough stages to replace
+        ``num_latents`` latents ``latents_per_step`` at a time."""
         c = self.cfg.curriculum
-        return c.max_stage or max(1, self.cfg.latent.num_latents // c.latents_per_step)
+        return c.max_stage or max(1, -(-self.cfg.latent.num_latents // c.latents_per_step))
 
     def stage_at(self, step: int) -> int | None:
         """Curriculum stage at optimizer ``step`` (None when the curriculum is off)."""
@@ -74,6 +91,19 @@ class Objective(nn.Module):
         if not c.enabled or self.cfg.train.mode != "kava":
             return None
         return min(self.max_stage(), 1 + step // c.steps_per_stage)
+
+    def sequence_stage(self, stage: int | None) -> int | None:
+        """The stage the student's sequence is built for: the last stage is the sequence
+        evaluation decodes (all ``num_latents`` latents, no text step left, the teacher's whole
+        CoT compressed), whatever ``max_stage``, ``latents_per_step`` or an example's number
+        of steps; earlier stages replace their first ``stage`` steps."""
+        return None if stage is None or stage >= self.max_stage() else stage
+
+    def teacher_needs_graph(self) -> bool:
+        """Whether the student's own teacher pass needs an autograd graph: only for its CE
+        (``loss.teacher_ce > 0``); KV targets and CODI states are detached. Without it the
+        pass runs under ``no_grad``: same gradients, no backward through ``0 * CE``."""
+        return self.cfg.loss.teacher_ce > 0
 
     # --- batches ---------------------------------------------------------------------
     def make_batch(self, encs: list[Encoded], step: int = 0) -> dict:
@@ -83,23 +113,24 @@ class Objective(nn.Module):
         if mode == "nocot":
             return {"teacher": teacher_batch(encs, self.pad_id, with_cot=False)}
         stage = self.stage_at(step)
+        seq_stage = self.sequence_stage(stage)
         lat = self.cfg.latent
         batch = {
             "stage": stage,
+            "sequence_stage": seq_stage,
+            "source_ids": [e.source_id for e in encs],
             "teacher": teacher_batch(encs, self.pad_id, with_cot=True, drop_last_step=self.cfg.loss.drop_last_step),
             "student": student_batch(
                 encs, self.pad_id, self.model.bot_id, self.model.eot_id, lat.num_latents,
-                stage=stage, latents_per_step=self.cfg.curriculum.latents_per_step,
+                stage=seq_stage, latents_per_step=self.cfg.curriculum.latents_per_step,
             ),
         }
-        if self.cache is not None or (self.teachers is not None and self.teachers.uses_caches):
-            batch["source_ids"] = [e.source_id for e in encs]
         if self.teachers is not None:
             batch["external"] = self.teachers.batches(encs)
         return batch
 
     # --- loss ------------------------------------------------------------------------
-    def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = self.compute(batch)
         return out.loss, out.metrics
 
@@ -107,14 +138,16 @@ class Objective(nn.Module):
         device = next(self.model.parameters()).device
         t_batch = to_device(batch["teacher"], device)
         if self.cfg.train.mode != "kava":
-            out = teacher_forward(self.model, t_batch, want_queries=False, want_cache=False)
-            ce = losses.token_ce(out.logits, t_batch["labels"])
-            return StepOutput(ce, {"loss": ce.item(), "ce": ce.item()})
+            ce = teacher_forward(self.model, t_batch, want_queries=False, want_cache=False).ce
+            return StepOutput(ce, detached(loss=ce, ce=ce))
         return self.kava_loss(t_batch, to_device(batch["student"], device), batch.get("stage"), batch.get("source_ids"),
-                              batch.get("external"))
+                              batch.get("external"), batch.get("sequence_stage", batch.get("stage")))
 
     def kava_loss(self, tb: dict, sb: dict, stage: int | None, source_ids: list[str] | None = None,
-                  external: list[dict] | None = None) -> StepOutput:
+                  external: list[dict] | None = None, sequence_stage: int | None = None) -> StepOutput:
+        """The KaVa loss of one batch. ``stage``: the curriculum stage (logged);
+        ``sequence_stage``: the stage the sequences were built for (:meth:`sequence_stage`).
+        Metrics are detached 0-dim tensors: read them once per logging step, not per step."""
         cfg, model = self.cfg, self.model
         want_kv = self.selector is not None
         cached = None
@@ -130,89 +163,94 @@ class Objective(nn.Module):
         run_teacher = own_targets or cfg.loss.teacher_ce > 0
         if run_teacher:
             online_kv = want_kv and own_targets
-            teacher = teacher_forward(model, tb, want_queries=online_kv and self.selector.needs_queries, want_cache=online_kv)
-            ce_t = losses.token_ce(teacher.logits, tb["labels"])
+            with nullcontext() if self.teacher_needs_graph() else torch.no_grad():
+                teacher = teacher_forward(model, tb, want_queries=online_kv and self.selector.needs_queries, want_cache=online_kv)
+            ce_t = teacher.ce
         t_hidden = cached[1] if cached is not None else teacher.hidden if own_targets else None
 
         m = sb["num_latents"]
         state = run_latents(model, sb["prefix_ids"], sb["prefix_mask"], m, cfg.latent.scheme, cfg.latent.iterations)
         out, mask, k = final_pass(model, state, sb["suffix_ids"], sb["suffix_mask"], output_hidden_states=True)
         suffix_h = out.last_hidden_state[:, k:]
-        ce_s = losses.token_ce(model.lm_head(suffix_h), sb["suffix_labels"])
+        ce_s = losses.labelled_ce(model.lm_head, suffix_h, sb["suffix_labels"], sb.get("suffix_label_index"))
 
         b = sb["prefix_ids"].shape[0]
         rows = torch.arange(b, device=suffix_h.device)
         s_hidden = torch.stack([h[rows, k + sb["distill_idx"]] for h in out.hidden_states[1:]])
 
-        metrics: dict[str, float] = {}
+        metrics: dict[str, torch.Tensor] = {}
         kv_pair = None
         teacher_term = cfg.loss.teacher_ce * ce_t if run_teacher else 0.0
         total = cfg.loss.student_ce * ce_s + teacher_term
         if cfg.loss.latent_ce > 0:
             lat_ce = losses.token_ce(model.lm_head(state.producers), sb["latent_targets"])
             total = total + cfg.loss.latent_ce * lat_ce
-            metrics["latent_ce"] = lat_ce.item()
+            metrics["latent_ce"] = lat_ce
         if want_kv:
             p = state.prefix_len
             s_keys, s_values = cache_span(state.cache, p, p + m)
             if cfg.loss.rope == "pre":
                 s_keys = self.unrotate(s_keys, positions(mask)[:, p : p + m])
         if self.teachers is not None:
-            targets = self.teachers.teacher_targets(external, self, stage, m, source_ids)
+            targets = self.teachers.teacher_targets(external, self, sequence_stage, m, source_ids)
             if self.teachers.include_self:
-                targets.append((self.teacher_targets(teacher, tb, stage, m), teacher.hidden))
+                targets.append((self.teacher_targets(teacher, tb, sequence_stage, m, source_ids=source_ids), teacher.hidden))
             kv, codi, fused, kv_pair = self.teachers(targets, s_keys, s_values, s_hidden, state.producers)
             total = total + cfg.loss.alpha_kv * kv
-            metrics.update(fused, kv=kv.item())
+            metrics.update(fused, kv=kv)
         else:
             codi = losses.codi_loss(t_hidden, s_hidden, cfg.loss.codi_loss)
             if want_kv:
-                target = cached[0] if cached is not None else self.teacher_targets(teacher, tb, stage, m)
+                target = cached[0] if cached is not None else self.teacher_targets(teacher, tb, sequence_stage, m, source_ids=source_ids)
                 kv = losses.kv_loss(target.keys, target.values, s_keys, s_values, target.valid, cfg.loss.kv_loss, cfg.loss.layer_std)
                 total = total + cfg.loss.alpha_kv * kv
-                metrics["kv"] = kv.item()
+                metrics["kv"] = kv
                 kv_pair = (target, s_keys, s_values)
                 metrics["kv_cos"] = 0.5 * (
                     losses.kv_cosine(target.keys, s_keys, target.valid) + losses.kv_cosine(target.values, s_values, target.valid)
-                ).item()
+                )
         total = total + cfg.loss.alpha_codi * codi
-        metrics.update(loss=total.item(), ce_student=ce_s.item(), **({"ce_teacher": ce_t.item()} if run_teacher else {}), codi=codi.item())
+        metrics.update(loss=total, ce_student=ce_s, codi=codi)
+        if run_teacher:
+            metrics["ce_teacher"] = ce_t
+        metrics = detached(**metrics)
         if stage is not None:
-            metrics["stage"] = float(stage)
+            metrics["stage"] = torch.tensor(float(stage))
         return StepOutput(total, metrics, kv_pair)
 
     @torch.no_grad()
     def kv_cosine_grid(self, encs: list[Encoded]) -> list[list[float]] | None:
         """Teacher-student cosine per layer and latent slot for the first of ``encs``.
 
-        Keys and values are compared entry by entry, averaged over KV heads and over K and V,
-        at the last curriculum stage; slots the teacher could not fill are None. ``[L][M]``, or
-        None when this run has no KV loss.
+        ``encs`` are run as one batch (the shuffled control needs another example to take the
+        targets from; give at least two). Keys and values are compared entry by entry,
+        averaged over KV heads and over K and V, at the last curriculum stage; slots the
+        teacher could not fill are None. ``[L][M]``, or None when this run has no KV loss.
         """
         if self.selector is None:
             return None
         was_training = self.model.training
         self.model.eval()
         try:
-            batch = self.make_batch(encs[:1], step=10**9)
-            device = next(self.model.parameters()).device
-            out = self.kava_loss(to_device(batch["teacher"], device), to_device(batch["student"], device),
-                                 batch.get("stage"), batch.get("source_ids"), batch.get("external"))
+            out = self.compute(self.make_batch(encs, step=10**9))
         finally:
             self.model.train(was_training)
         target, s_keys, s_values = out.kv
         cos = 0.5 * (torch.nn.functional.cosine_similarity(target.keys.float(), s_keys.float(), dim=-1)
                      + torch.nn.functional.cosine_similarity(target.values.float(), s_values.float(), dim=-1))
-        valid = target.valid.expand_as(cos)[:, 0]  # [L, H, M] for the one example
+        valid = target.valid.expand_as(cos)[:, 0]  # [L, H, M] for the first example
         cos = cos[:, 0].masked_fill(~valid, float("nan"))
         grid = cos.nanmean(1)  # [L, M], mean over KV heads
         return [[None if v != v else round(v, 4) for v in row] for row in grid.tolist()]
 
-    def teacher_targets(self, teacher, tb: dict, stage: int | None, m: int, model: KavaModel | None = None) -> Compressed:
+    def teacher_targets(self, teacher, tb: dict, stage: int | None, m: int, model: KavaModel | None = None,
+                        source_ids: list[str] | None = None) -> Compressed:
         """The teacher's compressed CoT cache: ``m`` slots per layer and KV head.
 
-        ``model``: the model that produced ``teacher`` (default the student's own), whose RoPE
-        is undone for ``loss.rope=pre``.
+        ``stage``: the sequence stage (only its first ``stage`` CoT steps are compressed; None:
+        the whole CoT). ``model``: the model that produced ``teacher`` (default the student's
+        own), whose RoPE is undone for ``loss.rope=pre``. ``source_ids``: the examples' ids,
+        so the shuffled control never hands an example a copy of its own targets.
         """
         cot = tb["cot_step"] >= 0
         if stage is not None:
@@ -221,12 +259,12 @@ class Objective(nn.Module):
         with torch.no_grad():
             keys, values = teacher.keys, teacher.values
             if self.cfg.loss.rope == "post":
-                return compress_cache(self.selector, keys, values, teacher.queries, cot, answer_valid, m, self.generator)
+                return compress_cache(self.selector, keys, values, teacher.queries, cot, answer_valid, m, self.generator, source_ids)
             # Score on the cached (post-RoPE) keys, but carry RoPE-free keys through the same
             # gather / pooling / shuffling by packing them beside the values.
             pos = torch.arange(keys.shape[3], device=cot.device)[None].expand(cot.shape[0], -1)
             packed = torch.cat([values, self.unrotate(keys, pos, model)], -1)
-            c = compress_cache(self.selector, keys, packed, teacher.queries, cot, answer_valid, m, self.generator)
+            c = compress_cache(self.selector, keys, packed, teacher.queries, cot, answer_valid, m, self.generator, source_ids)
             d = values.shape[-1]
             c = Compressed(c.values[..., d:], c.values[..., :d], c.valid, c.indices)
         return c
@@ -237,4 +275,4 @@ class Objective(nn.Module):
         return undo_rope(keys, cos[None, :, None].to(keys.dtype), sin[None, :, None].to(keys.dtype))
 
 
-__all__ = ["Objective", "StepOutput", "latent_count"]
+__all__ = ["Objective", "StepOutput", "detached", "latent_count", "metric_floats"]

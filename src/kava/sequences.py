@@ -97,6 +97,12 @@ class TextEncoder:
         return Encoded(question, steps, list(self.answer_prefix_ids), answer, targets, str(ex.answer), ex.source_id, ex)
 
 
+def label_index(labels: torch.Tensor) -> torch.Tensor:
+    """Flat positions ``b * N + n`` of ``labels [B, N]`` that carry a label (not -100), so the
+    LM head can run on those alone (:func:`kava.losses.labelled_ce`)."""
+    return (labels.reshape(-1) != IGNORE).nonzero().squeeze(-1)
+
+
 def _pad_right(rows: list[list[int]], value: int) -> torch.Tensor:
     n = max(1, max(len(r) for r in rows))
     return torch.tensor([r + [value] * (n - len(r)) for r in rows], dtype=torch.long)
@@ -115,7 +121,8 @@ def teacher_steps(enc: Encoded, drop_last_step: bool) -> list[list[int]]:
 def teacher_batch(encs: list[Encoded], pad_id: int, *, with_cot: bool = True, drop_last_step: bool = False) -> dict:
     """Right-padded ``Q C A`` (or ``Q A`` with ``with_cot=False``) with exact spans.
 
-    Returns ``input_ids``, ``attention_mask``, ``labels`` (aligned: CE on C and A),
+    Returns ``input_ids``, ``attention_mask``, ``labels`` (aligned: CE on C and A) and
+    ``label_index`` (the flat positions that carry a label, see :func:`label_index`),
     ``cot_step`` (step index per position, -1 elsewhere), ``answer_pos`` / ``answer_valid``
     (positions of the answer segment, ``[B, A]``) and ``distill_pos`` (last answer-prefix token).
     """
@@ -143,10 +150,12 @@ def teacher_batch(encs: list[Encoded], pad_id: int, *, with_cot: bool = True, dr
     mask = _pad_right([[1] * len(r) for r in rows], 0).bool()
     apos = _pad_right(answer_pos, 0)
     avalid = _pad_right([[1] * len(p) for p in answer_pos], 0).bool()
+    lab = _pad_right(labels, IGNORE)
     return {
         "input_ids": ids,
         "attention_mask": mask,
-        "labels": _pad_right(labels, IGNORE),
+        "labels": lab,
+        "label_index": label_index(lab),
         "cot_step": _pad_right(cot_step, -1),
         "answer_pos": apos,
         "answer_valid": avalid,
@@ -176,6 +185,7 @@ def student_batch(
     Left-padding the prefix puts every example's latents at the same columns. Returns
     ``prefix_ids``/``prefix_mask`` ``[B, P]``, ``num_latents`` (m), ``suffix_ids``/
     ``suffix_mask``/``suffix_labels`` ``[B, S]`` (labels aligned with the suffix logits),
+    ``suffix_label_index`` (the flat suffix positions that carry a label),
     ``distill_idx`` (suffix index of the last answer-prefix token) and ``latent_targets``
     ``[B, m]``: the token the hidden state that *produces* latent j must predict (the result
     of the step that latent j closes), -100 elsewhere. ``stage`` (curriculum) replaces only
@@ -210,13 +220,15 @@ def student_batch(
             if j < m:
                 tgt[j] = e.step_targets[s] if s < len(e.step_targets) else IGNORE
         targets.append(tgt)
+    suffix_labels = _pad_right(labels, IGNORE)
     return {
         "prefix_ids": _pad_left(prefixes, pad_id),
         "prefix_mask": _pad_left([[1] * len(p) for p in prefixes], 0).bool(),
         "num_latents": m,
         "suffix_ids": _pad_right(suffixes, pad_id),
         "suffix_mask": _pad_right([[1] * len(s) for s in suffixes], 0).bool(),
-        "suffix_labels": _pad_right(labels, IGNORE),
+        "suffix_labels": suffix_labels,
+        "suffix_label_index": label_index(suffix_labels),
         "distill_idx": torch.tensor(distill, dtype=torch.long),
         "latent_targets": torch.tensor(targets, dtype=torch.long).view(len(encs), m),
     }

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from . import losses
 from .latent import cache_span, positions
 from .modeling import KavaModel
 
@@ -41,36 +42,47 @@ def rope_at(model: KavaModel, like: torch.Tensor, pos: torch.Tensor) -> tuple[to
 def capture_answer_queries(model: KavaModel, answer_pos: torch.Tensor, store: list):
     """Record, for every layer, the post-RoPE queries at ``answer_pos [B, A]`` -> ``[B, H_q, A, d]``.
 
-    Forward hooks read each attention module's input hidden states and rotary angles and
-    recompute ``q`` for the answer positions only (no attention matrix is materialised).
-    Hooks are removed on exit, whatever happens.
+    The queries are the ones the attention used: a forward hook on each ``q_proj`` keeps its
+    output rows at the answer positions (LoRA dropout included, never drawn a second time), and
+    a hook on the attention module applies that layer's ``q_norm`` (if any) and the rotary
+    angles it received. No attention matrix is materialised. Hooks are removed on exit,
+    whatever happens.
     """
     handles = []
     mods = model.attention_modules()
     store.clear()
     store.extend([None] * len(mods))
+    raw: list = [None] * len(mods)
+    idx = answer_pos[..., None]
 
-    def make(i):
+    def make_proj(i):
+        def hook(module, args, output):
+            raw[i] = output.detach().gather(1, idx.expand(-1, -1, output.shape[-1]))  # [B, A, H_q * d]
+
+        return hook
+
+    def make_attn(i):
         def hook(module, args, kwargs, output):
-            h = args[0] if args else kwargs["hidden_states"]
             cos, sin = kwargs["position_embeddings"]
             with torch.no_grad():
-                idx = answer_pos[..., None]
-                hs = h.detach().gather(1, idx.expand(-1, -1, h.shape[-1]))
+                q_rows = raw[i]
                 head_dim = getattr(module, "head_dim", cos.shape[-1])
-                q = module.q_proj(hs).view(hs.shape[0], hs.shape[1], -1, head_dim)
+                q = q_rows.view(q_rows.shape[0], q_rows.shape[1], -1, head_dim)
                 if hasattr(module, "q_norm"):
                     q = module.q_norm(q)
                 q = q.transpose(1, 2)
-                c = cos.expand(h.shape[0], -1, -1).gather(1, idx.expand(-1, -1, cos.shape[-1]))[:, None]
-                s = sin.expand(h.shape[0], -1, -1).gather(1, idx.expand(-1, -1, sin.shape[-1]))[:, None]
+                b = q_rows.shape[0]
+                c = cos.expand(b, -1, -1).gather(1, idx.expand(-1, -1, cos.shape[-1]))[:, None]
+                s = sin.expand(b, -1, -1).gather(1, idx.expand(-1, -1, sin.shape[-1]))[:, None]
                 store[i] = apply_rope(q, c.to(q.dtype), s.to(q.dtype))
+                raw[i] = None
 
         return hook
 
     try:
         for i, mod in enumerate(mods):
-            handles.append(mod.register_forward_hook(make(i), with_kwargs=True))
+            handles.append(mod.q_proj.register_forward_hook(make_proj(i)))
+            handles.append(mod.register_forward_hook(make_attn(i), with_kwargs=True))
         yield store
     finally:
         for hd in handles:
@@ -79,15 +91,23 @@ def capture_answer_queries(model: KavaModel, answer_pos: torch.Tensor, store: li
 
 @dataclass
 class TeacherOutput:
-    logits: torch.Tensor | None  # [B, N, V] (None when not asked for)
+    ce: torch.Tensor | None  # token CE over the labelled positions (None when not asked for)
     hidden: torch.Tensor  # [L, B, D] at the distillation position (detached)
-    keys: torch.Tensor  # [L, B, H_kv, N, d] (detached)
-    values: torch.Tensor  # [L, B, H_kv, N, d] (detached)
+    keys: torch.Tensor | None  # [L, B, H_kv, N, d] (detached; None when not asked for)
+    values: torch.Tensor | None  # [L, B, H_kv, N, d] (detached)
     queries: torch.Tensor | None  # [L, B, H_q, A, d] at the answer positions, or None
+    logits: torch.Tensor | None = None  # [B, N, V] over every position, only with want_logits
 
 
-def teacher_forward(model: KavaModel, batch: dict, want_queries: bool, want_cache: bool = True, want_logits: bool = True) -> TeacherOutput:
-    """Run the teacher once over ``batch`` (from :func:`kava.sequences.teacher_batch`)."""
+def teacher_forward(model: KavaModel, batch: dict, want_queries: bool, want_cache: bool = True, want_ce: bool = True,
+                    want_logits: bool = False) -> TeacherOutput:
+    """Run the teacher once over ``batch`` (from :func:`kava.sequences.teacher_batch`).
+
+    ``want_ce``: the CE on ``batch["labels"]``, with the LM head applied at the labelled
+    positions only (the question carries no labels; at a large vocabulary the head over every
+    position is most of the teacher's head work). ``want_logits``: also the logits of every
+    position (for inspection and tests; training never needs them).
+    """
     ids, mask = batch["input_ids"], batch["attention_mask"]
     cache = DynamicCache()
     store: list = []
@@ -97,7 +117,9 @@ def teacher_forward(model: KavaModel, batch: dict, want_queries: bool, want_cach
             out = model.run(embeds, mask, positions(mask), cache, output_hidden_states=True)
     else:
         out = model.run(embeds, mask, positions(mask), cache, output_hidden_states=True)
-    logits = model.lm_head(out.last_hidden_state) if want_logits else None
+    last = out.last_hidden_state
+    ce = losses.labelled_ce(model.lm_head, last, batch["labels"], batch.get("label_index")) if want_ce else None
+    logits = model.lm_head(last) if want_logits else None
     pos = batch["distill_pos"]
     rows = torch.arange(ids.shape[0], device=ids.device)
     hidden = torch.stack([h[rows, pos] for h in out.hidden_states[1:]]).detach()  # [L, B, D]
@@ -106,4 +128,4 @@ def teacher_forward(model: KavaModel, batch: dict, want_queries: bool, want_cach
         keys, values = cache_span(cache, 0, ids.shape[1])
         keys, values = keys.detach(), values.detach()
     queries = torch.stack(store) if want_queries else None
-    return TeacherOutput(logits, hidden, keys, values, queries)
+    return TeacherOutput(ce, hidden, keys, values, queries, logits)

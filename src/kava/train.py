@@ -24,7 +24,7 @@ from .config import ConfigError, KavaConfig
 from .data.schema import Example
 from .io import atomic_replace_dir, atomic_write_json
 from .modeling import WEIGHTS_FILE, build_model
-from .objective import Objective
+from .objective import Objective, metric_floats
 from .sequences import TextEncoder
 from .teachers.external import ALIGN_FILE
 
@@ -239,20 +239,24 @@ def train(cfg: KavaConfig, resume: bool = False) -> dict:
     with _StopSignal() as stop:
         wrapped.train()
         while step < max_steps:
+            losses_this_step = []
             for micro in range(accum):
                 idx = order.take(tc.batch_size * world)[rank::world]
                 batch = objective.make_batch([encoded[i] for i in idx], step)
                 sync = accelerator.no_sync(wrapped) if micro < accum - 1 else nullcontext()
                 with sync:
                     loss, metrics = wrapped(batch)
-                    if not torch.isfinite(loss):
-                        raise TrainingError(f"non-finite loss ({loss.item()}) at step {step}: {metrics}; lower train.lr or check the data")
                     accelerator.backward(loss / accum)
+                losses_this_step.append(loss.detach())
                 for k, v in metrics.items():
                     window.setdefault(k, []).append(v)
+            # One host read per optimizer step, after the backward passes were queued.
+            if not bool(torch.isfinite(torch.stack(losses_this_step)).all()):
+                bad = metric_floats({k: v[-1] for k, v in window.items()})
+                raise TrainingError(f"non-finite loss at step {step}: {bad}; lower train.lr or check the data")
             if tc.grad_clip > 0:
                 grad_norm = accelerator.clip_grad_norm_(wrapped.parameters(), tc.grad_clip)
-                window.setdefault("grad_norm", []).append(float(grad_norm))
+                window.setdefault("grad_norm", []).append(torch.as_tensor(grad_norm).detach().float())
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -260,7 +264,9 @@ def train(cfg: KavaConfig, resume: bool = False) -> dict:
             bar.update(1)
             if step % tc.log_every == 0 or step == max_steps:
                 row = {"step": step, "lr": scheduler.get_last_lr()[0], "elapsed_s": round(time.perf_counter() - started, 3)}
-                row.update(_mean_over_processes(accelerator, {k: sum(v) / len(v) for k, v in window.items()}))
+                means = {k: torch.stack([torch.as_tensor(x, dtype=torch.float32, device=accelerator.device).reshape(()) for x in v]).mean()
+                         for k, v in window.items()}
+                row.update(_mean_over_processes(accelerator, means))
                 window.clear()
                 bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k in ("loss", "ce", "ce_student", "kv", "codi", "kv_cos", "stage")})
                 if main:
@@ -287,8 +293,9 @@ def train(cfg: KavaConfig, resume: bool = False) -> dict:
         log.info("FSDP: skipping the evaluation at the end; run `kava eval --checkpoint %s`", ckpt)
     if state == "finished" and main and tc.mode == "kava" and not fsdp:
         # One example's teacher-student KV cosine per layer and slot, for `kava report`'s heatmap.
-        probe = encoder.encode(eval_examples[0]) if eval_examples else encoded[0]
-        grid = objective.kv_cosine_grid([probe])
+        # Run as a batch of a few (the shuffled control takes its targets from another example).
+        probe = [encoder.encode(ex) for ex in eval_examples[:8]] if eval_examples else encoded[:8]
+        grid = objective.kv_cosine_grid(probe) if len(probe) >= 2 or objective.cfg.loss.compression != "shuffled" else None
         if grid is not None:
             atomic_write_json(out / "kv_cosine.json", grid)
     if state == "finished" and tc.eval_at_end and main and eval_examples and not fsdp:
@@ -300,13 +307,16 @@ def train(cfg: KavaConfig, resume: bool = False) -> dict:
     return result
 
 
-def _mean_over_processes(accelerator, values: dict[str, float]) -> dict[str, float]:
-    """Average logged metrics over all processes (each saw its own share of the batch)."""
-    if accelerator.num_processes == 1 or not values:
-        return values
+def _mean_over_processes(accelerator, values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Average logged metrics (0-dim tensors) over all processes (each saw its own share of
+    the batch), read back to the host in one transfer."""
+    if not values:
+        return {}
     keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=accelerator.device)
-    return dict(zip(keys, accelerator.reduce(t, reduction="mean").tolist()))
+    t = torch.stack([values[k].to(accelerator.device, torch.float64) for k in keys])
+    if accelerator.num_processes > 1:
+        t = accelerator.reduce(t, reduction="mean")
+    return dict(zip(keys, t.tolist()))
 
 
 def eval_modes(cfg: KavaConfig) -> list[str]:

@@ -164,7 +164,7 @@ class TeacherSet(nn.Module):
             tb = to_device(tb, device)
             with torch.no_grad():
                 run = teacher_forward(t, tb, want_queries=objective.selector.needs_queries, want_cache=True, want_logits=False)
-            out.append((objective.teacher_targets(run, tb, stage, m, model=t), run.hidden))
+            out.append((objective.teacher_targets(run, tb, stage, m, model=t, source_ids=source_ids), run.hidden))
         return out
 
     def forward(self, targets: list[tuple[Compressed, torch.Tensor]], s_keys: torch.Tensor, s_values: torch.Tensor,
@@ -195,8 +195,8 @@ class TeacherSet(nn.Module):
         share = share / share.sum().clamp_min(1e-8)
         codi = (share * torch.stack(codis)).sum()
         sim_mean = (torch.stack(sims) * filled).sum((1, 2)) / filled.sum((1, 2)).clamp_min(1.0)
-        metrics = {**metrics, "kv_cos": float((share * sim_mean).sum())}
-        metrics.update({f"kv_cos{k}": c for k, c in enumerate(sim_mean.tolist())})
+        metrics = {**metrics, "kv_cos": (share * sim_mean).sum().detach()}
+        metrics.update({f"kv_cos{k}": c for k, c in enumerate(sim_mean.detach().unbind())})
         return kv, codi, metrics, pairs[0]
 
 

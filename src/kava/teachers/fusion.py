@@ -92,6 +92,6 @@ class Fusion(nn.Module):
             gap = valid.sum(0).clamp_min(1).float().log() - entropy
             loss = loss + self.entropy_weight * (gap * slot).sum() / n_slots
         with torch.no_grad():
-            metrics = {f"w{i}": ((w[i] * slot).sum() / n_slots).item() for i in range(self.k)}
-            metrics["router_entropy"] = ((entropy * slot).sum() / n_slots).item()
+            metrics = {f"w{i}": ((w[i] * slot).sum() / n_slots).detach() for i in range(self.k)}
+            metrics["router_entropy"] = ((entropy * slot).sum() / n_slots).detach()
         return loss, w, metrics
