@@ -217,20 +217,20 @@ def run_benchmark(args) -> dict:
 
     def step_cot(backward=True):
         with autocast():
-            out = teacher_forward(model, tb, want_queries=False, want_cache=False)
-            loss = losses.token_ce(out.logits, tb["labels"])
+            loss = teacher_forward(model, tb, want_queries=False, want_cache=False).ce
         if backward:
             loss.backward()
             zero()
 
     def step_passes(backward=True):
+        # The floor follows the objective's rule: the teacher keeps a graph only when its CE is trained.
         with autocast():
-            out = teacher_forward(model, tb, want_queries=False, want_cache=False)
-            ce_t = losses.token_ce(out.logits, tb["labels"])
+            with nullcontext() if objective.teacher_needs_graph() else torch.no_grad():
+                ce_t = teacher_forward(model, tb, want_queries=False, want_cache=False).ce
             state = run_latents(model, sb["prefix_ids"], sb["prefix_mask"], m, lat.scheme, lat.iterations)
             fo, _, k = final_pass(model, state, sb["suffix_ids"], sb["suffix_mask"])
-            ce_s = losses.token_ce(model.lm_head(fo.last_hidden_state[:, k:]), sb["suffix_labels"])
-            loss = ce_t + ce_s
+            ce_s = losses.labelled_ce(model.lm_head, fo.last_hidden_state[:, k:], sb["suffix_labels"], sb["suffix_label_index"])
+            loss = ce_s + (ce_t if objective.teacher_needs_graph() else 0.0)
         if backward:
             loss.backward()
             zero()
@@ -241,6 +241,14 @@ def run_benchmark(args) -> dict:
         if backward:
             loss.backward()
             zero()
+
+    def step_kava_teacher_graph(backward=True):
+        """(c) as it ran before the teacher went graph-free: its pass always kept a graph."""
+        objective.teacher_needs_graph = lambda: True
+        try:
+            step_kava(backward)
+        finally:
+            del objective.teacher_needs_graph
 
     # Inputs of the selection and of the loss terms, computed once.
     with torch.no_grad(), autocast():
@@ -264,12 +272,15 @@ def run_benchmark(args) -> dict:
             if target is not None:
                 total = total + cfg.loss.alpha_kv * losses.kv_loss(
                     target.keys, target.values, s_keys, s_values, target.valid, cfg.loss.kv_loss, cfg.loss.layer_std)
-                losses.kv_cosine(target.keys, s_keys, target.valid).item()
+                losses.kv_cosine(target.keys, s_keys, target.valid)
         total.backward()
         for t in (s_keys, s_values, s_hidden):
             t.grad = None
 
     fns = {"cot": step_cot, "passes": step_passes, "kava": step_kava}
+    graph_free = not objective.teacher_needs_graph()
+    if graph_free:
+        fns["kava_teacher_graph"] = step_kava_teacher_graph
     if sel is not None:
         fns["selection"] = selection
     fns["losses"] = loss_terms
@@ -306,6 +317,8 @@ def run_benchmark(args) -> dict:
         "losses_s": med["losses"],
         "selection_losses_share": (sel_s + med["losses"]) / med["kava"],
         "other_overhead_s": med["kava"] - med["passes"] - sel_s - med["losses"],
+        # loss.teacher_ce = 0: the full step with the teacher's graph kept (as before it was dropped), over (c).
+        "teacher_graph_over_kava": med["kava_teacher_graph"] / med["kava"] - 1.0 if graph_free else None,
     }
 
     # --- inference: latent vs CoT decoding on the same batch ---
@@ -417,8 +430,10 @@ def report(r: dict) -> str:
     lines += [
         f"  (c) over (b): {s['kava_over_passes']:+.1%}   selection {ms(s['selection_s'])}   losses {ms(s['losses_s'])}   "
         f"selection+losses share of (c): {s['selection_losses_share']:.1%}   other overhead {ms(s['other_overhead_s'])}",
-        "", "decoding (same batch, greedy with the KV cache)",
     ]
+    if s.get("teacher_graph_over_kava") is not None:
+        lines.append(f"  (c) with the teacher's graph kept (teacher_ce = 0, the old behaviour): {s['teacher_graph_over_kava']:+.1%} over (c)")
+    lines += ["", "decoding (same batch, greedy with the KV cache)"]
     i = r["inference"]
     for name in ("latent", "cot"):
         d = i[name]
