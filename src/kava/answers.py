@@ -3,6 +3,15 @@
 `extract_number` pulls the final numeric answer out of model output or dataset text;
 `is_correct` compares it to a gold value as floats. No other copy of this logic may exist:
 evaluation, data validation and step parsing all import it from here.
+
+Two graders (:data:`GRADERS`), as evaluation harnesses offer them for GSM8k:
+
+* ``strict``: only an explicit final answer counts, a number right after an answer marker
+  ("The answer is N", "The answer is: N", "#### N", ``\\boxed{N}``). Without one there is
+  no answer, so a chain of thought cut off at the token cap ("... 23 * 6 =") is wrong.
+  Evaluation reports this one as its headline accuracy.
+* ``flexible``: the first number after the last marker, else the last number anywhere.
+  The default of every function here, and what dataset text is parsed with.
 """
 
 from __future__ import annotations
@@ -11,8 +20,11 @@ import math
 import re
 from decimal import Decimal
 from fractions import Fraction
+from functools import lru_cache
 
-__all__ = ["extract_number", "find_numbers", "format_number", "is_correct", "parse_number"]
+__all__ = ["GRADERS", "extract_number", "find_numbers", "format_number", "is_correct", "parse_number"]
+
+GRADERS = ("strict", "flexible")
 
 # One number as written in text: optional sign, optional currency symbol, an integer part
 # with or without thousands separators (or a bare decimal like ".5"), an optional decimal
@@ -75,24 +87,72 @@ def parse_number(token: str) -> float | None:
     return _value(match)
 
 
-def extract_number(text: str) -> float | None:
-    """The final numeric answer in `text`, or None when it holds no number.
+@lru_cache(maxsize=32)
+def _marker_patterns(marker: str | None) -> tuple[re.Pattern[str], ...]:
+    """The answer markers, strongest first: `marker` (when given), then the built-in ones.
 
-    The first number after the last answer marker (``####``, ``\\boxed{``,
-    "The answer is", "The answer is:") wins; without a marker (or with nothing numeric
-    after it) the last number in the text is used. Handles signs, decimals, thousands
-    separators (1,234), fractions (3/4 -> 0.75), currency ($5) and percent (50% -> 50).
-    Digits separated by spaces are separate numbers.
+    `marker` is literal text such as a run's answer prefix (" The answer is:"); surrounding
+    whitespace is ignored and any run of inner whitespace matches any other.
     """
-    if not isinstance(text, str):
-        raise TypeError(f"extract_number expects a str, got {type(text).__name__}")
-    for marker in _MARKERS:
+    words = marker.split() if marker else []
+    if not words:
+        return _MARKERS
+    return (re.compile(r"\s+".join(map(re.escape, words))), *_MARKERS)
+
+
+def _number_right_after(text: str) -> float | None:
+    """The value of the number `text` starts with (after whitespace), else None."""
+    match = _NUMBER_RE.match(text.lstrip())
+    if match is None or not (match.group("int") or match.group("frac")):
+        return None
+    return _value(match)
+
+
+def _marked_answer(text: str, markers: tuple[re.Pattern[str], ...], right_after: bool) -> float | None:
+    """The number after the last occurrence of the strongest marker that has one.
+
+    With `right_after` the number must follow the marker with only whitespace between
+    (strict); without, the first number anywhere after the marker counts (flexible).
+    """
+    for marker in markers:
         positions = [m.end() for m in marker.finditer(text)]
         if not positions:
             continue
-        found = _matches(text[positions[-1]:])
+        tail = text[positions[-1]:]
+        if right_after:
+            value = _number_right_after(tail)
+            if value is not None:
+                return value
+            continue
+        found = _matches(tail)
         if found:
             return _value(found[0])
+    return None
+
+
+def extract_number(text: str, grader: str = "flexible", *, marker: str | None = None) -> float | None:
+    """The final numeric answer in `text` under `grader`, or None when it gives none.
+
+    Answer markers, strongest first: `marker` (e.g. the run's ``data.answer_prefix``, when
+    given), ``####``, ``\\boxed{``, "The answer is", "The answer is:" (also "the final
+    answer is"). Only the last occurrence of a marker is read.
+
+    * ``grader="flexible"`` (default): the first number after the marker wins; without a
+      marker (or with nothing numeric after it) the last number in the text is used.
+    * ``grader="strict"``: the number must come right after the marker (only whitespace
+      between); without such a marker the text has no answer (None).
+
+    Handles signs, decimals, thousands separators (1,234), fractions (3/4 -> 0.75),
+    currency ($5) and percent (50% -> 50). Digits separated by spaces are separate numbers.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"extract_number expects a str, got {type(text).__name__}")
+    if grader not in GRADERS:
+        raise ValueError(f"unknown grader {grader!r}; choose from {', '.join(GRADERS)}")
+    strict = grader == "strict"
+    value = _marked_answer(text, _marker_patterns(marker), right_after=strict)
+    if value is not None or strict:
+        return value
     found = _matches(text)
     if not found:
         return None
@@ -129,14 +189,16 @@ def _gold_value(gold: float | int | str) -> float:
     raise TypeError(f"gold answer must be a number or a string, got {type(gold).__name__}")
 
 
-def is_correct(prediction_text: str, gold: float | int | str) -> bool:
-    """True when the number extracted from `prediction_text` equals `gold` as a float.
+def is_correct(prediction_text: str, gold: float | int | str, grader: str = "flexible", *, marker: str | None = None) -> bool:
+    """True when the number `grader` extracts from `prediction_text` equals `gold` as a float.
 
-    Tolerance: ``math.isclose(rel_tol=1e-6, abs_tol=1e-6)``. A prediction without a
-    number is wrong; a gold value without a number raises ValueError (a data bug).
+    `grader` and `marker` are those of :func:`extract_number` (the gold value itself is
+    always read flexibly). Tolerance: ``math.isclose(rel_tol=1e-6, abs_tol=1e-6)``. A
+    prediction without an answer is wrong; a gold value without a number raises ValueError
+    (a data bug).
     """
     gold_value = _gold_value(gold)
-    predicted = extract_number(prediction_text)
+    predicted = extract_number(prediction_text, grader, marker=marker)
     if predicted is None or not math.isfinite(predicted):
         return False
     return math.isclose(predicted, gold_value, rel_tol=_TOL, abs_tol=_TOL)

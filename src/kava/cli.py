@@ -1,4 +1,9 @@
-"""The ``kava`` command: it only parses arguments and calls the library."""
+"""The ``kava`` command: it only parses arguments and calls the library.
+
+Parsing imports nothing heavy (no torch, transformers, datasets, peft or accelerate): each
+command imports what it needs when it runs, so ``kava --help`` and ``kava CMD --help`` are
+quick.
+"""
 
 from __future__ import annotations
 
@@ -119,20 +124,38 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    from .config import ConfigError
-    from .data.schema import DataError
-    from .modeling import ModelLoadError
-    from .sequences import SequenceError
-    from .train import TrainingError
+# Errors printed as one line ``kava: error: ...`` instead of a traceback, by defining module.
+_ONE_LINE_ERRORS = (
+    ("kava.config", "ConfigError"),
+    ("kava.data.schema", "DataError"),
+    ("kava.modeling", "ModelLoadError"),
+    ("kava.sequences", "SequenceError"),
+    ("kava.train", "TrainingError"),
+)
 
+
+def one_line_errors() -> tuple[type[BaseException], ...]:
+    """The error classes `main` prints as one line: FileNotFoundError and those of
+    :data:`_ONE_LINE_ERRORS` whose module is loaded. An error whose module was never imported
+    cannot have been raised, so this imports nothing (a command may not need torch)."""
+    loaded = (getattr(sys.modules[module], name, None) for module, name in _ONE_LINE_ERRORS if module in sys.modules)
+    return (FileNotFoundError, *(cls for cls in loaded if cls is not None))
+
+
+def exit_code(error: BaseException) -> int:
+    """2 for a bad configuration, 1 for any other one-line error."""
+    config = sys.modules.get("kava.config")
+    return 2 if config is not None and isinstance(error, config.ConfigError) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, DataError, ModelLoadError, SequenceError, TrainingError, FileNotFoundError) as e:
+    except one_line_errors() as e:
         print(f"kava: error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, ConfigError) else 1
+        return exit_code(e)
 
 
 if __name__ == "__main__":

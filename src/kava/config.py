@@ -15,8 +15,7 @@ from typing import Any
 
 import yaml
 
-from .compression import METHODS
-from .losses import CODI_LOSSES, KV_LOSSES
+from .names import CODI_LOSSES, COMPRESSION_METHODS, KV_LOSSES
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -116,7 +115,7 @@ class LatentConfig:
 
 @dataclass
 class LossConfig:
-    compression: str = _f("rkv", "teacher-cache selector: " + ", ".join(METHODS))
+    compression: str = _f("rkv", "teacher-cache selector: " + ", ".join(COMPRESSION_METHODS))
     lam: float = _f(0.1, "R-KV mix: lam * attention importance + (1 - lam) * redundancy")
     kv_loss: str = _f("l1", "KV distance: " + ", ".join(KV_LOSSES))
     layer_std: bool = _f(True, "divide teacher and student K/V by the teacher's per-layer std")
@@ -131,7 +130,7 @@ class LossConfig:
     teacher_cache: str = _f("", "folder written by `kava teacher extract`: read the KV and CODI targets from it instead of running the teacher (empty: run the teacher)")
 
     def __post_init__(self) -> None:
-        _choice(self.compression, "loss.compression", METHODS)
+        _choice(self.compression, "loss.compression", COMPRESSION_METHODS)
         _check(0.0 <= self.lam <= 1.0, "loss.lam", "must be in [0, 1]")
         _choice(self.kv_loss, "loss.kv_loss", KV_LOSSES)
         _choice(self.codi_loss, "loss.codi_loss", CODI_LOSSES)

@@ -6,6 +6,10 @@
 
 Forward passes are counted per example as the decoder calls it needed (latent passes, the
 prompt pass and one per generated token after the first).
+
+Every prediction is graded twice (:data:`kava.answers.GRADERS`): ``strict`` (a number right
+after an answer marker; the headline ``accuracy``) and ``flexible`` (else the last number;
+``accuracy_flexible``). ``truncated`` counts generations that hit the token cap without <eos>.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from .answers import is_correct
+from .answers import GRADERS, is_correct
 from .config import KavaConfig
 from .data.schema import Example
 from .io import atomic_write, atomic_write_json
@@ -40,33 +44,65 @@ class Generation:
 
 @torch.no_grad()
 def greedy(model: KavaModel, cache: DynamicCache, mask: torch.Tensor, last_h: torch.Tensor, max_new: int, passes_before: int) -> Generation:
-    """Greedy decoding from the hidden state ``last_h [B, D]`` of the last prompt position."""
+    """Greedy decoding from the hidden state ``last_h [B, D]`` of the last prompt position.
+
+    ``mask [B, S]`` covers the ``S`` cached columns. Each example keeps its tokens up to and
+    including its first <eos>, or ``max_new`` tokens when it emits none; the batch stops once
+    every example has its <eos>. An example's passes are ``passes_before`` plus one per token
+    it still needed after the first; its KV tokens are its prompt plus the tokens fed back.
+
+    Decoding state stays on the device: ``tokens [B, max_new]``, ``kept [B]`` (tokens kept
+    per example; an example that is done keeps decoding but nothing more is kept),
+    ``passes [B]`` and ``done [B]``. The one host read per token is the ``done.all()`` check;
+    the lists are built once at the end.
+    """
     eos = model.tokenizer.eos_token_id
-    b = last_h.shape[0]
-    done = torch.zeros(b, dtype=torch.bool, device=last_h.device)
-    out: list[list[int]] = [[] for _ in range(b)]
-    passes = [passes_before] * b
-    prompt_tokens = mask.long().sum(-1).tolist()
+    b, device = last_h.shape[0], last_h.device
+    tokens = torch.full((b, max_new), eos, dtype=torch.long, device=device)
+    kept = torch.zeros(b, dtype=torch.long, device=device)
+    passes = torch.full((b,), passes_before, dtype=torch.long, device=device)
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    prompt_tokens = mask.long().sum(-1)
     for t in range(max_new):
         nxt = model.lm_head(last_h).argmax(-1)
-        for i in range(b):
-            if not done[i]:
-                out[i].append(int(nxt[i]))
+        tokens[:, t] = nxt
+        kept += ~done
         done |= nxt == eos
-        if bool(done.all()) or t == max_new - 1:
+        if t == max_new - 1 or bool(done.all()):
             break
-        for i in range(b):
-            if not done[i]:
-                passes[i] += 1
+        passes += ~done
         mask = torch.cat([mask, mask.new_ones(b, 1)], 1)
         h = model.run(model.embed(nxt[:, None]), mask, positions(mask)[:, -1:], cache).last_hidden_state
         last_h = h[:, -1]
-    kv = [prompt_tokens[i] + max(len(out[i]) - 1, 0) for i in range(b)]
-    return Generation(out, passes, kv)
+    kv = prompt_tokens + (kept - 1).clamp_min(0)
+    rows = [row[:n] for row, n in zip(tokens.tolist(), kept.tolist())]
+    return Generation(rows, passes.tolist(), kv.tolist())
+
+
+def hit_cap(tokens: list[int], eos_id: int) -> bool:
+    """True when a generation stopped at the token cap: it holds no <eos> (its last token)."""
+    return not tokens or tokens[-1] != eos_id
+
+
+def grade(text: str, gold: str, marker: str) -> dict[str, bool]:
+    """``{grader: correct}`` for every grader; `marker` is the run's answer prefix."""
+    return {grader: is_correct(text, gold, grader, marker=marker) for grader in GRADERS}
+
+
+@dataclass
+class Prefilled:
+    """A batch after its prompt passes, ready for :func:`greedy`."""
+
+    cache: DynamicCache  # the prompt (and, in student mode, the latents)
+    mask: torch.Tensor  # [B, S] attention mask over the S cached columns
+    last_h: torch.Tensor  # [B, D] hidden state of the last prompt position
+    passes: int  # decoder calls made so far (each example made the same)
 
 
 @torch.no_grad()
-def generate(model: KavaModel, encs, mode: str, cfg: KavaConfig) -> Generation:
+def prefill(model: KavaModel, encs, mode: str, cfg: KavaConfig) -> Prefilled:
+    """Run the prompt of `mode` for a batch: ``Q <bot>`` + latents + ``<eot> answer_prefix``
+    (student), ``Q`` (cot) or ``Q answer_prefix`` (nocot)."""
     device = next(model.parameters()).device
     pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else model.tokenizer.eos_token_id
     if mode == "student":
@@ -74,13 +110,24 @@ def generate(model: KavaModel, encs, mode: str, cfg: KavaConfig) -> Generation:
         sb = student_batch(encs, pad, model.bot_id, model.eot_id, lat.num_latents, with_answer=False)
         state = run_latents(model, sb["prefix_ids"].to(device), sb["prefix_mask"].to(device), lat.num_latents, lat.scheme, lat.iterations)
         out, mask, _ = final_pass(model, state, sb["suffix_ids"].to(device), sb["suffix_mask"].to(device))
-        return greedy(model, state.cache, mask, out.last_hidden_state[:, -1], cfg.eval.max_new_tokens, state.passes)
+        return Prefilled(state.cache, mask, out.last_hidden_state[:, -1], state.passes)
     pb = prompt_batch(encs, pad, with_prefix=(mode == "nocot"))
     ids, mask = pb["input_ids"].to(device), pb["attention_mask"].to(device)
     cache = DynamicCache()
     h = model.run(model.embed(ids), mask, positions(mask), cache).last_hidden_state
-    max_new = cfg.eval.max_cot_tokens if mode == "cot" else cfg.eval.max_new_tokens
-    return greedy(model, cache, mask, h[:, -1], max_new, 1)
+    return Prefilled(cache, mask, h[:, -1], 1)
+
+
+def token_cap(mode: str, cfg: KavaConfig) -> int:
+    """Tokens `mode` may generate: ``eval.max_cot_tokens`` for cot, else ``eval.max_new_tokens``."""
+    return cfg.eval.max_cot_tokens if mode == "cot" else cfg.eval.max_new_tokens
+
+
+@torch.no_grad()
+def generate(model: KavaModel, encs, mode: str, cfg: KavaConfig) -> Generation:
+    """Greedy generations of a batch in `mode` (student, cot or nocot)."""
+    p = prefill(model, encs, mode, cfg)
+    return greedy(model, p.cache, p.mask, p.last_h, token_cap(mode, cfg), p.passes)
 
 
 def kv_bytes_per_token(model: KavaModel) -> int:
@@ -88,6 +135,28 @@ def kv_bytes_per_token(model: KavaModel) -> int:
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     elem = next(model.parameters()).element_size()
     return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * elem
+
+
+def summarise(preds: list[dict], wall_time_s: float) -> dict:
+    """The metrics of one mode from its prediction rows.
+
+    ``accuracy`` is the strict grader's (the headline), ``accuracy_flexible`` the flexible
+    one's; ``truncated`` counts the generations that hit the token cap without <eos> and
+    ``truncated_fraction`` is their share. Means are over the ``n`` examples.
+    """
+    n = max(len(preds), 1)
+    return {
+        "n": len(preds),
+        "accuracy": sum(p["correct"] for p in preds) / n,
+        "accuracy_flexible": sum(p["correct_flexible"] for p in preds) / n,
+        "truncated": sum(p["truncated"] for p in preds),
+        "truncated_fraction": sum(p["truncated"] for p in preds) / n,
+        "forward_passes": sum(p["forward_passes"] for p in preds) / n,
+        "generated_tokens": sum(p["generated_tokens"] for p in preds) / n,
+        "kv_cache_bytes": sum(p["kv_cache_bytes"] for p in preds) / n,
+        "peak_kv_cache_bytes": max((p["kv_cache_bytes"] for p in preds), default=0),
+        "wall_time_s": wall_time_s,
+    }
 
 
 def evaluate(
@@ -98,9 +167,12 @@ def evaluate(
     out_dir: str | Path | None = None,
     desc: str = "eval",
 ) -> dict[str, dict]:
-    """Accuracy, mean forward passes, generated tokens, wall time and KV-cache size per mode.
+    """Accuracy, mean forward passes, generated tokens, wall time and KV-cache size per mode
+    (see :func:`summarise`).
 
-    With ``out_dir``, writes ``predictions_<mode>.jsonl`` and ``eval_metrics.json`` there.
+    With ``out_dir``, writes ``predictions_<mode>.jsonl`` (one row per example: the
+    prediction text, ``correct`` under the strict grader, ``correct_flexible``,
+    ``truncated``, passes, tokens and KV bytes) and ``eval_metrics.json`` there.
     """
     from tqdm.auto import tqdm
 
@@ -110,6 +182,7 @@ def evaluate(
     model.eval()
     results: dict[str, dict] = {}
     bpt = kv_bytes_per_token(model)
+    eos = model.tokenizer.eos_token_id
     try:
         for mode in modes:
             if mode not in MODES:
@@ -124,22 +197,14 @@ def evaluate(
                     text = model.tokenizer.decode(toks, skip_special_tokens=True)
                     if mode != "cot":
                         text = cfg.data.answer_prefix + text
+                    verdict = grade(text, ex.answer, cfg.data.answer_prefix)
                     preds.append({
                         "source_id": ex.source_id, "question": ex.question, "gold": ex.answer, "prediction": text,
-                        "correct": is_correct(text, ex.answer), "forward_passes": n_pass,
+                        "correct": verdict["strict"], "correct_flexible": verdict["flexible"],
+                        "truncated": hit_cap(toks, eos), "forward_passes": n_pass,
                         "generated_tokens": len(toks), "kv_cache_bytes": kv * bpt,
                     })
-            wall = time.perf_counter() - start
-            n = max(len(preds), 1)
-            results[mode] = {
-                "n": len(preds),
-                "accuracy": sum(p["correct"] for p in preds) / n,
-                "forward_passes": sum(p["forward_passes"] for p in preds) / n,
-                "generated_tokens": sum(p["generated_tokens"] for p in preds) / n,
-                "kv_cache_bytes": sum(p["kv_cache_bytes"] for p in preds) / n,
-                "peak_kv_cache_bytes": max((p["kv_cache_bytes"] for p in preds), default=0),
-                "wall_time_s": wall,
-            }
+            results[mode] = summarise(preds, time.perf_counter() - start)
             if out_dir is not None:
                 lines = "".join(json.dumps(p) + "\n" for p in preds)
                 atomic_write(Path(out_dir) / f"predictions_{mode}.jsonl", lambda f, s=lines: f.write_text(s))

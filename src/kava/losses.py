@@ -9,8 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-KV_LOSSES = ("l1", "mse", "smooth_l1", "cosine")
-CODI_LOSSES = ("l1", "smooth_l1", "mse")
+from .names import CODI_LOSSES, KV_LOSSES
 
 
 def elementwise(kind: str, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
