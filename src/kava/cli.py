@@ -38,7 +38,8 @@ def cmd_eval(args) -> int:
     from .config import parse_overrides, _deep_merge, config_from_dict
     from .evaluate import evaluate
     from .modeling import CONFIG_FILE, load_checkpoint
-    from .train import eval_modes, load_data
+    from .data.loaders import load_data
+    from .train import eval_modes
 
     ckpt = Path(args.checkpoint)
     if not (ckpt / CONFIG_FILE).is_file():
@@ -129,7 +130,7 @@ _ONE_LINE_ERRORS = (
     ("kava.config", "ConfigError"),
     ("kava.data.schema", "DataError"),
     ("kava.modeling", "ModelLoadError"),
-    ("kava.sequences", "SequenceError"),
+    ("kava.data.sequences", "SequenceError"),
     ("kava.train", "TrainingError"),
 )
 

@@ -33,8 +33,9 @@ def find_batch(cfg, max_batch: int) -> dict:
     from .batch_finder import find_largest_batch, training_step_fn
     from .modeling import build_model
     from .objective import Objective
-    from .sequences import TextEncoder
-    from .train import load_data, pick_mixed_precision
+    from .data.sequences import TextEncoder
+    from .data.loaders import load_data
+    from .train import pick_mixed_precision
 
     if cfg.data.train_limit == 0 and cfg.data.train in ("synthetic", "synthetic-nl"):
         cfg.data.synthetic_train_size = min(cfg.data.synthetic_train_size, 2000)

@@ -29,7 +29,7 @@ from .data.schema import Example
 from .io import atomic_write, atomic_write_json
 from .latent import final_pass, positions, run_latents
 from .modeling import KavaModel
-from .sequences import TextEncoder, prompt_batch, student_batch
+from .data.sequences import TextEncoder, prompt_batch, student_batch
 
 log = logging.getLogger(__name__)
 MODES = ("student", "cot", "nocot")

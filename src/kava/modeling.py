@@ -21,7 +21,7 @@ from torch import nn
 
 from .config import KavaConfig, ModelConfig, config_from_dict, read_yaml
 from .io import atomic_replace_dir
-from .sequences import BOT, EOT
+from .data.sequences import BOT, EOT
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from .compression import Compressed, compress_cache, get_selector
 from .config import KavaConfig
 from .latent import cache_span, final_pass, positions, run_latents
 from .modeling import KavaModel
-from .sequences import Encoded, latent_count, student_batch, teacher_batch
+from .data.sequences import Encoded, latent_count, student_batch, teacher_batch, to_device
 from .teacher import rope_at, teacher_forward, undo_rope
 
 
@@ -30,10 +30,6 @@ class StepOutput:
     # The KV pair the loss compared, ``(teacher Compressed, student keys, student values)``,
     # each ``[L, B, H, M, d]``; None when no KV loss is computed.
     kv: tuple | None = None
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def detached(**values: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -145,9 +145,9 @@ def extract(
 
     from .modeling import build_model
     from .objective import Objective
-    from .sequences import TextEncoder, teacher_batch
+    from .data.sequences import TextEncoder, teacher_batch
     from .teacher import teacher_forward
-    from .train import load_data
+    from .data.loaders import load_data
 
     check_config(cfg)
     if cfg.loss.compression == "none":

@@ -21,11 +21,11 @@ from safetensors.torch import save_file
 
 from .checkpoint import latest_checkpoint, load_trainer_state, save_trainer_state
 from .config import ConfigError, KavaConfig
-from .data.schema import Example
+from .data.loaders import load_data
 from .io import atomic_replace_dir, atomic_write_json
 from .modeling import WEIGHTS_FILE, build_model
 from .objective import Objective, metric_floats
-from .sequences import TextEncoder
+from .data.sequences import TextEncoder
 from .teachers.external import ALIGN_FILE
 
 log = logging.getLogger(__name__)
@@ -42,24 +42,6 @@ def pick_mixed_precision(setting: str) -> str:
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "no"
-
-
-def load_data(cfg: KavaConfig, which: str) -> list[Example]:
-    """The training (``which="train"``) or evaluation examples named by ``cfg.data``."""
-    from .data.loaders import load_examples
-
-    d = cfg.data
-    source, split, limit = (d.train, d.train_split, d.train_limit) if which == "train" else (d.eval, d.eval_split, d.eval_limit)
-    if source in ("synthetic", "synthetic-nl"):
-        from .data.synthetic import generate_split
-
-        n = d.synthetic_train_size if split == "train" else d.synthetic_test_size
-        examples = generate_split(
-            split, n, seed=0, n_ops=d.synthetic_ops, modulus=d.synthetic_modulus,
-            style="nl" if source.endswith("-nl") else "eq", test_size=d.synthetic_test_size,
-        )
-        return examples[:limit] if limit else examples
-    return list(load_examples(source, split, limit=limit or None, on_error=d.on_error))
 
 
 class DataOrder:

@@ -22,7 +22,7 @@ from ..checkpoint import latest_checkpoint
 from ..compression import Compressed
 from ..config import ConfigError, KavaConfig, ModelConfig, TeacherModelConfig
 from ..modeling import CONFIG_FILE, WEIGHTS_FILE, KavaModel, ModelLoadError, build_model, load_checkpoint
-from ..sequences import Encoded, TextEncoder, teacher_batch
+from ..data.sequences import Encoded, TextEncoder, teacher_batch, to_device
 from ..teacher import teacher_forward
 from ..teacher_cache import TeacherCache, model_shape
 from .align import KVShape, TeacherAligner
@@ -151,8 +151,6 @@ class TeacherSet(nn.Module):
     def teacher_targets(self, batches: list[dict | None], objective, stage: int | None, m: int,
                         source_ids: list[str] | None = None) -> list[tuple[Compressed, torch.Tensor]]:
         """(compressed ``[Lt, B, Ht, m, dt]`` cache, CODI hidden ``[Lt, B, Dt]``) per external teacher."""
-        from ..objective import to_device
-
         out = []
         device = objective.model.lm_head.weight.device
         for t, cache, tb in zip(self.externals, self.caches, batches):
