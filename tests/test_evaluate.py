@@ -13,9 +13,9 @@ from kava.answers import is_correct
 from kava.data.schema import Example
 from kava.data.synthetic import generate_split
 from kava.evaluate import Generation, greedy, prefill
-from kava.latent import positions
-from kava.modeling import build_model
-from kava.sequences import TextEncoder
+from kava.model.latent import positions
+from kava.model import build_model
+from kava.data.sequences import TextEncoder
 
 FREE_TOKENS = 12  # tokens decoded to choose a stop token
 

@@ -6,11 +6,11 @@ import torch
 from conftest import tiny_config
 from kava.compression import attention_importance
 from kava.data.schema import Example
-from kava.latent import final_pass, run_latents
-from kava.modeling import build_model
+from kava.model.latent import final_pass, run_latents
+from kava.model import build_model
 from kava.objective import Objective
-from kava.sequences import TextEncoder, student_batch, teacher_batch
-from kava.teacher import capture_answer_queries, teacher_forward
+from kava.data.sequences import TextEncoder, student_batch, teacher_batch
+from kava.model.teacher import capture_answer_queries, teacher_forward
 
 EXAMPLES = [
     Example("7*2-7", ("<<7*2=4>>", "<<4-7=7>>"), "7", "a"),
@@ -155,7 +155,7 @@ def test_pre_rope_keys_are_position_free():
     ids = torch.tensor([[5, 9, 5, 9, 5]])
     from transformers import DynamicCache
 
-    from kava.latent import cache_span, positions
+    from kava.model.latent import cache_span, positions
 
     cache = DynamicCache()
     mask = torch.ones_like(ids, dtype=torch.bool)

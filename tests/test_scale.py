@@ -17,9 +17,9 @@ from conftest import tiny_config
 from kava.batch_finder import BatchSearch, find_largest_batch, is_oom, training_step_fn
 from kava.config import ConfigError, load_config
 from kava.data.schema import Example
-from kava.modeling import WEIGHTS_FILE, ModelLoadError, build_model, quantization_config
+from kava.model import WEIGHTS_FILE, ModelLoadError, build_model, quantization_config
 from kava.objective import Objective, metric_floats
-from kava.sequences import TextEncoder
+from kava.data.sequences import TextEncoder
 from kava.train import pick_mixed_precision, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -307,8 +307,8 @@ def test_quantization_without_cuda_is_a_clear_error(monkeypatch):
 def test_fast_trainable_tokens_match_peft(tied):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from kava.modeling import add_latent_tokens, apply_adapter
-    from kava.tokenizer import build_synthetic_tokenizer
+    from kava.model import add_latent_tokens, apply_adapter
+    from kava.model.tokenizer import build_synthetic_tokenizer
 
     tok = build_synthetic_tokenizer()
     conf = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,

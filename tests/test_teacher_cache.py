@@ -11,10 +11,10 @@ from kava.cli import build_parser
 from kava.commands_teacher import register
 from kava.config import ConfigError
 from kava.data.schema import Example
-from kava.modeling import build_model
+from kava.model import build_model
 from kava.objective import Objective
-from kava.sequences import TextEncoder
-from kava.teacher import teacher_forward
+from kava.data.sequences import TextEncoder
+from kava.model.teacher import teacher_forward
 from kava.teacher_cache import MANIFEST, TeacherCache, TeacherCacheError, extract, shard_name
 
 EXAMPLES = [

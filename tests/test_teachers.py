@@ -7,10 +7,10 @@ from transformers import DynamicCache
 from conftest import tiny_config
 from kava.config import ConfigError
 from kava.data.schema import Example
-from kava.latent import cache_span, positions
-from kava.modeling import ModelLoadError, build_model
+from kava.model.latent import cache_span, positions
+from kava.model import ModelLoadError, build_model
 from kava.objective import Objective, metric_floats
-from kava.sequences import TextEncoder
+from kava.data.sequences import TextEncoder
 from kava.teachers.external import kv_shape
 
 EXAMPLES = [
@@ -156,7 +156,7 @@ def test_training_with_a_router_resumes_exactly(tmp_path):
     """Aligners and router are saved beside each checkpoint (safetensors) and restored by --resume."""
     from safetensors.torch import load_file
 
-    from kava.modeling import WEIGHTS_FILE
+    from kava.model import WEIGHTS_FILE
     from kava.teachers.external import ALIGN_FILE
     from kava.train import train
     from test_train import _train_until

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from conftest import tiny_config
 from kava.cli import main
 from kava.evaluate import evaluate
-from kava.modeling import WEIGHTS_FILE, load_checkpoint
+from kava.model import WEIGHTS_FILE, load_checkpoint
 from kava.train import TrainingError, load_data, train
 
 

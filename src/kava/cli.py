@@ -34,10 +34,10 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     import json
 
-    from .checkpoint import latest_checkpoint
     from .config import parse_overrides, _deep_merge, config_from_dict
     from .evaluate import evaluate
-    from .modeling import CONFIG_FILE, load_checkpoint
+    from .model.backbone import load_checkpoint
+    from .model.checkpoints import CONFIG_FILE, latest_checkpoint
     from .data.loaders import load_data
     from .train import eval_modes
 
@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 _ONE_LINE_ERRORS = (
     ("kava.config", "ConfigError"),
     ("kava.data.schema", "DataError"),
-    ("kava.modeling", "ModelLoadError"),
+    ("kava.model.checkpoints", "ModelLoadError"),
     ("kava.data.sequences", "SequenceError"),
     ("kava.train", "TrainingError"),
 )

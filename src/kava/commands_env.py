@@ -31,7 +31,7 @@ def find_batch(cfg, max_batch: int) -> dict:
     import torch
 
     from .batch_finder import find_largest_batch, training_step_fn
-    from .modeling import build_model
+    from .model.backbone import build_model
     from .objective import Objective
     from .data.sequences import TextEncoder
     from .data.loaders import load_data

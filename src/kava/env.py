@@ -98,7 +98,7 @@ def distributed_env() -> dict:
 
 def picked_settings(cfg: KavaConfig, world_size: int = 1) -> tuple[dict, list[str]]:
     """The settings :func:`kava.train.train` would use for ``cfg`` here, and warnings."""
-    from .modeling import resolve_dtype
+    from .model.backbone import resolve_dtype
     from .train import pick_mixed_precision
 
     cuda = torch.cuda.is_available()

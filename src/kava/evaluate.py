@@ -27,8 +27,8 @@ from .answers import GRADERS, is_correct
 from .config import KavaConfig
 from .data.schema import Example
 from .io import atomic_write, atomic_write_json
-from .latent import final_pass, positions, run_latents
-from .modeling import KavaModel
+from .model.backbone import KavaModel
+from .model.latent import final_pass, positions, run_latents
 from .data.sequences import TextEncoder, prompt_batch, student_batch
 
 log = logging.getLogger(__name__)

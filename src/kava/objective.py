@@ -17,10 +17,10 @@ from torch import nn
 from . import losses
 from .compression import Compressed, compress_cache, get_selector
 from .config import KavaConfig
-from .latent import cache_span, final_pass, positions, run_latents
-from .modeling import KavaModel
+from .model.backbone import KavaModel
+from .model.latent import cache_span, final_pass, positions, run_latents
 from .data.sequences import Encoded, latent_count, student_batch, teacher_batch, to_device
-from .teacher import rope_at, teacher_forward, undo_rope
+from .model.teacher import rope_at, teacher_forward, undo_rope
 
 
 @dataclass

@@ -138,15 +138,15 @@ def extract(
     """Write the compressed teacher targets of the training data (or ``examples``) to ``out``.
 
     Only shards ``shard, shard + num_shards, ...`` are processed; shards already written are
-    skipped. ``model`` defaults to :func:`kava.modeling.build_model` (``model.init_from``
+    skipped. ``model`` defaults to :func:`kava.model.build_model` (``model.init_from``
     included). Returns ``{"written": [...], "skipped": [...], "num_shards": n, ...}``.
     """
     from safetensors.torch import save_file
 
-    from .modeling import build_model
+    from .model.backbone import build_model
     from .objective import Objective
     from .data.sequences import TextEncoder, teacher_batch
-    from .teacher import teacher_forward
+    from .model.teacher import teacher_forward
     from .data.loaders import load_data
 
     check_config(cfg)

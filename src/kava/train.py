@@ -23,7 +23,8 @@ from .checkpoint import latest_checkpoint, load_trainer_state, save_trainer_stat
 from .config import ConfigError, KavaConfig
 from .data.loaders import load_data
 from .io import atomic_replace_dir, atomic_write_json
-from .modeling import WEIGHTS_FILE, build_model
+from .model.backbone import build_model
+from .model.checkpoints import WEIGHTS_FILE
 from .objective import Objective, metric_floats
 from .data.sequences import TextEncoder
 from .teachers.external import ALIGN_FILE

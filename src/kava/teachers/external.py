@@ -18,12 +18,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import losses
-from ..checkpoint import latest_checkpoint
 from ..compression import Compressed
 from ..config import ConfigError, KavaConfig, ModelConfig, TeacherModelConfig
-from ..modeling import CONFIG_FILE, WEIGHTS_FILE, KavaModel, ModelLoadError, build_model, load_checkpoint
+from ..model.backbone import KavaModel, build_model, load_checkpoint
+from ..model.checkpoints import CONFIG_FILE, WEIGHTS_FILE, ModelLoadError, latest_checkpoint
 from ..data.sequences import Encoded, TextEncoder, teacher_batch, to_device
-from ..teacher import teacher_forward
+from ..model.teacher import teacher_forward
 from ..teacher_cache import TeacherCache, model_shape
 from .align import KVShape, TeacherAligner
 from .fusion import Fusion, slot_distance, slot_valid
