@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from kava.compression import attention_importance
+from kava.distill.compression import attention_importance
 from kava.data.schema import Example
 from kava.model.latent import final_pass, run_latents
 from kava.model import build_model
-from kava.objective import Objective
+from kava.distill.objective import Objective
 from kava.data.sequences import TextEncoder, student_batch, teacher_batch
 from kava.model.teacher import capture_answer_queries, teacher_forward
 
@@ -343,7 +343,7 @@ def test_shuffled_control_never_hands_an_example_its_own_targets():
 
 
 def _rkv_targets(obj, model, tb):
-    from kava.compression import compress_cache, get_selector
+    from kava.distill.compression import compress_cache, get_selector
 
     t = teacher_forward(model, tb, want_queries=True)
     c = compress_cache(get_selector("rkv", obj.cfg.loss.lam), t.keys, t.values, t.queries, tb["cot_step"] >= 0, tb["answer_valid"],
@@ -370,7 +370,7 @@ def test_step_metrics_stay_on_the_device(monkeypatch):
     monkeypatch.undo()
     assert reads == []
     assert all(torch.is_tensor(v) and v.dim() == 0 and not v.requires_grad for v in metrics.values())
-    from kava.objective import metric_floats
+    from kava.distill.objective import metric_floats
 
     floats = metric_floats(metrics)
     assert floats.keys() == metrics.keys() and all(isinstance(v, float) for v in floats.values())

@@ -15,7 +15,7 @@ from kava.data.loaders import load_examples, parse_source_options
 from kava.data.schema import Example
 from kava.evaluate import evaluate
 from kava.model import CONFIG_FILE, WEIGHTS_FILE, ModelLoadError, build_model, load_backbone, load_checkpoint
-from kava.objective import Objective
+from kava.distill.objective import Objective
 from kava.data.sequences import BOT, EOT, IGNORE, SequenceError, TextEncoder, student_batch, teacher_batch
 from kava.model.tokenizer import build_synthetic_tokenizer
 from kava.train import load_data, train

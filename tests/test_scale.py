@@ -18,7 +18,7 @@ from kava.batch_finder import BatchSearch, find_largest_batch, is_oom, training_
 from kava.config import ConfigError, load_config
 from kava.data.schema import Example
 from kava.model import WEIGHTS_FILE, ModelLoadError, build_model, quantization_config
-from kava.objective import Objective, metric_floats
+from kava.distill.objective import Objective, metric_floats
 from kava.data.sequences import TextEncoder
 from kava.train import pick_mixed_precision, train
 
@@ -153,7 +153,7 @@ def test_gradient_checkpointing_saves_activation_memory_and_leaves_eval_alone():
 
 
 def test_teacher_runs_once_per_step(monkeypatch):
-    import kava.objective as ko
+    import kava.distill.objective as ko
 
     calls = {"teacher": 0, "run": 0}
     real = ko.teacher_forward

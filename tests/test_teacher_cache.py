@@ -12,10 +12,11 @@ from kava.commands_teacher import register
 from kava.config import ConfigError
 from kava.data.schema import Example
 from kava.model import build_model
-from kava.objective import Objective
+from kava.distill.objective import Objective
 from kava.data.sequences import TextEncoder
 from kava.model.teacher import teacher_forward
-from kava.teacher_cache import MANIFEST, TeacherCache, TeacherCacheError, extract, shard_name
+from kava.distill.extract import extract
+from kava.distill.targets.cache import MANIFEST, TeacherCache, TeacherCacheError, shard_name
 
 EXAMPLES = [
     Example("7*2-7", ("<<7*2=4>>", "<<4-7=7>>"), "7", "a"),

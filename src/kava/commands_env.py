@@ -32,7 +32,7 @@ def find_batch(cfg, max_batch: int) -> dict:
 
     from .batch_finder import find_largest_batch, training_step_fn
     from .model.backbone import build_model
-    from .objective import Objective
+    from .distill.objective import Objective
     from .data.sequences import TextEncoder
     from .data.loaders import load_data
     from .train import pick_mixed_precision

@@ -25,9 +25,9 @@ from .data.loaders import load_data
 from .io import atomic_replace_dir, atomic_write_json
 from .model.backbone import build_model
 from .model.checkpoints import WEIGHTS_FILE
-from .objective import Objective, metric_floats
+from .distill.objective import Objective, metric_floats
 from .data.sequences import TextEncoder
-from .teachers.external import ALIGN_FILE
+from .distill.targets.teachers import ALIGN_FILE
 
 log = logging.getLogger(__name__)
 

@@ -17,16 +17,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import losses
+from ... import losses
+from ...config import ConfigError, KavaConfig, ModelConfig, TeacherModelConfig
+from ...data.sequences import Encoded, TextEncoder, teacher_batch, to_device
+from ...model.backbone import KavaModel, build_model, load_checkpoint
+from ...model.checkpoints import CONFIG_FILE, WEIGHTS_FILE, ModelLoadError, latest_checkpoint
+from ...model.teacher import teacher_forward
+from ..align import KVShape, TeacherAligner
 from ..compression import Compressed
-from ..config import ConfigError, KavaConfig, ModelConfig, TeacherModelConfig
-from ..model.backbone import KavaModel, build_model, load_checkpoint
-from ..model.checkpoints import CONFIG_FILE, WEIGHTS_FILE, ModelLoadError, latest_checkpoint
-from ..data.sequences import Encoded, TextEncoder, teacher_batch, to_device
-from ..model.teacher import teacher_forward
-from ..teacher_cache import TeacherCache, model_shape
-from .align import KVShape, TeacherAligner
-from .fusion import Fusion, slot_distance, slot_valid
+from ..fusion import Fusion, slot_distance, slot_valid
+from .cache import TeacherCache, model_shape
 
 ALIGN_FILE = "teachers.safetensors"
 

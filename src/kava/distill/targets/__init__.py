@@ -1,0 +1,1 @@
+"""Where a student's distillation targets come from: an offline cache, other teachers."""
