@@ -5,7 +5,8 @@ its compressed KV targets and CODI hidden states (read back by :mod:`kava.distil
 every example, the ``M`` compressed KV slots of every layer and KV head (``keys`` /
 ``values`` ``[L, H_kv, M, d]``, ``valid`` ``[L, H_kv, M]``) and the teacher's hidden states
 at the CODI position (``hidden`` ``[L, D]``), exactly as the online objective would compute
-them (the same :meth:`kava.distill.objective.Objective.teacher_targets`).
+them (the objective's own :meth:`~kava.distill.objective.Objective.teacher_pass` and
+:meth:`~kava.distill.objective.Objective.teacher_targets`).
 
 Shards are fixed slices of the training data (``shard_size`` examples each, in data order),
 so any job computes the same plan: ``--shard I --num-shards K`` writes shards ``I, I+K, ...``
@@ -26,7 +27,6 @@ from ..data.loaders import load_data
 from ..data.sequences import TextEncoder, teacher_batch
 from ..io import atomic_write, atomic_write_json
 from ..model.backbone import build_model
-from ..model.teacher import teacher_forward
 from .objective import Objective
 from .targets.cache import FORMAT, MANIFEST, TENSORS, TeacherCacheError, compare_settings, check_config, settings, shard_name
 
@@ -89,7 +89,6 @@ def extract(
     cfg_kv.loss.teacher_cache = ""
     objective = Objective(model, cfg_kv)
     m = cfg.latent.num_latents
-    sel = objective.selector
 
     plan = _plan(ids, shard_size)
     st = settings(cfg, model)
@@ -132,7 +131,7 @@ def extract(
                 tb = teacher_batch(encs[j : j + bs], objective.pad_id, with_cot=True, drop_last_step=cfg.loss.drop_last_step)
                 tb = {k: v.to(device) for k, v in tb.items()}
                 with torch.no_grad():
-                    t = teacher_forward(model, tb, want_queries=sel.needs_queries, want_cache=True)
+                    t = objective.teacher_pass(tb)
                     c = objective.teacher_targets(t, tb, None, m)
                 parts["keys"].append(c.keys.transpose(0, 1).cpu())  # [b, L, H, M, d]
                 parts["values"].append(c.values.transpose(0, 1).cpu())

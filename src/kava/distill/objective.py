@@ -4,12 +4,19 @@
 
 ``train.mode`` picks what is trained: ``kava`` (all of the above; ``alpha_kv=0`` or
 ``loss.compression=none`` gives CODI-only), ``cot`` (CE on ``Q C A``) or ``nocot`` (CE on ``Q A``).
+
+A KaVa step is :meth:`Objective.teacher_pass` (once, and only when something needs it),
+:meth:`Objective.student_pass`, then the targets from the run's one target source
+(:mod:`kava.distill.targets`) and the loss terms against them, weighed by
+:meth:`Objective.weighted_loss`. The benchmark times these same methods.
 """
 
 from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,9 +25,10 @@ from .. import losses
 from ..config import KavaConfig
 from ..data.sequences import Encoded, latent_count, student_batch, teacher_batch, to_device
 from ..model.backbone import KavaModel
-from ..model.latent import cache_span, final_pass, positions, run_latents
-from ..model.teacher import rope_at, teacher_forward, undo_rope
+from ..model.latent import LatentState, cache_span, final_pass, positions, run_latents
+from ..model.teacher import TeacherOutput, rope_at, teacher_forward, undo_rope
 from .compression import Compressed, compress_cache, get_selector
+from .targets import Request, Student, TargetSource, TeacherSet, Terms, build_source
 
 
 @dataclass
@@ -46,10 +54,22 @@ def metric_floats(metrics: dict[str, torch.Tensor | float]) -> dict[str, float]:
     return dict(zip(metrics, values.tolist()))
 
 
+@dataclass
+class StudentPass:
+    """The student's passes over one batch."""
+
+    state: LatentState  # the latents, their cache and the states that produced them
+    out: Any  # the final pass's decoder output (``hidden_states`` of every layer)
+    mask: torch.Tensor  # [B, cached] attention mask over everything now cached
+    k: int  # latents fed in the final pass: the suffix outputs start at column k
+    ce: torch.Tensor  # the student's CE on its suffix (the answer, and any CoT steps left)
+
+
 class Objective(nn.Module):
     """Builds batches from encoded examples and computes the loss for ``cfg.train.mode``.
 
-    An ``nn.Module`` holding the model, so that ``accelerate``/DDP wrap the whole step:
+    An ``nn.Module`` holding the model (and the target source, whose aligners and router
+    train with it), so that ``accelerate``/DDP wrap the whole step:
     ``loss, metrics = objective(batch)``.
     """
 
@@ -61,18 +81,14 @@ class Objective(nn.Module):
         use_kv = cfg.loss.compression != "none" and cfg.loss.alpha_kv > 0
         self.selector = get_selector(cfg.loss.compression, cfg.loss.lam) if use_kv else None
         self.generator = torch.Generator().manual_seed(cfg.train.seed)
-        # Offline teacher targets (``loss.teacher_cache``), looked up by the examples' source_ids.
-        self.cache = None
-        if cfg.loss.teacher_cache and cfg.train.mode == "kava":
-            from .targets.cache import TeacherCache
+        # Where the targets come from: the own teacher pass, an offline cache (``loss.teacher_cache``)
+        # or other teachers (``teachers.models``).
+        self.source: TargetSource = build_source(model, cfg)
 
-            self.cache = TeacherCache(cfg.loss.teacher_cache, cfg, model)
-        # Other teachers (``teachers.models``): frozen models, with trainable aligners and fusion.
-        self.teachers = None
-        if cfg.teachers.models and cfg.train.mode == "kava":
-            from .targets.teachers import TeacherSet
-
-            self.teachers = TeacherSet(model, cfg)
+    @property
+    def teachers(self) -> TeacherSet | None:
+        """The other teachers (``teachers.models``), when they are the target source."""
+        return self.source if isinstance(self.source, TeacherSet) else None
 
     # --- curriculum -----------------------------------------------------------------
     def max_stage(self) -> int:
@@ -101,6 +117,12 @@ class Objective(nn.Module):
         pass runs under ``no_grad``: same gradients, no backward through ``0 * CE``."""
         return self.cfg.loss.teacher_ce > 0
 
+    def runs_teacher(self) -> bool:
+        """Whether a KaVa step runs the student's own teacher pass: for targets that come from
+        it, or for its CE (``loss.teacher_ce > 0``). With an offline cache and
+        ``teacher_ce = 0`` it does not run at all."""
+        return self.source.needs_teacher_pass or self.cfg.loss.teacher_ce > 0
+
     # --- batches ---------------------------------------------------------------------
     def make_batch(self, encs: list[Encoded], step: int = 0) -> dict:
         mode = self.cfg.train.mode
@@ -121,8 +143,9 @@ class Objective(nn.Module):
                 stage=seq_stage, latents_per_step=self.cfg.curriculum.latents_per_step,
             ),
         }
-        if self.teachers is not None:
-            batch["external"] = self.teachers.batches(encs)
+        inputs = self.source.inputs(encs)  # other teachers' batches, in their own tokenization
+        if inputs is not None:
+            batch["external"] = inputs
         return batch
 
     # --- loss ------------------------------------------------------------------------
@@ -134,7 +157,7 @@ class Objective(nn.Module):
         device = next(self.model.parameters()).device
         t_batch = to_device(batch["teacher"], device)
         if self.cfg.train.mode != "kava":
-            ce = teacher_forward(self.model, t_batch, want_queries=False, want_cache=False).ce
+            ce = self.ce_loss(t_batch)
             return StepOutput(ce, detached(loss=ce, ce=ce))
         return self.kava_loss(t_batch, to_device(batch["student"], device), batch.get("stage"), batch.get("source_ids"),
                               batch.get("external"), batch.get("sequence_stage", batch.get("stage")))
@@ -142,77 +165,87 @@ class Objective(nn.Module):
     def kava_loss(self, tb: dict, sb: dict, stage: int | None, source_ids: list[str] | None = None,
                   external: list[dict] | None = None, sequence_stage: int | None = None) -> StepOutput:
         """The KaVa loss of one batch. ``stage``: the curriculum stage (logged);
-        ``sequence_stage``: the stage the sequences were built for (:meth:`sequence_stage`).
+        ``sequence_stage``: the stage the sequences were built for (:meth:`sequence_stage`);
+        ``external``: what the target source built with the batch (``batch["external"]``).
         Metrics are detached 0-dim tensors: read them once per logging step, not per step."""
-        cfg, model = self.cfg, self.model
-        want_kv = self.selector is not None
-        cached = None
-        if self.cache is not None:
-            if source_ids is None:
-                raise ValueError("loss.teacher_cache is set but the batch carries no source_ids (build it with Objective.make_batch)")
-            cached = self.cache.lookup(source_ids, tb["input_ids"].device)
-        if self.teachers is not None and external is None:
-            raise ValueError("teachers.models is set but the batch carries no teacher batches (build it with Objective.make_batch)")
-        # The student's own teacher pass gives targets unless they come from a cache or only from
-        # other teachers; it also runs for its own CE (teacher_ce > 0).
-        own_targets = cached is None and (self.teachers is None or self.teachers.include_self)
-        run_teacher = own_targets or cfg.loss.teacher_ce > 0
-        if run_teacher:
-            online_kv = want_kv and own_targets
-            with nullcontext() if self.teacher_needs_graph() else torch.no_grad():
-                teacher = teacher_forward(model, tb, want_queries=online_kv and self.selector.needs_queries, want_cache=online_kv)
-            ce_t = teacher.ce
-        t_hidden = cached[1] if cached is not None else teacher.hidden if own_targets else None
+        lc = self.cfg.loss
+        teacher = self.teacher_pass(tb, for_targets=self.source.needs_teacher_pass) if self.runs_teacher() else None
+        student = self.student_pass(sb)
+        lat_ce = self.latent_ce(student, sb) if lc.latent_ce > 0 else None
+        states = self.student_states(sb, student)
+        request = self.request(tb, teacher, external, sequence_stage, sb["num_latents"], source_ids)
+        terms = self.source.compare(self.source.targets(request), states, lc)
+        total = self.weighted_loss(student.ce, None if teacher is None else teacher.ce, lat_ce, terms)
 
-        m = sb["num_latents"]
-        state = run_latents(model, sb["prefix_ids"], sb["prefix_mask"], m, cfg.latent.scheme, cfg.latent.iterations)
-        out, mask, k = final_pass(model, state, sb["suffix_ids"], sb["suffix_mask"], output_hidden_states=True)
-        suffix_h = out.last_hidden_state[:, k:]
-        ce_s = losses.labelled_ce(model.lm_head, suffix_h, sb["suffix_labels"], sb.get("suffix_label_index"))
-
-        b = sb["prefix_ids"].shape[0]
-        rows = torch.arange(b, device=suffix_h.device)
-        s_hidden = torch.stack([h[rows, k + sb["distill_idx"]] for h in out.hidden_states[1:]])
-
-        metrics: dict[str, torch.Tensor] = {}
-        kv_pair = None
-        teacher_term = cfg.loss.teacher_ce * ce_t if run_teacher else 0.0
-        total = cfg.loss.student_ce * ce_s + teacher_term
-        if cfg.loss.latent_ce > 0:
-            lat_ce = losses.token_ce(model.lm_head(state.producers), sb["latent_targets"])
-            total = total + cfg.loss.latent_ce * lat_ce
-            metrics["latent_ce"] = lat_ce
-        if want_kv:
-            p = state.prefix_len
-            s_keys, s_values = cache_span(state.cache, p, p + m)
-            if cfg.loss.rope == "pre":
-                s_keys = self.unrotate(s_keys, positions(mask)[:, p : p + m])
-        if self.teachers is not None:
-            targets = self.teachers.teacher_targets(external, self, sequence_stage, m, source_ids)
-            if self.teachers.include_self:
-                targets.append((self.teacher_targets(teacher, tb, sequence_stage, m, source_ids=source_ids), teacher.hidden))
-            kv, codi, fused, kv_pair = self.teachers(targets, s_keys, s_values, s_hidden, state.producers)
-            total = total + cfg.loss.alpha_kv * kv
-            metrics.update(fused, kv=kv)
-        else:
-            codi = losses.codi_loss(t_hidden, s_hidden, cfg.loss.codi_loss)
-            if want_kv:
-                target = cached[0] if cached is not None else self.teacher_targets(teacher, tb, sequence_stage, m, source_ids=source_ids)
-                kv = losses.kv_loss(target.keys, target.values, s_keys, s_values, target.valid, cfg.loss.kv_loss, cfg.loss.layer_std)
-                total = total + cfg.loss.alpha_kv * kv
-                metrics["kv"] = kv
-                kv_pair = (target, s_keys, s_values)
-                metrics["kv_cos"] = 0.5 * (
-                    losses.kv_cosine(target.keys, s_keys, target.valid) + losses.kv_cosine(target.values, s_values, target.valid)
-                )
-        total = total + cfg.loss.alpha_codi * codi
-        metrics.update(loss=total, ce_student=ce_s, codi=codi)
-        if run_teacher:
-            metrics["ce_teacher"] = ce_t
+        metrics: dict[str, torch.Tensor] = {} if lat_ce is None else {"latent_ce": lat_ce}
+        metrics.update(terms.metrics)
+        metrics.update(loss=total, ce_student=student.ce, codi=terms.codi)
+        if teacher is not None:
+            metrics["ce_teacher"] = teacher.ce
         metrics = detached(**metrics)
         if stage is not None:
             metrics["stage"] = torch.tensor(float(stage))
-        return StepOutput(total, metrics, kv_pair)
+        return StepOutput(total, metrics, terms.pair)
+
+    # --- the step's parts --------------------------------------------------------------
+    def ce_loss(self, tb: dict) -> torch.Tensor:
+        """The CE of one plain pass over ``tb`` (``cot`` and ``nocot`` modes)."""
+        return teacher_forward(self.model, tb, want_queries=False, want_cache=False).ce
+
+    def teacher_pass(self, tb: dict, for_targets: bool = True) -> TeacherOutput:
+        """The student's own teacher pass over ``Q C A``: its CE and CODI hidden states and,
+        when its targets are used (``for_targets``) and the run has a KV loss, its KV cache and
+        the answer queries the selector needs. Without an autograd graph unless
+        :meth:`teacher_needs_graph`."""
+        kv = for_targets and self.selector is not None
+        with nullcontext() if self.teacher_needs_graph() else torch.no_grad():
+            return teacher_forward(self.model, tb, want_queries=kv and self.selector.needs_queries, want_cache=kv)
+
+    def student_pass(self, sb: dict) -> StudentPass:
+        """The student's latent passes (T Jacobi or M sequential) and its final pass over
+        ``<eot> ...``, with its CE on the suffix."""
+        model, lat = self.model, self.cfg.latent
+        state = run_latents(model, sb["prefix_ids"], sb["prefix_mask"], sb["num_latents"], lat.scheme, lat.iterations)
+        out, mask, k = final_pass(model, state, sb["suffix_ids"], sb["suffix_mask"], output_hidden_states=True)
+        ce = losses.labelled_ce(model.lm_head, out.last_hidden_state[:, k:], sb["suffix_labels"], sb.get("suffix_label_index"))
+        return StudentPass(state, out, mask, k, ce)
+
+    def latent_ce(self, student: StudentPass, sb: dict) -> torch.Tensor:
+        """The per-latent loss: the state that produced latent j predicts step j's result."""
+        return losses.token_ce(self.model.lm_head(student.state.producers), sb["latent_targets"])
+
+    def student_states(self, sb: dict, student: StudentPass) -> Student:
+        """What distillation compares on the student's side: its hidden states at the CODI
+        position and, with a KV loss, its latents' keys (RoPE undone for ``loss.rope=pre``)
+        and values."""
+        rows = torch.arange(sb["prefix_ids"].shape[0], device=student.out.last_hidden_state.device)
+        hidden = torch.stack([h[rows, student.k + sb["distill_idx"]] for h in student.out.hidden_states[1:]])
+        keys = values = None
+        if self.selector is not None:
+            p, m = student.state.prefix_len, sb["num_latents"]
+            keys, values = cache_span(student.state.cache, p, p + m)
+            if self.cfg.loss.rope == "pre":
+                keys = self.unrotate(keys, positions(student.mask)[:, p : p + m])
+        return Student(keys, values, hidden, student.state.producers)
+
+    def request(self, tb: dict, teacher: TeacherOutput | None, inputs: Any, stage: int | None, m: int,
+                source_ids: list[str] | None) -> Request:
+        """What the target source is given for one batch (see :class:`kava.distill.targets.Request`)."""
+        kv = self.selector is not None
+        compress = partial(self.teacher_targets, stage=stage, m=m, source_ids=source_ids) if kv else None
+        return Request(tb, teacher, inputs, source_ids, tb["input_ids"].device, compress, kv and self.selector.needs_queries)
+
+    def weighted_loss(self, ce_student: torch.Tensor, ce_teacher: torch.Tensor | None, latent_ce: torch.Tensor | None,
+                      terms: Terms) -> torch.Tensor:
+        """``w_s CE_s + w_t CE_t (+ w_z CE_latent) + alpha2 L_KV + alpha1 L_CODI``, summed in
+        that order; a term that was not computed (None) is left out."""
+        lc = self.cfg.loss
+        total = lc.student_ce * ce_student + (lc.teacher_ce * ce_teacher if ce_teacher is not None else 0.0)
+        if latent_ce is not None:
+            total = total + lc.latent_ce * latent_ce
+        if terms.kv is not None:
+            total = total + lc.alpha_kv * terms.kv
+        return total + lc.alpha_codi * terms.codi
 
     @torch.no_grad()
     def kv_cosine_grid(self, encs: list[Encoded]) -> list[list[float]] | None:

@@ -10,6 +10,7 @@ Layout of a cache folder::
 Shards are fixed slices of the training data (``shard_size`` examples each, in data order).
 :class:`TeacherCache` reads targets back by ``source_id`` for training; the settings the
 targets depend on are checked against the run's (one-line errors naming the field).
+:class:`OfflineCache` is the target source that reads the run's own cache (``loss.teacher_cache``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 
 from ...config import ConfigError, KavaConfig
 from ..compression import Compressed
+from .base import Request, Target, TargetSource
 
 MANIFEST = "manifest.json"
 FORMAT = "kava-teacher-cache/1"
@@ -149,7 +151,7 @@ class TeacherCache:
             h = self._open[i] = safe_open(str(file), framework="pt")
         return h
 
-    def lookup(self, source_ids: list[str], device: torch.device | str = "cpu") -> tuple[Compressed, torch.Tensor]:
+    def lookup(self, source_ids: list[str], device: torch.device | str = "cpu") -> Target:
         """``(Compressed [L, B, H_kv, M, ...], hidden [L, B, D])`` for ``source_ids``, in order."""
         rows: dict[str, list[torch.Tensor]] = {k: [] for k in TENSORS}
         for sid in source_ids:
@@ -160,4 +162,19 @@ class TeacherCache:
             for k in TENSORS:
                 rows[k].append(h.get_slice(k)[r : r + 1])
         out = {k: torch.cat(v).transpose(0, 1).to(device) for k, v in rows.items()}
-        return Compressed(out["keys"], out["values"], out["valid"], None), out["hidden"]
+        return Target(Compressed(out["keys"], out["values"], out["valid"], None), out["hidden"])
+
+
+class OfflineCache(TargetSource):
+    """Targets read from the run's offline teacher cache (``loss.teacher_cache``) by ``source_id``:
+    the teacher pass runs only for its CE (``loss.teacher_ce > 0``), or not at all."""
+
+    name = "cache"
+
+    def __init__(self, model, cfg: KavaConfig):
+        self.cache = TeacherCache(cfg.loss.teacher_cache, cfg, model)
+
+    def targets(self, request: Request) -> list[Target]:
+        if request.source_ids is None:
+            raise ValueError("loss.teacher_cache is set but the batch carries no source_ids (build it with Objective.make_batch)")
+        return [self.cache.lookup(request.source_ids, request.device)]
