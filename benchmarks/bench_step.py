@@ -53,9 +53,10 @@ PEAK_BF16 = (("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100",
 def build(args):
     """(cfg, model, encoded examples, device, autocast dtype or None)."""
     from kava.config import load_config
-    from kava.modeling import add_latent_tokens, apply_adapter, build_model, enable_checkpointing, KavaModel, resolve_dtype
-    from kava.sequences import Encoded, TextEncoder
-    from kava.train import load_data, pick_mixed_precision
+    from kava.data import load_data
+    from kava.data.sequences import Encoded, TextEncoder
+    from kava.model import KavaModel, add_latent_tokens, apply_adapter, build_model, enable_checkpointing, resolve_dtype
+    from kava.training import pick_mixed_precision
 
     device = torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available()) or args.device == "cuda" else "cpu")
     if args.model == "llama-1b":
@@ -78,7 +79,7 @@ def build(args):
     if args.model == "llama-1b":
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        from kava.tokenizer import build_synthetic_tokenizer
+        from kava.model.tokenizer import build_synthetic_tokenizer
 
         tok = build_synthetic_tokenizer()
         conf = dict(LLAMA_1B)
@@ -191,11 +192,11 @@ def interleaved_times(fns: dict, warmup: int, iters: int, device) -> dict[str, l
 
 def run_benchmark(args) -> dict:
     from kava import losses
-    from kava.evaluate import kv_bytes_per_token
-    from kava.latent import cache_span, final_pass, positions, run_latents
-    from kava.objective import Objective, to_device
-    from kava.sequences import prompt_batch, student_batch
-    from kava.teacher import teacher_forward
+    from kava.data.sequences import prompt_batch, student_batch, to_device
+    from kava.distill import Objective
+    from kava.evaluation import kv_bytes_per_token
+    from kava.model.latent import cache_span, final_pass, positions, run_latents
+    from kava.model.teacher import teacher_forward
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -373,7 +374,7 @@ def run_benchmark(args) -> dict:
 
     largest = None
     if device.type == "cuda" and not args.no_find_batch:
-        from kava.batch_finder import find_largest_batch, training_step_fn
+        from kava.training.batch_finder import find_largest_batch, training_step_fn
 
         step = training_step_fn(objective, encoded, at_step=at_step)
 

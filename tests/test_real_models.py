@@ -13,12 +13,13 @@ from conftest import tiny_config
 from kava.config import DataConfig
 from kava.data.loaders import load_examples, parse_source_options
 from kava.data.schema import Example
-from kava.evaluate import evaluate
+from kava.evaluation import evaluate
 from kava.model import CONFIG_FILE, WEIGHTS_FILE, ModelLoadError, build_model, load_backbone, load_checkpoint
 from kava.distill.objective import Objective
 from kava.data.sequences import BOT, EOT, IGNORE, SequenceError, TextEncoder, student_batch, teacher_batch
 from kava.model.tokenizer import build_synthetic_tokenizer
-from kava.train import load_data, train
+from kava.data import load_data
+from kava.training import train
 
 EX = Example(question="7*2-7", steps=("<<7*2=4>>", "<<4-7=7>>"), answer="7", source_id="t0")
 EX2 = Example(question="3+4+1+2", steps=("<<3+4=7>>", "<<7+1=8>>", "<<8+2=0>>"), answer="0", source_id="t1")

@@ -8,7 +8,7 @@ import yaml
 
 from conftest import tiny_config
 from kava.cli import build_parser
-from kava.commands_teacher import register
+from kava.cli.teacher import register
 from kava.config import ConfigError
 from kava.data.schema import Example
 from kava.model import build_model
@@ -171,7 +171,7 @@ def test_cli_extract_writes_the_manifest(tmp_path, capsys):
 
 
 def test_train_from_cache_matches_online_first_step(tmp_path):
-    from kava.train import train
+    from kava.training import train
 
     def run(name, **loss):
         cfg = tiny_config(

@@ -158,7 +158,7 @@ def test_training_with_a_router_resumes_exactly(tmp_path):
 
     from kava.model import WEIGHTS_FILE
     from kava.distill.targets.teachers import ALIGN_FILE
-    from kava.train import train
+    from kava.training import train
     from test_train import _train_until
 
     def cfg(name, steps):
@@ -211,7 +211,7 @@ def test_a_teachers_offline_cache_gives_the_same_loss_as_running_it(tmp_path):
 
 def test_resume_without_the_teachers_file_is_a_clear_error(tmp_path):
     from kava.distill.targets.teachers import ALIGN_FILE
-    from kava.train import TrainingError, train
+    from kava.training import TrainingError, train
 
     cfg = tiny_config(teachers={"models": [{"name_or_path": "tiny", "tiny": SHALLOW}], "aggregation": "weighted"},
                       loss={"rope": "pre"}, train={"output_dir": str(tmp_path / "run"), "max_steps": 2})

@@ -101,7 +101,7 @@ class TeacherOutput:
 
 def teacher_forward(model: KavaModel, batch: dict, want_queries: bool, want_cache: bool = True, want_ce: bool = True,
                     want_logits: bool = False) -> TeacherOutput:
-    """Run the teacher once over ``batch`` (from :func:`kava.sequences.teacher_batch`).
+    """Run the teacher once over ``batch`` (from :func:`kava.data.sequences.teacher_batch`).
 
     ``want_ce``: the CE on ``batch["labels"]``, with the LM head applied at the labelled
     positions only (the question carries no labels; at a large vocabulary the head over every

@@ -10,11 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kava.data.files import validate_file, write_jsonl
-from kava.data.loaders import list_datasets, load_examples_report
-from kava.data.schema import DataError
-
-__all__ = ["register", "validate_file", "write_jsonl"]
+__all__ = ["register"]
 
 
 def _fail(err: Exception) -> int:
@@ -23,6 +19,8 @@ def _fail(err: Exception) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from ..data import DataError, load_examples_report, write_jsonl
+
     try:
         report = load_examples_report(args.source, args.split, limit=args.limit, on_error=args.on_error, fmt=args.fmt)
         n = write_jsonl(report.examples, args.out)
@@ -34,6 +32,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
+    from ..data import DataError, validate_file
+
     try:
         n = validate_file(args.path, fmt=args.fmt)
     except (DataError, ValueError, OSError) as err:
@@ -43,6 +43,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
+    from ..data import list_datasets
+
     del args
     for spec in list_datasets():
         where = spec.hub_id + (f" ({spec.config})" if spec.config else "") if spec.hub_id else spec.origin

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .model.checkpoints import CHECKPOINT_RE, STATE_JSON, STATE_TENSORS, latest_checkpoint  # noqa: F401
+from ..model.checkpoints import STATE_JSON, STATE_TENSORS
 
 
 
