@@ -4,6 +4,6 @@ search (``batch_finder``) and what this machine would pick (``env``). Imports
 ``kava.distill``, ``kava.evaluation``, ``kava.model``, ``kava.data`` and kava's core modules."""
 
 from .env import pick_mixed_precision
-from .loop import DataOrder, TrainingError, train
+from .loop import DataOrder, Run, TrainingError, train
 
-__all__ = ["DataOrder", "TrainingError", "pick_mixed_precision", "train"]
+__all__ = ["DataOrder", "Run", "TrainingError", "pick_mixed_precision", "train"]
