@@ -31,7 +31,8 @@ class Generation:
 
 
 @torch.no_grad()
-def greedy(model: KavaModel, cache: DynamicCache, mask: torch.Tensor, last_h: torch.Tensor, max_new: int, passes_before: int) -> Generation:
+def greedy(model: KavaModel, cache: DynamicCache, mask: torch.Tensor, last_h: torch.Tensor, max_new: int, passes_before: int,
+           stop_at_eos: bool = True) -> Generation:
     """Greedy decoding from the hidden state ``last_h [B, D]`` of the last prompt position.
 
     ``mask [B, S]`` covers the ``S`` cached columns. Each example keeps its tokens up to and
@@ -43,6 +44,9 @@ def greedy(model: KavaModel, cache: DynamicCache, mask: torch.Tensor, last_h: to
     per example; an example that is done keeps decoding but nothing more is kept),
     ``passes [B]`` and ``done [B]``. The one host read per token is the ``done.all()`` check;
     the lists are built once at the end.
+
+    ``stop_at_eos=False`` decodes exactly ``max_new`` tokens per example whatever they are
+    (the benchmark does, so that random weights decode as many tokens as a trained model).
     """
     eos = model.tokenizer.eos_token_id
     b, device = last_h.shape[0], last_h.device
@@ -55,8 +59,9 @@ def greedy(model: KavaModel, cache: DynamicCache, mask: torch.Tensor, last_h: to
         nxt = model.lm_head(last_h).argmax(-1)
         tokens[:, t] = nxt
         kept += ~done
-        done |= nxt == eos
-        if t == max_new - 1 or bool(done.all()):
+        if stop_at_eos:
+            done |= nxt == eos
+        if t == max_new - 1 or (stop_at_eos and bool(done.all())):
             break
         passes += ~done
         mask = torch.cat([mask, mask.new_ones(b, 1)], 1)

@@ -15,6 +15,7 @@ from .backbone import (
     load_checkpoint,
     quantization_config,
     resolve_dtype,
+    wrap_backbone,
 )
 from .checkpoints import CONFIG_FILE, WEIGHTS_FILE, ModelLoadError, latest_checkpoint
 from .latent import LatentState, cache_span, final_pass, positions, run_latents
@@ -52,4 +53,5 @@ __all__ = [
     "run_latents",
     "teacher_forward",
     "tied_embeddings",
+    "wrap_backbone",
 ]

@@ -332,6 +332,14 @@ def build_model(cfg: KavaConfig, with_adapter: bool = True) -> KavaModel:
     """Load the backbone, add the latent tokens, apply LoRA or full fine-tuning."""
     tok, backbone = load_backbone(cfg.model, cfg.train.seed)
     base_reloadable = cfg.model.name_or_path != "tiny" or bool(cfg.model.init_from)
+    return wrap_backbone(cfg, tok, backbone, base_reloadable, with_adapter)
+
+
+def wrap_backbone(cfg: KavaConfig, tok, backbone, base_reloadable: bool, with_adapter: bool = True) -> KavaModel:
+    """A :class:`KavaModel` around a loaded causal LM: ``<bot>``/``<eot>`` added, the base
+    prepared for quantised training, LoRA or full fine-tuning, the projection, gradient
+    checkpointing. ``base_reloadable``: checkpoints may reload the base from
+    ``model.name_or_path`` (else they hold every weight)."""
     with torch.random.fork_rng():  # the new rows are drawn from the run's seed, not the global RNG
         torch.manual_seed(cfg.train.seed)
         ids = add_latent_tokens(tok, backbone, mean_resizing=base_reloadable)
