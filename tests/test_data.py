@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from kava.answers import parse_number
-from kava.data import loaders
 from kava.cli.data import register
+from kava.data import loaders
 from kava.data import validate_file, write_jsonl
 from kava.data.loaders import (
     REGISTRY,

@@ -11,11 +11,11 @@ import torch
 from conftest import tiny_config
 from kava.answers import is_correct
 from kava.data.schema import Example
+from kava.data.sequences import TextEncoder
 from kava.data.synthetic import generate_split
 from kava.evaluation.decode import Generation, greedy, prefill
-from kava.model.latent import positions
 from kava.model import build_model
-from kava.data.sequences import TextEncoder
+from kava.model.latent import positions
 
 FREE_TOKENS = 12  # tokens decoded to choose a stop token
 

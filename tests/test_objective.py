@@ -4,12 +4,12 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from kava.distill.compression import attention_importance
 from kava.data.schema import Example
-from kava.model.latent import final_pass, run_latents
-from kava.model import build_model
-from kava.distill.objective import Objective
 from kava.data.sequences import TextEncoder, student_batch, teacher_batch
+from kava.distill.compression import attention_importance
+from kava.distill.objective import Objective
+from kava.model import build_model
+from kava.model.latent import final_pass, run_latents
 from kava.model.teacher import capture_answer_queries, teacher_forward
 
 EXAMPLES = [

@@ -11,14 +11,14 @@ from safetensors.torch import load_file
 
 from conftest import tiny_config
 from kava.config import DataConfig
+from kava.data import load_data
 from kava.data.loaders import load_examples, parse_source_options
 from kava.data.schema import Example
+from kava.data.sequences import BOT, EOT, IGNORE, SequenceError, TextEncoder, student_batch, teacher_batch
+from kava.distill.objective import Objective
 from kava.evaluation import evaluate
 from kava.model import CONFIG_FILE, WEIGHTS_FILE, ModelLoadError, build_model, load_backbone, load_checkpoint
-from kava.distill.objective import Objective
-from kava.data.sequences import BOT, EOT, IGNORE, SequenceError, TextEncoder, student_batch, teacher_batch
 from kava.model.tokenizer import build_synthetic_tokenizer
-from kava.data import load_data
 from kava.training import train
 
 EX = Example(question="7*2-7", steps=("<<7*2=4>>", "<<4-7=7>>"), answer="7", source_id="t0")

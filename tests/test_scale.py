@@ -14,13 +14,13 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_config
-from kava.training.batch_finder import BatchSearch, find_largest_batch, is_oom, training_step_fn
 from kava.config import ConfigError, load_config
 from kava.data.schema import Example
-from kava.model import WEIGHTS_FILE, ModelLoadError, build_model, quantization_config
-from kava.distill.objective import Objective, metric_floats
 from kava.data.sequences import TextEncoder
+from kava.distill.objective import Objective, metric_floats
+from kava.model import WEIGHTS_FILE, ModelLoadError, build_model, quantization_config
 from kava.training import pick_mixed_precision, train
+from kava.training.batch_finder import BatchSearch, find_largest_batch, is_oom, training_step_fn
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = [

@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_config
-from kava.model import CONFIG_FILE, WEIGHTS_FILE, find_smollm2_gguf, load_checkpoint
 from kava.data.sequences import BOT, EOT, TextEncoder, teacher_batch
+from kava.model import CONFIG_FILE, WEIGHTS_FILE, find_smollm2_gguf, load_checkpoint
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("gguf")

@@ -11,12 +11,12 @@ from kava.cli import build_parser
 from kava.cli.teacher import register
 from kava.config import ConfigError
 from kava.data.schema import Example
-from kava.model import build_model
-from kava.distill.objective import Objective
 from kava.data.sequences import TextEncoder
-from kava.model.teacher import teacher_forward
 from kava.distill.extract import extract
+from kava.distill.objective import Objective
 from kava.distill.targets.cache import MANIFEST, TeacherCache, TeacherCacheError, shard_name
+from kava.model import build_model
+from kava.model.teacher import teacher_forward
 
 EXAMPLES = [
     Example("7*2-7", ("<<7*2=4>>", "<<4-7=7>>"), "7", "a"),

@@ -7,11 +7,11 @@ from transformers import DynamicCache
 from conftest import tiny_config
 from kava.config import ConfigError
 from kava.data.schema import Example
-from kava.model.latent import cache_span, positions
-from kava.model import ModelLoadError, build_model
-from kava.distill.objective import Objective, metric_floats
 from kava.data.sequences import TextEncoder
+from kava.distill.objective import Objective, metric_floats
 from kava.distill.targets.teachers import kv_shape
+from kava.model import ModelLoadError, build_model
+from kava.model.latent import cache_span, positions
 
 EXAMPLES = [
     Example("7*2-7", ("<<7*2=4>>", "<<4-7=7>>"), "7", "a"),

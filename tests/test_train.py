@@ -10,9 +10,9 @@ from safetensors.torch import load_file
 
 from conftest import tiny_config
 from kava.cli import main
+from kava.data import load_data
 from kava.evaluation import evaluate
 from kava.model import WEIGHTS_FILE, load_checkpoint
-from kava.data import load_data
 from kava.training import TrainingError, train
 
 
