@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..config import ModelConfig
 from ..data.sequences import BOT, EOT
 from .checkpoints import ModelLoadError
 
