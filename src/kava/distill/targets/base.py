@@ -17,6 +17,7 @@ import torch
 
 from ... import losses
 from ...config import LossConfig
+from ...model.teacher import TeacherOutput
 from ..compression import Compressed
 
 
@@ -32,7 +33,7 @@ class Request:
     """What a source is given to produce the targets of one batch."""
 
     teacher_batch: dict  # the student's ``Q C A`` batch (kava.data.sequences.teacher_batch), on the device
-    teacher: Any  # the step's own teacher pass (kava.model.teacher.TeacherOutput), None when it did not run
+    teacher: TeacherOutput | None  # the step's own teacher pass, None when it did not run
     inputs: Any  # what the source's :meth:`TargetSource.inputs` built with the batch (None if nothing)
     source_ids: list[str] | None  # the examples' ids, in batch order
     device: torch.device
