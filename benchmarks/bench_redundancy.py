@@ -1,6 +1,6 @@
 """R-KV redundancy term: the O(N d) form against the N x N definition (see benchmarks/README.md).
 
-Times ``kava.compression.rkv.redundancy_scores`` (sum of cosines through the sum of unit keys)
+Times ``kava.distill.compression.rkv.redundancy_scores`` (sum of cosines through the sum of unit keys)
 and ``redundancy_scores_quadratic`` (the full cosine matrix) round-robin on the same keys, the
 shape ``compress_cache`` scores (layers folded into the batch), checks that both keep the same
 positions, and prints the ratio.
@@ -17,8 +17,8 @@ import time
 
 import torch
 
-from kava.compression.base import top_budget
-from kava.compression.rkv import redundancy_scores, redundancy_scores_quadratic
+from kava.distill.compression.base import top_budget
+from kava.distill.compression.rkv import redundancy_scores, redundancy_scores_quadratic
 
 
 def main(argv=None) -> dict:

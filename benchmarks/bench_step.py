@@ -3,12 +3,16 @@
 For one model and batch it times, with the same examples:
 
   (a) cot      a plain CoT fine-tuning step on the teacher sequence (forward + backward, CE)
-  (b) passes   the model passes a KaVa step cannot avoid: teacher forward + backward and the
+  (b) passes   the model passes a KaVa step cannot avoid: the teacher pass (when the step runs
+               it, and with a graph only when Objective.teacher_needs_graph()) and the
                student's T+1 passes (Jacobi) or M+1 (sequential) with backward, CE losses only
   (c) kava     the full KaVa step (Objective: + answer-query capture, cache selection, KV/CODI losses)
 
 and, on their own, the teacher-cache selection and the KV/CODI loss terms (forward + backward),
-as a share of (c). For inference it decodes the same batch in latent mode and in CoT mode
+as a share of (c). Every phase calls the objective's own parts (Objective.ce_loss,
+teacher_pass, student_pass, student_states, the target source's targets and compare), and
+decoding calls evaluation's prefill and greedy, so the benchmark times what training and
+evaluation run. For inference it decodes the same batch in latent mode and in CoT mode
 (greedy, with the KV cache, lengths fixed to the examples' own so that random weights decode
 as many tokens as a trained model would) and reports forward passes, wall time and KV-cache
 bytes. Targets: (c) within 10% of (b); selection + losses under 5% of (c); latent decoding
@@ -53,9 +57,10 @@ PEAK_BF16 = (("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100",
 def build(args):
     """(cfg, model, encoded examples, device, autocast dtype or None)."""
     from kava.config import load_config
-    from kava.modeling import add_latent_tokens, apply_adapter, build_model, enable_checkpointing, KavaModel, resolve_dtype
-    from kava.sequences import Encoded, TextEncoder
-    from kava.train import load_data, pick_mixed_precision
+    from kava.data import load_data
+    from kava.data.sequences import Encoded, TextEncoder
+    from kava.model import build_model, resolve_dtype, wrap_backbone
+    from kava.training import pick_mixed_precision
 
     device = torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available()) or args.device == "cuda" else "cpu")
     if args.model == "llama-1b":
@@ -78,7 +83,7 @@ def build(args):
     if args.model == "llama-1b":
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        from kava.tokenizer import build_synthetic_tokenizer
+        from kava.model.tokenizer import build_synthetic_tokenizer
 
         tok = build_synthetic_tokenizer()
         conf = dict(LLAMA_1B)
@@ -90,11 +95,7 @@ def build(args):
         torch.manual_seed(cfg.train.seed)
         with device:
             backbone = LlamaForCausalLM(lc).to(dtype)
-        ids = add_latent_tokens(tok, backbone)
-        backbone = apply_adapter(backbone, cfg.model, list(ids))
-        model = KavaModel(backbone, tok, cfg, base_reloadable=True)
-        if cfg.model.gradient_checkpointing:
-            enable_checkpointing(model.decoder.layers)
+        model = wrap_backbone(cfg, tok, backbone, base_reloadable=True)
         encoder = TextEncoder(tok, cfg.data)
         g = torch.Generator().manual_seed(0)
         lo, hi = 10, min(len(tok) - 4, 60)
@@ -124,20 +125,19 @@ def sync(device):
 
 @contextmanager
 def count_positions(model):
-    """Count the positions fed to the decoder (sum over passes of batch x new tokens)."""
+    """Count the decoder passes and the positions fed to them (sum over passes of batch x new tokens)."""
     box = {"positions": 0, "passes": 0}
-    inner = model.run
 
-    def run(inputs_embeds, *a, **kw):
-        box["positions"] += inputs_embeds.shape[0] * inputs_embeds.shape[1]
+    def hook(module, args, kwargs):
+        x = kwargs["inputs_embeds"]
+        box["positions"] += x.shape[0] * x.shape[1]
         box["passes"] += 1
-        return inner(inputs_embeds, *a, **kw)
 
-    model.run = run
+    handle = model.decoder.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         yield box
     finally:
-        del model.run
+        handle.remove()
 
 
 def saved_activation_bytes(fn, model) -> int:
@@ -190,12 +190,9 @@ def interleaved_times(fns: dict, warmup: int, iters: int, device) -> dict[str, l
 
 
 def run_benchmark(args) -> dict:
-    from kava import losses
-    from kava.evaluate import kv_bytes_per_token
-    from kava.latent import cache_span, final_pass, positions, run_latents
-    from kava.objective import Objective, to_device
-    from kava.sequences import prompt_batch, student_batch
-    from kava.teacher import teacher_forward
+    from kava.data.sequences import to_device
+    from kava.distill import Objective
+    from kava.evaluation.decode import greedy, kv_bytes_per_token, prefill
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -206,10 +203,10 @@ def run_benchmark(args) -> dict:
     at_step = 10**9 if cfg.curriculum.enabled else 0  # the last curriculum stage: all latents, no CoT left in the student
     batch = objective.make_batch(encs, at_step)
     tb, sb = to_device(batch["teacher"], device), to_device(batch["student"], device)
-    stage, m, lat = batch.get("stage"), sb["num_latents"], cfg.latent
+    m, lat = sb["num_latents"], cfg.latent
     dev_batch = {**batch, "teacher": tb, "student": sb}
     autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp is not None else nullcontext
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in objective.parameters() if p.requires_grad]
 
     def zero():
         for p in params:
@@ -217,20 +214,18 @@ def run_benchmark(args) -> dict:
 
     def step_cot(backward=True):
         with autocast():
-            loss = teacher_forward(model, tb, want_queries=False, want_cache=False).ce
+            loss = objective.ce_loss(tb)
         if backward:
             loss.backward()
             zero()
 
     def step_passes(backward=True):
-        # The floor follows the objective's rule: the teacher keeps a graph only when its CE is trained.
+        # The step's own passes: the teacher pass when the step runs it (with a graph only when
+        # Objective.teacher_needs_graph()), the student's passes; CE losses only.
         with autocast():
-            with nullcontext() if objective.teacher_needs_graph() else torch.no_grad():
-                ce_t = teacher_forward(model, tb, want_queries=False, want_cache=False).ce
-            state = run_latents(model, sb["prefix_ids"], sb["prefix_mask"], m, lat.scheme, lat.iterations)
-            fo, _, k = final_pass(model, state, sb["suffix_ids"], sb["suffix_mask"])
-            ce_s = losses.labelled_ce(model.lm_head, fo.last_hidden_state[:, k:], sb["suffix_labels"], sb["suffix_label_index"])
-            loss = ce_s + (ce_t if objective.teacher_needs_graph() else 0.0)
+            teacher = objective.teacher_pass(tb, for_targets=False) if objective.runs_teacher() else None
+            student = objective.student_pass(sb)
+            loss = student.ce + (teacher.ce if teacher is not None and objective.teacher_needs_graph() else 0.0)
         if backward:
             loss.backward()
             zero()
@@ -250,38 +245,37 @@ def run_benchmark(args) -> dict:
         finally:
             del objective.teacher_needs_graph
 
-    # Inputs of the selection and of the loss terms, computed once.
+    # Inputs of the selection and of the loss terms, computed once, as the step computes them.
     with torch.no_grad(), autocast():
-        sel = objective.selector
-        t_out = teacher_forward(model, tb, want_queries=sel is not None and sel.needs_queries, want_cache=True)
-        state = run_latents(model, sb["prefix_ids"], sb["prefix_mask"], m, lat.scheme, lat.iterations)
-        fo, _, k = final_pass(model, state, sb["suffix_ids"], sb["suffix_mask"], output_hidden_states=True)
-        s_keys, s_values = cache_span(state.cache, state.prefix_len, state.prefix_len + m)
-        rows = torch.arange(b, device=device)
-        s_hidden = torch.stack(fo.hidden_states[1:])[:, rows, k + sb["distill_idx"]]
-        target = objective.teacher_targets(t_out, tb, stage, m) if sel is not None else None
-    s_keys, s_values, s_hidden = (t.detach().clone().requires_grad_() for t in (s_keys, s_values, s_hidden))
+        t_out = objective.teacher_pass(tb, for_targets=objective.source.needs_teacher_pass) if objective.runs_teacher() else None
+        states = objective.student_states(sb, objective.student_pass(sb))
+        request = objective.request(tb, t_out, batch.get("external"), batch.get("sequence_stage"), m, batch.get("source_ids"))
+        targets = objective.source.targets(request)
+    leaf = lambda t: None if t is None else t.detach().clone().requires_grad_()  # noqa: E731
+    student = type(states)(leaf(states.keys), leaf(states.values), leaf(states.hidden), states.producers.detach())
+    leaves = [t for t in (student.keys, student.values, student.hidden) if t is not None]
 
     def selection():
+        # The own pass's cache compressed to M slots (the run's selector, at the sequence stage).
         with torch.no_grad(), autocast():
-            objective.teacher_targets(t_out, tb, stage, m)
+            request.compress(t_out, tb)
 
     def loss_terms():
         with autocast():
-            total = cfg.loss.alpha_codi * losses.codi_loss(t_out.hidden, s_hidden, cfg.loss.codi_loss)
-            if target is not None:
-                total = total + cfg.loss.alpha_kv * losses.kv_loss(
-                    target.keys, target.values, s_keys, s_values, target.valid, cfg.loss.kv_loss, cfg.loss.layer_std)
-                losses.kv_cosine(target.keys, s_keys, target.valid)
+            terms = objective.source.compare(targets, student, cfg.loss)
+            total = cfg.loss.alpha_codi * terms.codi
+            if terms.kv is not None:
+                total = total + cfg.loss.alpha_kv * terms.kv
         total.backward()
-        for t in (s_keys, s_values, s_hidden):
+        for t in leaves:
             t.grad = None
+        zero()
 
     fns = {"cot": step_cot, "passes": step_passes, "kava": step_kava}
     graph_free = not objective.teacher_needs_graph()
     if graph_free:
         fns["kava_teacher_graph"] = step_kava_teacher_graph
-    if sel is not None:
+    if request.compress is not None and objective.source.needs_teacher_pass:
         fns["selection"] = selection
     fns["losses"] = loss_terms
     times = interleaved_times(fns, args.warmup, args.iters, device)
@@ -321,41 +315,23 @@ def run_benchmark(args) -> dict:
         "teacher_graph_over_kava": med["kava_teacher_graph"] / med["kava"] - 1.0 if graph_free else None,
     }
 
-    # --- inference: latent vs CoT decoding on the same batch ---
+    # --- inference: latent vs CoT decoding on the same batch, with evaluation's own decoding ---
     model.eval()
     bpt = kv_bytes_per_token(model)
-    pad = objective.pad_id
     n_ans = max(len(e.answer) for e in encs)
     n_cot = max(sum(map(len, e.steps)) + len(e.answer_prefix) + len(e.answer) for e in encs)
 
-    def decode(cache, mask, h, n_new, passes):
-        for t in range(n_new):
-            nxt = model.lm_head(h).argmax(-1)
-            if t == n_new - 1:
-                break
-            mask = torch.cat([mask, mask.new_ones(b, 1)], 1)
-            h = model.run(model.embed(nxt[:, None]), mask, positions(mask)[:, -1:], cache).last_hidden_state[:, -1]
-            passes += 1
-        return passes, float(mask.long().sum(-1).float().mean())
+    def decode(mode, n_new):
+        with autocast():
+            p = prefill(model, encs, mode, cfg)
+            g = greedy(model, p.cache, p.mask, p.last_h, n_new, p.passes, stop_at_eos=False)
+        return g.passes[0], sum(g.kv_tokens) / len(g.kv_tokens)
 
-    @torch.no_grad()
     def latent_decode():
-        with autocast():
-            s = student_batch(encs, pad, model.bot_id, model.eot_id, lat.num_latents, with_answer=False)
-            st = run_latents(model, s["prefix_ids"].to(device), s["prefix_mask"].to(device), lat.num_latents, lat.scheme, lat.iterations)
-            out, mask, _ = final_pass(model, st, s["suffix_ids"].to(device), s["suffix_mask"].to(device))
-            return decode(st.cache, mask, out.last_hidden_state[:, -1], n_ans, st.passes)
+        return decode("student", n_ans)
 
-    @torch.no_grad()
     def cot_decode():
-        from transformers import DynamicCache
-
-        with autocast():
-            p = prompt_batch(encs, pad, with_prefix=False)
-            ids, mask = p["input_ids"].to(device), p["attention_mask"].to(device)
-            cache = DynamicCache()
-            h = model.run(model.embed(ids), mask, positions(mask), cache).last_hidden_state[:, -1]
-            return decode(cache, mask, h, n_cot, 1)
+        return decode("cot", n_cot)
 
     with count_positions(model) as lat_box:
         lat_passes, lat_kv = latent_decode()
@@ -373,7 +349,7 @@ def run_benchmark(args) -> dict:
 
     largest = None
     if device.type == "cuda" and not args.no_find_batch:
-        from kava.batch_finder import find_largest_batch, training_step_fn
+        from kava.training.batch_finder import find_largest_batch, training_step_fn
 
         step = training_step_fn(objective, encoded, at_step=at_step)
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from kava import losses
-from kava.teachers.align import KVShape, TeacherAligner, concat_windows, layer_weights
-from kava.teachers.fusion import Fusion, slot_distance, slot_valid
+from kava.distill.align import KVShape, TeacherAligner, concat_windows, layer_weights
+from kava.distill.fusion import Fusion, slot_distance, slot_valid
 
 
 def _rand(*shape, seed=0):

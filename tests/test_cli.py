@@ -115,7 +115,7 @@ def test_one_line_errors_are_looked_up_among_loaded_modules():
     import kava.cli as cli
     from kava.config import ConfigError
     from kava.data.schema import DataError
-    from kava.sequences import SequenceError
+    from kava.data.sequences import SequenceError
 
     found = cli.one_line_errors()
     assert FileNotFoundError in found and ConfigError in found and DataError in found and SequenceError in found

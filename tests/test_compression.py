@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from kava.compression import (
+from kava.distill.compression import (
     SELECTORS,
     attention_importance,
     compress_cache,
@@ -14,8 +14,8 @@ from kava.compression import (
     redundancy_scores,
     select,
 )
-from kava.compression.base import top_budget
-from kava.compression.rkv import redundancy_scores_quadratic
+from kava.distill.compression.base import top_budget
+from kava.distill.compression.rkv import redundancy_scores_quadratic
 
 
 def _mask(rows):

@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 
 from kava.answers import parse_number
+from kava.cli.data import register
 from kava.data import loaders
-from kava.data.commands import register, validate_file, write_jsonl
+from kava.data import validate_file, write_jsonl
 from kava.data.loaders import (
     REGISTRY,
     list_datasets,

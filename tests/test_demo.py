@@ -2,7 +2,7 @@
 
 import json
 
-from kava.demo import run_demo
+from kava.experiments.demo import run_demo
 
 
 def test_quick_demo_writes_summary_table_and_plot(tmp_path):

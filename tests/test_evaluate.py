@@ -11,11 +11,11 @@ import torch
 from conftest import tiny_config
 from kava.answers import is_correct
 from kava.data.schema import Example
+from kava.data.sequences import TextEncoder
 from kava.data.synthetic import generate_split
-from kava.evaluate import Generation, greedy, prefill
-from kava.latent import positions
-from kava.modeling import build_model
-from kava.sequences import TextEncoder
+from kava.evaluation.decode import Generation, greedy, prefill
+from kava.model import build_model
+from kava.model.latent import positions
 
 FREE_TOKENS = 12  # tokens decoded to choose a stop token
 
@@ -23,7 +23,7 @@ FREE_TOKENS = 12  # tokens decoded to choose a stop token
 @torch.no_grad()
 def reference_greedy(model, cache, mask, last_h, max_new: int, passes_before: int, eos: int) -> Generation:
     """Greedy decoding that reads every row's token and done flag in Python: the behaviour
-    :func:`kava.evaluate.greedy` must keep, written the plain way."""
+    :func:`kava.evaluation.greedy` must keep, written the plain way."""
     b = last_h.shape[0]
     done = torch.zeros(b, dtype=torch.bool)
     out: list[list[int]] = [[] for _ in range(b)]
@@ -128,7 +128,7 @@ def test_greedy_stops_when_every_example_is_done(tiny, eos_as):
 
 def test_metrics_grade_strict_and_flexible_and_count_truncated(tiny, eos_as, tmp_path):
     """A generation capped by eval.max_new_tokens without <eos> is counted as truncated."""
-    from kava.evaluate import evaluate
+    from kava.evaluation import evaluate
 
     model, cfg, examples, encs = tiny
     cap = 4
@@ -162,7 +162,7 @@ def test_metrics_grade_strict_and_flexible_and_count_truncated(tiny, eos_as, tmp
 
 def test_headline_accuracy_is_strict(tiny, monkeypatch, tmp_path):
     """Fixed generations through evaluate(): a CoT cut off at the cap is right only flexibly."""
-    import kava.evaluate as ke
+    import kava.evaluation.evaluator as ke
 
     model, cfg, _, _ = tiny
     tok = model.tokenizer

@@ -4,13 +4,13 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from kava.compression import attention_importance
 from kava.data.schema import Example
-from kava.latent import final_pass, run_latents
-from kava.modeling import build_model
-from kava.objective import Objective
-from kava.sequences import TextEncoder, student_batch, teacher_batch
-from kava.teacher import capture_answer_queries, teacher_forward
+from kava.data.sequences import TextEncoder, student_batch, teacher_batch
+from kava.distill.compression import attention_importance
+from kava.distill.objective import Objective
+from kava.model import build_model
+from kava.model.latent import final_pass, run_latents
+from kava.model.teacher import capture_answer_queries, teacher_forward
 
 EXAMPLES = [
     Example("7*2-7", ("<<7*2=4>>", "<<4-7=7>>"), "7", "a"),
@@ -159,7 +159,7 @@ def test_pre_rope_keys_are_position_free():
     ids = torch.tensor([[5, 9, 5, 9, 5]])
     from transformers import DynamicCache
 
-    from kava.latent import cache_span, positions
+    from kava.model.latent import cache_span, positions
 
     cache = DynamicCache()
     mask = torch.ones_like(ids, dtype=torch.bool)
@@ -332,7 +332,7 @@ def test_shuffled_control_never_hands_an_example_its_own_targets():
 
 
 def _rkv_targets(obj, model, tb):
-    from kava.compression import compress_cache, get_selector
+    from kava.distill.compression import compress_cache, get_selector
 
     t = teacher_forward(model, tb, want_queries=True)
     c = compress_cache(get_selector("rkv", obj.cfg.loss.lam), t.keys, t.values, t.queries, tb["cot_step"] >= 0, tb["answer_valid"],
@@ -359,7 +359,7 @@ def test_step_metrics_stay_on_the_device(monkeypatch):
     monkeypatch.undo()
     assert reads == []
     assert all(torch.is_tensor(v) and v.dim() == 0 and not v.requires_grad for v in metrics.values())
-    from kava.objective import metric_floats
+    from kava.distill.objective import metric_floats
 
     floats = metric_floats(metrics)
     assert floats.keys() == metrics.keys() and all(isinstance(v, float) for v in floats.values())

@@ -11,14 +11,15 @@ from safetensors.torch import load_file
 
 from conftest import tiny_config
 from kava.config import DataConfig
+from kava.data import load_data
 from kava.data.loaders import load_examples, parse_source_options
 from kava.data.schema import Example
-from kava.evaluate import evaluate
-from kava.modeling import CONFIG_FILE, WEIGHTS_FILE, ModelLoadError, build_model, load_backbone, load_checkpoint
-from kava.objective import Objective
-from kava.sequences import BOT, EOT, IGNORE, SequenceError, TextEncoder, student_batch, teacher_batch
-from kava.tokenizer import build_synthetic_tokenizer
-from kava.train import load_data, train
+from kava.data.sequences import BOT, EOT, IGNORE, SequenceError, TextEncoder, student_batch, teacher_batch
+from kava.distill.objective import Objective
+from kava.evaluation import evaluate
+from kava.model import CONFIG_FILE, WEIGHTS_FILE, ModelLoadError, build_model, load_backbone, load_checkpoint
+from kava.model.tokenizer import build_synthetic_tokenizer
+from kava.training import train
 
 EX = Example(question="7*2-7", steps=("<<7*2=4>>", "<<4-7=7>>"), answer="7", source_id="t0")
 EX2 = Example(question="3+4+1+2", steps=("<<3+4=7>>", "<<7+1=8>>", "<<8+2=0>>"), answer="0", source_id="t1")
@@ -195,7 +196,7 @@ def test_local_folder_with_tied_embeddings_trains_saves_and_reloads(tmp_path, mo
 
 
 def test_smollm2_alias_without_the_package_is_a_clear_error(monkeypatch):
-    import kava.modeling as km
+    import kava.model.backbone as km
 
     monkeypatch.setattr(km, "find_smollm2_gguf", lambda: None)
     cfg = tiny_config(model={"name_or_path": "smollm2"})

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kava.report import (
+from kava.experiments.report import (
     FAILS, HOLDS, UNMEASURED, ClaimNames, aggregate, check_claims, collect_runs, read_history, table_layout, write_report,
 )
 
@@ -17,7 +17,7 @@ from kava.report import (
 def make_run(root: Path, name: str, seed: int, acc: float | None, fp: float = 4.0, data: str = "synthetic",
              state: str = "finished", mode: str = "student", losses: list[float] = (), in_status: bool = False,
              kv_cosine: list | None = None) -> Path:
-    """A run folder as kava.train writes it: config.yaml, status.json, eval_metrics.json, metrics.jsonl."""
+    """A run folder as kava.training writes it: config.yaml, status.json, eval_metrics.json, metrics.jsonl."""
     run = root / name / f"seed{seed}"
     run.mkdir(parents=True)
     cfg = {"data": {"train": data, "eval": data}, "train": {"seed": seed, "mode": "kava"}}

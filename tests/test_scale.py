@@ -14,13 +14,13 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_config
-from kava.batch_finder import BatchSearch, find_largest_batch, is_oom, training_step_fn
 from kava.config import ConfigError, load_config
 from kava.data.schema import Example
-from kava.modeling import WEIGHTS_FILE, ModelLoadError, build_model, quantization_config
-from kava.objective import Objective, metric_floats
-from kava.sequences import TextEncoder
-from kava.train import pick_mixed_precision, train
+from kava.data.sequences import TextEncoder
+from kava.distill.objective import Objective, metric_floats
+from kava.model import WEIGHTS_FILE, ModelLoadError, build_model, quantization_config
+from kava.training import pick_mixed_precision, train
+from kava.training.batch_finder import BatchSearch, find_largest_batch, is_oom, training_step_fn
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = [
@@ -42,7 +42,7 @@ def _free_port() -> int:
 _DDP_SCRIPT = """
 import sys
 from kava.config import load_config
-from kava.train import train
+from kava.training import train
 for path in sys.argv[1:]:
     train(load_config(path))
 """
@@ -145,7 +145,7 @@ def test_gradient_checkpointing_saves_activation_memory_and_leaves_eval_alone():
     # In eval mode (generation) the layers run as they are and the cache fills normally.
     cfg = tiny_config(model={"gradient_checkpointing": True})
     model = build_model(cfg).eval()
-    from kava.evaluate import generate
+    from kava.evaluation import generate
 
     enc = TextEncoder(model.tokenizer, cfg.data)
     gen = generate(model, [enc.encode(e) for e in EXAMPLES], "student", cfg)
@@ -153,7 +153,7 @@ def test_gradient_checkpointing_saves_activation_memory_and_leaves_eval_alone():
 
 
 def test_teacher_runs_once_per_step(monkeypatch):
-    import kava.objective as ko
+    import kava.distill.objective as ko
 
     calls = {"teacher": 0, "run": 0}
     real = ko.teacher_forward
@@ -239,7 +239,7 @@ def test_batch_finder_with_a_real_training_step():
 
 
 def test_environment_report_fields():
-    from kava.env import environment_report, format_report
+    from kava.training.env import environment_report, format_report
 
     cfg = tiny_config(train={"batch_size": 3, "effective_batch": 8}, model={"attn_implementation": "sdpa"})
     r = environment_report(cfg)
@@ -260,7 +260,7 @@ def test_environment_report_fields():
 def test_kava_env_command(capsys, tmp_path):
     import argparse
 
-    from kava import commands_env
+    from kava.cli import env as commands_env
 
     p = argparse.ArgumentParser(prog="kava")
     commands_env.register(p.add_subparsers(dest="command", required=True))
@@ -294,7 +294,7 @@ def test_quantization_without_cuda_is_a_clear_error(monkeypatch):
     cfg = load_config(None, ["model.name_or_path=some/model", "model.adapter=lora", "model.quantization=8bit"])
     with pytest.raises(ModelLoadError, match="CUDA"):
         quantization_config(cfg.model)
-    from kava.env import picked_settings
+    from kava.training.env import picked_settings
 
     _, warnings = picked_settings(cfg)
     assert any("quantization" in w for w in warnings)
@@ -307,8 +307,8 @@ def test_quantization_without_cuda_is_a_clear_error(monkeypatch):
 def test_fast_trainable_tokens_match_peft(tied):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from kava.modeling import add_latent_tokens, apply_adapter
-    from kava.tokenizer import build_synthetic_tokenizer
+    from kava.model import add_latent_tokens, apply_adapter
+    from kava.model.tokenizer import build_synthetic_tokenizer
 
     tok = build_synthetic_tokenizer()
     conf = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,

@@ -5,8 +5,8 @@ import torch
 
 from kava.config import DataConfig
 from kava.data.schema import Example
-from kava.sequences import IGNORE, TextEncoder, student_batch, teacher_batch
-from kava.tokenizer import build_synthetic_tokenizer
+from kava.data.sequences import IGNORE, TextEncoder, student_batch, teacher_batch
+from kava.model.tokenizer import build_synthetic_tokenizer
 
 EX = Example(question="7*2-7", steps=("<<7*2=4>>", "<<4-7=7>>"), answer="7", source_id="t0")
 EX2 = Example(question="3+4+1+2", steps=("<<3+4=7>>", "<<7+1=8>>", "<<8+2=0>>"), answer="0", source_id="t1")

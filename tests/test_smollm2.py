@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_config
-from kava.modeling import CONFIG_FILE, WEIGHTS_FILE, find_smollm2_gguf, load_checkpoint
-from kava.sequences import BOT, EOT, TextEncoder, teacher_batch
+from kava.data.sequences import BOT, EOT, TextEncoder, teacher_batch
+from kava.model import CONFIG_FILE, WEIGHTS_FILE, find_smollm2_gguf, load_checkpoint
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("gguf")
@@ -40,9 +40,10 @@ def _shortest(split: str, n: int = 4):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    from kava.train import load_data, train
+    from kava.data import load_data
+    from kava.training import train
 
-    from kava.data.commands import write_jsonl
+    from kava.data import write_jsonl
 
     root = tmp_path_factory.mktemp("smollm2")
     out = root / "run"
@@ -132,7 +133,7 @@ def test_kava_steps_train_lora_projection_and_new_tokens(run):
 
 
 def test_reload_from_the_same_gguf_gives_identical_answers(run, reloaded, tmp_path):
-    from kava.evaluate import evaluate
+    from kava.evaluation import evaluate
 
     ckpt = run["out"] / f"checkpoint-{STEPS}"
     assert str(Path(GGUF).resolve()) in (ckpt / CONFIG_FILE).read_text()

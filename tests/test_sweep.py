@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from kava.config import ConfigError, load_config
-from kava.sweep import (
+from kava.experiments.sweep import (
     SweepError, expand_sweep, format_value, plan, run_local, safe_name, submit_slurm, write_pbs,
 )
 
@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def fake_train(cfg, resume: bool = False) -> dict:
-    """Stands in for kava.train.train: writes a finished status with the arguments it got."""
+    """Stands in for kava.training.train: writes a finished status with the arguments it got."""
     out = Path(cfg.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     result = {"state": "finished", "step": cfg.train.max_steps, "max_steps": cfg.train.max_steps, "resume": resume,
@@ -191,7 +191,7 @@ def test_submitit_debug_executor_runs_the_unfinished_array(grid_sweep: Path):
 
 def test_the_job_is_checkpointable_and_requeues_with_resume():
     submitit = pytest.importorskip("submitit")
-    from kava.sweep import SweepJob
+    from kava.experiments.sweep import SweepJob
 
     job = SweepJob(fake_train)
     assert isinstance(job, submitit.helpers.Checkpointable)
@@ -201,7 +201,7 @@ def test_the_job_is_checkpointable_and_requeues_with_resume():
 
 
 def test_a_failing_job_marks_its_run_failed_and_raises(tmp_path: Path):
-    from kava.sweep import SweepJob  # called directly: submitit's debug executor opens pdb on errors
+    from kava.experiments.sweep import SweepJob  # called directly: submitit's debug executor opens pdb on errors
 
     specs = expand_sweep(write_sweep(tmp_path, {}))
 
@@ -270,7 +270,7 @@ def test_cli_dry_run_lists_runs_and_every_flag_has_help(grid_sweep: Path, capsys
 
 
 def test_cli_runs_locally_and_reports_failures(tmp_path: Path, monkeypatch, capsys):
-    import kava.sweep
+    import kava.experiments.sweep
 
     path = write_sweep(tmp_path, {"runs": {"a": {}, "b": {"train.lr": 0.5}}})
 
@@ -279,7 +279,7 @@ def test_cli_runs_locally_and_reports_failures(tmp_path: Path, monkeypatch, caps
             raise RuntimeError("diverged")
         return fake_train(cfg, resume)
 
-    monkeypatch.setattr(kava.sweep, "_default_train", lambda: train_fn)
+    monkeypatch.setattr(kava.experiments.sweep, "_default_train", lambda: train_fn)
     from kava.cli import main
 
     assert main(["sweep", str(path)]) == 1

@@ -8,14 +8,15 @@ import yaml
 
 from conftest import tiny_config
 from kava.cli import build_parser
-from kava.commands_teacher import register
+from kava.cli.teacher import register
 from kava.config import ConfigError
 from kava.data.schema import Example
-from kava.modeling import build_model
-from kava.objective import Objective
-from kava.sequences import TextEncoder
-from kava.teacher import teacher_forward
-from kava.teacher_cache import MANIFEST, TeacherCache, TeacherCacheError, extract, shard_name
+from kava.data.sequences import TextEncoder
+from kava.distill.extract import extract
+from kava.distill.objective import Objective
+from kava.distill.targets.cache import MANIFEST, TeacherCache, TeacherCacheError, shard_name
+from kava.model import build_model
+from kava.model.teacher import teacher_forward
 
 EXAMPLES = [
     Example("7*2-7", ("<<7*2=4>>", "<<4-7=7>>"), "7", "a"),
@@ -170,7 +171,7 @@ def test_cli_extract_writes_the_manifest(tmp_path, capsys):
 
 
 def test_train_from_cache_matches_online_first_step(tmp_path):
-    from kava.train import train
+    from kava.training import train
 
     def run(name, **loss):
         cfg = tiny_config(

@@ -7,11 +7,11 @@ from transformers import DynamicCache
 from conftest import tiny_config
 from kava.config import ConfigError
 from kava.data.schema import Example
-from kava.latent import cache_span, positions
-from kava.modeling import ModelLoadError, build_model
-from kava.objective import Objective, metric_floats
-from kava.sequences import TextEncoder
-from kava.teachers.external import kv_shape
+from kava.data.sequences import TextEncoder
+from kava.distill.objective import Objective, metric_floats
+from kava.distill.targets.teachers import kv_shape
+from kava.model import ModelLoadError, build_model
+from kava.model.latent import cache_span, positions
 
 EXAMPLES = [
     Example("7*2-7", ("<<7*2=4>>", "<<4-7=7>>"), "7", "a"),
@@ -156,9 +156,9 @@ def test_training_with_a_router_resumes_exactly(tmp_path):
     """Aligners and router are saved beside each checkpoint (safetensors) and restored by --resume."""
     from safetensors.torch import load_file
 
-    from kava.modeling import WEIGHTS_FILE
-    from kava.teachers.external import ALIGN_FILE
-    from kava.train import train
+    from kava.model import WEIGHTS_FILE
+    from kava.distill.targets.teachers import ALIGN_FILE
+    from kava.training import train
     from test_train import _train_until
 
     def cfg(name, steps):
@@ -177,7 +177,7 @@ def test_training_with_a_router_resumes_exactly(tmp_path):
             torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
     # A run folder names its latest checkpoint as a teacher: frozen, with exactly those weights.
     from kava.config import TeacherModelConfig
-    from kava.teachers.external import load_teacher
+    from kava.distill.targets.teachers import load_teacher
 
     teacher = load_teacher(TeacherModelConfig(name_or_path=str(tmp_path / "straight")), cfg("unused", 1))
     saved = load_file(str(tmp_path / "straight" / "checkpoint-4" / WEIGHTS_FILE))
@@ -188,7 +188,8 @@ def test_training_with_a_router_resumes_exactly(tmp_path):
 
 def test_a_teachers_offline_cache_gives_the_same_loss_as_running_it(tmp_path):
     """`kava teacher extract` run with the larger teacher as the model; the student reads it back."""
-    from kava.teacher_cache import TeacherCacheError, extract
+    from kava.distill.extract import extract
+    from kava.distill.targets.cache import TeacherCacheError
 
     teacher_cfg = tiny_config(model={"tiny": DEEP_MQA}, loss={"rope": "pre"})
     examples = [e for e in EXAMPLES]
@@ -209,8 +210,8 @@ def test_a_teachers_offline_cache_gives_the_same_loss_as_running_it(tmp_path):
 
 
 def test_resume_without_the_teachers_file_is_a_clear_error(tmp_path):
-    from kava.teachers.external import ALIGN_FILE
-    from kava.train import TrainingError, train
+    from kava.distill.targets.teachers import ALIGN_FILE
+    from kava.training import TrainingError, train
 
     cfg = tiny_config(teachers={"models": [{"name_or_path": "tiny", "tiny": SHALLOW}], "aggregation": "weighted"},
                       loss={"rope": "pre"}, train={"output_dir": str(tmp_path / "run"), "max_steps": 2})

@@ -10,9 +10,10 @@ from safetensors.torch import load_file
 
 from conftest import tiny_config
 from kava.cli import main
-from kava.evaluate import evaluate
-from kava.modeling import WEIGHTS_FILE, load_checkpoint
-from kava.train import TrainingError, load_data, train
+from kava.data import load_data
+from kava.evaluation import evaluate
+from kava.model import WEIGHTS_FILE, load_checkpoint
+from kava.training import TrainingError, train
 
 
 def _cfg(tmp_path, name, **sections):
@@ -42,7 +43,7 @@ def test_resume_continues_exactly(tmp_path, adapter):
 
 def _train_until(cfg, step):
     """Train, sending ourselves SIGTERM once ``step`` optimizer steps are done."""
-    import kava.train as kt
+    import kava.training as kt
 
     sched_step = torch.optim.lr_scheduler.LRScheduler.step
     count = {"n": 0}

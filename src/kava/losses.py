@@ -95,7 +95,7 @@ def kv_slot_distance(
     """The terms of :func:`kv_loss` per example and slot, ``[B, M]``: averaged over layers, heads
     and dims of the valid entries only (0 where a slot is valid nowhere). The teacher is not
     detached: aligned teacher KV is already cut from its model, and a learned layer mix of
-    another teacher (:mod:`kava.teachers.align`) learns through it."""
+    another teacher (:mod:`kava.distill.align`) learns through it."""
     per = (kv_entry_distance(teacher_k, student_k, valid, kind, layer_std)
            + kv_entry_distance(teacher_v, student_v, valid, kind, layer_std)) / 2
     w = valid.float()

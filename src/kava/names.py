@@ -2,7 +2,7 @@
 
 ``kava config`` help text, config validation and the ``kava`` command's parsers need these
 names, not the tensor code behind them, so they live here and ``import kava.config`` stays
-free of torch. The registries hold the same names: :data:`kava.compression.METHODS`
+free of torch. The registries hold the same names: :data:`kava.distill.compression.METHODS`
 (``"none"`` plus its selectors) and :mod:`kava.losses`, which imports its tuples from here.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 __all__ = ["CODI_LOSSES", "COMPRESSION_METHODS", "KV_LOSSES"]
 
 COMPRESSION_METHODS = ("none", "rkv", "attention", "redundancy", "right_crop", "last", "stride", "random", "mean_pool", "shuffled")
-"""``loss.compression``: no KV loss, or a teacher-cache selector of :data:`kava.compression.SELECTORS`."""
+"""``loss.compression``: no KV loss, or a teacher-cache selector of :data:`kava.distill.compression.SELECTORS`."""
 
 KV_LOSSES = ("l1", "mse", "smooth_l1", "cosine")
 """``loss.kv_loss``: distances between teacher and student cache entries."""

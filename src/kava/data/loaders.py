@@ -13,6 +13,8 @@ offline.
 Bad records: ``on_error="raise"`` raises `DataError` at the first one (file, line or
 record number, field); ``on_error="skip"`` drops them, logs how many, and reports the
 count through `load_examples_report`.
+
+`load_data(cfg, which)` gives the training or evaluation examples a run's config names.
 """
 
 from __future__ import annotations
@@ -23,9 +25,12 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from kava.data.schema import DataError, Example, answer_text, example_from_record, parse_gsm8k_solution
+
+if TYPE_CHECKING:
+    from kava.config import KavaConfig
 
 __all__ = [
     "FILE_SUFFIXES",
@@ -33,6 +38,7 @@ __all__ = [
     "DatasetSpec",
     "LoadReport",
     "list_datasets",
+    "load_data",
     "load_examples",
     "load_examples_report",
     "map_gsm8k",
@@ -499,3 +505,22 @@ def _logged(examples: Iterator[Example], source: str, split: str, report: LoadRe
     if report.skipped:
         log.warning("%s [%s]: skipped %d bad record(s); first: %s", source, split, report.skipped, report.errors[0])
 
+
+
+# --------------------------------------------------------------------------- a run's data
+
+
+def load_data(cfg: KavaConfig, which: str) -> list[Example]:
+    """The training (``which="train"``) or evaluation examples named by ``cfg.data``."""
+    d = cfg.data
+    source, split, limit = (d.train, d.train_split, d.train_limit) if which == "train" else (d.eval, d.eval_split, d.eval_limit)
+    if source in ("synthetic", "synthetic-nl"):
+        from kava.data.synthetic import generate_split
+
+        n = d.synthetic_train_size if split == "train" else d.synthetic_test_size
+        examples = generate_split(
+            split, n, seed=0, n_ops=d.synthetic_ops, modulus=d.synthetic_modulus,
+            style="nl" if source.endswith("-nl") else "eq", test_size=d.synthetic_test_size,
+        )
+        return examples[:limit] if limit else examples
+    return list(load_examples(source, split, limit=limit or None, on_error=d.on_error))

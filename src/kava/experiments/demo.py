@@ -18,12 +18,12 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
-from .config import load_config
-from .io import atomic_write, atomic_write_json
+from ..config import load_config
+from ..io import atomic_write, atomic_write_json
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("kava.demo")  # the name its log lines have always had
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "tiny"
+CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs" / "tiny"  # src/kava/experiments/demo.py -> the repository
 ROWS = [("cot", "CoT teacher"), ("no_cot", "no-CoT"), ("codi", "CODI-only (alpha2 = 0)"), ("kava", "KaVa (R-KV)")]
 
 
@@ -39,11 +39,11 @@ def _overrides(name: str, out: Path, threads: int, quick: bool, init_from: str =
 def _train_one(args: tuple[str, str, list[str]]) -> dict:
     import torch
 
-    from .cli import _setup_logging
-    from .train import train
+    from ..logs import setup_logging
+    from ..training.loop import train
 
     name, cfg_file, overrides = args
-    _setup_logging(False)
+    setup_logging(False)
     cfg = load_config(cfg_file, overrides)
     torch.set_num_threads(cfg.train.num_threads or 1)
     start = time.perf_counter()

@@ -9,7 +9,7 @@ import sys
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Run, submit or list the sweep; the exit code is non-zero if a local run failed."""
-    from .sweep import SweepError, describe, expand_sweep, run_local, submit_slurm, write_pbs
+    from ..experiments.sweep import SweepError, describe, expand_sweep, run_local, submit_slurm, write_pbs
 
     try:
         specs = expand_sweep(args.sweep, validate=True)

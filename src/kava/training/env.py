@@ -2,7 +2,7 @@
 
 :func:`environment_report` returns a plain dict: devices and their memory, host memory, the
 versions of the libraries that matter, the distributed setting seen in the environment, and
-for a configuration the settings :func:`kava.train.train` would pick (mixed precision, weight
+for a configuration the settings :func:`kava.training.train` would pick (mixed precision, weight
 dtype, device, gradient accumulation...) together with warnings about settings that cannot
 work here.
 """
@@ -17,9 +17,18 @@ import sys
 
 import torch
 
-from .config import KavaConfig
+from ..config import KavaConfig
 
 LIBRARIES = ("torch", "transformers", "accelerate", "peft", "datasets", "safetensors", "bitsandbytes", "flash-attn", "kava")
+
+
+def pick_mixed_precision(setting: str) -> str:
+    """``auto``: bf16 where the GPU supports it, else fp16 on a GPU, else none."""
+    if setting != "auto":
+        return setting
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
 
 
 def library_versions() -> dict[str, str | None]:
@@ -97,9 +106,8 @@ def distributed_env() -> dict:
 
 
 def picked_settings(cfg: KavaConfig, world_size: int = 1) -> tuple[dict, list[str]]:
-    """The settings :func:`kava.train.train` would use for ``cfg`` here, and warnings."""
-    from .modeling import resolve_dtype
-    from .train import pick_mixed_precision
+    """The settings :func:`kava.training.train` would use for ``cfg`` here, and warnings."""
+    from ..model.backbone import resolve_dtype
 
     cuda = torch.cuda.is_available()
     tc, mc = cfg.train, cfg.model

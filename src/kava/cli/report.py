@@ -7,7 +7,7 @@ import sys
 
 
 def _names(args: argparse.Namespace):
-    from .report import ClaimNames
+    from ..experiments.report import ClaimNames
 
     names = ClaimNames(mode=args.mode)
     for item in args.method:
@@ -25,7 +25,7 @@ def _names(args: argparse.Namespace):
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Write the report; exit code 1 where no run folder was found, 2 for a bad flag."""
-    from .report import to_report_markdown, write_report
+    from ..experiments.report import to_report_markdown, write_report
 
     try:
         names = _names(args)

@@ -1,11 +1,13 @@
-"""Teachers other than the student: loading them, their batches, and their fused targets.
+"""Teachers other than the student as the source of its targets: loading them, their batches,
+their targets, and the fused loss against all of them (with the student's own pass as one
+more teacher when ``teachers.include_self``).
 
 Each teacher reads the example in its own tokenization (``Q C A``), runs once per step
 without gradients, and its CoT cache is compressed to the same ``M`` slots as the student's
 latents by the configured selector: the slots are the shared time axis, whatever the
-tokenizers. A :class:`~kava.teachers.align.TeacherAligner` per teacher maps its layers onto
+tokenizers. A :class:`~kava.distill.align.TeacherAligner` per teacher maps its layers onto
 the student's and the student's KV (and CODI hidden states) into the teacher's space; a
-:class:`~kava.teachers.fusion.Fusion` weighs the teachers slot by slot.
+:class:`~kava.distill.fusion.Fusion` weighs the teachers slot by slot.
 """
 
 from __future__ import annotations
@@ -17,16 +19,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import losses
-from ..checkpoint import latest_checkpoint
+from ... import losses
+from ...config import ConfigError, KavaConfig, ModelConfig, TeacherModelConfig
+from ...data.sequences import Encoded, TextEncoder, teacher_batch, to_device
+from ...model.backbone import KavaModel, build_model, load_checkpoint
+from ...model.checkpoints import CONFIG_FILE, WEIGHTS_FILE, ModelLoadError, latest_checkpoint
+from ...model.teacher import teacher_forward
+from ..align import KVShape, TeacherAligner
 from ..compression import Compressed
-from ..config import ConfigError, KavaConfig, ModelConfig, TeacherModelConfig
-from ..modeling import CONFIG_FILE, WEIGHTS_FILE, KavaModel, ModelLoadError, build_model, load_checkpoint
-from ..sequences import Encoded, TextEncoder, teacher_batch
-from ..teacher import teacher_forward
-from ..teacher_cache import TeacherCache, model_shape
-from .align import KVShape, TeacherAligner
-from .fusion import Fusion, slot_distance, slot_valid
+from ..fusion import Fusion, slot_distance, slot_valid
+from .base import Request, Student, Target, TargetSource, Terms
+from .cache import TeacherCache, model_shape
+from .own import own_target
 
 ALIGN_FILE = "teachers.safetensors"
 
@@ -37,7 +41,7 @@ def kv_shape(model: KavaModel) -> KVShape:
 
 
 def _shape(d: dict) -> KVShape:
-    """A :class:`KVShape` from :func:`kava.teacher_cache.model_shape`'s dict (also a cache manifest's)."""
+    """A :class:`KVShape` from :func:`kava.distill.targets.cache.model_shape`'s dict (also a cache manifest's)."""
     return KVShape(d["num_layers"], d["num_kv_heads"], d["head_dim"], d["hidden_size"])
 
 
@@ -88,18 +92,23 @@ def _slot_cosine(t: torch.Tensor, s: torch.Tensor, valid: torch.Tensor) -> torch
     return (cos * w).sum((0, 2)) / w.sum((0, 2)).clamp_min(1.0)
 
 
-class TeacherSet(nn.Module):
-    """The teachers of one run, their aligners and their fusion (the trainable parts).
+class TeacherSet(TargetSource, nn.Module):
+    """The teachers of one run, their aligners and their fusion (the trainable parts, saved
+    beside each checkpoint as :data:`ALIGN_FILE`).
 
     The teacher models themselves are kept outside the module tree: they are frozen, and
     neither the optimizer, DDP nor checkpoints should see them.
     """
+
+    name = "teachers"
+    state_file = ALIGN_FILE
 
     def __init__(self, model: KavaModel, cfg: KavaConfig):
         super().__init__()
         tc = cfg.teachers
         self.cfg = cfg
         self.include_self = tc.include_self
+        self.needs_teacher_pass = tc.include_self
         # Per teacher: a frozen model to run, or the offline cache of one (the other is None).
         self.externals: list[KavaModel | None] = []
         self.caches: list[TeacherCache | None] = []
@@ -133,6 +142,9 @@ class TeacherSet(nn.Module):
     def uses_caches(self) -> bool:
         return any(c is not None for c in self.caches)
 
+    def inputs(self, encs: list[Encoded]) -> list[dict | None]:
+        return self.batches(encs)
+
     def batches(self, encs: list[Encoded]) -> list[dict | None]:
         """Each teacher's ``Q C A`` batch from the examples in its own tokenization (None for a cache)."""
         if any(e.example is None for e in encs):
@@ -148,26 +160,37 @@ class TeacherSet(nn.Module):
         return out
 
     # --- targets and loss ------------------------------------------------------------------
-    def teacher_targets(self, batches: list[dict | None], objective, stage: int | None, m: int,
-                        source_ids: list[str] | None = None) -> list[tuple[Compressed, torch.Tensor]]:
-        """(compressed ``[Lt, B, Ht, m, dt]`` cache, CODI hidden ``[Lt, B, Dt]``) per external teacher."""
-        from ..objective import to_device
-
+    def targets(self, request: Request) -> list[Target]:
+        """Per teacher, its compressed ``[Lt, B, Ht, m, dt]`` cache and CODI hidden states
+        ``[Lt, B, Dt]``: the external ones in order (each run once, without gradients, or read
+        from its cache), then, with ``include_self``, the step's own teacher pass."""
+        if request.inputs is None:
+            raise ValueError("teachers.models is set but the batch carries no teacher batches (build it with Objective.make_batch)")
         out = []
-        device = objective.model.lm_head.weight.device
-        for t, cache, tb in zip(self.externals, self.caches, batches):
+        device = request.device
+        for t, cache, tb in zip(self.externals, self.caches, request.inputs):
             if cache is not None:
-                out.append(cache.lookup(source_ids, device))
+                out.append(cache.lookup(request.source_ids, device))
                 continue
             if t.lm_head.weight.device != device:
                 t.to(device)
             tb = to_device(tb, device)
             with torch.no_grad():
-                run = teacher_forward(t, tb, want_queries=objective.selector.needs_queries, want_cache=True, want_logits=False)
-            out.append((objective.teacher_targets(run, tb, stage, m, model=t, source_ids=source_ids), run.hidden))
+                run = teacher_forward(t, tb, want_queries=request.needs_queries, want_cache=True, want_logits=False)
+            out.append(Target(request.compress(run, tb, model=t), run.hidden))
+        if self.include_self:
+            out.append(own_target(request))
         return out
 
-    def forward(self, targets: list[tuple[Compressed, torch.Tensor]], s_keys: torch.Tensor, s_values: torch.Tensor,
+    def compare(self, targets: list[Target], student: Student, loss) -> Terms:
+        """The fused KV loss and the CODI loss against every teacher (:meth:`forward`)."""
+        kv, codi, metrics, pair = self(targets, student.keys, student.values, student.hidden, student.producers)
+        return Terms(kv, codi, {**metrics, "kv": kv}, pair)
+
+    def trained_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def forward(self, targets: list[Target], s_keys: torch.Tensor, s_values: torch.Tensor,
                 s_hidden: torch.Tensor, producers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict, tuple]:
         """Fused KV loss and CODI loss against every teacher.
 

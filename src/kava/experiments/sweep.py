@@ -39,8 +39,8 @@ from typing import Any
 
 import yaml
 
-from .config import ConfigError, KavaConfig, load_config, read_yaml
-from .io import atomic_write_json, atomic_write_text
+from ..config import ConfigError, KavaConfig, load_config, read_yaml
+from ..io import atomic_write_json, atomic_write_text
 
 try:  # optional: the ``cluster`` extra
     import submitit.helpers as _submitit_helpers
@@ -48,10 +48,10 @@ except ImportError:
     _submitit_helpers = None
 _Checkpointable: type = _submitit_helpers.Checkpointable if _submitit_helpers is not None else object
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("kava.sweep")  # the name its log lines have always had
 
 TrainFn = Callable[..., dict]
-"""``train_fn(cfg, resume=...) -> result``, like :func:`kava.train.train`."""
+"""``train_fn(cfg, resume=...) -> result``, like :func:`kava.training.train`."""
 
 _SWEEP_KEYS = ("base_config", "output_dir", "seeds", "grid", "runs", "overrides")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._@+-]+")
@@ -287,7 +287,7 @@ def record_failure(spec: RunSpec, error: BaseException) -> None:
 
 
 def _default_train() -> TrainFn:
-    from .train import train
+    from ..training.loop import train
 
     return train
 
@@ -318,7 +318,7 @@ class SweepSummary:
 
 
 def run_local(specs: Sequence[RunSpec], resume: bool = True, train_fn: TrainFn | None = None) -> SweepSummary:
-    """Run the sweep here, one run after another, through ``train_fn`` (:func:`kava.train.train`).
+    """Run the sweep here, one run after another, through ``train_fn`` (:func:`kava.training.train`).
 
     Finished runs are skipped; unfinished ones are resumed (see :func:`plan`). Every config
     is resolved before the first run starts. A run that raises is logged with its

@@ -8,46 +8,9 @@ line on stderr, never as a traceback.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import tempfile
-from collections.abc import Iterable
-from pathlib import Path
 
-from kava.data.loaders import list_datasets, load_examples, load_examples_report
-from kava.data.schema import DataError, Example, example_to_record
-
-__all__ = ["register", "validate_file", "write_jsonl"]
-
-
-def write_jsonl(examples: Iterable[Example], path: str | os.PathLike[str]) -> int:
-    """Write examples as JSONL in our schema, atomically (temp file + os.replace); the count."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    n = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for ex in examples:
-                f.write(json.dumps(example_to_record(ex), ensure_ascii=False) + "\n")
-                n += 1
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return n
-
-
-def validate_file(path: str | os.PathLike[str], fmt: str | None = None) -> int:
-    """Check every record of a local data file; the record count. Raises DataError at
-    the first bad record (or when the file holds none)."""
-    n = sum(1 for _ in load_examples(str(path), streaming=True, on_error="raise", fmt=fmt))
-    if n == 0:
-        raise DataError("no records", where=str(path))
-    return n
+__all__ = ["register"]
 
 
 def _fail(err: Exception) -> int:
@@ -56,6 +19,8 @@ def _fail(err: Exception) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from ..data import DataError, load_examples_report, write_jsonl
+
     try:
         report = load_examples_report(args.source, args.split, limit=args.limit, on_error=args.on_error, fmt=args.fmt)
         n = write_jsonl(report.examples, args.out)
@@ -67,6 +32,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
+    from ..data import DataError, validate_file
+
     try:
         n = validate_file(args.path, fmt=args.fmt)
     except (DataError, ValueError, OSError) as err:
@@ -76,6 +43,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
+    from ..data import list_datasets
+
     del args
     for spec in list_datasets():
         where = spec.hub_id + (f" ({spec.config})" if spec.config else "") if spec.hub_id else spec.origin

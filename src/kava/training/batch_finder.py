@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("kava.batch_finder")  # the name its log lines have always had
 
 _OOM_TYPES: tuple[type[BaseException], ...] = tuple(
     t for t in (getattr(torch.cuda, "OutOfMemoryError", None), getattr(torch, "OutOfMemoryError", None)) if t is not None
@@ -120,7 +120,7 @@ def find_largest_batch(
 def training_step_fn(objective, encoded: list, longest: bool = True, at_step: int = 0) -> Callable[[int], None]:
     """A ``step(batch_size)`` that runs forward and backward of ``objective`` and drops the grads.
 
-    ``encoded``: :class:`kava.sequences.Encoded` examples. With ``longest`` the batch is made of
+    ``encoded``: :class:`kava.data.sequences.Encoded` examples. With ``longest`` the batch is made of
     the longest examples (repeated as needed), so the size found holds for any batch.
     ``at_step``: the optimizer step whose curriculum stage the batches use.
     """
@@ -140,3 +140,34 @@ def training_step_fn(objective, encoded: list, longest: bool = True, at_step: in
             objective.zero_grad(set_to_none=True)
 
     return step
+
+
+def find_batch(cfg, max_batch: int) -> dict:
+    """Build the configured model and search the largest per-process training batch (``kava env --find-batch``)."""
+    from contextlib import nullcontext
+
+    from ..data.loaders import load_data
+    from ..data.sequences import TextEncoder
+    from ..distill.objective import Objective
+    from ..model.backbone import build_model
+    from .env import pick_mixed_precision
+
+    if cfg.data.train_limit == 0 and cfg.data.train in ("synthetic", "synthetic-nl"):
+        cfg.data.synthetic_train_size = min(cfg.data.synthetic_train_size, 2000)
+    model = build_model(cfg)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    encoder = TextEncoder(model.tokenizer, cfg.data, cfg.model.use_chat_template)
+    encoded = [encoder.encode(ex) for ex in load_data(cfg, "train")]
+    objective = Objective(model, cfg).train()
+    at_step = 10**9 if cfg.curriculum.enabled else 0  # the last curriculum stage: all latents
+    mp = pick_mixed_precision(cfg.train.mixed_precision)
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp)
+    step = training_step_fn(objective, encoded, at_step=at_step)
+
+    def run(b: int) -> None:
+        with torch.autocast(device.type, dtype=amp) if amp is not None and device.type == "cuda" else nullcontext():
+            step(b)
+
+    res = find_largest_batch(run, start=1, max_batch=max_batch)
+    return {"largest": res.largest, "hit_limit": res.hit_limit, "tried": res.tried, "device": device.type}

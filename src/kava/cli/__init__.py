@@ -1,27 +1,25 @@
 """The ``kava`` command: it only parses arguments and calls the library.
 
-Parsing imports nothing heavy (no torch, transformers, datasets, peft or accelerate): each
-command imports what it needs when it runs, so ``kava --help`` and ``kava CMD --help`` are
-quick.
+This module holds the top-level commands (train, eval, demo, config) and :func:`main`; each
+command group has its module beside it (``data``, ``sweep``, ``report``, ``env``,
+``teacher``), registered by :func:`build_parser`. Parsing imports nothing heavy (no torch,
+transformers, datasets, peft or accelerate): each command imports what it needs when it
+runs, so ``kava --help`` and ``kava CMD --help`` are quick. CLI layer: may import every
+layer below it.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
-
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("httpx", "urllib3", "filelock", "datasets", "accelerate"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+from ..logs import setup_logging
 
 
 def cmd_train(args) -> int:
-    from .config import load_config
-    from .train import train
+    from ..config import load_config
+    from ..training.loop import train
 
     cfg = load_config(args.config, args.overrides)
     result = train(cfg, resume=args.resume)
@@ -34,20 +32,8 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     import json
 
-    from .checkpoint import latest_checkpoint
-    from .config import parse_overrides, _deep_merge, config_from_dict
-    from .evaluate import evaluate
-    from .modeling import CONFIG_FILE, load_checkpoint
-    from .train import eval_modes, load_data
+    from ..evaluation.evaluator import evaluate_checkpoint
 
-    ckpt = Path(args.checkpoint)
-    if not (ckpt / CONFIG_FILE).is_file():
-        found = latest_checkpoint(ckpt)
-        if found is None:
-            raise FileNotFoundError(f"{ckpt}: no kava checkpoint here (expected {CONFIG_FILE} or checkpoint-N folders)")
-        ckpt = found
-    model = load_checkpoint(ckpt)
-    data = model.cfg.to_dict()
     extra = list(args.overrides)
     if args.data:
         extra.append(f"data.eval={args.data}")
@@ -55,25 +41,22 @@ def cmd_eval(args) -> int:
         extra.append(f"data.eval_split={args.split}")
     if args.limit:
         extra.append(f"data.eval_limit={args.limit}")
-    cfg = config_from_dict(_deep_merge(data, parse_overrides(extra)))
-    model.cfg = cfg
-    modes = args.modes.split(",") if args.modes else eval_modes(cfg)
-    out = Path(args.out) if args.out else ckpt / "eval"
-    res = evaluate(model, load_data(cfg, "eval"), cfg, modes, out)
+    modes = args.modes.split(",") if args.modes else None
+    res, out = evaluate_checkpoint(args.checkpoint, extra, modes, args.out)
     print(json.dumps(res, indent=2))
     print(f"predictions and metrics written to {out}")
     return 0
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from ..experiments.demo import run_demo
 
     run_demo(Path(args.out), quick=args.quick, threads=args.threads)
     return 0
 
 
 def cmd_config(args) -> int:
-    from .config import help_lines, load_config
+    from ..config import help_lines, load_config
 
     if args.show:
         import yaml
@@ -116,11 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("overrides", nargs="*", help="key=value overrides")
     c.set_defaults(func=cmd_config)
 
-    from . import commands_env, commands_report, commands_sweep, commands_teacher
-    from .data import commands as data_commands
+    from . import data, env, report, sweep, teacher
 
-    for module in (data_commands, commands_sweep, commands_report, commands_env, commands_teacher):
-        module.register(sub)
+    for group in (data, sweep, report, env, teacher):
+        group.register(sub)
     return p
 
 
@@ -128,9 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
 _ONE_LINE_ERRORS = (
     ("kava.config", "ConfigError"),
     ("kava.data.schema", "DataError"),
-    ("kava.modeling", "ModelLoadError"),
-    ("kava.sequences", "SequenceError"),
-    ("kava.train", "TrainingError"),
+    ("kava.model.checkpoints", "ModelLoadError"),
+    ("kava.data.sequences", "SequenceError"),
+    ("kava.training.loop", "TrainingError"),
 )
 
 
@@ -150,13 +132,9 @@ def exit_code(error: BaseException) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.verbose)
+    setup_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
     except one_line_errors() as e:
         print(f"kava: error: {e}", file=sys.stderr)
         return exit_code(e)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

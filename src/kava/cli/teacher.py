@@ -6,8 +6,8 @@ import argparse
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from .config import ConfigError, load_config
-    from .teacher_cache import extract
+    from ..config import ConfigError, load_config
+    from ..distill.extract import extract
 
     cfg = load_config(args.config, args.overrides)
     out = args.out or cfg.loss.teacher_cache

@@ -3,7 +3,7 @@
 A run is any folder under ``runs_dir`` holding a ``status.json``. Its name is the folder
 above ``seedN`` (so the seeds of ``runs/abl/rkv/seed0..2`` form the run ``rkv``); a folder
 not called ``seedN`` is a run of its own (its seed read from ``config.yaml``). The method is
-the name up to an ``@`` (``rkv@nl`` is the method ``rkv``, see :mod:`kava.sweep`); the
+the name up to an ``@`` (``rkv@nl`` is the method ``rkv``, see :mod:`kava.experiments.sweep`); the
 dataset is the config's ``data.eval``, written ``train→eval`` when ``data.train`` is not the
 same name. Over the seeds of one name, dataset and eval mode, accuracy and forward passes
 are given as mean and sample std (0 for one seed).
@@ -33,9 +33,9 @@ from typing import Any
 
 import yaml
 
-from .io import atomic_write, atomic_write_json, atomic_write_text
+from ..io import atomic_write, atomic_write_json, atomic_write_text
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("kava.report")  # the name its log lines have always had
 
 HOLDS, FAILS, UNMEASURED = "holds", "does not hold", "not measured"
 LOSS_TERMS = ("loss", "ce_student", "ce_teacher", "codi", "kv", "kv_cos", "latent_ce")

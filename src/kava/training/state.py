@@ -1,6 +1,6 @@
 """Training state in safetensors + JSON: optimizer, scheduler, RNG and data position.
 
-The model itself is saved by :meth:`kava.modeling.KavaModel.save`; this module adds what a
+The model itself is saved by :meth:`kava.model.KavaModel.save`; this module adds what a
 bit-exact resume needs. Nothing is pickled.
 """
 
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +15,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-STATE_TENSORS = "trainer_state.safetensors"
-STATE_JSON = "trainer_state.json"
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+from ..model.checkpoints import STATE_JSON, STATE_TENSORS
+
 
 
 def optimizer_to_flat(opt_state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -92,15 +90,3 @@ def load_trainer_state(folder: Path, optimizer, scheduler, generators: dict[str,
     scheduler.load_state_dict(meta["scheduler"])
     set_rng_state(tensors, meta["rng"], generators)
     return meta["progress"]
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint folder with the highest step in ``run_dir``, if any."""
-    best, best_step = None, -1
-    if not Path(run_dir).is_dir():
-        return None
-    for child in Path(run_dir).iterdir():
-        m = CHECKPOINT_RE.match(child.name)
-        if m and (child / STATE_JSON).is_file() and int(m.group(1)) > best_step:
-            best, best_step = child, int(m.group(1))
-    return best

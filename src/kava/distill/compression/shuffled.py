@@ -15,8 +15,8 @@ from .rkv import RKVSelector
 class ShuffledSelector(RKVSelector):
     """R-KV selection whose targets are then taken from another example of the batch.
 
-    The exchange itself is done by :func:`kava.compression.compress_cache` (and
-    :func:`kava.compression.select`), which know where the batch dimension is, with the
+    The exchange itself is done by :func:`kava.distill.compression.compress_cache` (and
+    :func:`kava.distill.compression.select`), which know where the batch dimension is, with the
     pairing of :func:`partners`.
     """
 

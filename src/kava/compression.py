@@ -1,0 +1,25 @@
+"""Moved to :mod:`kava.distill.compression`; this module re-exports it."""
+
+from .distill.compression import (  # noqa: F401
+    METHODS,
+    SELECTORS,
+    Compressed,
+    FirstSelector,
+    LastSelector,
+    MeanPoolSelector,
+    RandomSelector,
+    RKVSelector,
+    ScoreSelector,
+    Selector,
+    ShuffledSelector,
+    StrideSelector,
+    attention_importance,
+    compress_cache,
+    gather_slots,
+    get_selector,
+    partners,
+    redundancy_scores,
+    rkv_scores,
+    select,
+    top_budget,
+)

@@ -1,0 +1,109 @@
+"""What every source of distillation targets is: one small interface, one file per source.
+
+A student is distilled towards, per teacher, a compressed CoT KV cache (``M`` slots per layer
+and KV head) and the hidden states at the CODI position: a :class:`Target`. A
+:class:`TargetSource` says where they come from (the student's own teacher pass, an offline
+cache, other teachers) and how the student is compared with them. The objective runs the
+step's passes, then asks its one source for the targets (:meth:`TargetSource.targets`) and
+for the loss terms against them (:meth:`TargetSource.compare`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple
+
+import torch
+
+from ... import losses
+from ...config import LossConfig
+from ...model.teacher import TeacherOutput
+from ..compression import Compressed
+
+
+class Target(NamedTuple):
+    """One teacher's targets for a batch, in that teacher's own shape."""
+
+    kv: Compressed | None  # the compressed CoT cache [L, B, H_kv, M, d] (None: this run has no KV loss)
+    hidden: torch.Tensor  # hidden states at the CODI position [L, B, D] (detached)
+
+
+@dataclass
+class Request:
+    """What a source is given to produce the targets of one batch."""
+
+    teacher_batch: dict  # the student's ``Q C A`` batch (kava.data.sequences.teacher_batch), on the device
+    teacher: TeacherOutput | None  # the step's own teacher pass, None when it did not run
+    inputs: Any  # what the source's :meth:`TargetSource.inputs` built with the batch (None if nothing)
+    source_ids: list[str] | None  # the examples' ids, in batch order
+    device: torch.device
+    # ``compress(teacher pass, its batch, its model=None) -> Compressed``: the run's selector at
+    # the sequence stage, ``M`` slots (None when the run has no KV loss); ``needs_queries``:
+    # whether it needs the answer queries of the pass.
+    compress: Callable[..., Compressed] | None
+    needs_queries: bool
+
+
+@dataclass
+class Student:
+    """The student's side of the comparison."""
+
+    keys: torch.Tensor | None  # latent keys [L, B, H_kv, M, d] (RoPE undone with loss.rope=pre; None: no KV loss)
+    values: torch.Tensor | None  # latent values [L, B, H_kv, M, d]
+    hidden: torch.Tensor  # hidden states at the CODI position [L, B, D]
+    producers: torch.Tensor  # the hidden state that produced each latent [B, M, D]
+
+
+@dataclass
+class Terms:
+    """The distillation loss terms of one batch."""
+
+    kv: torch.Tensor | None  # the KV loss (None: this run has none)
+    codi: torch.Tensor  # the CODI hidden-state loss
+    metrics: dict[str, torch.Tensor]  # logged beside them (kv, kv_cos, ...)
+    pair: tuple | None  # (teacher Compressed, student keys, student values) the KV loss compared
+
+
+class TargetSource:
+    """Where a student's distillation targets come from.
+
+    Subclasses set :attr:`name` (their key in :data:`kava.distill.targets.SOURCES`) and
+    implement :meth:`targets`; :meth:`inputs` and :meth:`compare` have defaults. A source
+    with trained parts (an ``nn.Module`` with parameters) names the file they are saved to
+    beside each checkpoint in :attr:`state_file`.
+    """
+
+    name: str = ""
+    #: The targets come from the step's own teacher pass, which must then keep its KV cache
+    #: (and answer queries). The pass runs anyway when ``loss.teacher_ce > 0``, for its CE.
+    needs_teacher_pass: bool = False
+    state_file: str | None = None
+
+    def inputs(self, encs: list) -> Any:
+        """Extra inputs built with a batch from its encoded examples (None: nothing)."""
+        return None
+
+    def targets(self, request: Request) -> list[Target]:
+        """The targets of one batch: one :class:`Target` per teacher."""
+        raise NotImplementedError
+
+    def compare(self, targets: list[Target], student: Student, loss: LossConfig) -> Terms:
+        """The loss terms of ``student`` against ``targets``; by default one teacher in the
+        student's own shape, compared entry by entry (:func:`direct_terms`)."""
+        return direct_terms(targets[0], student, loss)
+
+    def trained_parameters(self) -> list[torch.nn.Parameter]:
+        """Parameters trained with the student (none by default)."""
+        return []
+
+
+def direct_terms(target: Target, student: Student, loss: LossConfig) -> Terms:
+    """CODI loss, and (when the run has one) KV loss and KV cosine, of a student against one
+    teacher of its own shape."""
+    codi = losses.codi_loss(target.hidden, student.hidden, loss.codi_loss)
+    if student.keys is None:
+        return Terms(None, codi, {}, None)
+    t = target.kv
+    kv = losses.kv_loss(t.keys, t.values, student.keys, student.values, t.valid, loss.kv_loss, loss.layer_std)
+    kv_cos = 0.5 * (losses.kv_cosine(t.keys, student.keys, t.valid) + losses.kv_cosine(t.values, student.values, t.valid))
+    return Terms(kv, codi, {"kv": kv, "kv_cos": kv_cos}, (t, student.keys, student.values))

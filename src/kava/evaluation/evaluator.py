@@ -1,0 +1,134 @@
+"""Evaluation: decode every example in each mode, grade it, summarise, write the predictions.
+
+Every prediction is graded twice (:data:`kava.answers.GRADERS`): ``strict`` (a number right
+after an answer marker; the headline ``accuracy``) and ``flexible`` (else the last number;
+``accuracy_flexible``). ``truncated`` counts generations that hit the token cap without <eos>.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from ..answers import GRADERS, is_correct
+from ..config import KavaConfig
+from ..data.schema import Example
+from ..data.sequences import TextEncoder
+from ..io import atomic_write, atomic_write_json
+from ..model.backbone import KavaModel
+from .decode import MODES, generate, hit_cap, kv_bytes_per_token
+
+
+def grade(text: str, gold: str, marker: str) -> dict[str, bool]:
+    """``{grader: correct}`` for every grader; `marker` is the run's answer prefix."""
+    return {grader: is_correct(text, gold, grader, marker=marker) for grader in GRADERS}
+
+
+def summarise(preds: list[dict], wall_time_s: float) -> dict:
+    """The metrics of one mode from its prediction rows.
+
+    ``accuracy`` is the strict grader's (the headline), ``accuracy_flexible`` the flexible
+    one's; ``truncated`` counts the generations that hit the token cap without <eos> and
+    ``truncated_fraction`` is their share. Means are over the ``n`` examples.
+    """
+    n = max(len(preds), 1)
+    return {
+        "n": len(preds),
+        "accuracy": sum(p["correct"] for p in preds) / n,
+        "accuracy_flexible": sum(p["correct_flexible"] for p in preds) / n,
+        "truncated": sum(p["truncated"] for p in preds),
+        "truncated_fraction": sum(p["truncated"] for p in preds) / n,
+        "forward_passes": sum(p["forward_passes"] for p in preds) / n,
+        "generated_tokens": sum(p["generated_tokens"] for p in preds) / n,
+        "kv_cache_bytes": sum(p["kv_cache_bytes"] for p in preds) / n,
+        "peak_kv_cache_bytes": max((p["kv_cache_bytes"] for p in preds), default=0),
+        "wall_time_s": wall_time_s,
+    }
+
+
+def evaluate(
+    model: KavaModel,
+    examples: list[Example],
+    cfg: KavaConfig,
+    modes: tuple[str, ...] | list[str] = ("student",),
+    out_dir: str | Path | None = None,
+    desc: str = "eval",
+) -> dict[str, dict]:
+    """Accuracy, mean forward passes, generated tokens, wall time and KV-cache size per mode
+    (see :func:`summarise`).
+
+    With ``out_dir``, writes ``predictions_<mode>.jsonl`` (one row per example: the
+    prediction text, ``correct`` under the strict grader, ``correct_flexible``,
+    ``truncated``, passes, tokens and KV bytes) and ``eval_metrics.json`` there.
+    """
+    from tqdm.auto import tqdm
+
+    encoder = TextEncoder(model.tokenizer, cfg.data, cfg.model.use_chat_template)
+    encs = [encoder.encode(ex) for ex in examples]
+    was_training = model.training
+    model.eval()
+    results: dict[str, dict] = {}
+    bpt = kv_bytes_per_token(model)
+    eos = model.tokenizer.eos_token_id
+    try:
+        for mode in modes:
+            if mode not in MODES:
+                raise ValueError(f"unknown eval mode {mode!r}; choose from {', '.join(MODES)}")
+            preds = []
+            start = time.perf_counter()
+            bs = cfg.eval.batch_size
+            for i in tqdm(range(0, len(encs), bs), desc=f"{desc}:{mode}", leave=False, disable=not cfg.train.progress):
+                chunk_e, chunk_x = encs[i : i + bs], examples[i : i + bs]
+                gen = generate(model, chunk_e, mode, cfg)
+                for ex, toks, n_pass, kv in zip(chunk_x, gen.tokens, gen.passes, gen.kv_tokens):
+                    text = model.tokenizer.decode(toks, skip_special_tokens=True)
+                    if mode != "cot":
+                        text = cfg.data.answer_prefix + text
+                    verdict = grade(text, ex.answer, cfg.data.answer_prefix)
+                    preds.append({
+                        "source_id": ex.source_id, "question": ex.question, "gold": ex.answer, "prediction": text,
+                        "correct": verdict["strict"], "correct_flexible": verdict["flexible"],
+                        "truncated": hit_cap(toks, eos), "forward_passes": n_pass,
+                        "generated_tokens": len(toks), "kv_cache_bytes": kv * bpt,
+                    })
+            results[mode] = summarise(preds, time.perf_counter() - start)
+            if out_dir is not None:
+                lines = "".join(json.dumps(p) + "\n" for p in preds)
+                atomic_write(Path(out_dir) / f"predictions_{mode}.jsonl", lambda f, s=lines: f.write_text(s))
+    finally:
+        model.train(was_training)
+    if out_dir is not None:
+        atomic_write_json(Path(out_dir) / "eval_metrics.json", results)
+    return results
+
+
+def eval_modes(cfg: KavaConfig) -> list[str]:
+    """What a trained model is evaluated on: its own mode."""
+    return {"cot": ["cot"], "nocot": ["nocot"]}.get(cfg.train.mode, list(cfg.eval.modes))
+
+
+def evaluate_checkpoint(checkpoint: str | Path, overrides=(), modes: list[str] | None = None,
+                        out: str | Path | None = None) -> tuple[dict[str, dict], Path]:
+    """Evaluate a checkpoint folder (or a run folder: its latest checkpoint) on the run's own
+    evaluation data, with ``key=value`` ``overrides`` of its config (``data.eval=...``, say).
+
+    ``modes``: default :func:`eval_modes`; ``out``: default ``CHECKPOINT/eval``. Returns the
+    results of :func:`evaluate` and the folder they were written to.
+    """
+    from ..config import _deep_merge, config_from_dict, parse_overrides
+    from ..data.loaders import load_data
+    from ..model.backbone import load_checkpoint
+    from ..model.checkpoints import CONFIG_FILE, latest_checkpoint
+
+    ckpt = Path(checkpoint)
+    if not (ckpt / CONFIG_FILE).is_file():
+        found = latest_checkpoint(ckpt)
+        if found is None:
+            raise FileNotFoundError(f"{ckpt}: no kava checkpoint here (expected {CONFIG_FILE} or checkpoint-N folders)")
+        ckpt = found
+    model = load_checkpoint(ckpt)
+    cfg = config_from_dict(_deep_merge(model.cfg.to_dict(), parse_overrides(list(overrides))))
+    model.cfg = cfg
+    out = Path(out) if out else ckpt / "eval"
+    return evaluate(model, load_data(cfg, "eval"), cfg, modes or eval_modes(cfg), out), out

