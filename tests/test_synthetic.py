@@ -119,3 +119,73 @@ def test_small_question_space_fails_loudly() -> None:
         generate_split("train", 10, seed=0, modulus=2, n_ops=1, max_operand=1, ops="+")
     with pytest.raises(ValueError, match="split"):
         generate_split("dev", 1)
+
+
+# --- sums of products ---------------------------------------------------------------------
+
+
+def _products_reference(question: str, modulus: int = 10) -> int:
+    """Independent evaluation: ordinary precedence (products first), then mod."""
+    return eval(question, {"__builtins__": {}}) % modulus  # the question is digits, '*' and '+' only
+
+
+@pytest.mark.parametrize("style", ["eq", "nl"])
+def test_products_examples_are_consistent(style: str) -> None:
+    from kava.data.synthetic import generate_products_split
+
+    examples = generate_products_split("test", 300, style=style)
+    for ex in examples:
+        assert re.fullmatch(r"\d\*\d(\+\d(\*\d)?)+", ex.question) or re.fullmatch(r"\d\*\d\+\d", ex.question)
+        assert int(ex.answer) == _products_reference(ex.question)
+        results = step_results(ex)
+        assert results[-1] == ex.answer and all(r is not None for r in results)
+        k = ex.question.count("*")
+        assert len(ex.steps) == (2 if k == 1 else 2 * k - 1)
+        assert f"-k{k}-" in ex.source_id
+        assert is_correct(f" The answer is: {ex.answer}", ex.answer, "strict")
+
+
+def test_products_last_step_adds_two_values_the_kept_chain_shows() -> None:
+    """What drop-last-step leaves the teacher: the final addition's operands are already written."""
+    from kava.data.synthetic import generate_products_split
+
+    for ex in generate_products_split("train", 200, style="eq"):
+        a, b = re.fullmatch(r"<<(\d)\+(\d)=\d>>", ex.steps[-1]).groups()
+        kept = step_results(Example(ex.question, ex.steps[:-1], ex.answer))
+        assert a in kept  # the running total, or the product of a*b+c
+        assert b in kept or (ex.question.count("*") == 1 and ex.question.endswith(b))  # a product, or c of a*b+c
+
+
+def test_products_worked_examples() -> None:
+    from kava.data.synthetic import products_example
+
+    one = products_example((7, 2, 3), "eq", "x")
+    assert (one.question, one.steps, one.answer) == ("7*2+3", ("<<7*2=4>>", "<<4+3=7>>"), "7")
+    three = products_example((7, 2, 3, 4, 5, 6), "eq", "x")
+    assert three.steps == ("<<7*2=4>>", "<<3*4=2>>", "<<5*6=0>>", "<<4+2=6>>", "<<6+0=6>>") and three.answer == "6"
+    nl = products_example((7, 2, 3, 4), "nl", "x")
+    assert nl.steps == ("7 times 2 is 4.", "3 times 4 is 2.", "4 plus 2 is 6.")
+    with pytest.raises(ValueError, match="3 digits or an even number"):
+        products_example((1, 2, 3, 4, 5), "eq", "x")
+
+
+def test_products_splits_are_disjoint_mixed_and_deterministic() -> None:
+    from collections import Counter
+
+    from kava.data.synthetic import generate_products_split
+
+    train = generate_products_split("train", 6000)
+    test = generate_products_split("test", 600)
+    assert not {e.question for e in train} & {e.question for e in test}
+    assert len({e.question for e in test}) == 600  # test questions never repeat
+    sizes = Counter(e.question.count("*") for e in test)
+    # a*b+c has only ~73 test questions: it takes all of them, the other sizes share the rest.
+    assert 60 <= sizes[1] <= 90 and abs(sizes[2] - sizes[3]) <= 1 and sum(sizes.values()) == 600
+    assert Counter(e.question.count("*") for e in train) == {1: 2000, 2: 2000, 3: 2000}  # repeats allowed in train
+    assert [e.question for e in generate_products_split("test", 600)] == [e.question for e in test]
+    assert [e.question for e in generate_products_split("test", 600, seed=1)] != [e.question for e in test]
+    assert len({e.question.count("*") for e in test[:30]}) == 3  # shuffled: a prefix holds every size
+    with pytest.raises(ValueError, match="distinct questions"):
+        generate_products_split("test", 100, sizes=(1,))
+    with pytest.raises(ValueError, match="sizes"):
+        generate_products_split("test", 10, sizes=(0, 2))

@@ -1,4 +1,4 @@
-"""An embedded reasoning task for CPU work: modular arithmetic chains.
+"""Embedded reasoning tasks for CPU work: modular arithmetic chains, and sums of products.
 
 A question such as ``7*2-7-4*8`` is evaluated LEFT TO RIGHT modulo `modulus` (10 by
 default): 7*2=4, 4-7=7, 7-4=3, 3*8=4, so the answer is "4". Steps come in two styles that
@@ -6,6 +6,19 @@ mirror GSM8k-AUG and GSM8k-AUG-NL:
 
 - ``eq``: ``["<<7*2=4>>", "<<4-7=7>>", "<<7-4=3>>", "<<3*8=4>>"]``
 - ``nl``: ``["7 times 2 is 4.", "4 minus 7 is 7.", "7 minus 4 is 3.", "3 times 8 is 4."]``
+
+A second family, *sums of products* (:func:`generate_products_split`), is shaped like word
+problems: several independent sub-results combined at the end. ``k`` products of digits 1-9,
+added modulo 10; ``k = 1`` is ``a*b+c``. Its last step is always the addition of two values
+already in the kept chain of thought (what a teacher with the last step dropped has to do
+implicitly), and its dependency depth is ``k`` at most (products in parallel, then the sums):
+
+- ``a*b+c``: ``<<a*b=p>> <<p+c=s>>``
+- ``a*b+c*d``: ``<<a*b=p>> <<c*d=q>> <<p+q=s>>``
+- ``a*b+c*d+e*f``: ``<<a*b=p>> <<c*d=q>> <<e*f=r>> <<p+q=s>> <<s+r=t>>``
+
+Sizes are mixed (``sizes``, drawn uniformly per example), so accuracy can be read per size; the
+number of CoT steps (2, 3, 5) tells the size of an example.
 
 Splits are disjoint by construction: every question belongs to exactly one split through
 a stable hash of its text (80% train, 10% valid, 10% test), and each split draws with
@@ -15,12 +28,15 @@ whatever the sizes or seeds.
 
 from __future__ import annotations
 
+import itertools
 import random
 import zlib
+from functools import lru_cache
 
 from kava.data.schema import Example, step_results
 
-__all__ = ["OP_WORDS", "SPLITS", "evaluate_chain", "generate", "generate_split", "split_of", "step_results"]
+__all__ = ["OP_WORDS", "SPLITS", "evaluate_chain", "generate", "generate_products_split", "generate_split", "products_example",
+           "split_of", "step_results"]
 
 OP_WORDS = {"+": "plus", "-": "minus", "*": "times"}
 SPLITS = ("train", "valid", "test")
@@ -161,3 +177,123 @@ def generate_split(
         seen.add(question)
         out.append(_example(start, chain, modulus, style, f"synthetic-{style}-{split}-{len(out)}"))
     return out
+
+
+# --- sums of products ---------------------------------------------------------------------
+
+
+def _step_text(a: int, op: str, b: int, value: int, style: str) -> str:
+    return f"<<{a}{op}{b}={value}>>" if style == "eq" else f"{a} {OP_WORDS[op]} {b} is {value}."
+
+
+def products_example(digits: tuple[int, ...], style: str, source_id: str, modulus: int = 10) -> Example:
+    """The sum-of-products example for ``digits``: 3 digits give ``a*b+c``, 2k digits (k >= 2)
+    give ``k`` products added left to right; every value modulo ``modulus``."""
+    if style not in _STYLES:
+        raise ValueError(f"style must be one of {_STYLES}, got {style!r}")
+    if len(digits) == 3:
+        a, b, c = digits
+        p = a * b % modulus
+        s = (p + c) % modulus
+        steps = (_step_text(a, "*", b, p, style), _step_text(p, "+", c, s, style))
+        return Example(question=f"{a}*{b}+{c}", steps=steps, answer=str(s), source_id=source_id)
+    if len(digits) < 4 or len(digits) % 2:
+        raise ValueError(f"a sum of products takes 3 digits or an even number >= 4, got {len(digits)}")
+    pairs = [digits[i : i + 2] for i in range(0, len(digits), 2)]
+    products = [a * b % modulus for a, b in pairs]
+    steps = [_step_text(a, "*", b, p, style) for (a, b), p in zip(pairs, products)]
+    total = products[0]
+    for p in products[1:]:
+        new = (total + p) % modulus
+        steps.append(_step_text(total, "+", p, new, style))
+        total = new
+    question = "+".join(f"{a}*{b}" for a, b in pairs)
+    return Example(question=question, steps=tuple(steps), answer=str(total), source_id=source_id)
+
+
+def _digit_count(k: int) -> int:
+    return 3 if k == 1 else 2 * k
+
+
+@lru_cache(maxsize=None)
+def _questions_in_split(k: int, split: str, modulus: int) -> int | None:
+    """How many distinct size-``k`` questions hash into ``split`` (None: over 100,000 questions
+    in all, about 10,000 in test, never the limit)."""
+    n = _digit_count(k)
+    if 9**n > 10**5:
+        return None
+    return sum(split_of(products_example(d, "eq", "", modulus).question) == split for d in itertools.product(range(1, 10), repeat=n))
+
+
+def _quotas(n: int, sizes: tuple[int, ...], capacity: list[int | None]) -> list[int]:
+    """``n`` examples shared as evenly as the sizes' capacities allow (a size with fewer
+    distinct questions than its share takes them all, the others share the rest)."""
+    quota = [0] * len(sizes)
+    open_ = list(range(len(sizes)))
+    left = n
+    while open_ and left:
+        share, extra = divmod(left, len(open_))
+        full = []
+        for rank, i in enumerate(open_):
+            want = share + (rank < extra)
+            cap = capacity[i]
+            take = want if cap is None else min(want, cap - quota[i])
+            quota[i] += take
+            left -= take
+            if cap is not None and quota[i] == cap:
+                full.append(i)
+        if not full:
+            break
+        open_ = [i for i in open_ if i not in full]
+    if left:
+        raise ValueError(f"only {n - left} distinct questions of sizes {sizes} exist in this split; ask for fewer")
+    return quota
+
+
+def generate_products_split(
+    split: str,
+    n: int,
+    seed: int = 0,
+    *,
+    sizes: tuple[int, ...] | list[int] = (1, 2, 3),
+    modulus: int = 10,
+    style: str = "eq",
+    unique: bool | None = None,
+) -> list[Example]:
+    """`n` sum-of-products examples of `split`, disjoint from the other splits (as
+    :func:`generate_split`), digits drawn uniformly from 1-9.
+
+    The sizes ``k`` (number of products) share `n` evenly, in a shuffled order. With `unique`
+    (default: on for valid/test, off for train) no question repeats within the split; a size
+    with fewer distinct questions than its share (``a*b+c`` has 729 in all, about 73 in test)
+    takes all of them and the other sizes share the rest. ``source_id`` is
+    ``synthetic-products-{style}-{split}-k{k}-{i}``.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    sizes = tuple(sizes)
+    if not sizes or any(not isinstance(k, int) or isinstance(k, bool) or k < 1 for k in sizes) or len(set(sizes)) != len(sizes):
+        raise ValueError(f"sizes must be distinct positive integers, got {sizes!r}")
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    if modulus < 2:
+        raise ValueError(f"modulus must be >= 2, got {modulus}")
+    if style not in _STYLES:
+        raise ValueError(f"style must be one of {_STYLES}, got {style!r}")
+    unique = split != "train" if unique is None else unique
+    capacity = [_questions_in_split(k, split, modulus) if unique else None for k in sizes]
+    quotas = _quotas(n, sizes, capacity)
+    rng = random.Random(f"kava-products-{seed}-{split}")
+    drawn: list[tuple[int, Example]] = []
+    for k, quota in zip(sizes, quotas):
+        seen: set[str] = set()
+        count = 0
+        while count < quota:
+            ex = products_example(tuple(rng.randint(1, 9) for _ in range(_digit_count(k))), style, "", modulus)
+            if split_of(ex.question) != split or (unique and ex.question in seen):
+                continue
+            seen.add(ex.question)
+            drawn.append((k, ex))
+            count += 1
+    rng.shuffle(drawn)
+    return [Example(ex.question, ex.steps, ex.answer, f"synthetic-products-{style}-{split}-k{k}-{i}") for i, (k, ex) in enumerate(drawn)]
