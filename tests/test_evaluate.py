@@ -192,3 +192,23 @@ def test_headline_accuracy_is_strict(tiny, monkeypatch, tmp_path):
     }
     assert res["accuracy"] == 0.5 and res["accuracy_flexible"] == 0.75
     assert res["truncated"] == 2 and res["truncated_fraction"] == 0.5
+    assert res["by_cot_steps"] == {"1": {"n": 4, "accuracy": 0.5, "accuracy_flexible": 0.75}}
+
+
+def test_accuracy_by_chain_of_thought_length():
+    """Per-difficulty accuracy: examples grouped by their reference CoT's number of steps."""
+    from kava.evaluate import summarise
+
+    rows = [
+        {"cot_steps": 2, "correct": True, "correct_flexible": True},
+        {"cot_steps": 5, "correct": False, "correct_flexible": True},
+        {"cot_steps": 5, "correct": True, "correct_flexible": True},
+        {"cot_steps": 3, "correct": False, "correct_flexible": False},
+        {"cot_steps": 5, "correct": False, "correct_flexible": False},
+    ]
+    rows = [{**r, "truncated": False, "forward_passes": 1, "generated_tokens": 1, "kv_cache_bytes": 0} for r in rows]
+    by = summarise(rows, 0.0)["by_cot_steps"]
+    assert list(by) == ["2", "3", "5"]
+    assert by["5"] == {"n": 3, "accuracy": pytest.approx(1 / 3), "accuracy_flexible": pytest.approx(2 / 3)}
+    assert by["2"]["accuracy"] == 1.0 and by["3"]["accuracy"] == 0.0
+    assert sum(g["n"] for g in by.values()) == len(rows)
