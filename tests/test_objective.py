@@ -388,3 +388,43 @@ def test_parameters_kava_adds_keep_float32_master_weights_on_a_bf16_backbone(ada
     # The latent inputs come out in the backbone's dtype.
     h = torch.randn(2, 1, cfg.model.tiny.hidden_size, dtype=torch.bfloat16)
     assert model.project(h).dtype == torch.bfloat16
+
+
+def test_teacher_and_student_answer_accuracy_are_logged():
+    """acc_teacher: does the teacher's CODI position predict the first answer token (an empty
+    CODI target shows as a low value); acc_student: the same at the student's CODI position."""
+    cfg, model, obj, encs = _setup()
+    model.eval()
+    batch = obj.make_batch(encs)
+    with torch.no_grad():
+        _, metrics = obj(batch)
+    tb = batch["teacher"]
+    t = teacher_forward(model, tb, want_queries=False, want_logits=True)
+    rows = torch.arange(len(encs))
+    first_answer = tb["labels"][rows, tb["distill_pos"]]
+    assert torch.equal(first_answer, torch.tensor([e.answer[0] for e in encs]))  # what the CODI position predicts
+    expected = (t.logits[rows, tb["distill_pos"]].argmax(-1) == first_answer).float().mean()
+    assert float(metrics["acc_teacher"]) == pytest.approx(float(expected))
+    assert 0.0 <= float(metrics["acc_student"]) <= 1.0
+    # A teacher that predicts the answer everywhere scores 1.
+    from kava import losses
+
+    head = torch.nn.Linear(4, 10, bias=False)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.weight[7, 0] = 1.0
+    h = torch.zeros(3, 4)
+    h[:, 0] = 1.0
+    assert float(losses.answer_accuracy(head, h, torch.tensor([7, 7, -100]))) == 1.0
+    assert float(losses.answer_accuracy(head, h, torch.tensor([7, 3, 3]))) == pytest.approx(1 / 3)
+
+
+def test_teacher_mode_trains_on_the_teachers_own_sequence():
+    cfg, model, obj, encs = _setup(train={"mode": "teacher"}, loss={"drop_last_step": True})
+    batch = obj.make_batch(encs)
+    expected = teacher_batch(encs, obj.pad_id, with_cot=True, drop_last_step=True)
+    assert batch.keys() == {"teacher"}
+    for key, value in expected.items():
+        assert torch.equal(batch["teacher"][key], value), key
+    loss, metrics = obj(batch)
+    assert torch.isfinite(loss) and set(metrics) == {"loss", "ce"}

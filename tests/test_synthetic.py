@@ -189,3 +189,21 @@ def test_products_splits_are_disjoint_mixed_and_deterministic() -> None:
         generate_products_split("test", 100, sizes=(1,))
     with pytest.raises(ValueError, match="sizes"):
         generate_products_split("test", 10, sizes=(0, 2))
+
+
+def test_products_task_through_a_runs_config_and_the_registry(tmp_path) -> None:
+    from kava.config import ConfigError, load_config
+    from kava.data import load_data, load_examples
+
+    cfg = load_config(None, ["data.train=synthetic-products-nl", "data.eval=synthetic-products", "data.synthetic_train_size=90",
+                             "data.synthetic_test_size=60", "data.synthetic_sizes=[2, 3]"])
+    train, test = load_data(cfg, "train"), load_data(cfg, "eval")
+    assert len(train) == 90 and len(test) == 60
+    assert {e.question.count("*") for e in train + test} == {2, 3}
+    assert all(" times " in e.steps[0] for e in train) and all(e.steps[0].startswith("<<") for e in test)
+    listed = list(load_examples("synthetic-products?n=12&sizes=1+3", "test"))
+    assert len(listed) == 12 and {e.question.count("*") for e in listed} == {1, 3}
+    with pytest.raises(ConfigError, match="data.synthetic_sizes"):
+        load_config(None, ["data.synthetic_sizes=[0]"])
+    with pytest.raises(ValueError, match="sizes"):
+        list(load_examples("synthetic-products?sizes=x", "test"))

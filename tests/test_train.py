@@ -164,3 +164,10 @@ def test_init_from_another_architecture_is_a_one_line_error(tmp_path, capsys):
     # The same architecture starts from the checkpoint and records what it trains.
     same = _cfg(tmp_path, "student2", model={"init_from": str(ckpt)}, train={"max_steps": 1})
     assert train(same)["state"] == "finished"
+
+
+def test_teacher_mode_trains_and_is_evaluated_in_cot_mode(tmp_path):
+    cfg = _cfg(tmp_path, "teacher", train={"mode": "teacher", "max_steps": 2, "eval_at_end": True})
+    res = train(cfg)
+    assert list(res["eval"]) == ["cot"] and res["eval"]["cot"]["n"] == 16
+    assert not (tmp_path / "teacher" / "kv_cosine.json").exists()

@@ -210,6 +210,7 @@ class DataConfig:
     synthetic_modulus: int = _f(10, "synthetic task: arithmetic modulus")
     synthetic_train_size: int = _f(20000, "synthetic task: training examples")
     synthetic_test_size: int = _f(500, "synthetic task: test examples")
+    synthetic_sizes: list = _f([1, 2, 3], "synthetic-products task: the numbers of products mixed in (1 is a*b+c)")
     question_template: str = _f("{question}\n", "how the question is written before the CoT or latents")
     step_separator: str = _f(" ", "text between CoT steps")
     answer_prefix: str = _f(" The answer is:", "text before the answer (its last token is the CODI position)")
@@ -222,11 +223,14 @@ class DataConfig:
         _check("{question}" in self.question_template, "data.question_template", "must contain {question}")
         _check("{answer}" in self.answer_template, "data.answer_template", "must contain {answer}")
         _check(self.answer_prefix != "", "data.answer_prefix", "must not be empty (it marks the CODI position)")
+        _check(bool(self.synthetic_sizes) and all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in self.synthetic_sizes)
+               and len(set(self.synthetic_sizes)) == len(self.synthetic_sizes), "data.synthetic_sizes",
+               f"{self.synthetic_sizes!r}: give distinct positive integers, e.g. [1, 2, 3]")
 
 
 @dataclass
 class TrainConfig:
-    mode: str = _f("kava", "what to train: kava (latent student + teacher), cot (CoT fine-tuning), nocot (answer only)")
+    mode: str = _f("kava", "what to train: kava (latent student + teacher), cot (CoT fine-tuning), nocot (answer only), teacher (CE on the KaVa teacher's own sequence: the CoT without its last step under loss.drop_last_step)")
     output_dir: str = _f("runs/run", "folder for checkpoints, metrics and the resolved config")
     seed: int = _f(0, "seed for data order, initialisation and dropout")
     lr: float = _f(8e-4, "peak learning rate")
@@ -250,7 +254,7 @@ class TrainConfig:
     progress: bool = _f(True, "show a progress bar")
 
     def __post_init__(self) -> None:
-        _choice(self.mode, "train.mode", ("kava", "cot", "nocot"))
+        _choice(self.mode, "train.mode", ("kava", "cot", "nocot", "teacher"))
         _check(self.lr > 0, "train.lr", "must be positive")
         _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
         _check(self.effective_batch >= 0, "train.effective_batch", "must be >= 0")

@@ -157,3 +157,16 @@ def labelled_ce(head, hidden: torch.Tensor, labels: torch.Tensor, index: torch.T
     if index.numel() == 0:
         return hidden.sum() * 0.0
     return F.cross_entropy(head(flat_h.index_select(0, index)).float(), flat_y.index_select(0, index))
+
+
+@torch.no_grad()
+def answer_accuracy(head, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Share of examples whose greedy prediction at one position is its label (a metric).
+
+    ``hidden [B, D]`` at each example's position (e.g. the CODI position, which predicts the
+    first answer token), ``labels [B]`` (-100: not counted). 0 when nothing is counted.
+    """
+    keep = labels != -100
+    hits = (head(hidden).argmax(-1) == labels) & keep
+    return hits.float().sum() / keep.float().sum().clamp_min(1.0)
+

@@ -48,8 +48,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
     del args
     for spec in list_datasets():
         where = spec.hub_id + (f" ({spec.config})" if spec.config else "") if spec.hub_id else spec.origin
-        print(f"{spec.name:<16} {where:<32} splits: {', '.join(spec.splits)}")
-        print(f"{'':<16} {spec.description}")
+        print(f"{spec.name:<22} {where:<32} splits: {', '.join(spec.splits)}")
+        print(f"{'':<22} {spec.description}")
     print("Any local .jsonl, .json or .parquet file is accepted too (see `kava data validate`).")
     return 0
 

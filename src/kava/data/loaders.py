@@ -183,6 +183,30 @@ def _generate_synthetic(style: str) -> Callable[[str, int | None, Mapping[str, A
     return generate
 
 
+def _generate_products(style: str) -> Callable[[str, int | None, Mapping[str, Any]], list[Example]]:
+    sizes = {"train": 20000, "valid": 600, "test": 600}
+    allowed = {"n", "seed", "sizes", "modulus", "unique"}
+
+    def generate(split: str, limit: int | None, options: Mapping[str, Any]) -> list[Example]:
+        from kava.data.synthetic import generate_products_split
+
+        _check_options("synthetic-products", options, allowed)
+        knobs = dict(options)
+        n = int(knobs.pop("n", sizes[split]))
+        seed = int(knobs.pop("seed", 0))
+        if "sizes" in knobs:  # sizes=2 or sizes=1+2+3
+            raw = knobs.pop("sizes")
+            parts = str(raw).split("+") if not isinstance(raw, list) else raw
+            try:
+                knobs["sizes"] = tuple(int(k) for k in parts)
+            except ValueError:
+                raise ValueError(f"synthetic-products: sizes={raw!r}: write the sizes as 2 or 1+2+3") from None
+        examples = generate_products_split(split, n, seed, style=style, **knobs)
+        return examples[:limit] if limit is not None else examples
+
+    return generate
+
+
 def _generate_gsm_symbolic(style: str) -> Callable[[str, int | None, Mapping[str, Any]], list[Example]]:
     allowed = {"lang", "seed", "split_seed", "n_per_template", "test_fraction"}
 
@@ -260,6 +284,10 @@ REGISTRY: dict[str, DatasetSpec] = {
                     {s: s for s in ("train", "valid", "test")}, generate=_generate_synthetic("eq")),
         DatasetSpec("synthetic-nl", "embedded modular-arithmetic chains, natural-language steps",
                     {s: s for s in ("train", "valid", "test")}, generate=_generate_synthetic("nl")),
+        DatasetSpec("synthetic-products", "embedded sums of products mod 10 (a mixture of 1-3 products), equation steps",
+                    {s: s for s in ("train", "valid", "test")}, generate=_generate_products("eq")),
+        DatasetSpec("synthetic-products-nl", "embedded sums of products mod 10, natural-language steps",
+                    {s: s for s in ("train", "valid", "test")}, generate=_generate_products("nl")),
         DatasetSpec("gsm-symbolic", "GSM-Symbolic templates (GSM8k TEST items: never train on them)",
                     _SYMBOLIC_SPLITS, generate=_generate_gsm_symbolic("eq"), origin=_SYMBOLIC_ORIGIN),
         DatasetSpec("gsm-symbolic-nl", "GSM-Symbolic templates, natural-language steps (GSM8k TEST items)",
@@ -522,5 +550,12 @@ def load_data(cfg: KavaConfig, which: str) -> list[Example]:
             split, n, seed=0, n_ops=d.synthetic_ops, modulus=d.synthetic_modulus,
             style="nl" if source.endswith("-nl") else "eq", test_size=d.synthetic_test_size,
         )
+        return examples[:limit] if limit else examples
+    if source in ("synthetic-products", "synthetic-products-nl"):
+        from kava.data.synthetic import generate_products_split
+
+        n = d.synthetic_train_size if split == "train" else d.synthetic_test_size
+        examples = generate_products_split(split, n, seed=0, sizes=tuple(d.synthetic_sizes), modulus=d.synthetic_modulus,
+                                           style="nl" if source.endswith("-nl") else "eq")
         return examples[:limit] if limit else examples
     return list(load_examples(source, split, limit=limit or None, on_error=d.on_error))

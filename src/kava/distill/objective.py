@@ -3,7 +3,9 @@
     L = w_s * CE_student + w_t * CE_teacher + alpha1 * L_CODI + alpha2 * L_KV (+ w_z * CE_latent)
 
 ``train.mode`` picks what is trained: ``kava`` (all of the above; ``alpha_kv=0`` or
-``loss.compression=none`` gives CODI-only), ``cot`` (CE on ``Q C A``) or ``nocot`` (CE on ``Q A``).
+``loss.compression=none`` gives CODI-only), ``cot`` (CE on ``Q C A``), ``nocot`` (CE on ``Q A``)
+or ``teacher`` (CE on the teacher's own sequence ``Q C' A``, C' the CoT without its last step
+under ``loss.drop_last_step``: a base that already does the dropped step implicitly).
 
 A KaVa step is :meth:`Objective.teacher_pass` (once, and only when something needs it),
 :meth:`Objective.student_pass`, then the targets from the run's one target source
@@ -63,6 +65,7 @@ class StudentPass:
     mask: torch.Tensor  # [B, cached] attention mask over everything now cached
     k: int  # latents fed in the final pass: the suffix outputs start at column k
     ce: torch.Tensor  # the student's CE on its suffix (the answer, and any CoT steps left)
+    answer_acc: torch.Tensor  # share of examples whose greedy first answer token is right
 
 
 class Objective(nn.Module):
@@ -130,6 +133,8 @@ class Objective(nn.Module):
             return {"teacher": teacher_batch(encs, self.pad_id, with_cot=True, drop_last_step=False)}
         if mode == "nocot":
             return {"teacher": teacher_batch(encs, self.pad_id, with_cot=False)}
+        if mode == "teacher":  # the KaVa teacher's own sequence: under drop_last_step, the CoT without its last step
+            return {"teacher": teacher_batch(encs, self.pad_id, with_cot=True, drop_last_step=self.cfg.loss.drop_last_step)}
         stage = self.stage_at(step)
         seq_stage = self.sequence_stage(stage)
         lat = self.cfg.latent
@@ -179,9 +184,9 @@ class Objective(nn.Module):
 
         metrics: dict[str, torch.Tensor] = {} if lat_ce is None else {"latent_ce": lat_ce}
         metrics.update(terms.metrics)
-        metrics.update(loss=total, ce_student=student.ce, codi=terms.codi)
+        metrics.update(loss=total, ce_student=student.ce, codi=terms.codi, acc_student=student.answer_acc)
         if teacher is not None:
-            metrics["ce_teacher"] = teacher.ce
+            metrics.update(ce_teacher=teacher.ce, acc_teacher=teacher.answer_acc)
         metrics = detached(**metrics)
         if stage is not None:
             metrics["stage"] = torch.tensor(float(stage))
@@ -189,7 +194,7 @@ class Objective(nn.Module):
 
     # --- the step's parts --------------------------------------------------------------
     def ce_loss(self, tb: dict) -> torch.Tensor:
-        """The CE of one plain pass over ``tb`` (``cot`` and ``nocot`` modes)."""
+        """The CE of one plain pass over ``tb`` (``cot``, ``nocot`` and ``teacher`` modes)."""
         return teacher_forward(self.model, tb, want_queries=False, want_cache=False).ce
 
     def teacher_pass(self, tb: dict, for_targets: bool = True) -> TeacherOutput:
@@ -207,8 +212,12 @@ class Objective(nn.Module):
         model, lat = self.model, self.cfg.latent
         state = run_latents(model, sb["prefix_ids"], sb["prefix_mask"], sb["num_latents"], lat.scheme, lat.iterations)
         out, mask, k = final_pass(model, state, sb["suffix_ids"], sb["suffix_mask"], output_hidden_states=True)
-        ce = losses.labelled_ce(model.lm_head, out.last_hidden_state[:, k:], sb["suffix_labels"], sb.get("suffix_label_index"))
-        return StudentPass(state, out, mask, k, ce)
+        suffix = out.last_hidden_state[:, k:]
+        ce = losses.labelled_ce(model.lm_head, suffix, sb["suffix_labels"], sb.get("suffix_label_index"))
+        rows = torch.arange(suffix.shape[0], device=suffix.device)
+        at = sb["distill_idx"].to(suffix.device)
+        acc = losses.answer_accuracy(model.lm_head, suffix[rows, at], sb["suffix_labels"][rows, at])
+        return StudentPass(state, out, mask, k, ce, acc)
 
     def latent_ce(self, student: StudentPass, sb: dict) -> torch.Tensor:
         """The per-latent loss: the state that produced latent j predicts step j's result."""

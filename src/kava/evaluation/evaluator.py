@@ -31,8 +31,18 @@ def summarise(preds: list[dict], wall_time_s: float) -> dict:
     ``accuracy`` is the strict grader's (the headline), ``accuracy_flexible`` the flexible
     one's; ``truncated`` counts the generations that hit the token cap without <eos> and
     ``truncated_fraction`` is their share. Means are over the ``n`` examples.
+    ``by_cot_steps``: ``n`` and both accuracies for the examples of each length of reference
+    chain of thought (a difficulty scale: on the synthetic sums of products it is the size).
     """
     n = max(len(preds), 1)
+    groups: dict[int, list[dict]] = {}
+    for p in preds:
+        groups.setdefault(p["cot_steps"], []).append(p)
+    by_steps = {
+        str(k): {"n": len(g), "accuracy": sum(p["correct"] for p in g) / len(g),
+                 "accuracy_flexible": sum(p["correct_flexible"] for p in g) / len(g)}
+        for k, g in sorted(groups.items())
+    }
     return {
         "n": len(preds),
         "accuracy": sum(p["correct"] for p in preds) / n,
@@ -44,6 +54,7 @@ def summarise(preds: list[dict], wall_time_s: float) -> dict:
         "kv_cache_bytes": sum(p["kv_cache_bytes"] for p in preds) / n,
         "peak_kv_cache_bytes": max((p["kv_cache_bytes"] for p in preds), default=0),
         "wall_time_s": wall_time_s,
+        "by_cot_steps": by_steps,
     }
 
 
@@ -87,7 +98,7 @@ def evaluate(
                         text = cfg.data.answer_prefix + text
                     verdict = grade(text, ex.answer, cfg.data.answer_prefix)
                     preds.append({
-                        "source_id": ex.source_id, "question": ex.question, "gold": ex.answer, "prediction": text,
+                        "source_id": ex.source_id, "question": ex.question, "gold": ex.answer, "cot_steps": len(ex.steps), "prediction": text,
                         "correct": verdict["strict"], "correct_flexible": verdict["flexible"],
                         "truncated": hit_cap(toks, eos), "forward_passes": n_pass,
                         "generated_tokens": len(toks), "kv_cache_bytes": kv * bpt,
@@ -105,7 +116,7 @@ def evaluate(
 
 def eval_modes(cfg: KavaConfig) -> list[str]:
     """What a trained model is evaluated on: its own mode."""
-    return {"cot": ["cot"], "nocot": ["nocot"]}.get(cfg.train.mode, list(cfg.eval.modes))
+    return {"cot": ["cot"], "nocot": ["nocot"], "teacher": ["cot"]}.get(cfg.train.mode, list(cfg.eval.modes))
 
 
 def evaluate_checkpoint(checkpoint: str | Path, overrides=(), modes: list[str] | None = None,

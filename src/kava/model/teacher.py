@@ -97,6 +97,9 @@ class TeacherOutput:
     values: torch.Tensor | None  # [L, B, H_kv, N, d] (detached)
     queries: torch.Tensor | None  # [L, B, H_q, A, d] at the answer positions, or None
     logits: torch.Tensor | None = None  # [B, N, V] over every position, only with want_logits
+    # Share of examples whose greedy next token at the CODI position is the first answer token:
+    # whether the teacher knows the answer the CODI target stands for (with want_ce).
+    answer_acc: torch.Tensor | None = None
 
 
 def teacher_forward(model: KavaModel, batch: dict, want_queries: bool, want_cache: bool = True, want_ce: bool = True,
@@ -123,9 +126,10 @@ def teacher_forward(model: KavaModel, batch: dict, want_queries: bool, want_cach
     pos = batch["distill_pos"]
     rows = torch.arange(ids.shape[0], device=ids.device)
     hidden = torch.stack([h[rows, pos] for h in out.hidden_states[1:]]).detach()  # [L, B, D]
+    acc = losses.answer_accuracy(model.lm_head, last[rows, pos], batch["labels"][rows, pos]) if want_ce else None
     keys = values = None
     if want_cache:
         keys, values = cache_span(cache, 0, ids.shape[1])
         keys, values = keys.detach(), values.detach()
     queries = torch.stack(store) if want_queries else None
-    return TeacherOutput(ce, hidden, keys, values, queries, logits)
+    return TeacherOutput(ce, hidden, keys, values, queries, logits, acc)

@@ -253,7 +253,7 @@ def log_metrics(run: Run, bar) -> None:
              for k, v in run.window.items()}
     row.update(_mean_over_processes(run.accelerator, means))
     run.window.clear()
-    bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k in ("loss", "ce", "ce_student", "kv", "codi", "kv_cos", "stage")})
+    bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k in ("loss", "ce", "ce_student", "kv", "codi", "kv_cos", "acc_teacher", "acc_student", "stage")})
     if run.main:
         with (run.out / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(row) + "\n")
