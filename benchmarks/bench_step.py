@@ -18,7 +18,7 @@ as many tokens as a trained model would) and reports forward passes, wall time a
 bytes. Targets: (c) within 10% of (b); selection + losses under 5% of (c); latent decoding
 speed-up at least 80% of the forward-pass ratio.
 
-  python benchmarks/bench_step.py                       # tiny model of configs/tiny/kava.yaml
+  python benchmarks/bench_step.py                       # tiny model of configs/curriculum/kava.yaml
   python benchmarks/bench_step.py --model llama-1b      # Llama-3.2-1B shape, random weights (GPU)
 """
 
@@ -66,7 +66,7 @@ def build(args):
     if args.model == "llama-1b":
         config = args.config or str(ROOT / "configs/paper/llama1b_aug.yaml")
     else:
-        config = args.config or str(ROOT / "configs/tiny/kava.yaml")
+        config = args.config or str(ROOT / "configs/curriculum/kava.yaml")
     overrides = ["model.init_from=", "train.mode=kava", *args.overrides]
     if args.model == "llama-1b":
         overrides.append("model.name_or_path=tiny")  # the tokenizer: ids only matter for shapes
@@ -426,7 +426,7 @@ def report(r: dict) -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=("tiny", "llama-1b"), default="tiny", help="tiny: the config's model; llama-1b: Llama-3.2-1B shape, random weights")
-    p.add_argument("--config", help="config file (default: configs/tiny/kava.yaml, or configs/paper/llama1b_aug.yaml for llama-1b)")
+    p.add_argument("--config", help="config file (default: configs/curriculum/kava.yaml, or configs/paper/llama1b_aug.yaml for llama-1b)")
     p.add_argument("--batch", type=int, default=0, help="batch size (default: the config's train.batch_size)")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
