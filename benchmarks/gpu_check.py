@@ -199,6 +199,8 @@ def smollm2(args, work: Path, bundle: Path, deadline: float, results: dict, save
             part["methods"][name] = {"label": label, "skipped": "past --deadline-s"}
             continue
         out = work / "runs" / name
+        if out.exists():
+            shutil.rmtree(out)  # a fresh run: nothing of an earlier check read back as this one's
         t0 = time.perf_counter()
         sh(kava_cli("train", "--config", str(ROOT / f"configs/gpu/{name}.yaml"), *common,
                     f"train.batch_size={batch}", f"train.output_dir={out}"))

@@ -124,3 +124,17 @@ def test_smoke_run_end_to_end(tmp_path):
     assert all(m["steps"] == 2 and m["n"] == 4 and 0 <= m["accuracy"] <= 1 for m in methods.values())
     md = (tmp_path / "out" / "summary.md").read_text()
     assert "SMOKE RUN" in md and "| KaVa (R-KV) |" in md and "| (c) full KaVa step |" in md
+
+
+@pytest.mark.parametrize("name", ["cot", "nocot", "codi", "kava"])
+def test_gpu_configs_are_the_smollm2_recipes_resized(name):
+    """configs/gpu/ changes the data files and the sizing only, never the recipe."""
+    from dataclasses import asdict
+
+    from kava.config import load_config
+
+    gpu, ref = asdict(load_config(ROOT / f"configs/gpu/{name}.yaml")), asdict(load_config(ROOT / f"configs/smollm2/{name}.yaml"))
+    resized = {("data", "train"), ("data", "eval"), ("train", "max_steps"), ("train", "batch_size"), ("train", "effective_batch"),
+               ("train", "log_every"), ("train", "output_dir"), ("eval", "batch_size")}
+    differ = {(s, k) for s in ref for k in ref[s] if gpu[s][k] != ref[s][k]}
+    assert differ == resized
