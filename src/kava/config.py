@@ -7,6 +7,7 @@ the offending field. The resolved configuration is saved as YAML beside every ru
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -356,6 +357,7 @@ def _convert(value: Any, tp: Any, name: str) -> Any:
             except ValueError:
                 pass
         _check(isinstance(value, (int, float)) and not isinstance(value, bool), name, f"expected a number, got {value!r}")
+        _check(math.isfinite(value), name, f"expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         _check(isinstance(value, (str, int, float)) and not isinstance(value, bool), name, f"expected a string, got {value!r}")

@@ -164,6 +164,20 @@ def check_init_from(cfg: ModelConfig) -> None:
                              f"set {field}={other} (or start from a checkpoint of this architecture)")
 
 
+def ships_code(path: str) -> bool:
+    """Whether the local model folder ``path`` names code of its own (``auto_map``)."""
+    import json
+
+    for name in ("config.json", "tokenizer_config.json"):
+        f = Path(path) / name
+        try:
+            if f.is_file() and "auto_map" in json.loads(f.read_text(encoding="utf-8")):
+                return True
+        except (OSError, ValueError):
+            continue
+    return False
+
+
 def load_backbone(cfg: ModelConfig, seed: int = 0):
     """(tokenizer, causal LM) for ``cfg``: built in code, a local folder, a .gguf file, the
     packaged SmolLM2 GGUF (``smollm2``), or the hub.
@@ -205,6 +219,9 @@ def load_backbone(cfg: ModelConfig, seed: int = 0):
     except (OSError, ValueError, ImportError) as e:
         # ValueError: an architecture transformers cannot read from GGUF; ImportError: no gguf package.
         hint = " (GGUF files need: pip install 'kava[gguf]')" if gguf and isinstance(e, ImportError) else ""
+        if not cfg.trust_remote_code and ships_code(path):
+            hint += ("; it ships its own code, which runs only with model.trust_remote_code=true given on the command line "
+                     "or in your config (never from a checkpoint's saved config)")
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ModelLoadError(f"model.name_or_path: cannot load {cfg.name_or_path!r}: {first}{hint}") from None
     if tok.pad_token_id is None:
