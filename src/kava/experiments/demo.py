@@ -29,6 +29,7 @@ ROWS = [("cot", "CoT teacher"), ("no_cot", "no-CoT"), ("codi", "CODI-only (alpha
 
 def _overrides(name: str, out: Path, threads: int, quick: bool, init_from: str = "") -> list[str]:
     o = [f"train.output_dir={out / name}", f"train.num_threads={threads}", "train.progress=false"]
+    o.append("train.overwrite_output_dir=true")  # a demo re-run trains its four models afresh
     if init_from:
         o.append(f"model.init_from={init_from}")
     if quick:
