@@ -312,9 +312,9 @@ def test_temporary_entries_of_a_killed_save_are_cleaned_and_a_moved_checkpoint_p
 
 
 def test_save_total_limit_keeps_the_newest(tmp_path):
-    cfg = tiny_config(train={"output_dir": str(tmp_path / "r"), "max_steps": 4, "save_every": 1, "save_total_limit": 2})
+    cfg = tiny_config(train={"output_dir": str(tmp_path / "r"), "max_steps": 3, "save_every": 1, "save_total_limit": 2})
     train(cfg)
-    assert sorted(p.name for p in (tmp_path / "r").glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
+    assert sorted(p.name for p in (tmp_path / "r").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
 
 
 def test_non_finite_weights_are_never_saved(tmp_path, monkeypatch):
@@ -384,15 +384,19 @@ def test_a_signal_saves_marks_interrupted_and_exits_128_plus_signum(when, tmp_pa
 
 
 def test_outputs_respect_the_umask(tmp_path):
+    """What checkpoints (folders built aside), status files and metrics lines are written with."""
+    import kava.io as kio
+
     old = os.umask(0o027)
     try:
-        train(tiny_config(train={"output_dir": str(tmp_path / "r"), "max_steps": 1}))
+        kio.atomic_replace_dir(tmp_path / "checkpoint-1", lambda t: (t / "tokenizer").mkdir() or (t / WEIGHTS_FILE).write_bytes(b"w"))
+        kio.atomic_write_json(tmp_path / "status.json", {"state": "running"})
+        kio.append_line(tmp_path / "metrics.jsonl", '{"step": 1}')
     finally:
         os.umask(old)
-    run = tmp_path / "r"
-    assert (run / "checkpoint-1").stat().st_mode & 0o777 == 0o750
-    assert (run / "checkpoint-1" / WEIGHTS_FILE).stat().st_mode & 0o777 == 0o640
-    assert (run / "status.json").stat().st_mode & 0o777 == 0o640
+    mode = lambda p: (tmp_path / p).stat().st_mode & 0o777  # noqa: E731
+    assert mode("checkpoint-1") == mode("checkpoint-1/tokenizer") == 0o750
+    assert mode(f"checkpoint-1/{WEIGHTS_FILE}") == mode("status.json") == mode("metrics.jsonl") == 0o640
 
 
 def test_atomic_writes_sync_the_file_and_its_folder_before_and_after_the_rename(tmp_path, monkeypatch):
@@ -473,14 +477,34 @@ def test_report_keeps_a_run_whose_metrics_end_in_a_torn_line(tmp_path, capsys):
 # --- an offline teacher cache and the evaluation at the end -----------------------------------
 
 
-def test_training_from_a_cache_with_eval_at_end_skips_the_kv_probe(tmp_path, caplog):
-    """The cache holds training examples only; the live teacher is not what the student was
-    distilled towards, so the probe is skipped with a note and the evaluation still runs."""
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    """An offline teacher cache of the first 8 training examples, in two shards."""
     from kava.distill.extract import extract
 
-    common = dict(loss={"teacher_ce": 0.0}, data={"train_limit": 8})
-    extract(tiny_config(**common), tmp_path / "cache", shard_size=4)
-    cfg = tiny_config(loss={"teacher_ce": 0.0, "teacher_cache": str(tmp_path / "cache")}, data={"train_limit": 8},
+    out = tmp_path_factory.mktemp("cache") / "cache"
+    extract(tiny_config(loss={"teacher_ce": 0.0}, data={"train_limit": 8}), out, shard_size=4)
+    return out
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty"])
+def test_a_damaged_cache_shard_is_named_before_training(damage, cache, tmp_path, capsys):
+    copy = tmp_path / "cache"
+    shutil.copytree(cache, copy)
+    shard = copy / "shard-00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:100] if damage == "truncated" else b"")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_config(loss={"teacher_ce": 0.0, "teacher_cache": str(copy)}, data={"train_limit": 8},
+                                              train={"output_dir": str(tmp_path / "r")}).to_dict()))
+    got, err = _kava(["train", "--config", cfg], capsys)
+    assert got == 2 and str(shard) in _one_error_line(err)
+    assert not (tmp_path / "r" / "status.json").exists()  # stopped before the run started
+
+
+def test_training_from_a_cache_with_eval_at_end_skips_the_kv_probe(cache, tmp_path, caplog):
+    """The cache holds training examples only; the live teacher is not what the student was
+    distilled towards, so the probe is skipped with a note and the evaluation still runs."""
+    cfg = tiny_config(loss={"teacher_ce": 0.0, "teacher_cache": str(cache)}, data={"train_limit": 8},
                       train={"output_dir": str(tmp_path / "r"), "max_steps": 2, "eval_at_end": True})
     with caplog.at_level(logging.INFO):
         res = train(cfg)

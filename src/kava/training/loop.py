@@ -5,9 +5,11 @@ hardware, AdamW with a cosine schedule and warm-up, gradient clipping, a progres
 the loss terms, metrics as JSONL, atomic safetensors checkpoints with everything an exact
 resume needs, and a clean stop on SIGINT/SIGTERM.
 
-:func:`train` reads top to bottom as its steps: :func:`set_up`, :func:`resume_from`,
+:func:`train` reads top to bottom as its steps: the run folder locked and checked
+(:func:`kava.training.rundir.claim_run_folder`), :func:`set_up`, :func:`resume_from`,
 :func:`open_run_folder`, then per optimizer step :func:`train_step`, :func:`log_metrics`,
-:func:`save_checkpoint` and :func:`evaluate_model`, and at the end :func:`probe_kv_cosine`.
+:func:`save_checkpoint` and :func:`evaluate_model`, and at the end :func:`finish` (the KV
+probe and the evaluation); a run that raises is marked failed (:func:`mark_failed`).
 """
 
 from __future__ import annotations
@@ -113,7 +115,6 @@ def _train(cfg: KavaConfig, resume: bool) -> dict:
     try:
         run.started = time.perf_counter()
         bar = tqdm(total=run.max_steps, initial=run.step, desc=f"train[{tc.mode}]", disable=not (run.main and tc.progress), dynamic_ncols=True)
-        state = "finished"
         with _StopSignal() as stop:
             run.wrapped.train()
             while run.step < run.max_steps:
@@ -130,7 +131,7 @@ def _train(cfg: KavaConfig, resume: bool) -> dict:
                     break
             bar.close()
             ckpt = save_checkpoint(run)  # (a signal during the save is held until it is done)
-        result = {"state": state, "step": run.step, "max_steps": run.max_steps, "checkpoint": str(ckpt), "train": run.last_row}
+        result = {"state": "finished", "step": run.step, "max_steps": run.max_steps, "checkpoint": str(ckpt), "train": run.last_row}
         if stop.received is not None:
             result.update(state="interrupted", signal=stop.received)
         else:
@@ -171,8 +172,6 @@ def finish(run: Run, ckpt: Path, result: dict) -> None:
 
 def mark_failed(run: Run, error: BaseException) -> None:
     """``status.json`` says ``failed`` with the error's first line and the last checkpoint."""
-    from ..model.checkpoints import latest_checkpoint
-
     lines = str(error).strip().splitlines()
     text = f"{type(error).__name__}: {lines[0] if lines else ''}".strip().rstrip(":")[:500]
     last = latest_checkpoint(run.out)

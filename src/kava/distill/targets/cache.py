@@ -136,6 +136,9 @@ class TeacherCache:
             for r, sid in enumerate(s["source_ids"]):
                 self.where[sid] = (i, r)
         self._open: dict[int, object] = {}
+        for i, shard in enumerate(self.manifest["shards"]):  # a damaged shard fails now, not mid-run
+            if (self.path / shard["file"]).is_file():
+                self._shard(i)
 
     @property
     def shape(self) -> dict:
