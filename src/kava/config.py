@@ -7,6 +7,7 @@ the offending field. The resolved configuration is saved as YAML beside every ru
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -56,6 +57,8 @@ class TinyModelConfig:
 
     def __post_init__(self) -> None:
         _choice(self.arch, "model.tiny.arch", ("llama", "qwen2"))
+        for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position_embeddings"):
+            _check(getattr(self, name) >= 1, f"model.tiny.{name}", "must be >= 1")
         _choice(self.tokenizer, "model.tiny.tokenizer", ("word", "char"))
         _check(self.head_dim >= 0, "model.tiny.head_dim", "must be >= 0")
         _check(self.rope_theta > 0, "model.tiny.rope_theta", "must be positive")
@@ -87,11 +90,13 @@ class ModelConfig:
         _choice(self.dtype, "model.dtype", ("auto", "float32", "bfloat16", "float16"))
         _choice(self.adapter, "model.adapter", ("lora", "full"))
         _choice(self.quantization, "model.quantization", ("none", "4bit", "8bit"))
+        _choice(self.attn_implementation, "model.attn_implementation", ("sdpa", "eager", "flash_attention_2"))
         if self.quantization != "none":
             _check(self.adapter == "lora", "model.quantization", f"{self.quantization} base weights are frozen: set model.adapter=lora")
             _check(self.name_or_path != "tiny" and not self.init_from, "model.quantization",
                    "quantises a pretrained model loaded from name_or_path (not 'tiny' or init_from)")
         _check(self.lora_r > 0, "model.lora_r", "must be positive")
+        _check(self.lora_alpha > 0, "model.lora_alpha", "must be positive")
         _check(0 <= self.lora_dropout < 1, "model.lora_dropout", "must be in [0, 1)")
 
 
@@ -226,6 +231,12 @@ class DataConfig:
         _check(bool(self.synthetic_sizes) and all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in self.synthetic_sizes)
                and len(set(self.synthetic_sizes)) == len(self.synthetic_sizes), "data.synthetic_sizes",
                f"{self.synthetic_sizes!r}: give distinct positive integers, e.g. [1, 2, 3]")
+        for name in ("train_limit", "eval_limit"):
+            _check(getattr(self, name) >= 0, f"data.{name}", "must be >= 0 (0: all)")
+        _check(self.synthetic_ops >= 1, "data.synthetic_ops", "must be >= 1")
+        _check(self.synthetic_modulus >= 2, "data.synthetic_modulus", "must be >= 2")
+        for name in ("synthetic_train_size", "synthetic_test_size", "max_question_tokens", "max_cot_tokens"):
+            _check(getattr(self, name) >= 1, f"data.{name}", "must be >= 1")
 
 
 @dataclass
@@ -252,13 +263,23 @@ class TrainConfig:
     num_threads: int = _f(0, "CPU threads for torch (0: torch's default)")
     tensorboard: bool = _f(False, "also write TensorBoard logs")
     progress: bool = _f(True, "show a progress bar")
+    save_total_limit: int = _f(0, "keep only the newest N checkpoints in output_dir (0: keep all)")
+    overwrite_output_dir: bool = _f(False, "start a new run in an output_dir that holds another run's files, deleting them (without it such a start is refused; --resume continues instead)")
 
     def __post_init__(self) -> None:
         _choice(self.mode, "train.mode", ("kava", "cot", "nocot", "teacher"))
         _check(self.lr > 0, "train.lr", "must be positive")
         _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
         _check(self.effective_batch >= 0, "train.effective_batch", "must be >= 0")
+        _check(self.max_steps >= 0, "train.max_steps", "must be >= 0 (0: epochs * steps per epoch)")
+        _check(self.epochs >= 0, "train.epochs", "must be >= 0")
         _check(self.max_steps > 0 or self.epochs > 0, "train.max_steps", "set max_steps or epochs")
+        _check(self.projection_lr >= 0, "train.projection_lr", "must be >= 0 (0: train.lr)")
+        _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        _check(self.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0: off)")
+        _check(self.log_every >= 1, "train.log_every", "must be >= 1")
+        for name in ("warmup_steps", "save_every", "eval_every", "num_threads", "save_total_limit"):
+            _check(getattr(self, name) >= 0, f"train.{name}", "must be >= 0")
         _check(0 <= self.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)")
         _choice(self.mixed_precision, "train.mixed_precision", ("auto", "no", "bf16", "fp16"))
         _choice(self.lr_schedule, "train.lr_schedule", ("cosine", "constant"))
@@ -272,6 +293,10 @@ class EvalConfig:
     modes: list = _f(["student"], "what to evaluate: student, cot, nocot")
 
     def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
+        _check(self.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1")
+        _check(self.max_cot_tokens >= 1, "eval.max_cot_tokens", "must be >= 1")
+        _check(bool(self.modes), "eval.modes", "give at least one of student, cot, nocot")
         for m in self.modes:
             _choice(m, "eval.modes", ("student", "cot", "nocot"))
 
@@ -332,6 +357,7 @@ def _convert(value: Any, tp: Any, name: str) -> Any:
             except ValueError:
                 pass
         _check(isinstance(value, (int, float)) and not isinstance(value, bool), name, f"expected a number, got {value!r}")
+        _check(math.isfinite(value), name, f"expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         _check(isinstance(value, (str, int, float)) and not isinstance(value, bool), name, f"expected a string, got {value!r}")
@@ -377,6 +403,34 @@ def _deep_merge(base: dict, extra: dict) -> dict:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    loader.flatten_mapping(node)
+    seen: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r} (first given on line {seen[key] + 1})",
+                                                    key_node.start_mark)
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def safe_load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` that also refuses duplicate keys (no ``!!python`` tags either)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    return str(getattr(e, "problem", None) or e).replace("\n", " ").strip()
+
+
 def parse_overrides(overrides: typing.Sequence[str]) -> dict:
     """``["train.lr=1e-3", "latent.scheme=sequential"]`` -> nested dict (values parsed as YAML)."""
     out: dict = {}
@@ -387,7 +441,10 @@ def parse_overrides(overrides: typing.Sequence[str]) -> dict:
         parts = key.strip().split(".")
         if not all(parts):
             raise ConfigError(f"override {item!r}: empty key")
-        value = yaml.safe_load(raw) if raw.strip() != "" else ""
+        try:
+            value = safe_load_yaml(raw) if raw.strip() != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(e)})") from None
         node = out
         for p in parts[:-1]:
             node = node.setdefault(p, {})
@@ -397,21 +454,34 @@ def parse_overrides(overrides: typing.Sequence[str]) -> dict:
     return out
 
 
-def read_yaml(path: str | Path) -> dict:
+def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """A YAML mapping from ``path``, merged over the file its ``base:`` key names (relative to
+    ``path``'s folder). Bad YAML, a duplicate key, a ``base:`` that is not a file name or that
+    leads back to a file already read raise :class:`ConfigError` naming the file (and line)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = safe_load_yaml(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        raise ConfigError(f"{where}: not valid YAML ({_yaml_problem(e)})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     base = data.pop("base", None)
-    if base:
-        parent = read_yaml((path.parent / base).resolve())
+    if base is not None:
+        if not isinstance(base, str) or not base.strip():
+            raise ConfigError(f"{path}: 'base' must name a YAML file (relative to this one), got {base!r}")
+        here = path.resolve()
+        parent_path = (path.parent / base).resolve()
+        chain = (*_chain, here)
+        if parent_path in chain:
+            loop = " -> ".join(str(p) for p in (*chain, parent_path))
+            raise ConfigError(f"{path}: 'base' goes round in a loop: {loop}")
+        parent = read_yaml(parent_path, chain)
         data = _deep_merge(parent, data)
     return data
 

@@ -1,4 +1,10 @@
-"""Atomic file writes: a reader never sees a half-written file."""
+"""Atomic file writes: a reader never sees a half-written file.
+
+Each write goes to a temporary name beside its target, is flushed to disk (``fsync`` of the
+file, or of every file of a folder), renamed into place, and the parent folder is synced so
+the rename itself survives a crash. What appears gets the permissions the umask gives a new
+file or folder (``tempfile`` would leave 0600 / 0700).
+"""
 
 from __future__ import annotations
 
@@ -10,35 +16,92 @@ from pathlib import Path
 from typing import Any, Callable
 
 
+def current_umask() -> int:
+    """The process umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_path(path: Path) -> None:
+    """Flush a file's or a folder's entry to disk (folders: where the OS allows it)."""
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if path.is_dir() else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:  # some platforms cannot open a folder
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not path.is_dir():
+            raise
+    finally:
+        os.close(fd)
+
+
+def _sync_tree(root: Path) -> None:
+    """``fsync`` every file and folder under ``root`` (``root`` included)."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            _fsync_path(Path(folder) / name)
+        _fsync_path(Path(folder))
+
+
+def _chmod_tree(root: Path, mask: int) -> None:
+    """Files 0666 and folders 0777, less ``mask``, under ``root`` (``root`` included)."""
+    os.chmod(root, 0o777 & ~mask)
+    for folder, dirs, files in os.walk(root):
+        for name in dirs:
+            os.chmod(Path(folder) / name, 0o777 & ~mask)
+        for name in files:
+            os.chmod(Path(folder) / name, 0o666 & ~mask)
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place."""
+    """Call ``write(tmp)`` on a temporary file beside ``path``, sync it and rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~current_umask())
+        _fsync_path(Path(tmp))
         os.replace(tmp, path)
+        _fsync_path(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda p: p.write_text(text))
+    atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def temp_names(final: Path) -> list[Path]:
+    """The temporary entries :func:`atomic_replace_dir` and :func:`atomic_write` leave beside
+    ``final`` when killed mid-write (``.NAME.XXXX``, ``.NAME.old``, ``.NAME.XXXX.tmp``)."""
+    final = Path(final)
+    parent = final.parent
+    if not parent.is_dir():
+        return []
+    prefix = f".{final.name}."
+    return sorted(p for p in parent.iterdir() if p.name.startswith(prefix))
+
+
 def atomic_replace_dir(final: Path, build: Callable[[Path], None]) -> None:
-    """Build a folder under a temporary name, then swap it in for ``final``."""
+    """Build a folder under a temporary name, sync it, then swap it in for ``final``."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
         build(tmp)
+        _chmod_tree(tmp, current_umask())
+        _sync_tree(tmp)
         old = None
         if final.exists():
             old = final.with_name(f".{final.name}.old")
@@ -46,8 +109,55 @@ def atomic_replace_dir(final: Path, build: Callable[[Path], None]) -> None:
                 shutil.rmtree(old)
             os.replace(final, old)
         os.replace(tmp, final)
+        _fsync_path(final.parent)
         if old is not None:
             shutil.rmtree(old)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append one line (``line`` without its newline) with a single write, then flush and
+    sync it: after a crash or a full disk the file ends in a whole line or a torn one, never
+    in two lines run together."""
+    data = (line.rstrip("\n") + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        written = os.write(fd, data)
+        if written != len(data):
+            raise OSError(f"{path}: only {written} of {len(data)} bytes written (disk full?)")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def drop_torn_tail(path: Path) -> int:
+    """Cut a last line without its newline off ``path`` (what a crash or a full disk leaves
+    mid-append); returns the bytes removed (0: the file ends in a whole line, or is absent)."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    with path.open("rb+") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        if size == 0:
+            return 0
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return 0
+        # Find the last newline, reading backwards in blocks.
+        end, keep = size, 0
+        while end > 0:
+            start = max(0, end - 65536)
+            f.seek(start)
+            block = f.read(end - start)
+            i = block.rfind(b"\n")
+            if i >= 0:
+                keep = start + i + 1
+                break
+            end = start
+        f.truncate(keep)
+        f.flush()
+        os.fsync(f.fileno())
+    return size - keep

@@ -21,12 +21,15 @@ def cmd_train(args) -> int:
     from ..config import load_config
     from ..training.loop import train
 
-    cfg = load_config(args.config, args.overrides)
+    overrides = [*args.overrides, *(["train.overwrite_output_dir=true"] if args.overwrite else [])]
+    cfg = load_config(args.config, overrides)
     result = train(cfg, resume=args.resume)
     print(f"{result['state']}: step {result['step']}/{result['max_steps']}, checkpoint {result['checkpoint']}")
     for mode, r in result.get("eval", {}).items():
         print(f"eval {mode}: accuracy {r['accuracy']:.3f}, forward passes {r['forward_passes']:.2f}, n={r['n']}")
-    return 0
+    # Stopped by a signal (after saving): the shell's convention, 128 + the signal's number,
+    # so `kava train && kava eval` and schedulers do not read it as success.
+    return 128 + int(result["signal"]) if result.get("signal") else 0
 
 
 def cmd_eval(args) -> int:
@@ -75,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model (kava, cot or nocot mode)")
     t.add_argument("--config", help="YAML config file (see configs/)")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.output_dir")
+    t.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a train.output_dir that holds another run, deleting its files (= train.overwrite_output_dir=true)")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=1e-3 latent.scheme=sequential")
     t.set_defaults(func=cmd_train)
 
@@ -114,6 +119,7 @@ _ONE_LINE_ERRORS = (
     ("kava.model.checkpoints", "ModelLoadError"),
     ("kava.data.sequences", "SequenceError"),
     ("kava.training.loop", "TrainingError"),
+    ("kava.training.rundir", "RunFolderError"),
 )
 
 

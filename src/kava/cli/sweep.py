@@ -36,12 +36,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                                mem_gb=args.mem_gb, setup=args.setup, resume=resume)
             print(f"wrote {script}; submit it with: qsub {script}")
             return 0
-        summary = run_local(specs, resume=resume)
+        summary = run_local(specs, resume=resume, overwrite=args.overwrite)
         print(summary)
         return summary.exit_code
     except SweepError as e:
         print(f"kava: error: {e}", file=sys.stderr)
         return 2
+
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -55,6 +56,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="run only names matching this glob (repeatable), e.g. --only 'rkv*'")
     p.add_argument("--no-resume", action="store_true",
                    help="start every run from scratch (refused where a run folder already holds a run)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="run afresh (deleting its files) a run whose folder holds a config other than the sweep's now; "
+                        "without it such a sweep stops before running anything")
     g = p.add_argument_group("SLURM (through submitit; pip install 'kava[cluster]')")
     g.add_argument("--slurm", action="store_true", help="submit the unfinished runs as a job array instead of running them here")
     g.add_argument("--executor", choices=("slurm", "local", "debug"), default="slurm",

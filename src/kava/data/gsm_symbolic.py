@@ -68,8 +68,10 @@ def _lang_code(lang: str) -> str:
 @functools.lru_cache(maxsize=8)
 def _templates(lang: str) -> dict[int, Any]:
     """Active templates of `lang` by id (the number in the TOML file name)."""
-    pkg = _package()
     code = _lang_code(lang)
+    if not code.replace("-", "").replace("_", "").isalnum() or not code.isascii():  # a folder name, never a path
+        raise ValueError(f"unknown GSM-Symbolic language {lang!r}: expected a language code such as en or de")
+    pkg = _package()
     # Checking the folder is much cheaper than pkg.available_languages(), which parses
     # every TOML file of every language.
     root = Path(pkg.__file__).parent / "data" / "templates"

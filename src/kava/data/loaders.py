@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from itertools import islice
@@ -174,8 +175,8 @@ def _generate_synthetic(style: str) -> Callable[[str, int | None, Mapping[str, A
 
         _check_options("synthetic", options, allowed)
         knobs = dict(options)
-        n = int(knobs.pop("n", sizes[split]))
-        seed = int(knobs.pop("seed", 0))
+        n = _count_option("synthetic", knobs.pop("n", sizes[split]))
+        seed = _int_option("synthetic", "seed", knobs.pop("seed", 0))
         if limit is not None:
             n = min(n, limit)  # the first `limit` of a larger draw: generation is sequential
         return generate_split(split, n, seed, style=style, **knobs)
@@ -192,15 +193,15 @@ def _generate_products(style: str) -> Callable[[str, int | None, Mapping[str, An
 
         _check_options("synthetic-products", options, allowed)
         knobs = dict(options)
-        n = int(knobs.pop("n", sizes[split]))
-        seed = int(knobs.pop("seed", 0))
+        n = _count_option("synthetic-products", knobs.pop("n", sizes[split]))
+        seed = _int_option("synthetic-products", "seed", knobs.pop("seed", 0))
         if "sizes" in knobs:  # sizes=2 or sizes=1+2+3
             raw = knobs.pop("sizes")
             parts = str(raw).split("+") if not isinstance(raw, list) else raw
             try:
                 knobs["sizes"] = tuple(int(k) for k in parts)
             except ValueError:
-                raise ValueError(f"synthetic-products: sizes={raw!r}: write the sizes as 2 or 1+2+3") from None
+                raise DataError(f"option sizes={raw!r}: write the sizes as 2 or 1+2+3", where="synthetic-products") from None
         examples = generate_products_split(split, n, seed, style=style, **knobs)
         return examples[:limit] if limit is not None else examples
 
@@ -215,6 +216,14 @@ def _generate_gsm_symbolic(style: str) -> Callable[[str, int | None, Mapping[str
 
         _check_options("gsm-symbolic", options, allowed)
         lang = str(options.get("lang", "en"))
+        if not _LANG_RE.fullmatch(lang):  # it names a folder of the package: never a path
+            raise DataError(f"option lang={lang!r}: expected a language code such as en, de or pt-br", where="gsm-symbolic")
+        _count_option("gsm-symbolic", options.get("n_per_template", 10), "n_per_template")
+        for name in ("seed", "split_seed"):
+            _int_option("gsm-symbolic", name, options.get(name, 0))
+        fraction = options.get("test_fraction", 0.2)
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+            raise DataError(f"option test_fraction={fraction!r}: expected a number between 0 and 1", where="gsm-symbolic")
         if split == "original":
             examples = gsm_symbolic.load_original(lang, style)
         else:
@@ -248,15 +257,35 @@ def parse_source_options(source: str) -> dict[str, Any]:
             continue
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"{source!r}: expected name?key=value&key=value, got {pair!r}")
-        out[key.strip()] = yaml.safe_load(value.strip()) if value.strip() else ""
+            raise DataError(f"expected name?key=value&key=value, got {pair!r}", where=source)
+        try:
+            out[key.strip()] = yaml.safe_load(value.strip()) if value.strip() else ""
+        except yaml.YAMLError:
+            raise DataError(f"option {key.strip()}: cannot read the value {value.strip()!r}", where=source) from None
     return out
+
+
+_LANG_RE = re.compile(r"[A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})?")
 
 
 def _check_options(name: str, options: Mapping[str, Any], allowed: set[str]) -> None:
     unknown = sorted(set(options) - allowed)
     if unknown:
-        raise ValueError(f"{name}: unknown option(s) {unknown}; allowed: {sorted(allowed)}")
+        raise DataError(f"unknown option(s) {unknown}; allowed: {sorted(allowed)}", where=name)
+
+
+def _int_option(name: str, key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise DataError(f"option {key}={value!r}: expected an integer", where=name)
+    return value
+
+
+def _count_option(name: str, value: Any, key: str = "n") -> int:
+    """A count option (``n``, ``n_per_template``): an integer >= 1."""
+    n = _int_option(name, key, value)
+    if n < 1:
+        raise DataError(f"option {key}={n}: must be >= 1", where=name)
+    return n
 
 
 _AUG_SPLITS = {"train": "train", "valid": "validation", "test": "test"}
@@ -318,11 +347,16 @@ Located = tuple[str, Any]  # (where, record or DataError)
 
 
 def _read_jsonl(path: Path) -> Iterator[Located]:
-    with path.open("r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                yield where, DataError(f"not UTF-8 text (byte {err.start} of the line)", where=where)
+                continue
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 yield where, json.loads(line)
             except json.JSONDecodeError as err:
@@ -333,6 +367,8 @@ def _read_json(path: Path) -> Iterator[Located]:
     with path.open("r", encoding="utf-8") as f:
         try:
             data = json.load(f)
+        except UnicodeDecodeError as err:
+            raise DataError(f"not UTF-8 text (byte {err.start})", where=str(path)) from None
         except json.JSONDecodeError as err:
             raise DataError(f"invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}",
                             where=str(path)) from None
@@ -345,13 +381,18 @@ def _read_json(path: Path) -> Iterator[Located]:
 
 
 def _read_parquet(path: Path) -> Iterator[Located]:
+    import pyarrow
     import pyarrow.parquet as pq
 
     i = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-        for record in batch.to_pylist():
-            i += 1
-            yield f"{path}:record {i}", record
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            for record in batch.to_pylist():
+                i += 1
+                yield f"{path}:record {i}", record
+    except (pyarrow.ArrowException, OSError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise DataError(f"not a readable Parquet file ({first})", where=f"{path}:record {i + 1}") from None
 
 
 def _read_file(path: Path) -> Iterator[Located]:
@@ -364,7 +405,7 @@ def _read_file(path: Path) -> Iterator[Located]:
         return _read_json(path)
     if suffix == ".parquet":
         return _read_parquet(path)
-    raise ValueError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(FILE_SUFFIXES)}")
+    raise DataError(f"unsupported file type {suffix!r}; use one of {', '.join(FILE_SUFFIXES)}", where=str(path))
 
 
 def _hub_rows(hub_id: str, config: str | None, split: str, streaming: bool) -> Iterable[Record]:
@@ -379,7 +420,7 @@ def _hub_split(spec: DatasetSpec, split: str) -> str:
         return spec.splits[split]
     if spec.hub_id is not None and split in spec.splits.values():
         return split
-    raise ValueError(f"{spec.name}: unknown split {split!r}; available: {', '.join(spec.splits)}")
+    raise DataError(f"unknown split {split!r}; available: {', '.join(spec.splits)}", where=spec.name)
 
 
 def _located_hub(spec: DatasetSpec, split: str, streaming: bool) -> Iterator[Located]:
@@ -425,7 +466,7 @@ def _stream(
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     if limit is not None and limit < 0:
-        raise ValueError(f"limit must be >= 0, got {limit}")
+        raise DataError(f"limit must be >= 0, got {limit}", where=source)
     options = options or {}
     spec = REGISTRY.get(source)
     if spec is None and "?" in source and source.split("?", 1)[0] in REGISTRY:
@@ -435,21 +476,26 @@ def _stream(
             raise ValueError(f"fmt applies to local files only, not to the registered dataset {source!r}")
         if spec.generate is not None:
             if split not in spec.splits:
-                raise ValueError(f"{source}: unknown split {split!r}; available: {', '.join(spec.splits)}")
-            examples: Iterable[Example] = spec.generate(split, limit, options)
+                raise DataError(f"unknown split {split!r}; available: {', '.join(spec.splits)}", where=source)
+            try:
+                examples: Iterable[Example] = spec.generate(split, limit, options)
+            except DataError:
+                raise
+            except (TypeError, ValueError) as err:  # a knob the generator cannot use
+                raise DataError(f"bad option: {err}", where=source) from None
         else:
             if options:
-                raise ValueError(f"{source}: options apply to generated datasets only")
+                raise DataError("options apply to generated datasets only", where=source)
             examples = _examples(_located_hub(spec, split, streaming), spec.mapper, on_error, report)
     else:
         path = Path(source)
         if not path.exists() and path.suffix.lower() not in FILE_SUFFIXES:
-            raise ValueError(
+            raise DataError(
                 f"unknown dataset {source!r}: not a registered name ({', '.join(REGISTRY)}) "
                 f"nor a {'/'.join(FILE_SUFFIXES)} file"
             )
         if options:
-            raise ValueError("options apply to generated datasets only, not to files")
+            raise DataError("options apply to generated datasets only, not to files", where=source)
         examples = _examples(_read_file(path), _resolve_mapper(fmt), on_error, report)
     return islice(iter(examples), limit)
 

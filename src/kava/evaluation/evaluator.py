@@ -127,19 +127,28 @@ def evaluate_checkpoint(checkpoint: str | Path, overrides=(), modes: list[str] |
     ``modes``: default :func:`eval_modes`; ``out``: default ``CHECKPOINT/eval``. Returns the
     results of :func:`evaluate` and the folder they were written to.
     """
-    from ..config import _deep_merge, config_from_dict, parse_overrides
+    from ..config import ConfigError, _deep_merge, config_from_dict, parse_overrides
     from ..data.loaders import load_data
-    from ..model.backbone import load_checkpoint
+    from ..model.backbone import checkpoint_config, load_checkpoint
     from ..model.checkpoints import CONFIG_FILE, latest_checkpoint
 
+    for mode in modes or ():
+        if mode not in MODES:
+            raise ConfigError(f"eval modes: {mode!r} is not one of {', '.join(MODES)}")
     ckpt = Path(checkpoint)
     if not (ckpt / CONFIG_FILE).is_file():
         found = latest_checkpoint(ckpt)
         if found is None:
             raise FileNotFoundError(f"{ckpt}: no kava checkpoint here (expected {CONFIG_FILE} or checkpoint-N folders)")
         ckpt = found
-    model = load_checkpoint(ckpt)
-    cfg = config_from_dict(_deep_merge(model.cfg.to_dict(), parse_overrides(list(overrides))))
+    # Every override is checked against the checkpoint's config before any model is built; the
+    # permission to run a base model's own code comes from the command line alone.
+    extra = parse_overrides(list(overrides))
+    trust = bool(extra.get("model", {}).get("trust_remote_code", False)) if isinstance(extra.get("model"), dict) else False
+    stored = checkpoint_config(ckpt, trust)
+    cfg = config_from_dict(_deep_merge(stored.to_dict(), extra))
+    eval_examples = load_data(cfg, "eval")
+    model = load_checkpoint(ckpt, trust_remote_code=cfg.model.trust_remote_code)
     model.cfg = cfg
     out = Path(out) if out else ckpt / "eval"
-    return evaluate(model, load_data(cfg, "eval"), cfg, modes or eval_modes(cfg), out), out
+    return evaluate(model, eval_examples, cfg, modes or eval_modes(cfg), out), out

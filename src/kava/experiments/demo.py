@@ -50,6 +50,7 @@ QUICK = ["train.max_steps=12", "data.synthetic_train_size=400", "data.synthetic_
 
 def _overrides(name: str, out: Path, threads: int, seed: int, quick: bool, init_from: str = "") -> list[str]:
     o = [f"train.output_dir={out / name}", f"train.num_threads={threads}", "train.progress=false", f"train.seed={seed}"]
+    o.append("train.overwrite_output_dir=true")  # a demo re-run trains its models afresh
     if init_from:
         o.append(f"model.init_from={init_from}")
     return o + (QUICK if quick else [])

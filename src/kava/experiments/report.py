@@ -47,20 +47,65 @@ _EVAL_FIELDS = ("accuracy", "forward_passes", "generated_tokens", "kv_cache_byte
 # --- collecting ---------------------------------------------------------------------------
 
 
-def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text()) if path.is_file() else None
+class RunFileError(ValueError):
+    """A malformed file in a run folder; the message names the file (and line). Collecting
+    skips that run with a warning and goes on with the others."""
+
+
+def _read_json(path: Path) -> dict | None:
+    """A run file holding one JSON object, or None where there is none."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError names the line and column
+        raise RunFileError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise RunFileError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _read_config(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise RunFileError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    if not isinstance(config, dict) or not all(isinstance(config.get(k, {}), dict) for k in ("data", "train")):
+        raise RunFileError(f"{path}: expected a kava config (a mapping with data and train sections)")
+    return config
 
 
 def read_history(run_dir: str | Path) -> list[dict]:
-    """The rows of ``metrics.jsonl`` by step; where a resumed run logged a step twice, the last row wins."""
+    """The rows of ``metrics.jsonl`` by step; where a resumed run logged a step twice, the last row wins.
+
+    A torn last line (no newline, not valid JSON: a crash or a full disk mid-append) is
+    skipped with a warning; any other bad line raises :class:`RunFileError` naming it."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise RunFileError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    lines = text.split("\n")  # a whole file ends in "\n": its last piece is empty
     by_step: dict[int, dict] = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
             row = json.loads(line)
-            by_step[int(row["step"])] = row
+            if not isinstance(row, dict) or isinstance(row.get("step"), bool) or not isinstance(row.get("step"), int):
+                raise ValueError("expected an object with an integer 'step'")
+        except ValueError as e:
+            if lineno == len(lines):  # the last line, without its newline
+                log.warning("%s:%d: skipped a torn last line (%s)", path, lineno, e)
+                continue
+            raise RunFileError(f"{path}:{lineno}: not a metrics row ({e})") from None
+        by_step[row["step"]] = row
     return [by_step[s] for s in sorted(by_step)]
 
 
@@ -74,13 +119,17 @@ def method_of(name: str) -> str:
     return name.split("@", 1)[0]
 
 
-def collect_runs(runs_dir: str | Path) -> list[dict]:
+def collect_runs(runs_dir: str | Path, skipped: list[str] | None = None) -> list[dict]:
     """One record per run folder under ``runs_dir`` (any folder with a ``status.json``).
 
     Keys: name, method, seed, path, state, step, max_steps, error, train_data, eval_data,
     dataset, mode (train.mode), config (the raw ``config.yaml`` mapping), eval
     (``{mode: metrics}`` from ``eval_metrics.json``, else from ``status.json``) and
     last_metrics (the last ``metrics.jsonl`` row, else ``status["train"]``).
+
+    A run folder with a malformed ``status.json``, ``config.yaml``, ``eval_metrics.json`` or
+    ``metrics.jsonl`` is skipped with a warning naming the file (and line), added to
+    ``skipped`` when given; the other runs are collected.
     """
     root = Path(runs_dir)
     if not root.is_dir():
@@ -91,27 +140,41 @@ def collect_runs(runs_dir: str | Path) -> list[dict]:
         rel = run_dir.relative_to(root)
         if any(part.startswith(".") or part.startswith("checkpoint-") for part in rel.parts):
             continue
-        status = _read_json(status_path) or {}
-        config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
-        config = config or {}
-        seed_match = _SEED_DIR.fullmatch(run_dir.name)
-        if seed_match and rel.parent.parts:
-            name, seed = rel.parent.as_posix(), int(seed_match.group(1))
-        else:
-            name = rel.as_posix() if rel.parts else root.resolve().name
-            seed = int(config.get("train", {}).get("seed", 0))
-        data = config.get("data", {})
-        train_data, eval_data = str(data.get("train", "")), str(data.get("eval", "unknown"))
-        history = read_history(run_dir)
-        records.append({
-            "name": name, "method": method_of(name), "seed": seed, "path": str(run_dir),
-            "state": status.get("state", "unknown"), "step": status.get("step"), "max_steps": status.get("max_steps"),
-            "error": status.get("error", ""), "train_data": train_data, "eval_data": eval_data,
-            "dataset": dataset_label(train_data, eval_data), "mode": config.get("train", {}).get("mode", ""),
-            "config": config, "eval": _read_json(run_dir / "eval_metrics.json") or status.get("eval") or {},
-            "last_metrics": history[-1] if history else status.get("train") or {},
-        })
+        try:
+            records.append(_collect_run(root, run_dir, rel, status_path))
+        except RunFileError as e:
+            log.warning("skipping run %s: %s", run_dir, e)
+            if skipped is not None:
+                skipped.append(str(e))
     return records
+
+
+def _collect_run(root: Path, run_dir: Path, rel: Path, status_path: Path) -> dict:
+    """One run's record (see :func:`collect_runs`)."""
+    status = _read_json(status_path) or {}
+    config = _read_config(run_dir / "config.yaml")
+    evals = _read_json(run_dir / "eval_metrics.json") or status.get("eval") or {}
+    if not isinstance(evals, dict) or not all(isinstance(m, dict) for m in evals.values()):
+        raise RunFileError(f"{run_dir / 'eval_metrics.json'}: expected {{mode: {{metric: value}}}}")
+    seed_match = _SEED_DIR.fullmatch(run_dir.name)
+    if seed_match and rel.parent.parts:
+        name, seed = rel.parent.as_posix(), int(seed_match.group(1))
+    else:
+        name = rel.as_posix() if rel.parts else root.resolve().name
+        seed = config.get("train", {}).get("seed", 0)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise RunFileError(f"{run_dir / 'config.yaml'}: train.seed is {seed!r}, not an integer")
+    data = config.get("data", {})
+    train_data, eval_data = str(data.get("train", "")), str(data.get("eval", "unknown"))
+    history = read_history(run_dir)
+    return {
+        "name": name, "method": method_of(name), "seed": seed, "path": str(run_dir),
+        "state": status.get("state", "unknown"), "step": status.get("step"), "max_steps": status.get("max_steps"),
+        "error": status.get("error", ""), "train_data": train_data, "eval_data": eval_data,
+        "dataset": dataset_label(train_data, eval_data), "mode": config.get("train", {}).get("mode", ""),
+        "config": config, "eval": evals,
+        "last_metrics": history[-1] if history else status.get("train") or {},
+    }
 
 
 # --- aggregation --------------------------------------------------------------------------
@@ -537,6 +600,8 @@ class Report:
     rows: list[dict]
     verdicts: list[Verdict]
     files: list[Path]
+    skipped: list[str] = field(default_factory=list)
+    """One line per run folder left out for a malformed file (naming it)."""
 
 
 def to_report_markdown(runs: Sequence[dict], rows: Sequence[dict], verdicts: Sequence[Verdict]) -> str:
@@ -560,7 +625,8 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, names:
     ``verdicts.json``, ``accuracy_vs_forward_passes.png``, ``training_curves.png`` and a
     ``kv_cosine_<name>_seed<N>.png`` per run folder with a ``kv_cosine.json``.
     """
-    runs = collect_runs(runs_dir)
+    skipped: list[str] = []
+    runs = collect_runs(runs_dir, skipped)
     rows = aggregate(runs)
     verdicts = check_claims(rows, names)
     out = Path(out_dir) if out_dir else Path(runs_dir) / "report"
@@ -591,7 +657,7 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, names:
         if made is not None:
             files.append(made)
     log.info("report on %d run(s) written to %s", len(runs), out)
-    return Report(runs, rows, verdicts, files)
+    return Report(runs, rows, verdicts, files, skipped)
 
 
 __all__ = [

@@ -39,7 +39,7 @@ from typing import Any
 
 import yaml
 
-from ..config import ConfigError, KavaConfig, load_config, read_yaml
+from ..config import ConfigError, KavaConfig, config_from_dict, load_config, read_yaml
 from ..io import atomic_write_json, atomic_write_text
 
 try:  # optional: the ``cluster`` extra
@@ -250,17 +250,65 @@ def run_state(run_dir: str | Path) -> str | None:
     return None if status is None else str(status.get("state"))
 
 
-def plan(specs: Sequence[RunSpec], resume: bool = True) -> list[tuple[RunSpec, str]]:
-    """What :func:`run_local` would do with each run: ``skip``, ``resume`` or ``start``.
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+# Fields that say how to run, not what is trained: a change of these is not a change of the run.
+_NOT_SETTINGS = ("train.overwrite_output_dir", "train.progress")
+
+
+def config_change(spec: RunSpec, cfg: KavaConfig | None = None) -> str | None:
+    """How the run's resolved config differs from the ``config.yaml`` in its folder (the
+    first differing field, both values), or None where they agree or there is none."""
+    on_disk = spec.output_dir / "config.yaml"
+    if not on_disk.is_file():
+        return None
+    try:
+        old = _flat(config_from_dict(read_yaml(on_disk)).to_dict())
+    except ConfigError as e:
+        return f"its {on_disk} cannot be read ({e})"
+    new = _flat((cfg or spec.config()).to_dict())
+    for key in new:
+        if key not in _NOT_SETTINGS and old.get(key) != new[key]:
+            return f"{key} is {format_value(old.get(key))} in {on_disk} but {format_value(new[key])} now"
+    return None
+
+
+def plan(specs: Sequence[RunSpec], resume: bool = True, overwrite: bool = False) -> list[tuple[RunSpec, str]]:
+    """What :func:`run_local` would do with each run: ``skip``, ``resume``, ``start`` or ``restart``.
 
     With ``resume``, finished runs are skipped and any other run folder with a status
     (crashed, failed, interrupted, killed while running) is resumed from its latest
     checkpoint. Without it every run starts from scratch, which is refused for run folders
     that already hold a status (their metrics would be mixed).
+
+    A run folder whose ``config.yaml`` differs from the run's resolved config (the sweep file
+    or its base config was edited) stops the sweep with a :class:`SweepError` naming the
+    field, before anything runs; with ``overwrite`` such a run is started afresh
+    (``restart``: its old files are deleted).
     """
     out = []
     for spec in specs:
         state = run_state(spec.output_dir)
+        if state is not None or (spec.output_dir / "config.yaml").is_file():
+            try:
+                change = config_change(spec)
+            except ConfigError as e:
+                raise ConfigError(f"sweep run {spec.name} seed {spec.seed}: {e}") from None
+            if change is not None:
+                if overwrite:
+                    out.append((spec, "restart"))
+                    continue
+                raise SweepError(f"sweep run {spec.name} seed {spec.seed}: {spec.output_dir} was run with another config "
+                                 f"({change}); delete that folder, give the sweep another output_dir, or pass --overwrite "
+                                 "to run it afresh")
         if not resume and state is not None:
             raise SweepError(f"{spec.output_dir} already holds a run ({state}); resume it or delete the folder")
         if state == "finished":
@@ -317,7 +365,8 @@ class SweepSummary:
         return text
 
 
-def run_local(specs: Sequence[RunSpec], resume: bool = True, train_fn: TrainFn | None = None) -> SweepSummary:
+def run_local(specs: Sequence[RunSpec], resume: bool = True, train_fn: TrainFn | None = None,
+              overwrite: bool = False) -> SweepSummary:
     """Run the sweep here, one run after another, through ``train_fn`` (:func:`kava.training.train`).
 
     Finished runs are skipped; unfinished ones are resumed (see :func:`plan`). Every config
@@ -326,7 +375,7 @@ def run_local(specs: Sequence[RunSpec], resume: bool = True, train_fn: TrainFn |
     A run that stops on a signal (``state == "interrupted"``) stops the sweep.
     """
     train_fn = train_fn or _default_train()
-    steps = plan(specs, resume)
+    steps = plan(specs, resume, overwrite)
     configs = validate_specs([spec for spec, _ in steps])
     summary = SweepSummary()
     for i, ((spec, action), cfg) in enumerate(zip(steps, configs), 1):
@@ -335,9 +384,12 @@ def run_local(specs: Sequence[RunSpec], resume: bool = True, train_fn: TrainFn |
             log.info("[%d/%d] %s: already finished, skipped", i, len(steps), label)
             summary.skipped.append(label)
             continue
-        log.info("[%d/%d] %s: %s", i, len(steps), label, "resuming" if action == "resume" else "starting")
+        log.info("[%d/%d] %s: %s", i, len(steps), label,
+                 {"resume": "resuming", "restart": "starting afresh (its config changed)"}.get(action, "starting"))
+        if action == "restart":
+            cfg.train.overwrite_output_dir = True
         try:
-            result = train_fn(cfg, resume=resume)
+            result = train_fn(cfg, resume=resume and action != "restart")
         except Exception as e:  # one crashed run must not end the sweep: record, log, count
             log.exception("%s failed: %s", label, _one_line(e))
             record_failure(spec, e)

@@ -13,18 +13,21 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+import logging
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from ..config import KavaConfig, ModelConfig, config_from_dict, read_yaml
 from ..data.sequences import BOT, EOT
 from ..io import atomic_replace_dir
 from .adapters import add_latent_tokens, apply_adapter
-from .checkpoints import CONFIG_FILE, WEIGHTS_FILE, ModelLoadError
+from .checkpoints import CONFIG_FILE, WEIGHTS_FILE, ModelLoadError, check_shapes, read_tensors
 from .recompute import enable_checkpointing
+
+log = logging.getLogger("kava.model")
 
 
 class LatentProjection(nn.Module):
@@ -153,12 +156,26 @@ def check_init_from(cfg: ModelConfig) -> None:
     cfg_file = path / CONFIG_FILE
     if not cfg_file.is_file():
         raise ModelLoadError(f"model.init_from: {path} is not a kava checkpoint (no {CONFIG_FILE}; give a checkpoint-N folder)")
-    theirs = config_from_dict(read_yaml(cfg_file)).model
+    theirs = _stored_config(path).model
     diff = architecture_differences(cfg, theirs)
     if diff:
         field, mine, other = diff[0]
         raise ModelLoadError(f"model.init_from: checkpoint {path} has {field}={other!r} but this run's config has {mine!r}; "
                              f"set {field}={other} (or start from a checkpoint of this architecture)")
+
+
+def ships_code(path: str) -> bool:
+    """Whether the local model folder ``path`` names code of its own (``auto_map``)."""
+    import json
+
+    for name in ("config.json", "tokenizer_config.json"):
+        f = Path(path) / name
+        try:
+            if f.is_file() and "auto_map" in json.loads(f.read_text(encoding="utf-8")):
+                return True
+        except (OSError, ValueError):
+            continue
+    return False
 
 
 def load_backbone(cfg: ModelConfig, seed: int = 0):
@@ -173,7 +190,8 @@ def load_backbone(cfg: ModelConfig, seed: int = 0):
 
     if cfg.init_from:
         check_init_from(cfg)
-        model = load_checkpoint(cfg.init_from)
+        # The checkpoint's own config never enables remote code: only this run's value does.
+        model = load_checkpoint(cfg.init_from, trust_remote_code=cfg.trust_remote_code)
         return model.tokenizer, model.merged_backbone()
     if cfg.name_or_path == "tiny":
         tok = build_synthetic_tokenizer(chars=cfg.tiny.tokenizer == "char")
@@ -201,6 +219,9 @@ def load_backbone(cfg: ModelConfig, seed: int = 0):
     except (OSError, ValueError, ImportError) as e:
         # ValueError: an architecture transformers cannot read from GGUF; ImportError: no gguf package.
         hint = " (GGUF files need: pip install 'kava[gguf]')" if gguf and isinstance(e, ImportError) else ""
+        if not cfg.trust_remote_code and ships_code(path):
+            hint += ("; it ships its own code, which runs only with model.trust_remote_code=true given on the command line "
+                     "or in your config (never from a checkpoint's saved config)")
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ModelLoadError(f"model.name_or_path: cannot load {cfg.name_or_path!r}: {first}{hint}") from None
     if tok.pad_token_id is None:
@@ -358,18 +379,52 @@ def wrap_backbone(cfg: KavaConfig, tok, backbone, base_reloadable: bool, with_ad
     return model
 
 
-def load_checkpoint(path: str | Path) -> KavaModel:
-    """Rebuild a :class:`KavaModel` from a checkpoint folder written by :meth:`KavaModel.save`."""
+def _stored_config(path: str | Path) -> KavaConfig:
+    """The config a checkpoint folder holds, as written; errors name its file."""
+    cfg_file = Path(path) / CONFIG_FILE
+    if not cfg_file.is_file():
+        raise ModelLoadError(f"{path}: not a kava checkpoint (no {CONFIG_FILE})")
+    try:
+        return config_from_dict(read_yaml(cfg_file))
+    except ValueError as e:  # ConfigError: name the checkpoint's file
+        raise ModelLoadError(f"{cfg_file}: {str(e).removeprefix(str(cfg_file) + ': ')}") from None
+
+
+def checkpoint_config(path: str | Path, trust_remote_code: bool = False) -> KavaConfig:
+    """The config saved in checkpoint ``path`` with ``model.trust_remote_code`` set to the
+    caller's ``trust_remote_code``: a checkpoint (a file anyone may have written) can never
+    enable code shipped with a model by itself, only the user's command line or config can."""
+    cfg_file = Path(path) / CONFIG_FILE
+    cfg = _stored_config(path)
+    if cfg.model.trust_remote_code and not trust_remote_code:
+        log.warning("%s sets model.trust_remote_code=true: ignored, a checkpoint cannot enable remote code; "
+                    "give model.trust_remote_code=true on the command line (or in your config) to allow the code of %s to run",
+                    cfg_file, cfg.model.name_or_path)
+    cfg.model.trust_remote_code = bool(trust_remote_code)
+    return cfg
+
+
+def load_checkpoint(path: str | Path, trust_remote_code: bool = False) -> KavaModel:
+    """Rebuild a :class:`KavaModel` from a checkpoint folder written by :meth:`KavaModel.save`.
+
+    ``trust_remote_code``: the caller's (the user's) permission to run code shipped with the
+    base model; the checkpoint's own ``model.trust_remote_code`` is ignored
+    (:func:`checkpoint_config`)."""
     from transformers import AutoTokenizer
 
     path = Path(path)
     cfg_file, weights = path / CONFIG_FILE, path / WEIGHTS_FILE
     if not cfg_file.is_file() or not weights.is_file():
         raise ModelLoadError(f"{path}: not a kava checkpoint (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
-    cfg = config_from_dict(read_yaml(cfg_file))
+    cfg = checkpoint_config(path, trust_remote_code)
+    state = read_tensors(weights)  # a bad file fails before any model is built
     model = build_model(cfg)
-    model.tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
-    state = load_file(str(weights))
+    try:
+        model.tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer", trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ModelLoadError(f"{path / 'tokenizer'}: cannot load the checkpoint's tokenizer: {first}") from None
+    check_shapes(model, state, weights)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:
         raise ModelLoadError(f"{weights}: unexpected tensors {unexpected[:3]}...")

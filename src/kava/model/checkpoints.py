@@ -32,3 +32,30 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
         if m and (child / STATE_JSON).is_file() and int(m.group(1)) > best_step:
             best, best_step = child, int(m.group(1))
     return best
+
+
+def read_tensors(path: Path) -> dict:
+    """The tensors of the safetensors file ``path``; a missing, empty, truncated or corrupted
+    file raises :class:`ModelLoadError` naming it (never a traceback from the reader)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: no such file")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ModelLoadError(f"{path}: not a readable safetensors file, truncated or corrupted ({first})") from None
+
+
+def check_shapes(module, state: dict, source: Path) -> None:
+    """Stop, naming ``source`` and the tensor, where a tensor of ``state`` has another shape
+    than ``module``'s tensor of that name (``load_state_dict`` would raise a long traceback)."""
+    own = module.state_dict()
+    for name, tensor in state.items():
+        mine = own.get(name)
+        if mine is not None and tuple(mine.shape) != tuple(tensor.shape):
+            raise ModelLoadError(f"{source}: tensor {name!r} has shape {tuple(tensor.shape)} but the model built from the "
+                                 f"config expects {tuple(mine.shape)} (weights of another architecture?)")

@@ -1,5 +1,6 @@
 """Training layer: the loop (``loop``: set up, resume, step, log, checkpoint, evaluate),
-the trainer state a checkpoint keeps for an exact resume (``state``), the largest-batch
+the trainer state a checkpoint keeps for an exact resume (``state``), the run folder's lock
+and checks (``rundir``), the largest-batch
 search (``batch_finder``) and what this machine would pick (``env``). Imports
 ``kava.distill``, ``kava.evaluation``, ``kava.model``, ``kava.data`` and kava's core modules."""
 

@@ -5,9 +5,11 @@ hardware, AdamW with a cosine schedule and warm-up, gradient clipping, a progres
 the loss terms, metrics as JSONL, atomic safetensors checkpoints with everything an exact
 resume needs, and a clean stop on SIGINT/SIGTERM.
 
-:func:`train` reads top to bottom as its steps: :func:`set_up`, :func:`resume_from`,
+:func:`train` reads top to bottom as its steps: the run folder locked and checked
+(:func:`kava.training.rundir.claim_run_folder`), :func:`set_up`, :func:`resume_from`,
 :func:`open_run_folder`, then per optimizer step :func:`train_step`, :func:`log_metrics`,
-:func:`save_checkpoint` and :func:`evaluate_model`, and at the end :func:`probe_kv_cosine`.
+:func:`save_checkpoint` and :func:`evaluate_model`, and at the end :func:`finish` (the KV
+probe and the evaluation); a run that raises is marked failed (:func:`mark_failed`).
 """
 
 from __future__ import annotations
@@ -31,10 +33,11 @@ from ..data.schema import Example
 from ..data.sequences import Encoded, TextEncoder
 from ..distill.objective import Objective, metric_floats
 from ..evaluation.evaluator import eval_modes, evaluate
-from ..io import atomic_replace_dir, atomic_write_json
+from ..io import append_line, atomic_replace_dir, atomic_write_json
 from ..model.backbone import KavaModel, build_model
-from ..model.checkpoints import WEIGHTS_FILE, latest_checkpoint
+from ..model.checkpoints import WEIGHTS_FILE, check_shapes, latest_checkpoint, read_tensors
 from .env import pick_mixed_precision
+from .rundir import claim_run_folder, prune_checkpoints
 from .state import load_trainer_state, save_trainer_state
 
 log = logging.getLogger("kava.train")  # the name these log lines have always had
@@ -88,7 +91,20 @@ class Run:
 
 
 def train(cfg: KavaConfig, resume: bool = False) -> dict:
-    """Run training as configured; returns the final metrics (and evaluation, if asked)."""
+    """Run training as configured; returns the final metrics (and evaluation, if asked).
+
+    Before any other work the run folder is locked and checked (:mod:`kava.training.rundir`):
+    a second run into it, or a fresh start into a folder holding files without
+    ``train.overwrite_output_dir``, stops with one line. ``result["signal"]`` is set when a
+    SIGINT/SIGTERM stopped the run (the command exits with 128 + that number)."""
+    from accelerate import PartialState
+
+    with claim_run_folder(Path(cfg.train.output_dir), resume, cfg.train.overwrite_output_dir,
+                          main=PartialState().is_main_process):
+        return _train(cfg, resume)
+
+
+def _train(cfg: KavaConfig, resume: bool) -> dict:
     from tqdm.auto import tqdm
 
     tc = cfg.train
@@ -96,42 +112,75 @@ def train(cfg: KavaConfig, resume: bool = False) -> dict:
     if resume:
         resume_from(run)
     open_run_folder(run)
+    try:
+        run.started = time.perf_counter()
+        bar = tqdm(total=run.max_steps, initial=run.step, desc=f"train[{tc.mode}]", disable=not (run.main and tc.progress), dynamic_ncols=True)
+        with _StopSignal() as stop:
+            run.wrapped.train()
+            while run.step < run.max_steps:
+                train_step(run)
+                bar.update(1)
+                if run.step % tc.log_every == 0 or run.step == run.max_steps:
+                    log_metrics(run, bar)
+                if tc.save_every and run.step % tc.save_every == 0 and run.step < run.max_steps:
+                    save_checkpoint(run)
+                if tc.eval_every and run.step % tc.eval_every == 0 and run.step < run.max_steps and run.main and not run.fsdp:
+                    evaluate_model(run, run.out / f"eval-{run.step}")
+                if stop.received is not None:
+                    log.warning("signal %d received: saving a checkpoint at step %d and stopping", stop.received, run.step)
+                    break
+            bar.close()
+            ckpt = save_checkpoint(run)  # (a signal during the save is held until it is done)
+        result = {"state": "finished", "step": run.step, "max_steps": run.max_steps, "checkpoint": str(ckpt), "train": run.last_row}
+        if stop.received is not None:
+            result.update(state="interrupted", signal=stop.received)
+        else:
+            finish(run, ckpt, result)
+        if run.main:
+            atomic_write_json(run.out / "status.json", result)
+    except BaseException as e:
+        if run.main:
+            mark_failed(run, e)
+        raise
+    finally:
+        if run.writer:
+            run.writer.close()
+    return result
 
-    run.started = time.perf_counter()
-    bar = tqdm(total=run.max_steps, initial=run.step, desc=f"train[{tc.mode}]", disable=not (run.main and tc.progress), dynamic_ncols=True)
-    state = "finished"
-    with _StopSignal() as stop:
-        run.wrapped.train()
-        while run.step < run.max_steps:
-            train_step(run)
-            bar.update(1)
-            if run.step % tc.log_every == 0 or run.step == run.max_steps:
-                log_metrics(run, bar)
-            if tc.save_every and run.step % tc.save_every == 0 and run.step < run.max_steps:
-                save_checkpoint(run)
-            if tc.eval_every and run.step % tc.eval_every == 0 and run.step < run.max_steps and run.main and not run.fsdp:
-                evaluate_model(run, run.out / f"eval-{run.step}")
-            if stop.received is not None:
-                state = "interrupted"
-                log.warning("signal %d received: saving a checkpoint at step %d and stopping", stop.received, run.step)
-                break
-    bar.close()
 
-    ckpt = save_checkpoint(run)
-    result = {"state": state, "step": run.step, "max_steps": run.max_steps, "checkpoint": str(ckpt), "train": run.last_row}
+def finish(run: Run, ckpt: Path, result: dict) -> None:
+    """The work after the last checkpoint: the KV probe and the evaluation at the end. A
+    SIGINT/SIGTERM now stops it at once (the checkpoint is saved): the run is then
+    ``interrupted`` with its ``signal``, and ``kava eval`` can evaluate the checkpoint."""
+    tc = run.cfg.train
     # (Both below run on the main process alone, which FSDP's sharded weights cannot do: under
     # FSDP evaluate the saved checkpoint with `kava eval` instead.)
     if run.fsdp and tc.eval_at_end and run.main:
         log.info("FSDP: skipping the evaluation at the end; run `kava eval --checkpoint %s`", ckpt)
-    if state == "finished" and run.main and tc.mode == "kava" and not run.fsdp:
-        probe_kv_cosine(run)
-    if state == "finished" and tc.eval_at_end and run.main and run.eval_examples and not run.fsdp:
-        result["eval"] = evaluate_model(run, run.out)
-    if run.main:
-        atomic_write_json(run.out / "status.json", result)
-    if run.writer:
-        run.writer.close()
-    return result
+    try:
+        with _RaiseOnSignal():
+            if run.main and tc.mode == "kava" and not run.fsdp:
+                probe_kv_cosine(run)
+            if tc.eval_at_end and run.main and run.eval_examples and not run.fsdp:
+                result["eval"] = evaluate_model(run, run.out)
+    except _Stopped as stop:
+        log.warning("signal %d received during the final evaluation: stopped; checkpoint %s is saved, "
+                    "evaluate it with `kava eval --checkpoint %s`", stop.signum, ckpt, ckpt)
+        result.update(state="interrupted", signal=stop.signum,
+                      note=f"stopped during the final evaluation; run `kava eval --checkpoint {ckpt}`")
+
+
+def mark_failed(run: Run, error: BaseException) -> None:
+    """``status.json`` says ``failed`` with the error's first line and the last checkpoint."""
+    lines = str(error).strip().splitlines()
+    text = f"{type(error).__name__}: {lines[0] if lines else ''}".strip().rstrip(":")[:500]
+    last = latest_checkpoint(run.out)
+    status = {"state": "failed", "step": run.step, "max_steps": run.max_steps, "error": text,
+              "checkpoint": str(last) if last else None, "failed_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    try:
+        atomic_write_json(run.out / "status.json", status)
+    except OSError as e:  # a full disk, say: the error being raised matters more
+        log.error("could not mark %s failed: %s", run.out, e)
 
 
 def set_up(cfg: KavaConfig) -> Run:
@@ -190,14 +239,16 @@ def resume_from(run: Run) -> None:
     if ckpt is None:
         log.info("no checkpoint in %s: starting from scratch", run.out)
         return
-    from safetensors.torch import load_file
-
-    run.model.load_state_dict(load_file(str(ckpt / WEIGHTS_FILE)), strict=False)
+    weights = read_tensors(ckpt / WEIGHTS_FILE)
+    check_shapes(run.model, weights, ckpt / WEIGHTS_FILE)
+    run.model.load_state_dict(weights, strict=False)
     source = run.objective.source
     if source.state_file:
         if not (ckpt / source.state_file).is_file():
             raise TrainingError(f"{ckpt}: no {source.state_file} to resume the teachers' adapters from (was it written without teachers.models?)")
-        source.load_state_dict(load_file(str(ckpt / source.state_file)))
+        parts = read_tensors(ckpt / source.state_file)
+        check_shapes(source, parts, ckpt / source.state_file)
+        source.load_state_dict(parts)
     progress = load_trainer_state(ckpt, run.optimizer, run.scheduler, run.generators)
     run.step = progress["step"]
     run.order = DataOrder(len(run.encoded), run.cfg.train.seed, progress["epoch"], progress["offset"])
@@ -232,13 +283,16 @@ def train_step(run: Run) -> None:
         losses_this_step.append(loss.detach())
         for k, v in metrics.items():
             run.window.setdefault(k, []).append(v)
-    # One host read per optimizer step, after the backward passes were queued.
-    if not bool(torch.isfinite(torch.stack(losses_this_step)).all()):
-        bad = metric_floats({k: v[-1] for k, v in run.window.items()})
-        raise TrainingError(f"non-finite loss at step {run.step}: {bad}; lower train.lr or check the data")
+    checked = torch.stack(losses_this_step).float()
     if tc.grad_clip > 0:
-        grad_norm = accelerator.clip_grad_norm_(wrapped.parameters(), tc.grad_clip)
-        run.window.setdefault("grad_norm", []).append(torch.as_tensor(grad_norm).detach().float())
+        grad_norm = torch.as_tensor(accelerator.clip_grad_norm_(wrapped.parameters(), tc.grad_clip)).detach().float()
+        run.window.setdefault("grad_norm", []).append(grad_norm)
+        checked = torch.cat([checked, grad_norm.to(checked.device).reshape(1)])
+    # One host read per optimizer step, after the backward passes were queued: a non-finite
+    # loss or gradient norm stops the run before the update can poison the weights.
+    if not bool(torch.isfinite(checked).all()):
+        bad = metric_floats({k: v[-1] for k, v in run.window.items()})
+        raise TrainingError(f"non-finite loss or gradient at step {run.step}: {bad}; lower train.lr or check the data")
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
@@ -255,8 +309,7 @@ def log_metrics(run: Run, bar) -> None:
     run.window.clear()
     bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k in ("loss", "ce", "ce_student", "kv", "codi", "kv_cos", "acc_teacher", "acc_student", "stage")})
     if run.main:
-        with (run.out / "metrics.jsonl").open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_line(run.out / "metrics.jsonl", json.dumps(row))
         if run.writer:
             for k, v in row.items():
                 run.writer.add_scalar(k, v, run.step)
@@ -274,6 +327,7 @@ def save_checkpoint(run: Run) -> Path:
     if run.fsdp:
         state = {k.removeprefix("model."): v for k, v in run.accelerator.get_state_dict(run.wrapped).items()}
     if run.main:
+        check_finite_weights(run, state)
         source = run.objective.source
 
         def build(tmp: Path) -> None:
@@ -286,8 +340,27 @@ def save_checkpoint(run: Run) -> Path:
                 save_trainer_state(tmp, run.optimizer, run.scheduler, run.generators, {"step": at, **run.order.state()})
 
         atomic_replace_dir(path, build)
+        for gone in prune_checkpoints(run.out, run.cfg.train.save_total_limit):
+            log.info("train.save_total_limit=%d: deleted %s", run.cfg.train.save_total_limit, gone.name)
     run.accelerator.wait_for_everyone()
     return path
+
+
+def check_finite_weights(run: Run, state: dict[str, torch.Tensor] | None = None) -> None:
+    """Refuse to write a checkpoint whose trained weights hold NaN or inf (``--resume`` would
+    load the poisoned weights and fail again): the last good checkpoint stays the latest."""
+    if state is not None:
+        named = list(state.items())
+    else:
+        named = [(n, p) for n, p in run.model.named_parameters() if p.requires_grad]
+        named += [(f"source.{n}", p) for n, p in run.objective.source.state_dict().items()] if run.objective.source.state_file else []
+    if not named:
+        return
+    flags = torch.stack([torch.isfinite(t.detach()).all() for _, t in named])
+    if not bool(flags.all()):
+        bad = [n for (n, _), ok in zip(named, flags.tolist()) if not ok]
+        raise TrainingError(f"non-finite weights at step {run.step} ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}): "
+                            f"checkpoint-{run.step} not written; lower train.lr or check the data")
 
 
 def evaluate_model(run: Run, out_dir: Path) -> dict:
@@ -303,7 +376,12 @@ def probe_kv_cosine(run: Run) -> None:
     `kava report`'s heatmap). Run as a batch of a few (the shuffled control takes its
     targets from another example)."""
     objective = run.objective
-    probe = [run.encoder.encode(ex) for ex in run.eval_examples[:8]] if run.eval_examples else run.encoded[:8]
+    examples = run.eval_examples[:8]
+    if examples and not objective.source.covers([ex.source_id for ex in examples]):
+        log.info("kv probe skipped: the offline teacher cache holds training examples only, not the evaluation examples "
+                 "(the live teacher is not what this student was distilled towards)")
+        return
+    probe = [run.encoder.encode(ex) for ex in examples] if examples else run.encoded[:8]
     grid = objective.kv_cosine_grid(probe) if len(probe) >= 2 or objective.cfg.loss.compression != "shuffled" else None
     if grid is not None:
         atomic_write_json(run.out / "kv_cosine.json", grid)
@@ -355,6 +433,38 @@ def _param_groups(objective: Objective, cfg: KavaConfig) -> list[dict]:
     spec = [("decay", cfg.train.lr, wd), ("no_decay", cfg.train.lr, 0.0), ("proj_decay", proj_lr, wd), ("proj_no_decay", proj_lr, 0.0),
             ("teachers", cfg.teachers.adapter_lr or cfg.train.lr, 0.0)]
     return [{"params": groups[k], "lr": lr, "weight_decay": w} for k, lr, w in spec if groups[k]]
+
+
+class _Stopped(BaseException):
+    """A SIGINT/SIGTERM during the work after the last checkpoint (no step to finish first)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class _RaiseOnSignal:
+    """SIGINT/SIGTERM raise :class:`_Stopped` at once (a BaseException, so no handler of
+    ordinary errors swallows it)."""
+
+    def __init__(self):
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    @staticmethod
+    def _handle(signum, frame):
+        raise _Stopped(signum)
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
 class _StopSignal:

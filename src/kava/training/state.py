@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from ..model.checkpoints import STATE_JSON, STATE_TENSORS
+from ..model.checkpoints import STATE_JSON, STATE_TENSORS, ModelLoadError, read_tensors
 
 
 
@@ -84,9 +84,18 @@ def save_trainer_state(folder: Path, optimizer, scheduler, generators: dict[str,
 
 def load_trainer_state(folder: Path, optimizer, scheduler, generators: dict[str, torch.Generator]) -> dict:
     """Restore optimizer, scheduler and RNG; returns the saved progress (step, data position)."""
-    tensors = load_file(str(folder / STATE_TENSORS))
-    meta = json.loads((folder / STATE_JSON).read_text())
-    optimizer.load_state_dict(optimizer_from_flat(tensors, meta["optimizer"]))
+    tensors = read_tensors(folder / STATE_TENSORS)
+    try:
+        meta = json.loads((folder / STATE_JSON).read_text(encoding="utf-8"))
+        if not isinstance(meta, dict) or not all(k in meta for k in ("optimizer", "scheduler", "rng", "progress")):
+            raise ValueError("expected the keys optimizer, scheduler, rng, progress")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{folder / STATE_JSON}: not a kava trainer state ({e})") from None
+    try:
+        optimizer.load_state_dict(optimizer_from_flat(tensors, meta["optimizer"]))
+    except (KeyError, ValueError, RuntimeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ModelLoadError(f"{folder / STATE_TENSORS}: the optimizer state does not fit this run's parameters ({first})") from None
     scheduler.load_state_dict(meta["scheduler"])
     set_rng_state(tensors, meta["rng"], generators)
     return meta["progress"]

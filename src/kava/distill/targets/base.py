@@ -87,6 +87,11 @@ class TargetSource:
         """The targets of one batch: one :class:`Target` per teacher."""
         raise NotImplementedError
 
+    def covers(self, source_ids: list[str]) -> bool:
+        """Whether this source has targets for these examples (an offline cache holds only the
+        examples it was extracted from; a source that runs a teacher covers every example)."""
+        return True
+
     def compare(self, targets: list[Target], student: Student, loss: LossConfig) -> Terms:
         """The loss terms of ``student`` against ``targets``; by default one teacher in the
         student's own shape, compared entry by entry (:func:`direct_terms`)."""

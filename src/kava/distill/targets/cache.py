@@ -119,8 +119,11 @@ class TeacherCache:
         if not file.is_file():
             raise TeacherCacheError(f"config field '{field}': {file} does not exist (run `kava teacher extract` first)")
         check_config(cfg)
-        self.manifest = json.loads(file.read_text())
-        if self.manifest.get("format") != FORMAT:
+        try:
+            self.manifest = json.loads(file.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise TeacherCacheError(f"config field '{field}': {file} is not valid JSON ({e})") from None
+        if not isinstance(self.manifest, dict) or self.manifest.get("format") != FORMAT:
             raise TeacherCacheError(f"config field '{field}': {file} is not a {FORMAT} manifest")
         use_kv = cfg.loss.compression != "none" and cfg.loss.alpha_kv > 0
         # CODI hidden states do not depend on the selector; the KV targets do.
@@ -133,6 +136,9 @@ class TeacherCache:
             for r, sid in enumerate(s["source_ids"]):
                 self.where[sid] = (i, r)
         self._open: dict[int, object] = {}
+        for i, shard in enumerate(self.manifest["shards"]):  # a damaged shard fails now, not mid-run
+            if (self.path / shard["file"]).is_file():
+                self._shard(i)
 
     @property
     def shape(self) -> dict:
@@ -146,10 +152,21 @@ class TeacherCache:
             from safetensors import safe_open
 
             file = self.path / self.manifest["shards"][i]["file"]
+            from safetensors import SafetensorError
+
             if not file.is_file():
                 raise TeacherCacheError(f"teacher cache {self.path}: {file.name} is missing (run `kava teacher extract` again to finish it)")
-            h = self._open[i] = safe_open(str(file), framework="pt")
+            try:
+                h = self._open[i] = safe_open(str(file), framework="pt")
+            except (SafetensorError, OSError) as e:
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise TeacherCacheError(f"teacher cache {self.path}: {file} is not a readable safetensors file, truncated or "
+                                        f"corrupted ({first}); delete it and run `kava teacher extract` again") from None
         return h
+
+    def covers(self, source_ids: list[str]) -> bool:
+        """Whether every one of ``source_ids`` has an entry."""
+        return all(sid in self.where for sid in source_ids)
 
     def lookup(self, source_ids: list[str], device: torch.device | str = "cpu") -> Target:
         """``(Compressed [L, B, H_kv, M, ...], hidden [L, B, D])`` for ``source_ids``, in order."""
@@ -173,6 +190,9 @@ class OfflineCache(TargetSource):
 
     def __init__(self, model, cfg: KavaConfig):
         self.cache = TeacherCache(cfg.loss.teacher_cache, cfg, model)
+
+    def covers(self, source_ids: list[str]) -> bool:
+        return self.cache.covers(source_ids)
 
     def targets(self, request: Request) -> list[Target]:
         if request.source_ids is None:

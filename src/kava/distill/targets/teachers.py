@@ -65,7 +65,7 @@ def load_teacher(spec: TeacherModelConfig, cfg: KavaConfig, where: str = "teache
                                  f"(with {CONFIG_FILE} or checkpoint-N/) nor a model folder (with config.json)")
     try:
         if (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file():
-            model = load_checkpoint(path)
+            model = load_checkpoint(path, trust_remote_code=cfg.model.trust_remote_code)
         else:
             tcfg = copy.deepcopy(cfg)
             tcfg.model = ModelConfig(
@@ -141,6 +141,9 @@ class TeacherSet(TargetSource, nn.Module):
     @property
     def uses_caches(self) -> bool:
         return any(c is not None for c in self.caches)
+
+    def covers(self, source_ids: list[str]) -> bool:
+        return all(c.covers(source_ids) for c in self.caches if c is not None)
 
     def inputs(self, encs: list[Encoded]) -> list[dict | None]:
         return self.batches(encs)
