@@ -290,12 +290,16 @@ class KavaConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
-        if self.loss.compression == "shuffled":
-            _check(self.train.batch_size >= 2, "train.batch_size", "the shuffled selector needs at least 2 examples per batch")
+        batch_controls = ("shuffled", "slot_mean", "gaussian")
+        if self.loss.compression in batch_controls:
+            _check(self.train.batch_size >= 2, "train.batch_size", f"the {self.loss.compression} selector needs at least 2 examples per batch")
         if self.loss.teacher_cache:
             _check(not self.curriculum.enabled, "curriculum.enabled", "curriculum stages are not supported with offline teacher caches (loss.teacher_cache)")
-            _check(self.loss.compression != "shuffled", "loss.compression", "'shuffled' takes another example of the batch and cannot be read from loss.teacher_cache")
+            _check(self.loss.compression not in (*batch_controls, "counterfactual", "oracle"), "loss.compression",
+                   f"{self.loss.compression!r} needs the batch or the teacher's tokens and cannot be read from loss.teacher_cache")
         if self.teachers.models:
+            _check(self.loss.compression not in ("counterfactual", "oracle"), "loss.compression",
+                   f"{self.loss.compression!r} reads the student's own teacher; it cannot be combined with teachers.models")
             _check(not self.loss.teacher_cache, "loss.teacher_cache", "offline caches hold the student's own teacher; they cannot be combined with teachers.models")
             _check(self.loss.compression != "none" and self.loss.alpha_kv > 0, "teachers.models",
                    "other teachers give KV targets: set loss.compression and loss.alpha_kv > 0")

@@ -135,6 +135,9 @@ class Objective(nn.Module):
             return {"teacher": teacher_batch(encs, self.pad_id, with_cot=False)}
         if mode == "teacher":  # the KaVa teacher's own sequence: under drop_last_step, the CoT without its last step
             return {"teacher": teacher_batch(encs, self.pad_id, with_cot=True, drop_last_step=self.cfg.loss.drop_last_step)}
+        if self.selector is not None and self.selector.needs_token_types and any(e.steps and not e.step_types for e in encs):
+            raise ValueError(f"loss.compression={self.cfg.loss.compression} needs the token type of every CoT token, "
+                             "which needs a fast tokenizer (character offsets)")
         stage = self.stage_at(step)
         seq_stage = self.sequence_stage(stage)
         lat = self.cfg.latent
@@ -294,15 +297,17 @@ class Objective(nn.Module):
         if stage is not None:
             cot = cot & (tb["cot_step"] < stage)
         answer_valid = tb["answer_valid"]
+        types = tb.get("token_type")
         with torch.no_grad():
             keys, values = teacher.keys, teacher.values
             if self.cfg.loss.rope == "post":
-                return compress_cache(self.selector, keys, values, teacher.queries, cot, answer_valid, m, self.generator, source_ids)
+                return compress_cache(self.selector, keys, values, teacher.queries, cot, answer_valid, m, self.generator, source_ids,
+                                      types)
             # Score on the cached (post-RoPE) keys, but carry RoPE-free keys through the same
             # gather / pooling / shuffling by packing them beside the values.
             pos = torch.arange(keys.shape[3], device=cot.device)[None].expand(cot.shape[0], -1)
             packed = torch.cat([values, self.unrotate(keys, pos, model)], -1)
-            c = compress_cache(self.selector, keys, packed, teacher.queries, cot, answer_valid, m, self.generator, source_ids)
+            c = compress_cache(self.selector, keys, packed, teacher.queries, cot, answer_valid, m, self.generator, source_ids, types)
             d = values.shape[-1]
             c = Compressed(c.values[..., d:], c.values[..., :d], c.valid, c.indices)
         return c
