@@ -270,10 +270,14 @@ class EvalConfig:
     max_new_tokens: int = _f(32, "answer tokens to generate (student and no-CoT)")
     max_cot_tokens: int = _f(256, "CoT tokens to generate (teacher mode)")
     modes: list = _f(["student"], "what to evaluate: student, cot, nocot")
+    instruments: bool = _f(True, "kava runs: write the logit lens, KV alignment (instruments.jsonl) and what each selector "
+                                 "keeps (selector_keeps.json) at every evaluation point and at the end")
+    instrument_examples: int = _f(64, "held-out examples the instruments are measured on (one batch)")
 
     def __post_init__(self) -> None:
         for m in self.modes:
             _choice(m, "eval.modes", ("student", "cot", "nocot"))
+        _check(self.instrument_examples >= 2, "eval.instrument_examples", "must be >= 2 (the KV alignment pairs examples)")
 
 
 @dataclass

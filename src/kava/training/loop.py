@@ -7,7 +7,8 @@ resume needs, and a clean stop on SIGINT/SIGTERM.
 
 :func:`train` reads top to bottom as its steps: :func:`set_up`, :func:`resume_from`,
 :func:`open_run_folder`, then per optimizer step :func:`train_step`, :func:`log_metrics`,
-:func:`save_checkpoint` and :func:`evaluate_model`, and at the end :func:`probe_kv_cosine`.
+:func:`save_checkpoint` and :func:`evaluate_model` (with :func:`record_instruments`), and at the end
+:func:`probe_kv_cosine` and :func:`record_instruments`.
 """
 
 from __future__ import annotations
@@ -111,6 +112,7 @@ def train(cfg: KavaConfig, resume: bool = False) -> dict:
                 save_checkpoint(run)
             if tc.eval_every and run.step % tc.eval_every == 0 and run.step < run.max_steps and run.main and not run.fsdp:
                 evaluate_model(run, run.out / f"eval-{run.step}")
+                record_instruments(run)
             if stop.received is not None:
                 state = "interrupted"
                 log.warning("signal %d received: saving a checkpoint at step %d and stopping", stop.received, run.step)
@@ -125,6 +127,7 @@ def train(cfg: KavaConfig, resume: bool = False) -> dict:
         log.info("FSDP: skipping the evaluation at the end; run `kava eval --checkpoint %s`", ckpt)
     if state == "finished" and run.main and tc.mode == "kava" and not run.fsdp:
         probe_kv_cosine(run)
+        record_instruments(run, final=True)
     if state == "finished" and tc.eval_at_end and run.main and run.eval_examples and not run.fsdp:
         result["eval"] = evaluate_model(run, run.out)
     if run.main:
@@ -307,6 +310,31 @@ def probe_kv_cosine(run: Run) -> None:
     grid = objective.kv_cosine_grid(probe) if len(probe) >= 2 or objective.cfg.loss.compression != "shuffled" else None
     if grid is not None:
         atomic_write_json(run.out / "kv_cosine.json", grid)
+
+
+def record_instruments(run: Run, final: bool = False) -> None:
+    """Append the logit lens and the KV alignment at this step to ``instruments.jsonl`` (kava runs,
+    ``eval.instruments``) and, at the end, write what each selector keeps to ``selector_keeps.json``.
+    Measured on the first ``eval.instrument_examples`` evaluation examples (``held_out``), or on
+    training examples when the run loads none."""
+    cfg = run.cfg
+    if cfg.train.mode != "kava" or not cfg.eval.instruments:
+        return
+    from ..distill.instruments import measure
+
+    n = cfg.eval.instrument_examples
+    held_out = bool(run.eval_examples)
+    encs = [run.encoder.encode(ex) for ex in run.eval_examples[:n]] if held_out else run.encoded[:n]
+    if len(encs) < 2:
+        return
+    res = measure(run.objective, encs, keeps=final)
+    keeps = res.pop("selector_keeps", None)
+    row = {"step": run.step, "held_out": held_out, **res}
+    with (run.out / "instruments.jsonl").open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    if keeps is not None:
+        atomic_write_json(run.out / "selector_keeps.json", {"step": run.step, "held_out": held_out, "n": len(encs),
+                                                            "run_selector": cfg.loss.compression, "selectors": keeps})
 
 
 # --- helpers -------------------------------------------------------------------------
