@@ -242,3 +242,29 @@ def test_a_malformed_kv_cosine_file_is_a_one_line_error(tmp_path: Path, capsys):
     (bad / "kv_cosine.json").write_text("{not json")
     assert main(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "r")]) == 1
     assert "not valid JSON" in capsys.readouterr().err
+
+
+def _instruments(run: Path, rows: list[tuple[int, float, float]], keeps: dict | None = None) -> None:
+    lines = [{"step": s, "held_out": True, "n": 8, "logit_lens": {"slots": [{"slot": 0, "n": 8, "aligned": lens}], "aligned_mean": lens},
+              "kv_alignment": {"n": 8, "own_below_neighbour": own, "gap": own - 0.5, "own_below_slot_mean": 0.25}} for s, lens, own in rows]
+    (run / "instruments.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    if keeps is not None:
+        (run / "selector_keeps.json").write_text(json.dumps({"step": 2, "selectors": keeps}))
+
+
+def test_report_shows_the_instruments(tmp_path: Path):
+    keeps = {"rkv": {"shares": {"close": 0.5, "result": 0.1, "digit": 0.4}, "result_recall": 0.2},
+             "oracle": {"shares": {"result": 0.9, "digit": 0.1}, "result_recall": 0.95}, "_cot": {"shares": {"result": 0.2, "digit": 0.8}}}
+    _instruments(make_run(tmp_path / "runs", "rkv", 0, 0.5), [(1, 0.1, 0.4), (2, 0.3, 0.8), (2, 0.5, 0.9)], keeps)  # step 2 twice: last wins
+    _instruments(make_run(tmp_path / "runs", "rkv", 1, 0.6), [(2, 0.1, 0.6)], keeps)
+    make_run(tmp_path / "runs", "codi", 0, 0.4)
+    report = write_report(tmp_path / "runs", tmp_path / "out")
+    names = {p.name for p in report.files}
+    assert {"instruments.png", "logit_lens_slots.png", "selector_keeps.png"} <= names
+    md = (tmp_path / "out" / "results.md").read_text()
+    # rkv: lens (0.5 + 0.1) / 2 = 30%, own < neighbour (0.9 + 0.6) / 2 = 75%, gap (0.4 + 0.1) / 2
+    assert "| rkv | synthetic | 2 | yes | 2 | 30.0 | 75.0 | +0.250 | 25.0 |" in md
+    assert "| codi |" not in md.split("## Instruments")[1]
+    (tmp_path / "runs" / "rkv" / "seed1" / "instruments.jsonl").write_text("{not json\n")
+    with pytest.raises(ValueError, match=r"instruments.jsonl:1: not an instruments row"):
+        collect_runs(tmp_path / "runs")

@@ -67,6 +67,23 @@ def read_history(run_dir: str | Path) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
+def read_instruments(run_dir: str | Path) -> list[dict]:
+    """The rows of ``instruments.jsonl`` by step (see :mod:`kava.distill.instruments`); the last
+    row of a step logged twice (a resumed run) wins."""
+    path = Path(run_dir) / "instruments.jsonl"
+    if not path.is_file():
+        return []
+    by_step: dict[int, dict] = {}
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+                by_step[int(row["step"])] = row
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"{path}:{n}: not an instruments row ({e})") from None
+    return [by_step[s] for s in sorted(by_step)]
+
+
 def dataset_label(train_data: str, eval_data: str) -> str:
     """``eval`` when it is the training data's name too, else ``train→eval``."""
     return eval_data if train_data == eval_data or not train_data else f"{train_data}→{eval_data}"
@@ -82,8 +99,9 @@ def collect_runs(runs_dir: str | Path) -> list[dict]:
 
     Keys: name, method, seed, path, state, step, max_steps, error, train_data, eval_data,
     dataset, mode (train.mode), config (the raw ``config.yaml`` mapping), eval
-    (``{mode: metrics}`` from ``eval_metrics.json``, else from ``status.json``) and
-    last_metrics (the last ``metrics.jsonl`` row, else ``status["train"]``).
+    (``{mode: metrics}`` from ``eval_metrics.json``, else from ``status.json``),
+    last_metrics (the last ``metrics.jsonl`` row, else ``status["train"]``), instruments (the
+    ``instruments.jsonl`` rows) and selector_keeps (``selector_keeps.json``, or None).
     """
     root = Path(runs_dir)
     if not root.is_dir():
@@ -113,6 +131,7 @@ def collect_runs(runs_dir: str | Path) -> list[dict]:
             "dataset": dataset_label(train_data, eval_data), "mode": config.get("train", {}).get("mode", ""),
             "config": config, "eval": _read_json(run_dir / "eval_metrics.json") or status.get("eval") or {},
             "last_metrics": history[-1] if history else status.get("train") or {},
+            "instruments": read_instruments(run_dir), "selector_keeps": _read_json(run_dir / "selector_keeps.json"),
         })
     return records
 
@@ -590,6 +609,144 @@ def plot_kv_cosine(run: dict, path: Path) -> Path | None:
     return _save(fig, path)
 
 
+# --- instruments ---------------------------------------------------------------------------
+
+
+def _lens(row: dict) -> float | None:
+    return (row.get("logit_lens") or {}).get("aligned_mean")
+
+
+def _align(row: dict, key: str) -> float | None:
+    return (row.get("kv_alignment") or {}).get(key)
+
+
+def instrument_rows(runs: Sequence[dict]) -> list[dict]:
+    """Per (name, dataset): the last instruments row of each seed, averaged: ``lens`` (logit-lens
+    share of slots decoding their step's result), ``own_below_neighbour``, ``gap`` and
+    ``own_below_slot_mean`` (KV alignment), with ``n`` seeds and whether they were held out."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for run in runs:
+        if run.get("instruments"):
+            groups.setdefault((run["name"], run["dataset"]), []).append(run["instruments"][-1])
+    out = []
+    for (name, dataset), last in sorted(groups.items()):
+        row = {"name": name, "dataset": dataset, "n": len(last), "held_out": all(r.get("held_out") for r in last),
+               "step": max(r["step"] for r in last)}
+        for key, get in (("lens", _lens), ("own_below_neighbour", lambda r: _align(r, "own_below_neighbour")),
+                         ("gap", lambda r: _align(r, "gap")), ("own_below_slot_mean", lambda r: _align(r, "own_below_slot_mean"))):
+            row[key] = mean_std([get(r) for r in last])[0]
+        out.append(row)
+    return out
+
+
+def instruments_markdown(runs: Sequence[dict]) -> str:
+    """The instruments table of ``results.md`` (empty when no run wrote any)."""
+    rows = instrument_rows(runs)
+    if not rows:
+        return ""
+    f = lambda x, pct=True: "--" if x is None else (_pct(x) if pct else f"{x:+.3f}")  # noqa: E731
+    lines = ["## Instruments", "",
+             "Last measurement of each seed, averaged. Logit lens: share of latent slots whose producing state decodes to its"
+             " step's result. KV alignment (R-KV targets of the true teacher, layer-std L1): share of examples whose latent"
+             " KV is closer to their own target than to a neighbour's (content transfer predicts well above 50%), the mean"
+             " gap neighbour − own, and the share closer to their own target than to the batch slot mean.", "",
+             "| run | dataset | seeds | held out | step | logit lens (%) | own < neighbour (%) | gap | own < slot mean (%) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['dataset']} | {r['n']} | {'yes' if r['held_out'] else 'no'} | {r['step']} | {f(r['lens'])} |"
+                     f" {f(r['own_below_neighbour'])} | {f(r['gap'], False)} | {f(r['own_below_slot_mean'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_instruments(runs: Sequence[dict], path: Path) -> Path | None:
+    """Over training, a line per run name (mean over seeds): the logit-lens score and the share of
+    held-out examples whose latent KV is closer to their own teacher target than to a neighbour's."""
+    series: dict[str, dict[str, dict[int, list[float]]]] = {}
+    for run in runs:
+        for row in run.get("instruments") or []:
+            for key, value in (("lens", _lens(row)), ("own", _align(row, "own_below_neighbour"))):
+                if value is not None:
+                    series.setdefault(key, {}).setdefault(run["name"], {}).setdefault(int(row["step"]), []).append(100 * value)
+    if not series:
+        return None
+    names = sorted({n for s in series.values() for n in s})
+    palette = matplotlib_colors(len(names))
+    colour = dict(zip(names, palette))
+    fig = _figure(10, 3.6)
+    axes = fig.subplots(1, 2, squeeze=False)[0]
+    titles = {"lens": "logit lens: slots decoding their step's result (%)", "own": "KV closer to own target than a neighbour's (%)"}
+    for ax, key in zip(axes, ("lens", "own")):
+        for name, by_step in sorted(series.get(key, {}).items()):
+            steps = sorted(by_step)
+            ax.plot(steps, [statistics.fmean(by_step[s]) for s in steps], marker="o", ms=3, label=name, color=colour[name])
+        if key == "own":
+            ax.axhline(50, color="grey", lw=0.8, ls="--")
+        ax.set(title=titles[key], xlabel="step")
+        ax.grid(alpha=0.3)
+    from matplotlib.lines import Line2D
+
+    fig.legend([Line2D([], [], color=colour[n]) for n in names], names, loc="outside right upper", fontsize=7)
+    return _save(fig, path)
+
+
+def plot_logit_lens_slots(runs: Sequence[dict], path: Path) -> Path | None:
+    """At the last measurement, the logit-lens score per latent slot: a line per run name (mean over seeds)."""
+    per: dict[str, dict[int, list[float]]] = {}
+    for run in runs:
+        rows = run.get("instruments") or []
+        if not rows:
+            continue
+        for slot in (rows[-1].get("logit_lens") or {}).get("slots", []):
+            if slot.get("aligned") is not None:
+                per.setdefault(run["name"], {}).setdefault(int(slot["slot"]), []).append(100 * slot["aligned"])
+    if not per:
+        return None
+    fig = _figure(6, 3.6)
+    ax = fig.subplots()
+    for name, by_slot in sorted(per.items()):
+        slots = sorted(by_slot)
+        ax.plot(slots, [statistics.fmean(by_slot[j]) for j in slots], marker="o", label=name)
+    ax.set(title="logit lens per latent slot (last measurement)", xlabel="latent slot", ylabel="decodes its step's result (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_selector_keeps(runs: Sequence[dict], path: Path) -> Path | None:
+    """Stacked bars: the share of each selector's kept slots per token type (mean over the runs
+    that wrote ``selector_keeps.json``), the CoT's own mix as the first bar, and the share of
+    result tokens each keeps written beside its bar."""
+    shares: dict[str, dict[str, list[float]]] = {}
+    recall: dict[str, list[float]] = {}
+    for run in runs:
+        keeps = (run.get("selector_keeps") or {}).get("selectors") or {}
+        for name, k in keeps.items():
+            for t, v in (k.get("shares") or {}).items():
+                if v is not None:
+                    shares.setdefault(name, {}).setdefault(t, []).append(v)
+            if k.get("result_recall") is not None:
+                recall.setdefault(name, []).append(k["result_recall"])
+    if not shares:
+        return None
+    names = sorted(shares, key=lambda n: (n != "_cot", n))
+    types = [t for t in dict.fromkeys(t for n in names for t in shares[n]) if any(statistics.fmean(shares[n].get(t, [0])) > 0 for n in names)]
+    fig = _figure(8, 0.45 * len(names) + 1.8)
+    ax = fig.subplots()
+    left = [0.0] * len(names)
+    for t, c in zip(types, matplotlib_colors(len(types))):
+        vals = [100 * statistics.fmean(shares[n].get(t, [0.0])) for n in names]
+        ax.barh(range(len(names)), vals, left=left, color=c, label=t)
+        left = [a + b for a, b in zip(left, vals)]
+    for i, n in enumerate(names):
+        if n in recall:
+            ax.annotate(f"keeps {100 * statistics.fmean(recall[n]):.0f}% of results", (101, i), va="center", fontsize=7)
+    ax.set_yticks(range(len(names)), ["CoT (all tokens)" if n == "_cot" else n for n in names])
+    ax.set(title="what each selector keeps: share of slots per token type", xlabel="% of kept slots", xlim=(0, 135))
+    ax.invert_yaxis()
+    fig.legend(*ax.get_legend_handles_labels(), fontsize=7, loc="outside lower center", ncol=min(len(types), 8))
+    return _save(fig, path)
+
+
 # --- the report ---------------------------------------------------------------------------
 
 
@@ -619,6 +776,9 @@ def to_report_markdown(runs: Sequence[dict], rows: Sequence[dict], verdicts: Seq
              " two-sample permutation test where they share no seeds; the sign test and Fisher's exact test on success"
              " rates are given beside it.", ""]
     parts += [v.text() + "\n" for v in verdicts]
+    inst = instruments_markdown(runs)
+    if inst:
+        parts += [inst]
     bad = [r for r in runs if r["state"] != "finished"]
     if bad:
         parts += ["## Runs not finished", ""]
@@ -631,8 +791,9 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, names:
     """Collect the runs under ``runs_dir`` and write the report to ``out_dir`` (default ``runs_dir/report``).
 
     Files: ``results.csv``, ``runs.csv`` (one row per run), ``results.md``, ``results.tex``,
-    ``verdicts.json``, ``accuracy_vs_forward_passes.png``, ``training_curves.png`` and a
-    ``kv_cosine_<name>_seed<N>.png`` per run folder with a ``kv_cosine.json``.
+    ``verdicts.json``, ``accuracy_vs_forward_passes.png``, ``training_curves.png``, a
+    ``kv_cosine_<name>_seed<N>.png`` per run folder with a ``kv_cosine.json`` and, where runs wrote
+    their instruments, ``instruments.png``, ``logit_lens_slots.png`` and ``selector_keeps.png``.
     """
     runs = collect_runs(runs_dir)
     rows = aggregate(runs)
@@ -661,6 +822,9 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, names:
     files.append(out / "verdicts.json")
     for made in (plot_accuracy_vs_passes(rows, out / "accuracy_vs_forward_passes.png"),
                  plot_training_curves(runs, out / "training_curves.png"),
+                 plot_instruments(runs, out / "instruments.png"),
+                 plot_logit_lens_slots(runs, out / "logit_lens_slots.png"),
+                 plot_selector_keeps(runs, out / "selector_keeps.png"),
                  *(plot_kv_cosine(r, out / f"kv_cosine_{_UNSAFE.sub('_', r['name'])}_seed{r['seed']}.png") for r in runs)):
         if made is not None:
             files.append(made)
@@ -670,6 +834,7 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, names:
 
 __all__ = [
     "ClaimNames", "FAILS", "HOLDS", "NOT_ESTABLISHED", "Report", "UNMEASURED", "Verdict", "aggregate", "check_claims", "collect_runs", "dataset_label", "mean_std", "method_of",
-    "plot_accuracy_vs_passes", "plot_kv_cosine", "plot_training_curves", "read_history", "sem", "statistics_table", "table_layout", "to_csv",
+    "instrument_rows", "instruments_markdown", "plot_accuracy_vs_passes", "plot_instruments", "plot_kv_cosine",
+    "plot_logit_lens_slots", "plot_selector_keeps", "plot_training_curves", "read_history", "read_instruments", "sem", "statistics_table", "table_layout", "to_csv",
     "to_latex", "to_markdown", "write_report",
 ]
