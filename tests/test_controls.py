@@ -46,6 +46,11 @@ def test_slot_mean_leaves_out_slots_an_example_could_not_fill():
     assert c.valid[:, 2, :, 2].logical_not().all() and c.valid[:, :2].all()
     # Slot 2 averages examples 0 and 1 only (their third CoT entry, position 3).
     torch.testing.assert_close(c.keys[:, 0, :, 2], keys[:, :2, :, 3].mean(1))
+    # A slot only one example fills would be that example's own entry: it is masked out instead.
+    cot[1, 3] = False
+    for name in ("slot_mean", "gaussian"):
+        c = compress_cache(get_selector(name), keys, values, queries, cot, ans, 3)
+        assert not c.valid[..., 2].any() and c.valid[..., :2].all()
     with pytest.raises(ValueError, match="at least 2"):
         compress_cache(get_selector("slot_mean"), keys[:, :1], values[:, :1], queries[:, :1], cot[:1], ans[:1], 3)
     with pytest.raises(ValueError, match="no indices"):

@@ -140,8 +140,8 @@ def selector_keeps(objective: Objective, passes: dict, names: tuple[str, ...] = 
     teacher, tb = passes["teacher"], passes["tb"]
     cot = tb["cot_step"] >= 0
     types = tb["token_type"]
-    if not bool((types[cot] >= 0).all()):
-        return {}
+    if not bool(cot.any()) or not bool((types[cot] >= 0).all()):
+        return {}  # no CoT, or tokens of unknown type
     g = torch.Generator().manual_seed(seed)
     is_result = (types == RESULT) & cot
     n_results = is_result.sum(-1)  # [B]

@@ -53,11 +53,18 @@ def _need_two(c: Compressed, name: str) -> None:
         raise ValueError(f"the {name} selector needs at least 2 examples per batch")
 
 
+def _shared(valid: torch.Tensor) -> torch.Tensor:
+    """``valid [L, B, H, M]`` where at least two examples fill the slot: a slot only one example
+    fills would hand it its own entry (or noise of zero spread around it)."""
+    return valid & (valid.sum(1, keepdim=True) >= 2)
+
+
 @dataclass
 class SlotMeanSelector(RKVSelector):
     """R-KV selection, then every example's targets replaced by the batch mean per layer, KV
     head, slot and dimension (over the examples whose slot is real). Each example still counts
-    for 1/B of the mean; a slot is real where the example's own slot was."""
+    for 1/B of the mean; a slot is real where the example's own slot was and at least one other
+    example's too."""
 
     name: str = "slot_mean"
     builds_entries = True
@@ -66,13 +73,14 @@ class SlotMeanSelector(RKVSelector):
         _need_two(c, self.name)
         mk, _, _ = batch_moments(c.keys, c.valid)
         mv, _, _ = batch_moments(c.values, c.valid)
-        return Compressed(mk.expand_as(c.keys).contiguous(), mv.expand_as(c.values).contiguous(), c.valid, None)
+        return Compressed(mk.expand_as(c.keys).contiguous(), mv.expand_as(c.values).contiguous(), _shared(c.valid), None)
 
 
 @dataclass
 class GaussianSelector(RKVSelector):
     """R-KV selection, then every example's targets replaced by Gaussian noise with the batch's
-    mean and (population) standard deviation of each entry, drawn with the selector's generator."""
+    mean and (population) standard deviation of each entry, drawn with the selector's generator;
+    slots as for :class:`SlotMeanSelector`."""
 
     name: str = "gaussian"
     builds_entries = True
@@ -84,7 +92,7 @@ class GaussianSelector(RKVSelector):
             mean, std, _ = batch_moments(x.float(), c.valid)
             noise = torch.randn(x.shape, generator=generator, device="cpu").to(x.device)
             out.append((mean + std * noise).to(x.dtype))
-        return Compressed(out[0], out[1], c.valid, None)
+        return Compressed(out[0], out[1], _shared(c.valid), None)
 
 
 def partners(source_ids: Sequence[str] | None, batch: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
