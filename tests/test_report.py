@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from kava.experiments.report import (
-    FAILS, HOLDS, UNMEASURED, ClaimNames, aggregate, check_claims, collect_runs, read_history, table_layout, write_report,
+    FAILS, HOLDS, NOT_ESTABLISHED, UNMEASURED, ClaimNames, aggregate, check_claims, collect_runs, read_history, table_layout,
+    write_report,
 )
 
 
@@ -103,31 +104,72 @@ def test_aggregation_gives_mean_and_sample_std_over_seeds(runs: Path):
     assert cells[("rkv", "synthetic-nl")]["name"] == "rkv@nl" and "cot" in labels
 
 
-def test_verdicts_follow_the_table(runs: Path):
+def test_verdicts_follow_the_tests(runs: Path):
     v = {x.claim: x for x in check_claims(aggregate(collect_runs(runs)))}
-    # (1) rkv 60 +- 10 (n=3) vs codi 41 +- 1.4 (n=2): +19, SE sqrt(0.1^2/3 + 0.0141^2/2) = 5.9
-    assert v["1"].status == HOLDS and v["1"].exceeds_se is True
-    assert "+19.0" in v["1"].details[0] and "combined SE 5.9" in v["1"].details[0]
-    # (2) right_crop (65) beats rkv (60): does not hold, although rkv beats mean_pool (40)
-    assert v["2"].status == FAILS and len(v["2"].details) == 2 and v["2"].exceeds_se is False
-    assert "-5.0" in v["2"].details[0] and "+20.0" in v["2"].details[1]
-    assert "no standard error (a single seed)" in v["2"].details[0]  # right_crop has one seed
+    # (1) rkv vs codi paired on seeds 0, 1 (codi seed 2 failed): differences +10, +18; the exact
+    # sign-flip p is 1/4 (2 pairs can never reach 0.05); 5 seeds at least (2^-5 < 0.05).
+    assert v["1"].status == NOT_ESTABLISHED and v["1"].p_value == pytest.approx(0.25) and v["1"].seeds_needed == 5
+    assert "paired by seed (n=2): mean difference +14.0" in v["1"].details[0] and "p = 0.25" in v["1"].details[0]
+    # (2) right_crop (seed 0 only, 65) shares one seed with rkv: a two-sample test; its mean is above
+    # rkv's, so no number of seeds is expected to establish the claim.
+    assert v["2"].status == NOT_ESTABLISHED and len(v["2"].details) == 2 and v["2"].seeds_needed is None
+    assert "no common seeds" in v["2"].details[0] and "difference of means -5.0" in v["2"].details[0]
+    assert "not in the claimed direction" in v["2"].text()
     # (3) no shuffled run
-    assert v["3"].status == UNMEASURED and v["3"].exceeds_se is None
-    # (4) drop rkv 60 -> 55 = 5, codi 41 -> 21 = 20: smaller with KaVa by 15
-    assert v["4"].status == HOLDS and "+15.0" in v["4"].details[0]
-    assert all(x.status in (HOLDS, FAILS, UNMEASURED) for x in v.values())
+    assert v["3"].status == UNMEASURED and v["3"].p_value is None
+    # (4) drops per seed: rkv -5, +5; codi +20, +20; CODI's minus KaVa's +25, +15: p = 1/4
+    assert v["4"].status == NOT_ESTABLISHED and "mean difference +20.0" in v["4"].details[0]
+    assert v["5"].status == UNMEASURED
+    assert all(x.status in (HOLDS, FAILS, NOT_ESTABLISHED, UNMEASURED) for x in v.values())
 
 
-def test_verdict_within_the_standard_error_and_custom_names(tmp_path: Path):
+def _arms(root: Path, arms: dict[str, list[float]], data: str = "synthetic") -> list[dict]:
+    for name, accs in arms.items():
+        for seed, acc in enumerate(accs):
+            make_run(root, name, seed, acc, data=data)
+    return aggregate(collect_runs(root))
+
+
+def test_claims_hold_only_when_the_paired_test_passes(tmp_path: Path):
+    rows = _arms(tmp_path, {
+        "rkv": [0.9, 0.8, 0.95, 0.7, 0.85, 0.9],
+        "codi": [0.5, 0.6, 0.4, 0.65, 0.55, 0.5],  # below rkv on all 6 seeds: p = 1/64
+        "shuffled": [0.95, 0.9, 0.97, 0.8, 0.9, 0.95],  # above rkv on all 6: the opposite holds
+        "slot_mean": [0.5, 0.5, 0.5, 0.5, 0.5, 0.5],
+        "counterfactual": [0.88, 0.82, 0.9, 0.75, 0.8, 0.92],  # +2, -2, +5, -5, +5, -2: no effect to speak of
+    })
+    v = {x.claim: x for x in check_claims(rows)}
+    assert v["1"].status == HOLDS and v["1"].p_value == pytest.approx(1 / 64) and v["1"].seeds_needed is None
+    assert "(passes)" in v["1"].details[0] and "sign test p = 0.0156" in v["1"].details[0]
+    assert "successes (>= 90.0%) 3/6 vs 0/6, Fisher p = 0.0909" in v["1"].details[0]
+    assert v["3"].status == FAILS  # shuffled better than rkv on every seed
+    # (5) slot_mean passes (p = 1/64) but counterfactual does not: the claim is not established.
+    assert v["5"].status == NOT_ESTABLISHED and len(v["5"].details) == 2
+    assert "(passes)" in v["5"].details[0] and "(passes)" not in v["5"].details[1]
+    assert v["5"].p_value > 0.05 and v["5"].seeds_needed and v["5"].seeds_needed > 6
+    # The level is the report's: at alpha = 0.01 claim 1 is no longer established (p = 0.0156).
+    strict = {x.claim: x for x in check_claims(rows, ClaimNames(alpha=0.01))}
+    assert strict["1"].status == NOT_ESTABLISHED and strict["1"].seeds_needed == 7  # 2^-7 < 0.01 <= 2^-6
+    assert "alpha = 0.01 one-sided" in strict["1"].text()
+
+
+def test_nl_claim_is_paired_over_all_four_cells(tmp_path: Path):
+    rows = _arms(tmp_path / "a", {"rkv": [0.9] * 5, "codi": [0.8] * 5})
+    rows += _arms(tmp_path / "b", {"rkv@nl": [0.85, 0.86, 0.84, 0.85, 0.85], "codi@nl": [0.5, 0.55, 0.45, 0.5, 0.6]}, data="synthetic-nl")
+    v = {x.claim: x for x in check_claims(rows)}
+    assert v["4"].status == HOLDS and v["4"].p_value == pytest.approx(1 / 32)
+
+
+def test_custom_names_and_unpaired_arms(tmp_path: Path):
     for seed, acc in enumerate((0.5, 0.7)):
         make_run(tmp_path, "rkv_M8", seed, acc)
-    for seed, acc in enumerate((0.55, 0.61)):
+    for seed, acc in ((5, 0.55), (6, 0.61)):
         make_run(tmp_path, "shuffled", seed, acc)
     rows = aggregate(collect_runs(tmp_path))
     v = {x.claim: x for x in check_claims(rows, ClaimNames(methods={**ClaimNames().methods, "kava": ("rkv_M8",)}))}
-    assert v["3"].status == HOLDS and v["3"].exceeds_se is False  # 60 vs 58: 2 < SE sqrt(0.1414^2/2 + 0.0424^2/2) = 10.4
-    assert "within" in v["3"].details[0]
+    # No common seeds: a two-sample test over the C(4, 2) = 6 relabellings; 60 vs 58 has p = 3/6.
+    assert v["3"].status == NOT_ESTABLISHED and v["3"].p_value == pytest.approx(0.5)
+    assert "no common seeds (2 vs 2)" in v["3"].details[0] and "exact two-sample permutation test" in v["3"].details[0]
     assert {x.claim: x.status for x in check_claims(rows)}["3"] == UNMEASURED  # default: kava/rkv absent
     pairs = ClaimNames(nl_pairs=[("a", "b")])
     assert {x.claim: x.status for x in check_claims(rows, pairs)}["4"] == UNMEASURED
@@ -158,7 +200,9 @@ def test_write_report_writes_tables_verdicts_and_plots(runs: Path, tmp_path: Pat
     md = (out / "results.md").read_text()
     assert "| rkv | 60.0 ± 10.0 | 4.0 | 55.0 ± 0.0 | 4.0 | 3/2 |" in md
     assert "| codi | 41.0 ± 1.4 | 5.5 | 21.0 ± 1.4 | 4.0 | 2 |" in md
-    assert "(1) KV distillation beats CODI-only: **holds**" in md and "**not measured**" in md
+    assert "(1) KV distillation beats CODI-only: **not established** (p = 0.25, alpha = 0.05 one-sided)" in md
+    assert "**not measured**" in md and "## Statistics" in md
+    assert "| rkv | synthetic | student | 3 | 60.0 | 50.0 – 70.0 | 0/3 | 0.0 – 70.8 |" in md
     assert "codi seed 2: failed (RuntimeError: boom)" in md
 
     tex = (out / "results.tex").read_text()
@@ -166,7 +210,8 @@ def test_write_report_writes_tables_verdicts_and_plots(runs: Path, tmp_path: Pat
     assert "right\\_crop & 65.0 $\\pm$ 0.0 & 4.0 & -- & -- \\\\" in tex
     assert "cot & \\textbf{90.0 $\\pm$ 0.0} & 37.0 & -- & -- \\\\" in tex  # the best of its column is bold
     verdicts = json.loads((out / "verdicts.json").read_text())
-    assert [v["status"] for v in verdicts] == [HOLDS, FAILS, UNMEASURED, HOLDS]
+    assert [v["status"] for v in verdicts] == [NOT_ESTABLISHED, NOT_ESTABLISHED, UNMEASURED, NOT_ESTABLISHED, UNMEASURED]
+    assert verdicts[0]["p_value"] == pytest.approx(0.25) and verdicts[0]["alpha"] == 0.05
 
 
 def test_no_kv_cosine_file_means_no_heatmap(tmp_path: Path):
@@ -197,3 +242,29 @@ def test_a_malformed_kv_cosine_file_is_a_one_line_error(tmp_path: Path, capsys):
     (bad / "kv_cosine.json").write_text("{not json")
     assert main(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "r")]) == 1
     assert "not valid JSON" in capsys.readouterr().err
+
+
+def _instruments(run: Path, rows: list[tuple[int, float, float]], keeps: dict | None = None) -> None:
+    lines = [{"step": s, "held_out": True, "n": 8, "logit_lens": {"slots": [{"slot": 0, "n": 8, "aligned": lens}], "aligned_mean": lens},
+              "kv_alignment": {"n": 8, "own_below_neighbour": own, "gap": own - 0.5, "own_below_slot_mean": 0.25}} for s, lens, own in rows]
+    (run / "instruments.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    if keeps is not None:
+        (run / "selector_keeps.json").write_text(json.dumps({"step": 2, "selectors": keeps}))
+
+
+def test_report_shows_the_instruments(tmp_path: Path):
+    keeps = {"rkv": {"shares": {"close": 0.5, "result": 0.1, "digit": 0.4}, "result_recall": 0.2},
+             "oracle": {"shares": {"result": 0.9, "digit": 0.1}, "result_recall": 0.95}, "_cot": {"shares": {"result": 0.2, "digit": 0.8}}}
+    _instruments(make_run(tmp_path / "runs", "rkv", 0, 0.5), [(1, 0.1, 0.4), (2, 0.3, 0.8), (2, 0.5, 0.9)], keeps)  # step 2 twice: last wins
+    _instruments(make_run(tmp_path / "runs", "rkv", 1, 0.6), [(2, 0.1, 0.6)], keeps)
+    make_run(tmp_path / "runs", "codi", 0, 0.4)
+    report = write_report(tmp_path / "runs", tmp_path / "out")
+    names = {p.name for p in report.files}
+    assert {"instruments.png", "logit_lens_slots.png", "selector_keeps.png"} <= names
+    md = (tmp_path / "out" / "results.md").read_text()
+    # rkv: lens (0.5 + 0.1) / 2 = 30%, own < neighbour (0.9 + 0.6) / 2 = 75%, gap (0.4 + 0.1) / 2
+    assert "| rkv | synthetic | 2 | yes | 2 | 30.0 | 75.0 | +0.250 | 25.0 |" in md
+    assert "| codi |" not in md.split("## Instruments")[1]
+    (tmp_path / "runs" / "rkv" / "seed1" / "instruments.jsonl").write_text("{not json\n")
+    with pytest.raises(ValueError, match=r"instruments.jsonl:1: not an instruments row"):
+        collect_runs(tmp_path / "runs")

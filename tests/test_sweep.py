@@ -294,3 +294,31 @@ def test_the_teachers_experiment_expands_to_valid_teacher_lists():
     fused = by_name["fused"]
     assert [t.name_or_path for t in fused.teachers.models] == ["runs/curriculum/cot-large", "runs/curriculum/cot-qwen"]
     assert fused.teachers.fusion == "router" and fused.loss.rope == "pre"
+
+
+def test_a_run_may_have_its_own_seeds_and_extra_overrides_come_last(tmp_path: Path):
+    path = write_sweep(tmp_path, {"seeds": [0, 1, 2], "runs": {"a": {"train.lr": 0.1}, "b": {"train.lr": 0.2, "seeds": [5]}}})
+    specs = expand_sweep(path, extra=["train.lr=0.5", "train.max_steps=1"], output_dir=tmp_path / "smoke")
+    assert [(s.name, s.seed) for s in specs] == [("a", 0), ("a", 1), ("a", 2), ("b", 5)]
+    cfg = specs[-1].config()
+    assert cfg.train.lr == 0.5 and cfg.train.max_steps == 1 and cfg.train.seed == 5
+    assert specs[-1].output_dir == tmp_path / "smoke" / "b" / "seed5" and "seeds" not in specs[-1].params
+    with pytest.raises(SweepError, match="runs.b: 'seeds' has duplicates"):
+        expand_sweep(write_sweep(tmp_path, {"runs": {"b": {"seeds": [1, 1]}}}))
+    with pytest.raises(SweepError, match="expected KEY=VALUE"):
+        expand_sweep(path, extra=["train.lr"])
+
+
+def test_the_testbed_ablation_sweep_resolves_with_the_seeds_it_promises():
+    specs = expand_sweep(REPO / "configs" / "sweeps" / "ablations-testbed.yaml", validate=True)
+    seeds: dict[str, list[int]] = {}
+    for s in specs:
+        seeds.setdefault(s.name, []).append(s.seed)
+    ten = ("rkv", "codi", "slot_mean", "counterfactual")
+    five = ("mean_pool", "right_crop", "shuffled", "gaussian", "oracle")
+    assert set(seeds) == {f"{n}{v}" for n in ten + five for v in ("", "@nl")}
+    assert all(len(seeds[n]) >= 10 for n in seeds if n.split("@")[0] in ten)
+    assert all(len(seeds[n]) >= 5 for n in seeds)
+    nl = next(s for s in specs if s.name == "rkv@nl").config()
+    assert nl.data.train == nl.data.eval == "synthetic-products-nl" and "teacher-nl" in nl.model.init_from
+    assert next(s for s in specs if s.name == "counterfactual").config().loss.compression == "counterfactual"

@@ -22,7 +22,7 @@ from decimal import Decimal
 from fractions import Fraction
 from functools import lru_cache
 
-__all__ = ["GRADERS", "extract_number", "find_numbers", "format_number", "is_correct", "parse_number"]
+__all__ = ["GRADERS", "extract_number", "find_numbers", "format_number", "is_correct", "number_spans", "parse_number"]
 
 GRADERS = ("strict", "flexible")
 
@@ -76,6 +76,16 @@ def _matches(text: str) -> list[re.Match[str]]:
 def find_numbers(text: str) -> list[str]:
     """Every number in `text`, as written (sign, currency and percent stripped of spaces)."""
     return [m.group(0).strip() for m in _matches(text)]
+
+
+def number_spans(text: str) -> list[tuple[int, int]]:
+    """``(start, end)`` character span of the digits of every number in `text` (integer part to
+    denominator; sign, currency and percent left out), in the order :func:`find_numbers` gives."""
+    out = []
+    for m in _matches(text):
+        parts = [m.span(g) for g in ("int", "frac", "den") if m.group(g)]
+        out.append((parts[0][0], parts[-1][1]))
+    return out
 
 
 def parse_number(token: str) -> float | None:

@@ -291,6 +291,9 @@ class EvalConfig:
     max_new_tokens: int = _f(32, "answer tokens to generate (student and no-CoT)")
     max_cot_tokens: int = _f(256, "CoT tokens to generate (teacher mode)")
     modes: list = _f(["student"], "what to evaluate: student, cot, nocot")
+    instruments: bool = _f(True, "kava runs: write the logit lens, KV alignment (instruments.jsonl) and what each selector "
+                                 "keeps (selector_keeps.json) at every evaluation point and at the end")
+    instrument_examples: int = _f(64, "held-out examples the instruments are measured on (one batch)")
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
@@ -299,6 +302,7 @@ class EvalConfig:
         _check(bool(self.modes), "eval.modes", "give at least one of student, cot, nocot")
         for m in self.modes:
             _choice(m, "eval.modes", ("student", "cot", "nocot"))
+        _check(self.instrument_examples >= 2, "eval.instrument_examples", "must be >= 2 (the KV alignment pairs examples)")
 
 
 @dataclass
@@ -315,12 +319,16 @@ class KavaConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
-        if self.loss.compression == "shuffled":
-            _check(self.train.batch_size >= 2, "train.batch_size", "the shuffled selector needs at least 2 examples per batch")
+        batch_controls = ("shuffled", "slot_mean", "gaussian")
+        if self.loss.compression in batch_controls:
+            _check(self.train.batch_size >= 2, "train.batch_size", f"the {self.loss.compression} selector needs at least 2 examples per batch")
         if self.loss.teacher_cache:
             _check(not self.curriculum.enabled, "curriculum.enabled", "curriculum stages are not supported with offline teacher caches (loss.teacher_cache)")
-            _check(self.loss.compression != "shuffled", "loss.compression", "'shuffled' takes another example of the batch and cannot be read from loss.teacher_cache")
+            _check(self.loss.compression not in (*batch_controls, "counterfactual", "oracle"), "loss.compression",
+                   f"{self.loss.compression!r} needs the batch or the teacher's tokens and cannot be read from loss.teacher_cache")
         if self.teachers.models:
+            _check(self.loss.compression not in ("counterfactual", "oracle"), "loss.compression",
+                   f"{self.loss.compression!r} reads the student's own teacher; it cannot be combined with teachers.models")
             _check(not self.loss.teacher_cache, "loss.teacher_cache", "offline caches hold the student's own teacher; they cannot be combined with teachers.models")
             _check(self.loss.compression != "none" and self.loss.alpha_kv > 0, "teachers.models",
                    "other teachers give KV targets: set loss.compression and loss.alpha_kv > 0")

@@ -9,7 +9,9 @@ import sys
 def _names(args: argparse.Namespace):
     from ..experiments.report import ClaimNames
 
-    names = ClaimNames(mode=args.mode)
+    if not 0 < args.alpha < 1:
+        raise ValueError(f"--alpha {args.alpha}: must be between 0 and 1")
+    names = ClaimNames(mode=args.mode, alpha=args.alpha, success_at=args.success_at)
     for item in args.method:
         role, _, found = item.partition("=")
         if not role or not found:
@@ -40,7 +42,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not report.runs:
         print(f"kava: error: no run folders (with a status.json) under {args.runs_dir}", file=sys.stderr)
         return 1
-    print(to_report_markdown(report.runs, report.rows, report.verdicts))
+    print(to_report_markdown(report.runs, report.rows, report.verdicts, names))
     print("written: " + ", ".join(str(f) for f in report.files))
     return 0
 
@@ -55,8 +57,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", default="student", choices=("student", "cot", "nocot"),
                    help="eval mode the claims are checked on")
     p.add_argument("--method", action="append", default=[], metavar="ROLE=NAME[,NAME]",
-                   help="which method names play a role in the claims (roles: codi, kava, right_crop, mean_pool, shuffled); "
+                   help="which method names play a role in the claims (roles: codi, kava, right_crop, mean_pool, shuffled, "
+                        "slot_mean, counterfactual); "
                         "repeatable, e.g. --method kava=rkv_M8")
     p.add_argument("--nl-pair", action="append", default=[], metavar="EQ:NL",
                    help="an equation/natural-language dataset pair for claim 4 (default: every X-nl with its X); repeatable")
+    p.add_argument("--alpha", type=float, default=0.05, help="one-sided level every claim is tested at (default 0.05)")
+    p.add_argument("--success-at", type=float, default=0.9, metavar="ACC",
+                   help="accuracy (a fraction) from which a seed counts as a success, for the success rates (default 0.9)")
     p.set_defaults(func=cmd_report)

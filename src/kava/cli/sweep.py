@@ -12,7 +12,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from ..experiments.sweep import SweepError, describe, expand_sweep, run_local, submit_slurm, write_pbs
 
     try:
-        specs = expand_sweep(args.sweep, validate=True)
+        specs = expand_sweep(args.sweep, validate=True, extra=args.set, output_dir=args.output_dir)
         if args.only:
             specs = [s for s in specs if any(fnmatch.fnmatchcase(s.name, pat) for pat in args.only)]
             if not specs:
@@ -54,6 +54,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dry-run", action="store_true", help="list the runs, their state and overrides; run nothing")
     p.add_argument("--only", action="append", default=[], metavar="PATTERN",
                    help="run only names matching this glob (repeatable), e.g. --only 'rkv*'")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override applied to every run after the sweep's own values (repeatable), "
+                        "e.g. --set train.max_steps=2 for a smoke test")
+    p.add_argument("--output-dir", default=None, metavar="DIR",
+                   help="put the run folders under DIR instead of the sweep's output_dir (use it with --set)")
     p.add_argument("--no-resume", action="store_true",
                    help="start every run from scratch (refused where a run folder already holds a run)")
     p.add_argument("--overwrite", action="store_true",

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from kava.answers import find_numbers, format_number, parse_number
+from kava.answers import find_numbers, format_number, number_spans, parse_number
 
 __all__ = [
     "DataError",
@@ -25,6 +25,7 @@ __all__ = [
     "example_from_record",
     "example_to_record",
     "parse_gsm8k_solution",
+    "result_span",
     "step_result",
     "step_results",
 ]
@@ -152,6 +153,26 @@ def step_result(step: str) -> str | None:
     if not numbers:
         return None
     return numbers[-1].rstrip("%").strip()
+
+
+def result_span(step: str) -> tuple[int, int] | None:
+    """Where :func:`step_result` sits in ``step``: the ``(start, end)`` characters of the result
+    (after the last '=' of the last annotation, stripped, or the digits of the last number);
+    None when the step states none."""
+    annotations = list(_ANNOTATION_RE.finditer(step))
+    if annotations:
+        m = annotations[-1]
+        inner = m.group(1)
+        if "=" in inner:
+            start = m.start(1) + inner.rindex("=") + 1
+            end = m.end(1)
+            while start < end and step[start].isspace():
+                start += 1
+            while end > start and step[end - 1].isspace():
+                end -= 1
+            return (start, end) if end > start else None
+    spans = number_spans(step)
+    return spans[-1] if spans else None
 
 
 def step_results(ex: Example) -> list[str | None]:

@@ -16,11 +16,41 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import DataConfig
-from .schema import Example, step_result
+from .schema import Example, result_span, step_result
 
 BOT = "<bot>"
 EOT = "<eot>"
 IGNORE = -100
+
+TOKEN_TYPES = ("word", "digit", "result", "operator", "equals", "open", "close", "separator")
+"""What a CoT token is (its code is its index; -1 outside the CoT): ``result`` holds a character
+of its step's result (:func:`kava.data.schema.result_span`); ``digit`` any other digit; ``operator``
+``+ - * / x`` or ``plus minus times divided``; ``equals`` ``=`` or the word ``is``/``equals``;
+``open`` / ``close`` the ``<<`` / ``>>`` of an annotation; ``separator`` white space and
+punctuation; ``word`` anything else."""
+RESULT = TOKEN_TYPES.index("result")
+_OPERATORS = {"+", "-", "*", "/", "x", "×", "÷", "−", "plus", "minus", "times", "divided", "by"}
+_EQUALS = {"=", "is", "equals", "gives"}
+
+
+def token_type(piece: str, is_result: bool) -> int:
+    """The :data:`TOKEN_TYPES` code of a CoT token whose text is ``piece``."""
+    if is_result:
+        return RESULT
+    text = piece.strip()
+    if not text or all(not c.isalnum() and c not in "<>=+-*/" for c in text):
+        return TOKEN_TYPES.index("separator")
+    if text == "<<" or text == "<":
+        return TOKEN_TYPES.index("open")
+    if text == ">>" or text == ">":
+        return TOKEN_TYPES.index("close")
+    if text.lower() in _EQUALS:
+        return TOKEN_TYPES.index("equals")
+    if text.lower() in _OPERATORS:
+        return TOKEN_TYPES.index("operator")
+    if any(c.isdigit() for c in text):
+        return TOKEN_TYPES.index("digit")
+    return TOKEN_TYPES.index("word")
 
 
 class SequenceError(ValueError):
@@ -39,6 +69,8 @@ class Encoded:
     gold: str = ""
     source_id: str = ""
     example: Example | None = None  # the text it came from (a teacher with another tokenizer re-encodes it)
+    # The TOKEN_TYPES code of every token of every step (empty: not known, e.g. a slow tokenizer)
+    step_types: list[list[int]] = field(default_factory=list)
 
 
 class TextEncoder:
@@ -80,9 +112,30 @@ class TextEncoder:
             return self.ids(prompt)
         return self.bos + self.ids(text)
 
+    def typed_ids(self, text: str, result: tuple[int, int] | None) -> tuple[list[int], list[int] | None]:
+        """The ids of ``text`` and the :data:`TOKEN_TYPES` code of each (None without a fast
+        tokenizer's character offsets); ``result``: the result's characters in ``text``."""
+        if not text:
+            return [], []
+        if not getattr(self.tok, "is_fast", False):
+            return self.ids(text), None
+        enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        types = []
+        for a, b in enc.offset_mapping:
+            hit = result is not None and a < result[1] and b > result[0]
+            types.append(token_type(text[a:b], hit))
+        return list(enc.input_ids), types
+
     def encode(self, ex: Example) -> Encoded:
         question = self.question_ids(ex.question)
-        steps = [self.ids((self.cfg.step_separator if i else "") + s) for i, s in enumerate(ex.steps)]
+        steps, types = [], []
+        for i, s in enumerate(ex.steps):
+            sep = self.cfg.step_separator if i else ""
+            span = result_span(s)
+            ids, t = self.typed_ids(sep + s, None if span is None else (span[0] + len(sep), span[1] + len(sep)))
+            steps.append(ids)
+            types.append(t)
+        step_types = [] if any(t is None for t in types) else types
         answer = self.ids(self.cfg.answer_template.format(answer=ex.answer)) + [self.tok.eos_token_id]
         targets = []
         for s in ex.steps:
@@ -94,7 +147,7 @@ class TextEncoder:
         n_cot = sum(map(len, steps))
         if n_cot > self.cfg.max_cot_tokens:
             raise SequenceError(f"example {ex.source_id}: CoT has {n_cot} tokens > data.max_cot_tokens")
-        return Encoded(question, steps, list(self.answer_prefix_ids), answer, targets, str(ex.answer), ex.source_id, ex)
+        return Encoded(question, steps, list(self.answer_prefix_ids), answer, targets, str(ex.answer), ex.source_id, ex, step_types)
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -129,19 +182,26 @@ def teacher_batch(encs: list[Encoded], pad_id: int, *, with_cot: bool = True, dr
     Returns ``input_ids``, ``attention_mask``, ``labels`` (aligned: CE on C and A) and
     ``label_index`` (the flat positions that carry a label, see :func:`label_index`),
     ``cot_step`` (step index per position, -1 elsewhere), ``answer_pos`` / ``answer_valid``
-    (positions of the answer segment, ``[B, A]``) and ``distill_pos`` (last answer-prefix token).
+    (positions of the answer segment, ``[B, A]``), ``distill_pos`` (last answer-prefix token) and
+    ``token_type`` (the :data:`TOKEN_TYPES` code of each CoT token, -1 elsewhere and wherever the
+    encoder did not know it).
     """
-    rows, labels, cot_step, answer_pos, distill = [], [], [], [], []
+    rows, labels, cot_step, answer_pos, distill, types = [], [], [], [], [], []
     for e in encs:
         steps = teacher_steps(e, drop_last_step) if with_cot else []
         seq = list(e.question)
         step_ids = [-1] * len(seq)
+        type_ids = [-1] * len(seq)
         for s, ids in enumerate(steps):
             seq += ids
             step_ids += [s] * len(ids)
+            known = s < len(e.step_types) and len(e.step_types[s]) == len(ids)
+            type_ids += e.step_types[s] if known else [-1] * len(ids)
         a0 = len(seq)
         seq += e.answer_prefix + e.answer
         step_ids += [-1] * (len(seq) - a0)
+        type_ids += [-1] * (len(seq) - a0)
+        types.append(type_ids)
         learn_from = len(e.question)  # first token that is predicted
         lab = [IGNORE] * len(seq)
         for i in range(learn_from - 1, len(seq) - 1):
@@ -162,6 +222,7 @@ def teacher_batch(encs: list[Encoded], pad_id: int, *, with_cot: bool = True, dr
         "labels": lab,
         "label_index": label_index(lab),
         "cot_step": _pad_right(cot_step, -1),
+        "token_type": _pad_right(types, -1),
         "answer_pos": apos,
         "answer_valid": avalid,
         "distill_pos": torch.tensor(distill, dtype=torch.long),

@@ -58,6 +58,9 @@ def extract(
     check_config(cfg)
     if cfg.loss.compression == "none":
         raise ConfigError("config field 'loss.compression': 'none' has no KV targets to extract")
+    if cfg.loss.compression in ("shuffled", "slot_mean", "gaussian", "counterfactual"):
+        raise ConfigError(f"config field 'loss.compression': {cfg.loss.compression!r} makes its targets at training time "
+                          "(from the batch or a counterfactual pass) and cannot be extracted")
     if shard_size < 1:
         raise ConfigError(f"--shard-size must be >= 1, got {shard_size}")
     if num_shards < 1 or not 0 <= shard < num_shards:

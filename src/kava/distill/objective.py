@@ -135,6 +135,9 @@ class Objective(nn.Module):
             return {"teacher": teacher_batch(encs, self.pad_id, with_cot=False)}
         if mode == "teacher":  # the KaVa teacher's own sequence: under drop_last_step, the CoT without its last step
             return {"teacher": teacher_batch(encs, self.pad_id, with_cot=True, drop_last_step=self.cfg.loss.drop_last_step)}
+        if self.selector is not None and self.selector.needs_token_types and any(e.steps and not e.step_types for e in encs):
+            raise ValueError(f"loss.compression={self.cfg.loss.compression} needs the token type of every CoT token, "
+                             "which needs a fast tokenizer (character offsets)")
         stage = self.stage_at(step)
         seq_stage = self.sequence_stage(stage)
         lat = self.cfg.latent
@@ -282,27 +285,31 @@ class Objective(nn.Module):
         return [[None if v != v else round(v, 4) for v in row] for row in grid.tolist()]
 
     def teacher_targets(self, teacher, tb: dict, stage: int | None, m: int, model: KavaModel | None = None,
-                        source_ids: list[str] | None = None) -> Compressed:
+                        source_ids: list[str] | None = None, selector=None) -> Compressed:
         """The teacher's compressed CoT cache: ``m`` slots per layer and KV head.
 
         ``stage``: the sequence stage (only its first ``stage`` CoT steps are compressed; None:
         the whole CoT). ``model``: the model that produced ``teacher`` (default the student's
         own), whose RoPE is undone for ``loss.rope=pre``. ``source_ids``: the examples' ids,
-        so the shuffled control never hands an example a copy of its own targets.
+        so the shuffled control never hands an example a copy of its own targets. ``selector``: another
+        selector than the run's (the instruments compare the run against R-KV targets).
         """
+        selector = selector or self.selector
         cot = tb["cot_step"] >= 0
         if stage is not None:
             cot = cot & (tb["cot_step"] < stage)
         answer_valid = tb["answer_valid"]
+        types = tb.get("token_type")
         with torch.no_grad():
             keys, values = teacher.keys, teacher.values
             if self.cfg.loss.rope == "post":
-                return compress_cache(self.selector, keys, values, teacher.queries, cot, answer_valid, m, self.generator, source_ids)
+                return compress_cache(selector, keys, values, teacher.queries, cot, answer_valid, m, self.generator, source_ids,
+                                      types)
             # Score on the cached (post-RoPE) keys, but carry RoPE-free keys through the same
             # gather / pooling / shuffling by packing them beside the values.
             pos = torch.arange(keys.shape[3], device=cot.device)[None].expand(cot.shape[0], -1)
             packed = torch.cat([values, self.unrotate(keys, pos, model)], -1)
-            c = compress_cache(self.selector, keys, packed, teacher.queries, cot, answer_valid, m, self.generator, source_ids)
+            c = compress_cache(selector, keys, packed, teacher.queries, cot, answer_valid, m, self.generator, source_ids, types)
             d = values.shape[-1]
             c = Compressed(c.values[..., d:], c.values[..., :d], c.valid, c.indices)
         return c

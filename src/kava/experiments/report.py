@@ -9,7 +9,9 @@ same name. Over the seeds of one name, dataset and eval mode, accuracy and forwa
 are given as mean and sample std (0 for one seed).
 
 Accuracies are fractions in ``results.csv`` and ``verdicts.json``, percentages in the
-Markdown and LaTeX tables and in the verdict text.
+Markdown and LaTeX tables and in the verdict text. The claims are tested seed by seed with the
+exact tests of :mod:`kava.experiments.stats`: a claim holds only when its test passes at the level
+the report states.
 
 Plots (matplotlib, Agg canvas, no display needed): accuracy against forward passes,
 training curves (loss terms against step, mean over seeds), and, for every run folder that
@@ -34,10 +36,11 @@ from typing import Any
 import yaml
 
 from ..io import atomic_write, atomic_write_json, atomic_write_text
+from . import stats
 
 log = logging.getLogger("kava.report")  # the name its log lines have always had
 
-HOLDS, FAILS, UNMEASURED = "holds", "does not hold", "not measured"
+HOLDS, FAILS, NOT_ESTABLISHED, UNMEASURED = "holds", "does not hold", "not established", "not measured"
 LOSS_TERMS = ("loss", "ce_student", "ce_teacher", "codi", "kv", "kv_cos", "latent_ce")
 _SEED_DIR = re.compile(r"seed(\d+)")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._@+-]+")
@@ -109,6 +112,23 @@ def read_history(run_dir: str | Path) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
+def read_instruments(run_dir: str | Path) -> list[dict]:
+    """The rows of ``instruments.jsonl`` by step (see :mod:`kava.distill.instruments`); the last
+    row of a step logged twice (a resumed run) wins."""
+    path = Path(run_dir) / "instruments.jsonl"
+    if not path.is_file():
+        return []
+    by_step: dict[int, dict] = {}
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+                by_step[int(row["step"])] = row
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"{path}:{n}: not an instruments row ({e})") from None
+    return [by_step[s] for s in sorted(by_step)]
+
+
 def dataset_label(train_data: str, eval_data: str) -> str:
     """``eval`` when it is the training data's name too, else ``train→eval``."""
     return eval_data if train_data == eval_data or not train_data else f"{train_data}→{eval_data}"
@@ -124,8 +144,9 @@ def collect_runs(runs_dir: str | Path, skipped: list[str] | None = None) -> list
 
     Keys: name, method, seed, path, state, step, max_steps, error, train_data, eval_data,
     dataset, mode (train.mode), config (the raw ``config.yaml`` mapping), eval
-    (``{mode: metrics}`` from ``eval_metrics.json``, else from ``status.json``) and
-    last_metrics (the last ``metrics.jsonl`` row, else ``status["train"]``).
+    (``{mode: metrics}`` from ``eval_metrics.json``, else from ``status.json``),
+    last_metrics (the last ``metrics.jsonl`` row, else ``status["train"]``), instruments (the
+    ``instruments.jsonl`` rows) and selector_keeps (``selector_keeps.json``, or None).
 
     A run folder with a malformed ``status.json``, ``config.yaml``, ``eval_metrics.json`` or
     ``metrics.jsonl`` is skipped with a warning naming the file (and line), added to
@@ -174,6 +195,7 @@ def _collect_run(root: Path, run_dir: Path, rel: Path, status_path: Path) -> dic
         "dataset": dataset_label(train_data, eval_data), "mode": config.get("train", {}).get("mode", ""),
         "config": config, "eval": evals,
         "last_metrics": history[-1] if history else status.get("train") or {},
+        "instruments": read_instruments(run_dir), "selector_keeps": _read_json(run_dir / "selector_keeps.json"),
     }
 
 
@@ -193,8 +215,9 @@ def aggregate(runs: Iterable[dict]) -> list[dict]:
 
     Row keys: name, method, dataset, train_data, eval_data, mode, n (seeds), seeds, and
     ``<field>_mean`` / ``<field>_std`` for accuracy, forward_passes, generated_tokens,
-    kv_cache_bytes, peak_kv_cache_bytes and wall_time_s; n_examples (eval examples per seed)
-    and unfinished (seeds of this name and dataset without a finished state).
+    kv_cache_bytes, peak_kv_cache_bytes and wall_time_s; by_seed (``{seed: accuracy}``, what the
+    claims are tested on); n_examples (eval examples per seed) and unfinished (seeds of this name
+    and dataset without a finished state).
     """
     runs = list(runs)
     groups: dict[tuple[str, str, str], list[dict]] = {}
@@ -211,6 +234,7 @@ def aggregate(runs: Iterable[dict]) -> list[dict]:
         }
         for f in _EVAL_FIELDS:
             row[f"{f}_mean"], row[f"{f}_std"] = mean_std([i["metrics"].get(f) for i in items])
+        row["by_seed"] = {i["run"]["seed"]: float(i["metrics"]["accuracy"]) for i in items if i["metrics"].get("accuracy") is not None}
         row["n_examples"] = min(int(i["metrics"].get("n", 0)) for i in items)
         row["unfinished"] = sum(1 for r in runs if r["name"] == name and r["dataset"] == dataset and r["state"] != "finished")
         rows.append(row)
@@ -228,46 +252,61 @@ def sem(row: dict, field_name: str = "accuracy") -> float:
 
 @dataclass
 class ClaimNames:
-    """Which run methods stand for the roles the claims name, and which datasets pair up.
+    """Which run methods stand for the roles the claims name, which datasets pair up, and the
+    level the claims are tested at.
 
     ``methods[role]`` lists method names (the first one present is used). ``nl_pairs`` is
     a list of ``(equation dataset, natural-language dataset)`` labels; left empty, every
-    dataset label containing ``-nl`` is paired with the same label without it.
+    dataset label containing ``-nl`` is paired with the same label without it. ``alpha``: the
+    one-sided level of every test; ``success_at``: the accuracy from which a seed counts as a
+    success (for the success rates and Fisher's test beside the main test).
     """
 
     methods: dict[str, tuple[str, ...]] = field(default_factory=lambda: {
         "codi": ("codi",), "kava": ("kava", "rkv"), "right_crop": ("right_crop",),
-        "mean_pool": ("mean_pool",), "shuffled": ("shuffled",),
+        "mean_pool": ("mean_pool",), "shuffled": ("shuffled",), "slot_mean": ("slot_mean",),
+        "counterfactual": ("counterfactual",),
     })
     nl_pairs: list[tuple[str, str]] = field(default_factory=list)
     mode: str = "student"
+    alpha: float = 0.05
+    success_at: float = 0.9
+    power: float = 0.8
 
 
 @dataclass
 class Verdict:
-    """One claim checked against the table: status is ``holds``, ``does not hold`` or ``not measured``."""
+    """One claim tested against the runs: ``holds``, ``does not hold`` (the opposite passes its
+    test), ``not established`` or ``not measured``."""
 
     claim: str
     statement: str
     status: str
     details: list[str] = field(default_factory=list)
-    exceeds_se: bool | None = None
-    """Whether every difference behind the verdict exceeds its combined standard error."""
+    p_value: float | None = None
+    """The claim's p-value: the largest of its comparisons' one-sided p-values (a claim made of
+    several comparisons holds only when every one passes: an intersection-union test)."""
+    alpha: float = 0.05
+    seeds_needed: int | None = None
+    """Where not established: the seeds per arm its weakest comparison would need (None: the
+    observed difference points the other way, or it holds)."""
 
     def text(self) -> str:
         head = f"({self.claim}) {self.statement}: **{self.status}**"
-        if self.exceeds_se is not None:
-            if self.exceeds_se:
-                head += " (every difference exceeds the combined standard error)"
-            elif self.status == HOLDS:
-                head += " in the means only: not every difference exceeds the combined standard error"
-            else:
-                head += " (not every difference exceeds the combined standard error)"
+        if self.p_value is not None:
+            head += f" (p = {_p(self.p_value)}, alpha = {self.alpha:g} one-sided)"
+        if self.status == NOT_ESTABLISHED:
+            head += (f"; about {self.seeds_needed} seeds per arm would be needed at the observed effect and spread"
+                     if self.seeds_needed else "; the observed difference is not in the claimed direction")
         return "\n".join([head, *(f"  - {d}" for d in self.details)])
 
 
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}"
+
+
+def _p(p: float) -> str:
+    return f"{p:.3g}" if p >= 1e-3 else f"{p:.1e}"
 
 
 def _cell(row: dict) -> str:
@@ -290,36 +329,58 @@ class _Table:
         return None
 
 
-def _beats(table: _Table, winner: str, loser: str) -> tuple[list[str], list[bool], list[bool]]:
-    """For every dataset with both roles: a detail line, whether winner > loser, whether it exceeds the SE."""
-    details, holds, exceeds = [], [], []
+@dataclass
+class _Test:
+    """One comparison behind a claim: its line of text and its outcome."""
+
+    detail: str
+    comparison: stats.Comparison
+
+
+def _successes(row: dict, at: float) -> tuple[int, int]:
+    vals = list(row["by_seed"].values())
+    return sum(v >= at for v in vals), len(vals)
+
+
+def _describe(c: stats.Comparison, names: ClaimNames) -> str:
+    if c.paired:
+        ci = f" (95% bootstrap CI {100 * c.diff_ci[0]:+.1f} to {100 * c.diff_ci[1]:+.1f})" if c.diff_ci else ""
+        text = (f"paired by seed (n={len(c.seeds)}): mean difference {100 * c.mean_diff:+.1f}{ci}; {c.test} p = {_p(c.p)},"
+                f" sign test p = {_p(c.sign_p)}")
+    else:
+        text = f"no common seeds ({c.n_a} vs {c.n_b}): difference of means {100 * c.mean_diff:+.1f}; {c.test} p = {_p(c.p)}"
+    return text + (" (passes)" if c.p <= names.alpha else "")
+
+
+def _beats(table: _Table, winner: str, loser: str) -> list[_Test]:
+    """For every dataset with both roles, the one-sided test that ``winner`` is more accurate."""
+    out = []
     for ds in table.datasets:
         a, b = table.get(winner, ds), table.get(loser, ds)
         if a is None or b is None:
             continue
-        diff = a["accuracy_mean"] - b["accuracy_mean"]
-        ok, note = _against_se(diff, [a, b])
-        holds.append(diff > 0)
-        exceeds.append(ok)
-        details.append(f"{ds}: {_cell(a)} vs {_cell(b)}: difference {100 * diff:+.1f}, {note}")
-    return details, holds, exceeds
+        c = stats.compare(a["by_seed"], b["by_seed"])
+        ka, na = _successes(a, table.names.success_at)
+        kb, nb = _successes(b, table.names.success_at)
+        fisher = stats.fisher_greater(ka, na, kb, nb)
+        out.append(_Test(f"{ds}: {_cell(a)} vs {_cell(b)}: {_describe(c, table.names)}; successes"
+                         f" (>= {_pct(table.names.success_at)}%) {ka}/{na} vs {kb}/{nb}, Fisher p = {_p(fisher)}", c))
+    return out
 
 
-def _against_se(diff: float, cells: Sequence[dict]) -> tuple[bool, str]:
-    """Whether ``|diff|`` exceeds the combined standard error of ``cells``, and words saying so.
-
-    With a single seed on either side there is no error estimate: that never counts as exceeding.
-    """
-    if any(c["n"] < 2 for c in cells):
-        return False, "no standard error (a single seed)"
-    se = math.sqrt(sum(sem(c) ** 2 for c in cells))
-    return abs(diff) > se, f"combined SE {100 * se:.1f} ({'exceeds' if abs(diff) > se else 'within'} it)"
-
-
-def _verdict(claim: str, statement: str, details: list[str], holds: list[bool], exceeds: list[bool], missing: str) -> Verdict:
-    if not holds:
-        return Verdict(claim, statement, UNMEASURED, [missing])
-    return Verdict(claim, statement, HOLDS if all(holds) else FAILS, details, all(exceeds))
+def _verdict(claim: str, statement: str, tests: list[_Test], missing: str, names: ClaimNames) -> Verdict:
+    """``holds`` when every comparison passes at ``alpha``; ``does not hold`` when one passes the
+    opposite way; else ``not established`` with the seeds the weakest comparison would need."""
+    if not tests:
+        return Verdict(claim, statement, UNMEASURED, [missing], alpha=names.alpha)
+    details = [t.detail for t in tests]
+    p = max(t.comparison.p for t in tests)
+    if p <= names.alpha:
+        return Verdict(claim, statement, HOLDS, details, p, names.alpha)
+    if any(t.comparison.p_reverse <= names.alpha for t in tests):
+        return Verdict(claim, statement, FAILS, details, p, names.alpha)
+    needs = [t.comparison.needed(names.alpha, names.power) for t in tests if t.comparison.p > names.alpha]
+    return Verdict(claim, statement, NOT_ESTABLISHED, details, p, names.alpha, None if None in needs else max(needs))
 
 
 def _nl_pairs(table: _Table) -> list[tuple[str, str]]:
@@ -329,57 +390,79 @@ def _nl_pairs(table: _Table) -> list[tuple[str, str]]:
     return [(ds.replace("-nl", "", 1), ds) for ds in table.datasets if "-nl" in ds and ds.replace("-nl", "", 1) in present]
 
 
-def check_claims(rows: Sequence[dict], names: ClaimNames | None = None) -> list[Verdict]:
-    """The four claims, each checked on every dataset where both sides were measured.
+def _beats_all(table: _Table, winner: str, losers: Sequence[str]) -> list[_Test]:
+    return [t for loser in losers for t in _beats(table, winner, loser)]
 
-    A claim holds if it holds on every such dataset (by the means); the details give the
-    numbers and whether each difference exceeds the combined standard error
-    ``sqrt(se_a^2 + se_b^2)``, ``se = std / sqrt(seeds)``.
-    """
-    table = _Table(rows, names or ClaimNames())
+
+def check_claims(rows: Sequence[dict], names: ClaimNames | None = None) -> list[Verdict]:
+    """The paper's four claims and this project's fifth, each tested on every dataset where both
+    sides were measured (see :func:`kava.experiments.stats.compare`: paired by seed where the arms
+    share seeds). A claim holds only when every comparison behind it passes its one-sided test at
+    ``names.alpha``."""
+    names = names or ClaimNames()
+    table = _Table(rows, names)
     m = table.names.methods
 
     def who(role: str) -> str:
         return "/".join(m.get(role, (role,)))
 
-    out = []
-    d, h, e = _beats(table, "kava", "codi")
-    out.append(_verdict("1", "KV distillation beats CODI-only", d, h, e, f"needs {who('kava')} and {who('codi')} on one dataset"))
+    def several(claim: str, statement: str, losers: Sequence[str]) -> Verdict:
+        tests = _beats_all(table, "kava", losers)
+        missing = f"needs {who('kava')} and " + " or ".join(who(x) for x in losers) + " on one dataset"
+        v = _verdict(claim, statement, tests, missing, names)
+        for loser in losers:
+            if v.status != UNMEASURED and not any(table.get(loser, ds) for ds in table.datasets):
+                v.details.append(f"{who(loser)} not measured: only the other control was compared")
+        return v
 
-    d, h, e = [], [], []
-    for loser in ("right_crop", "mean_pool"):
-        dd, hh, ee = _beats(table, "kava", loser)
-        d, h, e = d + dd, h + hh, e + ee
-    v = _verdict("2", "R-KV selection beats right-crop and mean-pool", d, h, e,
-                 f"needs {who('kava')} and {who('right_crop')} or {who('mean_pool')} on one dataset")
-    for loser in ("right_crop", "mean_pool"):
-        if v.status != UNMEASURED and not any(table.get(loser, ds) for ds in table.datasets):
-            v.details.append(f"{who(loser)} not measured: only the other baseline was compared")
-    out.append(v)
+    out = [_verdict("1", "KV distillation beats CODI-only", _beats(table, "kava", "codi"),
+                    f"needs {who('kava')} and {who('codi')} on one dataset", names)]
+    out.append(several("2", "R-KV selection beats right-crop and mean-pool", ("right_crop", "mean_pool")))
+    out.append(_verdict("3", "shuffled teacher KV does worse than R-KV", _beats(table, "kava", "shuffled"),
+                        f"needs {who('kava')} and {who('shuffled')} on one dataset", names))
 
-    d, h, e = _beats(table, "kava", "shuffled")
-    out.append(_verdict("3", "shuffled teacher KV does worse than R-KV", d, h, e,
-                        f"needs {who('kava')} and {who('shuffled')} on one dataset"))
-
-    d, h, e = [], [], []
+    tests = []
     for eq, nl in _nl_pairs(table):
         cells = [table.get(role, ds) for role in ("kava", "codi") for ds in (eq, nl)]
         if any(c is None for c in cells):
             continue
         k_eq, k_nl, c_eq, c_nl = cells
-        drop_k = k_eq["accuracy_mean"] - k_nl["accuracy_mean"]
-        drop_c = c_eq["accuracy_mean"] - c_nl["accuracy_mean"]
-        diff = drop_c - drop_k
-        ok, note = _against_se(diff, cells)
-        h.append(drop_k < drop_c)
-        e.append(ok)
-        d.append(f"{eq} → {nl}: drop with {k_eq['name']} {100 * drop_k:+.1f}"
-                 f" ({_pct(k_eq['accuracy_mean'])} → {_pct(k_nl['accuracy_mean'])}),"
-                 f" with {c_eq['name']} {100 * drop_c:+.1f} ({_pct(c_eq['accuracy_mean'])} → {_pct(c_nl['accuracy_mean'])});"
-                 f" difference {100 * diff:+.1f}, {note}")
-    out.append(_verdict("4", "the drop from equation to natural-language traces is smaller with KaVa than with CODI", d, h, e,
-                        f"needs {who('kava')} and {who('codi')} on an equation dataset and its -nl counterpart"))
+        drop_k = {s: k_eq["by_seed"][s] - k_nl["by_seed"][s] for s in set(k_eq["by_seed"]) & set(k_nl["by_seed"])}
+        drop_c = {s: c_eq["by_seed"][s] - c_nl["by_seed"][s] for s in set(c_eq["by_seed"]) & set(c_nl["by_seed"])}
+        if not drop_k or not drop_c:
+            continue
+        # The claim: CODI's drop exceeds KaVa's (paired by seed where all four cells share seeds).
+        c = stats.compare(drop_c, drop_k)
+        tests.append(_Test(f"{eq} → {nl}: drop with {k_eq['name']} {100 * statistics.fmean(drop_k.values()):+.1f}"
+                           f" ({_pct(k_eq['accuracy_mean'])} → {_pct(k_nl['accuracy_mean'])}),"
+                           f" with {c_eq['name']} {100 * statistics.fmean(drop_c.values()):+.1f}"
+                           f" ({_pct(c_eq['accuracy_mean'])} → {_pct(c_nl['accuracy_mean'])}); CODI's drop minus KaVa's:"
+                           f" {_describe(c, names)}", c))
+    out.append(_verdict("4", "the drop from equation to natural-language traces is smaller with KaVa than with CODI", tests,
+                        f"needs {who('kava')} and {who('codi')} on an equation dataset and its -nl counterpart", names))
+    out.append(several("5", "the KV loss carries example-specific content: R-KV beats slot-mean and counterfactual CoT",
+                       ("slot_mean", "counterfactual")))
     return out
+
+
+def statistics_table(rows: Sequence[dict], names: ClaimNames | None = None) -> str:
+    """Markdown: per (name, dataset, mode), mean accuracy with its seeded bootstrap 95% interval
+    and the success rate (seeds at ``success_at`` or above) with its exact 95% interval."""
+    names = names or ClaimNames()
+    rows = [r for r in rows if r["accuracy_mean"] is not None]
+    if not rows:
+        return "_no evaluated runs_\n"
+    lines = [f"| run | dataset | mode | seeds | acc. mean (%) | 95% bootstrap CI | successes (>= {_pct(names.success_at)}%) | 95% exact CI |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        vals = list(r["by_seed"].values())
+        ci = stats.bootstrap_mean(vals)
+        k, n = _successes(r, names.success_at)
+        lo, hi = stats.clopper_pearson(k, n)
+        ci_text = "--" if ci is None else f"{_pct(ci[0])} – {_pct(ci[1])}"
+        lines.append(f"| {r['name']} | {r['dataset']} | {r['mode']} | {n} | {_pct(r['accuracy_mean'])} | {ci_text} | {k}/{n} |"
+                     f" {_pct(lo)} – {_pct(hi)} |")
+    return "\n".join(lines) + "\n"
 
 
 # --- tables -------------------------------------------------------------------------------
@@ -589,6 +672,144 @@ def plot_kv_cosine(run: dict, path: Path) -> Path | None:
     return _save(fig, path)
 
 
+# --- instruments ---------------------------------------------------------------------------
+
+
+def _lens(row: dict) -> float | None:
+    return (row.get("logit_lens") or {}).get("aligned_mean")
+
+
+def _align(row: dict, key: str) -> float | None:
+    return (row.get("kv_alignment") or {}).get(key)
+
+
+def instrument_rows(runs: Sequence[dict]) -> list[dict]:
+    """Per (name, dataset): the last instruments row of each seed, averaged: ``lens`` (logit-lens
+    share of slots decoding their step's result), ``own_below_neighbour``, ``gap`` and
+    ``own_below_slot_mean`` (KV alignment), with ``n`` seeds and whether they were held out."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for run in runs:
+        if run.get("instruments"):
+            groups.setdefault((run["name"], run["dataset"]), []).append(run["instruments"][-1])
+    out = []
+    for (name, dataset), last in sorted(groups.items()):
+        row = {"name": name, "dataset": dataset, "n": len(last), "held_out": all(r.get("held_out") for r in last),
+               "step": max(r["step"] for r in last)}
+        for key, get in (("lens", _lens), ("own_below_neighbour", lambda r: _align(r, "own_below_neighbour")),
+                         ("gap", lambda r: _align(r, "gap")), ("own_below_slot_mean", lambda r: _align(r, "own_below_slot_mean"))):
+            row[key] = mean_std([get(r) for r in last])[0]
+        out.append(row)
+    return out
+
+
+def instruments_markdown(runs: Sequence[dict]) -> str:
+    """The instruments table of ``results.md`` (empty when no run wrote any)."""
+    rows = instrument_rows(runs)
+    if not rows:
+        return ""
+    f = lambda x, pct=True: "--" if x is None else (_pct(x) if pct else f"{x:+.3f}")  # noqa: E731
+    lines = ["## Instruments", "",
+             "Last measurement of each seed, averaged. Logit lens: share of latent slots whose producing state decodes to its"
+             " step's result. KV alignment (R-KV targets of the true teacher, layer-std L1): share of examples whose latent"
+             " KV is closer to their own target than to a neighbour's (content transfer predicts well above 50%), the mean"
+             " gap neighbour − own, and the share closer to their own target than to the batch slot mean.", "",
+             "| run | dataset | seeds | held out | step | logit lens (%) | own < neighbour (%) | gap | own < slot mean (%) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['dataset']} | {r['n']} | {'yes' if r['held_out'] else 'no'} | {r['step']} | {f(r['lens'])} |"
+                     f" {f(r['own_below_neighbour'])} | {f(r['gap'], False)} | {f(r['own_below_slot_mean'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_instruments(runs: Sequence[dict], path: Path) -> Path | None:
+    """Over training, a line per run name (mean over seeds): the logit-lens score and the share of
+    held-out examples whose latent KV is closer to their own teacher target than to a neighbour's."""
+    series: dict[str, dict[str, dict[int, list[float]]]] = {}
+    for run in runs:
+        for row in run.get("instruments") or []:
+            for key, value in (("lens", _lens(row)), ("own", _align(row, "own_below_neighbour"))):
+                if value is not None:
+                    series.setdefault(key, {}).setdefault(run["name"], {}).setdefault(int(row["step"]), []).append(100 * value)
+    if not series:
+        return None
+    names = sorted({n for s in series.values() for n in s})
+    palette = matplotlib_colors(len(names))
+    colour = dict(zip(names, palette))
+    fig = _figure(10, 3.6)
+    axes = fig.subplots(1, 2, squeeze=False)[0]
+    titles = {"lens": "logit lens: slots decoding their step's result (%)", "own": "KV closer to own target than a neighbour's (%)"}
+    for ax, key in zip(axes, ("lens", "own")):
+        for name, by_step in sorted(series.get(key, {}).items()):
+            steps = sorted(by_step)
+            ax.plot(steps, [statistics.fmean(by_step[s]) for s in steps], marker="o", ms=3, label=name, color=colour[name])
+        if key == "own":
+            ax.axhline(50, color="grey", lw=0.8, ls="--")
+        ax.set(title=titles[key], xlabel="step")
+        ax.grid(alpha=0.3)
+    from matplotlib.lines import Line2D
+
+    fig.legend([Line2D([], [], color=colour[n]) for n in names], names, loc="outside right upper", fontsize=7)
+    return _save(fig, path)
+
+
+def plot_logit_lens_slots(runs: Sequence[dict], path: Path) -> Path | None:
+    """At the last measurement, the logit-lens score per latent slot: a line per run name (mean over seeds)."""
+    per: dict[str, dict[int, list[float]]] = {}
+    for run in runs:
+        rows = run.get("instruments") or []
+        if not rows:
+            continue
+        for slot in (rows[-1].get("logit_lens") or {}).get("slots", []):
+            if slot.get("aligned") is not None:
+                per.setdefault(run["name"], {}).setdefault(int(slot["slot"]), []).append(100 * slot["aligned"])
+    if not per:
+        return None
+    fig = _figure(6, 3.6)
+    ax = fig.subplots()
+    for name, by_slot in sorted(per.items()):
+        slots = sorted(by_slot)
+        ax.plot(slots, [statistics.fmean(by_slot[j]) for j in slots], marker="o", label=name)
+    ax.set(title="logit lens per latent slot (last measurement)", xlabel="latent slot", ylabel="decodes its step's result (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_selector_keeps(runs: Sequence[dict], path: Path) -> Path | None:
+    """Stacked bars: the share of each selector's kept slots per token type (mean over the runs
+    that wrote ``selector_keeps.json``), the CoT's own mix as the first bar, and the share of
+    result tokens each keeps written beside its bar."""
+    shares: dict[str, dict[str, list[float]]] = {}
+    recall: dict[str, list[float]] = {}
+    for run in runs:
+        keeps = (run.get("selector_keeps") or {}).get("selectors") or {}
+        for name, k in keeps.items():
+            for t, v in (k.get("shares") or {}).items():
+                if v is not None:
+                    shares.setdefault(name, {}).setdefault(t, []).append(v)
+            if k.get("result_recall") is not None:
+                recall.setdefault(name, []).append(k["result_recall"])
+    if not shares:
+        return None
+    names = sorted(shares, key=lambda n: (n != "_cot", n))
+    types = [t for t in dict.fromkeys(t for n in names for t in shares[n]) if any(statistics.fmean(shares[n].get(t, [0])) > 0 for n in names)]
+    fig = _figure(8, 0.45 * len(names) + 1.8)
+    ax = fig.subplots()
+    left = [0.0] * len(names)
+    for t, c in zip(types, matplotlib_colors(len(types))):
+        vals = [100 * statistics.fmean(shares[n].get(t, [0.0])) for n in names]
+        ax.barh(range(len(names)), vals, left=left, color=c, label=t)
+        left = [a + b for a, b in zip(left, vals)]
+    for i, n in enumerate(names):
+        if n in recall:
+            ax.annotate(f"keeps {100 * statistics.fmean(recall[n]):.0f}% of results", (101, i), va="center", fontsize=7)
+    ax.set_yticks(range(len(names)), ["CoT (all tokens)" if n == "_cot" else n for n in names])
+    ax.set(title="what each selector keeps: share of slots per token type", xlabel="% of kept slots", xlim=(0, 135))
+    ax.invert_yaxis()
+    fig.legend(*ax.get_legend_handles_labels(), fontsize=7, loc="outside lower center", ncol=min(len(types), 8))
+    return _save(fig, path)
+
+
 # --- the report ---------------------------------------------------------------------------
 
 
@@ -604,12 +825,25 @@ class Report:
     """One line per run folder left out for a malformed file (naming it)."""
 
 
-def to_report_markdown(runs: Sequence[dict], rows: Sequence[dict], verdicts: Sequence[Verdict]) -> str:
-    """``results.md``: the table, the verdicts and the runs that did not finish."""
+def to_report_markdown(runs: Sequence[dict], rows: Sequence[dict], verdicts: Sequence[Verdict], names: ClaimNames | None = None) -> str:
+    """``results.md``: the table, the statistics per group, the verdicts and the runs that did not finish."""
+    names = names or ClaimNames()
     parts = ["# Results", "", f"{len(runs)} run folder(s), {len(rows)} (method, dataset, mode) group(s).",
              "Accuracy in %, mean ± sample std over seeds; # FP: forward passes per question.", "", to_markdown(rows),
-             "## Claims", ""]
+             "## Statistics", "", "Bootstrap: percentile, 9,999 resamples, seeded; success intervals: exact (Clopper-Pearson).", "",
+             statistics_table(rows, names), "## Claims", "",
+             f"A claim **holds** only when every comparison behind it passes a one-sided test at alpha = {names.alpha:g}"
+             f" (on the `{names.mode}` evaluation); it **does not hold** when one passes the opposite way, and is otherwise"
+             " **not established**, with the seeds per arm it would need at the observed effect and spread"
+             f" ({100 * names.power:.0f}% power, normal approximation, never fewer than the"
+             f" {stats.min_exact_seeds(names.alpha)} an exact sign-flip test needs). Arms are compared paired by seed (they"
+             " share the data order per seed) with an exact sign-flip permutation test of the mean difference, or with a"
+             " two-sample permutation test where they share no seeds; the sign test and Fisher's exact test on success"
+             " rates are given beside it.", ""]
     parts += [v.text() + "\n" for v in verdicts]
+    inst = instruments_markdown(runs)
+    if inst:
+        parts += [inst]
     bad = [r for r in runs if r["state"] != "finished"]
     if bad:
         parts += ["## Runs not finished", ""]
@@ -622,8 +856,9 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, names:
     """Collect the runs under ``runs_dir`` and write the report to ``out_dir`` (default ``runs_dir/report``).
 
     Files: ``results.csv``, ``runs.csv`` (one row per run), ``results.md``, ``results.tex``,
-    ``verdicts.json``, ``accuracy_vs_forward_passes.png``, ``training_curves.png`` and a
-    ``kv_cosine_<name>_seed<N>.png`` per run folder with a ``kv_cosine.json``.
+    ``verdicts.json``, ``accuracy_vs_forward_passes.png``, ``training_curves.png``, a
+    ``kv_cosine_<name>_seed<N>.png`` per run folder with a ``kv_cosine.json`` and, where runs wrote
+    their instruments, ``instruments.png``, ``logit_lens_slots.png`` and ``selector_keeps.png``.
     """
     skipped: list[str] = []
     runs = collect_runs(runs_dir, skipped)
@@ -647,12 +882,15 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, names:
             w.writerow([r["name"], r["seed"], r["dataset"], r["state"], r["step"], r["max_steps"], mode, m.get("accuracy"),
                         m.get("forward_passes"), r["last_metrics"].get("loss"), r["error"], r["path"]])
     text("runs.csv", buf.getvalue())
-    text("results.md", to_report_markdown(runs, rows, verdicts))
+    text("results.md", to_report_markdown(runs, rows, verdicts, names))
     text("results.tex", to_latex(rows))
     atomic_write_json(out / "verdicts.json", [asdict(v) for v in verdicts])
     files.append(out / "verdicts.json")
     for made in (plot_accuracy_vs_passes(rows, out / "accuracy_vs_forward_passes.png"),
                  plot_training_curves(runs, out / "training_curves.png"),
+                 plot_instruments(runs, out / "instruments.png"),
+                 plot_logit_lens_slots(runs, out / "logit_lens_slots.png"),
+                 plot_selector_keeps(runs, out / "selector_keeps.png"),
                  *(plot_kv_cosine(r, out / f"kv_cosine_{_UNSAFE.sub('_', r['name'])}_seed{r['seed']}.png") for r in runs)):
         if made is not None:
             files.append(made)
@@ -661,7 +899,8 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, names:
 
 
 __all__ = [
-    "ClaimNames", "Report", "Verdict", "aggregate", "check_claims", "collect_runs", "dataset_label", "mean_std", "method_of",
-    "plot_accuracy_vs_passes", "plot_kv_cosine", "plot_training_curves", "read_history", "sem", "table_layout", "to_csv",
+    "ClaimNames", "FAILS", "HOLDS", "NOT_ESTABLISHED", "Report", "UNMEASURED", "Verdict", "aggregate", "check_claims", "collect_runs", "dataset_label", "mean_std", "method_of",
+    "instrument_rows", "instruments_markdown", "plot_accuracy_vs_passes", "plot_instruments", "plot_kv_cosine",
+    "plot_logit_lens_slots", "plot_selector_keeps", "plot_training_curves", "read_history", "read_instruments", "sem", "statistics_table", "table_layout", "to_csv",
     "to_latex", "to_markdown", "write_report",
 ]

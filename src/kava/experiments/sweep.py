@@ -8,14 +8,15 @@ A sweep file looks like this (every key but ``base_config`` is optional)::
     overrides: {train.max_steps: 200}   # applied to every run
     runs:                               # named variants
       codi: {loss.alpha_kv: 0}
-      rkv: {loss.compression: rkv}
+      rkv: {loss.compression: rkv, seeds: [0, 1, 2, 3, 4]}   # a run may have its own seeds
       rkv@nl: {data.train: synthetic-nl, data.eval: synthetic-nl}
     grid:                               # cartesian product, crossed with every named run
       latent.num_latents: [4, 8]
 
 Keys are dotted config fields (``section.key``); a nested mapping (``loss: {alpha_kv: 0}``)
-means the same. Precedence: base config < ``overrides`` < the run's own values < the grid
-point < the seed and output folder set by the sweep.
+means the same; ``seeds`` inside a named run replaces the sweep's seeds for that run. Precedence:
+base config < ``overrides`` < the run's own values < the grid point < ``extra`` overrides (``kava
+sweep --set``) < the seed and output folder set by the sweep.
 
 Run names are stable and filesystem-safe: the named run, then ``key-value`` for each grid
 key (in file order, the last part of the key unless two grid keys share it) joined by
@@ -150,13 +151,28 @@ def _join(run: str, point: str) -> str:
     return f"{run}__{point}"
 
 
-def expand_sweep(path: str | Path, validate: bool = False) -> list[RunSpec]:
+def _seeds(seeds: Any, where: str) -> list[int]:
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        seeds = [seeds]
+    if not (isinstance(seeds, list) and seeds and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
+        raise SweepError(f"{where}: 'seeds' must be a non-empty list of integers, got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise SweepError(f"{where}: 'seeds' has duplicates: {seeds}")
+    return seeds
+
+
+def expand_sweep(path: str | Path, validate: bool = False, extra: Sequence[str] = (), output_dir: str | Path | None = None) -> list[RunSpec]:
     """The runs of the sweep file at ``path``: (named runs x grid points) x seeds.
 
     ``output_dir`` is taken relative to the current directory (like ``train.output_dir``);
     ``base_config`` relative to the sweep file. With ``validate``, every run's config is
-    resolved now, so that a typo fails before any run starts.
+    resolved now, so that a typo fails before any run starts. ``extra``: ``key=value`` overrides
+    applied to every run after its own values (a smoke test: ``train.max_steps=2``);
+    ``output_dir``: replaces the file's (so that such a test does not mark the real runs finished).
     """
+    bad = [e for e in extra if "=" not in e or not e.split("=", 1)[0].strip()]
+    if bad:
+        raise SweepError(f"--set {bad[0]!r}: expected KEY=VALUE, e.g. train.max_steps=2")
     path = Path(path)
     data = read_yaml(path)
     unknown = sorted(set(data) - set(_SWEEP_KEYS))
@@ -165,15 +181,8 @@ def expand_sweep(path: str | Path, validate: bool = False) -> list[RunSpec]:
     if not data.get("base_config"):
         raise SweepError(f"{path}: 'base_config' is required (a config YAML, relative to the sweep file)")
     base = (path.parent / str(data["base_config"])).resolve()
-    out_root = Path(str(data.get("output_dir") or f"runs/{safe_name(path.stem)}"))
-
-    seeds = data.get("seeds", [0])
-    if isinstance(seeds, int) and not isinstance(seeds, bool):
-        seeds = [seeds]
-    if not (isinstance(seeds, list) and seeds and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
-        raise SweepError(f"{path}: 'seeds' must be a non-empty list of integers, got {seeds!r}")
-    if len(set(seeds)) != len(seeds):
-        raise SweepError(f"{path}: 'seeds' has duplicates: {seeds}")
+    out_root = Path(str(output_dir or data.get("output_dir") or f"runs/{safe_name(path.stem)}"))
+    seeds = _seeds(data.get("seeds", [0]), str(path))
 
     common = _flatten(data.get("overrides"), f"{path}: overrides")
     grid = _flatten(data.get("grid"), f"{path}: grid")
@@ -183,6 +192,12 @@ def expand_sweep(path: str | Path, validate: bool = False) -> list[RunSpec]:
     runs_raw = data.get("runs")
     if runs_raw is not None and not isinstance(runs_raw, dict):
         raise SweepError(f"{path}: 'runs' must map run names to override mappings")
+    run_seeds: dict[str, list[int]] = {}
+    for n, v in (runs_raw or {}).items():
+        if isinstance(v, dict) and "seeds" in v:
+            v = dict(v)
+            run_seeds[safe_name(n)] = _seeds(v.pop("seeds"), f"{path}: runs.{n}")
+            runs_raw = {**runs_raw, n: v}
     runs = {safe_name(n): _flatten(v, f"{path}: runs.{n}") for n, v in (runs_raw or {}).items()} or {"": {}}
     if runs_raw and len(runs) != len(runs_raw):
         raise SweepError(f"{path}: run names {list(runs_raw)} collide once made filesystem-safe")
@@ -197,9 +212,9 @@ def expand_sweep(path: str | Path, validate: bool = False) -> list[RunSpec]:
                 raise SweepError(f"{path}: two runs are both named '{name}' ({seen[name]} and {params})")
             seen[name] = params
             values = {**common, **params}
-            for seed in seeds:
+            for seed in run_seeds.get(run_name, seeds):
                 out = out_root / name / f"seed{seed}"
-                overrides = [f"{k}={format_value(v)}" for k, v in values.items()]
+                overrides = [f"{k}={format_value(v)}" for k, v in values.items()] + list(extra)
                 overrides += [f"train.seed={seed}", f"train.output_dir={format_value(str(out))}"]
                 specs.append(RunSpec(name, seed, tuple(overrides), out, base, params))
     if validate:

@@ -8,8 +8,9 @@ resume needs, and a clean stop on SIGINT/SIGTERM.
 :func:`train` reads top to bottom as its steps: the run folder locked and checked
 (:func:`kava.training.rundir.claim_run_folder`), :func:`set_up`, :func:`resume_from`,
 :func:`open_run_folder`, then per optimizer step :func:`train_step`, :func:`log_metrics`,
-:func:`save_checkpoint` and :func:`evaluate_model`, and at the end :func:`finish` (the KV
-probe and the evaluation); a run that raises is marked failed (:func:`mark_failed`).
+:func:`save_checkpoint` and :func:`evaluate_model` (with :func:`record_instruments`), and at the
+end :func:`finish` (the KV probe, the instruments and the evaluation); a run that raises is
+marked failed (:func:`mark_failed`).
 """
 
 from __future__ import annotations
@@ -126,6 +127,7 @@ def _train(cfg: KavaConfig, resume: bool) -> dict:
                     save_checkpoint(run)
                 if tc.eval_every and run.step % tc.eval_every == 0 and run.step < run.max_steps and run.main and not run.fsdp:
                     evaluate_model(run, run.out / f"eval-{run.step}")
+                    record_instruments(run)
                 if stop.received is not None:
                     log.warning("signal %d received: saving a checkpoint at step %d and stopping", stop.received, run.step)
                     break
@@ -161,6 +163,7 @@ def finish(run: Run, ckpt: Path, result: dict) -> None:
         with _RaiseOnSignal():
             if run.main and tc.mode == "kava" and not run.fsdp:
                 probe_kv_cosine(run)
+                record_instruments(run, final=True)
             if tc.eval_at_end and run.main and run.eval_examples and not run.fsdp:
                 result["eval"] = evaluate_model(run, run.out)
     except _Stopped as stop:
@@ -385,6 +388,31 @@ def probe_kv_cosine(run: Run) -> None:
     grid = objective.kv_cosine_grid(probe) if len(probe) >= 2 or objective.cfg.loss.compression != "shuffled" else None
     if grid is not None:
         atomic_write_json(run.out / "kv_cosine.json", grid)
+
+
+def record_instruments(run: Run, final: bool = False) -> None:
+    """Append the logit lens and the KV alignment at this step to ``instruments.jsonl`` (kava runs,
+    ``eval.instruments``) and, at the end, write what each selector keeps to ``selector_keeps.json``.
+    Measured on the first ``eval.instrument_examples`` evaluation examples (``held_out``), or on
+    training examples when the run loads none."""
+    cfg = run.cfg
+    if cfg.train.mode != "kava" or not cfg.eval.instruments:
+        return
+    from ..distill.instruments import measure
+
+    n = cfg.eval.instrument_examples
+    held_out = bool(run.eval_examples)
+    encs = [run.encoder.encode(ex) for ex in run.eval_examples[:n]] if held_out else run.encoded[:n]
+    if len(encs) < 2:
+        return
+    res = measure(run.objective, encs, keeps=final)
+    keeps = res.pop("selector_keeps", None)
+    row = {"step": run.step, "held_out": held_out, **res}
+    with (run.out / "instruments.jsonl").open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    if keeps is not None:
+        atomic_write_json(run.out / "selector_keeps.json", {"step": run.step, "held_out": held_out, "n": len(encs),
+                                                            "run_selector": cfg.loss.compression, "selectors": keeps})
 
 
 # --- helpers -------------------------------------------------------------------------

@@ -12,10 +12,11 @@ from typing import Callable
 import torch
 
 from .base import Compressed, ScoreSelector, Selector, gather_slots, top_budget
+from .content import CounterfactualSelector, OracleSelector
 from .pooled import MeanPoolSelector
 from .positional import FirstSelector, LastSelector, RandomSelector, StrideSelector
 from .rkv import RKVSelector, attention_importance, redundancy_scores, rkv_scores
-from .shuffled import ShuffledSelector, partners
+from .shuffled import GaussianSelector, ShuffledSelector, SlotMeanSelector, batch_moments, partners
 
 SELECTORS: dict[str, Callable[[float], Selector]] = {
     "rkv": lambda lam: RKVSelector(lam=lam),
@@ -27,8 +28,15 @@ SELECTORS: dict[str, Callable[[float], Selector]] = {
     "random": lambda lam: RandomSelector(),
     "mean_pool": lambda lam: MeanPoolSelector(),
     "shuffled": lambda lam: ShuffledSelector(lam=lam),
+    "slot_mean": lambda lam: SlotMeanSelector(lam=lam),
+    "gaussian": lambda lam: GaussianSelector(lam=lam),
+    "counterfactual": lambda lam: CounterfactualSelector(lam=lam),
+    "oracle": lambda lam: OracleSelector(lam=lam),
 }
-"""Every selector by name. ``none`` (no KV loss) is handled by the objective, not here."""
+"""Every selector by name. ``none`` (no KV loss) is handled by the objective, not here.
+``shuffled``, ``slot_mean`` and ``gaussian`` make an example's targets from the rest of its batch
+(:meth:`Selector.across_batch`); ``counterfactual`` selects on a counterfactual teacher pass;
+``oracle`` keeps the result tokens."""
 
 METHODS = ("none", *SELECTORS)
 
@@ -56,6 +64,7 @@ def select(
     lam: float = 0.1,
     generator: torch.Generator | None = None,
     source_ids: list[str] | None = None,
+    token_types: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices of the ``budget`` teacher entries to keep, per example and KV head.
 
@@ -66,12 +75,13 @@ def select(
     ``budget``. Only index-based selectors have indices; ``mean_pool`` builds new entries,
     use :func:`compress_cache` for it. ``source_ids`` (one per example) let the shuffled
     control avoid pairing an example with a copy of itself (see :func:`partners`); slots of an
-    example left without a partner are invalid.
+    example left without a partner are invalid. ``token_types [B, N]``: for ``oracle``.
     """
     selector = get_selector(method, lam)
-    if not isinstance(selector, ScoreSelector):
-        raise ValueError(f"method {method!r} builds pooled entries and has no indices; use compress_cache")
-    indices, valid = selector.select(keys, queries, cot_mask, answer_mask, budget, generator)
+    if not isinstance(selector, ScoreSelector) or selector.builds_entries:
+        raise ValueError(f"method {method!r} builds new entries and has no indices; use compress_cache")
+    extra = {"token_types": token_types} if selector.needs_token_types else {}
+    indices, valid = selector.select(keys, queries, cot_mask, answer_mask, budget, generator, **extra)
     if getattr(selector, "shuffle_batch", False):
         partner, ok = partners(source_ids, indices.shape[0], indices.device)
         indices, valid = _exchange(indices, 0, partner), _exchange(valid, 0, partner) & ok[:, None, None]
@@ -96,12 +106,14 @@ def compress_cache(
     budget: int,
     generator: torch.Generator | None = None,
     source_ids: list[str] | None = None,
+    token_types: torch.Tensor | None = None,
 ) -> Compressed:
     """Compress every layer at once.
 
     keys / values ``[L, B, H_kv, N, d]``, queries ``[L, B, H_q, A, d]`` (or None when the
     selector does not need them), cot_mask ``[B, N]``, answer_mask ``[B, A]``. Returns
-    :class:`Compressed` with ``[L, B, H_kv, M, ...]`` tensors. ``source_ids``: as for :func:`select`.
+    :class:`Compressed` with ``[L, B, H_kv, M, ...]`` tensors. ``source_ids``, ``token_types``: as
+    for :func:`select`.
     """
     n_layers, b = keys.shape[:2]
     # Only the columns that hold a CoT token somewhere in the batch can be kept: score those
@@ -111,23 +123,28 @@ def compress_cache(
     fold = lambda t: t.reshape(n_layers * b, *t.shape[2:])  # noqa: E731
     rep = lambda m: None if m is None else m.repeat(n_layers, 1)  # noqa: E731
     q = fold(queries) if queries is not None and selector.needs_queries else None
-    c = selector.compress(fold(keys), fold(values), q, rep(cot_mask), rep(answer_mask), budget, generator)
+    extra = {}
+    if selector.needs_token_types:
+        if token_types is None:
+            raise ValueError(f"the {selector.name} selector needs the teacher batch's token types")
+        extra["token_types"] = rep(token_types[:, lo:hi])
+    c = selector.compress(fold(keys), fold(values), q, rep(cot_mask), rep(answer_mask), budget, generator, **extra)
     unfold = lambda t: None if t is None else t.reshape(n_layers, b, *t.shape[1:])  # noqa: E731
     indices = unfold(c.indices)
     if indices is not None and lo:
         indices = torch.where(unfold(c.valid), indices + lo, torch.zeros_like(indices))
     out = Compressed(unfold(c.keys), unfold(c.values), unfold(c.valid), indices)
-    if getattr(selector, "shuffle_batch", False):
-        partner, ok = partners(source_ids, b, keys.device)
-        moved = [None if t is None else _exchange(t, 1, partner) for t in (out.keys, out.values, out.valid, out.indices)]
-        moved[2] = moved[2] & ok[None, :, None, None]
-        out = Compressed(*moved)
-    return out
+    return selector.across_batch(out, source_ids, generator)
 
 
 __all__ = [
     "Compressed",
+    "CounterfactualSelector",
+    "GaussianSelector",
     "METHODS",
+    "OracleSelector",
+    "SlotMeanSelector",
+    "batch_moments",
     "SELECTORS",
     "Selector",
     "ScoreSelector",

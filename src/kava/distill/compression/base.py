@@ -33,10 +33,23 @@ class Compressed:
 
 
 class Selector:
-    """Base class: compress a teacher cache to ``budget`` entries per KV head."""
+    """Base class: compress a teacher cache to ``budget`` entries per KV head.
+
+    Flags a selector may set: ``needs_token_types`` (its ``compress`` takes the teacher batch's
+    ``token_types [B, N]``, see :data:`kava.data.sequences.TOKEN_TYPES`), ``builds_entries``
+    (its targets are not entries of the example's own cache, so it has no indices to give), and
+    :meth:`across_batch` for targets made from the other examples of the batch.
+    """
 
     name: str = ""
     needs_queries: bool = False
+    needs_token_types: bool = False
+    builds_entries: bool = False
+
+    def across_batch(self, c: Compressed, source_ids: list[str] | None, generator: torch.Generator | None) -> Compressed:
+        """The batch's targets ``[L, B, H_kv, M, d]`` after every example was compressed on its
+        own: the identity, except for the controls that mix examples."""
+        return c
 
     def compress(
         self,

@@ -4,7 +4,8 @@ name in :data:`SOURCES` or picked from the config by :func:`build_source`.
 ``self`` (:mod:`.own`): the student's own teacher pass (self-distillation, the default);
 ``cache`` (:mod:`.cache`): an offline cache of it (``loss.teacher_cache``); ``teachers``
 (:mod:`.teachers`): other teachers, fused, with the own pass as one more when
-``teachers.include_self``.
+``teachers.include_self``; ``counterfactual`` (:mod:`.counterfactual`): the own teacher reading a CoT
+with wrong intermediate results (``loss.compression=counterfactual``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Callable
 from ...config import KavaConfig
 from .base import Request, Student, Target, TargetSource, Terms, direct_terms
 from .cache import OfflineCache, TeacherCache, TeacherCacheError
+from .counterfactual import CounterfactualPass
 from .own import OwnPass
 from .teachers import ALIGN_FILE, TeacherSet
 
@@ -21,16 +23,19 @@ SOURCES: dict[str, Callable[..., TargetSource]] = {
     OwnPass.name: OwnPass,
     OfflineCache.name: OfflineCache,
     TeacherSet.name: TeacherSet,
+    CounterfactualPass.name: CounterfactualPass,
 }
 """Every target source by name; each is built as ``SOURCES[name](model, cfg)``."""
 
 
 def source_name(cfg: KavaConfig) -> str:
     """The source a run's config asks for: ``teachers`` when ``teachers.models`` is set,
-    ``cache`` when ``loss.teacher_cache`` is, else ``self`` (and always ``self`` outside
+    ``cache`` when ``loss.teacher_cache`` is, ``counterfactual`` for that control, else ``self`` (and always ``self`` outside
     ``train.mode=kava``, where no targets are used)."""
     if cfg.train.mode != "kava":
         return OwnPass.name
+    if cfg.loss.compression == "counterfactual" and cfg.loss.alpha_kv > 0:
+        return CounterfactualPass.name
     if cfg.teachers.models:
         return TeacherSet.name
     if cfg.loss.teacher_cache:
@@ -45,6 +50,7 @@ def build_source(model, cfg: KavaConfig, name: str | None = None) -> TargetSourc
 
 __all__ = [
     "ALIGN_FILE",
+    "CounterfactualPass",
     "SOURCES",
     "OfflineCache",
     "OwnPass",
