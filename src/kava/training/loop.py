@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import signal
 import time
 from contextlib import nullcontext
@@ -98,11 +99,15 @@ def train(cfg: KavaConfig, resume: bool = False) -> dict:
     a second run into it, or a fresh start into a folder holding files without
     ``train.overwrite_output_dir``, stops with one line. ``result["signal"]`` is set when a
     SIGINT/SIGTERM stopped the run (the command exits with 128 + that number)."""
-    from accelerate import PartialState
-
     with claim_run_folder(Path(cfg.train.output_dir), resume, cfg.train.overwrite_output_dir,
-                          main=PartialState().is_main_process):
+                          main=_is_global_rank_zero()):
         return _train(cfg, resume)
+
+
+def _is_global_rank_zero() -> bool:
+    """Whether this process is rank 0 of its launch (torchrun and accelerate set ``RANK``), read
+    from the environment: creating accelerate's state here would fix it before :func:`set_up`."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _train(cfg: KavaConfig, resume: bool) -> dict:
