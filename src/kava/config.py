@@ -250,7 +250,10 @@ class TrainConfig:
     eval_every: int = _f(0, "evaluate every N optimizer steps (0: only at the end)")
     eval_at_end: bool = _f(True, "evaluate the final model on data.eval")
     num_threads: int = _f(0, "CPU threads for torch (0: torch's default)")
-    tensorboard: bool = _f(False, "also write TensorBoard logs")
+    report_to: str = _f("none", "experiment trackers through accelerate, comma-separated: tensorboard, wandb, mlflow, or none")
+    project: str = _f("kava", "tracker project: the wandb project, MLflow experiment, TensorBoard subfolder of RUN/logs")
+    run_name: str = _f("", "tracker run name (empty: the run folder's name)")
+    tensorboard: bool = _f(False, "same as adding tensorboard to report_to (kept for older configs)")
     progress: bool = _f(True, "show a progress bar")
 
     def __post_init__(self) -> None:
@@ -262,6 +265,9 @@ class TrainConfig:
         _check(0 <= self.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)")
         _choice(self.mixed_precision, "train.mixed_precision", ("auto", "no", "bf16", "fp16"))
         _choice(self.lr_schedule, "train.lr_schedule", ("cosine", "constant"))
+        for name in self.report_to.split(","):
+            _choice(name.strip(), "train.report_to", ("none", "tensorboard", "wandb", "mlflow"))
+        _check(self.project.strip() != "", "train.project", "must not be empty")
 
 
 @dataclass
