@@ -55,7 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="run only names matching this glob (repeatable), e.g. --only 'rkv*'")
     p.add_argument("--no-resume", action="store_true",
                    help="start every run from scratch (refused where a run folder already holds a run)")
-    g = p.add_argument_group("SLURM (through submitit; pip install 'kava[cluster]')")
+    g = p.add_argument_group("SLURM (through submitit: pip install submitit)")
     g.add_argument("--slurm", action="store_true", help="submit the unfinished runs as a job array instead of running them here")
     g.add_argument("--executor", choices=("slurm", "local", "debug"), default="slurm",
                    help="submitit executor: slurm, or local/debug to try the submission path on this machine")

@@ -372,7 +372,7 @@ def run_spec(spec: RunSpec, resume: bool = True, train_fn: TrainFn | None = None
 
 def _submitit() -> Any:
     if _submitit_helpers is None:
-        raise SweepError("cluster submission needs submitit: pip install 'kava[cluster]'")
+        raise SweepError("cluster submission needs submitit: pip install submitit")
     import submitit
 
     return submitit

@@ -80,7 +80,7 @@ def quantization_config(cfg: ModelConfig):
 
     Frozen base weights in 4-bit NF4 (double quantisation, compute in the model dtype) or
     8-bit; only the LoRA adapters, the new token rows and the projection are trained. Needs a
-    CUDA GPU and ``bitsandbytes`` (``pip install 'kava[quant]'``); anything else is an error.
+    CUDA GPU and ``bitsandbytes`` (``pip install bitsandbytes``); anything else is an error.
     """
     if cfg.quantization == "none":
         return None
@@ -90,7 +90,7 @@ def quantization_config(cfg: ModelConfig):
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise ModelLoadError(f"{where} needs bitsandbytes: pip install 'kava[quant]'") from None
+        raise ModelLoadError(f"{where} needs bitsandbytes: pip install bitsandbytes") from None
     from transformers import BitsAndBytesConfig
 
     if cfg.quantization == "8bit":
@@ -200,7 +200,7 @@ def load_backbone(cfg: ModelConfig, seed: int = 0):
         )
     except (OSError, ValueError, ImportError) as e:
         # ValueError: an architecture transformers cannot read from GGUF; ImportError: no gguf package.
-        hint = " (GGUF files need: pip install 'kava[gguf]')" if gguf and isinstance(e, ImportError) else ""
+        hint = " (GGUF files need the package gguf: pip install gguf)" if gguf and isinstance(e, ImportError) else ""
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ModelLoadError(f"model.name_or_path: cannot load {cfg.name_or_path!r}: {first}{hint}") from None
     if tok.pad_token_id is None:

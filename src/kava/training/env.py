@@ -32,9 +32,15 @@ def pick_mixed_precision(setting: str) -> str:
 
 
 def library_versions() -> dict[str, str | None]:
-    """Installed version of each library in :data:`LIBRARIES` (None when not installed)."""
+    """Installed version of each library in :data:`LIBRARIES` (None when not installed); kava's
+    own is the imported package's (its distribution is called kava-latent)."""
+    from .. import __version__
+
     out: dict[str, str | None] = {}
     for name in LIBRARIES:
+        if name == "kava":
+            out[name] = __version__
+            continue
         try:
             out[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
@@ -130,7 +136,7 @@ def picked_settings(cfg: KavaConfig, world_size: int = 1) -> tuple[dict, list[st
         if not cuda:
             warnings.append(f"model.quantization={mc.quantization} needs a CUDA GPU: loading would fail here")
         elif importlib.util.find_spec("bitsandbytes") is None:
-            warnings.append(f"model.quantization={mc.quantization} needs bitsandbytes: pip install 'kava[quant]'")
+            warnings.append(f"model.quantization={mc.quantization} needs bitsandbytes: pip install bitsandbytes")
     settings = {
         "device": "cuda" if cuda else "cpu",
         "processes": world_size,
