@@ -15,15 +15,21 @@ record number, field); ``on_error="skip"`` drops them, logs how many, and report
 count through `load_examples_report`.
 
 `load_data(cfg, which)` gives the training or evaluation examples a run's config names.
+
+A limit on a template dataset (examples whose ``source_id`` names a template as ``-t<N>-``,
+as GSM-Symbolic's ``gsm-symbolic-eng-t0012-s0-3`` do, also in a file exported from one) is
+spread over the templates, round-robin (see `spread_over_templates`), instead of taking the
+first N, which would all be instances of one template.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, overload
 
@@ -230,7 +236,7 @@ def _generate_gsm_symbolic(style: str) -> Callable[[str, int | None, Mapping[str
             examples = gsm_symbolic.draw_instances(
                 ids, int(options.get("n_per_template", 10)), seed, style, lang=lang
             )
-        return examples if limit is None else examples[:limit]
+        return examples  # a limit is spread over the templates by `_limited`
 
     return generate
 
@@ -451,7 +457,49 @@ def _stream(
         if options:
             raise ValueError("options apply to generated datasets only, not to files")
         examples = _examples(_read_file(path), _resolve_mapper(fmt), on_error, report)
-    return islice(iter(examples), limit)
+    return _limited(iter(examples), limit)
+
+
+_TEMPLATE_ID = re.compile(r"-t(\d+)-")
+
+
+def template_of(example: Example) -> str | None:
+    """The template an example was drawn from, read from its ``source_id`` (``...-t<N>-...``),
+    or None."""
+    m = _TEMPLATE_ID.search(example.source_id)
+    return m.group(1) if m else None
+
+
+def spread_over_templates(examples: Iterable[Example], limit: int) -> list[Example]:
+    """``limit`` examples taken round-robin over their templates (in order of first appearance:
+    each template's first instance, then each one's second, ...), returned in their original
+    order. Examples without a template id count as one template of their own."""
+    examples = list(examples)
+    by_template: dict[str | None, list[int]] = {}
+    for i, ex in enumerate(examples):
+        by_template.setdefault(template_of(ex), []).append(i)
+    taken: list[int] = []
+    rank = 0
+    while len(taken) < min(limit, len(examples)):
+        for indices in by_template.values():
+            if rank < len(indices) and len(taken) < limit:
+                taken.append(indices[rank])
+        rank += 1
+    return [examples[i] for i in sorted(taken)]
+
+
+def _limited(examples: Iterator[Example], limit: int | None) -> Iterator[Example]:
+    """The first ``limit`` examples, or, when the first one names a template, ``limit`` spread
+    over the templates (which reads them all)."""
+    if limit is None:
+        return examples
+    first = next(examples, None)
+    if first is None:
+        return iter(())
+    examples = chain([first], examples)
+    if template_of(first) is None:
+        return islice(examples, limit)
+    return iter(spread_over_templates(examples, limit))
 
 
 def load_examples_report(
