@@ -352,7 +352,7 @@ def fake_hub(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str | None, str
         "reasoning-machines/gsm-hard": [{"input": "H?", "code": "", "target": 1e7}],
     }
 
-    def fake(hub_id: str, config: str | None, split: str, streaming: bool) -> Iterator[dict[str, Any]]:
+    def fake(hub_id: str, config: str | None, split: str, streaming: bool, cache_dir: str | None = None) -> Iterator[dict[str, Any]]:
         calls.append((hub_id, config, split, streaming))
         return iter(rows[hub_id])
 

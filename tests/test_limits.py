@@ -23,6 +23,7 @@ def test_spread_takes_templates_round_robin_in_original_order():
     assert [e.question for e in spread_over_templates(exs, 4)] == ["q0-0", "q1-0", "q2-0", "q3-0"]
     assert spread_over_templates(exs, 100) == exs
     assert template_of(Example("q", (), "1", "synthetic-eq-train-3")) is None
+    assert template_of(Example("q", (), "1", "/data/run-t3-final.jsonl:7")) is None  # a file location is no template
 
 
 def test_limit_on_a_templated_file_spreads_and_on_a_plain_file_takes_the_first(tmp_path):

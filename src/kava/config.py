@@ -7,6 +7,7 @@ the offending field. The resolved configuration is saved as YAML beside every ru
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,6 +27,18 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 
 class ConfigError(ValueError):
     """A bad configuration value; the message names the field."""
+
+
+OUTPUT_ROOT_ENV = "KAVA_OUTPUT_ROOT"
+
+
+def under_output_root(path: str | Path, root: str = "") -> Path:
+    """Where an output folder goes: ``path`` itself when absolute; else under ``root`` (a config's
+    ``train.output_root``), else under ``$KAVA_OUTPUT_ROOT``, else the current directory. The
+    config wins over the environment, the environment over the default."""
+    path = Path(path).expanduser()
+    base = root or os.environ.get(OUTPUT_ROOT_ENV, "")
+    return path if path.is_absolute() or not base else Path(base).expanduser() / path
 
 
 def _check(cond: bool, name: str, msg: str) -> None:
@@ -74,6 +87,7 @@ class ModelConfig:
     dtype: str = _f("auto", "weights dtype: auto (float32 on CPU, bfloat16 on GPUs that support it), float32, bfloat16, float16")
     attn_implementation: str = _f("sdpa", "attention kernel: sdpa, eager, flash_attention_2")
     trust_remote_code: bool = _f(False, "allow code shipped with a hub model to run")
+    cache_dir: str = _f("", "download cache of hub models (empty: Hugging Face's: $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub)")
     use_chat_template: bool = _f(False, "wrap the question in the tokenizer's chat template")
     adapter: str = _f("lora", "what is trained: lora (peft adapters + new token rows) or full (all weights)")
     lora_r: int = _f(128, "LoRA rank")
@@ -206,6 +220,7 @@ class DataConfig:
     train_limit: int = _f(0, "use only the first N training examples (0: all)")
     eval_limit: int = _f(0, "evaluate on the first N examples (0: all)")
     on_error: str = _f("raise", "bad records: raise (stop before training) or skip (drop and report)")
+    cache_dir: str = _f("", "cache of hub datasets (empty: datasets': $HF_DATASETS_CACHE, else $HF_HOME/datasets, else ~/.cache/huggingface/datasets)")
     synthetic_ops: int = _f(4, "synthetic task: operations per question")
     synthetic_modulus: int = _f(10, "synthetic task: arithmetic modulus")
     synthetic_train_size: int = _f(20000, "synthetic task: training examples")
@@ -231,7 +246,8 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     mode: str = _f("kava", "what to train: kava (latent student + teacher), cot (CoT fine-tuning), nocot (answer only), teacher (CE on the KaVa teacher's own sequence: the CoT without its last step under loss.drop_last_step)")
-    output_dir: str = _f("runs/run", "folder for checkpoints, metrics and the resolved config")
+    output_dir: str = _f("runs/run", "folder for checkpoints, metrics and the resolved config (a relative one is placed under output_root)")
+    output_root: str = _f("", f"folder a relative output_dir is placed under (empty: ${OUTPUT_ROOT_ENV}, else the current directory)")
     seed: int = _f(0, "seed for data order, initialisation and dropout")
     lr: float = _f(8e-4, "peak learning rate")
     projection_lr: float = _f(0.0, "learning rate of the projection MLP (0: lr)")

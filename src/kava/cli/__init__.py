@@ -49,9 +49,10 @@ def cmd_eval(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    from ..config import under_output_root
     from ..experiments.demo import run_demo
 
-    run_demo(Path(args.out), quick=args.quick, threads=args.threads)
+    run_demo(under_output_root(args.out), quick=args.quick, threads=args.threads)
     return 0
 
 
@@ -89,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
 
     d = sub.add_parser("demo", help="the embedded CPU demo: CoT, no-CoT, CODI and KaVa on the synthetic task")
-    d.add_argument("--out", default="runs/demo", help="output folder")
+    d.add_argument("--out", default="runs/demo", help="output folder (a relative one goes under $KAVA_OUTPUT_ROOT when set)")
     d.add_argument("--quick", action="store_true", help="a much shorter run (for smoke tests; accuracies mean little)")
     d.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
     d.set_defaults(func=cmd_demo)

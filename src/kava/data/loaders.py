@@ -16,7 +16,7 @@ count through `load_examples_report`.
 
 `load_data(cfg, which)` gives the training or evaluation examples a run's config names.
 
-A limit on a template dataset (examples whose ``source_id`` names a template as ``-t<N>-``,
+A limit on a template dataset (examples whose ``source_id`` ends in ``-t<template>-s<seed>-<i>``,
 as GSM-Symbolic's ``gsm-symbolic-eng-t0012-s0-3`` do, also in a file exported from one) is
 spread over the templates, round-robin (see `spread_over_templates`), instead of taking the
 first N, which would all be instances of one template.
@@ -373,11 +373,12 @@ def _read_file(path: Path) -> Iterator[Located]:
     raise ValueError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(FILE_SUFFIXES)}")
 
 
-def _hub_rows(hub_id: str, config: str | None, split: str, streaming: bool) -> Iterable[Record]:
-    """Rows of a hub dataset split via `datasets.load_dataset` (network or local cache)."""
+def _hub_rows(hub_id: str, config: str | None, split: str, streaming: bool, cache_dir: str | None = None) -> Iterable[Record]:
+    """Rows of a hub dataset split via `datasets.load_dataset` (network or local cache;
+    ``cache_dir`` None: datasets' own, ``$HF_DATASETS_CACHE`` or ``$HF_HOME/datasets``)."""
     import datasets
 
-    return datasets.load_dataset(hub_id, config, split=split, streaming=streaming)
+    return datasets.load_dataset(hub_id, config, split=split, streaming=streaming, cache_dir=cache_dir)
 
 
 def _hub_split(spec: DatasetSpec, split: str) -> str:
@@ -388,9 +389,9 @@ def _hub_split(spec: DatasetSpec, split: str) -> str:
     raise ValueError(f"{spec.name}: unknown split {split!r}; available: {', '.join(spec.splits)}")
 
 
-def _located_hub(spec: DatasetSpec, split: str, streaming: bool) -> Iterator[Located]:
+def _located_hub(spec: DatasetSpec, split: str, streaming: bool, cache_dir: str | None = None) -> Iterator[Located]:
     assert spec.hub_id is not None
-    rows = _hub_rows(spec.hub_id, spec.config, _hub_split(spec, split), streaming)
+    rows = _hub_rows(spec.hub_id, spec.config, _hub_split(spec, split), streaming, cache_dir)
     for i, row in enumerate(rows, start=1):
         yield f"{spec.name}/{split}:{i}", row
 
@@ -426,7 +427,7 @@ def _examples(located: Iterable[Located], mapper: Mapper | None, on_error: str, 
 
 def _stream(
     source: str, split: str, *, fmt: str | None, on_error: str, options: Mapping[str, Any] | None,
-    limit: int | None, streaming: bool, report: LoadReport,
+    limit: int | None, streaming: bool, report: LoadReport, cache_dir: str | None = None,
 ) -> Iterator[Example]:
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
@@ -446,7 +447,7 @@ def _stream(
         else:
             if options:
                 raise ValueError(f"{source}: options apply to generated datasets only")
-            examples = _examples(_located_hub(spec, split, streaming), spec.mapper, on_error, report)
+            examples = _examples(_located_hub(spec, split, streaming, cache_dir), spec.mapper, on_error, report)
     else:
         path = Path(source)
         if not path.exists() and path.suffix.lower() not in FILE_SUFFIXES:
@@ -460,12 +461,12 @@ def _stream(
     return _limited(iter(examples), limit)
 
 
-_TEMPLATE_ID = re.compile(r"-t(\d+)-")
+_TEMPLATE_ID = re.compile(r"-t(\d+)-s-?\d+-\d+$")
 
 
 def template_of(example: Example) -> str | None:
-    """The template an example was drawn from, read from its ``source_id`` (``...-t<N>-...``),
-    or None."""
+    """The template an example was drawn from, read from a ``source_id`` that ends in
+    ``-t<template>-s<seed>-<i>`` (GSM-Symbolic's), or None."""
     m = _TEMPLATE_ID.search(example.source_id)
     return m.group(1) if m else None
 
@@ -510,11 +511,12 @@ def load_examples_report(
     on_error: str = "raise",
     fmt: str | None = None,
     options: Mapping[str, Any] | None = None,
+    cache_dir: str | None = None,
 ) -> LoadReport:
     """Like `load_examples` (not streaming), also returning the skipped-record count."""
     report = LoadReport()
     report.examples = list(_stream(source, split, fmt=fmt, on_error=on_error, options=options, limit=limit,
-                                   streaming=False, report=report))
+                                   streaming=False, report=report, cache_dir=cache_dir))
     if report.skipped:
         log.warning("%s [%s]: skipped %d bad record(s); first: %s", source, split, report.skipped, report.errors[0])
     return report
@@ -530,6 +532,7 @@ def load_examples(
     on_error: str = ...,
     fmt: str | None = ...,
     options: Mapping[str, Any] | None = ...,
+    cache_dir: str | None = ...,
 ) -> list[Example]: ...
 
 
@@ -543,6 +546,7 @@ def load_examples(
     on_error: str = ...,
     fmt: str | None = ...,
     options: Mapping[str, Any] | None = ...,
+    cache_dir: str | None = ...,
 ) -> Iterator[Example]: ...
 
 
@@ -555,6 +559,7 @@ def load_examples(
     on_error: str = "raise",
     fmt: str | None = None,
     options: Mapping[str, Any] | None = None,
+    cache_dir: str | None = None,
 ) -> list[Example] | Iterator[Example]:
     """Examples of `split` of `source` (a registered name or a .jsonl/.json/.parquet path).
 
@@ -565,14 +570,16 @@ def load_examples(
     local file ("gsm8k", "svamp", ...; default: our schema). options: knobs of the
     generated datasets (synthetic: n, seed, n_ops, modulus, max_operand, ops, unique;
     gsm-symbolic: lang, seed, split_seed, n_per_template, test_fraction); they may also follow the
-    name, as in ``"gsm-symbolic?n_per_template=50"`` (see `parse_source_options`).
+    name, as in ``"gsm-symbolic?n_per_template=50"`` (see `parse_source_options`). cache_dir:
+    where hub datasets are cached (None: datasets' own, ``$HF_DATASETS_CACHE``).
     """
     if not streaming:
-        return load_examples_report(source, split, limit=limit, on_error=on_error, fmt=fmt, options=options).examples
+        return load_examples_report(source, split, limit=limit, on_error=on_error, fmt=fmt, options=options,
+                                    cache_dir=cache_dir).examples
     report = LoadReport()
     # Resolve the source now so that a bad name or path fails at the call, not at first use.
     examples = _stream(source, split, fmt=fmt, on_error=on_error, options=options, limit=limit, streaming=True,
-                       report=report)
+                       report=report, cache_dir=cache_dir)
     return _logged(examples, source, split, report)
 
 
@@ -606,4 +613,4 @@ def load_data(cfg: KavaConfig, which: str) -> list[Example]:
         examples = generate_products_split(split, n, seed=0, sizes=tuple(d.synthetic_sizes), modulus=d.synthetic_modulus,
                                            style="nl" if source.endswith("-nl") else "eq")
         return examples[:limit] if limit else examples
-    return list(load_examples(source, split, limit=limit or None, on_error=d.on_error))
+    return list(load_examples(source, split, limit=limit or None, on_error=d.on_error, cache_dir=d.cache_dir or None))

@@ -39,7 +39,7 @@ from typing import Any
 
 import yaml
 
-from ..config import ConfigError, KavaConfig, load_config, read_yaml
+from ..config import ConfigError, KavaConfig, load_config, read_yaml, under_output_root
 from ..io import atomic_write_json, atomic_write_text
 
 try:  # optional: the ``cluster`` extra
@@ -153,7 +153,8 @@ def _join(run: str, point: str) -> str:
 def expand_sweep(path: str | Path, validate: bool = False) -> list[RunSpec]:
     """The runs of the sweep file at ``path``: (named runs x grid points) x seeds.
 
-    ``output_dir`` is taken relative to the current directory (like ``train.output_dir``);
+    ``output_dir`` is taken relative to ``$KAVA_OUTPUT_ROOT``, else the current directory (like
+    ``train.output_dir``);
     ``base_config`` relative to the sweep file. With ``validate``, every run's config is
     resolved now, so that a typo fails before any run starts.
     """
@@ -165,7 +166,7 @@ def expand_sweep(path: str | Path, validate: bool = False) -> list[RunSpec]:
     if not data.get("base_config"):
         raise SweepError(f"{path}: 'base_config' is required (a config YAML, relative to the sweep file)")
     base = (path.parent / str(data["base_config"])).resolve()
-    out_root = Path(str(data.get("output_dir") or f"runs/{safe_name(path.stem)}"))
+    out_root = under_output_root(str(data.get("output_dir") or f"runs/{safe_name(path.stem)}"))
 
     seeds = data.get("seeds", [0])
     if isinstance(seeds, int) and not isinstance(seeds, bool):

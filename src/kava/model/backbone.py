@@ -189,6 +189,8 @@ def load_backbone(cfg: ModelConfig, seed: int = 0):
             raise ModelLoadError(f"model.name_or_path: GGUF file {path} does not exist")
         path, gguf = str(p.parent), p.name
     kw = dict(trust_remote_code=cfg.trust_remote_code)
+    if cfg.cache_dir:  # else Hugging Face's own cache ($HF_HUB_CACHE, $HF_HOME)
+        kw["cache_dir"] = cfg.cache_dir
     if gguf:
         kw["gguf_file"] = gguf
     quant = quantization_config(cfg)

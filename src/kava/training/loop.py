@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from ..config import ConfigError, KavaConfig
+from ..config import ConfigError, KavaConfig, under_output_root
 from ..data.loaders import load_data
 from ..data.schema import Example
 from ..data.sequences import Encoded, TextEncoder
@@ -150,6 +150,7 @@ def set_up(cfg: KavaConfig) -> Run:
 
     tc = cfg.train
     trackers = tracker_names(cfg)  # a missing tracker package fails here, before anything loads
+    tc.output_dir = str(under_output_root(tc.output_dir, tc.output_root))  # saved so in config.yaml
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
     accelerator = Accelerator(
