@@ -136,7 +136,8 @@ def train(cfg: KavaConfig, resume: bool = False) -> dict:
         result["eval"] = evaluate_model(run, run.out)
     if run.main:
         atomic_write_json(run.out / "status.json", result)
-    run.accelerator.end_training()
+    for tracker in run.accelerator.trackers:  # (not end_training: that also destroys the process group)
+        tracker.finish()
     return result
 
 
