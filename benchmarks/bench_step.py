@@ -18,7 +18,7 @@ as many tokens as a trained model would) and reports forward passes, wall time a
 bytes. Targets: (c) within 10% of (b); selection + losses under 5% of (c); latent decoding
 speed-up at least 80% of the forward-pass ratio.
 
-  python benchmarks/bench_step.py                       # tiny model of configs/tiny/kava.yaml
+  python benchmarks/bench_step.py                       # tiny model of configs/curriculum/kava.yaml
   python benchmarks/bench_step.py --model llama-1b      # Llama-3.2-1B shape, random weights (GPU)
 """
 
@@ -47,8 +47,23 @@ LLAMA_1B = dict(
                   "original_max_position_embeddings": 8192},
 )
 
-# Dense bf16 peak FLOP/s by device name, for model FLOPs utilisation.
-PEAK_BF16 = (("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12), ("A10G", 70e12), ("L4", 121e12))
+# Dense (not sparse) bf16 tensor-core peak FLOP/s from NVIDIA's data sheets, for model FLOPs
+# utilisation; the first name found in torch.cuda.get_device_name() wins, so the more specific
+# names come first. KAVA_PEAK_TFLOPS (or --peak-tflops) overrides it, for any device.
+PEAK_BF16 = (
+    ("H200 NVL", 835e12), ("H200", 989e12), ("H100 NVL", 835e12), ("H100 PCIe", 756e12), ("H100", 989e12),
+    ("A100", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
+)
+
+
+def bf16_peak(device_name: str, override_tflops: float = 0.0) -> tuple[float | None, str]:
+    """(peak FLOP/s, where it came from) for a device name; (None, reason) when unknown."""
+    if override_tflops > 0:
+        return override_tflops * 1e12, "override"
+    for name, flops in PEAK_BF16:
+        if name in device_name:
+            return flops, f"table: {name}"
+    return None, f"no bf16 peak known for {device_name!r}; set KAVA_PEAK_TFLOPS"
 
 
 # --- setup ----------------------------------------------------------------------------------
@@ -66,7 +81,7 @@ def build(args):
     if args.model == "llama-1b":
         config = args.config or str(ROOT / "configs/paper/llama1b_aug.yaml")
     else:
-        config = args.config or str(ROOT / "configs/tiny/kava.yaml")
+        config = args.config or str(ROOT / "configs/curriculum/kava.yaml")
     overrides = ["model.init_from=", "train.mode=kava", *args.overrides]
     if args.model == "llama-1b":
         overrides.append("model.name_or_path=tiny")  # the tokenizer: ids only matter for shapes
@@ -292,7 +307,12 @@ def run_benchmark(args) -> dict:
     n_flop_params = sum(p.numel() for n, p in model.base_model.named_parameters() if "embed_tokens" not in n)
     if model.lm_head.weight is model.base_model.get_input_embeddings().weight:
         n_flop_params += model.lm_head.weight.numel()
-    peak = next((f for name, f in PEAK_BF16 if name in torch.cuda.get_device_name()), None) if device.type == "cuda" and amp is torch.bfloat16 else None
+    if args.peak_tflops > 0:
+        peak, peak_source = bf16_peak("", args.peak_tflops)
+    elif device.type == "cuda" and amp is torch.bfloat16:
+        peak, peak_source = bf16_peak(torch.cuda.get_device_name())
+    else:
+        peak, peak_source = None, "MFU is against a bf16 peak: needs bf16 on a GPU, or --peak-tflops"
     train = {}
     for name in ("cot", "passes", "kava"):
         t = med[name]
@@ -315,40 +335,50 @@ def run_benchmark(args) -> dict:
         "teacher_graph_over_kava": med["kava_teacher_graph"] / med["kava"] - 1.0 if graph_free else None,
     }
 
-    # --- inference: latent vs CoT decoding on the same batch, with evaluation's own decoding ---
+    # --- inference: latent vs CoT decoding, with evaluation's own decoding ---
     model.eval()
     bpt = kv_bytes_per_token(model)
-    n_ans = max(len(e.answer) for e in encs)
-    n_cot = max(sum(map(len, e.steps)) + len(e.answer_prefix) + len(e.answer) for e in encs)
 
-    def decode(mode, n_new):
-        with autocast():
-            p = prefill(model, encs, mode, cfg)
-            g = greedy(model, p.cache, p.mask, p.last_h, n_new, p.passes, stop_at_eos=False)
-        return g.passes[0], sum(g.kv_tokens) / len(g.kv_tokens)
+    def decoding(encs):
+        """Latent and CoT decoding of one batch: passes, positions, median wall time, KV cache."""
+        n = len(encs)
+        n_ans = max(len(e.answer) for e in encs)
+        n_cot = max(sum(map(len, e.steps)) + len(e.answer_prefix) + len(e.answer) for e in encs)
 
-    def latent_decode():
-        return decode("student", n_ans)
+        def decode(mode, n_new):
+            with autocast():
+                p = prefill(model, encs, mode, cfg)
+                g = greedy(model, p.cache, p.mask, p.last_h, n_new, p.passes, stop_at_eos=False)
+            return g.passes[0], sum(g.kv_tokens) / len(g.kv_tokens)
 
-    def cot_decode():
-        return decode("cot", n_cot)
+        def latent_decode():
+            return decode("student", n_ans)
 
-    with count_positions(model) as lat_box:
-        lat_passes, lat_kv = latent_decode()
-    with count_positions(model) as cot_box:
-        cot_passes, cot_kv = cot_decode()
-    dtimes = interleaved_times({"latent": latent_decode, "cot": cot_decode}, args.warmup, args.iters, device)
-    t_lat, t_cot = statistics.median(dtimes["latent"]), statistics.median(dtimes["cot"])
-    ratio = cot_passes / lat_passes
-    inference = {
-        "latent": {"passes": lat_passes, "positions_per_example": lat_box["positions"] / b, "wall_s": t_lat, "kv_cache_bytes_per_example": lat_kv * bpt},
-        "cot": {"passes": cot_passes, "positions_per_example": cot_box["positions"] / b, "wall_s": t_cot, "kv_cache_bytes_per_example": cot_kv * bpt},
-        "pass_ratio": ratio, "position_ratio": cot_box["positions"] / lat_box["positions"],
-        "speedup": t_cot / t_lat, "speedup_over_pass_ratio": (t_cot / t_lat) / ratio,
-    }
+        def cot_decode():
+            return decode("cot", n_cot)
 
-    largest = None
-    if device.type == "cuda" and not args.no_find_batch:
+        with count_positions(model) as lat_box:
+            lat_passes, lat_kv = latent_decode()
+        with count_positions(model) as cot_box:
+            cot_passes, cot_kv = cot_decode()
+        dtimes = interleaved_times({"latent": latent_decode, "cot": cot_decode}, args.warmup, args.iters, device)
+        t_lat, t_cot = statistics.median(dtimes["latent"]), statistics.median(dtimes["cot"])
+        ratio = cot_passes / lat_passes
+        return {
+            "batch": n,
+            "latent": {"passes": lat_passes, "positions_per_example": lat_box["positions"] / n, "wall_s": t_lat, "kv_cache_bytes_per_example": lat_kv * bpt},
+            "cot": {"passes": cot_passes, "positions_per_example": cot_box["positions"] / n, "wall_s": t_cot, "kv_cache_bytes_per_example": cot_kv * bpt},
+            "pass_ratio": ratio, "position_ratio": cot_box["positions"] / lat_box["positions"],
+            "speedup": t_cot / t_lat, "speedup_over_pass_ratio": (t_cot / t_lat) / ratio,
+        }
+
+    inference = decoding(encs)  # the training batch
+    # --decode-batches: the same decoding at other batch sizes (the examples repeated as needed).
+    inference_by_batch = {str(n): inference if n == b else decoding([encoded[i % len(encoded)] for i in range(n)])
+                          for n in args.decode_batches}
+
+    largest, batch_search = None, None
+    if args.find_batch or (device.type == "cuda" and not args.no_find_batch):
         from kava.training.batch_finder import find_largest_batch, training_step_fn
 
         step = training_step_fn(objective, encoded, at_step=at_step)
@@ -357,7 +387,10 @@ def run_benchmark(args) -> dict:
             with autocast():
                 step(bs)
 
-        largest = find_largest_batch(run, start=b, max_batch=args.max_batch).largest
+        found = find_largest_batch(run, start=b, max_batch=args.max_batch)
+        largest = found.largest
+        # hit_limit: every size up to --max-batch fitted, so the true limit is higher.
+        batch_search = {"largest": found.largest, "hit_limit": found.hit_limit, "max_batch": args.max_batch, "tried": found.tried}
 
     targets = {
         "kava_within_10pct_of_passes": summary["kava_over_passes"] <= 0.10,
@@ -377,7 +410,8 @@ def run_benchmark(args) -> dict:
                   "prefix_len": int(sb["prefix_ids"].shape[1]), "suffix_len": int(sb["suffix_ids"].shape[1]),
                   "latents": m, "scheme": lat.scheme, "iterations": lat.iterations, "selector": cfg.loss.compression},
         "iters": args.iters, "train": train, "summary": summary, "inference": inference,
-        "largest_batch": largest, "targets": targets,
+        "inference_by_batch": inference_by_batch, "peak_flops": peak, "peak_source": peak_source,
+        "largest_batch": largest, "batch_search": batch_search, "targets": targets,
     }
 
 
@@ -417,16 +451,32 @@ def report(r: dict) -> str:
                      f"KV cache {d['kv_cache_bytes_per_example'] / 1024:8.1f} KiB/example")
     lines.append(f"  pass ratio {i['pass_ratio']:.2f}x (positions ratio {i['position_ratio']:.2f}x), wall-time speed-up {i['speedup']:.2f}x "
                  f"= {i['speedup_over_pass_ratio']:.0%} of the pass ratio")
-    if r["largest_batch"] is not None:
-        lines.append(f"largest batch that fits: {r['largest_batch']}")
+    for n, d in r["inference_by_batch"].items():
+        lines.append(f"  batch {n:>4}: latent {ms(d['latent']['wall_s'])}, CoT {ms(d['cot']['wall_s'])}, speed-up {d['speedup']:.2f}x "
+                     f"(pass ratio {d['pass_ratio']:.2f}x)")
+    lines.append(f"MFU peak: {'%.0f TFLOP/s' % (r['peak_flops'] / 1e12) if r['peak_flops'] else 'none'} ({r['peak_source']})")
+    if r["batch_search"] is not None:
+        bs = r["batch_search"]
+        note = f" (every size up to --max-batch {bs['max_batch']} fitted)" if bs["hit_limit"] else ""
+        lines.append(f"largest batch that fits: {bs['largest']}{note}; tried {bs['tried']}")
     lines += ["", "targets: " + ", ".join(f"{k} {'MET' if v else 'MISSED'}" for k, v in r["targets"].items())]
     return "\n".join(lines)
+
+
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give batch sizes as N,N,...") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: batch sizes must be >= 1")
+    return sizes
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=("tiny", "llama-1b"), default="tiny", help="tiny: the config's model; llama-1b: Llama-3.2-1B shape, random weights")
-    p.add_argument("--config", help="config file (default: configs/tiny/kava.yaml, or configs/paper/llama1b_aug.yaml for llama-1b)")
+    p.add_argument("--config", help="config file (default: configs/curriculum/kava.yaml, or configs/paper/llama1b_aug.yaml for llama-1b)")
     p.add_argument("--batch", type=int, default=0, help="batch size (default: the config's train.batch_size)")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
@@ -439,7 +489,12 @@ def parse_args(argv=None):
     p.add_argument("--step-tokens", type=int, default=14, help="llama-1b: tokens per CoT step")
     p.add_argument("--answer-tokens", type=int, default=3, help="llama-1b: answer tokens including <eos>")
     p.add_argument("--no-find-batch", action="store_true", help="GPU: skip the largest-batch search")
-    p.add_argument("--max-batch", type=int, default=512)
+    p.add_argument("--find-batch", action="store_true", help="run the largest-batch search on a CPU too (there --max-batch is the limit)")
+    p.add_argument("--max-batch", type=int, default=512, help="largest batch the search tries (doubling from the batch, then bisecting)")
+    p.add_argument("--decode-batches", type=_sizes, default=[], metavar="N,N",
+                   help="also time latent vs CoT decoding at these batch sizes, e.g. 1,64")
+    p.add_argument("--peak-tflops", type=float, default=os.environ.get("KAVA_PEAK_TFLOPS", "0"),
+                   help="bf16 peak of the device in TFLOP/s for MFU (default: env KAVA_PEAK_TFLOPS, else the table by GPU name)")
     p.add_argument("--json", help="also write the results as JSON here")
     p.add_argument("overrides", nargs="*", help="config overrides key=value")
     return p.parse_args(argv)

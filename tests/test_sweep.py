@@ -292,5 +292,5 @@ def test_the_teachers_experiment_expands_to_valid_teacher_lists():
     by_name = {s.name: load_config(None, s.overrides) for s in specs if s.seed == 0}
     assert by_name["self"].teachers.models == []
     fused = by_name["fused"]
-    assert [t.name_or_path for t in fused.teachers.models] == ["runs/tiny/cot-large", "runs/tiny/cot-qwen"]
+    assert [t.name_or_path for t in fused.teachers.models] == ["runs/curriculum/cot-large", "runs/curriculum/cot-qwen"]
     assert fused.teachers.fusion == "router" and fused.loss.rope == "pre"

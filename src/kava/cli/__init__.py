@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from ..logs import setup_logging
 
@@ -52,7 +51,7 @@ def cmd_demo(args) -> int:
     from ..config import under_output_root
     from ..experiments.demo import run_demo
 
-    run_demo(under_output_root(args.out), quick=args.quick, threads=args.threads)
+    run_demo(under_output_root(args.out), quick=args.quick, threads=args.threads, seed=args.seed)
     return 0
 
 
@@ -89,10 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("overrides", nargs="*", help="key=value overrides, e.g. eval.batch_size=16")
     e.set_defaults(func=cmd_eval)
 
-    d = sub.add_parser("demo", help="the embedded CPU demo: CoT, no-CoT, CODI and KaVa on the synthetic task")
+    d = sub.add_parser("demo", help="the embedded CPU demo: CoT, no-CoT, CODI and KaVa (the paper's recipe) on sums of products")
     d.add_argument("--out", default="runs/demo", help="output folder (a relative one goes under $KAVA_OUTPUT_ROOT when set)")
     d.add_argument("--quick", action="store_true", help="a much shorter run (for smoke tests; accuracies mean little)")
-    d.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
+    d.add_argument("--threads", type=int, default=1, help="CPU threads for each of the two training processes")
+    d.add_argument("--seed", type=int, default=0, help="seed of every run")
     d.set_defaults(func=cmd_demo)
 
     c = sub.add_parser("config", help="list every config field with its default and help, or show a resolved config")

@@ -2,7 +2,7 @@
 
 A sweep file looks like this (every key but ``base_config`` is optional)::
 
-    base_config: ../tiny/kava.yaml      # relative to the sweep file
+    base_config: ../curriculum/kava.yaml      # relative to the sweep file
     output_dir: runs/ablations          # run folders: <output_dir>/<name>/seed<seed>
     seeds: [0, 1, 2]                    # train.seed of each copy (default: [0])
     overrides: {train.max_steps: 200}   # applied to every run
