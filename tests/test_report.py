@@ -268,3 +268,52 @@ def test_report_shows_the_instruments(tmp_path: Path):
     (tmp_path / "runs" / "rkv" / "seed1" / "instruments.jsonl").write_text("{not json\n")
     with pytest.raises(ValueError, match=r"instruments.jsonl:1: not an instruments row"):
         collect_runs(tmp_path / "runs")
+
+
+def _teachers_rows():
+    """Rows shaped like the teachers report: forward passes all about 6, wide bimodal accuracy spreads."""
+    def row(name, acc, std, fp, fp_std=0.0):
+        return {"name": name, "mode": "student", "dataset": "synthetic", "accuracy_mean": acc, "accuracy_std": std,
+                "forward_passes_mean": fp, "forward_passes_std": fp_std}
+    return [row("fused", 0.73, 0.45, 6.0), row("fused_entropy", 0.72, 0.44, 6.0), row("fused_fixed", 0.735, 0.43, 6.0),
+            row("frozen_self", 0.74, 0.45, 6.0), row("large", 0.73, 0.44, 6.0), row("self", 0.965, 0.04, 6.0027, 0.0046)]
+
+
+def _text_boxes(fig):
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    from matplotlib.text import Text
+
+    found = {id(t): t for t in fig.findobj(Text)}.values()  # findobj may meet a text twice
+    texts = [t for t in found if t.get_visible() and t.get_text().strip()]
+    return [(t.get_text(), t.get_window_extent(renderer)) for t in texts]
+
+
+def test_accuracy_plot_axes_show_the_data_within_0_to_100():
+    from kava.experiments.report import accuracy_figure
+
+    fig = accuracy_figure(_teachers_rows())
+    ax = fig.axes[0]
+    assert ax.get_ylim() == (0.0, 100.0)
+    lo, hi = ax.get_xlim()
+    assert hi - lo >= 2.0 and lo <= 6.0 - 0.5 and hi >= 6.0027 + 0.5 and lo >= 0.0  # not 5.998-6.007
+    ys = [y for c in ax.collections for seg in c.get_segments() for _, y in seg]
+    assert ys and min(ys) >= 0.0 and max(ys) <= 100.0 and max(ys) == pytest.approx(100.0)  # the 73 ± 45 bar stops at 100
+    assert not ax.xaxis.get_major_formatter().get_offset()  # tick labels are plain numbers, no "+6" offset
+    legend = fig.legends[0]
+    assert sorted(t.get_text() for t in legend.get_texts()) == sorted(r["name"] for r in _teachers_rows())
+    boxes = _text_boxes(fig)
+    overlaps = [(a, b) for i, (a, ba) in enumerate(boxes) for b, bb in boxes[i + 1:] if ba.overlaps(bb)]
+    assert not overlaps  # names, tick labels, titles: no two texts overlap
+    assert not legend.get_window_extent().overlaps(ax.get_window_extent())
+
+
+def test_training_curves_nearly_constant_term_gets_a_readable_axis(tmp_path: Path):
+    from kava.experiments.report import collect_runs, training_curves_figure
+
+    make_run(tmp_path / "runs", "rkv", 0, 0.5, losses=[2.0, 2.000001, 2.000002])
+    fig = training_curves_figure(collect_runs(tmp_path / "runs"))
+    loss_ax = next(a for a in fig.axes if a.get_title() == "loss")
+    lo, hi = loss_ax.get_ylim()
+    assert lo < 2.0 < hi and hi - lo >= 0.02  # 1% of the value, not a 2e-6 wide axis
+    assert not loss_ax.yaxis.get_major_formatter().get_offset()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,6 +28,18 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 
 class ConfigError(ValueError):
     """A bad configuration value; the message names the field."""
+
+
+OUTPUT_ROOT_ENV = "KAVA_OUTPUT_ROOT"
+
+
+def under_output_root(path: str | Path, root: str = "") -> Path:
+    """Where an output folder goes: ``path`` itself when absolute; else under ``root`` (a config's
+    ``train.output_root``), else under ``$KAVA_OUTPUT_ROOT``, else the current directory. The
+    config wins over the environment, the environment over the default."""
+    path = Path(path).expanduser()
+    base = root or os.environ.get(OUTPUT_ROOT_ENV, "")
+    return path if path.is_absolute() or not base else Path(base).expanduser() / path
 
 
 def _check(cond: bool, name: str, msg: str) -> None:
@@ -77,6 +90,7 @@ class ModelConfig:
     dtype: str = _f("auto", "weights dtype: auto (float32 on CPU, bfloat16 on GPUs that support it), float32, bfloat16, float16")
     attn_implementation: str = _f("sdpa", "attention kernel: sdpa, eager, flash_attention_2")
     trust_remote_code: bool = _f(False, "allow code shipped with a hub model to run")
+    cache_dir: str = _f("", "download cache of hub models (empty: Hugging Face's: $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub)")
     use_chat_template: bool = _f(False, "wrap the question in the tokenizer's chat template")
     adapter: str = _f("lora", "what is trained: lora (peft adapters + new token rows) or full (all weights)")
     lora_r: int = _f(128, "LoRA rank")
@@ -211,6 +225,7 @@ class DataConfig:
     train_limit: int = _f(0, "use only the first N training examples (0: all)")
     eval_limit: int = _f(0, "evaluate on the first N examples (0: all)")
     on_error: str = _f("raise", "bad records: raise (stop before training) or skip (drop and report)")
+    cache_dir: str = _f("", "cache of hub datasets (empty: datasets': $HF_DATASETS_CACHE, else $HF_HOME/datasets, else ~/.cache/huggingface/datasets)")
     synthetic_ops: int = _f(4, "synthetic task: operations per question")
     synthetic_modulus: int = _f(10, "synthetic task: arithmetic modulus")
     synthetic_train_size: int = _f(20000, "synthetic task: training examples")
@@ -242,7 +257,8 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     mode: str = _f("kava", "what to train: kava (latent student + teacher), cot (CoT fine-tuning), nocot (answer only), teacher (CE on the KaVa teacher's own sequence: the CoT without its last step under loss.drop_last_step)")
-    output_dir: str = _f("runs/run", "folder for checkpoints, metrics and the resolved config")
+    output_dir: str = _f("runs/run", "folder for checkpoints, metrics and the resolved config (a relative one is placed under output_root)")
+    output_root: str = _f("", f"folder a relative output_dir is placed under (empty: ${OUTPUT_ROOT_ENV}, else the current directory)")
     seed: int = _f(0, "seed for data order, initialisation and dropout")
     lr: float = _f(8e-4, "peak learning rate")
     projection_lr: float = _f(0.0, "learning rate of the projection MLP (0: lr)")
@@ -261,7 +277,10 @@ class TrainConfig:
     eval_every: int = _f(0, "evaluate every N optimizer steps (0: only at the end)")
     eval_at_end: bool = _f(True, "evaluate the final model on data.eval")
     num_threads: int = _f(0, "CPU threads for torch (0: torch's default)")
-    tensorboard: bool = _f(False, "also write TensorBoard logs")
+    report_to: str = _f("none", "experiment trackers through accelerate, comma-separated: tensorboard, wandb, mlflow, or none")
+    project: str = _f("kava", "tracker project: the wandb project, MLflow experiment, TensorBoard subfolder of RUN/logs")
+    run_name: str = _f("", "tracker run name (empty: the run folder's name)")
+    tensorboard: bool = _f(False, "same as adding tensorboard to report_to (kept for older configs)")
     progress: bool = _f(True, "show a progress bar")
     save_total_limit: int = _f(0, "keep only the newest N checkpoints in output_dir (0: keep all)")
     overwrite_output_dir: bool = _f(False, "start a new run in an output_dir that holds another run's files, deleting them (without it such a start is refused; --resume continues instead)")
@@ -283,6 +302,9 @@ class TrainConfig:
         _check(0 <= self.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)")
         _choice(self.mixed_precision, "train.mixed_precision", ("auto", "no", "bf16", "fp16"))
         _choice(self.lr_schedule, "train.lr_schedule", ("cosine", "constant"))
+        for name in self.report_to.split(","):
+            _choice(name.strip(), "train.report_to", ("none", "tensorboard", "wandb", "mlflow"))
+        _check(self.project.strip() != "", "train.project", "must not be empty")
 
 
 @dataclass

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from ..logs import setup_logging
 
@@ -52,9 +51,10 @@ def cmd_eval(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    from ..config import under_output_root
     from ..experiments.demo import run_demo
 
-    run_demo(Path(args.out), quick=args.quick, threads=args.threads, seed=args.seed)
+    run_demo(under_output_root(args.out), quick=args.quick, threads=args.threads, seed=args.seed)
     return 0
 
 
@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
 
     d = sub.add_parser("demo", help="the embedded CPU demo: CoT, no-CoT, CODI and KaVa (the paper's recipe) on sums of products")
-    d.add_argument("--out", default="runs/demo", help="output folder")
+    d.add_argument("--out", default="runs/demo", help="output folder (a relative one goes under $KAVA_OUTPUT_ROOT when set)")
     d.add_argument("--quick", action="store_true", help="a much shorter run (for smoke tests; accuracies mean little)")
     d.add_argument("--threads", type=int, default=1, help="CPU threads for each of the two training processes")
     d.add_argument("--seed", type=int, default=0, help="seed of every run")

@@ -64,7 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="run afresh (deleting its files) a run whose folder holds a config other than the sweep's now; "
                         "without it such a sweep stops before running anything")
-    g = p.add_argument_group("SLURM (through submitit; pip install 'kava[cluster]')")
+    g = p.add_argument_group("SLURM (through submitit: pip install submitit)")
     g.add_argument("--slurm", action="store_true", help="submit the unfinished runs as a job array instead of running them here")
     g.add_argument("--executor", choices=("slurm", "local", "debug"), default="slurm",
                    help="submitit executor: slurm, or local/debug to try the submission path on this machine")

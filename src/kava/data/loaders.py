@@ -15,6 +15,11 @@ record number, field); ``on_error="skip"`` drops them, logs how many, and report
 count through `load_examples_report`.
 
 `load_data(cfg, which)` gives the training or evaluation examples a run's config names.
+
+A limit on a template dataset (examples whose ``source_id`` ends in ``-t<template>-s<seed>-<i>``,
+as GSM-Symbolic's ``gsm-symbolic-eng-t0012-s0-3`` do, also in a file exported from one) is
+spread over the templates, round-robin (see `spread_over_templates`), instead of taking the
+first N, which would all be instances of one template.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import logging
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, overload
 
@@ -239,7 +244,7 @@ def _generate_gsm_symbolic(style: str) -> Callable[[str, int | None, Mapping[str
             examples = gsm_symbolic.draw_instances(
                 ids, int(options.get("n_per_template", 10)), seed, style, lang=lang
             )
-        return examples if limit is None else examples[:limit]
+        return examples  # a limit is spread over the templates by `_limited`
 
     return generate
 
@@ -408,11 +413,12 @@ def _read_file(path: Path) -> Iterator[Located]:
     raise DataError(f"unsupported file type {suffix!r}; use one of {', '.join(FILE_SUFFIXES)}", where=str(path))
 
 
-def _hub_rows(hub_id: str, config: str | None, split: str, streaming: bool) -> Iterable[Record]:
-    """Rows of a hub dataset split via `datasets.load_dataset` (network or local cache)."""
+def _hub_rows(hub_id: str, config: str | None, split: str, streaming: bool, cache_dir: str | None = None) -> Iterable[Record]:
+    """Rows of a hub dataset split via `datasets.load_dataset` (network or local cache;
+    ``cache_dir`` None: datasets' own, ``$HF_DATASETS_CACHE`` or ``$HF_HOME/datasets``)."""
     import datasets
 
-    return datasets.load_dataset(hub_id, config, split=split, streaming=streaming)
+    return datasets.load_dataset(hub_id, config, split=split, streaming=streaming, cache_dir=cache_dir)
 
 
 def _hub_split(spec: DatasetSpec, split: str) -> str:
@@ -423,9 +429,9 @@ def _hub_split(spec: DatasetSpec, split: str) -> str:
     raise DataError(f"unknown split {split!r}; available: {', '.join(spec.splits)}", where=spec.name)
 
 
-def _located_hub(spec: DatasetSpec, split: str, streaming: bool) -> Iterator[Located]:
+def _located_hub(spec: DatasetSpec, split: str, streaming: bool, cache_dir: str | None = None) -> Iterator[Located]:
     assert spec.hub_id is not None
-    rows = _hub_rows(spec.hub_id, spec.config, _hub_split(spec, split), streaming)
+    rows = _hub_rows(spec.hub_id, spec.config, _hub_split(spec, split), streaming, cache_dir)
     for i, row in enumerate(rows, start=1):
         yield f"{spec.name}/{split}:{i}", row
 
@@ -461,7 +467,7 @@ def _examples(located: Iterable[Located], mapper: Mapper | None, on_error: str, 
 
 def _stream(
     source: str, split: str, *, fmt: str | None, on_error: str, options: Mapping[str, Any] | None,
-    limit: int | None, streaming: bool, report: LoadReport,
+    limit: int | None, streaming: bool, report: LoadReport, cache_dir: str | None = None,
 ) -> Iterator[Example]:
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
@@ -486,7 +492,7 @@ def _stream(
         else:
             if options:
                 raise DataError("options apply to generated datasets only", where=source)
-            examples = _examples(_located_hub(spec, split, streaming), spec.mapper, on_error, report)
+            examples = _examples(_located_hub(spec, split, streaming, cache_dir), spec.mapper, on_error, report)
     else:
         path = Path(source)
         if not path.exists() and path.suffix.lower() not in FILE_SUFFIXES:
@@ -497,7 +503,49 @@ def _stream(
         if options:
             raise DataError("options apply to generated datasets only, not to files", where=source)
         examples = _examples(_read_file(path), _resolve_mapper(fmt), on_error, report)
-    return islice(iter(examples), limit)
+    return _limited(iter(examples), limit)
+
+
+_TEMPLATE_ID = re.compile(r"-t(\d+)-s-?\d+-\d+$")
+
+
+def template_of(example: Example) -> str | None:
+    """The template an example was drawn from, read from a ``source_id`` that ends in
+    ``-t<template>-s<seed>-<i>`` (GSM-Symbolic's), or None."""
+    m = _TEMPLATE_ID.search(example.source_id)
+    return m.group(1) if m else None
+
+
+def spread_over_templates(examples: Iterable[Example], limit: int) -> list[Example]:
+    """``limit`` examples taken round-robin over their templates (in order of first appearance:
+    each template's first instance, then each one's second, ...), returned in their original
+    order. Examples without a template id count as one template of their own."""
+    examples = list(examples)
+    by_template: dict[str | None, list[int]] = {}
+    for i, ex in enumerate(examples):
+        by_template.setdefault(template_of(ex), []).append(i)
+    taken: list[int] = []
+    rank = 0
+    while len(taken) < min(limit, len(examples)):
+        for indices in by_template.values():
+            if rank < len(indices) and len(taken) < limit:
+                taken.append(indices[rank])
+        rank += 1
+    return [examples[i] for i in sorted(taken)]
+
+
+def _limited(examples: Iterator[Example], limit: int | None) -> Iterator[Example]:
+    """The first ``limit`` examples, or, when the first one names a template, ``limit`` spread
+    over the templates (which reads them all)."""
+    if limit is None:
+        return examples
+    first = next(examples, None)
+    if first is None:
+        return iter(())
+    examples = chain([first], examples)
+    if template_of(first) is None:
+        return islice(examples, limit)
+    return iter(spread_over_templates(examples, limit))
 
 
 def load_examples_report(
@@ -508,11 +556,12 @@ def load_examples_report(
     on_error: str = "raise",
     fmt: str | None = None,
     options: Mapping[str, Any] | None = None,
+    cache_dir: str | None = None,
 ) -> LoadReport:
     """Like `load_examples` (not streaming), also returning the skipped-record count."""
     report = LoadReport()
     report.examples = list(_stream(source, split, fmt=fmt, on_error=on_error, options=options, limit=limit,
-                                   streaming=False, report=report))
+                                   streaming=False, report=report, cache_dir=cache_dir))
     if report.skipped:
         log.warning("%s [%s]: skipped %d bad record(s); first: %s", source, split, report.skipped, report.errors[0])
     return report
@@ -528,6 +577,7 @@ def load_examples(
     on_error: str = ...,
     fmt: str | None = ...,
     options: Mapping[str, Any] | None = ...,
+    cache_dir: str | None = ...,
 ) -> list[Example]: ...
 
 
@@ -541,6 +591,7 @@ def load_examples(
     on_error: str = ...,
     fmt: str | None = ...,
     options: Mapping[str, Any] | None = ...,
+    cache_dir: str | None = ...,
 ) -> Iterator[Example]: ...
 
 
@@ -553,6 +604,7 @@ def load_examples(
     on_error: str = "raise",
     fmt: str | None = None,
     options: Mapping[str, Any] | None = None,
+    cache_dir: str | None = None,
 ) -> list[Example] | Iterator[Example]:
     """Examples of `split` of `source` (a registered name or a .jsonl/.json/.parquet path).
 
@@ -563,14 +615,16 @@ def load_examples(
     local file ("gsm8k", "svamp", ...; default: our schema). options: knobs of the
     generated datasets (synthetic: n, seed, n_ops, modulus, max_operand, ops, unique;
     gsm-symbolic: lang, seed, split_seed, n_per_template, test_fraction); they may also follow the
-    name, as in ``"gsm-symbolic?n_per_template=50"`` (see `parse_source_options`).
+    name, as in ``"gsm-symbolic?n_per_template=50"`` (see `parse_source_options`). cache_dir:
+    where hub datasets are cached (None: datasets' own, ``$HF_DATASETS_CACHE``).
     """
     if not streaming:
-        return load_examples_report(source, split, limit=limit, on_error=on_error, fmt=fmt, options=options).examples
+        return load_examples_report(source, split, limit=limit, on_error=on_error, fmt=fmt, options=options,
+                                    cache_dir=cache_dir).examples
     report = LoadReport()
     # Resolve the source now so that a bad name or path fails at the call, not at first use.
     examples = _stream(source, split, fmt=fmt, on_error=on_error, options=options, limit=limit, streaming=True,
-                       report=report)
+                       report=report, cache_dir=cache_dir)
     return _logged(examples, source, split, report)
 
 
@@ -604,4 +658,4 @@ def load_data(cfg: KavaConfig, which: str) -> list[Example]:
         examples = generate_products_split(split, n, seed=0, sizes=tuple(d.synthetic_sizes), modulus=d.synthetic_modulus,
                                            style="nl" if source.endswith("-nl") else "eq")
         return examples[:limit] if limit else examples
-    return list(load_examples(source, split, limit=limit or None, on_error=d.on_error))
+    return list(load_examples(source, split, limit=limit or None, on_error=d.on_error, cache_dir=d.cache_dir or None))

@@ -581,24 +581,56 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
+def padded_range(lo: float, hi: float, min_span: float, floor: float | None = None) -> tuple[float, float]:
+    """Axis limits around data in [lo, hi]: 8% padding each side, at least ``min_span`` wide
+    (nearly equal values get a readable axis, not 5.998-6.007), never below ``floor``."""
+    span = max(hi - lo, min_span)
+    mid = (lo + hi) / 2
+    a, b = mid - 0.54 * span, mid + 0.54 * span
+    if floor is not None and a < floor:
+        a, b = floor, max(b, floor + 1.08 * span)
+    return a, b
+
+
 def plot_accuracy_vs_passes(rows: Sequence[dict], path: Path) -> Path | None:
-    """One panel per dataset: a point per run name (and mode) at (forward passes, accuracy %), std error bars."""
+    """:func:`accuracy_figure` written to ``path`` (None without any accuracy)."""
+    fig = accuracy_figure(rows)
+    return None if fig is None else _save(fig, path)
+
+
+def accuracy_figure(rows: Sequence[dict]) -> Any:
+    """One panel per dataset: a point per run name (and mode) at (forward passes, accuracy %),
+    std error bars clipped to 0-100%, the accuracy axis 0-100%, the forward-pass axis at least
+    2 passes wide; a legend names the points (a colour per name across panels)."""
     rows = [r for r in rows if r["accuracy_mean"] is not None and r["forward_passes_mean"] is not None]
     if not rows:
         return None
     labels = _row_labels(rows, "name")
+    names = sorted({labels[(r["name"], r["mode"])] for r in rows})
+    palette = matplotlib_colors(len(names))
+    colour = {n: palette[i] for i, n in enumerate(names)}
     datasets = sorted({r["dataset"] for r in rows})
-    fig = _figure(5 * len(datasets), 4)
+    fig = _figure(4.5 * len(datasets) + 2.0, 4)
     axes = fig.subplots(1, len(datasets), squeeze=False)[0]
     for ax, ds in zip(axes, datasets):
-        for r in (r for r in rows if r["dataset"] == ds):
-            ax.errorbar(r["forward_passes_mean"], 100 * r["accuracy_mean"], xerr=r["forward_passes_std"], yerr=100 * r["accuracy_std"],
-                        fmt="o", capsize=3)
-            ax.annotate(labels[(r["name"], r["mode"])], (r["forward_passes_mean"], 100 * r["accuracy_mean"]),
-                        textcoords="offset points", xytext=(4, 4), fontsize=8)
+        here = [r for r in rows if r["dataset"] == ds]
+        for r in here:
+            acc, std = 100 * r["accuracy_mean"], 100 * (r["accuracy_std"] or 0.0)
+            yerr = [[min(std, acc)], [min(std, 100 - acc)]]  # the interval clipped to 0-100%
+            ax.errorbar(r["forward_passes_mean"], acc, xerr=r["forward_passes_std"] or 0.0, yerr=yerr, fmt="o", capsize=3,
+                        color=colour[labels[(r["name"], r["mode"])]], clip_on=False)
+        lo = min(r["forward_passes_mean"] - (r["forward_passes_std"] or 0.0) for r in here)
+        hi = max(r["forward_passes_mean"] + (r["forward_passes_std"] or 0.0) for r in here)
+        ax.set_xlim(*padded_range(lo, hi, min_span=2.0, floor=0.0))
+        ax.set_ylim(0, 100)
+        ax.ticklabel_format(axis="x", useOffset=False)
         ax.set(title=ds, xlabel="forward passes per question", ylabel="accuracy (%)")
         ax.grid(alpha=0.3)
-    return _save(fig, path)
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=colour[n], marker="o", linestyle="", label=n) for n in names]
+    fig.legend(handles, names, loc="outside right upper", fontsize=8, ncols=1 + len(names) // 16)
+    return fig
 
 
 def matplotlib_colors(n: int) -> list:
@@ -613,6 +645,12 @@ def matplotlib_colors(n: int) -> list:
 
 
 def plot_training_curves(runs: Sequence[dict], path: Path) -> Path | None:
+    """:func:`training_curves_figure` written to ``path`` (None without any loss term)."""
+    fig = training_curves_figure(runs)
+    return None if fig is None else _save(fig, path)
+
+
+def training_curves_figure(runs: Sequence[dict]) -> Any:
     """A panel per loss term present in ``metrics.jsonl``; a line per run name, mean over its seeds."""
     curves: dict[str, dict[int, dict[str, list[float]]]] = {}
     for run in runs:
@@ -632,10 +670,16 @@ def plot_training_curves(runs: Sequence[dict], path: Path) -> Path | None:
     palette = matplotlib_colors(len(curves))
     colour = {name: palette[i] for i, name in enumerate(sorted(curves))}
     for ax, term in zip(axes, terms):
+        values: list[float] = []
         for name in sorted(curves):
             pts = [(s, statistics.fmean(v[term])) for s, v in sorted(curves[name].items()) if term in v]
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name, color=colour[name])
+                values += [p[1] for p in pts]
+        if values:  # a nearly constant curve: an axis 1% of its size wide, not a magnified 1e-6
+            lo, hi = min(values), max(values)
+            ax.set_ylim(*padded_range(lo, hi, min_span=0.01 * max(abs(lo), abs(hi)) or 1e-6))
+        ax.ticklabel_format(axis="y", useOffset=False)
         ax.set(title=term, xlabel="step")
         ax.grid(alpha=0.3)
     for ax in axes[len(terms):]:
@@ -645,7 +689,7 @@ def plot_training_curves(runs: Sequence[dict], path: Path) -> Path | None:
     handles = [Line2D([], [], color=colour[n], label=n) for n in sorted(curves)]
     if handles:
         fig.legend(handles, [h.get_label() for h in handles], loc="outside right upper", fontsize=7)
-    return _save(fig, path)
+    return fig
 
 
 def plot_kv_cosine(run: dict, path: Path) -> Path | None:

@@ -40,7 +40,7 @@ from typing import Any
 
 import yaml
 
-from ..config import ConfigError, KavaConfig, config_from_dict, load_config, read_yaml
+from ..config import ConfigError, KavaConfig, config_from_dict, load_config, read_yaml, under_output_root
 from ..io import atomic_write_json, atomic_write_text
 
 try:  # optional: the ``cluster`` extra
@@ -164,7 +164,8 @@ def _seeds(seeds: Any, where: str) -> list[int]:
 def expand_sweep(path: str | Path, validate: bool = False, extra: Sequence[str] = (), output_dir: str | Path | None = None) -> list[RunSpec]:
     """The runs of the sweep file at ``path``: (named runs x grid points) x seeds.
 
-    ``output_dir`` is taken relative to the current directory (like ``train.output_dir``);
+    ``output_dir`` is taken relative to ``$KAVA_OUTPUT_ROOT``, else the current directory (like
+    ``train.output_dir``);
     ``base_config`` relative to the sweep file. With ``validate``, every run's config is
     resolved now, so that a typo fails before any run starts. ``extra``: ``key=value`` overrides
     applied to every run after its own values (a smoke test: ``train.max_steps=2``);
@@ -181,7 +182,7 @@ def expand_sweep(path: str | Path, validate: bool = False, extra: Sequence[str] 
     if not data.get("base_config"):
         raise SweepError(f"{path}: 'base_config' is required (a config YAML, relative to the sweep file)")
     base = (path.parent / str(data["base_config"])).resolve()
-    out_root = Path(str(output_dir or data.get("output_dir") or f"runs/{safe_name(path.stem)}"))
+    out_root = under_output_root(str(output_dir or data.get("output_dir") or f"runs/{safe_name(path.stem)}"))
     seeds = _seeds(data.get("seeds", [0]), str(path))
 
     common = _flatten(data.get("overrides"), f"{path}: overrides")
@@ -439,7 +440,7 @@ def run_spec(spec: RunSpec, resume: bool = True, train_fn: TrainFn | None = None
 
 def _submitit() -> Any:
     if _submitit_helpers is None:
-        raise SweepError("cluster submission needs submitit: pip install 'kava[cluster]'")
+        raise SweepError("cluster submission needs submitit: pip install submitit")
     import submitit
 
     return submitit

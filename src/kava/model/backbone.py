@@ -83,7 +83,7 @@ def quantization_config(cfg: ModelConfig):
 
     Frozen base weights in 4-bit NF4 (double quantisation, compute in the model dtype) or
     8-bit; only the LoRA adapters, the new token rows and the projection are trained. Needs a
-    CUDA GPU and ``bitsandbytes`` (``pip install 'kava[quant]'``); anything else is an error.
+    CUDA GPU and ``bitsandbytes`` (``pip install bitsandbytes``); anything else is an error.
     """
     if cfg.quantization == "none":
         return None
@@ -93,7 +93,7 @@ def quantization_config(cfg: ModelConfig):
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise ModelLoadError(f"{where} needs bitsandbytes: pip install 'kava[quant]'") from None
+        raise ModelLoadError(f"{where} needs bitsandbytes: pip install bitsandbytes") from None
     from transformers import BitsAndBytesConfig
 
     if cfg.quantization == "8bit":
@@ -207,6 +207,8 @@ def load_backbone(cfg: ModelConfig, seed: int = 0):
             raise ModelLoadError(f"model.name_or_path: GGUF file {path} does not exist")
         path, gguf = str(p.parent), p.name
     kw = dict(trust_remote_code=cfg.trust_remote_code)
+    if cfg.cache_dir:  # else Hugging Face's own cache ($HF_HUB_CACHE, $HF_HOME)
+        kw["cache_dir"] = cfg.cache_dir
     if gguf:
         kw["gguf_file"] = gguf
     quant = quantization_config(cfg)
@@ -218,7 +220,7 @@ def load_backbone(cfg: ModelConfig, seed: int = 0):
         )
     except (OSError, ValueError, ImportError) as e:
         # ValueError: an architecture transformers cannot read from GGUF; ImportError: no gguf package.
-        hint = " (GGUF files need: pip install 'kava[gguf]')" if gguf and isinstance(e, ImportError) else ""
+        hint = " (GGUF files need the package gguf: pip install gguf)" if gguf and isinstance(e, ImportError) else ""
         if not cfg.trust_remote_code and ships_code(path):
             hint += ("; it ships its own code, which runs only with model.trust_remote_code=true given on the command line "
                      "or in your config (never from a checkpoint's saved config)")

@@ -20,16 +20,18 @@ import logging
 import math
 import os
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
-from ..config import ConfigError, KavaConfig
+from ..config import ConfigError, KavaConfig, under_output_root
 from ..data.loaders import load_data
 from ..data.schema import Example
 from ..data.sequences import Encoded, TextEncoder
@@ -41,6 +43,7 @@ from ..model.checkpoints import WEIGHTS_FILE, check_shapes, latest_checkpoint, r
 from .env import pick_mixed_precision
 from .rundir import claim_run_folder, prune_checkpoints
 from .state import load_trainer_state, save_trainer_state
+from .tracking import start_trackers, tracker_names
 
 log = logging.getLogger("kava.train")  # the name these log lines have always had
 
@@ -69,8 +72,12 @@ class Run:
     max_steps: int
     fsdp: bool
     step: int = 0
-    writer: Any = None  # TensorBoard, with train.tensorboard
+    summary: dict = field(default_factory=dict)  # the start-of-run summary (run_summary.json)
     window: dict[str, list] = field(default_factory=dict)  # metrics since the last logged row
+    window_tokens: int = 0  # this process's sequence tokens since the last logged row
+    window_examples: int = 0  # examples (all processes) since the last logged row
+    window_time: float = 0.0  # seconds spent in train_step since the last logged row
+    stage: int | None = None  # the curriculum stage of the last step (None: no curriculum)
     last_row: dict = field(default_factory=dict)  # the last row written to metrics.jsonl
     started: float = 0.0
 
@@ -150,8 +157,8 @@ def _train(cfg: KavaConfig, resume: bool) -> dict:
             mark_failed(run, e)
         raise
     finally:
-        if run.writer:
-            run.writer.close()
+        for tracker in run.accelerator.trackers:  # (not end_training: that also destroys the process group)
+            tracker.finish()
     return result
 
 
@@ -197,11 +204,17 @@ def set_up(cfg: KavaConfig) -> Run:
     from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
     from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
+    from accelerate.utils import ProjectConfiguration
+
     tc = cfg.train
+    trackers = tracker_names(cfg)  # a missing tracker package fails here, before anything loads
+    tc.output_dir = str(under_output_root(tc.output_dir, tc.output_root))  # saved so in config.yaml
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
     accelerator = Accelerator(
         mixed_precision=pick_mixed_precision(tc.mixed_precision),
+        log_with=trackers or None,
+        project_config=ProjectConfiguration(project_dir=tc.output_dir, logging_dir=str(Path(tc.output_dir) / "logs")),
         cpu=not torch.cuda.is_available(),
         # One scheduler step per optimizer step (accelerate would otherwise step it once per process).
         step_scheduler_with_optimizer=False,
@@ -226,6 +239,17 @@ def set_up(cfg: KavaConfig) -> Run:
 
     steps_per_epoch = math.ceil(len(encoded) / effective)
     max_steps = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
+    params = list({id(p): p for p in objective.parameters()}.values())  # counted before FSDP shards them
+    summary = {
+        "mode": tc.mode, "examples": len(encoded), "eval_examples": len(eval_examples), "max_steps": max_steps,
+        "steps_per_epoch": steps_per_epoch, "epochs": round(max_steps / steps_per_epoch, 3), "effective_batch": effective,
+        "batch_size_per_process": tc.batch_size, "processes": world, "grad_accumulation_steps": accum,
+        "trainable_parameters": sum(p.numel() for p in params if p.requires_grad),
+        "total_parameters": sum(p.numel() for p in params),
+        "device": str(accelerator.device), "mixed_precision": accelerator.mixed_precision,
+        "weights_dtype": str(next(iter(model.parameters())).dtype).removeprefix("torch."),
+        "report_to": trackers,
+    }
     warmup = tc.warmup_steps or int(tc.warmup_ratio * max_steps)
     optimizer = torch.optim.AdamW(_param_groups(objective, cfg), lr=tc.lr, weight_decay=tc.weight_decay)
     if tc.lr_schedule == "cosine":
@@ -235,7 +259,7 @@ def set_up(cfg: KavaConfig) -> Run:
     wrapped, optimizer, scheduler = accelerator.prepare(objective, optimizer, scheduler)
     return Run(cfg, Path(tc.output_dir), accelerator, model, encoder, encoded, eval_examples, objective, wrapped,
                optimizer, scheduler, DataOrder(len(encoded), tc.seed), accum, max_steps,
-               fsdp=accelerator.distributed_type == DistributedType.FSDP)
+               fsdp=accelerator.distributed_type == DistributedType.FSDP, summary=summary)
 
 
 def resume_from(run: Run) -> None:
@@ -264,33 +288,45 @@ def resume_from(run: Run) -> None:
 
 
 def open_run_folder(run: Run) -> None:
-    """The run folder with the resolved ``config.yaml`` and ``status.json`` (running); TensorBoard."""
-    if not run.main:
-        return
-    run.out.mkdir(parents=True, exist_ok=True)
-    run.cfg.save(run.out / "config.yaml")
-    atomic_write_json(run.out / "status.json", {"state": "running", "step": run.step, "max_steps": run.max_steps})
-    if run.cfg.train.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
+    """The run folder with the resolved ``config.yaml``, ``status.json`` (running) and
+    ``run_summary.json`` (also logged); the trackers of ``train.report_to``."""
+    if run.main:
+        run.out.mkdir(parents=True, exist_ok=True)
+        run.cfg.save(run.out / "config.yaml")
+        atomic_write_json(run.out / "status.json", {"state": "running", "step": run.step, "max_steps": run.max_steps})
+        atomic_write_json(run.out / "run_summary.json", {**run.summary, "start_step": run.step})
+        log.info("%s", format_summary(run.summary))
+    start_trackers(run.accelerator, run.cfg, run.out, run.summary)
 
-        run.writer = SummaryWriter(str(run.out / "tensorboard"))
+
+def format_summary(s: dict) -> str:
+    """The start-of-run summary as one line."""
+    return (f"run: {s['examples']} training examples, {s['max_steps']} steps ({s['epochs']:g} epochs), effective batch "
+            f"{s['effective_batch']} ({s['batch_size_per_process']} x {s['processes']} process(es) x {s['grad_accumulation_steps']} "
+            f"accumulation), {s['trainable_parameters']:,} of {s['total_parameters']:,} parameters trainable, "
+            f"device {s['device']}, mixed precision {s['mixed_precision']}, weights {s['weights_dtype']}"
+            + (f", reporting to {', '.join(s['report_to'])}" if s["report_to"] else ""))
 
 
 def train_step(run: Run) -> None:
     """One optimizer step: ``accum`` micro-batches forward and backward (gradients synchronised
     on the last), one check that every loss was finite, clipping, the update."""
     tc, accelerator, wrapped = run.cfg.train, run.accelerator, run.wrapped
+    started = time.perf_counter()
     losses_this_step = []
     for micro in range(run.accum):
         idx = run.order.take(tc.batch_size * run.world)[run.rank :: run.world]
         batch = run.objective.make_batch([run.encoded[i] for i in idx], run.step)
+        run.window_tokens += batch_tokens(batch)  # host-side masks: no device sync
+        run.stage = batch.get("stage")
         sync = accelerator.no_sync(wrapped) if micro < run.accum - 1 else nullcontext()
         with sync:
             loss, metrics = wrapped(batch)
             accelerator.backward(loss / run.accum)
         losses_this_step.append(loss.detach())
         for k, v in metrics.items():
-            run.window.setdefault(k, []).append(v)
+            if k != "stage":  # logged as the integer it is, not averaged (log_metrics)
+                run.window.setdefault(k, []).append(v)
     checked = torch.stack(losses_this_step).float()
     if tc.grad_clip > 0:
         grad_norm = torch.as_tensor(accelerator.clip_grad_norm_(wrapped.parameters(), tc.grad_clip)).detach().float()
@@ -305,23 +341,63 @@ def train_step(run: Run) -> None:
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
+    run.window_examples += tc.batch_size * run.world * run.accum
+    run.window_time += time.perf_counter() - started  # the step ends with a host read (the finiteness check)
 
 
 def log_metrics(run: Run, bar) -> None:
     """The mean of every metric since the last row (over processes too): one row of
-    ``metrics.jsonl`` (and TensorBoard), and the progress bar's figures."""
-    row = {"step": run.step, "lr": run.scheduler.get_last_lr()[0], "elapsed_s": round(time.perf_counter() - run.started, 3)}
-    means = {k: torch.stack([torch.as_tensor(x, dtype=torch.float32, device=run.accelerator.device).reshape(()) for x in v]).mean()
+    ``metrics.jsonl`` (and the trackers), and the progress bar's figures.
+
+    Besides the loss terms a row has ``time`` (UTC), ``lr``, ``examples_per_s`` and
+    ``tokens_per_s`` (all processes; time spent in training steps since the previous row, so
+    checkpoints and evaluations do not count), ``peak_mem_gib`` (CUDA memory allocated on a GPU,
+    the process's peak resident memory on a CPU) and the curriculum ``stage`` as an integer."""
+    row = {"step": run.step, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+           "lr": run.scheduler.get_last_lr()[0], "elapsed_s": round(time.perf_counter() - run.started, 3)}
+    device = run.accelerator.device
+    means = {k: torch.stack([torch.as_tensor(x, dtype=torch.float32, device=device).reshape(()) for x in v]).mean()
              for k, v in run.window.items()}
-    row.update(_mean_over_processes(run.accelerator, means))
+    means["_tokens"] = torch.tensor(float(run.window_tokens))
+    values = _mean_over_processes(run.accelerator, means)  # the one host read of the logging step
+    tokens = values.pop("_tokens") * run.world
+    row.update(values)
+    if run.window_time > 0:
+        row["examples_per_s"] = round(run.window_examples / run.window_time, 3)
+        row["tokens_per_s"] = round(tokens / run.window_time, 1)
+    row["peak_mem_gib"] = round(peak_memory_gib(device), 4)
+    if run.stage is not None:
+        row["stage"] = int(run.stage)
     run.window.clear()
+    run.window_tokens = run.window_examples = 0
+    run.window_time = 0.0
     bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k in ("loss", "ce", "ce_student", "kv", "codi", "kv_cos", "acc_teacher", "acc_student", "stage")})
     if run.main:
         append_line(run.out / "metrics.jsonl", json.dumps(row))
-        if run.writer:
-            for k, v in row.items():
-                run.writer.add_scalar(k, v, run.step)
+    run.accelerator.log({k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}, step=run.step)
     run.last_row = row
+
+
+def batch_tokens(batch: dict) -> int:
+    """Sequence tokens of a batch the model reads: the teacher's (question, CoT, answer) and the
+    student's (prefix, latents, suffix), padding excluded. The masks are host tensors."""
+    n = 0
+    if "teacher" in batch:
+        n += int(batch["teacher"]["attention_mask"].sum())
+    if "student" in batch:
+        s = batch["student"]
+        n += int(s["prefix_mask"].sum()) + int(s["suffix_mask"].sum()) + s["num_latents"] * s["prefix_mask"].shape[0]
+    return n
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak CUDA memory allocated on ``device`` so far, or on a CPU the process's peak resident memory."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / 2**30 if sys.platform == "darwin" else peak / 2**20
 
 
 def save_checkpoint(run: Run) -> Path:

@@ -72,6 +72,7 @@ def load_teacher(spec: TeacherModelConfig, cfg: KavaConfig, where: str = "teache
                 name_or_path=spec.name_or_path, gguf_file=spec.gguf_file, tiny=spec.tiny, adapter="full",
                 dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation,
                 trust_remote_code=cfg.model.trust_remote_code, use_chat_template=cfg.model.use_chat_template,
+                cache_dir=cfg.model.cache_dir,
             )
             model = build_model(tcfg, with_adapter=False)
     except ModelLoadError as e:
