@@ -114,7 +114,7 @@ def test_the_ablation_suite_expands_to_valid_overrides():
         load_config(None, spec.overrides)
     codi = next(s for s in specs if s.name == "codi")
     assert load_config(None, codi.overrides).loss.alpha_kv == 0
-    assert codi.base_config == REPO / "configs" / "tiny" / "kava.yaml"
+    assert codi.base_config == REPO / "configs" / "curriculum" / "kava.yaml"
     if codi.base_config.is_file():
         assert codi.config().loss.alpha_kv == 0
         assert {s.name: s.config().latent.num_latents for s in specs if s.seed == 0}["rkv_M8"] == 8
@@ -320,5 +320,5 @@ def test_the_testbed_ablation_sweep_resolves_with_the_seeds_it_promises():
     assert all(len(seeds[n]) >= 10 for n in seeds if n.split("@")[0] in ten)
     assert all(len(seeds[n]) >= 5 for n in seeds)
     nl = next(s for s in specs if s.name == "rkv@nl").config()
-    assert nl.data.train == nl.data.eval == "synthetic-products-nl" and "teacher-nl" in nl.model.init_from
+    assert nl.data.train == nl.data.eval == "synthetic-products-nl" and nl.model.init_from.startswith("runs/tiny-nl/teacher/")
     assert next(s for s in specs if s.name == "counterfactual").config().loss.compression == "counterfactual"
