@@ -106,6 +106,7 @@ def train(cfg: KavaConfig, resume: bool = False) -> dict:
     a second run into it, or a fresh start into a folder holding files without
     ``train.overwrite_output_dir``, stops with one line. ``result["signal"]`` is set when a
     SIGINT/SIGTERM stopped the run (the command exits with 128 + that number)."""
+    tracker_names(cfg)  # a missing tracker package is refused before the folder is touched
     # The folder set_up will write to (under train.output_root / $KAVA_OUTPUT_ROOT), locked first.
     folder = under_output_root(cfg.train.output_dir, cfg.train.output_root)
     with claim_run_folder(folder, resume, cfg.train.overwrite_output_dir,
