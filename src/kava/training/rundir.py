@@ -36,8 +36,11 @@ log = logging.getLogger("kava.train")
 LOCK_FILE = ".kava.lock"
 METRICS_FILE = "metrics.jsonl"
 # What a run writes into its folder (what --overwrite deletes).
-_OUTPUT_FILES = ("metrics.jsonl", "status.json", "config.yaml", "eval_metrics.json", "kv_cosine.json")
-_OUTPUT_DIRS = (re.compile(r"^checkpoint-\d+$"), re.compile(r"^eval(-\d+)?$"), re.compile(r"^tensorboard$"))
+_OUTPUT_FILES = ("metrics.jsonl", "status.json", "config.yaml", "eval_metrics.json", "kv_cosine.json", "run_summary.json",
+                 "instruments.jsonl", "selector_keeps.json")
+# (logs/: TensorBoard under train.report_to, wandb/: wandb's files, tensorboard/: older runs)
+_OUTPUT_DIRS = (re.compile(r"^checkpoint-\d+$"), re.compile(r"^eval(-\d+)?$"), re.compile(r"^tensorboard$"), re.compile(r"^logs$"),
+                re.compile(r"^wandb$"))
 _OUTPUT_GLOB = re.compile(r"^predictions_[a-z]+\.jsonl$")
 _TEMP = re.compile(r"^\.(checkpoint-\d+\..+|[^/]+\.[A-Za-z0-9_]{6,}\.tmp)$")
 _OLD = re.compile(r"^\.(checkpoint-\d+)\.old$")
