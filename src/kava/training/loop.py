@@ -555,35 +555,11 @@ class _Stopped(BaseException):
         self.signum = signum
 
 
-class _RaiseOnSignal:
-    """SIGINT/SIGTERM raise :class:`_Stopped` at once (a BaseException, so no handler of
-    ordinary errors swallows it)."""
+class _SignalHandlers:
+    """Installs ``self._handle`` for SIGINT/SIGTERM for the duration of a ``with`` block and
+    restores the previous handlers after it."""
 
     def __init__(self):
-        self._old = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    @staticmethod
-    def _handle(signum, frame):
-        raise _Stopped(signum)
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
-class _StopSignal:
-    """Turns SIGINT/SIGTERM into a flag checked between optimizer steps."""
-
-    def __init__(self):
-        self.received: int | None = None
         self._old = {}
 
     def __enter__(self):
@@ -595,11 +571,30 @@ class _StopSignal:
         return self
 
     def _handle(self, signum, frame):
-        self.received = signum
+        raise NotImplementedError
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+
+class _RaiseOnSignal(_SignalHandlers):
+    """SIGINT/SIGTERM raise :class:`_Stopped` at once (a BaseException, so no handler of
+    ordinary errors swallows it)."""
+
+    def _handle(self, signum, frame):
+        raise _Stopped(signum)
+
+
+class _StopSignal(_SignalHandlers):
+    """Turns SIGINT/SIGTERM into a flag checked between optimizer steps."""
+
+    def __init__(self):
+        super().__init__()
+        self.received: int | None = None
+
+    def _handle(self, signum, frame):
+        self.received = signum
 
 
 def _mean_over_processes(accelerator, values: dict[str, torch.Tensor]) -> dict[str, float]:
