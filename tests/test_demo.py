@@ -37,3 +37,18 @@ def test_demo_recipes_are_the_papers():
         assert cfg.loss.latent_ce == 0 and not cfg.curriculum.enabled
         assert cfg.loss.alpha_kv == alpha_kv and cfg.loss.compression == "rkv"
         assert cfg.data.train == cfg.data.eval == "synthetic-products"
+
+
+def test_demo_runs_one_after_the_other_when_the_cores_do_not_hold_two_runs(tmp_path, monkeypatch):
+    import kava.experiments.demo as demo
+
+    monkeypatch.setattr(demo.os, "cpu_count", lambda: 2)
+    assert (demo.default_jobs(1), demo.default_jobs(2), demo.default_jobs(4)) == (2, 1, 1)
+    monkeypatch.setattr(demo.os, "cpu_count", lambda: 16)
+    assert demo.default_jobs(2) == 2
+    summary = run_demo(tmp_path, quick=True, threads=1, seed=3, jobs=1)
+    assert summary["processes"] == 1
+    # The same seeded runs, side by side or not: the same numbers as the two-process quick demo.
+    two = run_demo(tmp_path / "two", quick=True, threads=1, seed=3, jobs=2)
+    for key in summary["methods"]:
+        assert summary["methods"][key]["accuracy"] == two["methods"][key]["accuracy"]

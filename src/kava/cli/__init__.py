@@ -54,7 +54,7 @@ def cmd_demo(args) -> int:
     from ..config import under_output_root
     from ..experiments.demo import run_demo
 
-    run_demo(under_output_root(args.out), quick=args.quick, threads=args.threads, seed=args.seed)
+    run_demo(under_output_root(args.out), quick=args.quick, threads=args.threads, seed=args.seed, jobs=args.jobs)
     return 0
 
 
@@ -96,7 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the embedded CPU demo: CoT, no-CoT, CODI and KaVa (the paper's recipe) on sums of products")
     d.add_argument("--out", default="runs/demo", help="output folder (a relative one goes under $KAVA_OUTPUT_ROOT when set)")
     d.add_argument("--quick", action="store_true", help="a much shorter run (for smoke tests; accuracies mean little)")
-    d.add_argument("--threads", type=int, default=1, help="CPU threads for each of the two training processes")
+    d.add_argument("--threads", type=int, default=1, help="CPU threads for each training process")
+    d.add_argument(
+        "--jobs", type=int, choices=(1, 2), default=None, help="runs side by side (default: cores / threads, at most 2)"
+    )
     d.add_argument("--seed", type=int, default=0, help="seed of every run")
     d.set_defaults(func=cmd_demo)
 

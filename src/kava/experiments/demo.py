@@ -12,13 +12,16 @@ with questions of one and two products; the recipes are ``configs/tiny/*.yaml``:
 3. a table of accuracy (strict grader, overall and per number of products) and forward passes,
    ``summary.json`` (with the seed and each arm's recipe), ``results.md`` and a plot.
 
-Each of the two processes runs one thread by default, so the result does not depend on the
-machine's core count; ``--threads`` changes that.
+Each process runs one thread by default, so the result does not depend on the machine's core
+count; ``--threads`` changes that. The two runs of a stage go side by side when the cores allow
+(``--jobs``, by default the core count divided by the threads, at most 2), else one after the other:
+the result is the same either way, as each run is seeded and single-process.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -106,27 +109,38 @@ def _method(result: dict, mode: str, run_dir: Path) -> dict:
 _PRODUCTS = {"2": "1", "3": "2", "5": "3", "7": "4"}
 
 
-def run_demo(out: Path, quick: bool = False, threads: int = 1, seed: int = 0) -> dict:
-    """Train the models and write the summary; returns ``summary.json``'s content."""
+def default_jobs(threads: int) -> int:
+    """How many runs go side by side: as many as the cores hold at ``threads`` each, 1 or 2."""
+    return max(1, min(2, (os.cpu_count() or 1) // max(1, threads)))
+
+
+def run_demo(out: Path, quick: bool = False, threads: int = 1, seed: int = 0, jobs: int | None = None) -> dict:
+    """Train the models and write the summary; returns ``summary.json``'s content.
+
+    ``jobs`` (1 or 2) is how many runs train side by side; by default :func:`default_jobs`.
+    """
     if not CONFIG_DIR.is_dir():
         raise FileNotFoundError(f"{CONFIG_DIR}: the demo recipes live in the repository's configs/tiny")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     threads = max(1, threads)
+    jobs = default_jobs(threads) if jobs is None else jobs
+    if jobs not in (1, 2):
+        raise ValueError(f"jobs must be 1 or 2, got {jobs}")
     cfg = lambda n: str(CONFIG_DIR / f"{n}.yaml")  # noqa: E731
     job = lambda n, init="": (cfg(n), _overrides(n, out, threads, seed, quick, init))  # noqa: E731
     started = time.perf_counter()
     log.info("demo: training the CoT model and its teacher warm-up, and beside them the no-CoT baseline")
-    (cot, teacher), (nocot,) = _run_side_by_side([[job("cot"), job("teacher")], [job("nocot")]], parallel=True)
+    (cot, teacher), (nocot,) = _run_side_by_side([[job("cot"), job("teacher")], [job("nocot")]], parallel=jobs == 2)
     log.info("demo: training the CODI and KaVa students from the warmed-up teacher")
-    (codi,), (kava,) = _run_side_by_side([[job("codi", teacher["checkpoint"])], [job("kava", teacher["checkpoint"])]], parallel=True)
+    (codi,), (kava,) = _run_side_by_side([[job("codi", teacher["checkpoint"])], [job("kava", teacher["checkpoint"])]], parallel=jobs == 2)
     trained = {"cot": cot, "no_cot": nocot, "codi": codi, "kava": kava, "teacher": teacher}
     methods = {key: _method(trained[key], mode, out / folder) for key, _, folder, mode in [*ROWS, TEACHER_ROW]}
     summary = {
         "methods": methods,
         "seed": seed,
         "threads_per_process": threads,
-        "processes": 2,
+        "processes": jobs,
         "task": "synthetic-products, one and two products, strict grader",
         "wall_s": round(time.perf_counter() - started, 1),
         "quick": quick,
