@@ -7,6 +7,23 @@ import fnmatch
 import sys
 
 
+def parse_seeds(text: str) -> set[int]:
+    """``0,3,5-9`` -> {0, 3, 5, 6, 7, 8, 9}; anything else is a one-line error."""
+    from ..experiments.sweep import SweepError
+
+    out: set[int] = set()
+    for part in text.split(","):
+        lo, dash, hi = part.strip().partition("-")
+        try:
+            a, b = int(lo), int(hi) if dash else int(lo)
+        except ValueError:
+            raise SweepError(f"--seeds {text!r}: expected seeds and ranges such as 0,3,5-9") from None
+        if b < a:
+            raise SweepError(f"--seeds {text!r}: range {part.strip()} runs backwards")
+        out.update(range(a, b + 1))
+    return out
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Run, submit or list the sweep; the exit code is non-zero if a local run failed."""
     from ..experiments.sweep import SweepError, describe, expand_sweep, run_local, submit_slurm, write_pbs
@@ -17,6 +34,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             specs = [s for s in specs if any(fnmatch.fnmatchcase(s.name, pat) for pat in args.only)]
             if not specs:
                 raise SweepError(f"no run name matches {', '.join(args.only)}")
+        if args.seeds:
+            wanted = parse_seeds(args.seeds)
+            specs = [s for s in specs if s.seed in wanted]
+            if not specs:
+                raise SweepError(f"--seeds {args.seeds}: no run of the sweep has these seeds")
+        if args.by_seed:
+            specs = sorted(specs, key=lambda s: s.seed)  # stable: file order within a seed
         if args.slurm and args.pbs:
             raise SweepError("--slurm and --pbs exclude each other")
         resume = not args.no_resume
@@ -54,6 +78,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dry-run", action="store_true", help="list the runs, their state and overrides; run nothing")
     p.add_argument("--only", action="append", default=[], metavar="PATTERN",
                    help="run only names matching this glob (repeatable), e.g. --only 'rkv*'")
+    p.add_argument("--seeds", metavar="LIST", help="run only these seeds, e.g. 0-4 or 0,2,5-9")
+    p.add_argument("--by-seed", action="store_true",
+                   help="run every name's seed 0 first, then seed 1, ...: an interrupted sweep leaves all arms with the same seeds")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a config override applied to every run after the sweep's own values (repeatable), "
                         "e.g. --set train.max_steps=2 for a smoke test")
