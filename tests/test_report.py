@@ -113,7 +113,7 @@ def test_verdicts_follow_the_tests(runs: Path):
     # (2) right_crop (seed 0 only, 65) shares one seed with rkv: a two-sample test; its mean is above
     # rkv's, so no number of seeds is expected to establish the claim.
     assert v["2"].status == NOT_ESTABLISHED and len(v["2"].details) == 2 and v["2"].seeds_needed is None
-    assert "no common seeds" in v["2"].details[0] and "difference of means -5.0" in v["2"].details[0]
+    assert "unpaired, fewer than 2 common seeds" in v["2"].details[0] and "difference of means -5.0" in v["2"].details[0]
     assert "not in the claimed direction" in v["2"].text()
     # (3) no shuffled run
     assert v["3"].status == UNMEASURED and v["3"].p_value is None
@@ -169,7 +169,7 @@ def test_custom_names_and_unpaired_arms(tmp_path: Path):
     v = {x.claim: x for x in check_claims(rows, ClaimNames(methods={**ClaimNames().methods, "kava": ("rkv_M8",)}))}
     # No common seeds: a two-sample test over the C(4, 2) = 6 relabellings; 60 vs 58 has p = 3/6.
     assert v["3"].status == NOT_ESTABLISHED and v["3"].p_value == pytest.approx(0.5)
-    assert "no common seeds (2 vs 2)" in v["3"].details[0] and "exact two-sample permutation test" in v["3"].details[0]
+    assert "unpaired, fewer than 2 common seeds (2 vs 2)" in v["3"].details[0] and "exact two-sample permutation test" in v["3"].details[0]
     assert {x.claim: x.status for x in check_claims(rows)}["3"] == UNMEASURED  # default: kava/rkv absent
     pairs = ClaimNames(nl_pairs=[("a", "b")])
     assert {x.claim: x.status for x in check_claims(rows, pairs)}["4"] == UNMEASURED

@@ -348,7 +348,7 @@ def _describe(c: stats.Comparison, names: ClaimNames) -> str:
         text = (f"paired by seed (n={len(c.seeds)}): mean difference {100 * c.mean_diff:+.1f}{ci}; {c.test} p = {_p(c.p)},"
                 f" sign test p = {_p(c.sign_p)}")
     else:
-        text = f"no common seeds ({c.n_a} vs {c.n_b}): difference of means {100 * c.mean_diff:+.1f}; {c.test} p = {_p(c.p)}"
+        text = f"unpaired, fewer than 2 common seeds ({c.n_a} vs {c.n_b}): difference of means {100 * c.mean_diff:+.1f}; {c.test} p = {_p(c.p)}"
     return text + (" (passes)" if c.p <= names.alpha else "")
 
 
