@@ -32,8 +32,8 @@ from ..data.sequences import Encoded, TextEncoder
 from ..distill.objective import Objective, metric_floats
 from ..evaluation.evaluator import eval_modes, evaluate
 from ..io import atomic_replace_dir, atomic_write_json
-from ..model.backbone import KavaModel, build_model
-from ..model.checkpoints import WEIGHTS_FILE, latest_checkpoint
+from ..model.backbone import KavaModel, build_model, load_weights
+from ..model.checkpoints import latest_checkpoint
 from .env import pick_mixed_precision
 from .state import load_trainer_state, save_trainer_state
 
@@ -192,7 +192,7 @@ def resume_from(run: Run) -> None:
         return
     from safetensors.torch import load_file
 
-    run.model.load_state_dict(load_file(str(ckpt / WEIGHTS_FILE)), strict=False)
+    load_weights(run.model, ckpt)
     source = run.objective.source
     if source.state_file:
         if not (ckpt / source.state_file).is_file():
