@@ -29,6 +29,7 @@ from .checkpoints import (
     ModelLoadError,
     checkpoint_layout,
     checkpoint_tensors,
+    find_checkpoint,
     latest_checkpoint,
     weight_files,
 )
@@ -63,6 +64,7 @@ __all__ = [
     "enable_checkpointing",
     "fast_trainable_tokens",
     "final_pass",
+    "find_checkpoint",
     "find_smollm2_gguf",
     "latest_checkpoint",
     "load_backbone",

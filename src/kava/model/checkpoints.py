@@ -77,6 +77,17 @@ def checkpoint_tensors(path: str | Path) -> dict:
     return {f"{f.relative_to(path)}:{k}": v for f in weight_files(path) for k, v in load_file(str(f)).items()}
 
 
+def find_checkpoint(path: str | Path) -> Path:
+    """``path`` if it is a checkpoint folder, else the latest ``checkpoint-N`` of a run folder."""
+    path = Path(path)
+    if (path / CONFIG_FILE).is_file():
+        return path
+    found = latest_checkpoint(path)
+    if found is None:
+        raise FileNotFoundError(f"{path}: no kava checkpoint here (expected {CONFIG_FILE} or checkpoint-N folders)")
+    return found
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The checkpoint folder with the highest step in ``run_dir``, if any."""
     best, best_step = None, -1
