@@ -140,7 +140,7 @@ def exit_code(error: BaseException) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["lm-eval"]:
+    if argv[:1] == ["lm-eval"] and argv[1:] not in (["-h"], ["--help"]):
         # Every argument after it is lm-eval's, options included (argparse would read them as kava's).
         from .export import cmd_lm_eval
 

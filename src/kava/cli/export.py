@@ -46,8 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "lm-eval", help="lm-evaluation-harness with the kava model registered (arguments go to lm-eval)",
         description="Runs `lm-eval ARGS` with `--model kava` available, e.g. kava lm-eval --model kava "
                     "--model_args checkpoint=DIR --tasks TASK --include_path TASKS_DIR. model_args: checkpoint, "
-                    "mode (latent, cot, nocot), answer_prefix (true/false), grader.",
-        add_help=False,
+                    "mode (latent, cot, nocot), answer_prefix (true/false), grader. `lm-eval --help` lists lm-eval's arguments.",
     )
     h.add_argument("harness_args", nargs=argparse.REMAINDER, help="arguments of lm-eval (see lm-eval --help)")
     h.set_defaults(func=cmd_lm_eval)
