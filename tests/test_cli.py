@@ -57,7 +57,7 @@ for argv in [(), *commands(kava.cli.build_parser())]:
     assert out["heavy"] == []
     helps = out["help"]
     expected = {"", "train", "eval", "demo", "config", "data", "data export", "data validate", "data list",
-                "sweep", "report", "env", "teacher", "teacher extract"}
+                "sweep", "report", "env", "teacher", "teacher extract", "export", "lm-eval"}
     assert set(helps) == expected
     for argv, (rc, text) in helps.items():
         assert rc == 0 and text.startswith("usage: kava"), argv

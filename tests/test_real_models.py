@@ -17,7 +17,7 @@ from kava.data.schema import Example
 from kava.data.sequences import BOT, EOT, IGNORE, SequenceError, TextEncoder, student_batch, teacher_batch
 from kava.distill.objective import Objective
 from kava.evaluation import evaluate
-from kava.model import CONFIG_FILE, WEIGHTS_FILE, ModelLoadError, build_model, load_backbone, load_checkpoint
+from kava.model import ADAPTER_FILE, CONFIG_FILE, KAVA_WEIGHTS, ModelLoadError, weight_files, build_model, load_backbone, load_checkpoint
 from kava.model.tokenizer import build_synthetic_tokenizer
 from kava.training import train
 
@@ -164,9 +164,11 @@ def test_local_folder_with_tied_embeddings_trains_saves_and_reloads(tmp_path, mo
     res = train(cfg)
     assert res["state"] == "finished" and torch.isfinite(torch.tensor(res["train"]["loss"]))
     ckpt = tmp_path / "run" / "checkpoint-2"
-    saved = load_file(str(ckpt / WEIGHTS_FILE))
     # Only what was trained is saved (the base reloads from the folder), the tied new-token rows once.
-    assert all("lora_" in k or "trainable_tokens_delta" in k or k.startswith("projection.") for k in saved)
+    assert weight_files(ckpt) == [ckpt / ADAPTER_FILE, ckpt / KAVA_WEIGHTS]
+    saved = load_file(str(ckpt / ADAPTER_FILE))
+    assert all("lora_" in k or "trainable_tokens_delta" in k for k in saved)
+    assert all(k.startswith("projection.") for k in load_file(str(ckpt / KAVA_WEIGHTS)))
     deltas = [k for k in saved if "trainable_tokens_delta" in k]
     assert len(deltas) == 1 and saved[deltas[0]].shape[0] == 2
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in saved.items())
@@ -236,7 +238,7 @@ def test_untied_lm_head_rows_of_the_new_tokens_are_trained_saved_and_reloaded(tm
     # ... are saved, and come back identical after a reload (not drawn again).
     train(cfg)
     ckpt = tmp_path / "run" / "checkpoint-2"
-    saved = load_file(str(ckpt / WEIGHTS_FILE))
+    saved = load_file(str(ckpt / ADAPTER_FILE))
     assert any("lm_head" in k and "trainable_tokens_delta" in k for k in saved)
     first, second = load_checkpoint(ckpt), load_checkpoint(ckpt)
     ids = [first.bot_id, first.eot_id]

@@ -13,11 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from conftest import tiny_config
 from kava.data.sequences import BOT, EOT, TextEncoder, teacher_batch
-from kava.model import CONFIG_FILE, WEIGHTS_FILE, find_smollm2_gguf, load_checkpoint
+from kava.model import CONFIG_FILE, checkpoint_tensors, find_smollm2_gguf, load_checkpoint
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("gguf")
@@ -116,8 +115,8 @@ def test_kava_steps_train_lora_projection_and_new_tokens(run):
     for r in rows:
         for key in ("loss", "ce_student", "ce_teacher", "codi", "kv"):
             assert math.isfinite(r[key]), (key, r)
-    first = load_file(str(out / "checkpoint-1" / WEIGHTS_FILE))
-    last = load_file(str(out / f"checkpoint-{STEPS}" / WEIGHTS_FILE))
+    first = checkpoint_tensors(out / "checkpoint-1")
+    last = checkpoint_tensors(out / f"checkpoint-{STEPS}")
     assert first.keys() == last.keys()
     groups = {"lora_A": [], "lora_B": [], "projection.": [], "trainable_tokens_delta": []}
     for k in last:

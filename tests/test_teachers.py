@@ -156,8 +156,8 @@ def test_training_with_a_router_resumes_exactly(tmp_path):
     """Aligners and router are saved beside each checkpoint (safetensors) and restored by --resume."""
     from safetensors.torch import load_file
 
-    from kava.model import WEIGHTS_FILE
     from kava.distill.targets.teachers import ALIGN_FILE
+    from kava.model import WEIGHTS_FILE, load_checkpoint
     from kava.training import train
     from test_train import _train_until
 
@@ -180,7 +180,7 @@ def test_training_with_a_router_resumes_exactly(tmp_path):
     from kava.distill.targets.teachers import load_teacher
 
     teacher = load_teacher(TeacherModelConfig(name_or_path=str(tmp_path / "straight")), cfg("unused", 1))
-    saved = load_file(str(tmp_path / "straight" / "checkpoint-4" / WEIGHTS_FILE))
+    saved = load_checkpoint(tmp_path / "straight" / "checkpoint-4").weights_to_save()
     mine = teacher.weights_to_save()
     assert mine.keys() == saved.keys() and all(torch.equal(mine[k], saved[k]) for k in saved)
     assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training

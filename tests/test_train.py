@@ -6,13 +6,12 @@ import signal
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from conftest import tiny_config
 from kava.cli import main
 from kava.data import load_data
 from kava.evaluation import evaluate
-from kava.model import WEIGHTS_FILE, load_checkpoint
+from kava.model import checkpoint_layout, checkpoint_tensors, load_checkpoint
 from kava.training import TrainingError, train
 
 
@@ -34,8 +33,8 @@ def test_resume_continues_exactly(tmp_path, adapter):
     assert res["state"] == "interrupted" and res["step"] == 3
     res2 = train(half, resume=True)
     assert res2["state"] == "finished" and res2["step"] == 6
-    a = load_file(str(tmp_path / "full" / "checkpoint-6" / WEIGHTS_FILE))
-    b = load_file(str(tmp_path / "half" / "checkpoint-6" / WEIGHTS_FILE))
+    a = checkpoint_tensors(tmp_path / "full" / "checkpoint-6")
+    b = checkpoint_tensors(tmp_path / "half" / "checkpoint-6")
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
@@ -66,7 +65,7 @@ def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
     cfg = _cfg(tmp_path, "sig", train={"max_steps": 50})
     res = _train_until(cfg, 2)
     assert res["state"] == "interrupted" and res["step"] == 2
-    assert (tmp_path / "sig" / "checkpoint-2" / WEIGHTS_FILE).is_file()
+    assert checkpoint_layout(tmp_path / "sig" / "checkpoint-2") == "full"
     status = json.loads((tmp_path / "sig" / "status.json").read_text())
     assert status["state"] == "interrupted"
 
@@ -114,8 +113,8 @@ def test_accumulation_matches_one_big_batch(tmp_path):
     b = _cfg(tmp_path, "b", train={"batch_size": 2, "effective_batch": 4, "max_steps": 2}, loss=loss)
     train(a)
     train(b)
-    wa = load_file(str(tmp_path / "a" / "checkpoint-2" / WEIGHTS_FILE))
-    wb = load_file(str(tmp_path / "b" / "checkpoint-2" / WEIGHTS_FILE))
+    wa = checkpoint_tensors(tmp_path / "a" / "checkpoint-2")
+    wb = checkpoint_tensors(tmp_path / "b" / "checkpoint-2")
     diff = max((wa[k] - wb[k]).abs().max().item() for k in wa)
     # The same update up to float rounding.
     assert diff < 2e-4

@@ -2,7 +2,7 @@
 
 This module holds the top-level commands (train, eval, demo, config) and :func:`main`; each
 command group has its module beside it (``data``, ``sweep``, ``report``, ``env``,
-``teacher``), registered by :func:`build_parser`. Parsing imports nothing heavy (no torch,
+``teacher``, ``export``: export and lm-eval), registered by :func:`build_parser`. Parsing imports nothing heavy (no torch,
 transformers, datasets, peft or accelerate): each command imports what it needs when it
 runs, so ``kava --help`` and ``kava CMD --help`` are quick. CLI layer: may import every
 layer below it.
@@ -44,7 +44,12 @@ def cmd_eval(args) -> int:
     if args.limit:
         extra.append(f"data.eval_limit={args.limit}")
     modes = args.modes.split(",") if args.modes else None
-    res, out = evaluate_checkpoint(args.checkpoint, extra, modes, args.out)
+    if args.model:
+        from ..evaluation.evaluator import evaluate_pretrained
+
+        res, out = evaluate_pretrained(args.model, args.config, extra, modes, args.out)
+    else:
+        res, out = evaluate_checkpoint(args.checkpoint, extra, modes, args.out)
     print(json.dumps(res, indent=2))
     print(f"predictions and metrics written to {out}")
     return 0
@@ -83,13 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=1e-3 latent.scheme=sequential")
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("eval", help="evaluate a checkpoint")
-    e.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (its latest checkpoint)")
+    e = sub.add_parser("eval", help="evaluate a checkpoint, or a plain model (an untrained baseline)")
+    which = e.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", help="checkpoint folder, or a run folder (its latest checkpoint)")
+    which.add_argument("--model", help="a plain model with no kava checkpoint: a transformers folder, hub id or .gguf file (modes cot, nocot)")
+    e.add_argument("--config", help="with --model: YAML config for the data and decoding (default: the defaults)")
     e.add_argument("--data", help="dataset name or local file (default: the run's data.eval)")
     e.add_argument("--split", help="split of --data")
     e.add_argument("--limit", type=int, default=0, help="first N examples only")
     e.add_argument("--modes", help="comma-separated: student, cot, nocot (default: the run's own mode)")
-    e.add_argument("--out", help="folder for predictions and metrics (default: CHECKPOINT/eval)")
+    e.add_argument("--out", help="folder for predictions and metrics (default: CHECKPOINT/eval, or runs/eval/NAME with --model)")
     e.add_argument("overrides", nargs="*", help="key=value overrides, e.g. eval.batch_size=16")
     e.set_defaults(func=cmd_eval)
 
@@ -108,9 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("overrides", nargs="*", help="key=value overrides")
     c.set_defaults(func=cmd_config)
 
-    from . import data, env, report, sweep, teacher
+    from . import data, env, export, report, sweep, teacher
 
-    for group in (data, sweep, report, env, teacher):
+    for group in (data, sweep, report, env, teacher, export):
         group.register(sub)
     return p
 
@@ -141,7 +149,14 @@ def exit_code(error: BaseException) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["lm-eval"] and argv[1:] not in (["-h"], ["--help"]):
+        # Every argument after it is lm-eval's, options included (argparse would read them as kava's).
+        from .export import cmd_lm_eval
+
+        args = argparse.Namespace(verbose=False, func=cmd_lm_eval, harness_args=argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     try:
         return int(args.func(args) or 0)

@@ -112,10 +112,17 @@ def token_cap(mode: str, cfg: KavaConfig) -> int:
 
 
 @torch.no_grad()
-def generate(model: KavaModel, encs, mode: str, cfg: KavaConfig) -> Generation:
-    """Greedy generations of a batch in `mode` (student, cot or nocot)."""
+def generate(model: KavaModel, encs, mode: str, cfg: KavaConfig, max_new: int | None = None) -> Generation:
+    """Greedy generations of a batch in `mode` (student, cot or nocot), at most ``max_new``
+    tokens each (default :func:`token_cap`)."""
     p = prefill(model, encs, mode, cfg)
-    return greedy(model, p.cache, p.mask, p.last_h, token_cap(mode, cfg), p.passes)
+    return greedy(model, p.cache, p.mask, p.last_h, max_new or token_cap(mode, cfg), p.passes)
+
+
+def graded_text(generation: str, mode: str, cfg: KavaConfig) -> str:
+    """The text a generation is graded on: in student and nocot mode the answer prefix (part of
+    the prompt) + the generation, in cot mode the generation itself."""
+    return generation if mode == "cot" else cfg.data.answer_prefix + generation
 
 
 def kv_bytes_per_token(model: KavaModel) -> int:

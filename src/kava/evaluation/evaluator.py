@@ -14,10 +14,11 @@ from pathlib import Path
 from ..answers import GRADERS, is_correct
 from ..config import KavaConfig
 from ..data.schema import Example
-from ..data.sequences import TextEncoder
+from ..data.sequences import BOT, EOT, TextEncoder
 from ..io import atomic_write, atomic_write_json
 from ..model.backbone import KavaModel
-from .decode import MODES, generate, hit_cap, kv_bytes_per_token
+from .decode import MODES, generate, graded_text, hit_cap, kv_bytes_per_token
+from .results import accuracy_stderr, provenance, write_results
 
 
 def grade(text: str, gold: str, marker: str) -> dict[str, bool]:
@@ -25,11 +26,21 @@ def grade(text: str, gold: str, marker: str) -> dict[str, bool]:
     return {grader: is_correct(text, gold, grader, marker=marker) for grader in GRADERS}
 
 
+def prompt_text(model: KavaModel, enc, mode: str, cfg: KavaConfig) -> str:
+    """The prompt of one example as the model read it: the question's tokens decoded (any
+    BOS and chat template included), then ``<bot>[M latents]<eot>`` and the answer prefix
+    (student), the answer prefix (nocot) or nothing (cot)."""
+    text = model.tokenizer.decode(enc.question, skip_special_tokens=False)
+    if mode == "student":
+        text += f"{BOT}[{cfg.latent.num_latents} latents]{EOT}"
+    return text + (cfg.data.answer_prefix if mode != "cot" else "")
+
+
 def summarise(preds: list[dict], wall_time_s: float) -> dict:
     """The metrics of one mode from its prediction rows.
 
     ``accuracy`` is the strict grader's (the headline), ``accuracy_flexible`` the flexible
-    one's; ``truncated`` counts the generations that hit the token cap without <eos> and
+    one's, each with its standard error (``accuracy_stderr``, ``accuracy_flexible_stderr``); ``truncated`` counts the generations that hit the token cap without <eos> and
     ``truncated_fraction`` is their share. Means are over the ``n`` examples.
     ``by_cot_steps``: ``n`` and both accuracies for the examples of each length of reference
     chain of thought (a difficulty scale: on the synthetic sums of products it is the size).
@@ -43,10 +54,13 @@ def summarise(preds: list[dict], wall_time_s: float) -> dict:
                  "accuracy_flexible": sum(p["correct_flexible"] for p in g) / len(g)}
         for k, g in sorted(groups.items())
     }
+    strict, flexible = sum(p["correct"] for p in preds), sum(p["correct_flexible"] for p in preds)
     return {
         "n": len(preds),
-        "accuracy": sum(p["correct"] for p in preds) / n,
-        "accuracy_flexible": sum(p["correct_flexible"] for p in preds) / n,
+        "accuracy": strict / n,
+        "accuracy_stderr": accuracy_stderr(strict, len(preds)),
+        "accuracy_flexible": flexible / n,
+        "accuracy_flexible_stderr": accuracy_stderr(flexible, len(preds)),
         "truncated": sum(p["truncated"] for p in preds),
         "truncated_fraction": sum(p["truncated"] for p in preds) / n,
         "forward_passes": sum(p["forward_passes"] for p in preds) / n,
@@ -70,7 +84,8 @@ def evaluate(
     (see :func:`summarise`).
 
     With ``out_dir``, writes ``predictions_<mode>.jsonl`` (one row per example: the
-    prediction text, ``correct`` under the strict grader, ``correct_flexible``,
+    ``prompt``, the ``target``, the ``generation``, the graded text (``prediction``), each
+    grader's verdict (``verdicts``; ``correct`` is the strict one, ``correct_flexible``),
     ``truncated``, passes, tokens and KV bytes) and ``eval_metrics.json`` there.
     """
     from tqdm.auto import tqdm
@@ -92,13 +107,13 @@ def evaluate(
             for i in tqdm(range(0, len(encs), bs), desc=f"{desc}:{mode}", leave=False, disable=not cfg.train.progress):
                 chunk_e, chunk_x = encs[i : i + bs], examples[i : i + bs]
                 gen = generate(model, chunk_e, mode, cfg)
-                for ex, toks, n_pass, kv in zip(chunk_x, gen.tokens, gen.passes, gen.kv_tokens):
-                    text = model.tokenizer.decode(toks, skip_special_tokens=True)
-                    if mode != "cot":
-                        text = cfg.data.answer_prefix + text
+                for ex, enc, toks, n_pass, kv in zip(chunk_x, chunk_e, gen.tokens, gen.passes, gen.kv_tokens):
+                    generation = model.tokenizer.decode(toks, skip_special_tokens=True)
+                    text = graded_text(generation, mode, cfg)
                     verdict = grade(text, ex.answer, cfg.data.answer_prefix)
                     preds.append({
                         "source_id": ex.source_id, "question": ex.question, "gold": ex.answer, "cot_steps": len(ex.steps), "prediction": text,
+                        "prompt": prompt_text(model, enc, mode, cfg), "target": ex.answer, "generation": generation, "verdicts": verdict,
                         "correct": verdict["strict"], "correct_flexible": verdict["flexible"],
                         "truncated": hit_cap(toks, eos), "forward_passes": n_pass,
                         "generated_tokens": len(toks), "kv_cache_bytes": kv * bpt,
@@ -124,23 +139,19 @@ def evaluate_checkpoint(checkpoint: str | Path, overrides=(), modes: list[str] |
     """Evaluate a checkpoint folder (or a run folder: its latest checkpoint) on the run's own
     evaluation data, with ``key=value`` ``overrides`` of its config (``data.eval=...``, say).
 
-    ``modes``: default :func:`eval_modes`; ``out``: default ``CHECKPOINT/eval``. Returns the
-    results of :func:`evaluate` and the folder they were written to.
+    ``modes``: default :func:`eval_modes`; ``out``: default ``CHECKPOINT/eval``. Writes the
+    files of :func:`evaluate` and ``results.json`` (the metrics and their provenance);
+    returns the results and the folder they were written to.
     """
     from ..config import ConfigError, _deep_merge, config_from_dict, parse_overrides
     from ..data.loaders import load_data
     from ..model.backbone import checkpoint_config, load_checkpoint
-    from ..model.checkpoints import CONFIG_FILE, latest_checkpoint
+    from ..model.checkpoints import find_checkpoint
 
     for mode in modes or ():
         if mode not in MODES:
             raise ConfigError(f"eval modes: {mode!r} is not one of {', '.join(MODES)}")
-    ckpt = Path(checkpoint)
-    if not (ckpt / CONFIG_FILE).is_file():
-        found = latest_checkpoint(ckpt)
-        if found is None:
-            raise FileNotFoundError(f"{ckpt}: no kava checkpoint here (expected {CONFIG_FILE} or checkpoint-N folders)")
-        ckpt = found
+    ckpt = find_checkpoint(checkpoint)
     # Every override is checked against the checkpoint's config before any model is built; the
     # permission to run a base model's own code comes from the command line alone.
     extra = parse_overrides(list(overrides))
@@ -151,4 +162,30 @@ def evaluate_checkpoint(checkpoint: str | Path, overrides=(), modes: list[str] |
     model = load_checkpoint(ckpt, trust_remote_code=cfg.model.trust_remote_code)
     model.cfg = cfg
     out = Path(out) if out else ckpt / "eval"
-    return evaluate(model, eval_examples, cfg, modes or eval_modes(cfg), out), out
+    modes = modes or eval_modes(cfg)
+    results = evaluate(model, eval_examples, cfg, modes, out)
+    write_results(out, results, provenance(cfg, modes, ckpt, str(next(model.parameters()).device)))
+    return results, out
+
+
+def evaluate_pretrained(name_or_path: str, config: str | Path | None = None, overrides=(), modes: list[str] | None = None,
+                        out: str | Path | None = None) -> tuple[dict[str, dict], Path]:
+    """Evaluate a plain model (a transformers folder, a hub id, a .gguf file) that has no kava
+    checkpoint, untrained: the baseline before any step. ``config`` (a YAML file) and
+    ``overrides`` set the data and decoding as for a run; ``modes``: ``cot``, ``nocot``
+    (default both; ``student`` needs a trained projection and latent tokens, so it is
+    refused); ``out``: default ``runs/eval/<model name>``."""
+    from ..config import ConfigError, load_config
+    from ..data.loaders import load_data
+    from ..model.backbone import build_model
+
+    modes = modes or ["cot", "nocot"]
+    if "student" in modes:
+        raise ConfigError("kava eval --model: mode 'student' needs a trained kava checkpoint (latent tokens, projection); use --modes cot,nocot")
+    cfg = load_config(config, [*overrides, f"model.name_or_path={name_or_path}", "model.adapter=full", "model.init_from="])
+    eval_examples = load_data(cfg, "eval")  # bad data fails before the model is loaded
+    model = build_model(cfg, with_adapter=False)
+    out = Path(out) if out else Path("runs") / "eval" / Path(name_or_path.rstrip("/")).name
+    results = evaluate(model, eval_examples, cfg, modes, out)
+    write_results(out, results, provenance(cfg, modes, None, str(next(model.parameters()).device)))
+    return results, out

@@ -13,18 +13,37 @@ from .backbone import (
     find_smollm2_gguf,
     load_backbone,
     load_checkpoint,
+    load_weights,
+    plain_base_state,
     quantization_config,
     resolve_dtype,
     wrap_backbone,
 )
-from .checkpoints import CONFIG_FILE, WEIGHTS_FILE, ModelLoadError, latest_checkpoint
+from .checkpoints import (
+    ADAPTER_CONFIG,
+    ADAPTER_FILE,
+    BASE_DIR,
+    CONFIG_FILE,
+    KAVA_WEIGHTS,
+    WEIGHTS_FILE,
+    ModelLoadError,
+    checkpoint_layout,
+    checkpoint_tensors,
+    find_checkpoint,
+    latest_checkpoint,
+    weight_files,
+)
 from .latent import LatentState, cache_span, final_pass, positions, run_latents
 from .recompute import enable_checkpointing
 from .teacher import TeacherOutput, capture_answer_queries, teacher_forward
 from .tokenizer import build_synthetic_tokenizer
 
 __all__ = [
+    "ADAPTER_CONFIG",
+    "ADAPTER_FILE",
+    "BASE_DIR",
     "CONFIG_FILE",
+    "KAVA_WEIGHTS",
     "SMOLLM2",
     "WEIGHTS_FILE",
     "KavaModel",
@@ -40,18 +59,24 @@ __all__ = [
     "cache_span",
     "capture_answer_queries",
     "check_init_from",
+    "checkpoint_layout",
+    "checkpoint_tensors",
     "enable_checkpointing",
     "fast_trainable_tokens",
     "final_pass",
+    "find_checkpoint",
     "find_smollm2_gguf",
     "latest_checkpoint",
     "load_backbone",
     "load_checkpoint",
+    "load_weights",
+    "plain_base_state",
     "positions",
     "quantization_config",
     "resolve_dtype",
     "run_latents",
     "teacher_forward",
     "tied_embeddings",
+    "weight_files",
     "wrap_backbone",
 ]

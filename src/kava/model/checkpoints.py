@@ -1,9 +1,24 @@
 """Checkpoint folders: the files a checkpoint holds, finding a run's latest one, and the
 error for a model or checkpoint that cannot be loaded.
 
-A checkpoint ``checkpoint-N/`` holds the model (:meth:`kava.model.KavaModel.save`:
-``kava_config.yaml``, ``tokenizer/``, ``model.safetensors``) and, written by the training
-loop, the trainer state (``trainer_state.safetensors`` + ``trainer_state.json``).
+A checkpoint ``checkpoint-N/`` is a standard folder others can open, with kava's own parts
+beside it (:meth:`kava.model.KavaModel.save` writes it, :func:`kava.model.load_checkpoint`
+reads it):
+
+* LoRA: a peft adapter folder (``adapter_config.json``, ``adapter_model.safetensors``: the
+  LoRA weights and the trained ``<bot>``/``<eot>`` rows), which
+  ``peft.PeftModel.from_pretrained(base, DIR)`` opens on the base with its embeddings resized
+  to the tokenizer; a base built in code is saved beside it as ``base_model/`` (a
+  transformers folder);
+* full fine-tuning: a ``save_pretrained`` model folder (``config.json``,
+  ``model.safetensors``), which ``AutoModelForCausalLM.from_pretrained(DIR)`` opens;
+* both: the tokenizer (with ``<bot>``/``<eot>``) at the root, ``kava_config.yaml`` (the run's
+  config), ``kava_model.safetensors`` (the latent projection: every tensor kava adds outside
+  the backbone) and, written by the training loop, the trainer state
+  (``trainer_state.safetensors`` + ``trainer_state.json``).
+
+Checkpoints written before this layout (every trained tensor under kava's own names in
+``model.safetensors``, the tokenizer in ``tokenizer/``, no ``config.json``) still load.
 """
 
 from __future__ import annotations
@@ -12,14 +27,65 @@ import re
 from pathlib import Path
 
 CONFIG_FILE = "kava_config.yaml"
-WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_FILE = "model.safetensors"  # full fine-tuning: the transformers weights (old layout: every kava tensor)
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_FILE = "adapter_model.safetensors"
+KAVA_WEIGHTS = "kava_model.safetensors"
+BASE_DIR = "base_model"
+OLD_TOKENIZER_DIR = "tokenizer"
 STATE_TENSORS = "trainer_state.safetensors"
 STATE_JSON = "trainer_state.json"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+LAYOUTS = ("lora", "full", "old")
 
 
 class ModelLoadError(RuntimeError):
     """A model or checkpoint that cannot be loaded; the message names it."""
+
+
+def checkpoint_layout(path: str | Path) -> str:
+    """``lora`` (a peft adapter folder), ``full`` (a transformers model folder) or ``old`` (the
+    layout before standard folders) for a kava checkpoint folder; anything else is an error."""
+    path = Path(path)
+    if not (path / CONFIG_FILE).is_file():
+        raise ModelLoadError(f"{path}: not a kava checkpoint (no {CONFIG_FILE})")
+    if (path / ADAPTER_CONFIG).is_file():
+        if not (path / ADAPTER_FILE).is_file():
+            raise ModelLoadError(f"{path}: has {ADAPTER_CONFIG} but no {ADAPTER_FILE}")
+        return "lora"
+    if (path / "config.json").is_file():
+        return "full"
+    if (path / WEIGHTS_FILE).is_file():
+        return "old"
+    raise ModelLoadError(f"{path}: not a kava checkpoint (needs {ADAPTER_CONFIG}, config.json or {WEIGHTS_FILE} beside {CONFIG_FILE})")
+
+
+def weight_files(path: str | Path) -> list[Path]:
+    """The safetensors files of a checkpoint's model (adapter, model shards, ``base_model/``,
+    kava's own tensors; not the trainer state nor other teachers' adapters), sorted."""
+    path = Path(path)
+    found = [path / ADAPTER_FILE, path / KAVA_WEIGHTS, *path.glob("model*.safetensors"), *(path / BASE_DIR).glob("model*.safetensors")]
+    return sorted(p for p in found if p.is_file())
+
+
+def checkpoint_tensors(path: str | Path) -> dict:
+    """Every tensor of a checkpoint's model files, keyed ``FILE:NAME`` (``FILE`` relative to
+    the checkpoint); for comparing checkpoints whatever their layout."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    return {f"{f.relative_to(path)}:{k}": v for f in weight_files(path) for k, v in load_file(str(f)).items()}
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """``path`` if it is a checkpoint folder, else the latest ``checkpoint-N`` of a run folder."""
+    path = Path(path)
+    if (path / CONFIG_FILE).is_file():
+        return path
+    found = latest_checkpoint(path)
+    if found is None:
+        raise FileNotFoundError(f"{path}: no kava checkpoint here (expected {CONFIG_FILE} or checkpoint-N folders)")
+    return found
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -45,6 +111,23 @@ def read_tensors(path: Path) -> dict:
         raise ModelLoadError(f"{path}: no such file")
     try:
         return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ModelLoadError(f"{path}: not a readable safetensors file, truncated or corrupted ({first})") from None
+
+
+def check_readable(path: Path) -> dict[str, tuple[int, ...]]:
+    """The tensor shapes of safetensors file ``path``, from its header only (a check before a
+    library loads the file itself); stop, naming ``path``, when it is missing, empty,
+    truncated or corrupted."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
     except (SafetensorError, OSError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ModelLoadError(f"{path}: not a readable safetensors file, truncated or corrupted ({first})") from None

@@ -38,8 +38,8 @@ from ..data.sequences import Encoded, TextEncoder
 from ..distill.objective import Objective, metric_floats
 from ..evaluation.evaluator import eval_modes, evaluate
 from ..io import append_line, atomic_replace_dir, atomic_write_json
-from ..model.backbone import KavaModel, build_model
-from ..model.checkpoints import WEIGHTS_FILE, check_shapes, latest_checkpoint, read_tensors
+from ..model.backbone import KavaModel, build_model, load_weights
+from ..model.checkpoints import check_shapes, latest_checkpoint, read_tensors
 from .env import pick_mixed_precision
 from .rundir import claim_run_folder, prune_checkpoints
 from .state import load_trainer_state, save_trainer_state
@@ -274,9 +274,7 @@ def resume_from(run: Run) -> None:
     if ckpt is None:
         log.info("no checkpoint in %s: starting from scratch", run.out)
         return
-    weights = read_tensors(ckpt / WEIGHTS_FILE)
-    check_shapes(run.model, weights, ckpt / WEIGHTS_FILE)
-    run.model.load_state_dict(weights, strict=False)
+    load_weights(run.model, ckpt)
     source = run.objective.source
     if source.state_file:
         if not (ckpt / source.state_file).is_file():

@@ -23,7 +23,7 @@ from ... import losses
 from ...config import ConfigError, KavaConfig, ModelConfig, TeacherModelConfig
 from ...data.sequences import Encoded, TextEncoder, teacher_batch, to_device
 from ...model.backbone import KavaModel, build_model, load_checkpoint
-from ...model.checkpoints import CONFIG_FILE, WEIGHTS_FILE, ModelLoadError, latest_checkpoint
+from ...model.checkpoints import CONFIG_FILE, ModelLoadError, latest_checkpoint
 from ...model.teacher import teacher_forward
 from ..align import KVShape, TeacherAligner
 from ..compression import Compressed
@@ -64,7 +64,7 @@ def load_teacher(spec: TeacherModelConfig, cfg: KavaConfig, where: str = "teache
             raise ModelLoadError(f"{where}.name_or_path: {path} is neither a kava checkpoint or run folder "
                                  f"(with {CONFIG_FILE} or checkpoint-N/) nor a model folder (with config.json)")
     try:
-        if (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file():
+        if (path / CONFIG_FILE).is_file():
             model = load_checkpoint(path, trust_remote_code=cfg.model.trust_remote_code)
         else:
             tcfg = copy.deepcopy(cfg)

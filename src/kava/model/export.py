@@ -1,0 +1,136 @@
+"""``kava export``: a checkpoint as a plain transformers model folder others can use without
+kava, with a model card.
+
+The folder holds the backbone with any LoRA (and the trained ``<bot>``/``<eot>`` rows)
+merged in (``config.json``, ``model.safetensors``), the tokenizer with ``<bot>``/``<eot>``,
+the latent projection (``kava_model.safetensors``: latent mode needs it, plain generation
+does not), the recipe (``kava_config.yaml``) and ``README.md``, a model card stating the
+recipe, the data and the evaluation found beside the checkpoint. It is also a full-model
+kava checkpoint, so ``kava eval --checkpoint`` and ``kava.load`` open it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from ..config import KavaConfig
+from ..io import atomic_replace_dir
+from .backbone import load_checkpoint, quiet_transformers
+from .checkpoints import CONFIG_FILE, KAVA_WEIGHTS, STATE_JSON, find_checkpoint
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def find_evaluation(ckpt: Path) -> tuple[dict, dict, Path] | None:
+    """(``{mode: metrics}``, provenance or ``{}``, the file) of the evaluation of ``ckpt``:
+    ``kava eval``'s ``CHECKPOINT/eval/results.json`` or ``eval_metrics.json``, else the run's
+    end-of-training ``eval_metrics.json`` when the run's ``status.json`` names this checkpoint."""
+    results = ckpt / "eval" / "results.json"
+    if results.is_file():
+        data = json.loads(results.read_text())
+        return data["results"], data.get("provenance", {}), results
+    if (ckpt / "eval" / "eval_metrics.json").is_file():
+        return json.loads((ckpt / "eval" / "eval_metrics.json").read_text()), {}, ckpt / "eval" / "eval_metrics.json"
+    run, status = ckpt.parent, ckpt.parent / "status.json"
+    if (run / "eval_metrics.json").is_file() and status.is_file():
+        named = json.loads(status.read_text()).get("checkpoint")
+        if named and Path(named).resolve() == ckpt.resolve():
+            return json.loads((run / "eval_metrics.json").read_text()), {}, run / "eval_metrics.json"
+    return None
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def model_card(cfg: KavaConfig, ckpt: Path, steps: int | None, evaluation: tuple[dict, dict, Path] | None) -> str:
+    """The model card: YAML front matter, what the model is, its recipe, data and evaluation."""
+    m, lat, loss, d, t = cfg.model, cfg.latent, cfg.loss, cfg.data, cfg.train
+    front = ["---", "library_name: transformers", "tags:", "- kava", "- latent-reasoning"]
+    if _HUB_ID.match(m.name_or_path) and not Path(m.name_or_path).exists():
+        front.append(f"base_model: {m.name_or_path}")
+    front.append("---")
+    adapter = f"LoRA (r={m.lora_r}, alpha={m.lora_alpha}, {', '.join(m.lora_target_modules)}), merged" if m.adapter == "lora" else "full fine-tuning"
+    recipe = [
+        ("training mode", f"`{t.mode}`"),
+        ("base model", f"`{m.name_or_path}`" + (f" (from `{m.init_from}`)" if m.init_from else "")),
+        ("adapter", adapter),
+        ("latents", f"M = {lat.num_latents}, `{lat.scheme}`" + (f", T = {lat.iterations}" if lat.scheme == "jacobi" else "")
+         + (", projection MLP" if lat.projection else "")),
+        ("KV distillation", f"selector `{loss.compression}` (lambda {loss.lam}), `{loss.kv_loss}`, alpha_kv = {loss.alpha_kv}"),
+        ("CODI", f"`{loss.codi_loss}`, alpha_codi = {loss.alpha_codi}"),
+        ("CE weights", f"student {loss.student_ce}, teacher {loss.teacher_ce}, latent {loss.latent_ce}; drop last step: {loss.drop_last_step}"),
+        ("curriculum", "on" if cfg.curriculum.enabled else "off"),
+        ("optimisation", f"{steps if steps is not None else '?'} steps, lr {t.lr}, {t.lr_schedule} schedule, "
+                         f"batch {t.batch_size} (effective {t.effective_batch or t.batch_size}), seed {t.seed}"),
+    ]
+    lines = [*front, "", f"# {ckpt.parent.name}/{ckpt.name}" if ckpt.name.startswith("checkpoint-") else f"# {ckpt.name}", "",
+             "A causal language model trained with kava to reason in continuous latent tokens "
+             "(KaVa: compressed KV-cache distillation, CODI self-distillation, PCCoT Jacobi latents).", "",
+             "This folder is a plain `transformers` model (any LoRA merged in); `<bot>` and `<eot>` are in its tokenizer "
+             "and embeddings. Latent-mode answers also need the projection in `kava_model.safetensors`: load the folder "
+             "with `kava.load(DIR)`. `kava_config.yaml` is the full recipe.", "",
+             "## Recipe", "", "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in recipe], "",
+             "## Data", "", f"- training: `{d.train}` (split `{d.train_split}`" + (f", first {d.train_limit}" if d.train_limit else "") + ")",
+             f"- evaluation: `{d.eval}` (split `{d.eval_split}`" + (f", first {d.eval_limit}" if d.eval_limit else "") + ")", "",
+             "## Evaluation", ""]
+    if evaluation is None:
+        lines.append("No evaluation was found beside the checkpoint (run `kava eval --checkpoint CHECKPOINT` before exporting).")
+    else:
+        results, prov, source = evaluation
+        if prov:
+            lines += [f"On `{prov.get('data')}` (split `{prov.get('split')}`" + (f", first {prov['limit']}" if prov.get("limit") else "")
+                      + f"), greedy decoding, {prov.get('date', '')}.", ""]
+        lines += ["Accuracy is the strict grader's (a number right after an answer marker); flexible also takes the last number.", "",
+                  "| mode | n | accuracy | ± s.e. | flexible | forward passes |", "|---|---|---|---|---|---|"]
+        for mode, r in results.items():
+            lines.append(f"| {mode} | {r.get('n')} | {_pct(r.get('accuracy'))} | {_pct(r.get('accuracy_stderr'))} | "
+                         f"{_pct(r.get('accuracy_flexible'))} | {r.get('forward_passes', 0):.1f} |")
+        lines += ["", f"(from `{source.name}` of the checkpoint's evaluation)"]
+    lines += ["", "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+              "model = AutoModelForCausalLM.from_pretrained(DIR)   # CoT / no-CoT generation", "",
+              "import kava", "print(kava.load(DIR).answer([\"...\"], mode=\"latent\")[0].answer)", "```", ""]
+    return "\n".join(lines)
+
+
+def export(checkpoint: str | Path, out: str | Path, trust_remote_code: bool = False) -> Path:
+    """Write the merged model folder of ``checkpoint`` (or a run's latest) into ``out``
+    atomically; returns ``out``. ``trust_remote_code``: as for :func:`load_checkpoint`."""
+    ckpt = find_checkpoint(checkpoint)
+    model = load_checkpoint(ckpt, trust_remote_code=trust_remote_code)
+    own = {n: t.detach().cpu().contiguous() for n, t in model.state_dict().items() if not n.startswith("backbone.")}
+    cfg = copy.deepcopy(model.cfg)
+    merged = model.merged_backbone()
+    recipe = copy.deepcopy(cfg)
+    recipe.model.adapter = "full"  # the folder holds every weight, merged
+    steps = json.loads((ckpt / STATE_JSON).read_text())["progress"]["step"] if (ckpt / STATE_JSON).is_file() else None
+    card = model_card(cfg, ckpt, steps, find_evaluation(ckpt))
+
+    def build(tmp: Path) -> None:
+        with quiet_transformers():
+            merged.save_pretrained(tmp)
+        model.tokenizer.save_pretrained(tmp)
+        if own:
+            save_file(own, str(tmp / KAVA_WEIGHTS), metadata={"format": "kava"})
+        recipe.save(tmp / CONFIG_FILE)
+        (tmp / "README.md").write_text(card)
+
+    out = Path(out)
+    atomic_replace_dir(out, build)
+    return out
+
+
+def push_to_hub(folder: str | Path, repo_id: str, private: bool = False, token: str | None = None) -> str:
+    """Create the model repo ``repo_id`` if needed and upload ``folder`` to it (huggingface_hub);
+    returns the commit URL."""
+    import huggingface_hub
+
+    huggingface_hub.create_repo(repo_id, repo_type="model", private=private, exist_ok=True, token=token)
+    info = huggingface_hub.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model", token=token,
+                                         commit_message=f"kava export of {Path(folder).name}")
+    return str(getattr(info, "commit_url", info))
