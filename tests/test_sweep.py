@@ -316,9 +316,33 @@ def test_the_testbed_ablation_sweep_resolves_with_the_seeds_it_promises():
         seeds.setdefault(s.name, []).append(s.seed)
     ten = ("rkv", "codi", "slot_mean", "counterfactual")
     five = ("mean_pool", "right_crop", "shuffled", "gaussian", "oracle")
-    assert set(seeds) == {f"{n}{v}" for n in ten + five for v in ("", "@nl")}
+    teachers = {"large", "fused"}  # other teachers, equation traces only
+    assert set(seeds) == {f"{n}{v}" for n in ten + five for v in ("", "@nl")} | teachers
     assert all(len(seeds[n]) >= 10 for n in seeds if n.split("@")[0] in ten)
     assert all(len(seeds[n]) >= 5 for n in seeds)
+    fused = next(s for s in specs if s.name == "fused").config()
+    assert [t.name_or_path for t in fused.teachers.models] == ["runs/tiny/cot-large", "runs/tiny/cot-qwen"]
+    assert fused.teachers.fusion == "router" and fused.loss.rope == "pre"
+    assert {s.config().train.max_steps for s in specs[:3]} == {300}  # students compared while they still learn
     nl = next(s for s in specs if s.name == "rkv@nl").config()
     assert nl.data.train == nl.data.eval == "synthetic-products-nl" and nl.model.init_from.startswith("runs/tiny-nl/teacher/")
     assert next(s for s in specs if s.name == "counterfactual").config().loss.compression == "counterfactual"
+
+
+def test_cli_seeds_and_by_seed_pick_and_order_the_runs(tmp_path: Path, capsys):
+    from kava.cli import main
+    from kava.cli.sweep import parse_seeds
+
+    assert parse_seeds("0,3,5-7") == {0, 3, 5, 6, 7}
+    path = write_sweep(tmp_path, {"seeds": [0, 1, 2, 3], "runs": {"a": {}, "b": {"seeds": [0, 1]}}})
+    assert main(["sweep", str(path), "--dry-run", "--seeds", "1-2", "--by-seed"]) == 0
+    lines = [ln.split() for ln in capsys.readouterr().out.splitlines() if "seed" in ln]
+    # seed 1 of every run before seed 2; b has no seed 2
+    assert [(ln[0], ln[2]) for ln in lines] == [("a", "1"), ("b", "1"), ("a", "2")]
+    assert main(["sweep", str(path), "--dry-run"]) == 0
+    lines = [ln.split() for ln in capsys.readouterr().out.splitlines() if "seed" in ln]
+    assert [ln[0] for ln in lines] == ["a"] * 4 + ["b"] * 2  # file order without --by-seed
+    assert main(["sweep", str(path), "--dry-run", "--seeds", "7"]) == 2
+    assert main(["sweep", str(path), "--dry-run", "--seeds", "3-1"]) == 2
+    assert main(["sweep", str(path), "--dry-run", "--seeds", "x"]) == 2
+    assert "--seeds 'x'" in capsys.readouterr().err
