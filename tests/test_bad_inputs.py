@@ -232,7 +232,8 @@ def untrusted(tmp_path, monkeypatch) -> dict[str, Path]:
     ["eval", "--checkpoint", "{ckpt}", "model.trust_remote_code=false"],
     ["train", "--config", "{cfg}", "model.init_from={ckpt}", "model.name_or_path={code}", "train.output_dir={tmp}/r1"],
     ["train", "--config", "{cfg}", "teachers.models=[{{name_or_path: {ckpt}}}]", "train.output_dir={tmp}/r2"],
-], ids=["eval", "eval-explicit-false", "init_from", "teachers"])
+    ["export", "{ckpt}", "--out", "{tmp}/exported"],
+], ids=["eval", "eval-explicit-false", "init_from", "teachers", "export"])
 def test_a_checkpoint_cannot_enable_remote_code(argv, untrusted, capsys, caplog):
     with caplog.at_level(logging.WARNING):
         got, err = _kava([a.format(**untrusted) for a in argv], capsys)
@@ -242,6 +243,15 @@ def test_a_checkpoint_cannot_enable_remote_code(argv, untrusted, capsys, caplog)
     assert not untrusted["ran"].exists()
     if argv[0] == "eval":
         assert any("cannot enable remote code" in r.getMessage() for r in caplog.records)
+
+
+def test_the_inference_api_cannot_be_talked_into_remote_code_by_a_checkpoint(untrusted):
+    import kava
+    from kava.model.checkpoints import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="trust_remote_code"):
+        kava.load(untrusted["ckpt"], device="cpu")
+    assert not untrusted["ran"].exists()
 
 
 def test_remote_code_runs_only_when_the_command_line_allows_it(untrusted, capsys):
