@@ -317,3 +317,32 @@ def test_training_curves_nearly_constant_term_gets_a_readable_axis(tmp_path: Pat
     lo, hi = loss_ax.get_ylim()
     assert lo < 2.0 < hi and hi - lo >= 0.02  # 1% of the value, not a 2e-6 wide axis
     assert not loss_ax.yaxis.get_major_formatter().get_offset()
+
+
+def test_paired_table_compares_every_arm_with_codi_and_rkv_by_seed(tmp_path: Path):
+    from kava.experiments.report import paired_table
+
+    root = tmp_path / "runs"
+    for seed in range(5):
+        make_run(root, "codi", seed, 0.5 + 0.01 * seed)
+        make_run(root, "rkv", seed, 0.8 + 0.01 * seed)  # +30 points on every seed
+        make_run(root, "slot_mean", seed, 0.5 + 0.01 * seed - (0.02 if seed % 2 else -0.02))
+    text = paired_table(aggregate(collect_runs(root)))
+    line = next(ln for ln in text.splitlines() if ln.startswith("| rkv | codi |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[3] == "5" and cells[4] == "+30.0" and cells[6] == "0.0312" and cells[7] == "1"  # 1/32: every sign the same
+    against_rkv = next(ln for ln in text.splitlines() if ln.startswith("| slot_mean | rkv |"))
+    assert [c.strip() for c in against_rkv.strip("|").split("|")][4] == "-29.6"  # (3 x -28 + 2 x -32) / 5
+    assert not any(ln.startswith("| codi | codi |") for ln in text.splitlines())
+
+
+def test_heatmaps_first_seed_draws_one_per_name(tmp_path: Path):
+    root = tmp_path / "runs"
+    grid = [[0.5, 0.6], [0.7, 0.8]]
+    for seed in (1, 0, 2):
+        make_run(root, "rkv", seed, 0.9, kv_cosine=grid)
+    made = {p.name for p in write_report(root, tmp_path / "rep", heatmaps="first-seed").files if p.name.startswith("kv_cosine")}
+    assert made == {"kv_cosine_rkv_seed0.png"}
+    assert not [p for p in write_report(root, tmp_path / "rep2", heatmaps="none").files if p.name.startswith("kv_cosine")]
+    with pytest.raises(ValueError, match="heatmaps"):
+        write_report(root, tmp_path / "rep3", heatmaps="some")

@@ -35,7 +35,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"kava: error: {e}", file=sys.stderr)
         return 2
     try:
-        report = write_report(args.runs_dir, args.out, names)
+        report = write_report(args.runs_dir, args.out, names, heatmaps=args.heatmaps)
     except ValueError as e:  # a malformed file in a run folder: the message names it
         print(f"kava: error: {e}", file=sys.stderr)
         return 1
@@ -54,6 +54,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                           "and write results.csv, results.md, results.tex, verdicts.json and plots.")
     p.add_argument("runs_dir", metavar="RUNS_DIR", help="folder holding the runs, e.g. a sweep's output_dir")
     p.add_argument("--out", default=None, help="output folder (default: RUNS_DIR/report)")
+    p.add_argument("--heatmaps", default="all", choices=("all", "first-seed", "none"),
+                   help="KV cosine heatmaps: one per run, one per name (its lowest seed), or none")
     p.add_argument("--mode", default="student", choices=("student", "cot", "nocot"),
                    help="eval mode the claims are checked on")
     p.add_argument("--method", action="append", default=[], metavar="ROLE=NAME[,NAME]",

@@ -465,6 +465,37 @@ def statistics_table(rows: Sequence[dict], names: ClaimNames | None = None) -> s
     return "\n".join(lines) + "\n"
 
 
+def paired_table(rows: Sequence[dict], names: ClaimNames | None = None, references: Sequence[str] = ("codi", "kava")) -> str:
+    """Markdown: every arm of a dataset against each reference role (``codi``, ``kava``; the
+    method ``names`` gives it), paired by seed: the common seeds, the mean difference with its
+    bootstrap 95% interval, and the one-sided p-values of each direction (the exact sign-flip
+    test of :func:`kava.experiments.stats.compare`). A description of the data, not a claim:
+    with many arms some p-values fall under any level by chance."""
+    names = names or ClaimNames()
+    table = _Table(rows, names)
+    lines = []
+    for ref_role in references:
+        for dataset in table.datasets:
+            ref = table.get(ref_role, dataset)
+            if ref is None:
+                continue
+            for r in table.rows:
+                if r["dataset"] != dataset or r["name"] == ref["name"]:
+                    continue
+                c = stats.compare(r["by_seed"], ref["by_seed"])
+                if c is None:
+                    continue
+                ci = f"{100 * c.diff_ci[0]:+.1f} to {100 * c.diff_ci[1]:+.1f}" if c.paired and c.diff_ci else "--"
+                common = len(c.seeds) if c.paired else "0 (unpaired)"
+                lines.append(f"| {r['name']} | {ref['name']} | {dataset} | {common} | {100 * c.mean_diff:+.1f} | {ci} |"
+                             f" {_p(c.p)} | {_p(c.p_reverse)} |")
+    if not lines:
+        return ""
+    head = ["| arm | against | dataset | common seeds | mean difference (points) | 95% bootstrap CI | p (arm above) | p (arm below) |",
+            "|---|---|---|---|---|---|---|---|"]
+    return "\n".join(head + lines) + "\n"
+
+
 # --- tables -------------------------------------------------------------------------------
 
 
@@ -885,6 +916,12 @@ def to_report_markdown(runs: Sequence[dict], rows: Sequence[dict], verdicts: Seq
              " two-sample permutation test where they share no seeds; the sign test and Fisher's exact test on success"
              " rates are given beside it.", ""]
     parts += [v.text() + "\n" for v in verdicts]
+    paired = paired_table(rows, names)
+    if paired:
+        parts += ["## Every arm against CODI-only and R-KV", "",
+                  "Paired by seed, on the `" + names.mode + "` evaluation; one-sided p-values of the exact sign-flip test in"
+                  " each direction. This describes the data and tests no claim: across many arms, some p-values fall under"
+                  " any level by chance.", "", paired]
     inst = instruments_markdown(runs)
     if inst:
         parts += [inst]
@@ -896,14 +933,33 @@ def to_report_markdown(runs: Sequence[dict], rows: Sequence[dict], verdicts: Seq
     return "\n".join(parts)
 
 
-def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, names: ClaimNames | None = None) -> Report:
+HEATMAPS = ("all", "first-seed", "none")
+
+
+def _heatmap_runs(runs: Sequence[dict], which: str) -> list[dict]:
+    if which == "none":
+        return []
+    if which == "all":
+        return list(runs)
+    first: dict[str, dict] = {}
+    for r in runs:
+        if r["name"] not in first or (r["seed"] or 0) < (first[r["name"]]["seed"] or 0):
+            first[r["name"]] = r
+    return list(first.values())
+
+
+def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, names: ClaimNames | None = None,
+                 heatmaps: str = "all") -> Report:
     """Collect the runs under ``runs_dir`` and write the report to ``out_dir`` (default ``runs_dir/report``).
 
     Files: ``results.csv``, ``runs.csv`` (one row per run), ``results.md``, ``results.tex``,
     ``verdicts.json``, ``accuracy_vs_forward_passes.png``, ``training_curves.png``, a
     ``kv_cosine_<name>_seed<N>.png`` per run folder with a ``kv_cosine.json`` and, where runs wrote
     their instruments, ``instruments.png``, ``logit_lens_slots.png`` and ``selector_keeps.png``.
+    ``heatmaps``: ``all`` (a KV cosine heatmap per run), ``first-seed`` (per name, its lowest seed's) or ``none``.
     """
+    if heatmaps not in HEATMAPS:
+        raise ValueError(f"heatmaps={heatmaps!r}: choose from {', '.join(HEATMAPS)}")
     skipped: list[str] = []
     runs = collect_runs(runs_dir, skipped)
     rows = aggregate(runs)
@@ -935,7 +991,8 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, names:
                  plot_instruments(runs, out / "instruments.png"),
                  plot_logit_lens_slots(runs, out / "logit_lens_slots.png"),
                  plot_selector_keeps(runs, out / "selector_keeps.png"),
-                 *(plot_kv_cosine(r, out / f"kv_cosine_{_UNSAFE.sub('_', r['name'])}_seed{r['seed']}.png") for r in runs)):
+                 *(plot_kv_cosine(r, out / f"kv_cosine_{_UNSAFE.sub('_', r['name'])}_seed{r['seed']}.png")
+                   for r in _heatmap_runs(runs, heatmaps))):
         if made is not None:
             files.append(made)
     log.info("report on %d run(s) written to %s", len(runs), out)
@@ -943,7 +1000,7 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, names:
 
 
 __all__ = [
-    "ClaimNames", "FAILS", "HOLDS", "NOT_ESTABLISHED", "Report", "UNMEASURED", "Verdict", "aggregate", "check_claims", "collect_runs", "dataset_label", "mean_std", "method_of",
+    "ClaimNames", "FAILS", "HOLDS", "NOT_ESTABLISHED", "Report", "UNMEASURED", "Verdict", "aggregate", "check_claims", "collect_runs", "dataset_label", "mean_std", "method_of", "paired_table",
     "instrument_rows", "instruments_markdown", "plot_accuracy_vs_passes", "plot_instruments", "plot_kv_cosine",
     "plot_logit_lens_slots", "plot_selector_keeps", "plot_training_curves", "read_history", "read_instruments", "sem", "statistics_table", "table_layout", "to_csv",
     "to_latex", "to_markdown", "write_report",
