@@ -15,7 +15,7 @@ from ..answers import GRADERS
 from ..config import KavaConfig
 from ..io import atomic_write_json
 
-PACKAGES = ("kava", "torch", "transformers", "peft", "accelerate", "datasets", "safetensors")
+PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "safetensors")
 RESULTS_FILE = "results.json"
 
 
@@ -31,7 +31,11 @@ def accuracy_stderr(correct: int, n: int) -> float | None:
 
 def package_versions() -> dict[str, str | None]:
     """The installed version of each package kava's results depend on (None: not installed)."""
-    out: dict[str, str | None] = {"python": platform.python_version()}
+    from .. import __version__
+
+    # kava itself: the code that runs (its distribution is called kava-latent; an unrelated
+    # "kava" may be installed too), so its own version string, not a lookup by name.
+    out: dict[str, str | None] = {"python": platform.python_version(), "kava": __version__}
     for name in PACKAGES:
         try:
             out[name] = metadata.version(name)
