@@ -316,7 +316,7 @@ def test_the_testbed_ablation_sweep_resolves_with_the_seeds_it_promises():
         seeds.setdefault(s.name, []).append(s.seed)
     ten = ("rkv", "codi", "slot_mean", "counterfactual")
     five = ("mean_pool", "right_crop", "shuffled", "gaussian", "oracle")
-    teachers = {"large", "fused"}  # other teachers, equation traces only
+    teachers = {"large", "fused", "frozen_self"}  # other teachers, equation traces only
     assert set(seeds) == {f"{n}{v}" for n in ten + five for v in ("", "@nl")} | teachers
     assert all(len(seeds[n]) >= 10 for n in seeds if n.split("@")[0] in ten)
     assert all(len(seeds[n]) >= 5 for n in seeds)
