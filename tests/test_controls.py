@@ -154,6 +154,30 @@ def test_counterfactual_targets_come_from_the_counterfactual_pass():
     torch.testing.assert_close(out.metrics["codi"], ref.metrics["codi"])  # CODI targets: the true teacher
 
 
+def test_counterfactual_own_pass_keeps_no_cache(monkeypatch):
+    """The own teacher pass gives the counterfactual run its CODI states and CE only: it keeps
+    no KV cache copy or answer queries, and the loss is what it is with them kept."""
+    import kava.distill.objective as objective
+    from kava.distill.targets import CounterfactualPass
+
+    calls = []
+    real = objective.teacher_forward
+
+    def spy(model, batch, want_queries, want_cache=True, **kw):
+        calls.append((want_queries, want_cache))
+        return real(model, batch, want_queries, want_cache, **kw)
+
+    monkeypatch.setattr(objective, "teacher_forward", spy)
+    _, lean = _batch_loss("counterfactual")
+    assert calls == [(False, False)]
+    monkeypatch.setattr(CounterfactualPass, "kv_from_teacher_pass", True)
+    calls.clear()
+    _, kept = _batch_loss("counterfactual")
+    assert calls == [(True, True)]
+    torch.testing.assert_close(lean.loss, kept.loss, rtol=0, atol=0)
+    torch.testing.assert_close(lean.kv[0].keys, kept.kv[0].keys, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("compression", ["slot_mean", "gaussian", "counterfactual", "oracle"])
 def test_each_control_trains_end_to_end(tmp_path, compression):
     from kava.training import train

@@ -177,7 +177,8 @@ class Objective(nn.Module):
         ``external``: what the target source built with the batch (``batch["external"]``).
         Metrics are detached 0-dim tensors: read them once per logging step, not per step."""
         lc = self.cfg.loss
-        teacher = self.teacher_pass(tb, for_targets=self.source.needs_teacher_pass) if self.runs_teacher() else None
+        src = self.source
+        teacher = self.teacher_pass(tb, for_targets=src.needs_teacher_pass and src.kv_from_teacher_pass) if self.runs_teacher() else None
         student = self.student_pass(sb)
         lat_ce = self.latent_ce(student, sb) if lc.latent_ce > 0 else None
         states = self.student_states(sb, student)

@@ -77,6 +77,10 @@ class TargetSource:
     #: The targets come from the step's own teacher pass, which must then keep its KV cache
     #: (and answer queries). The pass runs anyway when ``loss.teacher_ce > 0``, for its CE.
     needs_teacher_pass: bool = False
+    #: With :attr:`needs_teacher_pass`, whether the KV targets are selected from that pass's
+    #: cache. False for a source that takes only the CODI states from it and its KV targets
+    #: from elsewhere (the counterfactual control): the pass then keeps no cache copy.
+    kv_from_teacher_pass: bool = True
     state_file: str | None = None
 
     def inputs(self, encs: list) -> Any:

@@ -22,7 +22,8 @@ class CounterfactualPass(TargetSource):
     """KV targets from a teacher pass over a counterfactual CoT; CODI targets from the true one."""
 
     name = "counterfactual"
-    needs_teacher_pass = True
+    needs_teacher_pass = True  # for the CODI states and the teacher's CE
+    kv_from_teacher_pass = False  # the KV targets come from the counterfactual pass
 
     def __init__(self, model, cfg):
         self.model = model
