@@ -202,7 +202,7 @@ def test_write_report_writes_tables_verdicts_and_plots(runs: Path, tmp_path: Pat
     assert "| codi | 41.0 ± 1.4 | 5.5 | 21.0 ± 1.4 | 4.0 | 2 |" in md
     assert "(1) KV distillation beats CODI-only: **not established** (p = 0.25, alpha = 0.05 one-sided)" in md
     assert "**not measured**" in md and "## Statistics" in md
-    assert "| rkv | synthetic | student | 3 | 60.0 | 50.0 – 70.0 | 0/3 | 0.0 – 70.8 |" in md
+    assert "| rkv | synthetic | student | 3 | 60.0 ± 10.0 | 50.0 – 70.0 | 50.0 | 0/3 | 0.0 – 70.8 |" in md
     assert "codi seed 2: failed (RuntimeError: boom)" in md
 
     tex = (out / "results.tex").read_text()
@@ -346,3 +346,14 @@ def test_heatmaps_first_seed_draws_one_per_name(tmp_path: Path):
     assert not [p for p in write_report(root, tmp_path / "rep2", heatmaps="none").files if p.name.startswith("kv_cosine")]
     with pytest.raises(ValueError, match="heatmaps"):
         write_report(root, tmp_path / "rep3", heatmaps="some")
+
+
+def test_statistics_table_gives_spread_worst_seed_and_success_rate(runs: Path):
+    from kava.experiments.report import statistics_table
+
+    text = statistics_table(aggregate(collect_runs(runs)), ClaimNames(success_at=0.55))
+    line = next(ln for ln in text.splitlines() if ln.startswith("| rkv | synthetic |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[3] == "3" and cells[4] == "60.0 ± 10.0"  # 0.5, 0.6, 0.7
+    assert cells[6] == "50.0"  # the worst seed
+    assert cells[7] == "2/3"  # 0.6 and 0.7 reach 0.55

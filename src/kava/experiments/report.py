@@ -446,22 +446,24 @@ def check_claims(rows: Sequence[dict], names: ClaimNames | None = None) -> list[
 
 
 def statistics_table(rows: Sequence[dict], names: ClaimNames | None = None) -> str:
-    """Markdown: per (name, dataset, mode), mean accuracy with its seeded bootstrap 95% interval
-    and the success rate (seeds at ``success_at`` or above) with its exact 95% interval."""
+    """Markdown: per (name, dataset, mode), mean accuracy ± sample std with its seeded bootstrap
+    95% interval, the worst seed, and the success rate (seeds at ``success_at`` or above) with
+    its exact 95% interval."""
     names = names or ClaimNames()
     rows = [r for r in rows if r["accuracy_mean"] is not None]
     if not rows:
         return "_no evaluated runs_\n"
-    lines = [f"| run | dataset | mode | seeds | acc. mean (%) | 95% bootstrap CI | successes (>= {_pct(names.success_at)}%) | 95% exact CI |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [f"| run | dataset | mode | seeds | acc. mean ± std (%) | 95% bootstrap CI | worst seed (%) |"
+             f" successes (>= {_pct(names.success_at)}%) | 95% exact CI |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         vals = list(r["by_seed"].values())
         ci = stats.bootstrap_mean(vals)
         k, n = _successes(r, names.success_at)
         lo, hi = stats.clopper_pearson(k, n)
         ci_text = "--" if ci is None else f"{_pct(ci[0])} – {_pct(ci[1])}"
-        lines.append(f"| {r['name']} | {r['dataset']} | {r['mode']} | {n} | {_pct(r['accuracy_mean'])} | {ci_text} | {k}/{n} |"
-                     f" {_pct(lo)} – {_pct(hi)} |")
+        lines.append(f"| {r['name']} | {r['dataset']} | {r['mode']} | {n} | {_acc_pm(r)} | {ci_text} | {_pct(min(vals))} |"
+                     f" {k}/{n} | {_pct(lo)} – {_pct(hi)} |")
     return "\n".join(lines) + "\n"
 
 
