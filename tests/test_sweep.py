@@ -317,8 +317,9 @@ def test_the_testbed_ablation_sweep_resolves_with_the_seeds_it_promises():
     ten = ("rkv", "codi", "slot_mean", "counterfactual")
     five = ("mean_pool", "right_crop", "shuffled", "gaussian", "oracle")
     teachers = {"large", "fused", "frozen_self"}  # other teachers, equation traces only
-    assert set(seeds) == {f"{n}{v}" for n in ten + five for v in ("", "@nl")} | teachers
-    assert all(len(seeds[n]) >= 10 for n in seeds if n.split("@")[0] in ten)
+    crossed = {f"{n}@{v}" for n in ("codi", "rkv") for v in ("nl_from_eq", "eq_from_nl")}  # traces x warm-up
+    assert set(seeds) == {f"{n}{v}" for n in ten + five for v in ("", "@nl")} | teachers | crossed
+    assert all(len(seeds[f"{n}{v}"]) >= 10 for n in ten for v in ("", "@nl"))
     assert all(len(seeds[n]) >= 5 for n in seeds)
     fused = next(s for s in specs if s.name == "fused").config()
     assert [t.name_or_path for t in fused.teachers.models] == ["runs/tiny/cot-large", "runs/tiny/cot-qwen"]
@@ -327,6 +328,10 @@ def test_the_testbed_ablation_sweep_resolves_with_the_seeds_it_promises():
     nl = next(s for s in specs if s.name == "rkv@nl").config()
     assert nl.data.train == nl.data.eval == "synthetic-products-nl" and nl.model.init_from.startswith("runs/tiny-nl/teacher/")
     assert next(s for s in specs if s.name == "counterfactual").config().loss.compression == "counterfactual"
+    cross = next(s for s in specs if s.name == "codi@nl_from_eq").config()
+    assert cross.data.train == "synthetic-products-nl" and cross.model.init_from == "runs/tiny/teacher/checkpoint-400"
+    cross = next(s for s in specs if s.name == "rkv@eq_from_nl").config()
+    assert cross.data.train == "synthetic-products" and cross.model.init_from == "runs/tiny-nl/teacher/checkpoint-400"
 
 
 def test_cli_seeds_and_by_seed_pick_and_order_the_runs(tmp_path: Path, capsys):
