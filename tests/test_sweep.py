@@ -334,6 +334,22 @@ def test_the_testbed_ablation_sweep_resolves_with_the_seeds_it_promises():
     assert cross.data.train == "synthetic-products" and cross.model.init_from == "runs/tiny-nl/teacher/checkpoint-400"
 
 
+def test_the_replication_sweep_uses_fresh_seeds_and_the_main_sweeps_recipe():
+    import dataclasses
+
+    main = {(s.name, s.seed): s for s in expand_sweep(REPO / "configs" / "sweeps" / "ablations-testbed.yaml")}
+    rep = expand_sweep(REPO / "configs" / "sweeps" / "ablations-testbed-replication.yaml", validate=True)
+    assert {s.name for s in rep} == {"rkv", "codi", "counterfactual"}
+    assert {s.seed for s in rep} == set(range(10, 20))
+    assert not {s.seed for s in rep} & {seed for (name, seed) in main if name in ("rkv", "codi", "counterfactual")}
+    for s in rep:
+        a = dataclasses.asdict(main[(s.name, 0)].config())
+        b = dataclasses.asdict(s.config())
+        for cfg in (a, b):
+            cfg["train"].pop("seed"), cfg["train"].pop("output_dir")
+        assert a == b, s.name  # the same recipe, budget and warm-up; only the seed and folder differ
+
+
 def test_cli_seeds_and_by_seed_pick_and_order_the_runs(tmp_path: Path, capsys):
     from kava.cli import main
     from kava.cli.sweep import parse_seeds
