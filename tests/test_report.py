@@ -357,3 +357,18 @@ def test_statistics_table_gives_spread_worst_seed_and_success_rate(runs: Path):
     assert cells[3] == "3" and cells[4] == "60.0 ± 10.0"  # 0.5, 0.6, 0.7
     assert cells[6] == "50.0"  # the worst seed
     assert cells[7] == "2/3"  # 0.6 and 0.7 reach 0.55
+
+
+def test_a_claim_of_two_comparisons_cannot_hold_with_one_unmeasured(tmp_path: Path):
+    # R-KV beats the counterfactual CoT on every one of 6 seeds (p = 1/64), but no slot-mean run:
+    # claim 5 needs both, so it is not established, and the report says which comparison is missing.
+    rows = _arms(tmp_path / "runs", {"rkv": [0.9 + 0.01 * s for s in range(6)],
+                                     "counterfactual": [0.5 + 0.01 * s for s in range(6)]})
+    v = {x.claim: x for x in check_claims(rows)}["5"]
+    assert v.status == NOT_ESTABLISHED and v.p_value == pytest.approx(1 / 64)
+    assert v.unmeasured == ["kava/rkv against slot_mean"]
+    assert "not measured: kava/rkv against slot_mean, so the claim cannot hold" in v.text()
+    rows = _arms(tmp_path / "more", {"rkv": [0.9 + 0.01 * s for s in range(6)], "counterfactual": [0.5] * 6,
+                                     "slot_mean": [0.4] * 6})
+    v = {x.claim: x for x in check_claims(rows)}["5"]
+    assert v.status == HOLDS and v.unmeasured == []

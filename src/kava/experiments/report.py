@@ -290,12 +290,17 @@ class Verdict:
     seeds_needed: int | None = None
     """Where not established: the seeds per arm its weakest comparison would need (None: the
     observed difference points the other way, or it holds)."""
+    unmeasured: list[str] = field(default_factory=list)
+    """Comparisons the claim is made of that no dataset measured: while any is missing the claim
+    cannot hold, whatever the measured ones say."""
 
     def text(self) -> str:
         head = f"({self.claim}) {self.statement}: **{self.status}**"
         if self.p_value is not None:
             head += f" (p = {_p(self.p_value)}, alpha = {self.alpha:g} one-sided)"
-        if self.status == NOT_ESTABLISHED:
+        if self.status == NOT_ESTABLISHED and self.unmeasured:
+            head += f"; not measured: {', '.join(self.unmeasured)}, so the claim cannot hold"
+        elif self.status == NOT_ESTABLISHED:
             head += (f"; about {self.seeds_needed} seeds per arm would be needed at the observed effect and spread"
                      if self.seeds_needed else "; the observed difference is not in the claimed direction")
         return "\n".join([head, *(f"  - {d}" for d in self.details)])
@@ -410,9 +415,14 @@ def check_claims(rows: Sequence[dict], names: ClaimNames | None = None) -> list[
         tests = _beats_all(table, "kava", losers)
         missing = f"needs {who('kava')} and " + " or ".join(who(x) for x in losers) + " on one dataset"
         v = _verdict(claim, statement, tests, missing, names)
+        if v.status == UNMEASURED:
+            return v
         for loser in losers:
-            if v.status != UNMEASURED and not any(table.get(loser, ds) for ds in table.datasets):
+            if not any(table.get(loser, ds) for ds in table.datasets):
                 v.details.append(f"{who(loser)} not measured: only the other control was compared")
+                v.unmeasured.append(f"{who('kava')} against {who(loser)}")
+        if v.unmeasured and v.status == HOLDS:  # every comparison must pass, so a missing one cannot
+            v.status = NOT_ESTABLISHED
         return v
 
     out = [_verdict("1", "KV distillation beats CODI-only", _beats(table, "kava", "codi"),
