@@ -339,9 +339,9 @@ def test_the_replication_sweep_uses_fresh_seeds_and_the_main_sweeps_recipe():
 
     main = {(s.name, s.seed): s for s in expand_sweep(REPO / "configs" / "sweeps" / "ablations-testbed.yaml")}
     rep = expand_sweep(REPO / "configs" / "sweeps" / "ablations-testbed-replication.yaml", validate=True)
-    assert {s.name for s in rep} == {"rkv", "codi", "counterfactual"}
+    assert {s.name for s in rep} == {"rkv", "codi", "counterfactual", "slot_mean"}
     assert {s.seed for s in rep} == set(range(10, 20))
-    assert not {s.seed for s in rep} & {seed for (name, seed) in main if name in ("rkv", "codi", "counterfactual")}
+    assert not {s.seed for s in rep} & {seed for (name, seed) in main if name in ("rkv", "codi", "counterfactual", "slot_mean")}
     for s in rep:
         a = dataclasses.asdict(main[(s.name, 0)].config())
         b = dataclasses.asdict(s.config())
