@@ -372,3 +372,8 @@ def test_a_claim_of_two_comparisons_cannot_hold_with_one_unmeasured(tmp_path: Pa
                                      "slot_mean": [0.4] * 6})
     v = {x.claim: x for x in check_claims(rows)}["5"]
     assert v.status == HOLDS and v.unmeasured == []
+    # Short of the level with one control missing: both reasons are given.
+    rows = _arms(tmp_path / "weak", {"rkv": [0.6, 0.7, 0.5, 0.8, 0.6], "counterfactual": [0.5, 0.72, 0.45, 0.7, 0.62]})
+    v = {x.claim: x for x in check_claims(rows)}["5"]
+    assert v.status == NOT_ESTABLISHED and v.seeds_needed and v.unmeasured
+    assert "so the claim cannot hold; about" in v.text() and "seeds per arm would be needed" in v.text()

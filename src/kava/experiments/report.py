@@ -300,9 +300,10 @@ class Verdict:
             head += f" (p = {_p(self.p_value)}, alpha = {self.alpha:g} one-sided)"
         if self.status == NOT_ESTABLISHED and self.unmeasured:
             head += f"; not measured: {', '.join(self.unmeasured)}, so the claim cannot hold"
-        elif self.status == NOT_ESTABLISHED:
-            head += (f"; about {self.seeds_needed} seeds per arm would be needed at the observed effect and spread"
-                     if self.seeds_needed else "; the observed difference is not in the claimed direction")
+        if self.status == NOT_ESTABLISHED and self.seeds_needed:
+            head += f"; about {self.seeds_needed} seeds per arm would be needed at the observed effect and spread"
+        elif self.status == NOT_ESTABLISHED and not self.unmeasured:
+            head += "; the observed difference is not in the claimed direction"
         return "\n".join([head, *(f"  - {d}" for d in self.details)])
 
 
