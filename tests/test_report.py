@@ -377,3 +377,16 @@ def test_a_claim_of_two_comparisons_cannot_hold_with_one_unmeasured(tmp_path: Pa
     v = {x.claim: x for x in check_claims(rows)}["5"]
     assert v.status == NOT_ESTABLISHED and v.seeds_needed and v.unmeasured
     assert "so the claim cannot hold; about" in v.text() and "seeds per arm would be needed" in v.text()
+
+
+def test_arms_table_gives_each_arm_against_codi_and_rkv_in_the_observed_direction(tmp_path: Path):
+    from kava.experiments.report import arms_table
+
+    rows = _arms(tmp_path / "runs", {"codi": [0.5, 0.51, 0.52, 0.53, 0.54], "rkv": [0.8, 0.81, 0.82, 0.83, 0.95],
+                                     "slot_mean": [0.9, 0.9, 0.9]})
+    cells = {ln.split("|")[1].strip(): [c.strip() for c in ln.strip("|").split("|")]
+             for ln in arms_table(rows).splitlines()[2:]}
+    assert cells["rkv"][2:6] == ["5", "84.2 ± 6.1", "80.0", "1/5 (0.5-71.6)"]  # sample std
+    assert cells["rkv"][6] == "+32.2 (p = 0.0312, n=5)" and cells["rkv"][7] == "--"
+    assert cells["codi"][6] == "--" and cells["codi"][7] == "-32.2 (p = 0.0312, n=5)"  # one-sided, the way it points
+    assert cells["slot_mean"][6] == "+39.0 (p = 0.125, n=3)"  # 3 common seeds: 1/8 is the smallest p

@@ -509,6 +509,40 @@ def paired_table(rows: Sequence[dict], names: ClaimNames | None = None, referenc
     return "\n".join(head + lines) + "\n"
 
 
+def _versus(row: dict, ref: dict | None) -> str:
+    """``row`` against ``ref`` paired by seed: the mean difference in points with the one-sided
+    p-value in the direction observed and the common seeds (``--``: itself or no reference)."""
+    if ref is None or ref["name"] == row["name"]:
+        return "--"
+    c = stats.compare(row["by_seed"], ref["by_seed"])
+    if c is None:
+        return "--"
+    p = c.p if c.mean_diff > 0 else c.p_reverse
+    n = len(c.seeds) if c.paired else "0, unpaired"
+    return f"{100 * c.mean_diff:+.1f} (p = {_p(p)}, n={n})"
+
+
+def arms_table(rows: Sequence[dict], names: ClaimNames | None = None) -> str:
+    """Markdown, one row per arm of the claims' eval mode: its seeds, accuracy mean ± std, worst
+    seed, success rate with its exact 95% interval, and the arm against CODI-only and against
+    R-KV of its dataset (:func:`_versus`: paired by seed, one-sided in the direction observed).
+    The comparisons describe the data; the claims are tested in their own section."""
+    names = names or ClaimNames()
+    table = _Table(rows, names)
+    if not table.rows:
+        return ""
+    lines = [f"| arm | dataset | seeds | accuracy, mean ± std (%) | worst seed (%) | seeds >= {_pct(names.success_at)}%"
+             f" (95% CI) | vs {'/'.join(names.methods.get('codi', ('codi',)))} | vs {'/'.join(names.methods.get('kava', ('kava',)))} |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in table.rows:
+        k, n = _successes(r, names.success_at)
+        lo, hi = stats.clopper_pearson(k, n)
+        lines.append(f"| {r['name']} | {r['dataset']} | {n} | {_acc_pm(r)} | {_pct(min(r['by_seed'].values()))} |"
+                     f" {k}/{n} ({_pct(lo)}-{_pct(hi)}) | {_versus(r, table.get('codi', r['dataset']))} |"
+                     f" {_versus(r, table.get('kava', r['dataset']))} |")
+    return "\n".join(lines) + "\n"
+
+
 # --- tables -------------------------------------------------------------------------------
 
 
@@ -929,6 +963,12 @@ def to_report_markdown(runs: Sequence[dict], rows: Sequence[dict], verdicts: Seq
              " two-sample permutation test where they share no seeds; the sign test and Fisher's exact test on success"
              " rates are given beside it.", ""]
     parts += [v.text() + "\n" for v in verdicts]
+    arms = arms_table(rows, names)
+    if arms:
+        parts += ["## Per arm", "",
+                  f"On the `{names.mode}` evaluation. Each arm against CODI-only and R-KV of its dataset, paired by seed:"
+                  " the mean difference in points, the one-sided p-value of the exact sign-flip test in the direction"
+                  " observed, and the common seeds. This describes the data; the claims above are the tests.", "", arms]
     paired = paired_table(rows, names)
     if paired:
         parts += ["## Every arm against CODI-only and R-KV", "",
@@ -1013,7 +1053,7 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, names:
 
 
 __all__ = [
-    "ClaimNames", "FAILS", "HOLDS", "NOT_ESTABLISHED", "Report", "UNMEASURED", "Verdict", "aggregate", "check_claims", "collect_runs", "dataset_label", "mean_std", "method_of", "paired_table",
+    "ClaimNames", "FAILS", "HOLDS", "NOT_ESTABLISHED", "Report", "UNMEASURED", "Verdict", "aggregate", "arms_table", "check_claims", "collect_runs", "dataset_label", "mean_std", "method_of", "paired_table",
     "instrument_rows", "instruments_markdown", "plot_accuracy_vs_passes", "plot_instruments", "plot_kv_cosine",
     "plot_logit_lens_slots", "plot_selector_keeps", "plot_training_curves", "read_history", "read_instruments", "sem", "statistics_table", "table_layout", "to_csv",
     "to_latex", "to_markdown", "write_report",
