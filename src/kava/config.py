@@ -66,13 +66,14 @@ class TinyModelConfig:
     head_dim: int = _f(0, "size of one attention head (0: hidden_size / num_heads)")
     rope_theta: float = _f(10000.0, "RoPE base")
     rope_scaling: float = _f(1.0, "linear RoPE scaling factor (1: none)")
-    tokenizer: str = _f("word", "synthetic tokenizer: word (words and digits) or char (one token per character)")
+    tokenizer: str = _f("word", "synthetic tokenizer: word (words and digits), verbose (word plus the words of the verbose"
+                                " traces of synthetic-classes-nl) or char (one token per character)")
 
     def __post_init__(self) -> None:
         _choice(self.arch, "model.tiny.arch", ("llama", "qwen2"))
         for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position_embeddings"):
             _check(getattr(self, name) >= 1, f"model.tiny.{name}", "must be >= 1")
-        _choice(self.tokenizer, "model.tiny.tokenizer", ("word", "char"))
+        _choice(self.tokenizer, "model.tiny.tokenizer", ("word", "verbose", "char"))
         _check(self.head_dim >= 0, "model.tiny.head_dim", "must be >= 0")
         _check(self.rope_theta > 0, "model.tiny.rope_theta", "must be positive")
         _check(self.rope_scaling >= 1.0, "model.tiny.rope_scaling", "must be >= 1")

@@ -4,14 +4,16 @@ The ``counterfactual`` KV control (see :mod:`kava.distill.compression`) has the 
 ``Q C' A``, where ``C'`` is ``C`` with every step's result changed and nothing else: the
 same steps, operators, separators and lengths, so the same token types at the same positions,
 but other values. A per-example digit map with no fixed point (a derangement of 0-9, drawn from
-the example's ``source_id`` and a seed) is applied
+the example's ``source_id`` and a seed) is applied to the digits of each step's result
+(:func:`kava.data.schema.result_span`), so every result changes and keeps its number of digits,
+and the wrong value is carried forward wherever a later step reuses that result, so the chain
+stays consistent in what it carries. Numbers copied from the question never change.
 
-* to the digits of each step's result (:func:`kava.data.schema.result_span`), so every result
-  changes and keeps its number of digits;
-* to every number in a later step, outside that step's own result, that equals an earlier step's
-  true result: the wrong value is carried forward where the trace reuses it, so the chain stays
-  consistent in what it carries (a question number that happens to equal an earlier result is
-  read as that result).
+Where an operand comes from is known exactly for the embedded tasks (:mod:`kava.data.synthetic`:
+chains and sums of products in every trace style), whose chains are rebuilt from the question
+with the mapped results. Any other chain is rewritten from its text: a number in a later step
+that equals an earlier step's true result is read as that result (so a question number that
+happens to equal an earlier result changes too: the text cannot tell them apart).
 
 The answer is left as it is.
 """
@@ -22,6 +24,7 @@ import random
 import zlib
 
 from ..answers import number_spans
+from . import synthetic
 from .schema import Example, result_span
 
 
@@ -61,13 +64,46 @@ def counterfactual_steps(steps: tuple[str, ...] | list[str], digit_map: dict[str
     return out
 
 
+def _mapped_int(value: int, digit_map: dict[str, str]) -> int:
+    return int(_mapped(str(value), digit_map))
+
+
+def embedded_counterfactual_steps(ex: Example, digit_map: dict[str, str]) -> list[str] | None:
+    """The counterfactual chain of an example of the embedded tasks, rebuilt from its question
+    (every result mapped, carried operands carry the mapped value, question operands unchanged);
+    None when ``ex`` is not one (its steps are not what the task writes for its question)."""
+    steps = list(ex.steps)
+    digits = synthetic.parse_products_question(ex.question)
+    if digits is not None:
+        products, sums = synthetic.products_values(digits)
+        for style in ("eq", "nl", "verbose"):
+            if synthetic.render_products_steps(digits, products, sums, style) == steps:
+                # The verbose style also writes each product before its last digit: mapped digit by
+                # digit, whose last digit is then the mapped result.
+                full = [_mapped(str(a * b), digit_map) for a, b in zip(digits[0::2], digits[1::2])][: len(products)]
+                return synthetic.render_products_steps(
+                    digits, [_mapped_int(p, digit_map) for p in products], [_mapped_int(v, digit_map) for v in sums], style,
+                    full_products=full)
+    parsed = synthetic.parse_chain_question(ex.question)
+    if parsed is not None:
+        start, chain = parsed
+        values = synthetic.evaluate_chain(start, chain, 10)
+        for style in ("eq", "nl"):
+            if synthetic.render_chain_steps(start % 10, chain, values, style) == steps:
+                return synthetic.render_chain_steps(start % 10, chain, [_mapped_int(v, digit_map) for v in values], style)
+    return None
+
+
 def counterfactual_example(ex: Example, seed: int = 0) -> Example:
     """``ex`` with a counterfactual chain of thought (see the module doc); deterministic in
     ``ex.source_id`` (or the question when it has none) and ``seed``."""
     key = ex.source_id or ex.question
     rng = random.Random(zlib.crc32(f"kava-counterfactual-{seed}-{key}".encode("utf-8")))
-    steps = counterfactual_steps(ex.steps, derangement(rng))
+    digit_map = derangement(rng)
+    steps = embedded_counterfactual_steps(ex, digit_map)
+    if steps is None:
+        steps = counterfactual_steps(ex.steps, digit_map)
     return Example(ex.question, tuple(steps), ex.answer, ex.source_id)
 
 
-__all__ = ["counterfactual_example", "counterfactual_steps", "derangement"]
+__all__ = ["counterfactual_example", "counterfactual_steps", "derangement", "embedded_counterfactual_steps"]

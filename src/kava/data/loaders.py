@@ -213,6 +213,30 @@ def _generate_products(style: str) -> Callable[[str, int | None, Mapping[str, An
     return generate
 
 
+def _generate_classes(style: str) -> Callable[[str, int | None, Mapping[str, Any]], list[Example]]:
+    sizes = {"train": 20000, "valid": 700, "test": 700}
+    allowed = {"n", "seed", "sizes", "modulus", "unique"}
+
+    def generate(split: str, limit: int | None, options: Mapping[str, Any]) -> list[Example]:
+        from kava.data.synthetic import generate_classes_split
+
+        _check_options("synthetic-classes", options, allowed)
+        knobs = dict(options)
+        n = _count_option("synthetic-classes", knobs.pop("n", sizes[split]))
+        seed = _int_option("synthetic-classes", "seed", knobs.pop("seed", 0))
+        if "sizes" in knobs:  # sizes=2 or sizes=2+3
+            raw = knobs.pop("sizes")
+            parts = str(raw).split("+") if not isinstance(raw, list) else raw
+            try:
+                knobs["sizes"] = tuple(int(k) for k in parts)
+            except ValueError:
+                raise DataError(f"option sizes={raw!r}: write the sizes as 2 or 2+3", where="synthetic-classes") from None
+        examples = generate_classes_split(split, n, seed, style=style, **knobs)
+        return examples[:limit] if limit is not None else examples
+
+    return generate
+
+
 def _generate_gsm_symbolic(style: str) -> Callable[[str, int | None, Mapping[str, Any]], list[Example]]:
     allowed = {"lang", "seed", "split_seed", "n_per_template", "test_fraction"}
 
@@ -322,6 +346,10 @@ REGISTRY: dict[str, DatasetSpec] = {
                     {s: s for s in ("train", "valid", "test")}, generate=_generate_products("eq")),
         DatasetSpec("synthetic-products-nl", "embedded sums of products mod 10, natural-language steps",
                     {s: s for s in ("train", "valid", "test")}, generate=_generate_products("nl")),
+        DatasetSpec("synthetic-classes", "embedded sums of products mod 10, splits disjoint by equivalence class, equation steps",
+                    {s: s for s in ("train", "valid", "test")}, generate=_generate_classes("eq")),
+        DatasetSpec("synthetic-classes-nl", "the same questions as synthetic-classes, verbose natural-language steps",
+                    {s: s for s in ("train", "valid", "test")}, generate=_generate_classes("verbose")),
         DatasetSpec("gsm-symbolic", "GSM-Symbolic templates (GSM8k TEST items: never train on them)",
                     _SYMBOLIC_SPLITS, generate=_generate_gsm_symbolic("eq"), origin=_SYMBOLIC_ORIGIN),
         DatasetSpec("gsm-symbolic-nl", "GSM-Symbolic templates, natural-language steps (GSM8k TEST items)",
@@ -657,5 +685,12 @@ def load_data(cfg: KavaConfig, which: str) -> list[Example]:
         n = d.synthetic_train_size if split == "train" else d.synthetic_test_size
         examples = generate_products_split(split, n, seed=0, sizes=tuple(d.synthetic_sizes), modulus=d.synthetic_modulus,
                                            style="nl" if source.endswith("-nl") else "eq")
+        return examples[:limit] if limit else examples
+    if source in ("synthetic-classes", "synthetic-classes-nl"):
+        from kava.data.synthetic import generate_classes_split
+
+        n = d.synthetic_train_size if split == "train" else d.synthetic_test_size
+        examples = generate_classes_split(split, n, seed=0, sizes=tuple(d.synthetic_sizes), modulus=d.synthetic_modulus,
+                                          style="verbose" if source.endswith("-nl") else "eq")
         return examples[:limit] if limit else examples
     return list(load_examples(source, split, limit=limit or None, on_error=d.on_error, cache_dir=d.cache_dir or None))

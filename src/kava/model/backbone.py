@@ -209,7 +209,7 @@ def load_backbone(cfg: ModelConfig, seed: int = 0):
         model = load_checkpoint(cfg.init_from, trust_remote_code=cfg.trust_remote_code)
         return model.tokenizer, model.merged_backbone()
     if cfg.name_or_path == "tiny":
-        tok = build_synthetic_tokenizer(chars=cfg.tiny.tokenizer == "char")
+        tok = build_synthetic_tokenizer(chars=cfg.tiny.tokenizer == "char", verbose=cfg.tiny.tokenizer == "verbose")
         return tok, _tiny_model(cfg, tok, seed)
     path, gguf = cfg.name_or_path, cfg.gguf_file or None
     if path == SMOLLM2:

@@ -20,8 +20,12 @@ WORDS = (
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
 
 
-def build_synthetic_tokenizer(add_bos: bool = False, chars: bool = False) -> PreTrainedTokenizerFast:
+def build_synthetic_tokenizer(add_bos: bool = False, chars: bool = False, verbose: bool = False) -> PreTrainedTokenizerFast:
     """A fixed-vocabulary tokenizer covering the synthetic task's text (and a little more).
+
+    With ``verbose`` the vocabulary also holds the words of the verbose traces of
+    ``synthetic-classes-nl`` (:data:`kava.data.synthetic.VERBOSE_WORDS`), appended after the
+    others, so the ids of every other token stay as they are.
 
     With ``add_bos`` the tokenizer prepends ``<s>`` like Llama tokenizers do, which is
     how tests check that spans stay exact when a BOS is added. With ``chars`` every
@@ -36,6 +40,11 @@ def build_synthetic_tokenizer(add_bos: bool = False, chars: bool = False) -> Pre
         for base in [*WORDS, *[w.lower() for w in WORDS], *string.digits, *symbols]:
             pieces += [base, " " + base]
         pieces += ["\n", " ", "\t"]
+        if verbose:
+            from ..data.synthetic import VERBOSE_WORDS
+
+            for base in VERBOSE_WORDS:
+                pieces += [base, " " + base]
     vocab: dict[str, int] = {}
     for tok in [*SPECIALS, *pieces]:
         vocab.setdefault(tok, len(vocab))
