@@ -190,10 +190,11 @@ def test_student_maps_learn_a_linear_target():
 def test_slot_distance_matches_kv_loss(kind, layer_std):
     tk, tv, sk, sv = (_rand(3, B, 2, 4, 5, seed=s) for s in range(4))
     valid = torch.ones(3, B, 2, 4, dtype=torch.bool)
-    d = slot_distance(tk, tv, sk, sv, valid, kind, layer_std)
+    scale = losses.kv_scale(tk, tv, valid) if layer_std else None
+    d = slot_distance(tk, tv, sk, sv, valid, kind, scale)
     w = slot_valid(valid).float()
     assert d.shape == (B, 4)
-    expected = losses.kv_loss(tk, tv, sk, sv, valid, kind, layer_std)
+    expected = losses.kv_loss(tk, tv, sk, sv, valid, kind, scale)
     assert ((d * w).sum() / w.sum()).item() == pytest.approx(expected.item(), rel=1e-5)
 
 
@@ -204,7 +205,7 @@ def test_slot_distance_ignores_masked_entries():
     sk[0, 0, 1, 1] = 100.0  # a masked entry of slot 1
     valid[0, 0, 1, 1] = False
     valid[:, 0, :, 2] = False  # slot 2 valid nowhere
-    d = slot_distance(tk, tv, sk, sv, valid, "l1", layer_std=False)
+    d = slot_distance(tk, tv, sk, sv, valid, "l1")
     assert torch.allclose(d, torch.tensor([[0.5, 0.5, 0.0]]))
     assert slot_valid(valid).tolist() == [[True, True, False]]
 

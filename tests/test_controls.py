@@ -130,16 +130,21 @@ def test_counterfactual_maps_results_and_carries_them_forward():
 def _batch_loss(compression, **loss):
     from kava.distill.objective import Objective
     from kava.model.backbone import build_model
-    from kava.data.loaders import load_data
 
     cfg = tiny_config(loss={"compression": compression, "drop_last_step": False, **loss}, data={"train": "synthetic-products", "eval": "synthetic-products"})
     torch.manual_seed(0)
     model = build_model(cfg)
     obj = Objective(model, cfg)
-    enc = TextEncoder(model.tokenizer, cfg.data)
-    encs = [enc.encode(e) for e in load_data(cfg, "train")[:4]]
     model.eval()
-    return obj, obj.compute(obj.make_batch(encs))
+    return obj, obj.compute(obj.make_batch(_encs(obj)))
+
+
+def _encs(obj):
+    """The first four training examples of ``obj``'s config, encoded (the batch of :func:`_batch_loss`)."""
+    from kava.data.loaders import load_data
+
+    enc = TextEncoder(obj.model.tokenizer, obj.cfg.data)
+    return [enc.encode(e) for e in load_data(obj.cfg, "train")[:4]]
 
 
 def test_counterfactual_targets_come_from_the_counterfactual_pass():
@@ -168,14 +173,72 @@ def test_counterfactual_own_pass_keeps_no_cache(monkeypatch):
         return real(model, batch, want_queries, want_cache, **kw)
 
     monkeypatch.setattr(objective, "teacher_forward", spy)
-    _, lean = _batch_loss("counterfactual")
+    _, lean = _batch_loss("counterfactual", layer_std=False)
     assert calls == [(False, False)]
+    # Under loss.layer_std the true pass keeps its cache for the KV normaliser, still no queries.
+    calls.clear()
+    _, scaled = _batch_loss("counterfactual", layer_std=True)
+    assert calls == [(False, True)]
     monkeypatch.setattr(CounterfactualPass, "kv_from_teacher_pass", True)
     calls.clear()
-    _, kept = _batch_loss("counterfactual")
+    _, kept = _batch_loss("counterfactual", layer_std=False)
     assert calls == [(True, True)]
     torch.testing.assert_close(lean.loss, kept.loss, rtol=0, atol=0)
     torch.testing.assert_close(lean.kv[0].keys, kept.kv[0].keys, rtol=0, atol=0)
+    calls.clear()
+    _, scaled_kept = _batch_loss("counterfactual", layer_std=True)
+    torch.testing.assert_close(scaled.loss, scaled_kept.loss, rtol=0, atol=0)
+
+
+def _kv_scales(monkeypatch, compression, **loss):
+    """The ``scale`` the KV loss of one tiny batch was called with, and the step's output."""
+    from kava import losses
+
+    seen = []
+    real = losses.kv_loss
+
+    def spy(*args, **kw):
+        seen.append(args[6] if len(args) > 6 else kw.get("scale"))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(losses, "kv_loss", spy)
+    obj, out = _batch_loss(compression, **loss)
+    monkeypatch.setattr(losses, "kv_loss", real)
+    assert len(seen) == 1 and seen[0] is not None
+    return obj, out, seen[0]
+
+
+@pytest.mark.parametrize("rope", ["post", "pre"])
+def test_every_arm_is_scaled_by_the_true_teachers_cot_cache_std(monkeypatch, rope):
+    """One KV normaliser for every arm on a batch: the per-layer std of the true teacher's K and
+    V over all CoT positions, whatever the selector; not the std of each arm's own targets."""
+    from kava import losses
+
+    obj, ref, scale = _kv_scales(monkeypatch, "rkv", rope=rope)
+    # By hand: the teacher's whole cache at the CoT positions of the batch (RoPE undone for pre).
+    tb = obj.make_batch(_encs(obj))["teacher"]
+    with torch.no_grad():
+        t = obj.teacher_pass(tb)
+    keys = t.keys
+    if rope == "pre":
+        pos = torch.arange(keys.shape[3])[None].expand(keys.shape[1], -1)
+        keys = obj.unrotate(keys, pos)
+    cot = tb["cot_step"] >= 0
+    for layer in range(keys.shape[0]):
+        for row, x in enumerate((keys, t.values)):
+            entries = x[layer].permute(0, 2, 1, 3)[cot]  # [n_cot, H, d]
+            assert scale[row, layer].item() == pytest.approx(entries.float().std(unbiased=False).item(), rel=1e-5)
+    arms = ["right_crop", "mean_pool", "slot_mean", "shuffled", "gaussian", "counterfactual", "oracle"]
+    for name in arms:
+        _, out, other = _kv_scales(monkeypatch, name, rope=rope)
+        torch.testing.assert_close(other, scale, rtol=0, atol=0, msg=name)
+        if name == "slot_mean":
+            slot_mean_target = out.kv[0]
+    # The old normaliser (each arm's own targets' std) would differ: slot-mean targets spread less.
+    rkv_t = ref.kv[0]
+    own_rkv = losses.kv_scale(rkv_t.keys, rkv_t.values, rkv_t.valid)
+    own_slot_mean = losses.kv_scale(slot_mean_target.keys, slot_mean_target.values, slot_mean_target.valid)
+    assert (own_slot_mean < own_rkv).all()
 
 
 @pytest.mark.parametrize("compression", ["slot_mean", "gaussian", "counterfactual", "oracle"])

@@ -16,7 +16,8 @@ def _kv(seed=0, shape=(2, 3, 2, 4, 5)):
 def test_kv_loss_is_zero_for_identical_inputs(kind, layer_std):
     k, v = _kv()
     valid = torch.ones(k.shape[:-1], dtype=torch.bool)
-    assert losses.kv_loss(k, v, k.clone(), v.clone(), valid, kind, layer_std).item() == pytest.approx(0.0, abs=1e-5)
+    scale = losses.kv_scale(k, v, valid) if layer_std else None
+    assert losses.kv_loss(k, v, k.clone(), v.clone(), valid, kind, scale).item() == pytest.approx(0.0, abs=1e-5)
 
 
 def test_kv_loss_l1_and_mse_values():
@@ -55,11 +56,45 @@ def test_layer_std_normalisation_makes_the_loss_scale_free():
     k, v = _kv(3)
     sk, sv = k + 0.3, v - 0.2
     valid = torch.ones(k.shape[:-1], dtype=torch.bool)
-    a = losses.kv_loss(k, v, sk, sv, valid, "l1", layer_std=True)
-    b = losses.kv_loss(10 * k, 10 * v, 10 * sk, 10 * sv, valid, "l1", layer_std=True)
-    c = losses.kv_loss(10 * k, 10 * v, 10 * sk, 10 * sv, valid, "l1", layer_std=False)
+    a = losses.kv_loss(k, v, sk, sv, valid, "l1", losses.kv_scale(k, v, valid))
+    b = losses.kv_loss(10 * k, 10 * v, 10 * sk, 10 * sv, valid, "l1", losses.kv_scale(10 * k, 10 * v, valid))
+    c = losses.kv_loss(10 * k, 10 * v, 10 * sk, 10 * sv, valid, "l1")
     assert a.item() == pytest.approx(b.item(), rel=1e-5)
     assert c.item() == pytest.approx(10 * losses.kv_loss(k, v, sk, sv, valid, "l1").item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["l1", "mse"])
+def test_kv_loss_with_an_explicit_scale_is_the_hand_formula(kind):
+    # Layers 0 and 1; the scale is given, never read from the target: K divided by 2 and 4, V by 1 and 0.5.
+    k, v = torch.zeros(2, 1, 1, 2, 3), torch.zeros(2, 1, 1, 2, 3)
+    sk, sv = torch.ones_like(k), torch.ones_like(v)
+    sk[1], sv[1] = 2.0, 3.0
+    valid = torch.ones(2, 1, 1, 2, dtype=torch.bool)
+    valid[1, 0, 0, 1] = False  # layer 1 counts one slot only
+    scale = torch.tensor([[2.0, 4.0], [1.0, 0.5]])
+    p = 1 if kind == "l1" else 2
+    # Per valid entry: (|sk/s_k|^p + |sv/s_v|^p) / 2; layer 0 has 2 entries, layer 1 has 1.
+    layer0 = ((1 / 2) ** p + (1 / 1) ** p) / 2
+    layer1 = ((2 / 4) ** p + (3 / 0.5) ** p) / 2
+    expected = (2 * layer0 + layer1) / 3
+    got = losses.kv_loss(k, v, sk, sv, valid, kind, scale)
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+    # The target's own std is 0 here: a normaliser read from the target would not give this value.
+    assert losses.kv_scale(k, v, valid).max().item() < 1e-5
+    assert losses.kv_slot_distance(k, v, sk, sv, valid, kind, scale).shape == (1, 2)
+    with pytest.raises(ValueError, match="one value per layer"):
+        losses.kv_loss(k, v, sk, sv, valid, kind, scale[:, :1])
+
+
+def test_kv_scale_is_the_per_layer_std_of_k_and_v_over_the_mask():
+    k, v = _kv(6, shape=(3, 2, 2, 5, 4))
+    cot = torch.tensor([[True, True, True, False, False], [False, True, True, True, True]])
+    got = losses.kv_scale(k, v, cot[None, :, None, :])
+    assert got.shape == (2, 3)
+    for layer in range(3):
+        for row, x in enumerate((k, v)):
+            ref = torch.cat([x[layer, b][:, cot[b]].reshape(-1) for b in range(2)]).std(unbiased=False)
+            assert got[row, layer].item() == pytest.approx(ref.item(), rel=1e-5)
 
 
 def test_masked_layer_std_matches_torch_std_per_layer():
@@ -76,7 +111,8 @@ def test_kv_loss_gradient_flows_to_student_only():
     k, v = _kv(4)
     tk, tv = k.clone().requires_grad_(True), v.clone().requires_grad_(True)
     sk, sv = (k + 1).requires_grad_(True), (v + 1).requires_grad_(True)
-    losses.kv_loss(tk, tv, sk, sv, torch.ones(k.shape[:-1], dtype=torch.bool), "l1", True).backward()
+    valid = torch.ones(k.shape[:-1], dtype=torch.bool)
+    losses.kv_loss(tk, tv, sk, sv, valid, "l1", losses.kv_scale(tk, tv, valid)).backward()
     assert tk.grad is None and tv.grad is None
     assert sk.grad.abs().sum() > 0 and sv.grad.abs().sum() > 0
 

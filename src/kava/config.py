@@ -138,7 +138,8 @@ class LossConfig:
     compression: str = _f("rkv", "teacher-cache selector: " + ", ".join(COMPRESSION_METHODS))
     lam: float = _f(0.1, "R-KV mix: lam * attention importance + (1 - lam) * redundancy")
     kv_loss: str = _f("l1", "KV distance: " + ", ".join(KV_LOSSES))
-    layer_std: bool = _f(True, "divide teacher and student K/V by the teacher's per-layer std")
+    layer_std: bool = _f(True, "divide teacher and student K (and V) of each layer by the std of the true teacher's "
+                               "whole CoT cache in that layer: one normaliser for every selector")
     rope: str = _f("post", "compare keys as cached (post) or with RoPE undone (pre)")
     codi_loss: str = _f("l1", "CODI hidden-state distance: " + ", ".join(CODI_LOSSES))
     alpha_codi: float = _f(10.0, "alpha1: weight of the CODI hidden-state loss")

@@ -45,16 +45,30 @@ def _per_slot_cosine_magnitude(pred: torch.Tensor, target: torch.Tensor, eps: fl
     return (1 - cos) + (pn - tn).abs() / tn.clamp_min(eps)
 
 
+def kv_scale(keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """The KV loss normaliser: the per-layer std of ``keys`` and of ``values`` ``[L, ..., d]`` over the
+    entries where ``mask`` is True (``mask`` broadcasts to ``keys.shape[:-1]``, e.g. ``[1, B, 1, N]``).
+
+    Returns ``[2, L]`` (row 0 for K, row 1 for V), detached. Training computes it from the true
+    teacher's whole CoT cache, whatever the selector, so every arm is scaled alike.
+    """
+    m = mask.expand(keys.shape[:-1])
+    return torch.stack([masked_layer_std(keys, m, eps), masked_layer_std(values, m, eps)])
+
+
 def kv_entry_distance(teacher: torch.Tensor, student: torch.Tensor, valid: torch.Tensor, kind: str = "l1",
-                      layer_std: bool = False) -> torch.Tensor:
+                      scale: torch.Tensor | None = None) -> torch.Tensor:
     """Distance of each cache entry ``[L, B, H, M, d] -> [L, B, H, M]``: the element loss averaged
-    over dims, or for ``kind="cosine"`` the cosine + magnitude term. ``layer_std`` first divides
-    both sides by the teacher's per-layer std over the ``valid`` entries. Nothing is detached."""
+    over dims, or for ``kind="cosine"`` the cosine + magnitude term. ``scale [L]`` (None: none)
+    first divides both sides of layer ``l`` by ``scale[l]``. Nothing is detached; ``valid`` is
+    not read (the callers mask)."""
     if kind not in KV_LOSSES:
         raise ValueError(f"unknown KV loss {kind!r}; choose from {', '.join(KV_LOSSES)}")
     t, s = teacher.float(), student.float()
-    if layer_std:
-        std = masked_layer_std(t, valid).view(-1, *[1] * (t.dim() - 1))
+    if scale is not None:
+        if scale.shape != (t.shape[0],):
+            raise ValueError(f"scale has shape {tuple(scale.shape)}; expected one value per layer ({t.shape[0]},)")
+        std = scale.detach().float().view(-1, *[1] * (t.dim() - 1))
         t, s = t / std, s / std
     return _per_slot_cosine_magnitude(s, t) if kind == "cosine" else elementwise(kind, s, t).mean(-1)
 
@@ -66,7 +80,7 @@ def kv_loss(
     student_v: torch.Tensor,
     valid: torch.Tensor,
     kind: str = "l1",
-    layer_std: bool = False,
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """L_KV = (loss(K) + loss(V)) / 2 over the valid slots.
 
@@ -74,11 +88,13 @@ def kv_loss(
     For the element losses the mean runs over layers, batch, heads, valid slots and dims,
     which is the paper's ``1/(2M) * (||K_t - K_s||_p^p + ||V_t - V_s||_p^p)`` averaged over
     layers, heads and dims. ``kind="cosine"`` averages the per-slot cosine + magnitude
-    term instead. ``layer_std`` divides both sides by the teacher's per-layer std.
+    term instead. ``scale [2, L]`` (:func:`kv_scale`; None: unnormalised) divides both sides
+    of layer ``l`` by ``scale[0, l]`` for K and ``scale[1, l]`` for V (detached).
     Returns 0 (with a gradient path) when no slot is valid.
     """
-    per = (kv_entry_distance(teacher_k.detach(), student_k, valid, kind, layer_std)
-           + kv_entry_distance(teacher_v.detach(), student_v, valid, kind, layer_std)) / 2
+    sk, sv = (None, None) if scale is None else scale
+    per = (kv_entry_distance(teacher_k.detach(), student_k, valid, kind, sk)
+           + kv_entry_distance(teacher_v.detach(), student_v, valid, kind, sv)) / 2
     w = valid.float()
     return (per * w).sum() / w.sum().clamp_min(1.0)
 
@@ -90,14 +106,15 @@ def kv_slot_distance(
     student_v: torch.Tensor,
     valid: torch.Tensor,
     kind: str = "l1",
-    layer_std: bool = False,
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The terms of :func:`kv_loss` per example and slot, ``[B, M]``: averaged over layers, heads
     and dims of the valid entries only (0 where a slot is valid nowhere). The teacher is not
     detached: aligned teacher KV is already cut from its model, and a learned layer mix of
-    another teacher (:mod:`kava.distill.align`) learns through it."""
-    per = (kv_entry_distance(teacher_k, student_k, valid, kind, layer_std)
-           + kv_entry_distance(teacher_v, student_v, valid, kind, layer_std)) / 2
+    another teacher (:mod:`kava.distill.align`) learns through it. ``scale``: as for :func:`kv_loss`."""
+    sk, sv = (None, None) if scale is None else scale
+    per = (kv_entry_distance(teacher_k, student_k, valid, kind, sk)
+           + kv_entry_distance(teacher_v, student_v, valid, kind, sv)) / 2
     w = valid.float()
     return (per * w).sum((0, 2)) / w.sum((0, 2)).clamp_min(1.0)
 

@@ -178,7 +178,10 @@ class Objective(nn.Module):
         Metrics are detached 0-dim tensors: read them once per logging step, not per step."""
         lc = self.cfg.loss
         src = self.source
-        teacher = self.teacher_pass(tb, for_targets=src.needs_teacher_pass and src.kv_from_teacher_pass) if self.runs_teacher() else None
+        teacher = None
+        if self.runs_teacher():
+            teacher = self.teacher_pass(tb, for_targets=src.needs_teacher_pass and src.kv_from_teacher_pass,
+                                        for_scale=src.needs_teacher_pass and lc.layer_std)
         student = self.student_pass(sb)
         lat_ce = self.latent_ce(student, sb) if lc.latent_ce > 0 else None
         states = self.student_states(sb, student)
@@ -201,14 +204,15 @@ class Objective(nn.Module):
         """The CE of one plain pass over ``tb`` (``cot``, ``nocot`` and ``teacher`` modes)."""
         return teacher_forward(self.model, tb, want_queries=False, want_cache=False).ce
 
-    def teacher_pass(self, tb: dict, for_targets: bool = True) -> TeacherOutput:
+    def teacher_pass(self, tb: dict, for_targets: bool = True, for_scale: bool = False) -> TeacherOutput:
         """The student's own teacher pass over ``Q C A``: its CE and CODI hidden states and,
-        when its targets are used (``for_targets``) and the run has a KV loss, its KV cache and
-        the answer queries the selector needs. Without an autograd graph unless
-        :meth:`teacher_needs_graph`."""
-        kv = for_targets and self.selector is not None
+        when the run has a KV loss, its KV cache when its targets are used (``for_targets``, then
+        also the answer queries the selector needs) or only its KV loss normaliser (``for_scale``,
+        :meth:`kv_scale`). Without an autograd graph unless :meth:`teacher_needs_graph`."""
+        kv = self.selector is not None
+        queries = kv and for_targets and self.selector.needs_queries
         with nullcontext() if self.teacher_needs_graph() else torch.no_grad():
-            return teacher_forward(self.model, tb, want_queries=kv and self.selector.needs_queries, want_cache=kv)
+            return teacher_forward(self.model, tb, want_queries=queries, want_cache=kv and (for_targets or for_scale))
 
     def student_pass(self, sb: dict) -> StudentPass:
         """The student's latent passes (T Jacobi or M sequential) and its final pass over
@@ -243,10 +247,15 @@ class Objective(nn.Module):
 
     def request(self, tb: dict, teacher: TeacherOutput | None, inputs: Any, stage: int | None, m: int,
                 source_ids: list[str] | None) -> Request:
-        """What the target source is given for one batch (see :class:`kava.distill.targets.Request`)."""
+        """What the target source is given for one batch (see :class:`kava.distill.targets.Request`);
+        with ``loss.layer_std`` and a source that runs the own pass, that pass's :meth:`kv_scale`."""
         kv = self.selector is not None
         compress = partial(self.teacher_targets, stage=stage, m=m, source_ids=source_ids) if kv else None
-        return Request(tb, teacher, inputs, source_ids, tb["input_ids"].device, compress, kv and self.selector.needs_queries)
+        scale = None
+        if kv and self.cfg.loss.layer_std and self.source.needs_teacher_pass:
+            scale = self.kv_scale(teacher, tb, stage)
+        queries = kv and self.selector.needs_queries
+        return Request(tb, teacher, inputs, source_ids, tb["input_ids"].device, compress, queries, scale)
 
     def weighted_loss(self, ce_student: torch.Tensor, ce_teacher: torch.Tensor | None, latent_ce: torch.Tensor | None,
                       terms: Terms) -> torch.Tensor:
@@ -296,9 +305,7 @@ class Objective(nn.Module):
         selector than the run's (the instruments compare the run against R-KV targets).
         """
         selector = selector or self.selector
-        cot = tb["cot_step"] >= 0
-        if stage is not None:
-            cot = cot & (tb["cot_step"] < stage)
+        cot = compressed_positions(tb, stage)
         answer_valid = tb["answer_valid"]
         types = tb.get("token_type")
         with torch.no_grad():
@@ -315,10 +322,33 @@ class Objective(nn.Module):
             c = Compressed(c.values[..., d:], c.values[..., :d], c.valid, c.indices)
         return c
 
+    @torch.no_grad()
+    def kv_scale(self, teacher: TeacherOutput, tb: dict, stage: int | None,
+                 model: KavaModel | None = None) -> torch.Tensor:
+        """The KV loss normaliser of a batch under ``loss.layer_std``, ``[2, L]``: the per-layer std of
+        the teacher pass's keys (as the loss compares them: RoPE undone for ``loss.rope=pre``) and
+        values over every CoT position the selector draws from (those of the sequence ``stage``),
+        before any selection. It does not depend on the selector, so every arm on a batch (R-KV,
+        right-crop, mean-pool, slot-mean, shuffled, gaussian, counterfactual, oracle) is scaled by
+        the same numbers; ``teacher`` is the true teacher pass, never a counterfactual one."""
+        cot = compressed_positions(tb, stage)
+        keys = teacher.keys
+        if self.cfg.loss.rope == "pre":
+            pos = torch.arange(keys.shape[3], device=cot.device)[None].expand(cot.shape[0], -1)
+            keys = self.unrotate(keys, pos, model)
+        return losses.kv_scale(keys, teacher.values, cot[None, :, None, :])
+
     def unrotate(self, keys: torch.Tensor, pos: torch.Tensor, model: KavaModel | None = None) -> torch.Tensor:
         """Undo ``model``'s (default: the student's) RoPE on ``keys [L, B, H, n, d]`` at positions ``pos [B, n]``."""
         cos, sin = rope_at(model or self.model, keys, pos)
         return undo_rope(keys, cos[None, :, None].to(keys.dtype), sin[None, :, None].to(keys.dtype))
 
 
-__all__ = ["Objective", "StepOutput", "detached", "latent_count", "metric_floats"]
+def compressed_positions(tb: dict, stage: int | None) -> torch.Tensor:
+    """``[B, N]`` bool: the CoT positions of a teacher batch that are compressed at the sequence
+    ``stage`` (its first ``stage`` steps; None: the whole CoT)."""
+    cot = tb["cot_step"] >= 0
+    return cot if stage is None else cot & (tb["cot_step"] < stage)
+
+
+__all__ = ["Objective", "compressed_positions", "StepOutput", "detached", "latent_count", "metric_floats"]

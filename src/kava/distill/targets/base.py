@@ -26,6 +26,11 @@ class Target(NamedTuple):
 
     kv: Compressed | None  # the compressed CoT cache [L, B, H_kv, M, d] (None: this run has no KV loss)
     hidden: torch.Tensor  # hidden states at the CODI position [L, B, D] (detached)
+    # The KV loss normaliser under ``loss.layer_std`` (:func:`kava.losses.kv_scale`, ``[2, L]``): the
+    # per-layer std of K and V of the true teacher's whole CoT cache, the same for every selector.
+    # None: no KV loss, no ``loss.layer_std``, or a source without that cache (an offline cache keeps
+    # only the compressed entries), whose targets are then scaled by their own std.
+    scale: torch.Tensor | None = None
 
 
 @dataclass
@@ -42,6 +47,9 @@ class Request:
     # whether it needs the answer queries of the pass.
     compress: Callable[..., Compressed] | None
     needs_queries: bool
+    # The KV loss normaliser of the step's own true teacher pass (see :attr:`Target.scale`); None
+    # without ``loss.layer_std``, a KV loss, or that pass's cache.
+    kv_scale: torch.Tensor | None = None
 
 
 @dataclass
@@ -108,11 +116,15 @@ class TargetSource:
 
 def direct_terms(target: Target, student: Student, loss: LossConfig) -> Terms:
     """CODI loss, and (when the run has one) KV loss and KV cosine, of a student against one
-    teacher of its own shape."""
+    teacher of its own shape. Under ``loss.layer_std`` the KV loss is scaled by ``target.scale``
+    (the true teacher's statistic), or by the targets' own per-layer std when the source has none."""
     codi = losses.codi_loss(target.hidden, student.hidden, loss.codi_loss)
     if student.keys is None:
         return Terms(None, codi, {}, None)
     t = target.kv
-    kv = losses.kv_loss(t.keys, t.values, student.keys, student.values, t.valid, loss.kv_loss, loss.layer_std)
+    scale = None
+    if loss.layer_std:
+        scale = target.scale if target.scale is not None else losses.kv_scale(t.keys, t.values, t.valid)
+    kv = losses.kv_loss(t.keys, t.values, student.keys, student.values, t.valid, loss.kv_loss, scale)
     kv_cos = 0.5 * (losses.kv_cosine(t.keys, student.keys, t.valid) + losses.kv_cosine(t.values, student.values, t.valid))
     return Terms(kv, codi, {"kv": kv, "kv_cos": kv_cos}, (t, student.keys, student.values))

@@ -4,8 +4,9 @@ with wrong intermediate results.
 Each batch also gets the teacher sequences ``Q C' A`` of :func:`kava.data.counterfactual.counterfactual_example`
 (same question, same format, other step results; seeded by ``train.seed`` and the example's id).
 The KV targets are the run's selection (R-KV for ``loss.compression=counterfactual``) on a
-no-grad teacher pass over them; the CODI targets, the teacher's CE and everything else come from
-the step's own pass over the true CoT, as for :mod:`.own`.
+no-grad teacher pass over them; the CODI targets, the teacher's CE, the KV loss normaliser under
+``loss.layer_std`` (:attr:`~.base.Target.scale`) and everything else come from the step's own pass
+over the true CoT, as for :mod:`.own`: the control differs from R-KV only in the targets' content.
 """
 
 from __future__ import annotations
@@ -48,4 +49,4 @@ class CounterfactualPass(TargetSource):
             with torch.no_grad():
                 run = teacher_forward(self.model, batch, want_queries=request.needs_queries, want_cache=True)
             kv = request.compress(run, batch)
-        return [Target(kv, own.hidden)]
+        return [Target(kv, own.hidden, request.kv_scale)]

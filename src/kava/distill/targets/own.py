@@ -25,7 +25,8 @@ class OwnPass(TargetSource):
 
 
 def own_target(request: Request) -> Target:
-    """The target of the step's own teacher pass (its cache compressed when the run has a KV loss)."""
+    """The target of the step's own teacher pass (its cache compressed when the run has a KV loss),
+    scaled by that pass's own statistic (:attr:`Request.kv_scale`)."""
     t = request.teacher
     kv = request.compress(t, request.teacher_batch) if request.compress is not None else None
-    return Target(kv, t.hidden)
+    return Target(kv, t.hidden, request.kv_scale)

@@ -203,13 +203,20 @@ class TeacherSet(TargetSource, nn.Module):
         the student's latent KV (pre-RoPE when ``loss.rope=pre``), ``s_hidden [Ls, B, Ds]`` at
         the CODI position, ``producers [B, m, D]`` the states that produced each latent (router
         input). Returns ``(kv, codi, metrics, (first teacher's aligned target, student k, v))``.
+
+        Under ``loss.layer_std`` each teacher's distance is scaled by the per-layer std of its own
+        aligned targets (:func:`kava.losses.kv_scale`), not by :attr:`Target.scale`: an aligner's layer
+        mix or window is learned, so no statistic of the raw cache matches the space compared in.
         """
         lc = self.cfg.loss
         dist, sims, valid, summaries, codis, pairs = [], [], [], [], [], []
-        for al, (comp, hidden) in zip(self.aligners, targets):
+        for al, target in zip(self.aligners, targets):
+            comp, hidden = target.kv, target.hidden
             tk, tv, tval = al.teacher_kv(comp.keys, comp.values, comp.valid)
             sk, sv = al.student_kv(s_keys, s_values)
-            dist.append(slot_distance(tk, tv, sk, sv, tval, lc.kv_loss, lc.layer_std))
+            # Each teacher in its own (aligned, possibly learned) space, scaled by its aligned targets' std.
+            scale = losses.kv_scale(tk, tv, tval) if lc.layer_std else None
+            dist.append(slot_distance(tk, tv, sk, sv, tval, lc.kv_loss, scale))
             sims.append(0.5 * (_slot_cosine(tk, sk, tval) + _slot_cosine(tv, sv, tval)))
             valid.append(slot_valid(tval))
             summaries.append(tk.detach().float().mean(0).permute(0, 2, 1, 3).flatten(2))  # [B, m, H * F]
