@@ -336,12 +336,12 @@ def compare(a: dict[int, float], b: dict[int, float], seed: int = 0) -> Comparis
     va, vb = list(a.values()), list(b.values())
     res = two_sample(va, vb, seed)
     var = (np.var(va, ddof=1) if len(va) > 1 else 0.0) + (np.var(vb, ddof=1) if len(vb) > 1 else 0.0)
-    return Comparison(False, len(a), len(b), [], float(np.mean(va) - np.mean(vb)), None, res.greater, res.less, res.exact,
-                      None, float(math.sqrt(var)), _test_name(False, res.exact), res.two_sided)
+    return Comparison(False, len(a), len(b), [], float(np.mean(va) - np.mean(vb)), None, res.greater, res.less,
+                      res.exact, None, float(math.sqrt(var)), _test_name(False, res.exact), res.two_sided)
 
 
 __all__ = [
-    "ALTERNATIVES", "Comparison", "EXACT_MAX", "PValues", "bootstrap_mean", "clopper_pearson", "compare", "fisher_greater",
-    "holm", "integer_grid", "min_exact_seeds", "paired_permutation", "seeds_needed", "sign_flip", "sign_flip_exact",
+    "ALTERNATIVES", "Comparison", "EXACT_MAX", "PValues", "bootstrap_mean", "clopper_pearson", "compare",
+    "fisher_greater", "holm", "integer_grid", "min_exact_seeds", "paired_permutation", "seeds_needed", "sign_flip", "sign_flip_exact",
     "sign_test", "two_sample", "two_sample_exact", "two_sample_permutation",
 ]
