@@ -47,7 +47,7 @@ def test_ties_around_a_zero_statistic_are_counted():
 
 
 @pytest.mark.parametrize("k", [[1, 1, 1, 1, 1], [2, 1, -1, 3, -2, 1], [5, -5, 5, -5], [3, 0, -3, 0, 6],
-                               [7, -2, -5, 2, 0, 1, 1],                               [30, -12, 45, 0, -30, 12, 3, -3], [1]])
+                               [7, -2, -5, 2, 0, 1, 1], [30, -12, 45, 0, -30, 12, 3, -3], [1]])
 def test_paired_permutation_is_the_exact_sign_flip_test_with_ties(k):
     # As accuracies on 600 questions, the differences carry float error; the test must see the counts.
     d = [(x + 300) / 600 - 300 / 600 for x in k]
@@ -86,7 +86,7 @@ def test_integer_grid_finds_the_counts():
 
 
 @pytest.mark.parametrize("a,b", [([3, 4, 5], [0, 1, 2]), ([5, 5, 3], [5, 3, 3, 1]), ([2], [2, 2, 4]),
-                                 ([0, 6, 6], [6, 0]),                                 ([1, 1, 2, 2, 3], [1, 2, 2, 3, 3, 3])])
+                                 ([0, 6, 6], [6, 0]), ([1, 1, 2, 2, 3], [1, 2, 2, 3, 3, 3])])
 def test_two_sample_permutation_is_exact_with_ties(a, b):
     want = _brute_two_sample(a, b)
     res = stats.two_sample([x / 600 for x in a], [x / 600 for x in b])

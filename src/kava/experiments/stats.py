@@ -342,6 +342,6 @@ def compare(a: dict[int, float], b: dict[int, float], seed: int = 0) -> Comparis
 
 __all__ = [
     "ALTERNATIVES", "Comparison", "EXACT_MAX", "PValues", "bootstrap_mean", "clopper_pearson", "compare",
-    "fisher_greater", "holm", "integer_grid", "min_exact_seeds", "paired_permutation", "seeds_needed", "sign_flip", "sign_flip_exact",
-    "sign_test", "two_sample", "two_sample_exact", "two_sample_permutation",
+    "fisher_greater", "holm", "integer_grid", "min_exact_seeds", "paired_permutation", "seeds_needed", "sign_flip",
+    "sign_flip_exact", "sign_test", "two_sample", "two_sample_exact", "two_sample_permutation",
 ]
