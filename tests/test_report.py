@@ -330,7 +330,8 @@ def test_paired_table_compares_every_arm_with_codi_and_rkv_by_seed(tmp_path: Pat
     text = paired_table(aggregate(collect_runs(root)))
     line = next(ln for ln in text.splitlines() if ln.startswith("| rkv | codi |"))
     cells = [c.strip() for c in line.strip("|").split("|")]
-    assert cells[3] == "5" and cells[4] == "+30.0" and cells[6] == "0.0312" and cells[7] == "1"  # 1/32: every sign the same
+    assert cells[3] == "5" and cells[4] == "+30.0" and cells[6] == "0.0625"  # two-sided: 2/32, every sign the same
+    assert "p (two-sided)" in text.splitlines()[0]
     against_rkv = next(ln for ln in text.splitlines() if ln.startswith("| slot_mean | rkv |"))
     assert [c.strip() for c in against_rkv.strip("|").split("|")][4] == "-29.6"  # (3 x -28 + 2 x -32) / 5
     assert not any(ln.startswith("| codi | codi |") for ln in text.splitlines())
@@ -379,7 +380,7 @@ def test_a_claim_of_two_comparisons_cannot_hold_with_one_unmeasured(tmp_path: Pa
     assert "so the claim cannot hold; about" in v.text() and "seeds per arm would be needed" in v.text()
 
 
-def test_arms_table_gives_each_arm_against_codi_and_rkv_in_the_observed_direction(tmp_path: Path):
+def test_arms_table_gives_each_arm_against_codi_and_rkv_with_two_sided_p(tmp_path: Path):
     from kava.experiments.report import arms_table
 
     rows = _arms(tmp_path / "runs", {"codi": [0.5, 0.51, 0.52, 0.53, 0.54], "rkv": [0.8, 0.81, 0.82, 0.83, 0.95],
@@ -387,6 +388,18 @@ def test_arms_table_gives_each_arm_against_codi_and_rkv_in_the_observed_directio
     cells = {ln.split("|")[1].strip(): [c.strip() for c in ln.strip("|").split("|")]
              for ln in arms_table(rows).splitlines()[2:]}
     assert cells["rkv"][2:6] == ["5", "84.2 ± 6.1", "80.0", "1/5 (0.5-71.6)"]  # sample std
-    assert cells["rkv"][6] == "+32.2 (p = 0.0312, n=5)" and cells["rkv"][7] == "--"
-    assert cells["codi"][6] == "--" and cells["codi"][7] == "-32.2 (p = 0.0312, n=5)"  # one-sided, the way it points
-    assert cells["slot_mean"][6] == "+39.0 (p = 0.125, n=3)"  # 3 common seeds: 1/8 is the smallest p
+    assert cells["rkv"][6] == "+32.2 (p = 0.0625, n=5)" and cells["rkv"][7] == "--"  # two-sided: 2/32
+    assert cells["codi"][6] == "--" and cells["codi"][7] == "-32.2 (p = 0.0625, n=5)"  # the same either way round
+    assert cells["slot_mean"][6] == "+39.0 (p = 0.25, n=3)"  # 3 common seeds: 2/8 is the smallest two-sided p
+    assert "(two-sided p)" in arms_table(rows).splitlines()[0]
+
+
+def test_a_one_sided_p_in_the_observed_direction_is_never_a_pass(tmp_path: Path):
+    # Shuffled is above R-KV on all 5 seeds: one-sided p = 1/32 in the direction observed, but the claim's
+    # direction is R-KV above shuffled (p = 1); two-sided p = 1/16 > 0.05, so the claim is not established,
+    # not "does not hold", and nothing is marked as passing.
+    rows = _arms(tmp_path, {"rkv": [0.6, 0.7, 0.65, 0.62, 0.7], "shuffled": [0.8, 0.9, 0.85, 0.82, 0.9]})
+    v = {x.claim: x for x in check_claims(rows)}["3"]
+    assert v.status == NOT_ESTABLISHED and v.p_value == pytest.approx(1.0)
+    assert "(passes)" not in v.details[0] and "p = 1 one-sided as claimed" in v.details[0]
+    assert "against the claim, two-sided p = 0.0625" in v.details[0]

@@ -10,8 +10,9 @@ are given as mean and sample std (0 for one seed).
 
 Accuracies are fractions in ``results.csv`` and ``verdicts.json``, percentages in the
 Markdown and LaTeX tables and in the verdict text. The claims are tested seed by seed with the
-exact tests of :mod:`kava.experiments.stats`: a claim holds only when its test passes at the level
-the report states.
+exact tests of :mod:`kava.experiments.stats`: a claim holds only when its one-sided test, in the
+direction the claim declares, passes at the level the report states. The descriptive tables (per
+arm, every arm against CODI-only and R-KV) give two-sided p-values and test no claim.
 
 Plots (matplotlib, Agg canvas, no display needed): accuracy against forward passes,
 training curves (loss terms against step, mean over seeds), and, for every run folder that
@@ -276,8 +277,9 @@ class ClaimNames:
 
 @dataclass
 class Verdict:
-    """One claim tested against the runs: ``holds``, ``does not hold`` (the opposite passes its
-    test), ``not established`` or ``not measured``."""
+    """One claim tested against the runs: ``holds`` (its one-sided test passes in the declared
+    direction), ``does not hold`` (a two-sided test finds the opposite direction), ``not
+    established`` or ``not measured``."""
 
     claim: str
     statement: str
@@ -349,13 +351,20 @@ def _successes(row: dict, at: float) -> tuple[int, int]:
 
 
 def _describe(c: stats.Comparison, names: ClaimNames) -> str:
+    """A comparison behind a claim: its one-sided p-value in the claim's direction, "(passes)" when
+    that passes; where the difference points the other way, its two-sided p-value."""
     if c.paired:
         ci = f" (95% bootstrap CI {100 * c.diff_ci[0]:+.1f} to {100 * c.diff_ci[1]:+.1f})" if c.diff_ci else ""
-        text = (f"paired by seed (n={len(c.seeds)}): mean difference {100 * c.mean_diff:+.1f}{ci}; {c.test} p = {_p(c.p)},"
-                f" sign test p = {_p(c.sign_p)}")
+        text = (f"paired by seed (n={len(c.seeds)}): mean difference {100 * c.mean_diff:+.1f}{ci}; {c.test}"
+                f" p = {_p(c.p)} one-sided as claimed, sign test p = {_p(c.sign_p)}")
     else:
-        text = f"unpaired, fewer than 2 common seeds ({c.n_a} vs {c.n_b}): difference of means {100 * c.mean_diff:+.1f}; {c.test} p = {_p(c.p)}"
-    return text + (" (passes)" if c.p <= names.alpha else "")
+        text = (f"unpaired, fewer than 2 common seeds ({c.n_a} vs {c.n_b}): difference of means {100 * c.mean_diff:+.1f};"
+                f" {c.test} p = {_p(c.p)} one-sided as claimed")
+    if c.p <= names.alpha:
+        return text + " (passes)"
+    if c.mean_diff < 0:
+        return text + f"; against the claim, two-sided p = {_p(c.p_two_sided)}"
+    return text
 
 
 def _beats(table: _Table, winner: str, loser: str) -> list[_Test]:
@@ -375,15 +384,17 @@ def _beats(table: _Table, winner: str, loser: str) -> list[_Test]:
 
 
 def _verdict(claim: str, statement: str, tests: list[_Test], missing: str, names: ClaimNames) -> Verdict:
-    """``holds`` when every comparison passes at ``alpha``; ``does not hold`` when one passes the
-    opposite way; else ``not established`` with the seeds the weakest comparison would need."""
+    """``holds`` when every comparison passes its one-sided test in the claim's direction at
+    ``alpha``; ``does not hold`` when one points the other way with a two-sided p-value at or under
+    ``alpha`` (a one-sided test in the direction observed is never a passed test); else ``not
+    established`` with the seeds the weakest comparison would need."""
     if not tests:
         return Verdict(claim, statement, UNMEASURED, [missing], alpha=names.alpha)
     details = [t.detail for t in tests]
     p = max(t.comparison.p for t in tests)
     if p <= names.alpha:
         return Verdict(claim, statement, HOLDS, details, p, names.alpha)
-    if any(t.comparison.p_reverse <= names.alpha for t in tests):
+    if any(t.comparison.mean_diff < 0 and t.comparison.p_two_sided <= names.alpha for t in tests):
         return Verdict(claim, statement, FAILS, details, p, names.alpha)
     needs = [t.comparison.needed(names.alpha, names.power) for t in tests if t.comparison.p > names.alpha]
     return Verdict(claim, statement, NOT_ESTABLISHED, details, p, names.alpha, None if None in needs else max(needs))
@@ -481,9 +492,9 @@ def statistics_table(rows: Sequence[dict], names: ClaimNames | None = None) -> s
 def paired_table(rows: Sequence[dict], names: ClaimNames | None = None, references: Sequence[str] = ("codi", "kava")) -> str:
     """Markdown: every arm of a dataset against each reference role (``codi``, ``kava``; the
     method ``names`` gives it), paired by seed: the common seeds, the mean difference with its
-    bootstrap 95% interval, and the one-sided p-values of each direction (the exact sign-flip
-    test of :func:`kava.experiments.stats.compare`). A description of the data, not a claim:
-    with many arms some p-values fall under any level by chance."""
+    bootstrap 95% interval, and the two-sided p-value (the exact sign-flip test of
+    :func:`kava.experiments.stats.compare`). A description of the data, not a claim: with many
+    arms some p-values fall under any level by chance."""
     names = names or ClaimNames()
     table = _Table(rows, names)
     lines = []
@@ -501,38 +512,38 @@ def paired_table(rows: Sequence[dict], names: ClaimNames | None = None, referenc
                 ci = f"{100 * c.diff_ci[0]:+.1f} to {100 * c.diff_ci[1]:+.1f}" if c.paired and c.diff_ci else "--"
                 common = len(c.seeds) if c.paired else "0 (unpaired)"
                 lines.append(f"| {r['name']} | {ref['name']} | {dataset} | {common} | {100 * c.mean_diff:+.1f} | {ci} |"
-                             f" {_p(c.p)} | {_p(c.p_reverse)} |")
+                             f" {_p(c.p_two_sided)} |")
     if not lines:
         return ""
-    head = ["| arm | against | dataset | common seeds | mean difference (points) | 95% bootstrap CI | p (arm above) | p (arm below) |",
-            "|---|---|---|---|---|---|---|---|"]
+    head = ["| arm | against | dataset | common seeds | mean difference (points) | 95% bootstrap CI | p (two-sided) |",
+            "|---|---|---|---|---|---|---|"]
     return "\n".join(head + lines) + "\n"
 
 
 def _versus(row: dict, ref: dict | None) -> str:
-    """``row`` against ``ref`` paired by seed: the mean difference in points with the one-sided
-    p-value in the direction observed and the common seeds (``--``: itself or no reference)."""
+    """``row`` against ``ref`` paired by seed: the mean difference in points with the two-sided
+    p-value and the common seeds (``--``: itself or no reference)."""
     if ref is None or ref["name"] == row["name"]:
         return "--"
     c = stats.compare(row["by_seed"], ref["by_seed"])
     if c is None:
         return "--"
-    p = c.p if c.mean_diff > 0 else c.p_reverse
     n = len(c.seeds) if c.paired else "0, unpaired"
-    return f"{100 * c.mean_diff:+.1f} (p = {_p(p)}, n={n})"
+    return f"{100 * c.mean_diff:+.1f} (p = {_p(c.p_two_sided)}, n={n})"
 
 
 def arms_table(rows: Sequence[dict], names: ClaimNames | None = None) -> str:
     """Markdown, one row per arm of the claims' eval mode: its seeds, accuracy mean ± std, worst
     seed, success rate with its exact 95% interval, and the arm against CODI-only and against
-    R-KV of its dataset (:func:`_versus`: paired by seed, one-sided in the direction observed).
+    R-KV of its dataset (:func:`_versus`: paired by seed, two-sided p-values).
     The comparisons describe the data; the claims are tested in their own section."""
     names = names or ClaimNames()
     table = _Table(rows, names)
     if not table.rows:
         return ""
     lines = [f"| arm | dataset | seeds | accuracy, mean ± std (%) | worst seed (%) | seeds >= {_pct(names.success_at)}%"
-             f" (95% CI) | vs {'/'.join(names.methods.get('codi', ('codi',)))} | vs {'/'.join(names.methods.get('kava', ('kava',)))} |",
+             f" (95% CI) | vs {'/'.join(names.methods.get('codi', ('codi',)))} (two-sided p) |"
+             f" vs {'/'.join(names.methods.get('kava', ('kava',)))} (two-sided p) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in table.rows:
         k, n = _successes(r, names.success_at)
@@ -954,8 +965,10 @@ def to_report_markdown(runs: Sequence[dict], rows: Sequence[dict], verdicts: Seq
              "Accuracy in %, mean ± sample std over seeds; # FP: forward passes per question.", "", to_markdown(rows),
              "## Statistics", "", "Bootstrap: percentile, 9,999 resamples, seeded; success intervals: exact (Clopper-Pearson).", "",
              statistics_table(rows, names), "## Claims", "",
-             f"A claim **holds** only when every comparison behind it passes a one-sided test at alpha = {names.alpha:g}"
-             f" (on the `{names.mode}` evaluation); it **does not hold** when one passes the opposite way, and is otherwise"
+             f"A claim **holds** only when every comparison behind it passes a one-sided test, in the direction the claim"
+             f" declares, at alpha = {names.alpha:g} (on the `{names.mode}` evaluation); it **does not hold** when one"
+             " points the other way with a two-sided p-value at or under alpha (a one-sided p-value in the direction"
+             " observed is never counted as a pass), and is otherwise"
              " **not established**, with the seeds per arm it would need at the observed effect and spread"
              f" ({100 * names.power:.0f}% power, normal approximation, never fewer than the"
              f" {stats.min_exact_seeds(names.alpha)} an exact sign-flip test needs). Arms are compared paired by seed (they"
@@ -967,13 +980,13 @@ def to_report_markdown(runs: Sequence[dict], rows: Sequence[dict], verdicts: Seq
     if arms:
         parts += ["## Per arm", "",
                   f"On the `{names.mode}` evaluation. Each arm against CODI-only and R-KV of its dataset, paired by seed:"
-                  " the mean difference in points, the one-sided p-value of the exact sign-flip test in the direction"
-                  " observed, and the common seeds. This describes the data; the claims above are the tests.", "", arms]
+                  " the mean difference in points, the two-sided p-value of the exact sign-flip test, and the common"
+                  " seeds. This describes the data; the claims above are the tests.", "", arms]
     paired = paired_table(rows, names)
     if paired:
         parts += ["## Every arm against CODI-only and R-KV", "",
-                  "Paired by seed, on the `" + names.mode + "` evaluation; one-sided p-values of the exact sign-flip test in"
-                  " each direction. This describes the data and tests no claim: across many arms, some p-values fall under"
+                  "Paired by seed, on the `" + names.mode + "` evaluation; two-sided p-values of the exact sign-flip test."
+                  " This describes the data and tests no claim: across many arms, some p-values fall under"
                   " any level by chance.", "", paired]
     inst = instruments_markdown(runs)
     if inst:
