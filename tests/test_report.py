@@ -107,9 +107,12 @@ def test_aggregation_gives_mean_and_sample_std_over_seeds(runs: Path):
 def test_verdicts_follow_the_tests(runs: Path):
     v = {x.claim: x for x in check_claims(aggregate(collect_runs(runs)))}
     # (1) rkv vs codi paired on seeds 0, 1 (codi seed 2 failed): differences +10, +18; the exact
-    # sign-flip p is 1/4 (2 pairs can never reach 0.05); 5 seeds at least (2^-5 < 0.05).
-    assert v["1"].status == NOT_ESTABLISHED and v["1"].p_value == pytest.approx(0.25) and v["1"].seeds_needed == 5
+    # sign-flip p is 1/4 (2 pairs can never reach 0.05), on NL too (+35, +33); Holm over the claim's two
+    # comparisons makes both 1/2. At alpha / 2 = 0.025, 6 seeds at least (2^-6 < 0.025).
+    assert v["1"].status == NOT_ESTABLISHED and v["1"].p_value == pytest.approx(0.5) and v["1"].seeds_needed == 6
     assert "paired by seed (n=2): mean difference +14.0" in v["1"].details[0] and "p = 0.25" in v["1"].details[0]
+    assert "Holm-adjusted over the claim's 2 comparisons p = 0.5" in v["1"].details[0]
+    assert [(x["p"], x["p_holm"]) for x in v["1"].p_values] == [(0.25, 0.5), (0.25, 0.5)]
     # (2) right_crop (seed 0 only, 65) shares one seed with rkv: a two-sample test; its mean is above
     # rkv's, so no number of seeds is expected to establish the claim.
     assert v["2"].status == NOT_ESTABLISHED and len(v["2"].details) == 2 and v["2"].seeds_needed is None
@@ -200,7 +203,8 @@ def test_write_report_writes_tables_verdicts_and_plots(runs: Path, tmp_path: Pat
     md = (out / "results.md").read_text()
     assert "| rkv | 60.0 ± 10.0 | 4.0 | 55.0 ± 0.0 | 4.0 | 3/2 |" in md
     assert "| codi | 41.0 ± 1.4 | 5.5 | 21.0 ± 1.4 | 4.0 | 2 |" in md
-    assert "(1) KV distillation beats CODI-only: **not established** (p = 0.25, alpha = 0.05 one-sided)" in md
+    assert ("(1) KV distillation beats CODI-only: **not established** (p = 0.5, Holm-adjusted over 2 comparisons,"
+            " alpha = 0.05 one-sided)") in md
     assert "**not measured**" in md and "## Statistics" in md
     assert "| rkv | synthetic | student | 3 | 60.0 ± 10.0 | 50.0 – 70.0 | 50.0 | 0/3 | 0.0 – 70.8 |" in md
     assert "codi seed 2: failed (RuntimeError: boom)" in md
@@ -211,7 +215,9 @@ def test_write_report_writes_tables_verdicts_and_plots(runs: Path, tmp_path: Pat
     assert "cot & \\textbf{90.0 $\\pm$ 0.0} & 37.0 & -- & -- \\\\" in tex  # the best of its column is bold
     verdicts = json.loads((out / "verdicts.json").read_text())
     assert [v["status"] for v in verdicts] == [NOT_ESTABLISHED, NOT_ESTABLISHED, UNMEASURED, NOT_ESTABLISHED, UNMEASURED]
-    assert verdicts[0]["p_value"] == pytest.approx(0.25) and verdicts[0]["alpha"] == 0.05
+    assert verdicts[0]["p_value"] == pytest.approx(0.5) and verdicts[0]["alpha"] == 0.05
+    assert verdicts[0]["p_values"][0]["comparison"] == "synthetic: rkv > codi"
+    assert verdicts[0]["p_values"][0]["p"] == pytest.approx(0.25) and verdicts[0]["p_values"][0]["p_holm"] == 0.5
 
 
 def test_no_kv_cosine_file_means_no_heatmap(tmp_path: Path):
@@ -403,3 +409,19 @@ def test_a_one_sided_p_in_the_observed_direction_is_never_a_pass(tmp_path: Path)
     assert v.status == NOT_ESTABLISHED and v.p_value == pytest.approx(1.0)
     assert "(passes)" not in v.details[0] and "p = 1 one-sided as claimed" in v.details[0]
     assert "against the claim, two-sided p = 0.0625" in v.details[0]
+
+
+def test_a_claim_of_several_comparisons_is_decided_on_holm_adjusted_p_values(tmp_path: Path):
+    # R-KV above both controls on all 5 seeds: each raw p = 1/32 passes alone, but Holm over the claim's two
+    # comparisons doubles the smaller (and so both) to 1/16 > 0.05: claim 5 is not established.
+    rows = _arms(tmp_path, {"rkv": [0.9, 0.91, 0.92, 0.93, 0.94], "slot_mean": [0.5, 0.52, 0.5, 0.6, 0.55],
+                            "counterfactual": [0.6, 0.61, 0.6, 0.7, 0.65]})
+    v = {x.claim: x for x in check_claims(rows)}["5"]
+    assert v.status == NOT_ESTABLISHED and v.p_value == pytest.approx(1 / 16)
+    assert [x["p"] for x in v.p_values] == [1 / 32, 1 / 32] and [x["p_holm"] for x in v.p_values] == [1 / 16, 1 / 16]
+    assert not any("(passes)" in d for d in v.details)
+    assert v.seeds_needed == 6  # at alpha / 2 = 0.025 the exact test needs 2^-6
+    # With 6 seeds each raw p is 1/64 and Holm's 1/32: the claim holds.
+    rows = _arms(tmp_path / "six", {"rkv": [0.9] * 6, "slot_mean": [0.5] * 6, "counterfactual": [0.6] * 6})
+    v = {x.claim: x for x in check_claims(rows)}["5"]
+    assert v.status == HOLDS and v.p_value == pytest.approx(1 / 32) and all("(passes)" in d for d in v.details)

@@ -286,20 +286,24 @@ class Verdict:
     status: str
     details: list[str] = field(default_factory=list)
     p_value: float | None = None
-    """The claim's p-value: the largest of its comparisons' one-sided p-values (a claim made of
-    several comparisons holds only when every one passes: an intersection-union test)."""
+    """The claim's p-value: the largest of its comparisons' Holm-adjusted one-sided p-values (a
+    claim made of several comparisons holds only when every one passes after the adjustment)."""
     alpha: float = 0.05
     seeds_needed: int | None = None
-    """Where not established: the seeds per arm its weakest comparison would need (None: the
-    observed difference points the other way, or it holds)."""
+    """Where not established: the seeds per arm its weakest comparison would need at ``alpha / m``
+    (None: the observed difference points the other way, or it holds)."""
     unmeasured: list[str] = field(default_factory=list)
     """Comparisons the claim is made of that no dataset measured: while any is missing the claim
     cannot hold, whatever the measured ones say."""
+    p_values: list[dict] = field(default_factory=list)
+    """Per comparison: ``comparison`` (a label), ``p`` (raw, one-sided as claimed), ``p_holm``
+    (Holm-adjusted within the claim), ``p_two_sided`` and ``p_two_sided_holm``, ``mean_diff``."""
 
     def text(self) -> str:
         head = f"({self.claim}) {self.statement}: **{self.status}**"
         if self.p_value is not None:
-            head += f" (p = {_p(self.p_value)}, alpha = {self.alpha:g} one-sided)"
+            holm = f", Holm-adjusted over {len(self.p_values)} comparisons" if len(self.p_values) > 1 else ""
+            head += f" (p = {_p(self.p_value)}{holm}, alpha = {self.alpha:g} one-sided)"
         if self.status == NOT_ESTABLISHED and self.unmeasured:
             head += f"; not measured: {', '.join(self.unmeasured)}, so the claim cannot hold"
         if self.status == NOT_ESTABLISHED and self.seeds_needed:
@@ -339,10 +343,11 @@ class _Table:
 
 @dataclass
 class _Test:
-    """One comparison behind a claim: its line of text and its outcome."""
+    """One comparison behind a claim: its line of text, its outcome and a short label."""
 
     detail: str
     comparison: stats.Comparison
+    label: str = ""
 
 
 def _successes(row: dict, at: float) -> tuple[int, int]:
@@ -351,8 +356,9 @@ def _successes(row: dict, at: float) -> tuple[int, int]:
 
 
 def _describe(c: stats.Comparison, names: ClaimNames) -> str:
-    """A comparison behind a claim: its one-sided p-value in the claim's direction, "(passes)" when
-    that passes; where the difference points the other way, its two-sided p-value."""
+    """A comparison behind a claim: its one-sided p-value in the claim's direction; where the
+    difference points the other way, its two-sided p-value. Whether it passes is the verdict's
+    to say, after the Holm adjustment over the claim's comparisons."""
     if c.paired:
         ci = f" (95% bootstrap CI {100 * c.diff_ci[0]:+.1f} to {100 * c.diff_ci[1]:+.1f})" if c.diff_ci else ""
         text = (f"paired by seed (n={len(c.seeds)}): mean difference {100 * c.mean_diff:+.1f}{ci}; {c.test}"
@@ -360,8 +366,6 @@ def _describe(c: stats.Comparison, names: ClaimNames) -> str:
     else:
         text = (f"unpaired, fewer than 2 common seeds ({c.n_a} vs {c.n_b}): difference of means {100 * c.mean_diff:+.1f};"
                 f" {c.test} p = {_p(c.p)} one-sided as claimed")
-    if c.p <= names.alpha:
-        return text + " (passes)"
     if c.mean_diff < 0:
         return text + f"; against the claim, two-sided p = {_p(c.p_two_sided)}"
     return text
@@ -379,25 +383,38 @@ def _beats(table: _Table, winner: str, loser: str) -> list[_Test]:
         kb, nb = _successes(b, table.names.success_at)
         fisher = stats.fisher_greater(ka, na, kb, nb)
         out.append(_Test(f"{ds}: {_cell(a)} vs {_cell(b)}: {_describe(c, table.names)}; successes"
-                         f" (>= {_pct(table.names.success_at)}%) {ka}/{na} vs {kb}/{nb}, Fisher p = {_p(fisher)}", c))
+                         f" (>= {_pct(table.names.success_at)}%) {ka}/{na} vs {kb}/{nb}, Fisher p = {_p(fisher)}", c,
+                         f"{ds}: {a['name']} > {b['name']}"))
     return out
 
 
 def _verdict(claim: str, statement: str, tests: list[_Test], missing: str, names: ClaimNames) -> Verdict:
-    """``holds`` when every comparison passes its one-sided test in the claim's direction at
-    ``alpha``; ``does not hold`` when one points the other way with a two-sided p-value at or under
-    ``alpha`` (a one-sided test in the direction observed is never a passed test); else ``not
-    established`` with the seeds the weakest comparison would need."""
+    """The claim's comparisons are one family: their p-values are Holm-adjusted within the claim.
+    ``holds`` when every comparison's adjusted one-sided p-value, in the claim's direction, is at or
+    under ``alpha``; ``does not hold`` when one points the other way with an adjusted two-sided
+    p-value at or under ``alpha`` (a one-sided test in the direction observed is never a passed
+    test); else ``not established`` with the seeds the weakest comparison would need at
+    ``alpha / m`` (``m`` comparisons)."""
     if not tests:
         return Verdict(claim, statement, UNMEASURED, [missing], alpha=names.alpha)
-    details = [t.detail for t in tests]
-    p = max(t.comparison.p for t in tests)
+    m = len(tests)
+    adjusted = stats.holm([t.comparison.p for t in tests])
+    adjusted_two = stats.holm([t.comparison.p_two_sided for t in tests])
+    details, table = [], []
+    for t, a, a2 in zip(tests, adjusted, adjusted_two):
+        text = t.detail + (f"; Holm-adjusted over the claim's {m} comparisons p = {_p(a)}" if m > 1 else "")
+        details.append(text + (" (passes)" if a <= names.alpha else ""))
+        table.append({"comparison": t.label, "p": t.comparison.p, "p_holm": a, "p_two_sided": t.comparison.p_two_sided,
+                      "p_two_sided_holm": a2, "mean_diff": t.comparison.mean_diff})
+    p = max(adjusted)
     if p <= names.alpha:
-        return Verdict(claim, statement, HOLDS, details, p, names.alpha)
-    if any(t.comparison.mean_diff < 0 and t.comparison.p_two_sided <= names.alpha for t in tests):
-        return Verdict(claim, statement, FAILS, details, p, names.alpha)
-    needs = [t.comparison.needed(names.alpha, names.power) for t in tests if t.comparison.p > names.alpha]
-    return Verdict(claim, statement, NOT_ESTABLISHED, details, p, names.alpha, None if None in needs else max(needs))
+        return Verdict(claim, statement, HOLDS, details, p, names.alpha, p_values=table)
+    if any(t.comparison.mean_diff < 0 and a2 <= names.alpha for t, a2 in zip(tests, adjusted_two)):
+        return Verdict(claim, statement, FAILS, details, p, names.alpha, p_values=table)
+    # Every comparison at alpha / m passes Holm's adjustment whatever the others' p-values.
+    needs = [t.comparison.needed(names.alpha / m, names.power) for t, a in zip(tests, adjusted) if a > names.alpha]
+    return Verdict(claim, statement, NOT_ESTABLISHED, details, p, names.alpha, None if None in needs else max(needs),
+                   p_values=table)
 
 
 def _nl_pairs(table: _Table) -> list[tuple[str, str]]:
@@ -459,7 +476,7 @@ def check_claims(rows: Sequence[dict], names: ClaimNames | None = None) -> list[
                            f" ({_pct(k_eq['accuracy_mean'])} → {_pct(k_nl['accuracy_mean'])}),"
                            f" with {c_eq['name']} {100 * statistics.fmean(drop_c.values()):+.1f}"
                            f" ({_pct(c_eq['accuracy_mean'])} → {_pct(c_nl['accuracy_mean'])}); CODI's drop minus KaVa's:"
-                           f" {_describe(c, names)}", c))
+                           f" {_describe(c, names)}", c, f"{eq} → {nl}: CODI's drop > KaVa's"))
     out.append(_verdict("4", "the drop from equation to natural-language traces is smaller with KaVa than with CODI", tests,
                         f"needs {who('kava')} and {who('codi')} on an equation dataset and its -nl counterpart", names))
     out.append(several("5", "the KV loss carries example-specific content: R-KV beats slot-mean and counterfactual CoT",
@@ -966,10 +983,12 @@ def to_report_markdown(runs: Sequence[dict], rows: Sequence[dict], verdicts: Seq
              "## Statistics", "", "Bootstrap: percentile, 9,999 resamples, seeded; success intervals: exact (Clopper-Pearson).", "",
              statistics_table(rows, names), "## Claims", "",
              f"A claim **holds** only when every comparison behind it passes a one-sided test, in the direction the claim"
-             f" declares, at alpha = {names.alpha:g} (on the `{names.mode}` evaluation); it **does not hold** when one"
-             " points the other way with a two-sided p-value at or under alpha (a one-sided p-value in the direction"
-             " observed is never counted as a pass), and is otherwise"
-             " **not established**, with the seeds per arm it would need at the observed effect and spread"
+             f" declares, at alpha = {names.alpha:g} (on the `{names.mode}` evaluation), after Holm's adjustment over"
+             " the claim's comparisons (its datasets and controls: one family per claim); it **does not hold** when one"
+             " points the other way with an adjusted two-sided p-value at or under alpha (a one-sided p-value in the"
+             " direction observed is never counted as a pass), and is otherwise"
+             " **not established**, with the seeds per arm it would need at the observed effect and spread, at alpha / m"
+             " for m comparisons"
              f" ({100 * names.power:.0f}% power, normal approximation, never fewer than the"
              f" {stats.min_exact_seeds(names.alpha)} an exact sign-flip test needs). Arms are compared paired by seed (they"
              " share the data order per seed) with an exact sign-flip permutation test of the mean difference, or with a"
