@@ -425,3 +425,29 @@ def test_a_claim_of_several_comparisons_is_decided_on_holm_adjusted_p_values(tmp
     rows = _arms(tmp_path / "six", {"rkv": [0.9] * 6, "slot_mean": [0.5] * 6, "counterfactual": [0.6] * 6})
     v = {x.claim: x for x in check_claims(rows)}["5"]
     assert v.status == HOLDS and v.p_value == pytest.approx(1 / 32) and all("(passes)" in d for d in v.details)
+
+
+def test_selector_keeps_are_given_per_dataset_with_the_step_they_were_measured_at(tmp_path: Path):
+    from kava.experiments.report import selector_keeps_by_dataset
+
+    def keeps(recall):
+        return {"rkv": {"shares": {"result": recall / 2, "digit": 1 - recall / 2}, "result_recall": recall},
+                "_cot": {"shares": {"result": 0.15, "digit": 0.85}}}
+
+    root = tmp_path / "runs"
+    for seed, recall in enumerate((0.8, 0.76)):
+        _instruments(make_run(root, "rkv", seed, 0.9), [(2, 0.1, 0.9)], keeps(recall))
+    for seed in range(2):
+        _instruments(make_run(root, "rkv@nl", seed, 0.9, data="synthetic-nl"), [(2, 0.1, 0.9)], keeps(0.6))
+    for run in root.rglob("selector_keeps.json"):  # as the training loop writes them: at step 0
+        run.write_text(json.dumps({**json.loads(run.read_text()), "step": 0}))
+    runs = collect_runs(root)
+    by_ds = selector_keeps_by_dataset(runs)
+    assert by_ds["synthetic"]["recall"]["rkv"] == pytest.approx(0.78) and by_ds["synthetic-nl"]["recall"]["rkv"] == 0.6
+    assert by_ds["synthetic"]["steps"] == [0] and by_ds["synthetic"]["runs"] == 2
+    report = write_report(root, tmp_path / "out")
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "measured at step 0, on the teacher the runs start from" in md
+    assert "| selector | synthetic (2 runs) | synthetic-nl (2 runs) |" in md and "| rkv | 78.0 | 60.0 |" in md
+    assert "| result tokens in the CoT | 15.0 | 15.0 |" in md
+    assert any(p.name == "selector_keeps.png" for p in report.files)

@@ -925,38 +925,90 @@ def plot_logit_lens_slots(runs: Sequence[dict], path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def plot_selector_keeps(runs: Sequence[dict], path: Path) -> Path | None:
-    """Stacked bars: the share of each selector's kept slots per token type (mean over the runs
-    that wrote ``selector_keeps.json``), the CoT's own mix as the first bar, and the share of
-    result tokens each keeps written beside its bar."""
-    shares: dict[str, dict[str, list[float]]] = {}
-    recall: dict[str, list[float]] = {}
+def selector_keeps_by_dataset(runs: Sequence[dict]) -> dict[str, dict]:
+    """Per dataset (trace style), over the runs that wrote ``selector_keeps.json``: ``runs``,
+    ``steps`` (the steps they were measured at; 0 is the teacher the runs start from), ``shares``
+    (``{selector: {token type: mean share}}``) and ``recall`` (``{selector: mean share of the result
+    tokens kept}``). ``_cot`` is the CoT's own mix of token types."""
+    out: dict[str, dict] = {}
     for run in runs:
-        keeps = (run.get("selector_keeps") or {}).get("selectors") or {}
+        got = run.get("selector_keeps") or {}
+        keeps = got.get("selectors") or {}
+        if not keeps:
+            continue
+        ds = out.setdefault(run["dataset"], {"runs": 0, "steps": set(), "shares": {}, "recall": {}})
+        ds["runs"] += 1
+        if got.get("step") is not None:
+            ds["steps"].add(int(got["step"]))
         for name, k in keeps.items():
             for t, v in (k.get("shares") or {}).items():
                 if v is not None:
-                    shares.setdefault(name, {}).setdefault(t, []).append(v)
+                    ds["shares"].setdefault(name, {}).setdefault(t, []).append(v)
             if k.get("result_recall") is not None:
-                recall.setdefault(name, []).append(k["result_recall"])
-    if not shares:
+                ds["recall"].setdefault(name, []).append(k["result_recall"])
+    for ds in out.values():
+        ds["steps"] = sorted(ds["steps"])
+        ds["shares"] = {n: {t: statistics.fmean(v) for t, v in ts.items()} for n, ts in ds["shares"].items()}
+        ds["recall"] = {n: statistics.fmean(v) for n, v in ds["recall"].items()}
+    return dict(sorted(out.items()))
+
+
+def selector_keeps_markdown(runs: Sequence[dict]) -> str:
+    """The selector-keeps table of ``results.md``, one column per dataset (empty when no run wrote any)."""
+    by_ds = selector_keeps_by_dataset(runs)
+    if not by_ds:
+        return ""
+    names = sorted({n for d in by_ds.values() for n in d["recall"]})
+    steps = sorted({s for d in by_ds.values() for s in d["steps"]})
+    when = ("at step 0, on the teacher the runs start from" if steps == [0]
+            else f"at step(s) {', '.join(map(str, steps))} (step 0: the teacher the runs start from; later: the teacher"
+                 " mode of the weights trained so far)")
+    lines = ["## What each selector keeps", "",
+             f"Share of the CoT's step-result tokens each selector keeps (over examples, layers and heads), measured"
+             f" {when};"
+             " mean over the runs of each dataset that wrote `selector_keeps.json`. The last row is the share of result"
+             " tokens among the CoT's tokens.", "",
+             "| selector | " + " | ".join(f"{ds} ({d['runs']} runs)" for ds, d in by_ds.items()) + " |",
+             "|---|" + "---|" * len(by_ds)]
+    for n in names:
+        cells = [_pct(d["recall"][n]) if n in d["recall"] else "--" for d in by_ds.values()]
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    lines.append("| result tokens in the CoT | "
+                 + " | ".join(_pct(d["shares"].get("_cot", {}).get("result")) for d in by_ds.values()) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_selector_keeps(runs: Sequence[dict], path: Path) -> Path | None:
+    """One panel per dataset (trace style): stacked bars of the share of each selector's kept slots
+    per token type (mean over that dataset's runs that wrote ``selector_keeps.json``), the CoT's own
+    mix as the first bar, and the share of result tokens each keeps written beside its bar."""
+    by_ds = selector_keeps_by_dataset(runs)
+    if not by_ds:
         return None
-    names = sorted(shares, key=lambda n: (n != "_cot", n))
-    types = [t for t in dict.fromkeys(t for n in names for t in shares[n]) if any(statistics.fmean(shares[n].get(t, [0])) > 0 for n in names)]
-    fig = _figure(8, 0.45 * len(names) + 1.8)
-    ax = fig.subplots()
-    left = [0.0] * len(names)
-    for t, c in zip(types, matplotlib_colors(len(types))):
-        vals = [100 * statistics.fmean(shares[n].get(t, [0.0])) for n in names]
-        ax.barh(range(len(names)), vals, left=left, color=c, label=t)
-        left = [a + b for a, b in zip(left, vals)]
-    for i, n in enumerate(names):
-        if n in recall:
-            ax.annotate(f"keeps {100 * statistics.fmean(recall[n]):.0f}% of results", (101, i), va="center", fontsize=7)
-    ax.set_yticks(range(len(names)), ["CoT (all tokens)" if n == "_cot" else n for n in names])
-    ax.set(title="what each selector keeps: share of slots per token type", xlabel="% of kept slots", xlim=(0, 135))
-    ax.invert_yaxis()
-    fig.legend(*ax.get_legend_handles_labels(), fontsize=7, loc="outside lower center", ncol=min(len(types), 8))
+    names = sorted({n for d in by_ds.values() for n in d["shares"]}, key=lambda n: (n != "_cot", n))
+    types = [t for t in dict.fromkeys(t for d in by_ds.values() for n in names for t in d["shares"].get(n, {}))
+             if any(d["shares"].get(n, {}).get(t, 0) > 0 for d in by_ds.values() for n in names)]
+    colour = dict(zip(types, matplotlib_colors(len(types))))
+    fig = _figure(8 * len(by_ds), 0.45 * len(names) + 1.8)
+    axes = fig.subplots(1, len(by_ds), squeeze=False)[0]
+    for ax, (ds, d) in zip(axes, by_ds.items()):
+        left = [0.0] * len(names)
+        for t in types:
+            vals = [100 * d["shares"].get(n, {}).get(t, 0.0) for n in names]
+            ax.barh(range(len(names)), vals, left=left, color=colour[t], label=t)
+            left = [a + b for a, b in zip(left, vals)]
+        for i, n in enumerate(names):
+            if n in d["recall"]:
+                ax.annotate(f"keeps {100 * d['recall'][n]:.0f}% of results", (101, i), va="center", fontsize=7)
+        ax.set_yticks(range(len(names)), ["CoT (all tokens)" if n == "_cot" else n for n in names])
+        at = "step 0 (the starting teacher)" if d["steps"] == [0] else f"step {', '.join(map(str, d['steps']))}"
+        ax.set(title=f"{ds}: share of kept slots per token type\n({d['runs']} runs, measured at {at})",
+               xlabel="% of kept slots", xlim=(0, 135))
+        ax.invert_yaxis()
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color=colour[t], label=t) for t in types]
+    fig.legend(handles, types, fontsize=7, loc="outside lower center", ncol=min(len(types), 8))
     return _save(fig, path)
 
 
@@ -1010,6 +1062,9 @@ def to_report_markdown(runs: Sequence[dict], rows: Sequence[dict], verdicts: Seq
     inst = instruments_markdown(runs)
     if inst:
         parts += [inst]
+    keeps = selector_keeps_markdown(runs)
+    if keeps:
+        parts += [keeps]
     bad = [r for r in runs if r["state"] != "finished"]
     if bad:
         parts += ["## Runs not finished", ""]
@@ -1088,5 +1143,5 @@ __all__ = [
     "ClaimNames", "FAILS", "HOLDS", "NOT_ESTABLISHED", "Report", "UNMEASURED", "Verdict", "aggregate", "arms_table", "check_claims", "collect_runs", "dataset_label", "mean_std", "method_of", "paired_table",
     "instrument_rows", "instruments_markdown", "plot_accuracy_vs_passes", "plot_instruments", "plot_kv_cosine",
     "plot_logit_lens_slots", "plot_selector_keeps", "plot_training_curves", "read_history", "read_instruments", "sem", "statistics_table", "table_layout", "to_csv",
-    "to_latex", "to_markdown", "write_report",
+    "to_latex", "to_markdown", "write_report", "selector_keeps_by_dataset", "selector_keeps_markdown",
 ]
