@@ -451,3 +451,28 @@ def test_selector_keeps_are_given_per_dataset_with_the_step_they_were_measured_a
     assert "| selector | synthetic (2 runs) | synthetic-nl (2 runs) |" in md and "| rkv | 78.0 | 60.0 |" in md
     assert "| result tokens in the CoT | 15.0 | 15.0 |" in md
     assert any(p.name == "selector_keeps.png" for p in report.files)
+
+
+def test_a_report_is_re_derived_from_its_runs_csv(tmp_path: Path, capsys):
+    from kava.cli import main
+
+    root = tmp_path / "runs"
+    keeps = {"rkv": {"shares": {"result": 0.2, "digit": 0.8}, "result_recall": 0.7}, "_cot": {"shares": {"result": 0.2}}}
+    for seed in range(5):
+        _instruments(make_run(root, "rkv", seed, 0.8 + 0.01 * seed), [(2, 0.1, 0.9)], keeps)
+        make_run(root, "codi", seed, 0.6 + 0.02 * seed)
+    out = tmp_path / "report"
+    first = write_report(root, out)
+    before = (out / "results.md").read_text()
+    (out / "verdicts.json").write_text("[]")  # stale: to be re-derived
+    again = write_report(out / "runs.csv")
+    assert [p.name for p in again.files] == ["results.md", "verdicts.json"]
+    assert json.loads((out / "verdicts.json").read_text()) == json.loads(json.dumps([v.__dict__ for v in first.verdicts]))
+    md = (out / "results.md").read_text()
+    assert "Re-derived by `kava report " in md.splitlines()[2]
+    assert md.split("## Instruments")[1] == before.split("## Instruments")[1]  # carried over, selector keeps included
+    assert md.split("## Claims")[1].split("## Instruments")[0] == before.split("## Claims")[1].split("## Instruments")[0]
+    rows = (out / "runs.csv").read_text().splitlines()
+    (out / "runs.csv").write_text("\n".join([rows[0], rows[1].replace(",0.6,", ",most,")] + rows[2:]) + "\n")
+    assert main(["report", str(out / "runs.csv")]) == 1
+    assert "runs.csv:2: accuracy is 'most', not a number" in capsys.readouterr().err

@@ -1074,6 +1074,84 @@ def to_report_markdown(runs: Sequence[dict], rows: Sequence[dict], verdicts: Seq
 
 
 HEATMAPS = ("all", "first-seed", "none")
+RUNS_CSV_FIELDS = ["name", "seed", "dataset", "state", "step", "max_steps", "mode", "accuracy", "forward_passes", "final_loss",
+                   "error", "path"]
+CARRIED_SECTIONS = ("## Instruments", "## What each selector keeps")
+"""Sections of ``results.md`` that need the run folders; :func:`rederive_report` carries them over."""
+
+
+def collect_runs_csv(path: str | Path) -> list[dict]:
+    """The run records (as :func:`collect_runs` gives them) held in a report's ``runs.csv``: name,
+    seed, dataset, state, step, accuracy and forward passes per eval mode, the final loss. What
+    only the run folders hold (configs, instruments, loss curves) is absent. A malformed row raises
+    :class:`RunFileError` naming the file, line and field."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise RunFileError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    reader = csv.DictReader(lines)
+    missing = [f for f in RUNS_CSV_FIELDS if f not in (reader.fieldnames or [])]
+    if missing:
+        raise RunFileError(f"{path}:1: not a kava report's runs.csv (no column {', '.join(missing)})")
+
+    def number(row: dict, key: str, line: int, kind=float):
+        text = row[key]
+        if text in ("", "None"):
+            return None
+        try:
+            return kind(text)
+        except ValueError:
+            raise RunFileError(f"{path}:{line}: {key} is {text!r}, not a number") from None
+
+    runs: dict[tuple, dict] = {}
+    for line, row in enumerate(reader, start=2):
+        if None in row.values():
+            raise RunFileError(f"{path}:{line}: expected {len(RUNS_CSV_FIELDS)} fields")
+        seed = number(row, "seed", line, int)
+        key = (row["name"], seed, row["dataset"], row["path"])
+        train_data, _, eval_data = row["dataset"].partition("→")
+        run = runs.setdefault(key, {
+            "name": row["name"], "method": method_of(row["name"]), "seed": seed, "path": row["path"], "state": row["state"],
+            "step": number(row, "step", line, int), "max_steps": number(row, "max_steps", line, int), "error": row["error"],
+            "train_data": train_data, "eval_data": eval_data or train_data, "dataset": row["dataset"], "mode": "",
+            "config": {}, "eval": {}, "last_metrics": {}, "instruments": [], "selector_keeps": None})
+        if number(row, "final_loss", line) is not None:
+            run["last_metrics"] = {"loss": number(row, "final_loss", line)}
+        if row["mode"]:
+            run["eval"][row["mode"]] = {"accuracy": number(row, "accuracy", line),
+                                        "forward_passes": number(row, "forward_passes", line)}
+    return list(runs.values())
+
+
+def _sections(markdown: str, heads: Sequence[str]) -> list[str]:
+    """The ``## `` sections of ``markdown`` whose heading starts with one of ``heads``."""
+    parts = re.split(r"(?m)^(?=## )", markdown)
+    return [p.rstrip("\n") + "\n" for p in parts if p.startswith(tuple(heads))]
+
+
+def rederive_report(runs_csv: str | Path, out_dir: str | Path | None = None, names: ClaimNames | None = None) -> Report:
+    """The tables and verdicts again from an earlier report's ``runs.csv`` (the per-seed accuracies),
+    for when its run folders are gone: writes ``results.md`` and ``verdicts.json`` to ``out_dir``
+    (default: the folder of ``runs_csv``) and leaves every other file there as it is. The sections
+    of the old ``results.md`` that need the run folders (instruments, selector keeps) are carried over
+    verbatim, marked as such."""
+    runs = collect_runs_csv(runs_csv)
+    rows = aggregate(runs)
+    verdicts = check_claims(rows, names)
+    out = Path(out_dir) if out_dir else Path(runs_csv).parent
+    out.mkdir(parents=True, exist_ok=True)
+    old = (out / "results.md").read_text(encoding="utf-8") if (out / "results.md").is_file() else ""
+    carried = _sections(old, CARRIED_SECTIONS)
+    head, _, rest = to_report_markdown(runs, rows, verdicts, names).partition("\n\n")
+    note = (f"Re-derived by `kava report {Path(runs_csv).as_posix()}` from the per-seed accuracies in that file"
+            + ("; the last sections need the run folders and are carried over from the report written from them."
+               if carried else "."))
+    md = f"{head}\n\n{note}\n\n{rest.rstrip()}\n" + "".join("\n" + c for c in carried)
+    atomic_write_text(out / "results.md", md)
+    atomic_write_json(out / "verdicts.json", [asdict(v) for v in verdicts])
+    log.info("report on %d run(s) from %s re-derived in %s", len(runs), runs_csv, out)
+    return Report(runs, rows, verdicts, [out / "results.md", out / "verdicts.json"])
 
 
 def _heatmap_runs(runs: Sequence[dict], which: str) -> list[dict]:
@@ -1091,6 +1169,7 @@ def _heatmap_runs(runs: Sequence[dict], which: str) -> list[dict]:
 def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, names: ClaimNames | None = None,
                  heatmaps: str = "all") -> Report:
     """Collect the runs under ``runs_dir`` and write the report to ``out_dir`` (default ``runs_dir/report``).
+    Where ``runs_dir`` is a file, it is the ``runs.csv`` of an earlier report: see :func:`rederive_report`.
 
     Files: ``results.csv``, ``runs.csv`` (one row per run), ``results.md``, ``results.tex``,
     ``verdicts.json``, ``accuracy_vs_forward_passes.png``, ``training_curves.png``, a
@@ -1100,6 +1179,8 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, names:
     """
     if heatmaps not in HEATMAPS:
         raise ValueError(f"heatmaps={heatmaps!r}: choose from {', '.join(HEATMAPS)}")
+    if Path(runs_dir).is_file():
+        return rederive_report(runs_dir, out_dir, names)
     skipped: list[str] = []
     runs = collect_runs(runs_dir, skipped)
     rows = aggregate(runs)
@@ -1115,8 +1196,7 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, names:
     text("results.csv", to_csv(rows))
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["name", "seed", "dataset", "state", "step", "max_steps", "mode", "accuracy", "forward_passes", "final_loss",
-                "error", "path"])
+    w.writerow(RUNS_CSV_FIELDS)
     for r in runs:
         for mode, m in sorted((r["eval"] or {"": {}}).items()):
             w.writerow([r["name"], r["seed"], r["dataset"], r["state"], r["step"], r["max_steps"], mode, m.get("accuracy"),
@@ -1140,7 +1220,7 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, names:
 
 
 __all__ = [
-    "ClaimNames", "FAILS", "HOLDS", "NOT_ESTABLISHED", "Report", "UNMEASURED", "Verdict", "aggregate", "arms_table", "check_claims", "collect_runs", "dataset_label", "mean_std", "method_of", "paired_table",
+    "ClaimNames", "FAILS", "HOLDS", "NOT_ESTABLISHED", "Report", "UNMEASURED", "Verdict", "aggregate", "collect_runs_csv", "rederive_report", "arms_table", "check_claims", "collect_runs", "dataset_label", "mean_std", "method_of", "paired_table",
     "instrument_rows", "instruments_markdown", "plot_accuracy_vs_passes", "plot_instruments", "plot_kv_cosine",
     "plot_logit_lens_slots", "plot_selector_keeps", "plot_training_curves", "read_history", "read_instruments", "sem", "statistics_table", "table_layout", "to_csv",
     "to_latex", "to_markdown", "write_report", "selector_keeps_by_dataset", "selector_keeps_markdown",
