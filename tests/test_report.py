@@ -457,7 +457,8 @@ def test_a_report_is_re_derived_from_its_runs_csv(tmp_path: Path, capsys):
     from kava.cli import main
 
     root = tmp_path / "runs"
-    keeps = {"rkv": {"shares": {"result": 0.2, "digit": 0.8}, "result_recall": 0.7}, "_cot": {"shares": {"result": 0.2}}}
+    keeps = {"rkv": {"shares": {"result": 0.2, "digit": 0.8}, "result_recall": 0.7},
+             "_cot": {"shares": {"result": 0.2}}}
     for seed in range(5):
         _instruments(make_run(root, "rkv", seed, 0.8 + 0.01 * seed), [(2, 0.1, 0.9)], keeps)
         make_run(root, "codi", seed, 0.6 + 0.02 * seed)
@@ -467,11 +468,13 @@ def test_a_report_is_re_derived_from_its_runs_csv(tmp_path: Path, capsys):
     (out / "verdicts.json").write_text("[]")  # stale: to be re-derived
     again = write_report(out / "runs.csv")
     assert [p.name for p in again.files] == ["results.md", "verdicts.json"]
-    assert json.loads((out / "verdicts.json").read_text()) == json.loads(json.dumps([v.__dict__ for v in first.verdicts]))
+    want = json.loads(json.dumps([v.__dict__ for v in first.verdicts]))
+    assert json.loads((out / "verdicts.json").read_text()) == want
     md = (out / "results.md").read_text()
     assert "Re-derived by `kava report " in md.splitlines()[2]
     assert md.split("## Instruments")[1] == before.split("## Instruments")[1]  # carried over, selector keeps included
-    assert md.split("## Claims")[1].split("## Instruments")[0] == before.split("## Claims")[1].split("## Instruments")[0]
+    claims = [text.split("## Claims")[1].split("## Instruments")[0] for text in (md, before)]
+    assert claims[0] == claims[1]
     rows = (out / "runs.csv").read_text().splitlines()
     (out / "runs.csv").write_text("\n".join([rows[0], rows[1].replace(",0.6,", ",most,")] + rows[2:]) + "\n")
     assert main(["report", str(out / "runs.csv")]) == 1

@@ -364,8 +364,8 @@ def _describe(c: stats.Comparison, names: ClaimNames) -> str:
         text = (f"paired by seed (n={len(c.seeds)}): mean difference {100 * c.mean_diff:+.1f}{ci}; {c.test}"
                 f" p = {_p(c.p)} one-sided as claimed, sign test p = {_p(c.sign_p)}")
     else:
-        text = (f"unpaired, fewer than 2 common seeds ({c.n_a} vs {c.n_b}): difference of means {100 * c.mean_diff:+.1f};"
-                f" {c.test} p = {_p(c.p)} one-sided as claimed")
+        text = (f"unpaired, fewer than 2 common seeds ({c.n_a} vs {c.n_b}): difference of means"
+                f" {100 * c.mean_diff:+.1f}; {c.test} p = {_p(c.p)} one-sided as claimed")
     if c.mean_diff < 0:
         return text + f"; against the claim, two-sided p = {_p(c.p_two_sided)}"
     return text
@@ -1034,13 +1034,13 @@ def to_report_markdown(runs: Sequence[dict], rows: Sequence[dict], verdicts: Seq
              "Accuracy in %, mean ± sample std over seeds; # FP: forward passes per question.", "", to_markdown(rows),
              "## Statistics", "", "Bootstrap: percentile, 9,999 resamples, seeded; success intervals: exact (Clopper-Pearson).", "",
              statistics_table(rows, names), "## Claims", "",
-             f"A claim **holds** only when every comparison behind it passes a one-sided test, in the direction the claim"
-             f" declares, at alpha = {names.alpha:g} (on the `{names.mode}` evaluation), after Holm's adjustment over"
-             " the claim's comparisons (its datasets and controls: one family per claim); it **does not hold** when one"
+             "A claim **holds** only when every comparison behind it passes a one-sided test, in the direction the"
+             f" claim declares, at alpha = {names.alpha:g} (on the `{names.mode}` evaluation), after Holm's adjustment"
+             " over the claim's comparisons (its datasets and controls: one family per claim); it **does not hold** when one"
              " points the other way with an adjusted two-sided p-value at or under alpha (a one-sided p-value in the"
              " direction observed is never counted as a pass), and is otherwise"
-             " **not established**, with the seeds per arm it would need at the observed effect and spread, at alpha / m"
-             " for m comparisons"
+             " **not established**, with the seeds per arm it would need at the observed effect and spread, at"
+             " alpha / m for m comparisons"
              f" ({100 * names.power:.0f}% power, normal approximation, never fewer than the"
              f" {stats.min_exact_seeds(names.alpha)} an exact sign-flip test needs). Arms are compared paired by seed (they"
              " share the data order per seed) with an exact sign-flip permutation test of the mean difference, or with a"
@@ -1056,8 +1056,8 @@ def to_report_markdown(runs: Sequence[dict], rows: Sequence[dict], verdicts: Seq
     paired = paired_table(rows, names)
     if paired:
         parts += ["## Every arm against CODI-only and R-KV", "",
-                  "Paired by seed, on the `" + names.mode + "` evaluation; two-sided p-values of the exact sign-flip test."
-                  " This describes the data and tests no claim: across many arms, some p-values fall under"
+                  "Paired by seed, on the `" + names.mode + "` evaluation; two-sided p-values of the exact sign-flip"
+                  " test. This describes the data and tests no claim: across many arms, some p-values fall under"
                   " any level by chance.", "", paired]
     inst = instruments_markdown(runs)
     if inst:
@@ -1074,8 +1074,8 @@ def to_report_markdown(runs: Sequence[dict], rows: Sequence[dict], verdicts: Seq
 
 
 HEATMAPS = ("all", "first-seed", "none")
-RUNS_CSV_FIELDS = ["name", "seed", "dataset", "state", "step", "max_steps", "mode", "accuracy", "forward_passes", "final_loss",
-                   "error", "path"]
+RUNS_CSV_FIELDS = ["name", "seed", "dataset", "state", "step", "max_steps", "mode", "accuracy", "forward_passes",
+                   "final_loss", "error", "path"]
 CARRIED_SECTIONS = ("## Instruments", "## What each selector keeps")
 """Sections of ``results.md`` that need the run folders; :func:`rederive_report` carries them over."""
 
@@ -1112,8 +1112,9 @@ def collect_runs_csv(path: str | Path) -> list[dict]:
         key = (row["name"], seed, row["dataset"], row["path"])
         train_data, _, eval_data = row["dataset"].partition("→")
         run = runs.setdefault(key, {
-            "name": row["name"], "method": method_of(row["name"]), "seed": seed, "path": row["path"], "state": row["state"],
-            "step": number(row, "step", line, int), "max_steps": number(row, "max_steps", line, int), "error": row["error"],
+            "name": row["name"], "method": method_of(row["name"]), "seed": seed, "path": row["path"],
+            "state": row["state"], "step": number(row, "step", line, int),
+            "max_steps": number(row, "max_steps", line, int), "error": row["error"],
             "train_data": train_data, "eval_data": eval_data or train_data, "dataset": row["dataset"], "mode": "",
             "config": {}, "eval": {}, "last_metrics": {}, "instruments": [], "selector_keeps": None})
         if number(row, "final_loss", line) is not None:
@@ -1220,8 +1221,9 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, names:
 
 
 __all__ = [
-    "ClaimNames", "FAILS", "HOLDS", "NOT_ESTABLISHED", "Report", "UNMEASURED", "Verdict", "aggregate", "collect_runs_csv", "rederive_report", "arms_table", "check_claims", "collect_runs", "dataset_label", "mean_std", "method_of", "paired_table",
+    "ClaimNames", "FAILS", "HOLDS", "NOT_ESTABLISHED", "Report", "UNMEASURED", "Verdict", "aggregate", "arms_table", "check_claims", "collect_runs", "dataset_label", "mean_std", "method_of", "paired_table",
     "instrument_rows", "instruments_markdown", "plot_accuracy_vs_passes", "plot_instruments", "plot_kv_cosine",
     "plot_logit_lens_slots", "plot_selector_keeps", "plot_training_curves", "read_history", "read_instruments", "sem", "statistics_table", "table_layout", "to_csv",
     "to_latex", "to_markdown", "write_report", "selector_keeps_by_dataset", "selector_keeps_markdown",
+    "collect_runs_csv", "rederive_report",
 ]
