@@ -84,6 +84,7 @@ def test_training_writes_the_instruments(tmp_path):
     assert len(rows[0]["logit_lens"]["slots"]) == cfg.latent.num_latents and rows[0]["kv_alignment"]["n"] == 6
     keeps = json.loads((out / "selector_keeps.json").read_text())
     assert keeps["run_selector"] == "rkv" and set(instruments.INDEX_SELECTORS) <= set(keeps["selectors"])
+    assert keeps["step"] == 0  # before the first update: the teacher the run starts from
     off = tmp_path / "off"
     train(tiny_config(train={"output_dir": str(off), "max_steps": 1}, eval={"instruments": False}))
     assert not (off / "instruments.jsonl").exists() and not (off / "selector_keeps.json").exists()

@@ -107,9 +107,12 @@ def test_aggregation_gives_mean_and_sample_std_over_seeds(runs: Path):
 def test_verdicts_follow_the_tests(runs: Path):
     v = {x.claim: x for x in check_claims(aggregate(collect_runs(runs)))}
     # (1) rkv vs codi paired on seeds 0, 1 (codi seed 2 failed): differences +10, +18; the exact
-    # sign-flip p is 1/4 (2 pairs can never reach 0.05); 5 seeds at least (2^-5 < 0.05).
-    assert v["1"].status == NOT_ESTABLISHED and v["1"].p_value == pytest.approx(0.25) and v["1"].seeds_needed == 5
+    # sign-flip p is 1/4 (2 pairs can never reach 0.05), on NL too (+35, +33); Holm over the claim's two
+    # comparisons makes both 1/2. At alpha / 2 = 0.025, 6 seeds at least (2^-6 < 0.025).
+    assert v["1"].status == NOT_ESTABLISHED and v["1"].p_value == pytest.approx(0.5) and v["1"].seeds_needed == 6
     assert "paired by seed (n=2): mean difference +14.0" in v["1"].details[0] and "p = 0.25" in v["1"].details[0]
+    assert "Holm-adjusted over the claim's 2 comparisons p = 0.5" in v["1"].details[0]
+    assert [(x["p"], x["p_holm"]) for x in v["1"].p_values] == [(0.25, 0.5), (0.25, 0.5)]
     # (2) right_crop (seed 0 only, 65) shares one seed with rkv: a two-sample test; its mean is above
     # rkv's, so no number of seeds is expected to establish the claim.
     assert v["2"].status == NOT_ESTABLISHED and len(v["2"].details) == 2 and v["2"].seeds_needed is None
@@ -200,7 +203,8 @@ def test_write_report_writes_tables_verdicts_and_plots(runs: Path, tmp_path: Pat
     md = (out / "results.md").read_text()
     assert "| rkv | 60.0 ± 10.0 | 4.0 | 55.0 ± 0.0 | 4.0 | 3/2 |" in md
     assert "| codi | 41.0 ± 1.4 | 5.5 | 21.0 ± 1.4 | 4.0 | 2 |" in md
-    assert "(1) KV distillation beats CODI-only: **not established** (p = 0.25, alpha = 0.05 one-sided)" in md
+    assert ("(1) KV distillation beats CODI-only: **not established** (p = 0.5, Holm-adjusted over 2 comparisons,"
+            " alpha = 0.05 one-sided)") in md
     assert "**not measured**" in md and "## Statistics" in md
     assert "| rkv | synthetic | student | 3 | 60.0 ± 10.0 | 50.0 – 70.0 | 50.0 | 0/3 | 0.0 – 70.8 |" in md
     assert "codi seed 2: failed (RuntimeError: boom)" in md
@@ -211,7 +215,9 @@ def test_write_report_writes_tables_verdicts_and_plots(runs: Path, tmp_path: Pat
     assert "cot & \\textbf{90.0 $\\pm$ 0.0} & 37.0 & -- & -- \\\\" in tex  # the best of its column is bold
     verdicts = json.loads((out / "verdicts.json").read_text())
     assert [v["status"] for v in verdicts] == [NOT_ESTABLISHED, NOT_ESTABLISHED, UNMEASURED, NOT_ESTABLISHED, UNMEASURED]
-    assert verdicts[0]["p_value"] == pytest.approx(0.25) and verdicts[0]["alpha"] == 0.05
+    assert verdicts[0]["p_value"] == pytest.approx(0.5) and verdicts[0]["alpha"] == 0.05
+    assert verdicts[0]["p_values"][0]["comparison"] == "synthetic: rkv > codi"
+    assert verdicts[0]["p_values"][0]["p"] == pytest.approx(0.25) and verdicts[0]["p_values"][0]["p_holm"] == 0.5
 
 
 def test_no_kv_cosine_file_means_no_heatmap(tmp_path: Path):
@@ -330,7 +336,8 @@ def test_paired_table_compares_every_arm_with_codi_and_rkv_by_seed(tmp_path: Pat
     text = paired_table(aggregate(collect_runs(root)))
     line = next(ln for ln in text.splitlines() if ln.startswith("| rkv | codi |"))
     cells = [c.strip() for c in line.strip("|").split("|")]
-    assert cells[3] == "5" and cells[4] == "+30.0" and cells[6] == "0.0312" and cells[7] == "1"  # 1/32: every sign the same
+    assert cells[3] == "5" and cells[4] == "+30.0" and cells[6] == "0.0625"  # two-sided: 2/32, every sign the same
+    assert "p (two-sided)" in text.splitlines()[0]
     against_rkv = next(ln for ln in text.splitlines() if ln.startswith("| slot_mean | rkv |"))
     assert [c.strip() for c in against_rkv.strip("|").split("|")][4] == "-29.6"  # (3 x -28 + 2 x -32) / 5
     assert not any(ln.startswith("| codi | codi |") for ln in text.splitlines())
@@ -379,7 +386,7 @@ def test_a_claim_of_two_comparisons_cannot_hold_with_one_unmeasured(tmp_path: Pa
     assert "so the claim cannot hold; about" in v.text() and "seeds per arm would be needed" in v.text()
 
 
-def test_arms_table_gives_each_arm_against_codi_and_rkv_in_the_observed_direction(tmp_path: Path):
+def test_arms_table_gives_each_arm_against_codi_and_rkv_with_two_sided_p(tmp_path: Path):
     from kava.experiments.report import arms_table
 
     rows = _arms(tmp_path / "runs", {"codi": [0.5, 0.51, 0.52, 0.53, 0.54], "rkv": [0.8, 0.81, 0.82, 0.83, 0.95],
@@ -387,6 +394,88 @@ def test_arms_table_gives_each_arm_against_codi_and_rkv_in_the_observed_directio
     cells = {ln.split("|")[1].strip(): [c.strip() for c in ln.strip("|").split("|")]
              for ln in arms_table(rows).splitlines()[2:]}
     assert cells["rkv"][2:6] == ["5", "84.2 ± 6.1", "80.0", "1/5 (0.5-71.6)"]  # sample std
-    assert cells["rkv"][6] == "+32.2 (p = 0.0312, n=5)" and cells["rkv"][7] == "--"
-    assert cells["codi"][6] == "--" and cells["codi"][7] == "-32.2 (p = 0.0312, n=5)"  # one-sided, the way it points
-    assert cells["slot_mean"][6] == "+39.0 (p = 0.125, n=3)"  # 3 common seeds: 1/8 is the smallest p
+    assert cells["rkv"][6] == "+32.2 (p = 0.0625, n=5)" and cells["rkv"][7] == "--"  # two-sided: 2/32
+    assert cells["codi"][6] == "--" and cells["codi"][7] == "-32.2 (p = 0.0625, n=5)"  # the same either way round
+    assert cells["slot_mean"][6] == "+39.0 (p = 0.25, n=3)"  # 3 common seeds: 2/8 is the smallest two-sided p
+    assert "(two-sided p)" in arms_table(rows).splitlines()[0]
+
+
+def test_a_one_sided_p_in_the_observed_direction_is_never_a_pass(tmp_path: Path):
+    # Shuffled is above R-KV on all 5 seeds: one-sided p = 1/32 in the direction observed, but the claim's
+    # direction is R-KV above shuffled (p = 1); two-sided p = 1/16 > 0.05, so the claim is not established,
+    # not "does not hold", and nothing is marked as passing.
+    rows = _arms(tmp_path, {"rkv": [0.6, 0.7, 0.65, 0.62, 0.7], "shuffled": [0.8, 0.9, 0.85, 0.82, 0.9]})
+    v = {x.claim: x for x in check_claims(rows)}["3"]
+    assert v.status == NOT_ESTABLISHED and v.p_value == pytest.approx(1.0)
+    assert "(passes)" not in v.details[0] and "p = 1 one-sided as claimed" in v.details[0]
+    assert "against the claim, two-sided p = 0.0625" in v.details[0]
+
+
+def test_a_claim_of_several_comparisons_is_decided_on_holm_adjusted_p_values(tmp_path: Path):
+    # R-KV above both controls on all 5 seeds: each raw p = 1/32 passes alone, but Holm over the claim's two
+    # comparisons doubles the smaller (and so both) to 1/16 > 0.05: claim 5 is not established.
+    rows = _arms(tmp_path, {"rkv": [0.9, 0.91, 0.92, 0.93, 0.94], "slot_mean": [0.5, 0.52, 0.5, 0.6, 0.55],
+                            "counterfactual": [0.6, 0.61, 0.6, 0.7, 0.65]})
+    v = {x.claim: x for x in check_claims(rows)}["5"]
+    assert v.status == NOT_ESTABLISHED and v.p_value == pytest.approx(1 / 16)
+    assert [x["p"] for x in v.p_values] == [1 / 32, 1 / 32] and [x["p_holm"] for x in v.p_values] == [1 / 16, 1 / 16]
+    assert not any("(passes)" in d for d in v.details)
+    assert v.seeds_needed == 6  # at alpha / 2 = 0.025 the exact test needs 2^-6
+    # With 6 seeds each raw p is 1/64 and Holm's 1/32: the claim holds.
+    rows = _arms(tmp_path / "six", {"rkv": [0.9] * 6, "slot_mean": [0.5] * 6, "counterfactual": [0.6] * 6})
+    v = {x.claim: x for x in check_claims(rows)}["5"]
+    assert v.status == HOLDS and v.p_value == pytest.approx(1 / 32) and all("(passes)" in d for d in v.details)
+
+
+def test_selector_keeps_are_given_per_dataset_with_the_step_they_were_measured_at(tmp_path: Path):
+    from kava.experiments.report import selector_keeps_by_dataset
+
+    def keeps(recall):
+        return {"rkv": {"shares": {"result": recall / 2, "digit": 1 - recall / 2}, "result_recall": recall},
+                "_cot": {"shares": {"result": 0.15, "digit": 0.85}}}
+
+    root = tmp_path / "runs"
+    for seed, recall in enumerate((0.8, 0.76)):
+        _instruments(make_run(root, "rkv", seed, 0.9), [(2, 0.1, 0.9)], keeps(recall))
+    for seed in range(2):
+        _instruments(make_run(root, "rkv@nl", seed, 0.9, data="synthetic-nl"), [(2, 0.1, 0.9)], keeps(0.6))
+    for run in root.rglob("selector_keeps.json"):  # as the training loop writes them: at step 0
+        run.write_text(json.dumps({**json.loads(run.read_text()), "step": 0}))
+    runs = collect_runs(root)
+    by_ds = selector_keeps_by_dataset(runs)
+    assert by_ds["synthetic"]["recall"]["rkv"] == pytest.approx(0.78) and by_ds["synthetic-nl"]["recall"]["rkv"] == 0.6
+    assert by_ds["synthetic"]["steps"] == [0] and by_ds["synthetic"]["runs"] == 2
+    report = write_report(root, tmp_path / "out")
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "measured at step 0, on the teacher the runs start from" in md
+    assert "| selector | synthetic (2 runs) | synthetic-nl (2 runs) |" in md and "| rkv | 78.0 | 60.0 |" in md
+    assert "| result tokens in the CoT | 15.0 | 15.0 |" in md
+    assert any(p.name == "selector_keeps.png" for p in report.files)
+
+
+def test_a_report_is_re_derived_from_its_runs_csv(tmp_path: Path, capsys):
+    from kava.cli import main
+
+    root = tmp_path / "runs"
+    keeps = {"rkv": {"shares": {"result": 0.2, "digit": 0.8}, "result_recall": 0.7},
+             "_cot": {"shares": {"result": 0.2}}}
+    for seed in range(5):
+        _instruments(make_run(root, "rkv", seed, 0.8 + 0.01 * seed), [(2, 0.1, 0.9)], keeps)
+        make_run(root, "codi", seed, 0.6 + 0.02 * seed)
+    out = tmp_path / "report"
+    first = write_report(root, out)
+    before = (out / "results.md").read_text()
+    (out / "verdicts.json").write_text("[]")  # stale: to be re-derived
+    again = write_report(out / "runs.csv")
+    assert [p.name for p in again.files] == ["results.md", "verdicts.json"]
+    want = json.loads(json.dumps([v.__dict__ for v in first.verdicts]))
+    assert json.loads((out / "verdicts.json").read_text()) == want
+    md = (out / "results.md").read_text()
+    assert "Re-derived by `kava report " in md.splitlines()[2]
+    assert md.split("## Instruments")[1] == before.split("## Instruments")[1]  # carried over, selector keeps included
+    claims = [text.split("## Claims")[1].split("## Instruments")[0] for text in (md, before)]
+    assert claims[0] == claims[1]
+    rows = (out / "runs.csv").read_text().splitlines()
+    (out / "runs.csv").write_text("\n".join([rows[0], rows[1].replace(",0.6,", ",most,")] + rows[2:]) + "\n")
+    assert main(["report", str(out / "runs.csv")]) == 1
+    assert "runs.csv:2: accuracy is 'most', not a number" in capsys.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def _names(args: argparse.Namespace):
@@ -40,7 +41,9 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"kava: error: {e}", file=sys.stderr)
         return 1
     if not report.runs:
-        print(f"kava: error: no run folders (with a status.json) under {args.runs_dir}", file=sys.stderr)
+        what = f"{args.runs_dir}: no runs" if Path(args.runs_dir).is_file() else \
+            f"no run folders (with a status.json) under {args.runs_dir}"
+        print(f"kava: error: {what}", file=sys.stderr)
         return 1
     print(to_report_markdown(report.runs, report.rows, report.verdicts, names))
     print("written: " + ", ".join(str(f) for f in report.files))
@@ -51,9 +54,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``kava report`` to the ``kava`` command."""
     p = subparsers.add_parser("report", help="aggregate runs over seeds: CSV/Markdown/LaTeX tables, plots, claim verdicts",
                               description="Collect every run folder (with a status.json) under RUNS_DIR, aggregate over seeds "
-                                          "and write results.csv, results.md, results.tex, verdicts.json and plots.")
-    p.add_argument("runs_dir", metavar="RUNS_DIR", help="folder holding the runs, e.g. a sweep's output_dir")
-    p.add_argument("--out", default=None, help="output folder (default: RUNS_DIR/report)")
+                                          "and write results.csv, results.md, results.tex, verdicts.json and plots. Given "
+                                          "an earlier report's runs.csv instead, re-derive its results.md and "
+                                          "verdicts.json from the per-seed accuracies (the run folders gone).")
+    p.add_argument("runs_dir", metavar="RUNS_DIR",
+                   help="folder holding the runs, e.g. a sweep's output_dir; or a report's runs.csv")
+    p.add_argument("--out", default=None, help="output folder (default: RUNS_DIR/report; for a runs.csv, its folder)")
     p.add_argument("--heatmaps", default="all", choices=("all", "first-seed", "none"),
                    help="KV cosine heatmaps: one per run, one per name (its lowest seed), or none")
     p.add_argument("--mode", default="student", choices=("student", "cot", "nocot"),

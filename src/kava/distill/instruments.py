@@ -11,7 +11,9 @@
   tokens it keeps.
 
 All three run in eval mode without gradients on one batch, at the last curriculum stage; the
-training loop writes them to the run folder (``instruments.jsonl``, ``selector_keeps.json``).
+training loop writes them to the run folder: the first two at every evaluation point and at the end
+(``instruments.jsonl``), what the selectors keep once, at step 0, on the teacher the run starts
+from (``selector_keeps.json``).
 """
 
 from __future__ import annotations

@@ -10,8 +10,9 @@ are given as mean and sample std (0 for one seed).
 
 Accuracies are fractions in ``results.csv`` and ``verdicts.json``, percentages in the
 Markdown and LaTeX tables and in the verdict text. The claims are tested seed by seed with the
-exact tests of :mod:`kava.experiments.stats`: a claim holds only when its test passes at the level
-the report states.
+exact tests of :mod:`kava.experiments.stats`: a claim holds only when its one-sided test, in the
+direction the claim declares, passes at the level the report states. The descriptive tables (per
+arm, every arm against CODI-only and R-KV) give two-sided p-values and test no claim.
 
 Plots (matplotlib, Agg canvas, no display needed): accuracy against forward passes,
 training curves (loss terms against step, mean over seeds), and, for every run folder that
@@ -276,28 +277,33 @@ class ClaimNames:
 
 @dataclass
 class Verdict:
-    """One claim tested against the runs: ``holds``, ``does not hold`` (the opposite passes its
-    test), ``not established`` or ``not measured``."""
+    """One claim tested against the runs: ``holds`` (its one-sided test passes in the declared
+    direction), ``does not hold`` (a two-sided test finds the opposite direction), ``not
+    established`` or ``not measured``."""
 
     claim: str
     statement: str
     status: str
     details: list[str] = field(default_factory=list)
     p_value: float | None = None
-    """The claim's p-value: the largest of its comparisons' one-sided p-values (a claim made of
-    several comparisons holds only when every one passes: an intersection-union test)."""
+    """The claim's p-value: the largest of its comparisons' Holm-adjusted one-sided p-values (a
+    claim made of several comparisons holds only when every one passes after the adjustment)."""
     alpha: float = 0.05
     seeds_needed: int | None = None
-    """Where not established: the seeds per arm its weakest comparison would need (None: the
-    observed difference points the other way, or it holds)."""
+    """Where not established: the seeds per arm its weakest comparison would need at ``alpha / m``
+    (None: the observed difference points the other way, or it holds)."""
     unmeasured: list[str] = field(default_factory=list)
     """Comparisons the claim is made of that no dataset measured: while any is missing the claim
     cannot hold, whatever the measured ones say."""
+    p_values: list[dict] = field(default_factory=list)
+    """Per comparison: ``comparison`` (a label), ``p`` (raw, one-sided as claimed), ``p_holm``
+    (Holm-adjusted within the claim), ``p_two_sided`` and ``p_two_sided_holm``, ``mean_diff``."""
 
     def text(self) -> str:
         head = f"({self.claim}) {self.statement}: **{self.status}**"
         if self.p_value is not None:
-            head += f" (p = {_p(self.p_value)}, alpha = {self.alpha:g} one-sided)"
+            holm = f", Holm-adjusted over {len(self.p_values)} comparisons" if len(self.p_values) > 1 else ""
+            head += f" (p = {_p(self.p_value)}{holm}, alpha = {self.alpha:g} one-sided)"
         if self.status == NOT_ESTABLISHED and self.unmeasured:
             head += f"; not measured: {', '.join(self.unmeasured)}, so the claim cannot hold"
         if self.status == NOT_ESTABLISHED and self.seeds_needed:
@@ -337,10 +343,11 @@ class _Table:
 
 @dataclass
 class _Test:
-    """One comparison behind a claim: its line of text and its outcome."""
+    """One comparison behind a claim: its line of text, its outcome and a short label."""
 
     detail: str
     comparison: stats.Comparison
+    label: str = ""
 
 
 def _successes(row: dict, at: float) -> tuple[int, int]:
@@ -349,13 +356,19 @@ def _successes(row: dict, at: float) -> tuple[int, int]:
 
 
 def _describe(c: stats.Comparison, names: ClaimNames) -> str:
+    """A comparison behind a claim: its one-sided p-value in the claim's direction; where the
+    difference points the other way, its two-sided p-value. Whether it passes is the verdict's
+    to say, after the Holm adjustment over the claim's comparisons."""
     if c.paired:
         ci = f" (95% bootstrap CI {100 * c.diff_ci[0]:+.1f} to {100 * c.diff_ci[1]:+.1f})" if c.diff_ci else ""
-        text = (f"paired by seed (n={len(c.seeds)}): mean difference {100 * c.mean_diff:+.1f}{ci}; {c.test} p = {_p(c.p)},"
-                f" sign test p = {_p(c.sign_p)}")
+        text = (f"paired by seed (n={len(c.seeds)}): mean difference {100 * c.mean_diff:+.1f}{ci}; {c.test}"
+                f" p = {_p(c.p)} one-sided as claimed, sign test p = {_p(c.sign_p)}")
     else:
-        text = f"unpaired, fewer than 2 common seeds ({c.n_a} vs {c.n_b}): difference of means {100 * c.mean_diff:+.1f}; {c.test} p = {_p(c.p)}"
-    return text + (" (passes)" if c.p <= names.alpha else "")
+        text = (f"unpaired, fewer than 2 common seeds ({c.n_a} vs {c.n_b}): difference of means"
+                f" {100 * c.mean_diff:+.1f}; {c.test} p = {_p(c.p)} one-sided as claimed")
+    if c.mean_diff < 0:
+        return text + f"; against the claim, two-sided p = {_p(c.p_two_sided)}"
+    return text
 
 
 def _beats(table: _Table, winner: str, loser: str) -> list[_Test]:
@@ -370,23 +383,38 @@ def _beats(table: _Table, winner: str, loser: str) -> list[_Test]:
         kb, nb = _successes(b, table.names.success_at)
         fisher = stats.fisher_greater(ka, na, kb, nb)
         out.append(_Test(f"{ds}: {_cell(a)} vs {_cell(b)}: {_describe(c, table.names)}; successes"
-                         f" (>= {_pct(table.names.success_at)}%) {ka}/{na} vs {kb}/{nb}, Fisher p = {_p(fisher)}", c))
+                         f" (>= {_pct(table.names.success_at)}%) {ka}/{na} vs {kb}/{nb}, Fisher p = {_p(fisher)}", c,
+                         f"{ds}: {a['name']} > {b['name']}"))
     return out
 
 
 def _verdict(claim: str, statement: str, tests: list[_Test], missing: str, names: ClaimNames) -> Verdict:
-    """``holds`` when every comparison passes at ``alpha``; ``does not hold`` when one passes the
-    opposite way; else ``not established`` with the seeds the weakest comparison would need."""
+    """The claim's comparisons are one family: their p-values are Holm-adjusted within the claim.
+    ``holds`` when every comparison's adjusted one-sided p-value, in the claim's direction, is at or
+    under ``alpha``; ``does not hold`` when one points the other way with an adjusted two-sided
+    p-value at or under ``alpha`` (a one-sided test in the direction observed is never a passed
+    test); else ``not established`` with the seeds the weakest comparison would need at
+    ``alpha / m`` (``m`` comparisons)."""
     if not tests:
         return Verdict(claim, statement, UNMEASURED, [missing], alpha=names.alpha)
-    details = [t.detail for t in tests]
-    p = max(t.comparison.p for t in tests)
+    m = len(tests)
+    adjusted = stats.holm([t.comparison.p for t in tests])
+    adjusted_two = stats.holm([t.comparison.p_two_sided for t in tests])
+    details, table = [], []
+    for t, a, a2 in zip(tests, adjusted, adjusted_two):
+        text = t.detail + (f"; Holm-adjusted over the claim's {m} comparisons p = {_p(a)}" if m > 1 else "")
+        details.append(text + (" (passes)" if a <= names.alpha else ""))
+        table.append({"comparison": t.label, "p": t.comparison.p, "p_holm": a, "p_two_sided": t.comparison.p_two_sided,
+                      "p_two_sided_holm": a2, "mean_diff": t.comparison.mean_diff})
+    p = max(adjusted)
     if p <= names.alpha:
-        return Verdict(claim, statement, HOLDS, details, p, names.alpha)
-    if any(t.comparison.p_reverse <= names.alpha for t in tests):
-        return Verdict(claim, statement, FAILS, details, p, names.alpha)
-    needs = [t.comparison.needed(names.alpha, names.power) for t in tests if t.comparison.p > names.alpha]
-    return Verdict(claim, statement, NOT_ESTABLISHED, details, p, names.alpha, None if None in needs else max(needs))
+        return Verdict(claim, statement, HOLDS, details, p, names.alpha, p_values=table)
+    if any(t.comparison.mean_diff < 0 and a2 <= names.alpha for t, a2 in zip(tests, adjusted_two)):
+        return Verdict(claim, statement, FAILS, details, p, names.alpha, p_values=table)
+    # Every comparison at alpha / m passes Holm's adjustment whatever the others' p-values.
+    needs = [t.comparison.needed(names.alpha / m, names.power) for t, a in zip(tests, adjusted) if a > names.alpha]
+    return Verdict(claim, statement, NOT_ESTABLISHED, details, p, names.alpha, None if None in needs else max(needs),
+                   p_values=table)
 
 
 def _nl_pairs(table: _Table) -> list[tuple[str, str]]:
@@ -448,7 +476,7 @@ def check_claims(rows: Sequence[dict], names: ClaimNames | None = None) -> list[
                            f" ({_pct(k_eq['accuracy_mean'])} → {_pct(k_nl['accuracy_mean'])}),"
                            f" with {c_eq['name']} {100 * statistics.fmean(drop_c.values()):+.1f}"
                            f" ({_pct(c_eq['accuracy_mean'])} → {_pct(c_nl['accuracy_mean'])}); CODI's drop minus KaVa's:"
-                           f" {_describe(c, names)}", c))
+                           f" {_describe(c, names)}", c, f"{eq} → {nl}: CODI's drop > KaVa's"))
     out.append(_verdict("4", "the drop from equation to natural-language traces is smaller with KaVa than with CODI", tests,
                         f"needs {who('kava')} and {who('codi')} on an equation dataset and its -nl counterpart", names))
     out.append(several("5", "the KV loss carries example-specific content: R-KV beats slot-mean and counterfactual CoT",
@@ -481,9 +509,9 @@ def statistics_table(rows: Sequence[dict], names: ClaimNames | None = None) -> s
 def paired_table(rows: Sequence[dict], names: ClaimNames | None = None, references: Sequence[str] = ("codi", "kava")) -> str:
     """Markdown: every arm of a dataset against each reference role (``codi``, ``kava``; the
     method ``names`` gives it), paired by seed: the common seeds, the mean difference with its
-    bootstrap 95% interval, and the one-sided p-values of each direction (the exact sign-flip
-    test of :func:`kava.experiments.stats.compare`). A description of the data, not a claim:
-    with many arms some p-values fall under any level by chance."""
+    bootstrap 95% interval, and the two-sided p-value (the exact sign-flip test of
+    :func:`kava.experiments.stats.compare`). A description of the data, not a claim: with many
+    arms some p-values fall under any level by chance."""
     names = names or ClaimNames()
     table = _Table(rows, names)
     lines = []
@@ -501,38 +529,38 @@ def paired_table(rows: Sequence[dict], names: ClaimNames | None = None, referenc
                 ci = f"{100 * c.diff_ci[0]:+.1f} to {100 * c.diff_ci[1]:+.1f}" if c.paired and c.diff_ci else "--"
                 common = len(c.seeds) if c.paired else "0 (unpaired)"
                 lines.append(f"| {r['name']} | {ref['name']} | {dataset} | {common} | {100 * c.mean_diff:+.1f} | {ci} |"
-                             f" {_p(c.p)} | {_p(c.p_reverse)} |")
+                             f" {_p(c.p_two_sided)} |")
     if not lines:
         return ""
-    head = ["| arm | against | dataset | common seeds | mean difference (points) | 95% bootstrap CI | p (arm above) | p (arm below) |",
-            "|---|---|---|---|---|---|---|---|"]
+    head = ["| arm | against | dataset | common seeds | mean difference (points) | 95% bootstrap CI | p (two-sided) |",
+            "|---|---|---|---|---|---|---|"]
     return "\n".join(head + lines) + "\n"
 
 
 def _versus(row: dict, ref: dict | None) -> str:
-    """``row`` against ``ref`` paired by seed: the mean difference in points with the one-sided
-    p-value in the direction observed and the common seeds (``--``: itself or no reference)."""
+    """``row`` against ``ref`` paired by seed: the mean difference in points with the two-sided
+    p-value and the common seeds (``--``: itself or no reference)."""
     if ref is None or ref["name"] == row["name"]:
         return "--"
     c = stats.compare(row["by_seed"], ref["by_seed"])
     if c is None:
         return "--"
-    p = c.p if c.mean_diff > 0 else c.p_reverse
     n = len(c.seeds) if c.paired else "0, unpaired"
-    return f"{100 * c.mean_diff:+.1f} (p = {_p(p)}, n={n})"
+    return f"{100 * c.mean_diff:+.1f} (p = {_p(c.p_two_sided)}, n={n})"
 
 
 def arms_table(rows: Sequence[dict], names: ClaimNames | None = None) -> str:
     """Markdown, one row per arm of the claims' eval mode: its seeds, accuracy mean ± std, worst
     seed, success rate with its exact 95% interval, and the arm against CODI-only and against
-    R-KV of its dataset (:func:`_versus`: paired by seed, one-sided in the direction observed).
+    R-KV of its dataset (:func:`_versus`: paired by seed, two-sided p-values).
     The comparisons describe the data; the claims are tested in their own section."""
     names = names or ClaimNames()
     table = _Table(rows, names)
     if not table.rows:
         return ""
     lines = [f"| arm | dataset | seeds | accuracy, mean ± std (%) | worst seed (%) | seeds >= {_pct(names.success_at)}%"
-             f" (95% CI) | vs {'/'.join(names.methods.get('codi', ('codi',)))} | vs {'/'.join(names.methods.get('kava', ('kava',)))} |",
+             f" (95% CI) | vs {'/'.join(names.methods.get('codi', ('codi',)))} (two-sided p) |"
+             f" vs {'/'.join(names.methods.get('kava', ('kava',)))} (two-sided p) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in table.rows:
         k, n = _successes(r, names.success_at)
@@ -897,38 +925,90 @@ def plot_logit_lens_slots(runs: Sequence[dict], path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def plot_selector_keeps(runs: Sequence[dict], path: Path) -> Path | None:
-    """Stacked bars: the share of each selector's kept slots per token type (mean over the runs
-    that wrote ``selector_keeps.json``), the CoT's own mix as the first bar, and the share of
-    result tokens each keeps written beside its bar."""
-    shares: dict[str, dict[str, list[float]]] = {}
-    recall: dict[str, list[float]] = {}
+def selector_keeps_by_dataset(runs: Sequence[dict]) -> dict[str, dict]:
+    """Per dataset (trace style), over the runs that wrote ``selector_keeps.json``: ``runs``,
+    ``steps`` (the steps they were measured at; 0 is the teacher the runs start from), ``shares``
+    (``{selector: {token type: mean share}}``) and ``recall`` (``{selector: mean share of the result
+    tokens kept}``). ``_cot`` is the CoT's own mix of token types."""
+    out: dict[str, dict] = {}
     for run in runs:
-        keeps = (run.get("selector_keeps") or {}).get("selectors") or {}
+        got = run.get("selector_keeps") or {}
+        keeps = got.get("selectors") or {}
+        if not keeps:
+            continue
+        ds = out.setdefault(run["dataset"], {"runs": 0, "steps": set(), "shares": {}, "recall": {}})
+        ds["runs"] += 1
+        if got.get("step") is not None:
+            ds["steps"].add(int(got["step"]))
         for name, k in keeps.items():
             for t, v in (k.get("shares") or {}).items():
                 if v is not None:
-                    shares.setdefault(name, {}).setdefault(t, []).append(v)
+                    ds["shares"].setdefault(name, {}).setdefault(t, []).append(v)
             if k.get("result_recall") is not None:
-                recall.setdefault(name, []).append(k["result_recall"])
-    if not shares:
+                ds["recall"].setdefault(name, []).append(k["result_recall"])
+    for ds in out.values():
+        ds["steps"] = sorted(ds["steps"])
+        ds["shares"] = {n: {t: statistics.fmean(v) for t, v in ts.items()} for n, ts in ds["shares"].items()}
+        ds["recall"] = {n: statistics.fmean(v) for n, v in ds["recall"].items()}
+    return dict(sorted(out.items()))
+
+
+def selector_keeps_markdown(runs: Sequence[dict]) -> str:
+    """The selector-keeps table of ``results.md``, one column per dataset (empty when no run wrote any)."""
+    by_ds = selector_keeps_by_dataset(runs)
+    if not by_ds:
+        return ""
+    names = sorted({n for d in by_ds.values() for n in d["recall"]})
+    steps = sorted({s for d in by_ds.values() for s in d["steps"]})
+    when = ("at step 0, on the teacher the runs start from" if steps == [0]
+            else f"at step(s) {', '.join(map(str, steps))} (step 0: the teacher the runs start from; later: the teacher"
+                 " mode of the weights trained so far)")
+    lines = ["## What each selector keeps", "",
+             f"Share of the CoT's step-result tokens each selector keeps (over examples, layers and heads), measured"
+             f" {when};"
+             " mean over the runs of each dataset that wrote `selector_keeps.json`. The last row is the share of result"
+             " tokens among the CoT's tokens.", "",
+             "| selector | " + " | ".join(f"{ds} ({d['runs']} runs)" for ds, d in by_ds.items()) + " |",
+             "|---|" + "---|" * len(by_ds)]
+    for n in names:
+        cells = [_pct(d["recall"][n]) if n in d["recall"] else "--" for d in by_ds.values()]
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    lines.append("| result tokens in the CoT | "
+                 + " | ".join(_pct(d["shares"].get("_cot", {}).get("result")) for d in by_ds.values()) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_selector_keeps(runs: Sequence[dict], path: Path) -> Path | None:
+    """One panel per dataset (trace style): stacked bars of the share of each selector's kept slots
+    per token type (mean over that dataset's runs that wrote ``selector_keeps.json``), the CoT's own
+    mix as the first bar, and the share of result tokens each keeps written beside its bar."""
+    by_ds = selector_keeps_by_dataset(runs)
+    if not by_ds:
         return None
-    names = sorted(shares, key=lambda n: (n != "_cot", n))
-    types = [t for t in dict.fromkeys(t for n in names for t in shares[n]) if any(statistics.fmean(shares[n].get(t, [0])) > 0 for n in names)]
-    fig = _figure(8, 0.45 * len(names) + 1.8)
-    ax = fig.subplots()
-    left = [0.0] * len(names)
-    for t, c in zip(types, matplotlib_colors(len(types))):
-        vals = [100 * statistics.fmean(shares[n].get(t, [0.0])) for n in names]
-        ax.barh(range(len(names)), vals, left=left, color=c, label=t)
-        left = [a + b for a, b in zip(left, vals)]
-    for i, n in enumerate(names):
-        if n in recall:
-            ax.annotate(f"keeps {100 * statistics.fmean(recall[n]):.0f}% of results", (101, i), va="center", fontsize=7)
-    ax.set_yticks(range(len(names)), ["CoT (all tokens)" if n == "_cot" else n for n in names])
-    ax.set(title="what each selector keeps: share of slots per token type", xlabel="% of kept slots", xlim=(0, 135))
-    ax.invert_yaxis()
-    fig.legend(*ax.get_legend_handles_labels(), fontsize=7, loc="outside lower center", ncol=min(len(types), 8))
+    names = sorted({n for d in by_ds.values() for n in d["shares"]}, key=lambda n: (n != "_cot", n))
+    types = [t for t in dict.fromkeys(t for d in by_ds.values() for n in names for t in d["shares"].get(n, {}))
+             if any(d["shares"].get(n, {}).get(t, 0) > 0 for d in by_ds.values() for n in names)]
+    colour = dict(zip(types, matplotlib_colors(len(types))))
+    fig = _figure(8 * len(by_ds), 0.45 * len(names) + 1.8)
+    axes = fig.subplots(1, len(by_ds), squeeze=False)[0]
+    for ax, (ds, d) in zip(axes, by_ds.items()):
+        left = [0.0] * len(names)
+        for t in types:
+            vals = [100 * d["shares"].get(n, {}).get(t, 0.0) for n in names]
+            ax.barh(range(len(names)), vals, left=left, color=colour[t], label=t)
+            left = [a + b for a, b in zip(left, vals)]
+        for i, n in enumerate(names):
+            if n in d["recall"]:
+                ax.annotate(f"keeps {100 * d['recall'][n]:.0f}% of results", (101, i), va="center", fontsize=7)
+        ax.set_yticks(range(len(names)), ["CoT (all tokens)" if n == "_cot" else n for n in names])
+        at = "step 0 (the starting teacher)" if d["steps"] == [0] else f"step {', '.join(map(str, d['steps']))}"
+        ax.set(title=f"{ds}: share of kept slots per token type\n({d['runs']} runs, measured at {at})",
+               xlabel="% of kept slots", xlim=(0, 135))
+        ax.invert_yaxis()
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color=colour[t], label=t) for t in types]
+    fig.legend(handles, types, fontsize=7, loc="outside lower center", ncol=min(len(types), 8))
     return _save(fig, path)
 
 
@@ -954,9 +1034,13 @@ def to_report_markdown(runs: Sequence[dict], rows: Sequence[dict], verdicts: Seq
              "Accuracy in %, mean ± sample std over seeds; # FP: forward passes per question.", "", to_markdown(rows),
              "## Statistics", "", "Bootstrap: percentile, 9,999 resamples, seeded; success intervals: exact (Clopper-Pearson).", "",
              statistics_table(rows, names), "## Claims", "",
-             f"A claim **holds** only when every comparison behind it passes a one-sided test at alpha = {names.alpha:g}"
-             f" (on the `{names.mode}` evaluation); it **does not hold** when one passes the opposite way, and is otherwise"
-             " **not established**, with the seeds per arm it would need at the observed effect and spread"
+             "A claim **holds** only when every comparison behind it passes a one-sided test, in the direction the"
+             f" claim declares, at alpha = {names.alpha:g} (on the `{names.mode}` evaluation), after Holm's adjustment"
+             " over the claim's comparisons (its datasets and controls: one family per claim); it **does not hold** when one"
+             " points the other way with an adjusted two-sided p-value at or under alpha (a one-sided p-value in the"
+             " direction observed is never counted as a pass), and is otherwise"
+             " **not established**, with the seeds per arm it would need at the observed effect and spread, at"
+             " alpha / m for m comparisons"
              f" ({100 * names.power:.0f}% power, normal approximation, never fewer than the"
              f" {stats.min_exact_seeds(names.alpha)} an exact sign-flip test needs). Arms are compared paired by seed (they"
              " share the data order per seed) with an exact sign-flip permutation test of the mean difference, or with a"
@@ -967,17 +1051,20 @@ def to_report_markdown(runs: Sequence[dict], rows: Sequence[dict], verdicts: Seq
     if arms:
         parts += ["## Per arm", "",
                   f"On the `{names.mode}` evaluation. Each arm against CODI-only and R-KV of its dataset, paired by seed:"
-                  " the mean difference in points, the one-sided p-value of the exact sign-flip test in the direction"
-                  " observed, and the common seeds. This describes the data; the claims above are the tests.", "", arms]
+                  " the mean difference in points, the two-sided p-value of the exact sign-flip test, and the common"
+                  " seeds. This describes the data; the claims above are the tests.", "", arms]
     paired = paired_table(rows, names)
     if paired:
         parts += ["## Every arm against CODI-only and R-KV", "",
-                  "Paired by seed, on the `" + names.mode + "` evaluation; one-sided p-values of the exact sign-flip test in"
-                  " each direction. This describes the data and tests no claim: across many arms, some p-values fall under"
+                  "Paired by seed, on the `" + names.mode + "` evaluation; two-sided p-values of the exact sign-flip"
+                  " test. This describes the data and tests no claim: across many arms, some p-values fall under"
                   " any level by chance.", "", paired]
     inst = instruments_markdown(runs)
     if inst:
         parts += [inst]
+    keeps = selector_keeps_markdown(runs)
+    if keeps:
+        parts += [keeps]
     bad = [r for r in runs if r["state"] != "finished"]
     if bad:
         parts += ["## Runs not finished", ""]
@@ -987,6 +1074,85 @@ def to_report_markdown(runs: Sequence[dict], rows: Sequence[dict], verdicts: Seq
 
 
 HEATMAPS = ("all", "first-seed", "none")
+RUNS_CSV_FIELDS = ["name", "seed", "dataset", "state", "step", "max_steps", "mode", "accuracy", "forward_passes",
+                   "final_loss", "error", "path"]
+CARRIED_SECTIONS = ("## Instruments", "## What each selector keeps")
+"""Sections of ``results.md`` that need the run folders; :func:`rederive_report` carries them over."""
+
+
+def collect_runs_csv(path: str | Path) -> list[dict]:
+    """The run records (as :func:`collect_runs` gives them) held in a report's ``runs.csv``: name,
+    seed, dataset, state, step, accuracy and forward passes per eval mode, the final loss. What
+    only the run folders hold (configs, instruments, loss curves) is absent. A malformed row raises
+    :class:`RunFileError` naming the file, line and field."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise RunFileError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    reader = csv.DictReader(lines)
+    missing = [f for f in RUNS_CSV_FIELDS if f not in (reader.fieldnames or [])]
+    if missing:
+        raise RunFileError(f"{path}:1: not a kava report's runs.csv (no column {', '.join(missing)})")
+
+    def number(row: dict, key: str, line: int, kind=float):
+        text = row[key]
+        if text in ("", "None"):
+            return None
+        try:
+            return kind(text)
+        except ValueError:
+            raise RunFileError(f"{path}:{line}: {key} is {text!r}, not a number") from None
+
+    runs: dict[tuple, dict] = {}
+    for line, row in enumerate(reader, start=2):
+        if None in row.values():
+            raise RunFileError(f"{path}:{line}: expected {len(RUNS_CSV_FIELDS)} fields")
+        seed = number(row, "seed", line, int)
+        key = (row["name"], seed, row["dataset"], row["path"])
+        train_data, _, eval_data = row["dataset"].partition("→")
+        run = runs.setdefault(key, {
+            "name": row["name"], "method": method_of(row["name"]), "seed": seed, "path": row["path"],
+            "state": row["state"], "step": number(row, "step", line, int),
+            "max_steps": number(row, "max_steps", line, int), "error": row["error"],
+            "train_data": train_data, "eval_data": eval_data or train_data, "dataset": row["dataset"], "mode": "",
+            "config": {}, "eval": {}, "last_metrics": {}, "instruments": [], "selector_keeps": None})
+        if number(row, "final_loss", line) is not None:
+            run["last_metrics"] = {"loss": number(row, "final_loss", line)}
+        if row["mode"]:
+            run["eval"][row["mode"]] = {"accuracy": number(row, "accuracy", line),
+                                        "forward_passes": number(row, "forward_passes", line)}
+    return list(runs.values())
+
+
+def _sections(markdown: str, heads: Sequence[str]) -> list[str]:
+    """The ``## `` sections of ``markdown`` whose heading starts with one of ``heads``."""
+    parts = re.split(r"(?m)^(?=## )", markdown)
+    return [p.rstrip("\n") + "\n" for p in parts if p.startswith(tuple(heads))]
+
+
+def rederive_report(runs_csv: str | Path, out_dir: str | Path | None = None, names: ClaimNames | None = None) -> Report:
+    """The tables and verdicts again from an earlier report's ``runs.csv`` (the per-seed accuracies),
+    for when its run folders are gone: writes ``results.md`` and ``verdicts.json`` to ``out_dir``
+    (default: the folder of ``runs_csv``) and leaves every other file there as it is. The sections
+    of the old ``results.md`` that need the run folders (instruments, selector keeps) are carried over
+    verbatim, marked as such."""
+    runs = collect_runs_csv(runs_csv)
+    rows = aggregate(runs)
+    verdicts = check_claims(rows, names)
+    out = Path(out_dir) if out_dir else Path(runs_csv).parent
+    out.mkdir(parents=True, exist_ok=True)
+    old = (out / "results.md").read_text(encoding="utf-8") if (out / "results.md").is_file() else ""
+    carried = _sections(old, CARRIED_SECTIONS)
+    head, _, rest = to_report_markdown(runs, rows, verdicts, names).partition("\n\n")
+    note = (f"Re-derived by `kava report {Path(runs_csv).as_posix()}` from the per-seed accuracies in that file"
+            + ("; the last sections need the run folders and are carried over from the report written from them."
+               if carried else "."))
+    md = f"{head}\n\n{note}\n\n{rest.rstrip()}\n" + "".join("\n" + c for c in carried)
+    atomic_write_text(out / "results.md", md)
+    atomic_write_json(out / "verdicts.json", [asdict(v) for v in verdicts])
+    log.info("report on %d run(s) from %s re-derived in %s", len(runs), runs_csv, out)
+    return Report(runs, rows, verdicts, [out / "results.md", out / "verdicts.json"])
 
 
 def _heatmap_runs(runs: Sequence[dict], which: str) -> list[dict]:
@@ -1004,6 +1170,7 @@ def _heatmap_runs(runs: Sequence[dict], which: str) -> list[dict]:
 def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, names: ClaimNames | None = None,
                  heatmaps: str = "all") -> Report:
     """Collect the runs under ``runs_dir`` and write the report to ``out_dir`` (default ``runs_dir/report``).
+    Where ``runs_dir`` is a file, it is the ``runs.csv`` of an earlier report: see :func:`rederive_report`.
 
     Files: ``results.csv``, ``runs.csv`` (one row per run), ``results.md``, ``results.tex``,
     ``verdicts.json``, ``accuracy_vs_forward_passes.png``, ``training_curves.png``, a
@@ -1013,6 +1180,8 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, names:
     """
     if heatmaps not in HEATMAPS:
         raise ValueError(f"heatmaps={heatmaps!r}: choose from {', '.join(HEATMAPS)}")
+    if Path(runs_dir).is_file():
+        return rederive_report(runs_dir, out_dir, names)
     skipped: list[str] = []
     runs = collect_runs(runs_dir, skipped)
     rows = aggregate(runs)
@@ -1028,8 +1197,7 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, names:
     text("results.csv", to_csv(rows))
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["name", "seed", "dataset", "state", "step", "max_steps", "mode", "accuracy", "forward_passes", "final_loss",
-                "error", "path"])
+    w.writerow(RUNS_CSV_FIELDS)
     for r in runs:
         for mode, m in sorted((r["eval"] or {"": {}}).items()):
             w.writerow([r["name"], r["seed"], r["dataset"], r["state"], r["step"], r["max_steps"], mode, m.get("accuracy"),
@@ -1056,5 +1224,6 @@ __all__ = [
     "ClaimNames", "FAILS", "HOLDS", "NOT_ESTABLISHED", "Report", "UNMEASURED", "Verdict", "aggregate", "arms_table", "check_claims", "collect_runs", "dataset_label", "mean_std", "method_of", "paired_table",
     "instrument_rows", "instruments_markdown", "plot_accuracy_vs_passes", "plot_instruments", "plot_kv_cosine",
     "plot_logit_lens_slots", "plot_selector_keeps", "plot_training_curves", "read_history", "read_instruments", "sem", "statistics_table", "table_layout", "to_csv",
-    "to_latex", "to_markdown", "write_report",
+    "to_latex", "to_markdown", "write_report", "selector_keeps_by_dataset", "selector_keeps_markdown",
+    "collect_runs_csv", "rederive_report",
 ]

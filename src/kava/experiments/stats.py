@@ -1,15 +1,23 @@
-"""The statistics behind `kava report`'s verdicts, on scipy's distributions.
+"""The statistics behind `kava report`'s verdicts.
 
 Seeds are the unit: one accuracy per seed and arm. Arms that share a seed share the data order
 (and, in a sweep, the initial weights), so two arms are compared *paired by seed* wherever they
-have seeds in common: an exact sign-flip permutation test of the mean per-seed difference (all
-``2^n`` sign patterns while ``n <= EXACT_MAX``, else a seeded Monte-Carlo draw). Arms with no
-common seeds fall back on an exact two-sample permutation test. Beside them: the sign test,
-exact (Clopper-Pearson) intervals on success rates and Fisher's exact test between them, and
-seeded percentile-bootstrap intervals on mean accuracies.
+have seeds in common: a sign-flip permutation test of the per-seed differences. Arms with no
+common seeds fall back on a two-sample permutation test. Beside them: the sign test, exact
+(Clopper-Pearson) intervals on success rates and Fisher's exact test between them, seeded
+percentile-bootstrap intervals on mean accuracies, and Holm's step-down adjustment for a family
+of tests.
 
-Every test here is one-sided in the direction a claim states; :func:`seeds_needed` says how many
-seeds an observed effect would need to reach the level with the usual power.
+**Ties are counted exactly.** Accuracies are counts over a fixed set of questions (``k / n``), so
+the permutation tests first put the values on the finest integer grid they lie on
+(:func:`integer_grid`: ``0.765`` and ``0.9`` are 153/200 and 180/200) and compute the exact null
+distribution of the integer statistic by dynamic programming over its possible sums, for any
+number of seeds. Only values on no such grid fall back on enumerating every pattern (small
+samples) or a seeded Monte-Carlo draw, with an absolute tolerance for ties.
+
+Each test gives the one-sided p-value of either direction and the two-sided one;
+:func:`seeds_needed` says how many seeds an observed effect would need to reach the level with
+the usual power.
 """
 
 from __future__ import annotations
@@ -18,14 +26,20 @@ import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 from scipy import stats
 
+GRID_MAX = 100_000
+"""The largest denominator :func:`integer_grid` looks for (an evaluation set of up to 100,000 questions)."""
+DP_MAX = 20_000_000
+"""The most cells the exact null distribution may take (sums x subset sizes); beyond it, the fallbacks."""
 EXACT_MAX = 16
-"""Up to this many pairs the sign-flip test enumerates every sign pattern (65,536)."""
+"""Values on no integer grid: up to this many pairs the sign-flip test enumerates every sign pattern (65,536)."""
 MONTE_CARLO = 100_000
-"""Resamples of a permutation test too large to enumerate."""
+"""Resamples of a permutation test that is neither on a grid nor small enough to enumerate."""
+ALTERNATIVES = ("greater", "less", "two-sided")
 
 
 def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
@@ -49,48 +63,199 @@ def bootstrap_mean(values: Sequence[float], level: float = 0.95, seed: int = 0, 
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
-def _mean_stat(x, axis=-1):
-    return np.mean(x, axis=axis)
+def integer_grid(values: Sequence[float]) -> int | None:
+    """The smallest ``g <= GRID_MAX`` such that every ``value * g`` is an integer (to 1e-12
+    relative), or None. Accuracies on ``n`` questions lie on ``g = n`` or a divisor of it."""
+    g = 1
+    for x in values:
+        x = float(x)
+        if not math.isfinite(x):
+            return None
+        f = Fraction(x).limit_denominator(GRID_MAX)
+        if abs(float(f) - x) > 1e-12 * max(1.0, abs(x)):
+            return None
+        g = math.lcm(g, f.denominator)
+        if g > GRID_MAX:
+            return None
+    return g
 
 
-def _mean_diff(a, b, axis=-1):
-    return np.mean(a, axis=axis) - np.mean(b, axis=axis)
+def _on_grid(values: Sequence[float], g: int) -> list[int]:
+    return [round(float(x) * g) for x in values]
 
 
-def paired_permutation(diffs: Sequence[float], alternative: str = "greater", seed: int = 0) -> tuple[float, bool]:
-    """One-sided p-value of the mean of paired differences (sign flips), and whether it is exact.
+@dataclass(frozen=True)
+class PValues:
+    """A permutation test's p-values: ``greater`` (the statistic is larger than chance), ``less``
+    and ``two_sided`` (its absolute value is), and whether they are exact."""
 
-    ``alternative="greater"``: the differences are positive (the first arm is better)."""
+    greater: float
+    less: float
+    two_sided: float
+    exact: bool
+
+    def get(self, alternative: str) -> float:
+        if alternative not in ALTERNATIVES:
+            raise ValueError(f"alternative={alternative!r}: choose from {', '.join(ALTERNATIVES)}")
+        return {"greater": self.greater, "less": self.less, "two-sided": self.two_sided}[alternative]
+
+
+def _tail_sums(counts: np.ndarray, obs: int, total) -> tuple[float, float]:
+    """P(X >= obs), P(X <= obs) for X with ``counts`` over 0..len-1 (``total`` patterns)."""
+    upper, lower = counts[obs:].sum(), counts[: obs + 1].sum()
+    return float(upper / total), float(lower / total)
+
+
+def _counts_dtype(n_patterns: int):
+    return np.int64 if n_patterns < 2**62 else np.float64  # float64 beyond: still exact supports, 1e-16 rounding
+
+
+def sign_flip_exact(k: Sequence[int]) -> PValues:
+    """The exact sign-flip test of integer paired differences ``k``: over all ``2^n`` sign
+    patterns, the distribution of ``sum(s_i * k_i)``, by dynamic programming over subset sums of
+    ``|k_i|`` (``sum = 2 * T - sum|k|`` with ``T`` the sum of the ``|k_i|`` taken with a plus sign)."""
+    k = [int(x) for x in k]
+    if not k:
+        raise ValueError("no paired differences")
+    a = [abs(x) for x in k]
+    total_abs = sum(a)
+    counts = np.zeros(total_abs + 1, dtype=_counts_dtype(2 ** len(k)))
+    counts[0] = 1
+    for x in a:
+        if x:
+            counts[x:] = counts[x:] + counts[:-x].copy()
+        else:
+            counts = counts * 2
+    n_patterns = counts.sum()
+    t_obs = sum(x for x in k if x > 0)
+    greater, less = _tail_sums(counts, t_obs, n_patterns)
+    stat = 2 * np.arange(total_abs + 1) - total_abs
+    two = float(counts[np.abs(stat) >= abs(2 * t_obs - total_abs)].sum() / n_patterns)
+    return PValues(greater, less, two, True)
+
+
+def two_sample_exact(a: Sequence[int], b: Sequence[int]) -> PValues:
+    """The exact two-sample permutation test of integer values: over all ``C(n_a + n_b, n_a)``
+    relabellings, the distribution of ``sum(a)`` (the difference of means rises with it), by
+    dynamic programming over subset sizes and sums."""
+    a, b = [int(x) for x in a], [int(x) for x in b]
+    if not a or not b:
+        raise ValueError("both arms need at least one value")
+    pooled = a + b
+    lo = min(pooled)
+    v = [x - lo for x in pooled]  # shifted to >= 0: sum(subset) shifts by n_a * lo, order kept
+    na, n = len(a), len(pooled)
+    top = sum(sorted(v)[-na:])
+    counts = np.zeros((na + 1, top + 1), dtype=_counts_dtype(math.comb(n, na)))
+    counts[0, 0] = 1
+    for x in v:
+        for c in range(na, 0, -1):
+            if x:
+                counts[c, x:] += counts[c - 1, :-x]
+            else:
+                counts[c] += counts[c - 1]
+    dist = counts[na]
+    n_patterns = dist.sum()
+    s_obs = sum(a) - na * lo
+    greater, less = _tail_sums(dist, s_obs, n_patterns)
+    # mean(a) - mean(b) is proportional to s * n - total * n_a (in shifted units): compare integers.
+    total = sum(v)
+    stat = np.arange(top + 1) * n - total * na
+    two = float(dist[np.abs(stat) >= abs(s_obs * n - total * na)].sum() / n_patterns)
+    return PValues(greater, less, two, True)
+
+
+def _from_draws(draws: np.ndarray, obs: float, tol: float, exact: bool) -> PValues:
+    """P-values of ``obs`` against statistics ``draws`` (every pattern when ``exact``, else a
+    Monte-Carlo sample with the observed pattern counted once more), ties within ``tol``."""
+    add = 0 if exact else 1
+    m = draws.size + add
+    greater = (int(np.sum(draws >= obs - tol)) + add) / m
+    less = (int(np.sum(draws <= obs + tol)) + add) / m
+    two = (int(np.sum(np.abs(draws) >= abs(obs) - tol)) + add) / m
+    return PValues(float(greater), float(less), float(min(1.0, two)), exact)
+
+
+def sign_flip(diffs: Sequence[float], seed: int = 0) -> PValues:
+    """The sign-flip test of the sum (equivalently the mean) of paired differences: exact on an
+    integer grid (:func:`sign_flip_exact`), else every pattern up to ``EXACT_MAX`` pairs, else a
+    seeded Monte-Carlo draw; ties within an absolute tolerance of 1e-9 of ``sum|d|``."""
     d = np.asarray(diffs, dtype=float)
     if d.size < 1:
         raise ValueError("no paired differences")
-    if np.all(d == 0):
-        return 1.0, True
-    exact = d.size <= EXACT_MAX
-    res = stats.permutation_test((d,), _mean_stat, permutation_type="samples", alternative=alternative,
-                                 n_resamples=np.inf if exact else MONTE_CARLO, rng=np.random.default_rng(seed), vectorized=True)
-    return float(res.pvalue), exact
+    g = integer_grid(d.tolist())
+    if g is not None:
+        k = _on_grid(d.tolist(), g)
+        if sum(abs(x) for x in k) * 1 <= DP_MAX:
+            return sign_flip_exact(k)
+    tol = 1e-9 * float(np.abs(d).sum())
+    if d.size <= EXACT_MAX:
+        signs = np.array(list(itertools.product((1.0, -1.0), repeat=d.size)))
+        return _from_draws(signs @ d, float(d.sum()), tol, True)
+    rng = np.random.default_rng(seed)
+    signs = rng.choice(np.array([1.0, -1.0]), size=(MONTE_CARLO, d.size))
+    return _from_draws(signs @ d, float(d.sum()), tol, False)
 
 
-def two_sample_permutation(a: Sequence[float], b: Sequence[float], alternative: str = "greater", seed: int = 0) -> tuple[float, bool]:
-    """One-sided p-value of ``mean(a) - mean(b)`` over relabellings of the pooled values, and
-    whether it is exact (every relabelling, while there are at most 100,000)."""
+def two_sample(a: Sequence[float], b: Sequence[float], seed: int = 0) -> PValues:
+    """The two-sample permutation test of ``mean(a) - mean(b)`` over relabellings of the pooled
+    values: exact on an integer grid (:func:`two_sample_exact`), else every relabelling while there
+    are at most ``MONTE_CARLO``, else a seeded Monte-Carlo draw; ties within an absolute tolerance."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if a.size < 1 or b.size < 1:
         raise ValueError("both arms need at least one value")
-    if math.comb(a.size + b.size, a.size) <= MONTE_CARLO:
-        # Every relabelling (scipy's version needs two values per arm; a single seed is common here).
-        pooled = np.concatenate([a, b])
-        observed = a.mean() - b.mean()
-        total = pooled.sum()
+    pooled = np.concatenate([a, b])
+    g = integer_grid(pooled.tolist())
+    if g is not None:
+        k = _on_grid(pooled.tolist(), g)
+        span = max(k) - min(k)
+        if (a.size + 1) * (a.size * span + 1) <= DP_MAX:
+            return two_sample_exact(k[: a.size], k[a.size :])
+    tol = 1e-9 * float(np.abs(pooled).sum() + 1e-300)
+
+    def stat(sums):
+        return sums / a.size - (pooled.sum() - sums) / b.size
+
+    if math.comb(pooled.size, a.size) <= MONTE_CARLO:
         sums = np.array([pooled[list(idx)].sum() for idx in itertools.combinations(range(pooled.size), a.size)])
-        diffs = sums / a.size - (total - sums) / b.size
-        tol = 1e-12 * max(1.0, abs(observed))
-        hits = diffs >= observed - tol if alternative == "greater" else diffs <= observed + tol
-        return float(hits.mean()), True
-    res = stats.permutation_test((a, b), _mean_diff, permutation_type="independent", alternative=alternative,
-                                 n_resamples=MONTE_CARLO, rng=np.random.default_rng(seed), vectorized=True)
-    return float(res.pvalue), False
+        return _from_draws(stat(sums), float(a.mean() - b.mean()), tol, True)
+    rng = np.random.default_rng(seed)
+    sums = np.array([rng.permutation(pooled)[: a.size].sum() for _ in range(MONTE_CARLO)])
+    return _from_draws(stat(sums), float(a.mean() - b.mean()), tol, False)
+
+
+def paired_permutation(diffs: Sequence[float], alternative: str = "greater", seed: int = 0) -> tuple[float, bool]:
+    """The sign-flip p-value of paired differences (:func:`sign_flip`) and whether it is exact.
+
+    ``alternative="greater"``: the differences are positive (the first arm is better);
+    ``"less"``; ``"two-sided"``."""
+    if np.all(np.asarray(diffs, dtype=float) == 0) and len(diffs):
+        return 1.0, True
+    res = sign_flip(diffs, seed)
+    return res.get(alternative), res.exact
+
+
+def two_sample_permutation(a: Sequence[float], b: Sequence[float], alternative: str = "greater", seed: int = 0) -> tuple[float, bool]:
+    """The two-sample permutation p-value of ``mean(a) - mean(b)`` (:func:`two_sample`) and whether it is exact."""
+    res = two_sample(a, b, seed)
+    return res.get(alternative), res.exact
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values, in the order given: the ``i``-th smallest of ``m``
+    p-values is multiplied by ``m - i + 1`` (``i`` from 1), capped at 1, and made non-decreasing
+    in that order. Rejecting every adjusted p-value at or under ``alpha`` controls the family-wise
+    error rate at ``alpha``."""
+    p = [float(x) for x in pvalues]
+    if any(not 0 <= x <= 1 for x in p):
+        raise ValueError(f"p-values must lie in [0, 1], got {p}")
+    order = sorted(range(len(p)), key=lambda i: p[i])
+    out = [0.0] * len(p)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p) - rank) * p[i]))
+        out[i] = running
+    return out
 
 
 def sign_test(diffs: Sequence[float], alternative: str = "greater") -> float:
@@ -134,15 +299,21 @@ class Comparison:
     seeds: list[int]  # the common seeds (paired), else empty
     mean_diff: float
     diff_ci: tuple[float, float] | None  # bootstrap interval of the mean paired difference
-    p: float  # one-sided, a > b
+    p: float  # one-sided, a > b (the direction a claim declares)
     p_reverse: float  # one-sided, a < b
     exact: bool
     sign_p: float | None  # paired only
     sd: float  # of the paired differences, or sqrt(var_a + var_b)
     test: str
+    p_two_sided: float = 1.0  # |a - b| larger than chance: what a description of the data gives
 
     def needed(self, alpha: float, power: float = 0.8) -> int | None:
         return seeds_needed(self.mean_diff, self.sd, alpha, power, self.paired)
+
+
+def _test_name(paired: bool, exact: bool) -> str:
+    kind = "paired sign-flip permutation test" if paired else "two-sample permutation test"
+    return f"exact {kind}" if exact else f"{kind} (Monte Carlo)"
 
 
 def compare(a: dict[int, float], b: dict[int, float], seed: int = 0) -> Comparison | None:
@@ -152,21 +323,25 @@ def compare(a: dict[int, float], b: dict[int, float], seed: int = 0) -> Comparis
         return None
     common = sorted(set(a) & set(b))
     if len(common) >= 2:
-        d = [a[s] - b[s] for s in common]
-        p, exact = paired_permutation(d, "greater", seed)
-        p_rev, _ = paired_permutation(d, "less", seed)
+        g = integer_grid([a[s] for s in common] + [b[s] for s in common])
+        if g is not None:  # differences of the counts themselves, free of float error
+            d_int = [round(a[s] * g) - round(b[s] * g) for s in common]
+            d = [x / g for x in d_int]
+        else:
+            d = [a[s] - b[s] for s in common]
+        res = PValues(1.0, 1.0, 1.0, True) if all(x == 0 for x in d) else sign_flip(d, seed)
         sd = float(np.std(d, ddof=1))
-        return Comparison(True, len(a), len(b), common, float(np.mean(d)), bootstrap_mean(d, seed=seed), p, p_rev, exact,
-                          sign_test(d), sd, "exact paired sign-flip permutation test" if exact else "paired sign-flip permutation test (Monte Carlo)")
+        return Comparison(True, len(a), len(b), common, float(np.mean(d)), bootstrap_mean(d, seed=seed), res.greater,
+                          res.less, res.exact, sign_test(d), sd, _test_name(True, res.exact), res.two_sided)
     va, vb = list(a.values()), list(b.values())
-    p, exact = two_sample_permutation(va, vb, "greater", seed)
-    p_rev, _ = two_sample_permutation(va, vb, "less", seed)
+    res = two_sample(va, vb, seed)
     var = (np.var(va, ddof=1) if len(va) > 1 else 0.0) + (np.var(vb, ddof=1) if len(vb) > 1 else 0.0)
-    return Comparison(False, len(a), len(b), [], float(np.mean(va) - np.mean(vb)), None, p, p_rev, exact, None, float(math.sqrt(var)),
-                      "exact two-sample permutation test" if exact else "two-sample permutation test (Monte Carlo)")
+    return Comparison(False, len(a), len(b), [], float(np.mean(va) - np.mean(vb)), None, res.greater, res.less,
+                      res.exact, None, float(math.sqrt(var)), _test_name(False, res.exact), res.two_sided)
 
 
 __all__ = [
-    "Comparison", "EXACT_MAX", "bootstrap_mean", "clopper_pearson", "compare", "fisher_greater", "min_exact_seeds",
-    "paired_permutation", "seeds_needed", "sign_test", "two_sample_permutation",
+    "ALTERNATIVES", "Comparison", "EXACT_MAX", "PValues", "bootstrap_mean", "clopper_pearson", "compare",
+    "fisher_greater", "holm", "integer_grid", "min_exact_seeds", "paired_permutation", "seeds_needed", "sign_flip",
+    "sign_flip_exact", "sign_test", "two_sample", "two_sample_exact", "two_sample_permutation",
 ]

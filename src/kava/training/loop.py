@@ -132,6 +132,8 @@ def _train(cfg: KavaConfig, resume: bool) -> dict:
         run.started = time.perf_counter()
         bar = tqdm(total=run.max_steps, initial=run.step, desc=f"train[{tc.mode}]", disable=not (run.main and tc.progress), dynamic_ncols=True)
         with _StopSignal() as stop:
+            if run.step == 0 and run.main and not run.fsdp:
+                record_selector_keeps(run)  # before the first update: the model the run starts from
             run.wrapped.train()
             while run.step < run.max_steps:
                 train_step(run)
@@ -178,7 +180,7 @@ def finish(run: Run, ckpt: Path, result: dict) -> None:
         with _RaiseOnSignal():
             if run.main and tc.mode == "kava" and not run.fsdp:
                 probe_kv_cosine(run)
-                record_instruments(run, final=True)
+                record_instruments(run)
             if tc.eval_at_end and run.main and run.eval_examples and not run.fsdp:
                 result["eval"] = evaluate_model(run, run.out)
     except _Stopped as stop:
@@ -472,29 +474,46 @@ def probe_kv_cosine(run: Run) -> None:
         atomic_write_json(run.out / "kv_cosine.json", grid)
 
 
-def record_instruments(run: Run, final: bool = False) -> None:
-    """Append the logit lens and the KV alignment at this step to ``instruments.jsonl`` (kava runs,
-    ``eval.instruments``) and, at the end, write what each selector keeps to ``selector_keeps.json``.
-    Measured on the first ``eval.instrument_examples`` evaluation examples (``held_out``), or on
-    training examples when the run loads none."""
+def _instrument_examples(run: Run) -> tuple[list, bool] | None:
+    """The first ``eval.instrument_examples`` evaluation examples encoded (``held_out``), or training
+    examples when the run loads none; None for kava runs without instruments or with fewer than 2."""
     cfg = run.cfg
     if cfg.train.mode != "kava" or not cfg.eval.instruments:
-        return
-    from ..distill.instruments import measure
-
+        return None
     n = cfg.eval.instrument_examples
     held_out = bool(run.eval_examples)
     encs = [run.encoder.encode(ex) for ex in run.eval_examples[:n]] if held_out else run.encoded[:n]
-    if len(encs) < 2:
+    return (encs, held_out) if len(encs) >= 2 else None
+
+
+def record_instruments(run: Run) -> None:
+    """Append the logit lens and the KV alignment at this step to ``instruments.jsonl`` (kava runs,
+    ``eval.instruments``), on the examples of :func:`_instrument_examples`."""
+    got = _instrument_examples(run)
+    if got is None:
         return
-    res = measure(run.objective, encs, keeps=final)
-    keeps = res.pop("selector_keeps", None)
-    row = {"step": run.step, "held_out": held_out, **res}
+    from ..distill.instruments import measure
+
+    encs, held_out = got
+    row = {"step": run.step, "held_out": held_out, **measure(run.objective, encs)}
     with (run.out / "instruments.jsonl").open("a") as f:
         f.write(json.dumps(row) + "\n")
-    if keeps is not None:
-        atomic_write_json(run.out / "selector_keeps.json", {"step": run.step, "held_out": held_out, "n": len(encs),
-                                                            "run_selector": cfg.loss.compression, "selectors": keeps})
+
+
+def record_selector_keeps(run: Run) -> None:
+    """What each selector keeps of the teacher's cache, written to ``selector_keeps.json`` at step 0,
+    before the first update: the teacher is then the model the run starts from (its
+    ``model.init_from``, e.g. the teacher warm-up), the same for every arm of a sweep."""
+    got = _instrument_examples(run)
+    if got is None:
+        return
+    from ..distill.instruments import measure
+
+    encs, held_out = got
+    keeps = measure(run.objective, encs, keeps=True)["selector_keeps"]
+    atomic_write_json(run.out / "selector_keeps.json", {"step": run.step, "held_out": held_out, "n": len(encs),
+                                                        "run_selector": run.cfg.loss.compression,
+                                                        "teacher": run.cfg.model.init_from or "", "selectors": keeps})
 
 
 # --- helpers -------------------------------------------------------------------------
