@@ -156,6 +156,21 @@ def test_claims_hold_only_when_the_paired_test_passes(tmp_path: Path):
     assert "alpha = 0.01 one-sided" in strict["1"].text()
 
 
+def test_only_the_claims_asked_for_are_tested(tmp_path: Path, capsys):
+    from kava.cli import main
+
+    rows = _arms(tmp_path, {"rkv": [0.9, 0.8, 0.95], "codi": [0.5, 0.6, 0.4], "slot_mean": [0.5, 0.5, 0.5]})
+    assert [v.claim for v in check_claims(rows, ClaimNames(claims=("1", "4", "5")))] == ["1", "4", "5"]
+    assert [v.claim for v in check_claims(rows)] == ["1", "2", "3", "4", "5"]
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "r"), "--claims", "1,5", "--heatmaps", "none"]) == 0
+    verdicts = json.loads((tmp_path / "r" / "verdicts.json").read_text())
+    claims = [v["claim"] for v in (verdicts["claims"] if isinstance(verdicts, dict) else verdicts)]
+    assert claims == ["1", "5"]
+    capsys.readouterr()
+    assert main(["report", str(tmp_path), "--claims", "1,7"]) == 2
+    assert "--claims '1,7'" in capsys.readouterr().err
+
+
 def test_nl_claim_is_paired_over_all_four_cells(tmp_path: Path):
     rows = _arms(tmp_path / "a", {"rkv": [0.9] * 5, "codi": [0.8] * 5})
     rows += _arms(tmp_path / "b", {"rkv@nl": [0.85, 0.86, 0.84, 0.85, 0.85], "codi@nl": [0.5, 0.55, 0.45, 0.5, 0.6]}, data="synthetic-nl")
@@ -479,3 +494,28 @@ def test_a_report_is_re_derived_from_its_runs_csv(tmp_path: Path, capsys):
     (out / "runs.csv").write_text("\n".join([rows[0], rows[1].replace(",0.6,", ",most,")] + rows[2:]) + "\n")
     assert main(["report", str(out / "runs.csv")]) == 1
     assert "runs.csv:2: accuracy is 'most', not a number" in capsys.readouterr().err
+
+
+def test_area_under_the_held_out_curve_is_the_secondary_outcome(tmp_path: Path):
+    from kava.experiments.report import area_rows, curve_area, write_report
+
+    assert curve_area([(2, 0.2), (4, 0.6), (10, 0.6)]) == pytest.approx((2 * 0.4 + 6 * 0.6) / 8)
+    assert curve_area([(10, 0.5)]) is None
+    # Two arms whose final accuracies tie while one learned earlier: the area tells them apart.
+    for seed in range(6):
+        for name, early in (("rkv", 0.8), ("codi", 0.3 + 0.01 * seed)):
+            run = make_run(tmp_path, name, seed, 0.9)
+            for step, acc in ((2, early), (6, (early + 0.9) / 2)):
+                (run / f"eval-{step}").mkdir()
+                (run / f"eval-{step}" / "eval_metrics.json").write_text(json.dumps({"student": {"n": 100, "accuracy": acc}}))
+    rows = aggregate(collect_runs(tmp_path))
+    codi = _row(rows, "codi")
+    assert codi["area_by_seed"][0] == pytest.approx(curve_area([(2, 0.3), (6, 0.6), (10, 0.9)]))
+    v = {x.claim: x for x in check_claims(rows)}
+    assert v["1"].status == NOT_ESTABLISHED  # final accuracies tie on every seed
+    v2 = {x.claim: x for x in check_claims(area_rows(rows))}
+    assert v2["1"].status == HOLDS and v2["1"].p_value == pytest.approx(1 / 64)
+    report = write_report(tmp_path, tmp_path / "out", heatmaps="none")
+    assert "## Secondary outcome" in (tmp_path / "out" / "results.md").read_text()
+    assert json.loads((tmp_path / "out" / "verdicts_secondary.json").read_text())[0]["status"] == HOLDS
+    assert report.verdicts[0].status == NOT_ESTABLISHED

@@ -12,7 +12,10 @@ def _names(args: argparse.Namespace):
 
     if not 0 < args.alpha < 1:
         raise ValueError(f"--alpha {args.alpha}: must be between 0 and 1")
-    names = ClaimNames(mode=args.mode, alpha=args.alpha, success_at=args.success_at)
+    claims = tuple(c.strip() for c in args.claims.split(",") if c.strip()) if args.claims else ()
+    if any(c not in ("1", "2", "3", "4", "5") for c in claims):
+        raise ValueError(f"--claims {args.claims!r}: expected claim numbers 1-5, e.g. 1,4,5")
+    names = ClaimNames(mode=args.mode, alpha=args.alpha, success_at=args.success_at, claims=claims)
     for item in args.method:
         role, _, found = item.partition("=")
         if not role or not found:
@@ -70,6 +73,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "repeatable, e.g. --method kava=rkv_M8")
     p.add_argument("--nl-pair", action="append", default=[], metavar="EQ:NL",
                    help="an equation/natural-language dataset pair for claim 4 (default: every X-nl with its X); repeatable")
+    p.add_argument("--claims", default="", metavar="N[,N]",
+                   help="test only these claims (e.g. 1,4,5, the ones a pre-registration names; default: all five)")
     p.add_argument("--alpha", type=float, default=0.05, help="one-sided level every claim is tested at (default 0.05)")
     p.add_argument("--success-at", type=float, default=0.9, metavar="ACC",
                    help="accuracy (a fraction) from which a seed counts as a success, for the success rates (default 0.9)")

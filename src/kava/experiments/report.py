@@ -189,6 +189,7 @@ def _collect_run(root: Path, run_dir: Path, rel: Path, status_path: Path) -> dic
     data = config.get("data", {})
     train_data, eval_data = str(data.get("train", "")), str(data.get("eval", "unknown"))
     history = read_history(run_dir)
+    curves = read_eval_curves(run_dir, evals, status.get("step"))
     return {
         "name": name, "method": method_of(name), "seed": seed, "path": str(run_dir),
         "state": status.get("state", "unknown"), "step": status.get("step"), "max_steps": status.get("max_steps"),
@@ -197,7 +198,34 @@ def _collect_run(root: Path, run_dir: Path, rel: Path, status_path: Path) -> dic
         "config": config, "eval": evals,
         "last_metrics": history[-1] if history else status.get("train") or {},
         "instruments": read_instruments(run_dir), "selector_keeps": _read_json(run_dir / "selector_keeps.json"),
+        "curves": curves,
     }
+
+
+def read_eval_curves(run_dir: Path, final: dict, final_step: int | None) -> dict[str, list[tuple[int, float]]]:
+    """``{mode: [(step, accuracy), ...]}``: the evaluations during training (``eval-<step>/``) and, at
+    the run's last step, the final one, in step order."""
+    curves: dict[str, dict[int, float]] = {}
+    for d in run_dir.glob("eval-*"):
+        m = re.fullmatch(r"eval-(\d+)", d.name)
+        ev = _read_json(d / "eval_metrics.json") if m and d.is_dir() else None
+        for mode, metrics in (ev or {}).items():
+            if isinstance(metrics, dict) and isinstance(metrics.get("accuracy"), (int, float)):
+                curves.setdefault(mode, {})[int(m.group(1))] = float(metrics["accuracy"])
+    if isinstance(final_step, int):
+        for mode, metrics in final.items():
+            if isinstance(metrics.get("accuracy"), (int, float)):
+                curves.setdefault(mode, {})[final_step] = float(metrics["accuracy"])
+    return {mode: sorted(points.items()) for mode, points in curves.items()}
+
+
+def curve_area(points: Sequence[tuple[int, float]]) -> float | None:
+    """The area under a held-out accuracy curve by the trapezoid rule over its steps, divided by the
+    steps it spans: the mean accuracy between the first evaluation and the last (None: fewer than two)."""
+    if len(points) < 2:
+        return None
+    area = sum((s1 - s0) * (a0 + a1) / 2 for (s0, a0), (s1, a1) in zip(points, points[1:]))
+    return area / (points[-1][0] - points[0][0])
 
 
 # --- aggregation --------------------------------------------------------------------------
@@ -236,6 +264,8 @@ def aggregate(runs: Iterable[dict]) -> list[dict]:
         for f in _EVAL_FIELDS:
             row[f"{f}_mean"], row[f"{f}_std"] = mean_std([i["metrics"].get(f) for i in items])
         row["by_seed"] = {i["run"]["seed"]: float(i["metrics"]["accuracy"]) for i in items if i["metrics"].get("accuracy") is not None}
+        areas = {i["run"]["seed"]: curve_area(i["run"].get("curves", {}).get(mode, [])) for i in items}
+        row["area_by_seed"] = {seed: a for seed, a in areas.items() if a is not None}
         row["n_examples"] = min(int(i["metrics"].get("n", 0)) for i in items)
         row["unfinished"] = sum(1 for r in runs if r["name"] == name and r["dataset"] == dataset and r["state"] != "finished")
         rows.append(row)
@@ -273,6 +303,8 @@ class ClaimNames:
     alpha: float = 0.05
     success_at: float = 0.9
     power: float = 0.8
+    claims: tuple[str, ...] = ()
+    """The claims tested (``("1", "4", "5")``: those a pre-registration names); empty: all five."""
 
 
 @dataclass
@@ -481,7 +513,7 @@ def check_claims(rows: Sequence[dict], names: ClaimNames | None = None) -> list[
                         f"needs {who('kava')} and {who('codi')} on an equation dataset and its -nl counterpart", names))
     out.append(several("5", "the KV loss carries example-specific content: R-KV beats slot-mean and counterfactual CoT",
                        ("slot_mean", "counterfactual")))
-    return out
+    return [v for v in out if not names.claims or v.claim in names.claims]
 
 
 def statistics_table(rows: Sequence[dict], names: ClaimNames | None = None) -> str:
@@ -1167,6 +1199,25 @@ def _heatmap_runs(runs: Sequence[dict], which: str) -> list[dict]:
     return list(first.values())
 
 
+def area_rows(rows: Sequence[dict]) -> list[dict]:
+    """``rows`` with each seed's area under its held-out accuracy curve (:func:`curve_area`) in place of
+    its final accuracy, for the claims on the secondary outcome (seeds without a curve left out)."""
+    out = []
+    for r in rows:
+        areas = r.get("area_by_seed") or {}
+        mean, std = mean_std(list(areas.values()))
+        out.append({**r, "by_seed": dict(areas), "n": len(areas), "accuracy_mean": mean, "accuracy_std": std})
+    return [r for r in out if r["by_seed"]]
+
+
+def secondary_markdown(verdicts: Sequence[Verdict]) -> str:
+    """The claims tested on the secondary outcome, the area under the held-out accuracy curve."""
+    parts = ["## Secondary outcome: area under the held-out accuracy curve", "",
+             "The same claims and tests on each seed's mean held-out accuracy over training (the trapezoid rule over"
+             " its evaluations, divided by the steps they span). A secondary outcome: no claim rests on it.", ""]
+    return "\n".join(parts + [v.text() + "\n" for v in verdicts])
+
+
 def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, names: ClaimNames | None = None,
                  heatmaps: str = "all") -> Report:
     """Collect the runs under ``runs_dir`` and write the report to ``out_dir`` (default ``runs_dir/report``).
@@ -1203,7 +1254,13 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, names:
             w.writerow([r["name"], r["seed"], r["dataset"], r["state"], r["step"], r["max_steps"], mode, m.get("accuracy"),
                         m.get("forward_passes"), r["last_metrics"].get("loss"), r["error"], r["path"]])
     text("runs.csv", buf.getvalue())
-    text("results.md", to_report_markdown(runs, rows, verdicts, names))
+    markdown = to_report_markdown(runs, rows, verdicts, names)
+    secondary = check_claims(area_rows(rows), names)
+    if any(r["by_seed"] for r in area_rows(rows)):
+        markdown += secondary_markdown(secondary)
+        atomic_write_json(out / "verdicts_secondary.json", [asdict(v) for v in secondary])
+        files.append(out / "verdicts_secondary.json")
+    text("results.md", markdown)
     text("results.tex", to_latex(rows))
     atomic_write_json(out / "verdicts.json", [asdict(v) for v in verdicts])
     files.append(out / "verdicts.json")
@@ -1225,5 +1282,5 @@ __all__ = [
     "instrument_rows", "instruments_markdown", "plot_accuracy_vs_passes", "plot_instruments", "plot_kv_cosine",
     "plot_logit_lens_slots", "plot_selector_keeps", "plot_training_curves", "read_history", "read_instruments", "sem", "statistics_table", "table_layout", "to_csv",
     "to_latex", "to_markdown", "write_report", "selector_keeps_by_dataset", "selector_keeps_markdown",
-    "collect_runs_csv", "rederive_report",
+    "collect_runs_csv", "rederive_report", "area_rows", "curve_area", "read_eval_curves", "secondary_markdown",
 ]
