@@ -519,3 +519,6 @@ def test_area_under_the_held_out_curve_is_the_secondary_outcome(tmp_path: Path):
     assert "## Secondary outcome" in (tmp_path / "out" / "results.md").read_text()
     assert json.loads((tmp_path / "out" / "verdicts_secondary.json").read_text())[0]["status"] == HOLDS
     assert report.verdicts[0].status == NOT_ESTABLISHED
+    curves = (tmp_path / "out" / "curves.csv").read_text().splitlines()
+    assert curves[0] == "name,seed,dataset,mode,step,accuracy" and len(curves) == 1 + 12 * 3
+    assert "codi,0,synthetic,student,2,0.3" in curves

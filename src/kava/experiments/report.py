@@ -1223,7 +1223,8 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, names:
     """Collect the runs under ``runs_dir`` and write the report to ``out_dir`` (default ``runs_dir/report``).
     Where ``runs_dir`` is a file, it is the ``runs.csv`` of an earlier report: see :func:`rederive_report`.
 
-    Files: ``results.csv``, ``runs.csv`` (one row per run), ``results.md``, ``results.tex``,
+    Files: ``results.csv``, ``runs.csv`` (one row per run), ``curves.csv`` (each run's held-out accuracy
+    at every evaluation during training and at the end), ``results.md``, ``results.tex``,
     ``verdicts.json``, ``accuracy_vs_forward_passes.png``, ``training_curves.png``, a
     ``kv_cosine_<name>_seed<N>.png`` per run folder with a ``kv_cosine.json`` and, where runs wrote
     their instruments, ``instruments.png``, ``logit_lens_slots.png`` and ``selector_keeps.png``.
@@ -1254,6 +1255,13 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, names:
             w.writerow([r["name"], r["seed"], r["dataset"], r["state"], r["step"], r["max_steps"], mode, m.get("accuracy"),
                         m.get("forward_passes"), r["last_metrics"].get("loss"), r["error"], r["path"]])
     text("runs.csv", buf.getvalue())
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["name", "seed", "dataset", "mode", "step", "accuracy"])
+    for r in runs:
+        for mode, points in sorted(r.get("curves", {}).items()):
+            w.writerows([r["name"], r["seed"], r["dataset"], mode, step, acc] for step, acc in points)
+    text("curves.csv", buf.getvalue())
     markdown = to_report_markdown(runs, rows, verdicts, names)
     secondary = check_claims(area_rows(rows), names)
     if any(r["by_seed"] for r in area_rows(rows)):
