@@ -293,7 +293,8 @@ def run_benchmark(args) -> dict:
         flipped = objective.make_batch(encs, at_step)
     finally:
         cfg.train.shared_prefix = shared
-    flipped = {**flipped, "teacher": to_device(flipped["teacher"], device), "student": to_device(flipped["student"], device)}
+    flipped = {**flipped, "teacher": to_device(flipped["teacher"], device),
+               "student": to_device(flipped["student"], device)}
     flip_name = "kava_unshared" if shared else "kava_shared"
 
     def step_kava_flipped(backward=True):
@@ -467,8 +468,9 @@ def report(r: dict) -> str:
     if s.get("teacher_graph_over_kava") is not None:
         lines.append(f"  (c) with the teacher's graph kept (teacher_ce = 0, the old behaviour): {s['teacher_graph_over_kava']:+.1%} over (c)")
     if s.get("shared_over_unshared") is not None:
-        lines.append(f"  train.shared_prefix (the question encoded once, this run's (c) {'with' if s['shared_prefix'] else 'without'} "
-                     f"it): step time shared / unshared {s['shared_over_unshared']:.3f}")
+        way = "with" if s["shared_prefix"] else "without"
+        lines.append(f"  train.shared_prefix (the question encoded once, this run's (c) {way} it): "
+                     f"step time shared / unshared {s['shared_over_unshared']:.3f}")
     lines += ["", "decoding (same batch, greedy with the KV cache)"]
     i = r["inference"]
     for name in ("latent", "cot"):

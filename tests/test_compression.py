@@ -257,7 +257,8 @@ def _rkv_pooled_reference(keys, queries, cot_mask, answer_mask, lam, kernel=7, t
         for h in range(h_kv):
             k = keys[i, h, cols].double()
             # importance: max over the group's query heads of the logits, softmax, mean, max-pool
-            logits = torch.stack([torch.stack([queries[i, h * g + j, a].double() @ k.T for a in rows]) for j in range(g)])
+            logits = torch.stack([torch.stack([queries[i, h * g + j, a].double() @ k.T for a in rows])
+                                  for j in range(g)])
             probs = torch.softmax(logits.max(0).values / math.sqrt(d), -1).mean(0)  # [C]
             full = torch.zeros(n, dtype=torch.float64)
             full[cols] = probs

@@ -50,7 +50,8 @@ def _setup(arch, shared, examples=MIXED, bos=False, **sections):
 def _step(arch, shared, **kw):
     cfg, model, obj, encs = _setup(arch, shared, **kw)
     calls = []
-    hook = model.decoder.register_forward_hook(lambda m, a, k, o: calls.append(k["inputs_embeds"].shape[1]), with_kwargs=True)
+    hook = model.decoder.register_forward_hook(lambda m, a, k, o: calls.append(k["inputs_embeds"].shape[1]),
+                                               with_kwargs=True)
     batch = obj.make_batch(encs)
     try:
         loss, metrics = obj(batch)

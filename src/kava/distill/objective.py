@@ -161,7 +161,8 @@ class Objective(nn.Module):
         sb = student_batch(encs, self.pad_id, self.model.bot_id, self.model.eot_id, lat.num_latents,
                            stage=seq_stage, latents_per_step=self.cfg.curriculum.latents_per_step)
         share = self.cfg.train.shared_prefix and self.runs_teacher()
-        tb = teacher_batch(encs, self.pad_id, with_cot=True, drop_last_step=self.cfg.loss.drop_last_step, question_left=share)
+        drop = self.cfg.loss.drop_last_step
+        tb = teacher_batch(encs, self.pad_id, with_cot=True, drop_last_step=drop, question_left=share)
         if share and not shares_question(tb, sb):
             self._say_once("train.shared_prefix: the teacher's and the student's sequences do not start with the same "
                            "question tokens here; encoding the question in each mode instead")
@@ -207,7 +208,8 @@ class Objective(nn.Module):
             question = encode_prefix(self.model, sb["prefix_ids"][:, :q], sb["prefix_mask"][:, :q])
         teacher = None
         if self.runs_teacher():
-            teacher = self.teacher_pass(tb, for_targets=src.needs_teacher_pass and src.kv_from_teacher_pass, question=question)
+            own_targets = src.needs_teacher_pass and src.kv_from_teacher_pass
+            teacher = self.teacher_pass(tb, for_targets=own_targets, question=question)
         student = self.student_pass(sb, question=question)
         lat_ce = self.latent_ce(student, sb) if lc.latent_ce > 0 else None
         states = self.student_states(sb, student)

@@ -63,7 +63,8 @@ class PrefixCache:
         return new
 
 
-def encode_prefix(model: KavaModel, ids: torch.Tensor, mask: torch.Tensor, embeds: torch.Tensor | None = None) -> PrefixCache:
+def encode_prefix(model: KavaModel, ids: torch.Tensor, mask: torch.Tensor,
+                  embeds: torch.Tensor | None = None) -> PrefixCache:
     """One decoder pass over the left-padded question ``ids [B, Q]`` (``embeds``: its input
     embeddings, when already computed)."""
     cache = DynamicCache()
