@@ -286,7 +286,27 @@ def run_benchmark(args) -> dict:
             t.grad = None
         zero()
 
+    # (c) with train.shared_prefix the other way round (the question encoded once / in each mode).
+    shared = cfg.train.shared_prefix
+    cfg.train.shared_prefix = not shared
+    try:
+        flipped = objective.make_batch(encs, at_step)
+    finally:
+        cfg.train.shared_prefix = shared
+    flipped = {**flipped, "teacher": to_device(flipped["teacher"], device),
+               "student": to_device(flipped["student"], device)}
+    flip_name = "kava_unshared" if shared else "kava_shared"
+
+    def step_kava_flipped(backward=True):
+        with autocast():
+            loss, _ = objective(flipped)
+        if backward:
+            loss.backward()
+            zero()
+
     fns = {"cot": step_cot, "passes": step_passes, "kava": step_kava}
+    if "question_len" in flipped["teacher"] or "question_len" in tb:  # (the step runs a teacher pass)
+        fns[flip_name] = step_kava_flipped
     graph_free = not objective.teacher_needs_graph()
     if graph_free:
         fns["kava_teacher_graph"] = step_kava_teacher_graph
@@ -333,6 +353,10 @@ def run_benchmark(args) -> dict:
         "other_overhead_s": med["kava"] - med["passes"] - sel_s - med["losses"],
         # loss.teacher_ce = 0: the full step with the teacher's graph kept (as before it was dropped), over (c).
         "teacher_graph_over_kava": med["kava_teacher_graph"] / med["kava"] - 1.0 if graph_free else None,
+        # train.shared_prefix: the step with the question encoded once over the step encoding it in each mode.
+        "shared_prefix": shared,
+        "shared_over_unshared": None if flip_name not in med else
+        (med["kava"] / med[flip_name] if shared else med[flip_name] / med["kava"]),
     }
 
     # --- inference: latent vs CoT decoding, with evaluation's own decoding ---
@@ -443,6 +467,10 @@ def report(r: dict) -> str:
     ]
     if s.get("teacher_graph_over_kava") is not None:
         lines.append(f"  (c) with the teacher's graph kept (teacher_ce = 0, the old behaviour): {s['teacher_graph_over_kava']:+.1%} over (c)")
+    if s.get("shared_over_unshared") is not None:
+        way = "with" if s["shared_prefix"] else "without"
+        lines.append(f"  train.shared_prefix (the question encoded once, this run's (c) {way} it): "
+                     f"step time shared / unshared {s['shared_over_unshared']:.3f}")
     lines += ["", "decoding (same batch, greedy with the KV cache)"]
     i = r["inference"]
     for name in ("latent", "cot"):

@@ -240,3 +240,113 @@ def test_shuffled_flags_examples_that_have_no_other_example():
     assert not c.valid.any()
     idx, valid = select("shuffled", keys[0], torch.randn(2, 1, 1, 2), cot, torch.ones(2, 1, dtype=torch.bool), 2, source_ids=["q", "q"])
     assert not valid.any()
+
+
+# --- rkv_pooled: R-KV as its authors' code scores it ----------------------------------
+
+
+def _rkv_pooled_reference(keys, queries, cot_mask, answer_mask, lam, kernel=7, threshold=0.5):
+    """The authors' algorithm written out, one example and KV head at a time, on that example's
+    valid CoT keys and answer queries alone (loops, no masking tricks)."""
+    b, h_kv, n, d = keys.shape
+    g = queries.shape[1] // h_kv
+    out = torch.zeros(b, h_kv, n)
+    for i in range(b):
+        cols = [c for c in range(n) if cot_mask[i, c]]
+        rows = [a for a in range(queries.shape[2]) if answer_mask[i, a]]
+        for h in range(h_kv):
+            k = keys[i, h, cols].double()
+            # importance: max over the group's query heads of the logits, softmax, mean, max-pool
+            logits = torch.stack([torch.stack([queries[i, h * g + j, a].double() @ k.T for a in rows])
+                                  for j in range(g)])
+            probs = torch.softmax(logits.max(0).values / math.sqrt(d), -1).mean(0)  # [C]
+            full = torch.zeros(n, dtype=torch.float64)
+            full[cols] = probs
+            pooled = torch.tensor([max(full[max(0, c - kernel // 2) : c + kernel // 2 + 1]) for c in range(n)])
+            # redundancy: cosine matrix, diagonal 0, each row's last similar entry 0, column mean, softmax
+            u = k / k.norm(dim=-1, keepdim=True)
+            sim = u @ u.T
+            sim.fill_diagonal_(0.0)
+            for r in range(len(cols)):
+                similar = [c for c in range(len(cols)) if c != r and sim[r, c] > threshold]
+                if similar:
+                    sim[r, similar[-1]] = 0.0
+            red = torch.softmax(sim.mean(0), -1)
+            for j, c in enumerate(cols):
+                out[i, h, c] = lam * pooled[c] - (1 - lam) * red[j]
+    return out
+
+
+@pytest.mark.parametrize("lam", [0.1, 0.0, 1.0, 0.5])
+def test_rkv_pooled_matches_the_algorithm_written_out(lam):
+    from kava.distill.compression import rkv_pooled_scores
+
+    torch.manual_seed(3)
+    b, h_kv, g, n, a, d = 3, 2, 2, 14, 4, 8
+    keys = torch.randn(b, h_kv, n, d)
+    keys[:, :, 6] = keys[:, :, 3] + 0.05 * torch.randn(b, h_kv, d)  # near-copies, so the threshold rule acts
+    keys[:, :, 9] = keys[:, :, 3] + 0.05 * torch.randn(b, h_kv, d)
+    queries = torch.randn(b, h_kv * g, a, d)
+    cot = torch.zeros(b, n, dtype=torch.bool)
+    cot[0, 2:12] = True
+    cot[1, 0:14] = True
+    cot[2, 3:8] = True
+    ans = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.bool)
+    got = rkv_pooled_scores(keys, queries, cot, ans, lam)
+    want = _rkv_pooled_reference(keys, queries, cot, ans, lam)
+    torch.testing.assert_close(got * cot[:, None], want.float(), rtol=1e-5, atol=1e-6)
+
+
+def test_rkv_pooled_spreads_attention_over_seven_neighbours():
+    from kava.distill.compression import pooled_attention_importance
+
+    n, d = 16, 4
+    keys = torch.zeros(1, 1, n, d)
+    keys[0, 0, 8, 0] = 10.0  # the one key the query attends to
+    queries = torch.zeros(1, 1, 1, d)
+    queries[0, 0, 0, 0] = 10.0
+    cot = torch.ones(1, n, dtype=torch.bool)
+    imp = pooled_attention_importance(keys, queries, cot, torch.ones(1, 1, dtype=torch.bool))[0, 0]
+    peak = imp[8]
+    assert torch.allclose(imp[5:12], peak.expand(7)) and peak > 0.9
+    assert (imp[:5] < 0.01).all() and (imp[12:] < 0.01).all()
+    unpooled = pooled_attention_importance(keys, queries, cot, torch.ones(1, 1, dtype=torch.bool), kernel=1)[0, 0]
+    assert unpooled[8] == peak and (unpooled[7] < 0.01)
+
+
+def test_rkv_pooled_keeps_the_latest_of_near_copies_where_rkv_does_not_look_at_time():
+    from kava.distill.compression import retained_redundancy, select
+
+    n, d = 8, 8
+    keys = torch.eye(d)[None, None, :n].clone()  # orthogonal keys ...
+    for c in (1, 3, 6):  # ... but three copies of one key
+        keys[0, 0, c] = torch.eye(d)[0] + torch.eye(d)[7] * 0.01
+    cot = torch.ones(1, n, dtype=torch.bool)
+    red = retained_redundancy(keys, cot)[0, 0]
+    # Column 6 lost rows 1 and 3 (it is their last similar key), column 3 lost row 6, column 1 nothing.
+    assert red[6] < red[3] < red[1]
+    idx, valid = select("rkv_pooled", keys, None, cot, None, 6, lam=0.0)
+    kept = set(idx[0, 0][valid[0, 0]].tolist())
+    assert 6 in kept and 1 not in kept  # of the copies, the latest stays
+    # kava's rkv gives the three copies one score: no copy is preferred for being the latest.
+    from kava.distill.compression import redundancy_scores
+
+    r = redundancy_scores(keys, cot)[0, 0]
+    assert torch.allclose(r[1], r[6]) and torch.allclose(r[3], r[6])
+
+
+def test_rkv_pooled_never_keeps_padding_and_rkv_is_unchanged():
+    from kava.distill.compression import get_selector, rkv_scores
+
+    torch.manual_seed(0)
+    keys, queries = torch.randn(2, 2, 10, 4), torch.randn(2, 4, 3, 4)
+    cot = torch.zeros(2, 10, dtype=torch.bool)
+    cot[0, 1:4] = True
+    cot[1, 2:9] = True
+    ans = torch.ones(2, 3, dtype=torch.bool)
+    idx, valid = get_selector("rkv_pooled", 0.1).select(keys, queries, cot, ans, 5)
+    assert valid[0].sum(-1).tolist() == [3, 3] and valid[1].all()
+    assert all(bool(cot[i, idx[i][valid[i]]].all()) for i in range(2))
+    sel = get_selector("rkv", 0.1)
+    assert type(sel).__name__ == "RKVSelector" and sel.name == "rkv"
+    torch.testing.assert_close(sel.score(keys, queries, cot, ans, 5), rkv_scores(keys, queries, cot, ans, 0.1))

@@ -170,3 +170,38 @@ def test_teacher_mode_trains_and_is_evaluated_in_cot_mode(tmp_path):
     res = train(cfg)
     assert list(res["eval"]) == ["cot"] and res["eval"]["cot"]["n"] == 16
     assert not (tmp_path / "teacher" / "kv_cosine.json").exists()
+
+
+def test_fused_adamw_makes_the_for_loop_updates_to_rounding(tmp_path):
+    """train.fused_optimizer: the fused kernel is used on this CPU, and four steps end at the
+    for-loop AdamW's weights to float rounding."""
+    from kava.training.loop import set_up
+
+    weights = {}
+    for fused in (True, False):
+        cfg = _cfg(tmp_path, f"fused-{fused}", train={"max_steps": 4, "save_every": 2, "fused_optimizer": fused})
+        run = set_up(cfg)
+        assert bool(run.optimizer.optimizer.param_groups[0]["fused"]) is fused
+        train(cfg)
+        for step in (2, 4):
+            weights[fused, step] = checkpoint_tensors(tmp_path / f"fused-{fused}" / f"checkpoint-{step}")
+    for step in (2, 4):
+        assert weights[True, step].keys() == weights[False, step].keys()
+        for k, v in weights[False, step].items():
+            torch.testing.assert_close(weights[True, step][k], v, rtol=1e-5, atol=1e-6, msg=k)
+    # The steps between the two checkpoints did move the weights.
+    assert any(not torch.equal(v, weights[False, 2][k]) for k, v in weights[False, 4].items())
+
+
+def test_fused_adamw_falls_back_where_torch_has_no_kernel(caplog):
+    from kava.training.loop import fused_unsupported, make_optimizer
+
+    p = torch.nn.Parameter(torch.randn(3, 3))
+    assert fused_unsupported([p]) is None
+    assert make_optimizer([{"params": [p]}], 1e-3, 0.0).param_groups[0]["fused"] is True
+    meta = torch.nn.Parameter(torch.randn(3, 3, device="meta"))
+    assert "meta" in fused_unsupported([p, meta])
+    with caplog.at_level("INFO", logger="kava.train"):
+        opt = make_optimizer([{"params": [meta]}], 1e-3, 0.0)
+    assert not opt.param_groups[0]["fused"] and "for-loop AdamW" in caplog.text
+    assert not make_optimizer([{"params": [p]}], 1e-3, 0.0, fused=False).param_groups[0]["fused"]

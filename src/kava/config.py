@@ -265,6 +265,13 @@ class TrainConfig:
     lr: float = _f(8e-4, "peak learning rate")
     projection_lr: float = _f(0.0, "learning rate of the projection MLP (0: lr)")
     weight_decay: float = _f(0.1, "AdamW weight decay")
+    shared_prefix: bool = _f(False, "kava mode: encode the question once per example and run the teacher's C A "
+                             "and the student's passes from its cache (one backward through it); the same loss "
+                             "and gradients to rounding without dropout (with it: one dropout draw on the question "
+                             "for both modes; the random selector draws per column, so it keeps other positions)")
+    fused_optimizer: bool = _f(True, "AdamW's fused kernel where torch has one for every parameter's device and "
+                               "dtype (CPU, CUDA), else the for-loop AdamW; the same updates to rounding. "
+                               "false: always the for-loop one")
     warmup_steps: int = _f(0, "linear warm-up steps (overrides warmup_ratio when > 0)")
     warmup_ratio: float = _f(0.03, "warm-up as a fraction of max_steps")
     lr_schedule: str = _f("cosine", "learning-rate schedule after warm-up: cosine (to 0) or constant")

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 __all__ = ["CODI_LOSSES", "COMPRESSION_METHODS", "KV_LOSSES"]
 
-COMPRESSION_METHODS = ("none", "rkv", "attention", "redundancy", "right_crop", "last", "stride", "random", "mean_pool", "shuffled",
-                       "slot_mean", "gaussian", "counterfactual", "oracle")
+COMPRESSION_METHODS = ("none", "rkv", "rkv_pooled", "attention", "redundancy", "right_crop", "last", "stride", "random",
+                       "mean_pool", "shuffled", "slot_mean", "gaussian", "counterfactual", "oracle")
 """``loss.compression``: no KV loss, or a teacher-cache selector of :data:`kava.distill.compression.SELECTORS`."""
 
 KV_LOSSES = ("l1", "mse", "smooth_l1", "cosine")

@@ -176,8 +176,15 @@ def teacher_steps(enc: Encoded, drop_last_step: bool) -> list[list[int]]:
     return enc.steps[:-1] if drop_last_step and len(enc.steps) > 1 else enc.steps
 
 
-def teacher_batch(encs: list[Encoded], pad_id: int, *, with_cot: bool = True, drop_last_step: bool = False) -> dict:
+def teacher_batch(encs: list[Encoded], pad_id: int, *, with_cot: bool = True, drop_last_step: bool = False,
+                  question_left: bool = False) -> dict:
     """Right-padded ``Q C A`` (or ``Q A`` with ``with_cot=False``) with exact spans.
+
+    ``question_left``: the question left-padded to the batch's longest one, as in the student's
+    prefix (:func:`student_batch`), then ``C A`` right-padded: every question ends at column
+    ``question_len - 1`` (returned), so one pass over the question serves both modes. Spans and
+    masks follow the padding; positions come from the attention mask, so each example's
+    outputs are the same in both layouts.
 
     Returns ``input_ids``, ``attention_mask``, ``labels`` (aligned: CE on C and A) and
     ``label_index`` (the flat positions that carry a label, see :func:`label_index`),
@@ -186,10 +193,12 @@ def teacher_batch(encs: list[Encoded], pad_id: int, *, with_cot: bool = True, dr
     ``token_type`` (the :data:`TOKEN_TYPES` code of each CoT token, -1 elsewhere and wherever the
     encoder did not know it).
     """
-    rows, labels, cot_step, answer_pos, distill, types = [], [], [], [], [], []
+    rows, labels, cot_step, answer_pos, distill, types, valid = [], [], [], [], [], [], []
+    q_len = max((len(e.question) for e in encs), default=0) if question_left else 0
     for e in encs:
         steps = teacher_steps(e, drop_last_step) if with_cot else []
-        seq = list(e.question)
+        lead = q_len - len(e.question) if question_left else 0  # left padding before the question
+        seq = [pad_id] * lead + list(e.question)
         step_ids = [-1] * len(seq)
         type_ids = [-1] * len(seq)
         for s, ids in enumerate(steps):
@@ -202,21 +211,23 @@ def teacher_batch(encs: list[Encoded], pad_id: int, *, with_cot: bool = True, dr
         step_ids += [-1] * (len(seq) - a0)
         type_ids += [-1] * (len(seq) - a0)
         types.append(type_ids)
-        learn_from = len(e.question)  # first token that is predicted
+        learn_from = lead + len(e.question)  # first token that is predicted
         lab = [IGNORE] * len(seq)
         for i in range(learn_from - 1, len(seq) - 1):
             lab[i] = seq[i + 1]
         rows.append(seq)
+        valid.append([0] * lead + [1] * (len(seq) - lead))
         labels.append(lab)
         cot_step.append(step_ids)
         answer_pos.append(list(range(a0, len(seq))))
         distill.append(a0 + len(e.answer_prefix) - 1)
     ids = _pad_right(rows, pad_id)
-    mask = _pad_right([[1] * len(r) for r in rows], 0).bool()
+    mask = _pad_right(valid, 0).bool()
     apos = _pad_right(answer_pos, 0)
     avalid = _pad_right([[1] * len(p) for p in answer_pos], 0).bool()
     lab = _pad_right(labels, IGNORE)
-    return {
+    out = {"question_len": q_len} if question_left else {}
+    return out | {
         "input_ids": ids,
         "attention_mask": mask,
         "labels": lab,

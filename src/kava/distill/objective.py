@@ -15,6 +15,7 @@ A KaVa step is :meth:`Objective.teacher_pass` (once, and only when something nee
 
 from __future__ import annotations
 
+import logging
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
@@ -27,10 +28,25 @@ from .. import losses
 from ..config import KavaConfig
 from ..data.sequences import Encoded, latent_count, student_batch, teacher_batch, to_device
 from ..model.backbone import KavaModel
-from ..model.latent import LatentState, cache_span, final_pass, positions, run_latents
+from ..model.latent import LatentState, PrefixCache, cache_span, encode_prefix, final_pass, positions, run_latents
 from ..model.teacher import TeacherOutput, rope_at, teacher_forward, undo_rope
 from .compression import Compressed, compress_cache, get_selector
 from .targets import Request, Student, TargetSource, TeacherSet, Terms, build_source
+
+
+log = logging.getLogger("kava.train")
+
+
+def shares_question(tb: dict, sb: dict) -> bool:
+    """Whether a question-left teacher batch (``question_len`` columns of question) and a student
+    batch begin with the same tokens and padding, the student's prefix being that question and
+    one ``<bot>``: the condition for encoding the question once (``train.shared_prefix``)."""
+    q = tb["question_len"]
+    p = sb["prefix_ids"]
+    return (p.shape[1] == q + 1 and tb["input_ids"].shape[1] >= q
+            and torch.equal(tb["attention_mask"][:, :q], sb["prefix_mask"][:, :q])
+            and torch.equal(torch.where(sb["prefix_mask"][:, :q], p[:, :q], -1),
+                            torch.where(tb["attention_mask"][:, :q], tb["input_ids"][:, :q], -1)))
 
 
 @dataclass
@@ -87,6 +103,7 @@ class Objective(nn.Module):
         # Where the targets come from: the own teacher pass, an offline cache (``loss.teacher_cache``)
         # or other teachers (``teachers.models``).
         self.source: TargetSource = build_source(model, cfg)
+        self._said: set[str] = set()  # warnings already logged (once per run)
 
     @property
     def teachers(self) -> TeacherSet | None:
@@ -141,20 +158,26 @@ class Objective(nn.Module):
         stage = self.stage_at(step)
         seq_stage = self.sequence_stage(stage)
         lat = self.cfg.latent
-        batch = {
-            "stage": stage,
-            "sequence_stage": seq_stage,
-            "source_ids": [e.source_id for e in encs],
-            "teacher": teacher_batch(encs, self.pad_id, with_cot=True, drop_last_step=self.cfg.loss.drop_last_step),
-            "student": student_batch(
-                encs, self.pad_id, self.model.bot_id, self.model.eot_id, lat.num_latents,
-                stage=seq_stage, latents_per_step=self.cfg.curriculum.latents_per_step,
-            ),
-        }
+        sb = student_batch(encs, self.pad_id, self.model.bot_id, self.model.eot_id, lat.num_latents,
+                           stage=seq_stage, latents_per_step=self.cfg.curriculum.latents_per_step)
+        share = self.cfg.train.shared_prefix and self.runs_teacher()
+        drop = self.cfg.loss.drop_last_step
+        tb = teacher_batch(encs, self.pad_id, with_cot=True, drop_last_step=drop, question_left=share)
+        if share and not shares_question(tb, sb):
+            self._say_once("train.shared_prefix: the teacher's and the student's sequences do not start with the same "
+                           "question tokens here; encoding the question in each mode instead")
+            tb = teacher_batch(encs, self.pad_id, with_cot=True, drop_last_step=self.cfg.loss.drop_last_step)
+        batch = {"stage": stage, "sequence_stage": seq_stage, "source_ids": [e.source_id for e in encs], "teacher": tb,
+                 "student": sb}
         inputs = self.source.inputs(encs)  # other teachers' batches, in their own tokenization
         if inputs is not None:
             batch["external"] = inputs
         return batch
+
+    def _say_once(self, message: str) -> None:
+        if message not in self._said:
+            self._said.add(message)
+            log.warning("%s", message)
 
     # --- loss ------------------------------------------------------------------------
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -178,11 +201,17 @@ class Objective(nn.Module):
         Metrics are detached 0-dim tensors: read them once per logging step, not per step."""
         lc = self.cfg.loss
         src = self.source
+        # train.shared_prefix: the question, encoded once, is where both modes start.
+        question = None
+        if "question_len" in tb and self.runs_teacher():
+            q = tb["question_len"]
+            question = encode_prefix(self.model, sb["prefix_ids"][:, :q], sb["prefix_mask"][:, :q])
         teacher = None
         if self.runs_teacher():
-            teacher = self.teacher_pass(tb, for_targets=src.needs_teacher_pass and src.kv_from_teacher_pass,
-                                        for_scale=src.needs_teacher_pass and lc.layer_std)
-        student = self.student_pass(sb)
+            own_targets = src.needs_teacher_pass and src.kv_from_teacher_pass
+            teacher = self.teacher_pass(tb, for_targets=own_targets, for_scale=src.needs_teacher_pass and lc.layer_std,
+                                        question=question)
+        student = self.student_pass(sb, question=question)
         lat_ce = self.latent_ce(student, sb) if lc.latent_ce > 0 else None
         states = self.student_states(sb, student)
         request = self.request(tb, teacher, external, sequence_stage, sb["num_latents"], source_ids)
@@ -204,21 +233,26 @@ class Objective(nn.Module):
         """The CE of one plain pass over ``tb`` (``cot``, ``nocot`` and ``teacher`` modes)."""
         return teacher_forward(self.model, tb, want_queries=False, want_cache=False).ce
 
-    def teacher_pass(self, tb: dict, for_targets: bool = True, for_scale: bool = False) -> TeacherOutput:
+    def teacher_pass(self, tb: dict, for_targets: bool = True, for_scale: bool = False,
+                     question: PrefixCache | None = None) -> TeacherOutput:
         """The student's own teacher pass over ``Q C A``: its CE and CODI hidden states and,
         when the run has a KV loss, its KV cache when its targets are used (``for_targets``, then
         also the answer queries the selector needs) or only its KV loss normaliser (``for_scale``,
-        :meth:`kv_scale`). Without an autograd graph unless :meth:`teacher_needs_graph`."""
+        :meth:`kv_scale`). Without an autograd graph unless :meth:`teacher_needs_graph`.
+        ``question``: ``Q`` already encoded (``train.shared_prefix``)."""
         kv = self.selector is not None
         queries = kv and for_targets and self.selector.needs_queries
         with nullcontext() if self.teacher_needs_graph() else torch.no_grad():
-            return teacher_forward(self.model, tb, want_queries=queries, want_cache=kv and (for_targets or for_scale))
+            return teacher_forward(self.model, tb, want_queries=queries, want_cache=kv and (for_targets or for_scale),
+                                   question=question)
 
-    def student_pass(self, sb: dict) -> StudentPass:
+    def student_pass(self, sb: dict, question: PrefixCache | None = None) -> StudentPass:
         """The student's latent passes (T Jacobi or M sequential) and its final pass over
-        ``<eot> ...``, with its CE on the suffix."""
+        ``<eot> ...``, with its CE on the suffix. ``question``: the prefix's question already
+        encoded (``train.shared_prefix``)."""
         model, lat = self.model, self.cfg.latent
-        state = run_latents(model, sb["prefix_ids"], sb["prefix_mask"], sb["num_latents"], lat.scheme, lat.iterations)
+        state = run_latents(model, sb["prefix_ids"], sb["prefix_mask"], sb["num_latents"], lat.scheme, lat.iterations,
+                            suffix_ids=sb["suffix_ids"], question=question)
         out, mask, k = final_pass(model, state, sb["suffix_ids"], sb["suffix_mask"], output_hidden_states=True)
         suffix = out.last_hidden_state[:, k:]
         ce = losses.labelled_ce(model.lm_head, suffix, sb["suffix_labels"], sb.get("suffix_label_index"))
@@ -315,7 +349,7 @@ class Objective(nn.Module):
                                       types)
             # Score on the cached (post-RoPE) keys, but carry RoPE-free keys through the same
             # gather / pooling / shuffling by packing them beside the values.
-            pos = torch.arange(keys.shape[3], device=cot.device)[None].expand(cot.shape[0], -1)
+            pos = positions(tb["attention_mask"])  # (the question may be left-padded: train.shared_prefix)
             packed = torch.cat([values, self.unrotate(keys, pos, model)], -1)
             c = compress_cache(selector, keys, packed, teacher.queries, cot, answer_valid, m, self.generator, source_ids, types)
             d = values.shape[-1]
@@ -334,8 +368,7 @@ class Objective(nn.Module):
         cot = compressed_positions(tb, stage)
         keys = teacher.keys
         if self.cfg.loss.rope == "pre":
-            pos = torch.arange(keys.shape[3], device=cot.device)[None].expand(cot.shape[0], -1)
-            keys = self.unrotate(keys, pos, model)
+            keys = self.unrotate(keys, positions(tb["attention_mask"]), model)  # (a question may be left-padded)
         return losses.kv_scale(keys, teacher.values, cot[None, :, None, :])
 
     def unrotate(self, keys: torch.Tensor, pos: torch.Tensor, model: KavaModel | None = None) -> torch.Tensor:

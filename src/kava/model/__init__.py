@@ -33,7 +33,7 @@ from .checkpoints import (
     latest_checkpoint,
     weight_files,
 )
-from .latent import LatentState, cache_span, final_pass, positions, run_latents
+from .latent import LatentState, PrefixCache, cache_span, encode_prefix, final_pass, positions, run_latents
 from .recompute import enable_checkpointing
 from .teacher import TeacherOutput, capture_answer_queries, teacher_forward
 from .tokenizer import build_synthetic_tokenizer
@@ -50,6 +50,7 @@ __all__ = [
     "LatentProjection",
     "LatentState",
     "ModelLoadError",
+    "PrefixCache",
     "TeacherOutput",
     "add_latent_tokens",
     "apply_adapter",
@@ -62,6 +63,7 @@ __all__ = [
     "checkpoint_layout",
     "checkpoint_tensors",
     "enable_checkpointing",
+    "encode_prefix",
     "fast_trainable_tokens",
     "final_pass",
     "find_checkpoint",

@@ -312,12 +312,12 @@ class KavaModel(nn.Module):
         return mods
 
     def run(self, inputs_embeds, attention_mask, position_ids, cache, output_hidden_states: bool = False):
-        """One decoder pass (no LM head); extends ``cache`` in place."""
+        """One decoder pass (no LM head); extends ``cache`` in place (None: no cache is built)."""
         return self.decoder(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask.long(),
             position_ids=position_ids,
-            use_cache=True,
+            use_cache=cache is not None,
             output_hidden_states=output_hidden_states,
             **{_CACHE_KW: cache},
         )

@@ -11,7 +11,7 @@ import torch
 from transformers import DynamicCache
 
 from .. import losses
-from .latent import cache_span, positions
+from .latent import PrefixCache, cache_span, positions
 from .backbone import KavaModel
 
 
@@ -103,30 +103,44 @@ class TeacherOutput:
 
 
 def teacher_forward(model: KavaModel, batch: dict, want_queries: bool, want_cache: bool = True, want_ce: bool = True,
-                    want_logits: bool = False) -> TeacherOutput:
+                    want_logits: bool = False, question: PrefixCache | None = None) -> TeacherOutput:
     """Run the teacher once over ``batch`` (from :func:`kava.data.sequences.teacher_batch`).
 
     ``want_ce``: the CE on ``batch["labels"]``, with the LM head applied at the labelled
     positions only (the question carries no labels; at a large vocabulary the head over every
     position is most of the teacher's head work). ``want_logits``: also the logits of every
-    position (for inspection and tests; training never needs them).
+    position (for inspection and tests; training never needs them). ``want_cache``: the KV
+    cache of every position (without it none is built). ``question``: the batch's first
+    ``question.length`` columns (its left-padded question, ``teacher_batch(question_left=True)``)
+    already encoded (:func:`kava.model.latent.encode_prefix`): the pass reads the rest, ``C A``,
+    from a fork of that cache; outputs cover the whole sequence as without it.
     """
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    cache = DynamicCache()
+    q = 0
+    if question is not None:
+        q = question.length
+        if batch.get("question_len") != q:
+            raise ValueError(f"the teacher batch's question spans {batch.get('question_len')} columns, the encoded "
+                             f"question {q}: build it with teacher_batch(question_left=True)")
+    cache = question.fork() if question is not None else DynamicCache() if want_cache else None
     store: list = []
-    embeds = model.embed(ids)
+    embeds = model.embed(ids[:, q:] if q else ids)
+    pos = positions(mask)[:, q:] if q else positions(mask)
     if want_queries:
-        with capture_answer_queries(model, batch["answer_pos"], store):
-            out = model.run(embeds, mask, positions(mask), cache, output_hidden_states=True)
+        answer_pos = (batch["answer_pos"] - q).clamp_min(0)  # (padded entries are masked by answer_valid)
+        with capture_answer_queries(model, answer_pos, store):
+            out = model.run(embeds, mask, pos, cache, output_hidden_states=True)
     else:
-        out = model.run(embeds, mask, positions(mask), cache, output_hidden_states=True)
+        out = model.run(embeds, mask, pos, cache, output_hidden_states=True)
     last = out.last_hidden_state
+    if q:  # the question's own states: the last of them predicts the first CoT token
+        last = torch.cat([question.hidden, last], 1)
     ce = losses.labelled_ce(model.lm_head, last, batch["labels"], batch.get("label_index")) if want_ce else None
     logits = model.lm_head(last) if want_logits else None
-    pos = batch["distill_pos"]
+    at = batch["distill_pos"]
     rows = torch.arange(ids.shape[0], device=ids.device)
-    hidden = torch.stack([h[rows, pos] for h in out.hidden_states[1:]]).detach()  # [L, B, D]
-    acc = losses.answer_accuracy(model.lm_head, last[rows, pos], batch["labels"][rows, pos]) if want_ce else None
+    hidden = torch.stack([h[rows, at - q] for h in out.hidden_states[1:]]).detach()  # [L, B, D]
+    acc = losses.answer_accuracy(model.lm_head, last[rows, at], batch["labels"][rows, at]) if want_ce else None
     keys = values = None
     if want_cache:
         keys, values = cache_span(cache, 0, ids.shape[1])

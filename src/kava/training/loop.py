@@ -256,7 +256,7 @@ def set_up(cfg: KavaConfig) -> Run:
         "report_to": trackers,
     }
     warmup = tc.warmup_steps or int(tc.warmup_ratio * max_steps)
-    optimizer = torch.optim.AdamW(_param_groups(objective, cfg), lr=tc.lr, weight_decay=tc.weight_decay)
+    optimizer = make_optimizer(_param_groups(objective, cfg), tc.lr, tc.weight_decay, fused=tc.fused_optimizer)
     if tc.lr_schedule == "cosine":
         scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, max_steps)
     else:
@@ -544,6 +544,36 @@ class DataOrder:
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "offset": self.offset}
+
+
+def fused_unsupported(params: list[torch.Tensor]) -> str | None:
+    """Why torch's fused AdamW cannot update ``params`` (a device without its kernel, a
+    non-float parameter), or None when it can."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+        devices = set(_get_fused_kernels_supported_devices())
+    except ImportError:  # an older or newer torch without that helper: the two devices known to have it
+        devices = {"cpu", "cuda"}
+    for p in params:
+        if p.device.type not in devices:
+            return f"no fused AdamW kernel for device {p.device.type}"
+        if not torch.is_floating_point(p):
+            return f"a {p.dtype} parameter"
+    return None
+
+
+def make_optimizer(groups: list[dict], lr: float, weight_decay: float, fused: bool = True) -> torch.optim.AdamW:
+    """AdamW over ``groups``: torch's fused kernel when ``fused`` and every parameter allows it
+    (one kernel over all tensors instead of a Python loop over them; the same updates to rounding),
+    else the for-loop AdamW, saying once why. A resumed run keeps the implementation its
+    checkpoint's optimizer state names (torch restores ``fused`` with the param groups)."""
+    if fused:
+        why = fused_unsupported([p for g in groups for p in g["params"]])
+        if why is None:
+            return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=True)
+        log.info("train.fused_optimizer: %s; using the for-loop AdamW", why)
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
 
 
 def _param_groups(objective: Objective, cfg: KavaConfig) -> list[dict]:

@@ -16,10 +16,12 @@ from .content import CounterfactualSelector, OracleSelector
 from .pooled import MeanPoolSelector
 from .positional import FirstSelector, LastSelector, RandomSelector, StrideSelector
 from .rkv import RKVSelector, attention_importance, redundancy_scores, rkv_scores
+from .rkv_pooled import RKVPooledSelector, pooled_attention_importance, retained_redundancy, rkv_pooled_scores
 from .shuffled import GaussianSelector, ShuffledSelector, SlotMeanSelector, batch_moments, partners
 
 SELECTORS: dict[str, Callable[[float], Selector]] = {
     "rkv": lambda lam: RKVSelector(lam=lam),
+    "rkv_pooled": lambda lam: RKVPooledSelector(lam=lam),
     "attention": lambda lam: RKVSelector(lam=1.0, name="attention"),
     "redundancy": lambda lam: RKVSelector(lam=0.0, name="redundancy"),
     "right_crop": lambda lam: FirstSelector(),
@@ -34,6 +36,11 @@ SELECTORS: dict[str, Callable[[float], Selector]] = {
     "oracle": lambda lam: OracleSelector(lam=lam),
 }
 """Every selector by name. ``none`` (no KV loss) is handled by the objective, not here.
+``rkv`` is R-KV as the KaVa paper describes it (softmax over the CoT of the answer attention
+averaged over a GQA group, plus ``softmax(-mean cosine)``), the selection kava's experiments use;
+``rkv_pooled`` is R-KV as its authors' reference code computes it (max over the group's logits,
+attention max-pooled over 7 neighbouring keys, the latest of near-copies kept, the softmax of mean
+similarity subtracted): the R-KV paper's own method, for a user who means the authors' selection.
 ``shuffled``, ``slot_mean`` and ``gaussian`` make an example's targets from the rest of its batch
 (:meth:`Selector.across_batch`); ``counterfactual`` selects on a counterfactual teacher pass;
 ``oracle`` keeps the result tokens."""
@@ -155,6 +162,10 @@ __all__ = [
     "get_selector",
     "redundancy_scores",
     "rkv_scores",
+    "RKVPooledSelector",
+    "pooled_attention_importance",
+    "retained_redundancy",
+    "rkv_pooled_scores",
     "select",
     "top_budget",
 ]

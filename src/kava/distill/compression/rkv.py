@@ -91,7 +91,9 @@ def rkv_scores(
 
 @dataclass
 class RKVSelector(ScoreSelector):
-    """R-KV eviction: ``lam`` weighs answer attention against key redundancy."""
+    """R-KV eviction as the KaVa paper describes it: ``lam`` weighs answer attention against key
+    redundancy. The selection kava's experiments use (unchanged); R-KV's own reference code scores
+    differently, see ``rkv_pooled`` (:mod:`.rkv_pooled`)."""
 
     lam: float = 0.1
     name: str = "rkv"
