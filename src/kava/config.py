@@ -112,6 +112,8 @@ class ModelConfig:
         _check(self.lora_r > 0, "model.lora_r", "must be positive")
         _check(self.lora_alpha > 0, "model.lora_alpha", "must be positive")
         _check(0 <= self.lora_dropout < 1, "model.lora_dropout", "must be in [0, 1)")
+        _check(bool(self.lora_target_modules) and all(isinstance(m, str) and m.strip() for m in self.lora_target_modules),
+               "model.lora_target_modules", f"{self.lora_target_modules!r}: give module names, e.g. [q_proj, v_proj]")
 
 
 @dataclass

@@ -77,6 +77,22 @@ def cmd_config(args) -> int:
     return 0
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (argparse turns the ValueError into one line)."""
+    value = int(text)
+    if not 1 <= value <= 2**31:
+        raise argparse.ArgumentTypeError(f"{text}: expected an integer from 1 to 2^31")
+    return value
+
+
+def count_int(text: str) -> int:
+    """An argparse type: an integer >= 0."""
+    value = int(text)
+    if not 0 <= value <= 2**31:
+        raise argparse.ArgumentTypeError(f"{text}: expected an integer from 0 to 2^31")
+    return value
+
+
 class _Once(argparse.Action):
     """An option that may be given once: a second value is refused, not silently preferred."""
 
@@ -106,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--config", action=_Once, help="with --model: YAML config for the data and decoding (default: the defaults)")
     e.add_argument("--data", help="dataset name or local file (default: the run's data.eval)")
     e.add_argument("--split", help="split of --data")
-    e.add_argument("--limit", type=int, default=0, help="first N examples only")
+    e.add_argument("--limit", type=count_int, default=0, help="first N examples only")
     e.add_argument("--modes", help="comma-separated: student, cot, nocot (default: the run's own mode)")
     e.add_argument("--out", help="folder for predictions and metrics (default: CHECKPOINT/eval, or runs/eval/NAME with --model)")
     e.add_argument("overrides", nargs="*", help="key=value overrides, e.g. eval.batch_size=16")
@@ -115,11 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the embedded CPU demo: CoT, no-CoT, CODI and KaVa (the paper's recipe) on sums of products")
     d.add_argument("--out", default="runs/demo", help="output folder (a relative one goes under $KAVA_OUTPUT_ROOT when set)")
     d.add_argument("--quick", action="store_true", help="a much shorter run (for smoke tests; accuracies mean little)")
-    d.add_argument("--threads", type=int, default=1, help="CPU threads for each training process")
+    d.add_argument("--threads", type=positive_int, default=1, help="CPU threads for each training process")
     d.add_argument(
         "--jobs", type=int, choices=(1, 2), default=None, help="runs side by side (default: cores / threads, at most 2)"
     )
-    d.add_argument("--seed", type=int, default=0, help="seed of every run")
+    d.add_argument("--seed", type=count_int, default=0, help="seed of every run")
     d.set_defaults(func=cmd_demo)
 
     c = sub.add_parser("config", help="list every config field with its default and help, or show a resolved config")
