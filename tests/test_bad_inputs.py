@@ -382,7 +382,7 @@ def test_an_overwrite_that_cannot_start_keeps_the_old_run_and_one_that_can_repla
 def test_a_bound_is_raised_by_the_user(work, capsys):
     cfg = work["cfg"]
     got, err = _kava(["config", "--show", cfg, "eval.batch_size=5000"], capsys)
-    assert got == 2 and "limits.max_batch_size=4096" in _one_error_line(err)
+    assert got == 2 and "limits.max_batch_size=4,096" in _one_error_line(err)
     got, _ = _kava(["config", "--show", cfg, "eval.batch_size=5000", "limits.max_batch_size=8192"], capsys)
     assert got == 0
 

@@ -363,7 +363,8 @@ class LimitsConfig:
 
 
 def _bounded(value: float, bound: float, name: str, limit: str) -> None:
-    _check(value <= bound, name, f"{value:g} is beyond the sanity bound limits.{limit}={bound:g} "
+    shown = (lambda v: f"{v:,}" if isinstance(v, int) else f"{v:g}")  # noqa: E731
+    _check(value <= bound, name, f"{shown(value)} is beyond the sanity bound limits.{limit}={shown(bound)} "
                                  f"(set limits.{limit}=N to raise it if you mean it)")
 
 
