@@ -112,7 +112,8 @@ class ModelConfig:
         _check(self.lora_r > 0, "model.lora_r", "must be positive")
         _check(self.lora_alpha > 0, "model.lora_alpha", "must be positive")
         _check(0 <= self.lora_dropout < 1, "model.lora_dropout", "must be in [0, 1)")
-        _check(bool(self.lora_target_modules) and all(isinstance(m, str) and m.strip() for m in self.lora_target_modules),
+        targets = self.lora_target_modules
+        _check(bool(targets) and all(isinstance(m, str) and m.strip() for m in targets),
                "model.lora_target_modules", f"{self.lora_target_modules!r}: give module names, e.g. [q_proj, v_proj]")
 
 
@@ -343,7 +344,8 @@ class LimitsConfig:
     """Sanity bounds, checked with the rest of the config before anything is loaded or built. A
     value beyond one is refused naming both; raise the bound (``limits.NAME=VALUE``) if you mean it."""
 
-    max_batch_size: int = _f(4096, "largest train.batch_size, train.effective_batch, eval.batch_size, eval.instrument_examples")
+    max_batch_size: int = _f(4096, "largest train.batch_size, train.effective_batch, eval.batch_size, "
+                                   "eval.instrument_examples")
     max_steps: int = _f(10_000_000, "largest train.max_steps (and steps of train.epochs)")
     max_epochs: float = _f(10_000.0, "largest train.epochs")
     max_latents: int = _f(1024, "largest latent.num_latents")
@@ -351,11 +353,13 @@ class LimitsConfig:
     max_width: int = _f(16384, "largest hidden, head, MLP, LoRA, projection and router width of a model")
     max_layers: int = _f(256, "largest model.tiny.num_layers")
     max_positions: int = _f(131072, "largest model.tiny.max_position_embeddings")
-    max_tokens: int = _f(32768, "largest data.max_question_tokens, data.max_cot_tokens, eval.max_new_tokens, eval.max_cot_tokens")
+    max_tokens: int = _f(32768, "largest data.max_question_tokens, data.max_cot_tokens, eval.max_new_tokens, "
+                                "eval.max_cot_tokens")
     max_examples: int = _f(10_000_000, "largest data.synthetic_train_size and data.synthetic_test_size")
     max_threads: int = _f(1024, "largest train.num_threads")
-    memory_fraction: float = _f(0.9, "a model built in code whose rough training footprint (weights, AdamW state, activations) "
-                                     "exceeds this fraction of the machine's RAM is refused (0: no memory check)")
+    memory_fraction: float = _f(0.9, "a model built in code whose rough training footprint (weights, AdamW state, "
+                                     "activations) exceeds this fraction of the machine's RAM is refused "
+                                     "(0: no memory check)")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -376,7 +380,8 @@ def tiny_footprint_bytes(t: TinyModelConfig, batch: int, positions: int, passes:
     vocab = 512  # the synthetic tokenizers hold fewer
     layer = t.hidden_size * head * (2 * t.num_heads + 2 * t.num_kv_heads) + 3 * t.hidden_size * t.intermediate_size
     params = t.num_layers * layer + 2 * vocab * t.hidden_size
-    acts = passes * batch * positions * t.num_layers * (8 * t.hidden_size + 2 * t.intermediate_size + t.num_heads * positions)
+    per_token = 8 * t.hidden_size + 2 * t.intermediate_size + t.num_heads * positions
+    acts = passes * batch * positions * t.num_layers * per_token
     return 16 * params + 4 * acts
 
 
@@ -426,18 +431,21 @@ class KavaConfig:
         for name, v in (("data.max_question_tokens", d.max_question_tokens), ("data.max_cot_tokens", d.max_cot_tokens),
                         ("eval.max_new_tokens", e.max_new_tokens), ("eval.max_cot_tokens", e.max_cot_tokens)):
             _bounded(v, lim.max_tokens, name, "max_tokens")
-        for name, v in (("data.synthetic_train_size", d.synthetic_train_size), ("data.synthetic_test_size", d.synthetic_test_size)):
+        for name, v in (("data.synthetic_train_size", d.synthetic_train_size),
+                        ("data.synthetic_test_size", d.synthetic_test_size)):
             _bounded(v, lim.max_examples, name, "max_examples")
         for name, v in (("model.lora_r", self.model.lora_r), ("latent.projection_hidden", lat.projection_hidden),
                         ("teachers.router_hidden", self.teachers.router_hidden)):
             _bounded(v, lim.max_width, name, "max_width")
         tinies = [("model.tiny", self.model.tiny)] if self.model.name_or_path == "tiny" else []
-        tinies += [(f"teachers.models[{i}].tiny", m.tiny) for i, m in enumerate(self.teachers.models) if m.name_or_path == "tiny"]
+        tinies += [(f"teachers.models[{i}].tiny", m.tiny) for i, m in enumerate(self.teachers.models)
+                   if m.name_or_path == "tiny"]
         for prefix, tiny in tinies:
             for name in ("hidden_size", "intermediate_size", "head_dim"):
                 _bounded(getattr(tiny, name), lim.max_width, f"{prefix}.{name}", "max_width")
             _bounded(tiny.num_layers, lim.max_layers, f"{prefix}.num_layers", "max_layers")
-            _bounded(tiny.max_position_embeddings, lim.max_positions, f"{prefix}.max_position_embeddings", "max_positions")
+            _bounded(tiny.max_position_embeddings, lim.max_positions, f"{prefix}.max_position_embeddings",
+                     "max_positions")
             _check(lat.num_latents + 8 <= tiny.max_position_embeddings, f"{prefix}.max_position_embeddings",
                    f"{tiny.max_position_embeddings} positions cannot hold latent.num_latents={lat.num_latents} latents "
                    "with a question and an answer")
@@ -447,9 +455,11 @@ class KavaConfig:
             positions = min(self.model.tiny.max_position_embeddings, 64 + lat.num_latents)  # a short example
             need = tiny_footprint_bytes(self.model.tiny, t.batch_size, positions, passes)
             _check(need <= lim.memory_fraction * ram, "model.tiny",
-                   f"training this model needs roughly {need / 2**30:,.1f} GiB (hidden_size {self.model.tiny.hidden_size}, "
+                   f"training this model needs roughly {need / 2**30:,.1f} GiB (hidden_size "
+                   f"{self.model.tiny.hidden_size}, "
                    f"{self.model.tiny.num_layers} layers, batch {t.batch_size}), more than limits.memory_fraction="
-                   f"{lim.memory_fraction:g} of this machine's {ram / 2**30:,.1f} GiB (set limits.memory_fraction=0 to skip the check)")
+                   f"{lim.memory_fraction:g} of this machine's {ram / 2**30:,.1f} GiB "
+                   "(set limits.memory_fraction=0 to skip the check)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -474,7 +474,8 @@ def _hub_rows(hub_id: str, config: str | None, split: str, streaming: bool, cach
         return datasets.load_dataset(hub_id, config, split=split, streaming=streaming, cache_dir=cache_dir)
     except (OSError, ValueError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-        raise DataError(f"cannot load the hub dataset {hub_id!r} (offline, or not in the cache?): {first}", where=hub_id) from None
+        raise DataError(f"cannot load the hub dataset {hub_id!r} (offline, or not in the cache?): {first}",
+                        where=hub_id) from None
 
 
 def _hub_split(spec: DatasetSpec, split: str) -> str:
@@ -714,7 +715,8 @@ def load_data(cfg: KavaConfig, which: str) -> list[Example]:
         examples = generate_products_split(split, n, seed=0, sizes=tuple(d.synthetic_sizes), modulus=d.synthetic_modulus,
                                            style="nl" if source.endswith("-nl") else "eq")
         return examples[:limit] if limit else examples
-    examples = list(load_examples(source, split, limit=limit or None, on_error=d.on_error, cache_dir=d.cache_dir or None))
+    examples = list(load_examples(source, split, limit=limit or None, on_error=d.on_error,
+                                  cache_dir=d.cache_dir or None))
     if not examples:
         raise DataError(f"no {'training' if which == 'train' else 'evaluation'} examples (an empty file or split?)",
                         where=f"data.{which}={source}")

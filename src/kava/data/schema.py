@@ -98,7 +98,8 @@ def answer_text(value: Any, *, field_name: str = "answer") -> str:
         except ValueError as err:
             raise DataError(str(err), field=field_name) from None
     if len(text) > MAX_ANSWER_CHARS:
-        raise DataError(f"{len(text)} characters long; an answer is one number of at most {MAX_ANSWER_CHARS}", field=field_name)
+        raise DataError(f"{len(text)} characters long; an answer is one number of at most {MAX_ANSWER_CHARS}",
+                        field=field_name)
     if parse_number(text) is None:
         raise DataError(f"not a number: {_short(value)}", field=field_name)
     return text

@@ -533,7 +533,8 @@ def _from_pretrained(folder: Path, cfg: ModelConfig):
     _check_model_folder(Path(folder), cfg.trust_remote_code)
     try:
         with quiet_transformers():
-            return AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype(cfg.dtype), attn_implementation=cfg.attn_implementation,
+            return AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype(cfg.dtype),
+                                                        attn_implementation=cfg.attn_implementation,
                                                         trust_remote_code=cfg.trust_remote_code, use_safetensors=True)
     except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: tensors of another shape
         raise ModelLoadError(f"{folder}: cannot load the model folder: {(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None

@@ -57,8 +57,9 @@ def refuse_pickled(folder: str | Path, only_if_no_safetensors: bool = False) -> 
     if not pickled or (only_if_no_safetensors and any(folder.glob("*.safetensors"))):
         return
     raise ModelLoadError(f"{pickled[0]}: a pickled weights file; kava never unpickles (it can run code). Convert it to "
-                         "safetensors where you trust it (AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(DIR, "
-                         "safe_serialization=True), or safetensors.torch.save_file), then remove it")
+                         "safetensors where you trust it (AutoModelForCausalLM.from_pretrained(DIR)"
+                         ".save_pretrained(DIR, safe_serialization=True), or safetensors.torch.save_file), "
+                         "then remove it")
 
 
 def checkpoint_layout(path: str | Path) -> str:
@@ -128,7 +129,8 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     if newest.is_dir() and (newest / CONFIG_FILE).is_file() and (newest / STATE_JSON).is_file():
         return newest
     missing = CONFIG_FILE if not (newest / CONFIG_FILE).is_file() else STATE_JSON
-    older = [p for _, p in found[:-1] if not p.is_symlink() and (p / CONFIG_FILE).is_file() and (p / STATE_JSON).is_file()]
+    older = [p for _, p in found[:-1]
+             if not p.is_symlink() and (p / CONFIG_FILE).is_file() and (p / STATE_JSON).is_file()]
     alt = f"the newest complete one is {older[-1].name}: give it explicitly, or move {newest.name} away" if older \
         else "no older complete checkpoint exists"
     raise ModelLoadError(f"{newest}: incomplete or damaged checkpoint (no {missing}); not falling back silently: {alt}")

@@ -113,8 +113,9 @@ def model_card(cfg: KavaConfig, ckpt: Path, steps: int | None, evaluation: tuple
 
 
 # What an export writes (the only entries --replace may remove from an existing --out).
-_EXPORT_NAMES = re.compile(r"^(config\.json|generation_config\.json|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json"
-                           r"|kava_model\.safetensors|kava_config\.yaml|README\.md|tokenizer[\w.]*|special_tokens_map\.json"
+_EXPORT_NAMES = re.compile(r"^(config\.json|generation_config\.json|model(-\d+-of-\d+)?\.safetensors"
+                           r"|model\.safetensors\.index\.json|kava_model\.safetensors|kava_config\.yaml|README\.md"
+                           r"|tokenizer[\w.]*|special_tokens_map\.json"
                            r"|added_tokens\.json|vocab\.\w+|merges\.txt|chat_template\.\w+)$")
 
 
@@ -132,10 +133,12 @@ def check_export_out(ckpt: Path, out: Path, replace: bool) -> None:
     entries = sorted(out.iterdir())
     if not replace:
         raise OutputError(f"--out {out} is not empty ({', '.join(p.name for p in entries[:4])}"
-                          f"{', ...' if len(entries) > 4 else ''}); choose an empty folder, or --replace to replace an earlier export")
+                          f"{', ...' if len(entries) > 4 else ''}); choose an empty folder, or --replace to replace "
+                          "an earlier export")
     foreign = [p.name for p in entries if p.is_symlink() or not p.is_file() or not _EXPORT_NAMES.match(p.name)]
     if foreign or not (out / CONFIG_FILE).is_file():
-        why = f"holds {foreign[0]!r}, which an export does not write" if foreign else f"has no {CONFIG_FILE}: not a kava export"
+        why = (f"holds {foreign[0]!r}, which an export does not write" if foreign
+               else f"has no {CONFIG_FILE}: not a kava export")
         raise OutputError(f"--out {out} {why}; --replace only replaces an earlier export's own files")
 
 

@@ -127,7 +127,7 @@ def _train(cfg: KavaConfig, resume: bool, clear_previous=lambda: None) -> dict:
     run = set_up(cfg)
     if resume:
         resume_from(run)
-    previous = _read_status(run.out) if run.main else None
+    previous = _read_status(run.out) if run.main and resume else None  # (a finished run's, kept if this fails)
     clear_previous()  # --overwrite: only now, with config, data, init_from and model all checked
     open_run_folder(run)
     try:
@@ -267,8 +267,9 @@ def set_up(cfg: KavaConfig) -> Run:
     steps_per_epoch = math.ceil(len(encoded) / effective)
     max_steps = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
     if max_steps > cfg.limits.max_steps:
-        raise ConfigError(f"config field 'train.epochs': {tc.epochs:g} epochs of {steps_per_epoch} steps are {max_steps:,} steps, "
-                          f"beyond the sanity bound limits.max_steps={cfg.limits.max_steps:,} (raise it if you mean it)")
+        raise ConfigError(f"config field 'train.epochs': {tc.epochs:g} epochs of {steps_per_epoch} steps are "
+                          f"{max_steps:,} steps, beyond the sanity bound limits.max_steps={cfg.limits.max_steps:,} "
+                          "(raise it if you mean it)")
     params = list({id(p): p for p in objective.parameters()}.values())  # counted before FSDP shards them
     summary = {
         "mode": tc.mode, "examples": len(encoded), "eval_examples": len(eval_examples), "max_steps": max_steps,
@@ -299,14 +300,16 @@ def check_positions(encoded: list[Encoded], model: KavaModel, cfg: KavaConfig) -
     if not limit or not encoded:
         return
     latents = cfg.latent.num_latents + 2  # <bot> z_1..z_M <eot>
-    def need(e: Encoded) -> int:  # noqa: E306
-        tail = len(e.answer_prefix) + len(e.answer)
-        return len(e.question) + max(sum(map(len, e.steps)), latents) + tail
+
+    def need(e: Encoded) -> int:
+        return len(e.question) + max(sum(map(len, e.steps)), latents) + len(e.answer_prefix) + len(e.answer)
+
     worst = max(encoded, key=need)
     if need(worst) > limit:
-        raise ConfigError(f"config field 'latent.num_latents': example {worst.source_id} needs {need(worst)} positions "
-                          f"(question, CoT or {latents} latent slots, answer) but the model has max_position_embeddings="
-                          f"{limit}; shorten data.max_question_tokens / data.max_cot_tokens or use fewer latents")
+        raise ConfigError(f"config field 'latent.num_latents': example {worst.source_id} needs {need(worst)} "
+                          f"positions (question, CoT or {latents} latent slots, answer) but the model has "
+                          f"max_position_embeddings={limit}; shorten data.max_question_tokens / data.max_cot_tokens "
+                          "or use fewer latents")
 
 
 def resume_from(run: Run) -> None:
@@ -342,10 +345,12 @@ def check_progress(progress: Any, ckpt: Path, max_steps: int, examples: int) -> 
     ok = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0  # noqa: E731
     if not isinstance(progress, dict) or not all(ok(progress.get(k)) for k in ("step", "epoch", "offset")):
         shown = {k: progress.get(k) for k in ("step", "epoch", "offset")} if isinstance(progress, dict) else progress
-        raise ModelLoadError(f"{where}: progress {shown!r} is not a kava trainer state (step, epoch, offset: integers >= 0)")
+        raise ModelLoadError(f"{where}: progress {shown!r} is not a kava trainer state "
+                             "(step, epoch, offset: integers >= 0)")
     step = progress["step"]
     if m and int(m.group(1)) != step:
-        raise ModelLoadError(f"{where}: step {step} but the folder is {ckpt.name}: damaged or edited, not resuming from it")
+        raise ModelLoadError(f"{where}: step {step} but the folder is {ckpt.name}: damaged or edited, "
+                             "not resuming from it")
     if step > max_steps:
         raise ModelLoadError(f"{where}: step {step} is beyond train.max_steps={max_steps}; "
                              f"set train.max_steps >= {step} to continue this run")

@@ -103,5 +103,6 @@ def load_trainer_state(folder: Path, optimizer, scheduler, generators: dict[str,
         set_rng_state(tensors, meta["rng"], generators)
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise ModelLoadError(f"{folder / STATE_JSON}: the scheduler or RNG state is damaged ({type(e).__name__}: {first})") from None
+        raise ModelLoadError(f"{folder / STATE_JSON}: the scheduler or RNG state is damaged "
+                             f"({type(e).__name__}: {first})") from None
     return meta["progress"]
