@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import tiny_config
 from kava.cli import main
-from kava.model.checkpoints import STATE_TENSORS, WEIGHTS_FILE
+from kava.model.checkpoints import STATE_JSON, STATE_TENSORS, WEIGHTS_FILE
 from kava.training import TrainingError, train
 from kava.training.rundir import LOCK_FILE, RunLock
 
@@ -66,7 +66,41 @@ def work(tmp_path, finished, monkeypatch) -> dict[str, Path]:
     (data / "b.yaml").write_text("base: a.yaml\n")
     (data / "base5.yaml").write_text("base: 5\n")
     (data / "dup.yaml").write_text("train:\n  lr: 0.1\n  lr: 0.2\n")
+    _bad_files(data)
+    (tmp_path / "afile").write_text("a user's file\n")
+    os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
     return {"run": run, "cfg": cfg, "data": data, "tmp": tmp_path}
+
+
+def _bad_files(data: Path) -> None:
+    """Data and config files that are wrong in ways a reader must name."""
+    rec = '{"question": "2+2", "steps": [], "answer": "4"}'
+    (data / "empty.jsonl").write_bytes(b"")
+    (data / "blank.jsonl").write_text("\n   \n\t\n")
+    (data / "empty.json").write_text("[]")
+    (data / "empty-data.json").write_text('{"data": []}')
+    (data / "blank.json").write_text("  \n")
+    (data / "deep.jsonl").write_text("[" * 5000 + "]" * 5000 + "\n")
+    (data / "deep.json").write_text('{"a": ' * 100 + "1" + "}" * 100)
+    (data / "surrogate.jsonl").write_text('{"question": "caf\\ud800 2+2", "steps": [], "answer": "4"}\n')
+    (data / "digits.jsonl").write_text(json.dumps({"question": "2+2", "steps": [], "answer": "9" * 5000}) + "\n")
+    (data / "digits-int.jsonl").write_text('{"question": "2+2", "steps": [], "answer": ' + "9" * 5000 + "}\n")
+    (data / "dupkey.jsonl").write_text(rec + "\n" + '{"question": "2+2", "answer": "4", "answer": "5"}\n')
+    (data / "long.jsonl").write_text(rec + "\n" + json.dumps({"question": "x" * (1 << 21), "answer": "1"}) + "\n")
+    (data / "list.jsonl").write_text("[1, 2]\n")
+    (data / "bomb.yaml").write_text("a: &a [x, x, x, x, x, x, x, x, x, x]\n"
+                                    + "".join(f"{k}: &{k} [{', '.join([f'*{p}'] * 10)}]\n" for p, k in zip("abcde", "bcdef")))
+    (data / "loop-alias.yaml").write_text("train: &t {lr: 0.1, more: *t}\n")
+    (data / "unhashable.yaml").write_text("train:\n  [1, 2]: 3\n")
+    (data / "deep-list.yaml").write_text("train: " + "[" * 3000 + "]" * 3000 + "\n")
+    (data / "list.yaml").write_text("- 1\n- 2\n")
+    for i in range(40):  # a base: chain 40 files deep
+        (data / f"chain{i}.yaml").write_text(f"base: chain{i + 1}.yaml\n" if i < 39 else "train: {lr: 0.1}\n")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"question": pa.array([], pa.string()), "answer": pa.array([], pa.string())}),
+                   data / "zero.parquet")
 
 
 def _snapshot(folder: Path) -> dict[str, str]:
@@ -127,8 +161,51 @@ def _wrong_shape(w):
     save_file(state, str(p))
 
 
+def _unlink(path_of):
+    return lambda w: path_of(w).unlink()
+
+
+def _write(path_of, text):
+    return lambda w: path_of(w).write_text(text)
+
+
+def _state_key(key, value):
+    def prep(w):
+        p = STATE_J(w)
+        meta = json.loads(p.read_text())
+        meta[key] = value
+        p.write_text(json.dumps(meta))
+    return prep
+
+
+def _progress(**changes):
+    def prep(w):
+        p = STATE_J(w)
+        meta = json.loads(p.read_text())
+        meta["progress"].update(changes)
+        p.write_text(json.dumps(meta))
+    return prep
+
+
+def _link(name):
+    """``name`` in the run folder replaced by a symbolic link to a file outside it."""
+    def prep(w):
+        target = w["tmp"] / f"outside-{name}"
+        target.write_text("not kava's\n")
+        p = w["run"] / name
+        if p.exists():
+            p.unlink()
+        os.symlink(target, p)
+    return prep
+
+
+def _link_checkpoint(w):
+    os.symlink(w["run"] / "checkpoint-2", w["run"] / "checkpoint-3")
+
+
 WEIGHTS = lambda w: w["run"] / "checkpoint-2" / WEIGHTS_FILE  # noqa: E731
 STATE = lambda w: w["run"] / "checkpoint-2" / STATE_TENSORS  # noqa: E731
+STATE_J = lambda w: w["run"] / "checkpoint-2" / STATE_JSON  # noqa: E731
 TRAIN = ["train", "--config", "{cfg}", "--resume"]  # into the finished run: it must stay as it was
 EVAL = ["eval", "--checkpoint", "{run}"]
 
@@ -142,6 +219,18 @@ CASES = [
     ("train-synthetic-option", None, [*TRAIN, "data.train=synthetic?colour=red"], 1, ["synthetic", "colour"]),
     ("train-synthetic-split", None, [*TRAIN, "data.train=synthetic?n=8", "data.train_split=dev"], 1, ["synthetic", "dev"]),
     ("train-synthetic-n-negative", None, [*TRAIN, "data.train=synthetic?n=-5"], 1, ["n=-5"]),
+    *[(f"train-{name}", None, [*TRAIN, f"data.train={{data}}/{name}"], 1, [f"{name}{where}", *more]) for name, where, more in (
+        ("empty.jsonl", "", ["no training examples"]), ("blank.jsonl", "", ["no training examples"]),
+        ("empty.json", "", ["no training examples"]), ("empty-data.json", "", ["no training examples"]),
+        ("blank.json", "", ["empty file"]), ("zero.parquet", "", ["no training examples"]),
+        ("deep.jsonl", ":1", ["nested too deeply"]), ("deep.json", "", ["nested too deeply"]),
+        ("surrogate.jsonl", ":1", ["'question'", "surrogate"]), ("digits.jsonl", ":1", ["'answer'", "5000 characters"]),
+        ("digits-int.jsonl", ":1", ["unreadable"]), ("dupkey.jsonl", ":2", ["duplicate key 'answer'"]),
+        ("long.jsonl", ":2", ["longer than"]), ("list.jsonl", ":1", ["expected a JSON object"]),
+    )],
+    ("eval-empty-jsonl", None, [*EVAL, "--data", "{data}/empty.jsonl"], 1, ["empty.jsonl", "no evaluation examples"]),
+    ("eval-surrogate", None, [*EVAL, "--data", "{data}/surrogate.jsonl"], 1, ["surrogate.jsonl:1", "question"]),
+    ("export-surrogate", None, ["data", "export", "{data}/surrogate.jsonl", "--out", "{tmp}/out.jsonl"], 1, ["surrogate.jsonl:1"]),
     ("train-gsm-symbolic-lang-path", None, [*TRAIN, "data.train=gsm-symbolic?lang=../../etc"], 1, ["lang", "../../etc"]),
     ("eval-non-utf8", None, [*EVAL, "--data", "{data}/latin1.jsonl"], 1, ["latin1.jsonl:1"]),
     ("eval-csv", None, [*EVAL, "--data", "{data}/table.csv"], 1, ["table.csv"]),
@@ -153,6 +242,55 @@ CASES = [
     ("config-base-not-a-file", None, ["train", "--config", "{data}/base5.yaml"], 2, ["base5.yaml", "'base'"]),
     ("config-duplicate-key", None, ["train", "--config", "{data}/dup.yaml"], 2, ["dup.yaml:3", "duplicate key 'lr'"]),
     ("override-bad-yaml", None, [*TRAIN, "train.lr=[1"], 2, ["train.lr=[1"]),
+    ("config-alias-bomb", None, ["train", "--config", "{data}/bomb.yaml"], 2, ["bomb.yaml", "alias"]),
+    ("config-alias-loop", None, ["train", "--config", "{data}/loop-alias.yaml"], 2, ["loop-alias.yaml", "alias"]),
+    ("config-unhashable-key", None, ["train", "--config", "{data}/unhashable.yaml"], 2, ["unhashable.yaml:2", "key"]),
+    ("config-deeply-nested", None, ["train", "--config", "{data}/deep-list.yaml"], 2, ["deep-list.yaml"]),
+    ("config-top-level-list", None, ["train", "--config", "{data}/list.yaml"], 2, ["list.yaml", "mapping"]),
+    ("config-base-chain-40", None, ["train", "--config", "{data}/chain0.yaml"], 2, ["'base' chain deeper than 32"]),
+    ("config-given-twice", None, ["train", "--config", "{cfg}", "--config", "{data}/a.yaml"], 2, ["--config given twice"]),
+    ("config-missing", None, ["train", "--config", "{data}/nope.yaml"], 2, ["nope.yaml"]),
+    ("config-is-a-folder", None, ["train", "--config", "{data}"], 2, ["{data}"]),
+    ("config-overrides-without-show", None, ["config", "train.lr=1"], 2, ["--show"]),
+    ("override-repeated", None, [*TRAIN, "train.lr=0.1", "train.lr=0.2"], 2, ["train.lr=0.2", "train.lr=0.1"]),
+    ("override-section-and-key", None, [*TRAIN, "train={{lr: 0.1}}", "train.lr=0.2"], 2, ["train.lr", "train={{lr: 0.1}}"]),
+    ("override-deeply-nested", None, [*TRAIN, "train.lr=" + "[" * 3000], 2, ["train.lr"]),
+    ("override-alias-bomb", None, [*TRAIN, "train.lr=[&a [x, x, x, x, x, x, x, x, x, x], "
+                                   + ", ".join(["*a"] * 9) + "]"], 2, []),
+    # sizes that cannot run, refused before anything is built (each bound can be raised: limits.*)
+    *[(f"bound-{o.split('=')[0]}", None, [*TRAIN, o], 2, [o.split("=")[0], f"limits.{lim}"]) for o, lim in (
+        ("train.batch_size=1000000000", "max_batch_size"), ("train.max_steps=1000000000000000000", "max_steps"),
+        ("train.epochs=1e300", "max_epochs"), ("latent.iterations=1000000", "max_iterations"),
+        ("latent.num_latents=1000000", "max_latents"), ("model.tiny.hidden_size=1000000000", "max_width"),
+        ("model.tiny.num_layers=100000", "max_layers"), ("eval.batch_size=100000", "max_batch_size"),
+        ("train.effective_batch=1000000", "max_batch_size"), ("eval.max_new_tokens=10000000", "max_tokens"),
+        ("data.synthetic_train_size=1000000000", "max_examples"), ("train.num_threads=100000", "max_threads"),
+        ("model.tiny.max_position_embeddings=100000000", "max_positions"), ("model.lora_r=100000000", "max_width"),
+    )],
+    ("bound-memory", None, [*TRAIN, "model.tiny.hidden_size=16384", "model.tiny.num_heads=16", "model.tiny.num_kv_heads=16",
+                            "model.tiny.num_layers=200", "model.tiny.intermediate_size=16384"], 2,
+     ["model.tiny", "GiB", "limits.memory_fraction"]),
+    ("positions-cannot-hold-latents", None, [*TRAIN, "model.tiny.max_position_embeddings=8"], 2,
+     ["model.tiny.max_position_embeddings", "num_latents"]),
+    ("heads-do-not-divide", None, [*TRAIN, "model.tiny.hidden_size=30"], 2, ["model.tiny.hidden_size", "num_heads"]),
+    ("seed-negative", None, [*TRAIN, "train.seed=-1"], 2, ["train.seed"]),
+    ("seed-2-64", None, [*TRAIN, "train.seed=18446744073709551616"], 2, ["train.seed"]),
+    ("lora-targets-empty", None, [*TRAIN, "model.lora_target_modules=[]"], 2, ["model.lora_target_modules"]),
+    ("lora-targets-not-strings", None, [*TRAIN, "model.lora_target_modules=[1, 2]"], 2, ["model.lora_target_modules"]),
+    ("limit-negative", None, [*TRAIN, "limits.max_steps=-1"], 2, ["limits.max_steps"]),
+    ("demo-threads-0", None, ["demo", "--threads", "0", "--out", "{tmp}/demo"], 2, ["--threads"]),
+    ("env-max-batch-negative", None, ["env", "--find-batch", "--max-batch", "-4"], 2, ["--max-batch"]),
+    ("teacher-batch-negative", None, ["teacher", "extract", "--config", "{cfg}", "--out", "{tmp}/c", "--batch-size", "-2"], 2,
+     ["--batch-size"]),
+    ("teacher-out-is-a-file", None, ["teacher", "extract", "--config", "{cfg}", "--out", "{tmp}/afile"], 1, ["afile", "a file"]),
+    ("eval-out-is-a-file", None, [*EVAL, "--out", "{tmp}/afile"], 1, ["--out", "afile", "a file"]),
+    ("eval-out-dangling-link", None, [*EVAL, "--out", "{tmp}/dangling"], 1, ["--out", "dangling symbolic link"]),
+    ("report-out-is-a-file", None, ["report", "{tmp}", "--out", "{tmp}/afile"], 1, ["afile", "a file"]),
+    ("train-output-dir-is-a-file", None, ["train", "--config", "{cfg}", "train.output_dir={tmp}/afile"], 1, ["afile", "a file"]),
+    ("train-output-dir-dangling", None, ["train", "--config", "{cfg}", "train.output_dir={tmp}/dangling"], 1,
+     ["dangling symbolic link"]),
+    ("train-lora-unknown-target", None, ["train", "--config", "{cfg}", "train.output_dir={tmp}/r9", "model.adapter=lora",
+                                         "model.lora_target_modules=[q_proj, wormhole]"], 1, ["'wormhole'", "q_proj"]),
     *[(f"value-{o.split('=')[0]}", None, [*TRAIN, o], 2, [o.split("=")[0]]) for o in (
         "train.log_every=0", "train.num_threads=-1", "train.weight_decay=-0.1", "eval.batch_size=0",
         "model.tiny.num_layers=0", "model.tiny.num_heads=0", "model.tiny.intermediate_size=0",
@@ -160,7 +298,7 @@ CASES = [
         "train.max_steps=-1", "train.projection_lr=-1", "train.save_every=-1", "train.warmup_steps=-1",
         "data.train_limit=-1", "train.save_total_limit=-1", "train.lr=.inf",
     )],
-    ("eval-limit-negative", None, [*EVAL, "--limit", "-3"], 2, ["data.eval_limit"]),
+    ("eval-limit-negative", None, [*EVAL, "--limit", "-3"], 2, ["--limit", "-3"]),
     ("eval-bad-mode", None, [*EVAL, "--modes", "student,dream"], 2, ["dream"]),
     # checkpoints
     ("eval-truncated-weights", _truncate(WEIGHTS), EVAL, 1, ["checkpoint-2/model.safetensors", "truncated"]),
@@ -171,6 +309,36 @@ CASES = [
     ("resume-wrong-shape", _wrong_shape, TRAIN, 1, ["checkpoint-2/model.safetensors", "embed_tokens.weight"]),
     ("resume-truncated-state", _truncate(STATE), TRAIN, 1, ["checkpoint-2/trainer_state.safetensors"]),
     ("resume-empty-state", _empty(STATE), TRAIN, 1, ["checkpoint-2/trainer_state.safetensors"]),
+    # a damaged newest checkpoint is never silently replaced by an older one
+    ("resume-state-json-gone", _unlink(STATE_J), TRAIN, 1, ["checkpoint-2", "trainer_state.json", "checkpoint-1"]),
+    ("eval-state-json-gone", _unlink(STATE_J), EVAL, 1, ["checkpoint-2", "trainer_state.json", "checkpoint-1"]),
+    ("resume-state-json-garbage", _write(STATE_J, "{not json"), TRAIN, 1, ["checkpoint-2/trainer_state.json"]),
+    ("resume-state-json-deep", _write(STATE_J, "[" * 100000), TRAIN, 1, ["checkpoint-2/trainer_state.json"]),
+    ("resume-step-string", _progress(step="2"), TRAIN, 1, ["checkpoint-2/trainer_state.json", "'2'"]),
+    ("resume-step-huge", _progress(step=10**6), TRAIN, 1, ["checkpoint-2/trainer_state.json", "1000000"]),
+    ("resume-step-beyond-max", None, [*TRAIN, "train.max_steps=1"], 1, ["step 2", "train.max_steps=1"]),
+    ("resume-offset-huge", _progress(offset=10**9), TRAIN, 1, ["checkpoint-2/trainer_state.json", "offset"]),
+    ("resume-scheduler-damaged", _state_key("scheduler", {"nonsense": 1}), TRAIN, 1, ["checkpoint-2/trainer_state.json"]),
+    ("eval-pickle-beside", _write(lambda w: w["run"] / "checkpoint-2" / "pytorch_model.bin", "x"), EVAL, 1,
+     ["pytorch_model.bin", "safetensors", "never unpickles"]),
+    ("resume-pickle-beside", _write(lambda w: w["run"] / "checkpoint-2" / "optimizer.pt", "x"), TRAIN, 1, ["optimizer.pt"]),
+    # symbolic links inside a run folder are never followed
+    ("resume-metrics-symlink", _link("metrics.jsonl"), TRAIN, 1, ["metrics.jsonl", "symbolic link"]),
+    ("resume-lock-symlink", _link(LOCK_FILE), TRAIN, 1, [LOCK_FILE, "symbolic link"]),
+    ("resume-status-symlink", _link("status.json"), TRAIN, 1, ["status.json", "symbolic link"]),
+    ("overwrite-checkpoint-symlink", _link_checkpoint, ["train", "--config", "{cfg}", "--overwrite"], 1,
+     ["checkpoint-3", "symbolic link"]),
+    ("eval-checkpoint-symlink", _link_checkpoint, EVAL, 1, ["checkpoint-3", "symbolic link"]),
+    # --overwrite checks the whole run before deleting the old one
+    *[(f"overwrite-{name}", None, ["train", "--config", "{cfg}", "--overwrite", *o], code, names) for name, o, code, names in (
+        ("bad-record", ["data.train={data}/dupkey.jsonl"], 1, ["dupkey.jsonl:2"]),
+        ("empty-data", ["data.train={data}/empty.jsonl"], 1, ["no training examples"]),
+        ("effective-batch", ["train.effective_batch=6"], 2, ["train.effective_batch"]),
+        ("init-from-missing", ["model.init_from={tmp}/nothing"], 1, ["model.init_from"]),
+        ("init-from-other-arch", ["model.init_from={run}/checkpoint-1", "model.tiny.num_layers=3"], 1, ["model.tiny.num_layers"]),
+        ("unknown-data", ["data.train=gsm9k"], 1, ["gsm9k"]),
+        ("epochs-too-many-steps", ["train.max_steps=0", "train.epochs=9000", "limits.max_steps=1000"], 2, ["train.epochs", "limits.max_steps"]),
+    )],
 ]
 
 
@@ -187,6 +355,8 @@ def test_bad_input_is_one_line_and_loses_nothing(case, work, capsys):
         assert name.format(**work) in line, line
     assert _snapshot(work["run"]) == before  # nothing written before the command is lost
     assert not (work["tmp"] / "out.jsonl").exists()
+    assert (work["tmp"] / "afile").read_text() == "a user's file\n"
+    assert all(p.read_text() == "not kava's\n" for p in work["tmp"].glob("outside-*"))  # no link written through
 
 
 def test_the_command_itself_exits_with_one_line(work):
@@ -197,6 +367,177 @@ def test_the_command_itself_exits_with_one_line(work):
                           capture_output=True, text=True, env=env, cwd=work["tmp"], timeout=300)
     assert proc.returncode == 2
     assert "dup.yaml:3" in _one_error_line(proc.stderr)
+
+
+def test_an_overwrite_that_cannot_start_keeps_the_old_run_and_one_that_can_replaces_it(work, capsys):
+    """The positive control of the overwrite rows: the same command with good inputs deletes the
+    old run (so the rows above did stop before deleting, not because nothing would be deleted)."""
+    before = _snapshot(work["run"])
+    got, _ = _kava(["train", "--config", work["cfg"], "--overwrite", "data.train=gsm9k"], capsys)
+    assert got == 1 and _snapshot(work["run"]) == before
+    got, _ = _kava(["train", "--config", work["cfg"], "--overwrite", "train.max_steps=1"], capsys)
+    assert got == 0 and not (work["run"] / "checkpoint-2").exists()
+
+
+def test_a_bound_is_raised_by_the_user(work, capsys):
+    cfg = work["cfg"]
+    got, err = _kava(["config", "--show", cfg, "eval.batch_size=5000"], capsys)
+    assert got == 2 and "limits.max_batch_size=4,096" in _one_error_line(err)
+    got, _ = _kava(["config", "--show", cfg, "eval.batch_size=5000", "limits.max_batch_size=8192"], capsys)
+    assert got == 0
+
+
+def test_a_failed_resume_of_a_finished_run_leaves_its_status(work, capsys, monkeypatch):
+    import kava.training.loop as loop
+
+    status = (work["run"] / "status.json").read_text()
+    assert json.loads(status)["state"] == "finished"
+
+    def boom(run, out):
+        raise RuntimeError("evaluation exploded")
+
+    monkeypatch.setattr(loop, "evaluate_model", boom)
+    with pytest.raises(RuntimeError, match="evaluation exploded"):
+        main(["train", "--config", str(work["cfg"]), "--resume", "train.eval_at_end=true"])
+    assert (work["run"] / "status.json").read_text() == status
+
+
+def test_a_lock_planted_as_a_link_never_has_its_target_truncated(work):
+    target = work["tmp"] / "precious.txt"
+    target.write_text("keep me\n")
+    (work["run"] / LOCK_FILE).unlink(missing_ok=True)
+    os.symlink(target, work["run"] / LOCK_FILE)
+    from kava.training.rundir import RunFolderError
+
+    with pytest.raises(RunFolderError, match="lock"):
+        RunLock(work["run"]).acquire()
+    assert target.read_text() == "keep me\n"
+
+
+def test_metrics_are_never_appended_through_a_link(tmp_path):
+    import kava.io as kio
+
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me\n")
+    os.symlink(target, tmp_path / "metrics.jsonl")
+    with pytest.raises(OSError):
+        kio.append_line(tmp_path / "metrics.jsonl", '{"step": 1}')
+    assert target.read_text() == "keep me\n"
+
+
+# --- kava export never overwrites what it did not write -----------------------------------------
+
+
+@pytest.mark.parametrize("where,names", [
+    ("{run}", ["inside the checkpoint"]),
+    ("{run}/checkpoint-2", ["inside the checkpoint"]),
+    ("{run}/checkpoint-2/sub", ["inside the checkpoint"]),
+    ("{tmp}/afile", ["a file"]),
+    ("{tmp}/dangling", ["dangling"]),
+    ("{tmp}/mine", ["not empty", "notes.txt", "--replace"]),
+], ids=["run-folder", "checkpoint", "inside-checkpoint", "a-file", "dangling-link", "non-empty"])
+def test_export_refuses_an_out_it_may_not_write(where, names, work, capsys):
+    (work["tmp"] / "mine").mkdir()
+    (work["tmp"] / "mine" / "notes.txt").write_text("mine")
+    before = _snapshot(work["tmp"])
+    got, err = _kava(["export", work["run"], "--out", where.format(**work)], capsys)
+    line = _one_error_line(err)
+    assert got == 1 and all(n in line for n in names), line
+    assert _snapshot(work["tmp"]) == before
+
+
+def test_export_replace_replaces_only_an_earlier_export(work, capsys):
+    out = work["tmp"] / "exported"
+    assert _kava(["export", work["run"], "--out", out], capsys)[0] == 0
+    got, err = _kava(["export", work["run"], "--out", out], capsys)
+    assert got == 1 and "--replace" in _one_error_line(err)
+    assert _kava(["export", work["run"], "--out", out, "--replace"], capsys)[0] == 0
+    (out / "notes.txt").write_text("mine")
+    got, err = _kava(["export", work["run"], "--out", out, "--replace"], capsys)
+    assert got == 1 and "notes.txt" in _one_error_line(err) and (out / "notes.txt").read_text() == "mine"
+
+
+def test_report_on_a_folder_without_runs_writes_nothing(tmp_path, capsys):
+    (tmp_path / "runs").mkdir()
+    got, err = _kava(["report", tmp_path / "runs"], capsys)
+    assert got == 1 and "no run folders" in _one_error_line(err)
+    assert list((tmp_path / "runs").iterdir()) == []
+
+
+def test_data_export_writes_nothing_on_a_bad_record(work, capsys):
+    got, err = _kava(["data", "export", work["data"] / "surrogate.jsonl", "--out", work["tmp"] / "o.jsonl"], capsys)
+    assert got == 1 and "surrogate" in _one_error_line(err)
+    assert not list(work["tmp"].glob("*o.jsonl*"))
+
+
+# --- every config field, fed values of the wrong type or out of range --------------------------
+
+
+def _leaf_fields(cls, prefix=""):
+    """(dotted name, type) of every field of the config dataclasses, recursively."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from _leaf_fields(tp, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", tp
+
+
+def _wrong_values(tp, rng):
+    """YAML texts of the wrong type for ``tp`` (each must be refused), and of the right type
+    but random size (each may be accepted or refused, in one line)."""
+    import typing
+
+    mapping, nested = "{a: 1}", "[[1, 2], {b: 3}]"
+    if tp is bool:
+        wrong = [str(rng.randint(-5, 5)), "maybe", "[true]", mapping, "1.5"]
+    elif tp is int:
+        wrong = ["abc", "[1]", mapping, "true", f"{rng.random() + 0.5:.3f}", "1e9", "''", "null"]
+    elif tp is float:
+        wrong = ["abc", "[1.0]", mapping, "false", ".nan", "-.inf", "null"]
+    elif tp is str:
+        wrong = ["[1, 2]", mapping, "true", nested]
+    elif typing.get_origin(tp) is list or tp is list:
+        wrong = [mapping, "true", str(rng.randint(-9, 9))] if not typing.get_args(tp) else [mapping, "[1, 2]", "abc", "[[1]]"]
+    else:
+        wrong = [mapping]
+    big = [str(rng.choice([-1, 1]) * 10 ** rng.randint(1, 40)), str(-rng.randint(1, 10 ** 6)), "0",
+           f"{rng.uniform(-1e300, 1e300):.6g}", repr("x" * rng.randint(0, 3000))]
+    return wrong, big
+
+
+def test_every_config_field_refuses_wrong_values_in_one_line(work, capsys):
+    """Property-style: random values of the wrong type for every field of every config section,
+    and random out-of-range ones, through `kava config --show FILE KEY=VALUE` (the same load and
+    checks as every command): a wrong type is refused naming the field; any other value is either
+    accepted or refused in one line; never a traceback."""
+    import random
+
+    from kava.config import KavaConfig
+
+    rng = random.Random(28)
+    fields = list(_leaf_fields(KavaConfig))
+    assert len(fields) > 120 and "limits.max_batch_size" in dict(fields)
+    tried = refused = 0
+    for name, tp in fields:
+        wrong, big = _wrong_values(tp, rng)
+        for value in wrong:
+            got, err = _kava(["config", "--show", work["cfg"], f"{name}={value}"], capsys)
+            line = _one_error_line(err)
+            assert got == 2 and name.split("[")[0] in line, (name, value, line)
+            tried += 1
+        for value in big:
+            got, err = _kava(["config", "--show", work["cfg"], f"{name}={value}"], capsys)
+            assert got in (0, 2), (name, value, err)
+            if got == 2:
+                _one_error_line(err)
+                refused += 1
+            tried += 1
+    assert tried > 1000 and refused > 100  # (the bounds are exercised, not only the types)
 
 
 # --- a checkpoint never enables remote code -----------------------------------------------

@@ -52,6 +52,7 @@ _MARKERS: tuple[re.Pattern[str], ...] = (
 )
 
 _TOL = 1e-6
+MAX_NUMBER_DIGITS = 1000  # a longer "number" is not a number here
 
 
 def _value(match: re.Match[str]) -> float | None:
@@ -60,8 +61,10 @@ def _value(match: re.Match[str]) -> float | None:
     frac_part = match.group("frac") or ""
     if not int_part and not frac_part:
         return None
-    value = Fraction((int_part or "0").replace(",", "") + frac_part)
     den = match.group("den")
+    if len(int_part) + len(frac_part) + len(den or "") > MAX_NUMBER_DIGITS:
+        return None  # (Python refuses to read integers of over 4,300 digits; no answer is that long)
+    value = Fraction((int_part or "0").replace(",", "") + frac_part)
     if den is not None and int(den) != 0:
         value = value / int(den)
     if match.group("sign") in ("-", "\u2212") or match.group("sign2"):

@@ -113,6 +113,9 @@ class ModelConfig:
         _check(self.lora_r > 0, "model.lora_r", "must be positive")
         _check(self.lora_alpha > 0, "model.lora_alpha", "must be positive")
         _check(0 <= self.lora_dropout < 1, "model.lora_dropout", "must be in [0, 1)")
+        targets = self.lora_target_modules
+        _check(bool(targets) and all(isinstance(m, str) and m.strip() for m in targets),
+               "model.lora_target_modules", f"{self.lora_target_modules!r}: give module names, e.g. [q_proj, v_proj]")
 
 
 @dataclass
@@ -314,6 +317,7 @@ class TrainConfig:
         for name in self.report_to.split(","):
             _choice(name.strip(), "train.report_to", ("none", "tensorboard", "wandb", "mlflow"))
         _check(self.project.strip() != "", "train.project", "must not be empty")
+        _check(0 <= self.seed < 2**32, "train.seed", f"{self.seed} is not in [0, 2^32) (numpy's seeds)")
 
 
 @dataclass
@@ -336,6 +340,60 @@ class EvalConfig:
         _check(self.instrument_examples >= 2, "eval.instrument_examples", "must be >= 2 (the KV alignment pairs examples)")
 
 
+def physical_memory_bytes() -> int:
+    """The machine's RAM in bytes (0: unknown)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+@dataclass
+class LimitsConfig:
+    """Sanity bounds, checked with the rest of the config before anything is loaded or built. A
+    value beyond one is refused naming both; raise the bound (``limits.NAME=VALUE``) if you mean it."""
+
+    max_batch_size: int = _f(4096, "largest train.batch_size, train.effective_batch, eval.batch_size, "
+                                   "eval.instrument_examples")
+    max_steps: int = _f(10_000_000, "largest train.max_steps (and steps of train.epochs)")
+    max_epochs: float = _f(10_000.0, "largest train.epochs")
+    max_latents: int = _f(1024, "largest latent.num_latents")
+    max_iterations: int = _f(256, "largest latent.iterations")
+    max_width: int = _f(16384, "largest hidden, head, MLP, LoRA, projection and router width of a model")
+    max_layers: int = _f(256, "largest model.tiny.num_layers")
+    max_positions: int = _f(131072, "largest model.tiny.max_position_embeddings")
+    max_tokens: int = _f(32768, "largest data.max_question_tokens, data.max_cot_tokens, eval.max_new_tokens, "
+                                "eval.max_cot_tokens")
+    max_examples: int = _f(10_000_000, "largest data.synthetic_train_size and data.synthetic_test_size")
+    max_threads: int = _f(1024, "largest train.num_threads")
+    memory_fraction: float = _f(0.9, "a model built in code whose rough training footprint (weights, AdamW state, "
+                                     "activations) exceeds this fraction of the machine's RAM is refused "
+                                     "(0: no memory check)")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            _check(getattr(self, f.name) >= 0, f"limits.{f.name}", "must be >= 0")
+
+
+def _bounded(value: float, bound: float, name: str, limit: str) -> None:
+    shown = (lambda v: f"{v:,}" if isinstance(v, int) else f"{v:g}")  # noqa: E731
+    _check(value <= bound, name, f"{shown(value)} is beyond the sanity bound limits.{limit}={shown(bound)} "
+                                 f"(set limits.{limit}=N to raise it if you mean it)")
+
+
+def tiny_footprint_bytes(t: TinyModelConfig, batch: int, positions: int, passes: int) -> int:
+    """A rough lower estimate of training a model built in code: float32 weights, gradients and
+    AdamW's two moments (16 bytes a parameter), and the activations of ``passes`` forward passes
+    over ``batch`` sequences of ``positions`` tokens kept for the backward pass."""
+    head = t.head_dim or t.hidden_size // max(t.num_heads, 1)
+    vocab = 512  # the synthetic tokenizers hold fewer
+    layer = t.hidden_size * head * (2 * t.num_heads + 2 * t.num_kv_heads) + 3 * t.hidden_size * t.intermediate_size
+    params = t.num_layers * layer + 2 * vocab * t.hidden_size
+    per_token = 8 * t.hidden_size + 2 * t.intermediate_size + t.num_heads * positions
+    acts = passes * batch * positions * t.num_layers * per_token
+    return 16 * params + 4 * acts
+
+
 @dataclass
 class KavaConfig:
     """Everything a run needs. Load with :func:`load_config`."""
@@ -348,8 +406,10 @@ class KavaConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
 
     def __post_init__(self) -> None:
+        self._check_limits()
         batch_controls = ("shuffled", "slot_mean", "gaussian")
         if self.loss.compression in batch_controls:
             _check(self.train.batch_size >= 2, "train.batch_size", f"the {self.loss.compression} selector needs at least 2 examples per batch")
@@ -365,6 +425,50 @@ class KavaConfig:
                    "other teachers give KV targets: set loss.compression and loss.alpha_kv > 0")
         if self.curriculum.enabled:
             _check(self.latent.scheme == "sequential" or self.latent.iterations >= 1, "latent.scheme", "invalid")
+
+    def _check_limits(self) -> None:
+        """Every size and count against :class:`LimitsConfig`, and against each other."""
+        lim, t, d, e, lat = self.limits, self.train, self.data, self.eval, self.latent
+        for name, v in (("train.batch_size", t.batch_size), ("train.effective_batch", t.effective_batch),
+                        ("eval.batch_size", e.batch_size), ("eval.instrument_examples", e.instrument_examples)):
+            _bounded(v, lim.max_batch_size, name, "max_batch_size")
+        _bounded(t.max_steps, lim.max_steps, "train.max_steps", "max_steps")
+        _bounded(t.epochs, lim.max_epochs, "train.epochs", "max_epochs")
+        _bounded(t.num_threads, lim.max_threads, "train.num_threads", "max_threads")
+        _bounded(lat.num_latents, lim.max_latents, "latent.num_latents", "max_latents")
+        _bounded(lat.iterations, lim.max_iterations, "latent.iterations", "max_iterations")
+        for name, v in (("data.max_question_tokens", d.max_question_tokens), ("data.max_cot_tokens", d.max_cot_tokens),
+                        ("eval.max_new_tokens", e.max_new_tokens), ("eval.max_cot_tokens", e.max_cot_tokens)):
+            _bounded(v, lim.max_tokens, name, "max_tokens")
+        for name, v in (("data.synthetic_train_size", d.synthetic_train_size),
+                        ("data.synthetic_test_size", d.synthetic_test_size)):
+            _bounded(v, lim.max_examples, name, "max_examples")
+        for name, v in (("model.lora_r", self.model.lora_r), ("latent.projection_hidden", lat.projection_hidden),
+                        ("teachers.router_hidden", self.teachers.router_hidden)):
+            _bounded(v, lim.max_width, name, "max_width")
+        tinies = [("model.tiny", self.model.tiny)] if self.model.name_or_path == "tiny" else []
+        tinies += [(f"teachers.models[{i}].tiny", m.tiny) for i, m in enumerate(self.teachers.models)
+                   if m.name_or_path == "tiny"]
+        for prefix, tiny in tinies:
+            for name in ("hidden_size", "intermediate_size", "head_dim"):
+                _bounded(getattr(tiny, name), lim.max_width, f"{prefix}.{name}", "max_width")
+            _bounded(tiny.num_layers, lim.max_layers, f"{prefix}.num_layers", "max_layers")
+            _bounded(tiny.max_position_embeddings, lim.max_positions, f"{prefix}.max_position_embeddings",
+                     "max_positions")
+            _check(lat.num_latents + 8 <= tiny.max_position_embeddings, f"{prefix}.max_position_embeddings",
+                   f"{tiny.max_position_embeddings} positions cannot hold latent.num_latents={lat.num_latents} latents "
+                   "with a question and an answer")
+        ram = physical_memory_bytes()
+        if lim.memory_fraction and ram and self.model.name_or_path == "tiny":
+            passes = (lat.num_latents if lat.scheme == "sequential" else lat.iterations) + 2
+            positions = min(self.model.tiny.max_position_embeddings, 64 + lat.num_latents)  # a short example
+            need = tiny_footprint_bytes(self.model.tiny, t.batch_size, positions, passes)
+            _check(need <= lim.memory_fraction * ram, "model.tiny",
+                   f"training this model needs roughly {need / 2**30:,.1f} GiB (hidden_size "
+                   f"{self.model.tiny.hidden_size}, "
+                   f"{self.model.tiny.num_layers} layers, batch {t.batch_size}), more than limits.memory_fraction="
+                   f"{lim.memory_fraction:g} of this machine's {ram / 2**30:,.1f} GiB "
+                   "(set limits.memory_fraction=0 to skip the check)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -451,6 +555,11 @@ def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool
     seen: dict = {}
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
+        try:
+            hash(key)
+        except TypeError:
+            raise yaml.constructor.ConstructorError(None, None, f"a key must be a name, not a {type(key).__name__}",
+                                                    key_node.start_mark) from None
         if key in seen:
             raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r} (first given on line {seen[key] + 1})",
                                                     key_node.start_mark)
@@ -461,9 +570,52 @@ def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
 
 
+MAX_YAML_NODES = 100_000  # values a YAML document may expand to (aliases counted each time they are used)
+MAX_YAML_BYTES = 1 << 20  # a config file larger than 1 MiB is refused
+MAX_BASE_DEPTH = 32  # base: chains deeper than this are refused
+
+
+def _expanded_size(node: yaml.Node, limit: int) -> int:
+    """How many values ``node`` stands for once every alias is expanded (stops past ``limit``);
+    a node that contains itself (a recursive alias) counts as beyond any limit."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(n: yaml.Node) -> int:
+        if id(n) in sizes:
+            return sizes[id(n)]
+        if id(n) in active:
+            return limit + 1  # a cycle
+        active.add(id(n))
+        total = 1
+        children = n.value if isinstance(n, yaml.SequenceNode) else \
+            [c for pair in n.value for c in pair] if isinstance(n, yaml.MappingNode) else []
+        for child in children:
+            total += size(child)
+            if total > limit:
+                break
+        active.discard(id(n))
+        sizes[id(n)] = total
+        return total
+
+    return size(node)
+
+
 def safe_load_yaml(text: str) -> Any:
-    """``yaml.safe_load`` that also refuses duplicate keys (no ``!!python`` tags either)."""
-    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+    """``yaml.safe_load`` that also refuses duplicate keys (no ``!!python`` tags either), and a
+    document that expands to more than :data:`MAX_YAML_NODES` values or refers to itself (an
+    alias "bomb" or loop) before constructing it."""
+    loader = _UniqueKeyLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, MAX_YAML_NODES) > MAX_YAML_NODES:
+            raise yaml.YAMLError(f"expands to more than {MAX_YAML_NODES:,} values through aliases, or an alias refers "
+                                 "to itself (a YAML alias bomb or loop)")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 def _yaml_problem(e: yaml.YAMLError) -> str:
@@ -473,6 +625,7 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
 def parse_overrides(overrides: typing.Sequence[str]) -> dict:
     """``["train.lr=1e-3", "latent.scheme=sequential"]`` -> nested dict (values parsed as YAML)."""
     out: dict = {}
+    given: dict[tuple[str, ...], str] = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value, e.g. train.lr=1e-3")
@@ -480,10 +633,16 @@ def parse_overrides(overrides: typing.Sequence[str]) -> dict:
         parts = key.strip().split(".")
         if not all(parts):
             raise ConfigError(f"override {item!r}: empty key")
+        for prior_key, prior in given.items():  # the same key twice, or a section and a key inside it
+            n = min(len(prior_key), len(parts))
+            if tuple(parts[:n]) == prior_key[:n]:
+                raise ConfigError(f"override {item!r}: {key.strip()} is also set by {prior!r}; give each key once")
+        given[tuple(parts)] = item
         try:
             value = safe_load_yaml(raw) if raw.strip() != "" else ""
-        except yaml.YAMLError as e:
-            raise ConfigError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(e)})") from None
+        except (yaml.YAMLError, RecursionError) as e:
+            problem = _yaml_problem(e) if isinstance(e, yaml.YAMLError) else "nested too deeply"
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({problem})") from None
         node = out
         for p in parts[:-1]:
             node = node.setdefault(p, {})
@@ -500,8 +659,16 @@ def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
+    if len(_chain) >= MAX_BASE_DEPTH:
+        raise ConfigError(f"{path}: 'base' chain deeper than {MAX_BASE_DEPTH} files (from {_chain[0]})")
     try:
+        if path.stat().st_size > MAX_YAML_BYTES:
+            raise ConfigError(f"{path}: {path.stat().st_size:,} bytes; a config file is at most {MAX_YAML_BYTES:,}")
         data = safe_load_yaml(path.read_text(encoding="utf-8")) or {}
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read it ({e.strerror})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
     except yaml.YAMLError as e:

@@ -16,6 +16,49 @@ from pathlib import Path
 from typing import Any, Callable
 
 
+class OutputError(RuntimeError):
+    """An output path that cannot be written (a file where a folder goes, not writable, the
+    input itself); the message names it."""
+
+
+def check_output_folder(path: str | os.PathLike[str], what: str) -> Path:
+    """``path`` as a folder to write into, checked before any work: not a file, not a dangling
+    symbolic link, and it (or its nearest existing parent) writable. ``what`` names the option."""
+    path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise OutputError(f"{what} {path}: a dangling symbolic link")
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{what} {path}: a file, not a folder")
+    _check_writable(path, what)
+    return path
+
+
+def check_output_file(path: str | os.PathLike[str], what: str) -> Path:
+    """``path`` as a file to write (replaced atomically), checked before any work: not a folder,
+    its folder writable."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{what} {path}: a folder, not a file")
+    if path.is_symlink() and not path.exists():
+        raise OutputError(f"{what} {path}: a dangling symbolic link")
+    _check_writable(path.parent, what)
+    return path
+
+
+def _check_writable(path: Path, what: str) -> None:
+    probe = path
+    while not probe.exists():
+        if probe.is_symlink():
+            raise OutputError(f"{what} {path}: {probe} is a dangling symbolic link")
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise OutputError(f"{what} {path}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise OutputError(f"{what} {path}: {probe} is not writable")
+
+
 def current_umask() -> int:
     """The process umask (read by setting it and putting it back)."""
     mask = os.umask(0o022)
@@ -122,7 +165,8 @@ def append_line(path: Path, line: str) -> None:
     sync it: after a crash or a full disk the file ends in a whole line or a torn one, never
     in two lines run together."""
     data = (line.rstrip("\n") + "\n").encode("utf-8")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    # O_NOFOLLOW: a symbolic link planted under the name never has its target written to.
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
     try:
         written = os.write(fd, data)
         if written != len(data):

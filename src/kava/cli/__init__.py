@@ -64,8 +64,10 @@ def cmd_demo(args) -> int:
 
 
 def cmd_config(args) -> int:
-    from ..config import help_lines, load_config
+    from ..config import ConfigError, help_lines, load_config
 
+    if args.overrides and not args.show:
+        raise ConfigError(f"kava config: overrides ({args.overrides[0]}) apply to a file given with --show FILE")
     if args.show:
         import yaml
 
@@ -75,13 +77,38 @@ def cmd_config(args) -> int:
     return 0
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (argparse turns the ValueError into one line)."""
+    value = int(text)
+    if not 1 <= value <= 2**31:
+        raise argparse.ArgumentTypeError(f"{text}: expected an integer from 1 to 2^31")
+    return value
+
+
+def count_int(text: str) -> int:
+    """An argparse type: an integer >= 0."""
+    value = int(text)
+    if not 0 <= value <= 2**31:
+        raise argparse.ArgumentTypeError(f"{text}: expected an integer from 0 to 2^31")
+    return value
+
+
+class _Once(argparse.Action):
+    """An option that may be given once: a second value is refused, not silently preferred."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error(f"{option_string} given twice ({getattr(namespace, self.dest)} and {values}); give it once")
+        setattr(namespace, self.dest, values)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kava", description="Latent reasoning by compressed KV-cache distillation (KaVa).")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model (kava, cot or nocot mode)")
-    t.add_argument("--config", help="YAML config file (see configs/)")
+    t.add_argument("--config", action=_Once, help="YAML config file (see configs/)")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.output_dir")
     t.add_argument("--overwrite", action="store_true",
                    help="start afresh in a train.output_dir that holds another run, deleting its files (= train.overwrite_output_dir=true)")
@@ -92,10 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     which = e.add_mutually_exclusive_group(required=True)
     which.add_argument("--checkpoint", help="checkpoint folder, or a run folder (its latest checkpoint)")
     which.add_argument("--model", help="a plain model with no kava checkpoint: a transformers folder, hub id or .gguf file (modes cot, nocot)")
-    e.add_argument("--config", help="with --model: YAML config for the data and decoding (default: the defaults)")
+    e.add_argument("--config", action=_Once, help="with --model: YAML config for the data and decoding (default: the defaults)")
     e.add_argument("--data", help="dataset name or local file (default: the run's data.eval)")
     e.add_argument("--split", help="split of --data")
-    e.add_argument("--limit", type=int, default=0, help="first N examples only")
+    e.add_argument("--limit", type=count_int, default=0, help="first N examples only")
     e.add_argument("--modes", help="comma-separated: student, cot, nocot (default: the run's own mode)")
     e.add_argument("--out", help="folder for predictions and metrics (default: CHECKPOINT/eval, or runs/eval/NAME with --model)")
     e.add_argument("overrides", nargs="*", help="key=value overrides, e.g. eval.batch_size=16")
@@ -104,15 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the embedded CPU demo: CoT, no-CoT, CODI and KaVa (the paper's recipe) on sums of products")
     d.add_argument("--out", default="runs/demo", help="output folder (a relative one goes under $KAVA_OUTPUT_ROOT when set)")
     d.add_argument("--quick", action="store_true", help="a much shorter run (for smoke tests; accuracies mean little)")
-    d.add_argument("--threads", type=int, default=1, help="CPU threads for each training process")
+    d.add_argument("--threads", type=positive_int, default=1, help="CPU threads for each training process")
     d.add_argument(
         "--jobs", type=int, choices=(1, 2), default=None, help="runs side by side (default: cores / threads, at most 2)"
     )
-    d.add_argument("--seed", type=int, default=0, help="seed of every run")
+    d.add_argument("--seed", type=count_int, default=0, help="seed of every run")
     d.set_defaults(func=cmd_demo)
 
     c = sub.add_parser("config", help="list every config field with its default and help, or show a resolved config")
-    c.add_argument("--show", metavar="FILE", help="print FILE resolved with defaults and overrides")
+    c.add_argument("--show", metavar="FILE", action=_Once, help="print FILE resolved with defaults and overrides")
     c.add_argument("overrides", nargs="*", help="key=value overrides")
     c.set_defaults(func=cmd_config)
 
@@ -126,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Errors printed as one line ``kava: error: ...`` instead of a traceback, by defining module.
 _ONE_LINE_ERRORS = (
     ("kava.config", "ConfigError"),
+    ("kava.io", "OutputError"),
     ("kava.data.schema", "DataError"),
     ("kava.model.checkpoints", "ModelLoadError"),
     ("kava.data.sequences", "SequenceError"),
@@ -135,11 +163,13 @@ _ONE_LINE_ERRORS = (
 
 
 def one_line_errors() -> tuple[type[BaseException], ...]:
-    """The error classes `main` prints as one line: FileNotFoundError and those of
+    """The error classes `main` prints as one line: OSError and those of
     :data:`_ONE_LINE_ERRORS` whose module is loaded. An error whose module was never imported
     cannot have been raised, so this imports nothing (a command may not need torch)."""
     loaded = (getattr(sys.modules[module], name, None) for module, name in _ONE_LINE_ERRORS if module in sys.modules)
-    return (FileNotFoundError, *(cls for cls in loaded if cls is not None))
+    # OSError: what the machine refused (permission denied, a full or read-only disk); its
+    # message names the file.
+    return (OSError, *(cls for cls in loaded if cls is not None))
 
 
 def exit_code(error: BaseException) -> int:

@@ -10,7 +10,7 @@ import sys
 def cmd_export(args: argparse.Namespace) -> int:
     from ..model.export import export, push_to_hub
 
-    out = export(args.checkpoint, args.out, trust_remote_code=args.trust_remote_code)
+    out = export(args.checkpoint, args.out, trust_remote_code=args.trust_remote_code, replace=args.replace)
     print(f"exported {args.checkpoint} to {out}: " + ", ".join(sorted(p.name for p in out.iterdir())))
     if args.push_to_hub:
         print(f"pushed to {args.push_to_hub}: {push_to_hub(out, args.push_to_hub, private=args.private)}")
@@ -37,7 +37,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "(a model card with the recipe, data and the evaluation found beside the checkpoint).",
     )
     x.add_argument("checkpoint", help="checkpoint folder, or a run folder (its latest checkpoint)")
-    x.add_argument("--out", required=True, help="folder to write (replaced atomically)")
+    x.add_argument("--out", required=True, help="folder to write (atomically); must be empty or new, unless --replace")
+    x.add_argument("--replace", action="store_true",
+                   help="replace an earlier export in --out (refused if it holds files an export does not write)")
     x.add_argument("--push-to-hub", metavar="REPO", help="then upload the folder to this hub model repo (huggingface_hub)")
     x.add_argument("--private", action="store_true", help="create the hub repo as private")
     x.add_argument("--trust-remote-code", action="store_true",

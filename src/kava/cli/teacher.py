@@ -13,6 +13,9 @@ def cmd_extract(args: argparse.Namespace) -> int:
     out = args.out or cfg.loss.teacher_cache
     if not out:
         raise ConfigError("config field 'loss.teacher_cache': empty; give --out DIR or set loss.teacher_cache")
+    from ..io import check_output_folder
+
+    check_output_folder(out, "--out" if args.out else "loss.teacher_cache")
     if cfg.train.num_threads:
         import torch
 
@@ -27,6 +30,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``kava teacher`` (with ``extract``) to the ``kava`` command."""
+    from . import count_int, positive_int
+
     p = subparsers.add_parser("teacher", help="offline teacher caches (compressed KV targets written once, read by training)")
     sub = p.add_subparsers(dest="teacher_command", required=True)
     e = sub.add_parser(
@@ -37,9 +42,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     e.add_argument("--config", help="YAML config file (the one training will use)")
     e.add_argument("--out", help="cache folder (default: loss.teacher_cache)")
-    e.add_argument("--shard-size", type=int, default=1024, help="examples per shard file")
-    e.add_argument("--shard", type=int, default=0, help="this job's index in a job array (0-based)")
-    e.add_argument("--num-shards", type=int, default=1, help="jobs in the job array: shards are dealt round-robin")
-    e.add_argument("--batch-size", type=int, default=0, help="teacher batch size (default: train.batch_size)")
+    e.add_argument("--shard-size", type=positive_int, default=1024, help="examples per shard file")
+    e.add_argument("--shard", type=count_int, default=0, help="this job's index in a job array (0-based)")
+    e.add_argument("--num-shards", type=positive_int, default=1, help="jobs in the job array: shards are dealt round-robin")
+    e.add_argument("--batch-size", type=count_int, default=0, help="teacher batch size (default: train.batch_size)")
     e.add_argument("overrides", nargs="*", help="key=value overrides, e.g. latent.num_latents=24")
     e.set_defaults(func=cmd_extract)

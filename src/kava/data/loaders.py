@@ -379,10 +379,63 @@ class LoadReport:
 Located = tuple[str, Any]  # (where, record or DataError)
 
 
+MAX_RECORD_BYTES = 1 << 20  # a JSONL line (one record) longer than 1 MiB is refused, not read
+_MAX_DEPTH = 32  # JSON nested deeper than this is not a record
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object that refuses a key given twice (``json`` keeps the last silently)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise DataError(f"duplicate key {key!r} in one object", field=key)
+        out[key] = value
+    return out
+
+
+def _depth_ok(obj: Any, limit: int = _MAX_DEPTH) -> bool:
+    stack = [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth > limit:
+                return False
+            stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
+    return True
+
+
+def _loads(text: str, where: str) -> Any:
+    """One JSON value; every failure a :class:`DataError` at ``where`` (invalid JSON, a duplicate
+    key, nesting beyond :data:`_MAX_DEPTH`, an integer Python refuses to read)."""
+    try:
+        value = json.loads(text, object_pairs_hook=_unique_keys)
+    except json.JSONDecodeError as err:
+        raise DataError(f"invalid JSON: {err.msg} (line {err.lineno}, column {err.colno})", where=where) from None
+    except DataError as err:
+        raise err.at(where) from None
+    except RecursionError:
+        raise DataError(f"JSON nested too deeply (more than {_MAX_DEPTH} levels)", where=where) from None
+    except ValueError as err:  # e.g. an integer of over 4,300 digits
+        raise DataError(f"unreadable JSON value ({str(err).split(';')[0]})", where=where) from None
+    if not _depth_ok(value):
+        raise DataError(f"JSON nested too deeply (more than {_MAX_DEPTH} levels)", where=where)
+    return value
+
+
 def _read_jsonl(path: Path) -> Iterator[Located]:
     with path.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
+        lineno = 0
+        while True:
+            raw = f.readline(MAX_RECORD_BYTES + 1)
+            if not raw:
+                break
+            lineno += 1
             where = f"{path}:{lineno}"
+            if len(raw) > MAX_RECORD_BYTES and not raw.endswith(b"\n"):
+                while raw and not raw.endswith(b"\n"):  # skip the rest of the line unread
+                    raw = f.readline(MAX_RECORD_BYTES)
+                yield where, DataError(f"line longer than {MAX_RECORD_BYTES} bytes: not one record", where=where)
+                continue
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
@@ -391,20 +444,19 @@ def _read_jsonl(path: Path) -> Iterator[Located]:
             if not line.strip():
                 continue
             try:
-                yield where, json.loads(line)
-            except json.JSONDecodeError as err:
-                yield where, DataError(f"invalid JSON: {err.msg} (column {err.colno})", where=where)
+                yield where, _loads(line, where)
+            except DataError as err:
+                yield where, err
 
 
 def _read_json(path: Path) -> Iterator[Located]:
-    with path.open("r", encoding="utf-8") as f:
-        try:
-            data = json.load(f)
-        except UnicodeDecodeError as err:
-            raise DataError(f"not UTF-8 text (byte {err.start})", where=str(path)) from None
-        except json.JSONDecodeError as err:
-            raise DataError(f"invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}",
-                            where=str(path)) from None
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"not UTF-8 text (byte {err.start})", where=str(path)) from None
+    if not text.strip():
+        raise DataError("empty file: expected a list of records", where=str(path))
+    data = _loads(text, str(path))
     if isinstance(data, Mapping) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
@@ -446,7 +498,12 @@ def _hub_rows(hub_id: str, config: str | None, split: str, streaming: bool, cach
     ``cache_dir`` None: datasets' own, ``$HF_DATASETS_CACHE`` or ``$HF_HOME/datasets``)."""
     import datasets
 
-    return datasets.load_dataset(hub_id, config, split=split, streaming=streaming, cache_dir=cache_dir)
+    try:
+        return datasets.load_dataset(hub_id, config, split=split, streaming=streaming, cache_dir=cache_dir)
+    except (OSError, ValueError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise DataError(f"cannot load the hub dataset {hub_id!r} (offline, or not in the cache?): {first}",
+                        where=hub_id) from None
 
 
 def _hub_split(spec: DatasetSpec, split: str) -> str:
@@ -693,4 +750,9 @@ def load_data(cfg: KavaConfig, which: str) -> list[Example]:
         examples = generate_classes_split(split, n, seed=0, sizes=tuple(d.synthetic_sizes), modulus=d.synthetic_modulus,
                                           style="verbose" if source.endswith("-nl") else "eq")
         return examples[:limit] if limit else examples
-    return list(load_examples(source, split, limit=limit or None, on_error=d.on_error, cache_dir=d.cache_dir or None))
+    examples = list(load_examples(source, split, limit=limit or None, on_error=d.on_error,
+                                  cache_dir=d.cache_dir or None))
+    if not examples:
+        raise DataError(f"no {'training' if which == 'train' else 'evaluation'} examples (an empty file or split?)",
+                        where=f"data.{which}={source}")
+    return examples

@@ -97,9 +97,24 @@ def answer_text(value: Any, *, field_name: str = "answer") -> str:
             text = format_number(value)
         except ValueError as err:
             raise DataError(str(err), field=field_name) from None
+    if len(text) > MAX_ANSWER_CHARS:
+        raise DataError(f"{len(text)} characters long; an answer is one number of at most {MAX_ANSWER_CHARS}",
+                        field=field_name)
     if parse_number(text) is None:
         raise DataError(f"not a number: {_short(value)}", field=field_name)
     return text
+
+
+MAX_ANSWER_CHARS = 100
+
+
+def _check_unicode(text: str, where: str, field: str) -> None:
+    """Refuse a lone UTF-16 surrogate (JSON's ``"\\ud800"``): no file can hold it as UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise DataError(f"a lone surrogate {text[err.start]!r} at character {err.start} (not valid Unicode text)",
+                        where=where, field=field) from None
 
 
 def example_from_record(record: Mapping[str, Any], where: str) -> Example:
@@ -127,6 +142,12 @@ def example_from_record(record: Mapping[str, Any], where: str) -> Example:
     source_id = record.get("source_id")
     if source_id is not None and not isinstance(source_id, str):
         raise DataError(f"expected a string, got {_type_name(source_id)}", where=where, field="source_id")
+    _check_unicode(question, where, "question")
+    for i, s in enumerate(steps):
+        _check_unicode(s, where, f"steps[{i}]")
+    _check_unicode(answer, where, "answer")
+    if source_id:
+        _check_unicode(source_id, where, "source_id")
     return Example(
         question=question.strip(),
         steps=tuple(s.strip() for s in steps),

@@ -15,7 +15,7 @@ from ..answers import GRADERS, is_correct
 from ..config import KavaConfig
 from ..data.schema import Example
 from ..data.sequences import BOT, EOT, TextEncoder
-from ..io import atomic_write, atomic_write_json
+from ..io import atomic_write, atomic_write_json, check_output_folder
 from ..model.backbone import KavaModel
 from .decode import MODES, generate, graded_text, hit_cap, kv_bytes_per_token
 from .results import accuracy_stderr, provenance, write_results
@@ -152,6 +152,7 @@ def evaluate_checkpoint(checkpoint: str | Path, overrides=(), modes: list[str] |
         if mode not in MODES:
             raise ConfigError(f"eval modes: {mode!r} is not one of {', '.join(MODES)}")
     ckpt = find_checkpoint(checkpoint)
+    check_output_folder(Path(out) if out else ckpt / "eval", "--out")
     # Every override is checked against the checkpoint's config before any model is built; the
     # permission to run a base model's own code comes from the command line alone.
     extra = parse_overrides(list(overrides))
@@ -180,6 +181,7 @@ def evaluate_pretrained(name_or_path: str, config: str | Path | None = None, ove
     from ..model.backbone import build_model
 
     modes = modes or ["cot", "nocot"]
+    check_output_folder(Path(out) if out else Path("runs") / "eval" / Path(name_or_path.rstrip("/")).name, "--out")
     if "student" in modes:
         raise ConfigError("kava eval --model: mode 'student' needs a trained kava checkpoint (latent tokens, projection); use --modes cot,nocot")
     cfg = load_config(config, [*overrides, f"model.name_or_path={name_or_path}", "model.adapter=full", "model.init_from="])

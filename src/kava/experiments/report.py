@@ -36,7 +36,7 @@ from typing import Any
 
 import yaml
 
-from ..io import atomic_write, atomic_write_json, atomic_write_text
+from ..io import atomic_write, atomic_write_json, atomic_write_text, check_output_folder
 from . import stats
 
 log = logging.getLogger("kava.report")  # the name its log lines have always had
@@ -1234,11 +1234,13 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, names:
         raise ValueError(f"heatmaps={heatmaps!r}: choose from {', '.join(HEATMAPS)}")
     if Path(runs_dir).is_file():
         return rederive_report(runs_dir, out_dir, names)
+    out = check_output_folder(Path(out_dir) if out_dir else Path(runs_dir) / "report", "--out")
     skipped: list[str] = []
     runs = collect_runs(runs_dir, skipped)
+    if not runs:  # nothing to report: no output folder is made (the command says so in one line)
+        return Report(runs, [], [], [], skipped)
     rows = aggregate(runs)
     verdicts = check_claims(rows, names)
-    out = Path(out_dir) if out_dir else Path(runs_dir) / "report"
     out.mkdir(parents=True, exist_ok=True)
     files = []
 

@@ -39,6 +39,7 @@ from .checkpoints import (
     check_shapes,
     checkpoint_layout,
     read_tensors,
+    refuse_pickled,
 )
 from .recompute import enable_checkpointing
 
@@ -193,6 +194,15 @@ def ships_code(path: str) -> bool:
     return False
 
 
+def refuse_remote_code(path: str, trust_remote_code: bool, what: str = "model.name_or_path") -> None:
+    """Stop before transformers is asked (it would prompt "run the custom code? [y/N]" in a
+    terminal) when the local folder ``path`` names code of its own and the user did not allow it."""
+    if not trust_remote_code and ships_code(path):
+        raise ModelLoadError(f"{what}: {path} ships its own code (auto_map in its config), which runs only with "
+                             "model.trust_remote_code=true given on the command line or in your config "
+                             "(never from a checkpoint's saved config)")
+
+
 def load_backbone(cfg: ModelConfig, seed: int = 0):
     """(tokenizer, causal LM) for ``cfg``: built in code, a local folder, a .gguf file, the
     packaged SmolLM2 GGUF (``smollm2``), or the hub.
@@ -221,7 +231,11 @@ def load_backbone(cfg: ModelConfig, seed: int = 0):
         if not p.is_file():
             raise ModelLoadError(f"model.name_or_path: GGUF file {path} does not exist")
         path, gguf = str(p.parent), p.name
-    kw = dict(trust_remote_code=cfg.trust_remote_code)
+    if Path(path).is_dir():
+        refuse_remote_code(path, cfg.trust_remote_code)
+        if not gguf:
+            refuse_pickled(path, only_if_no_safetensors=True)
+    kw = dict(trust_remote_code=cfg.trust_remote_code)  # always explicit: transformers never prompts
     if cfg.cache_dir:  # else Hugging Face's own cache ($HF_HUB_CACHE, $HF_HOME)
         kw["cache_dir"] = cfg.cache_dir
     if gguf:
@@ -231,7 +245,8 @@ def load_backbone(cfg: ModelConfig, seed: int = 0):
         tok = AutoTokenizer.from_pretrained(path, **kw)
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=resolve_dtype(cfg.dtype), attn_implementation=cfg.attn_implementation,
-            **({"quantization_config": quant, "device_map": {"": torch.cuda.current_device()}} if quant else {}), **kw
+            **({"quantization_config": quant, "device_map": {"": torch.cuda.current_device()}} if quant else {}),
+            **({} if gguf else {"use_safetensors": True}), **kw  # (use_safetensors: nothing unpickled)
         )
     except (OSError, ValueError, ImportError) as e:
         # ValueError: an architecture transformers cannot read from GGUF; ImportError: no gguf package.
@@ -485,17 +500,22 @@ def plain_base_state(backbone_state: dict[str, torch.Tensor]) -> dict[str, torch
     return out
 
 
-def _check_model_folder(folder: Path) -> None:
+def _check_model_folder(folder: Path, trust_remote_code: bool = False) -> None:
     """Stop, naming the file and the tensor, where a weight file of the transformers folder
     is damaged or holds a tensor of another shape than its ``config.json`` describes (checked
-    on an empty ``meta`` model: nothing is allocated)."""
+    on an empty ``meta`` model: nothing is allocated); where it names code of its own
+    (``auto_map``) without the user's ``trust_remote_code``, or holds pickled weights."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    refuse_remote_code(str(folder), trust_remote_code, "checkpoint model folder")
+    refuse_pickled(folder)
     files = sorted(folder.glob("model*.safetensors"))
     shapes = {f: check_readable(f) for f in files}
     try:
         with torch.device("meta"), quiet_transformers():
-            expected = {n: tuple(t.shape) for n, t in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder)).state_dict().items()}
+            mcfg = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+            expected = {n: tuple(t.shape) for n, t in AutoModelForCausalLM.from_config(
+                mcfg, trust_remote_code=trust_remote_code).state_dict().items()}
     except (OSError, ValueError, KeyError) as e:
         raise ModelLoadError(f"{folder / 'config.json'}: cannot read the model's config: {(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
     for f, found in shapes.items():
@@ -506,13 +526,16 @@ def _check_model_folder(folder: Path) -> None:
 
 
 def _from_pretrained(folder: Path, cfg: ModelConfig):
-    """A transformers model folder written by a checkpoint (no remote code, ever)."""
+    """A transformers model folder written by a checkpoint: safetensors only, and code of its own
+    only with the user's ``model.trust_remote_code`` (never a prompt's answer)."""
     from transformers import AutoModelForCausalLM
 
-    _check_model_folder(Path(folder))
+    _check_model_folder(Path(folder), cfg.trust_remote_code)
     try:
         with quiet_transformers():
-            return AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype(cfg.dtype), attn_implementation=cfg.attn_implementation)
+            return AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype(cfg.dtype),
+                                                        attn_implementation=cfg.attn_implementation,
+                                                        trust_remote_code=cfg.trust_remote_code, use_safetensors=True)
     except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: tensors of another shape
         raise ModelLoadError(f"{folder}: cannot load the model folder: {(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
 

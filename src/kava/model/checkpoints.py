@@ -43,12 +43,34 @@ class ModelLoadError(RuntimeError):
     """A model or checkpoint that cannot be loaded; the message names it."""
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def refuse_pickled(folder: str | Path, only_if_no_safetensors: bool = False) -> None:
+    """Stop, naming the file, where ``folder`` holds a pickled weights file (``pytorch_model.bin``,
+    ``.pt``, ...): kava never unpickles (unpickling can run code). ``only_if_no_safetensors``: a
+    plain model folder may keep a ``.bin`` beside its safetensors (those are what is loaded)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    pickled = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
+    if not pickled or (only_if_no_safetensors and any(folder.glob("*.safetensors"))):
+        return
+    raise ModelLoadError(f"{pickled[0]}: a pickled weights file; kava never unpickles (it can run code). Convert it to "
+                         "safetensors where you trust it (AutoModelForCausalLM.from_pretrained(DIR)"
+                         ".save_pretrained(DIR, safe_serialization=True), or safetensors.torch.save_file), "
+                         "then remove it")
+
+
 def checkpoint_layout(path: str | Path) -> str:
     """``lora`` (a peft adapter folder), ``full`` (a transformers model folder) or ``old`` (the
-    layout before standard folders) for a kava checkpoint folder; anything else is an error."""
+    layout before standard folders) for a kava checkpoint folder; anything else is an error, and
+    so is a pickled file in it (:func:`refuse_pickled`)."""
     path = Path(path)
     if not (path / CONFIG_FILE).is_file():
         raise ModelLoadError(f"{path}: not a kava checkpoint (no {CONFIG_FILE})")
+    refuse_pickled(path)
+    refuse_pickled(path / BASE_DIR)
     if (path / ADAPTER_CONFIG).is_file():
         if not (path / ADAPTER_FILE).is_file():
             raise ModelLoadError(f"{path}: has {ADAPTER_CONFIG} but no {ADAPTER_FILE}")
@@ -89,15 +111,29 @@ def find_checkpoint(path: str | Path) -> Path:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint folder with the highest step in ``run_dir``, if any."""
-    best, best_step = None, -1
-    if not Path(run_dir).is_dir():
+    """The checkpoint folder with the highest step in ``run_dir``, if any.
+
+    Never an older one in its place without a word: when the newest ``checkpoint-N`` is
+    incomplete or damaged (no ``kava_config.yaml`` or ``trainer_state.json``), or is a symbolic
+    link, this stops naming it and the newest complete one, for the user to choose."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
         return None
-    for child in Path(run_dir).iterdir():
-        m = CHECKPOINT_RE.match(child.name)
-        if m and (child / STATE_JSON).is_file() and int(m.group(1)) > best_step:
-            best, best_step = child, int(m.group(1))
-    return best
+    found = sorted((int(m.group(1)), child) for child in run_dir.iterdir() if (m := CHECKPOINT_RE.match(child.name)))
+    if not found:
+        return None
+    step, newest = found[-1]
+    if newest.is_symlink():
+        raise ModelLoadError(f"{newest} is a symbolic link; kava does not follow links inside a run folder "
+                             "(give the checkpoint it points to with --checkpoint, or replace the link by the folder)")
+    if newest.is_dir() and (newest / CONFIG_FILE).is_file() and (newest / STATE_JSON).is_file():
+        return newest
+    missing = CONFIG_FILE if not (newest / CONFIG_FILE).is_file() else STATE_JSON
+    older = [p for _, p in found[:-1]
+             if not p.is_symlink() and (p / CONFIG_FILE).is_file() and (p / STATE_JSON).is_file()]
+    alt = f"the newest complete one is {older[-1].name}: give it explicitly, or move {newest.name} away" if older \
+        else "no older complete checkpoint exists"
+    raise ModelLoadError(f"{newest}: incomplete or damaged checkpoint (no {missing}); not falling back silently: {alt}")
 
 
 def read_tensors(path: Path) -> dict:

@@ -13,20 +13,34 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import re
 from pathlib import Path
 
 from safetensors.torch import save_file
 
 from ..config import KavaConfig
-from ..io import atomic_replace_dir
+from ..io import OutputError, atomic_replace_dir, check_output_folder
 from .backbone import load_checkpoint, quiet_transformers
 from .checkpoints import CONFIG_FILE, KAVA_WEIGHTS, STATE_JSON, find_checkpoint
+
+log = logging.getLogger("kava.export")
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def find_evaluation(ckpt: Path) -> tuple[dict, dict, Path] | None:
+    """:func:`_find_evaluation`; a damaged file there is named in a warning and the card says
+    no evaluation was found."""
+    try:
+        return _find_evaluation(ckpt)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        log.warning("the evaluation beside %s cannot be read (%s: %s); the model card leaves it out",
+                    ckpt, type(e).__name__, str(e)[:200])
+        return None
+
+
+def _find_evaluation(ckpt: Path) -> tuple[dict, dict, Path] | None:
     """(``{mode: metrics}``, provenance or ``{}``, the file) of the evaluation of ``ckpt``:
     ``kava eval``'s ``CHECKPOINT/eval/results.json`` or ``eval_metrics.json``, else the run's
     end-of-training ``eval_metrics.json`` when the run's ``status.json`` names this checkpoint."""
@@ -98,17 +112,61 @@ def model_card(cfg: KavaConfig, ckpt: Path, steps: int | None, evaluation: tuple
     return "\n".join(lines)
 
 
-def export(checkpoint: str | Path, out: str | Path, trust_remote_code: bool = False) -> Path:
+# What an export writes (the only entries --replace may remove from an existing --out).
+_EXPORT_NAMES = re.compile(r"^(config\.json|generation_config\.json|model(-\d+-of-\d+)?\.safetensors"
+                           r"|model\.safetensors\.index\.json|kava_model\.safetensors|kava_config\.yaml|README\.md"
+                           r"|tokenizer[\w.]*|special_tokens_map\.json"
+                           r"|added_tokens\.json|vocab\.\w+|merges\.txt|chat_template\.\w+)$")
+
+
+def check_export_out(ckpt: Path, out: Path, replace: bool) -> None:
+    """Stop before any work when ``out`` cannot take an export of ``ckpt``: a file; the
+    checkpoint itself, inside it, or a folder holding it (its run folder); a folder that is not
+    empty (unless ``replace``, and then only when it holds nothing but an earlier export's files)."""
+    check_output_folder(out, "--out")
+    src, dst = ckpt.resolve(), out.resolve()
+    if dst == src or src in dst.parents or dst in src.parents:
+        raise OutputError(f"--out {out}: it is, holds or lies inside the checkpoint {ckpt} being exported; "
+                          "choose a folder outside it")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    entries = sorted(out.iterdir())
+    if not replace:
+        raise OutputError(f"--out {out} is not empty ({', '.join(p.name for p in entries[:4])}"
+                          f"{', ...' if len(entries) > 4 else ''}); choose an empty folder, or --replace to replace "
+                          "an earlier export")
+    foreign = [p.name for p in entries if p.is_symlink() or not p.is_file() or not _EXPORT_NAMES.match(p.name)]
+    if foreign or not (out / CONFIG_FILE).is_file():
+        why = (f"holds {foreign[0]!r}, which an export does not write" if foreign
+               else f"has no {CONFIG_FILE}: not a kava export")
+        raise OutputError(f"--out {out} {why}; --replace only replaces an earlier export's own files")
+
+
+def _saved_step(ckpt: Path) -> int | None:
+    """The step a checkpoint's trainer state records, or None (absent or unreadable)."""
+    try:
+        step = json.loads((ckpt / STATE_JSON).read_text(encoding="utf-8"))["progress"]["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
+def export(checkpoint: str | Path, out: str | Path, trust_remote_code: bool = False, replace: bool = False) -> Path:
     """Write the merged model folder of ``checkpoint`` (or a run's latest) into ``out``
-    atomically; returns ``out``. ``trust_remote_code``: as for :func:`load_checkpoint`."""
+    atomically; returns ``out``. ``trust_remote_code``: as for :func:`load_checkpoint`. An
+    ``out`` that is not empty is refused unless ``replace`` and it holds an earlier export
+    (:func:`check_export_out`); the checkpoint or run folder read is never written."""
     ckpt = find_checkpoint(checkpoint)
+    out = Path(out)
+    check_export_out(ckpt, out, replace)
+    check_export_out(Path(checkpoint), out, replace)  # (a run folder given: not into it either)
     model = load_checkpoint(ckpt, trust_remote_code=trust_remote_code)
     own = {n: t.detach().cpu().contiguous() for n, t in model.state_dict().items() if not n.startswith("backbone.")}
     cfg = copy.deepcopy(model.cfg)
     merged = model.merged_backbone()
     recipe = copy.deepcopy(cfg)
     recipe.model.adapter = "full"  # the folder holds every weight, merged
-    steps = json.loads((ckpt / STATE_JSON).read_text())["progress"]["step"] if (ckpt / STATE_JSON).is_file() else None
+    steps = _saved_step(ckpt)
     card = model_card(cfg, ckpt, steps, find_evaluation(ckpt))
 
     def build(tmp: Path) -> None:
@@ -120,7 +178,7 @@ def export(checkpoint: str | Path, out: str | Path, trust_remote_code: bool = Fa
         recipe.save(tmp / CONFIG_FILE)
         (tmp / "README.md").write_text(card)
 
-    out = Path(out)
+    check_export_out(ckpt, out, replace)  # (again: nothing has appeared there meanwhile)
     atomic_replace_dir(out, build)
     return out
 

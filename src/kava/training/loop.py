@@ -39,7 +39,7 @@ from ..distill.objective import Objective, metric_floats
 from ..evaluation.evaluator import eval_modes, evaluate
 from ..io import append_line, atomic_replace_dir, atomic_write_json
 from ..model.backbone import KavaModel, build_model, load_weights
-from ..model.checkpoints import check_shapes, latest_checkpoint, read_tensors
+from ..model.checkpoints import CHECKPOINT_RE, ModelLoadError, check_shapes, latest_checkpoint, read_tensors
 from .env import pick_mixed_precision
 from .rundir import claim_run_folder, prune_checkpoints
 from .state import load_trainer_state, save_trainer_state
@@ -110,8 +110,8 @@ def train(cfg: KavaConfig, resume: bool = False) -> dict:
     # The folder set_up will write to (under train.output_root / $KAVA_OUTPUT_ROOT), locked first.
     folder = under_output_root(cfg.train.output_dir, cfg.train.output_root)
     with claim_run_folder(folder, resume, cfg.train.overwrite_output_dir,
-                          main=_is_global_rank_zero()):
-        return _train(cfg, resume)
+                          main=_is_global_rank_zero()) as clear_previous:
+        return _train(cfg, resume, clear_previous)
 
 
 def _is_global_rank_zero() -> bool:
@@ -120,13 +120,15 @@ def _is_global_rank_zero() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def _train(cfg: KavaConfig, resume: bool) -> dict:
+def _train(cfg: KavaConfig, resume: bool, clear_previous=lambda: None) -> dict:
     from tqdm.auto import tqdm
 
     tc = cfg.train
     run = set_up(cfg)
     if resume:
         resume_from(run)
+    previous = _read_status(run.out) if run.main and resume else None  # (a finished run's, kept if this fails)
+    clear_previous()  # --overwrite: only now, with config, data, init_from and model all checked
     open_run_folder(run)
     try:
         run.started = time.perf_counter()
@@ -159,7 +161,13 @@ def _train(cfg: KavaConfig, resume: bool) -> dict:
             atomic_write_json(run.out / "status.json", result)
     except BaseException as e:
         if run.main:
-            mark_failed(run, e)
+            if previous and previous.get("state") == "finished" and run.step <= int(previous.get("step") or 0):
+                # A resume of a finished run that failed before training a step: the run is still
+                # the finished one (its checkpoints are untouched), so its status stays so.
+                log.error("the resume failed before any new step; %s keeps saying finished", run.out / "status.json")
+                atomic_write_json(run.out / "status.json", previous)
+            else:
+                mark_failed(run, e)
         raise
     finally:
         for tracker in run.accelerator.trackers:  # (not end_training: that also destroys the process group)
@@ -190,11 +198,26 @@ def finish(run: Run, ckpt: Path, result: dict) -> None:
                       note=f"stopped during the final evaluation; run `kava eval --checkpoint {ckpt}`")
 
 
+def _read_status(folder: Path) -> dict | None:
+    """The run folder's ``status.json`` as a mapping, or None (absent, unreadable or not one)."""
+    path = Path(folder) / "status.json"
+    if path.is_symlink() or not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("step", 0), int) else None
+
+
 def mark_failed(run: Run, error: BaseException) -> None:
     """``status.json`` says ``failed`` with the error's first line and the last checkpoint."""
     lines = str(error).strip().splitlines()
     text = f"{type(error).__name__}: {lines[0] if lines else ''}".strip().rstrip(":")[:500]
-    last = latest_checkpoint(run.out)
+    try:
+        last = latest_checkpoint(run.out)
+    except ModelLoadError:  # a damaged newest checkpoint: the error being raised matters more
+        last = None
     status = {"state": "failed", "step": run.step, "max_steps": run.max_steps, "error": text,
               "checkpoint": str(last) if last else None, "failed_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     try:
@@ -240,10 +263,15 @@ def set_up(cfg: KavaConfig) -> Run:
     model = build_model(cfg)
     encoder = TextEncoder(model.tokenizer, cfg.data, cfg.model.use_chat_template)
     encoded = [encoder.encode(ex) for ex in train_examples]
+    check_positions(encoded, model, cfg)
     objective = Objective(model, cfg)
 
     steps_per_epoch = math.ceil(len(encoded) / effective)
     max_steps = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
+    if max_steps > cfg.limits.max_steps:
+        raise ConfigError(f"config field 'train.epochs': {tc.epochs:g} epochs of {steps_per_epoch} steps are "
+                          f"{max_steps:,} steps, beyond the sanity bound limits.max_steps={cfg.limits.max_steps:,} "
+                          "(raise it if you mean it)")
     params = list({id(p): p for p in objective.parameters()}.values())  # counted before FSDP shards them
     summary = {
         "mode": tc.mode, "examples": len(encoded), "eval_examples": len(eval_examples), "max_steps": max_steps,
@@ -267,6 +295,25 @@ def set_up(cfg: KavaConfig) -> Run:
                fsdp=accelerator.distributed_type == DistributedType.FSDP, summary=summary)
 
 
+def check_positions(encoded: list[Encoded], model: KavaModel, cfg: KavaConfig) -> None:
+    """Stop, naming the example and the fields, when the longest teacher or student sequence
+    needs more positions than the model has (``max_position_embeddings``), before any step."""
+    limit = getattr(model.base_model.config.get_text_config(), "max_position_embeddings", None)
+    if not limit or not encoded:
+        return
+    latents = cfg.latent.num_latents + 2  # <bot> z_1..z_M <eot>
+
+    def need(e: Encoded) -> int:
+        return len(e.question) + max(sum(map(len, e.steps)), latents) + len(e.answer_prefix) + len(e.answer)
+
+    worst = max(encoded, key=need)
+    if need(worst) > limit:
+        raise ConfigError(f"config field 'latent.num_latents': example {worst.source_id} needs {need(worst)} "
+                          f"positions (question, CoT or {latents} latent slots, answer) but the model has "
+                          f"max_position_embeddings={limit}; shorten data.max_question_tokens / data.max_cot_tokens "
+                          "or use fewer latents")
+
+
 def resume_from(run: Run) -> None:
     """Continue from the latest checkpoint in the run folder, if any: the weights, the target
     source's trained parts, optimizer, scheduler, every RNG and the data position."""
@@ -285,9 +332,33 @@ def resume_from(run: Run) -> None:
         check_shapes(source, parts, ckpt / source.state_file)
         source.load_state_dict(parts)
     progress = load_trainer_state(ckpt, run.optimizer, run.scheduler, run.generators)
+    check_progress(progress, ckpt, run.max_steps, len(run.encoded))
     run.step = progress["step"]
     run.order = DataOrder(len(run.encoded), run.cfg.train.seed, progress["epoch"], progress["offset"])
     log.info("resumed from %s at step %d", ckpt, run.step)
+
+
+def check_progress(progress: Any, ckpt: Path, max_steps: int, examples: int) -> None:
+    """Stop, naming the file, when a trainer state's progress is not what ``ckpt`` can hold: a
+    step that is not an integer, differs from the folder's ``checkpoint-N``, or lies beyond
+    ``train.max_steps``; a data offset beyond the training examples."""
+    where = ckpt / "trainer_state.json"
+    m = CHECKPOINT_RE.match(ckpt.name)
+    ok = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0  # noqa: E731
+    if not isinstance(progress, dict) or not all(ok(progress.get(k)) for k in ("step", "epoch", "offset")):
+        shown = {k: progress.get(k) for k in ("step", "epoch", "offset")} if isinstance(progress, dict) else progress
+        raise ModelLoadError(f"{where}: progress {shown!r} is not a kava trainer state "
+                             "(step, epoch, offset: integers >= 0)")
+    step = progress["step"]
+    if m and int(m.group(1)) != step:
+        raise ModelLoadError(f"{where}: step {step} but the folder is {ckpt.name}: damaged or edited, "
+                             "not resuming from it")
+    if step > max_steps:
+        raise ModelLoadError(f"{where}: step {step} is beyond train.max_steps={max_steps}; "
+                             f"set train.max_steps >= {step} to continue this run")
+    if progress["offset"] > examples:
+        raise ModelLoadError(f"{where}: data offset {progress['offset']} is beyond the {examples} training examples "
+                             "(other data than the run's?)")
 
 
 def open_run_folder(run: Run) -> None:

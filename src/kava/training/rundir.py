@@ -10,7 +10,12 @@
   renames of a save) is put back, since it is the last good checkpoint;
 - a **fresh start** (no ``--resume``) into a folder that holds anything is refused unless
   ``train.overwrite_output_dir`` (``kava train --overwrite``) is set, which deletes the files
-  kava writes there (checkpoints, metrics, status, config, evaluations) and keeps others;
+  kava writes there (checkpoints, metrics, status, config, evaluations) and keeps others; the
+  deletion waits until the whole run has been set up (config, data, ``init_from``, model), so a
+  run that cannot start deletes nothing;
+- **no symlink is followed**: the folder must be a folder (not a file, not a dangling link),
+  writable, and none of the names kava writes in it (the lock, metrics, status, checkpoints)
+  may be a symbolic link;
 - on **resume**, a torn last line of ``metrics.jsonl`` (a crash or a full disk mid-append)
   is cut off before new lines are appended.
 """
@@ -24,7 +29,7 @@ import re
 import shutil
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -50,6 +55,37 @@ class RunFolderError(RuntimeError):
     """The run folder is in use or holds another run; the message says what to do."""
 
 
+def _is_kava_name(name: str) -> bool:
+    """Whether ``name`` is an entry a run writes or reads in its folder."""
+    return (name == LOCK_FILE or name in _OUTPUT_FILES or bool(_OUTPUT_GLOB.match(name)) or bool(_TEMP.match(name))
+            or bool(_OLD.match(name)) or any(r.match(name) for r in _OUTPUT_DIRS))
+
+
+def check_output_dir(folder: Path) -> None:
+    """Stop with one line when ``folder`` cannot be a run folder: a file, a dangling symbolic
+    link, not writable (or its nearest existing parent, when it does not exist yet), or
+    holding a symbolic link under a name kava writes (it would write through it)."""
+    folder = Path(folder)
+    if folder.is_symlink() and not folder.exists():
+        raise RunFolderError(f"train.output_dir {folder} is a dangling symbolic link (to {os.readlink(folder)})")
+    if folder.exists() and not folder.is_dir():
+        raise RunFolderError(f"train.output_dir {folder} is a file, not a folder: choose another train.output_dir")
+    probe = folder
+    while not probe.exists():
+        if probe.is_symlink():
+            raise RunFolderError(f"train.output_dir {folder}: {probe} is a dangling symbolic link")
+        probe = probe.parent
+    if not probe.is_dir():
+        raise RunFolderError(f"train.output_dir {folder}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise RunFolderError(f"train.output_dir {folder}: {probe} is not writable")
+    if folder.is_dir():
+        links = sorted(p.name for p in folder.iterdir() if p.is_symlink() and _is_kava_name(p.name))
+        if links:
+            raise RunFolderError(f"train.output_dir {folder}: {folder / links[0]} is a symbolic link; kava does not "
+                                 "write through links in a run folder (replace it with the file or folder itself)")
+
+
 class RunLock:
     """An exclusive lock on a run folder, held by this process until :meth:`release`."""
 
@@ -65,7 +101,11 @@ class RunLock:
             log.warning("no fcntl on this platform: %s is not locked against a second run", self.folder)
             return
         self.folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:  # O_NOFOLLOW: a symbolic link planted as the lock never has its target truncated
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        except OSError as e:
+            raise RunFolderError(f"cannot open the lock {self.path}: {e.strerror}"
+                                 + (" (a symbolic link?)" if self.path.is_symlink() else "")) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -131,8 +171,9 @@ def run_outputs(folder: Path) -> list[Path]:
 
 
 def prepare(folder: Path, resume: bool, overwrite: bool) -> None:
-    """Clean temporary entries; refuse (or, with ``overwrite``, clear) a fresh start into a
-    folder that holds files; cut a torn last metrics line on resume."""
+    """Clean temporary entries; refuse a fresh start into a folder that holds files (unless
+    ``overwrite``: :func:`clear_previous_run` then deletes them, once the run is set up); cut a
+    torn last metrics line on resume."""
     clean_temporary(folder)
     held = sorted(p.name for p in folder.iterdir() if p.name != LOCK_FILE) if folder.is_dir() else []
     if resume:
@@ -147,6 +188,14 @@ def prepare(folder: Path, resume: bool, overwrite: bool) -> None:
         raise RunFolderError(f"train.output_dir {folder} is not empty ({shown}): continue that run with --resume, "
                              "start over with --overwrite (train.overwrite_output_dir=true, deletes its files), "
                              "or choose another train.output_dir")
+
+
+def clear_previous_run(folder: Path) -> None:
+    """Delete what a previous run wrote into ``folder`` (``--overwrite``), keeping other files."""
+    held = sorted(p.name for p in folder.iterdir() if p.name != LOCK_FILE) if folder.is_dir() else []
+    if not held:
+        return
+    check_output_dir(folder)  # (again: nothing planted since the start is deleted through a link)
     outputs = run_outputs(folder)
     for p in outputs:
         shutil.rmtree(p) if p.is_dir() else p.unlink()
@@ -156,17 +205,20 @@ def prepare(folder: Path, resume: bool, overwrite: bool) -> None:
 
 
 @contextmanager
-def claim_run_folder(folder: Path, resume: bool, overwrite: bool, main: bool = True) -> Iterator[None]:
+def claim_run_folder(folder: Path, resume: bool, overwrite: bool, main: bool = True) -> Iterator[Callable[[], None]]:
     """Lock ``folder`` and prepare it (:func:`prepare`) for the duration of a run; on the
-    main process only (the others write nothing there)."""
+    main process only (the others write nothing there). Yields the function that deletes a
+    previous run's files under ``overwrite`` (a no-op otherwise): call it once the run has been
+    set up, so that a run which cannot start leaves the old one as it was."""
     if not main:
-        yield
+        yield lambda: None
         return
+    check_output_dir(Path(folder))
     lock = RunLock(Path(folder))
     lock.acquire()
     try:
         prepare(Path(folder), resume, overwrite)
-        yield
+        yield (lambda: clear_previous_run(Path(folder))) if overwrite and not resume else (lambda: None)
     finally:
         lock.release()
 

@@ -89,13 +89,20 @@ def load_trainer_state(folder: Path, optimizer, scheduler, generators: dict[str,
         meta = json.loads((folder / STATE_JSON).read_text(encoding="utf-8"))
         if not isinstance(meta, dict) or not all(k in meta for k in ("optimizer", "scheduler", "rng", "progress")):
             raise ValueError("expected the keys optimizer, scheduler, rng, progress")
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"{folder / STATE_JSON}: not a kava trainer state ({e})") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise ModelLoadError(f"{folder / STATE_JSON}: not a kava trainer state ({str(e)[:200]})") from None
+    except OSError as e:
+        raise ModelLoadError(f"{folder / STATE_JSON}: cannot read it ({e.strerror})") from None
     try:
         optimizer.load_state_dict(optimizer_from_flat(tensors, meta["optimizer"]))
     except (KeyError, ValueError, RuntimeError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ModelLoadError(f"{folder / STATE_TENSORS}: the optimizer state does not fit this run's parameters ({first})") from None
-    scheduler.load_state_dict(meta["scheduler"])
-    set_rng_state(tensors, meta["rng"], generators)
+    try:
+        scheduler.load_state_dict(meta["scheduler"])
+        set_rng_state(tensors, meta["rng"], generators)
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ModelLoadError(f"{folder / STATE_JSON}: the scheduler or RNG state is damaged "
+                             f"({type(e).__name__}: {first})") from None
     return meta["progress"]
