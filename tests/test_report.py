@@ -203,7 +203,7 @@ def test_write_report_writes_tables_verdicts_and_plots(runs: Path, tmp_path: Pat
     out = tmp_path / "report"
     report = write_report(runs, out)
     names = {p.name for p in report.files}
-    assert {"results.csv", "runs.csv", "results.md", "results.tex", "verdicts.json", "accuracy_vs_forward_passes.png",
+    assert {"results.csv", "runs.csv", "curves.csv", "results.md", "results.tex", "verdicts.json", "accuracy_vs_forward_passes.png",
             "training_curves.png", "kv_cosine_cot_seed0.png"} == names
     for p in report.files:
         assert p.is_file() and p.stat().st_size > 0
