@@ -367,3 +367,36 @@ def test_cli_seeds_and_by_seed_pick_and_order_the_runs(tmp_path: Path, capsys):
     assert main(["sweep", str(path), "--dry-run", "--seeds", "3-1"]) == 2
     assert main(["sweep", str(path), "--dry-run", "--seeds", "x"]) == 2
     assert "--seeds 'x'" in capsys.readouterr().err
+
+
+def test_the_confirmatory_sweep_is_the_pre_registered_design():
+    """configs/sweeps/confirmatory.yaml (docs/preregistration.md): six arms, 22 fresh seeds, 500 steps,
+    the arms of a trace style identical but for their KV targets."""
+    import dataclasses
+
+    runs = expand_sweep(REPO / "configs" / "sweeps" / "confirmatory.yaml", validate=True)
+    arms = {"codi", "rkv", "codi@nl", "rkv@nl", "slot_mean@nl", "counterfactual@nl"}
+    assert {s.name for s in runs} == arms and len(runs) == 6 * 22
+    seeds = {s.seed for s in runs}
+    assert seeds == set(range(1000, 1022))
+    for other in (REPO / "configs" / "sweeps").glob("*.yaml"):
+        if other.name != "confirmatory.yaml":
+            assert not seeds & {s.seed for s in expand_sweep(other)}, other.name  # seeds no other sweep uses
+    by = {(s.name, s.seed): dataclasses.asdict(s.config()) for s in runs}
+    for name in arms:
+        cfg = by[(name, 1000)]
+        assert cfg["train"]["max_steps"] == 500 and cfg["train"]["eval_every"] == 100 and cfg["train"]["batch_size"] == 64
+        assert cfg["data"]["eval_split"] == "test" and cfg["data"]["synthetic_test_size"] == 700
+        assert cfg["loss"]["layer_std"] and cfg["latent"]["num_latents"] == 6
+    for style, members in (("", ("codi", "rkv")), ("@nl", ("codi@nl", "rkv@nl", "slot_mean@nl", "counterfactual@nl"))):
+        ref = by[(members[0], 1003)]
+        for name in members[1:]:
+            cfg = by[(name, 1003)]
+            for section in ("model", "latent", "train", "data", "curriculum"):
+                a, b = dict(ref[section]), dict(cfg[section])
+                if section == "train":
+                    a.pop("output_dir"), b.pop("output_dir")
+                assert a == b, (name, section)
+            diff = {k for k in ref["loss"] if ref["loss"][k] != cfg["loss"][k]}
+            assert diff <= {"alpha_kv", "compression"}, (name, diff)  # only the KV targets differ
+        assert by[(members[0], 1003)]["data"]["train"] == ("synthetic-classes-nl" if style else "synthetic-classes")
