@@ -130,19 +130,20 @@ def _wrong_shape(w):
 WEIGHTS = lambda w: w["run"] / "checkpoint-2" / WEIGHTS_FILE  # noqa: E731
 STATE = lambda w: w["run"] / "checkpoint-2" / STATE_TENSORS  # noqa: E731
 TRAIN = ["train", "--config", "{cfg}", "--resume"]  # into the finished run: it must stay as it was
+FRESH = ["train", "--config", "{cfg}", "train.output_dir={tmp}/fresh"]  # other data: a new run (a resume refuses it)
 EVAL = ["eval", "--checkpoint", "{run}"]
 
 CASES = [
     # id, preparation, command, exit code, what the message names
     # data sources, in training and evaluation
-    ("train-non-utf8", None, [*TRAIN, "data.train={data}/latin1.jsonl"], 1, ["latin1.jsonl:1", "UTF-8"]),
-    ("train-unknown-dataset", None, [*TRAIN, "data.train=gsm9k"], 1, ["gsm9k"]),
-    ("train-csv", None, [*TRAIN, "data.train={data}/table.csv"], 1, ["table.csv", ".csv"]),
-    ("train-corrupt-parquet", None, [*TRAIN, "data.train={data}/corrupt.parquet"], 1, ["corrupt.parquet"]),
-    ("train-synthetic-option", None, [*TRAIN, "data.train=synthetic?colour=red"], 1, ["synthetic", "colour"]),
-    ("train-synthetic-split", None, [*TRAIN, "data.train=synthetic?n=8", "data.train_split=dev"], 1, ["synthetic", "dev"]),
-    ("train-synthetic-n-negative", None, [*TRAIN, "data.train=synthetic?n=-5"], 1, ["n=-5"]),
-    ("train-gsm-symbolic-lang-path", None, [*TRAIN, "data.train=gsm-symbolic?lang=../../etc"], 1, ["lang", "../../etc"]),
+    ("train-non-utf8", None, [*FRESH, "data.train={data}/latin1.jsonl"], 1, ["latin1.jsonl:1", "UTF-8"]),
+    ("train-unknown-dataset", None, [*FRESH, "data.train=gsm9k"], 1, ["gsm9k"]),
+    ("train-csv", None, [*FRESH, "data.train={data}/table.csv"], 1, ["table.csv", ".csv"]),
+    ("train-corrupt-parquet", None, [*FRESH, "data.train={data}/corrupt.parquet"], 1, ["corrupt.parquet"]),
+    ("train-synthetic-option", None, [*FRESH, "data.train=synthetic?colour=red"], 1, ["synthetic", "colour"]),
+    ("train-synthetic-split", None, [*FRESH, "data.train=synthetic?n=8", "data.train_split=dev"], 1, ["synthetic", "dev"]),
+    ("train-synthetic-n-negative", None, [*FRESH, "data.train=synthetic?n=-5"], 1, ["n=-5"]),
+    ("train-gsm-symbolic-lang-path", None, [*FRESH, "data.train=gsm-symbolic?lang=../../etc"], 1, ["lang", "../../etc"]),
     ("eval-non-utf8", None, [*EVAL, "--data", "{data}/latin1.jsonl"], 1, ["latin1.jsonl:1"]),
     ("eval-csv", None, [*EVAL, "--data", "{data}/table.csv"], 1, ["table.csv"]),
     ("eval-unknown-dataset", None, [*EVAL, "--data", "gsm9k"], 1, ["gsm9k"]),
@@ -301,10 +302,11 @@ def test_resume_cuts_a_torn_metrics_line_and_the_report_skips_one(work, capsys, 
     with caplog.at_level(logging.WARNING):
         assert [r["step"] for r in read_history(work["run"])] == [1, 2]
     assert any("torn last line" in r.getMessage() for r in caplog.records)
-    got, _ = _kava(["train", "--config", work["cfg"], "--resume", "train.max_steps=3"], capsys)
+    shutil.rmtree(work["run"] / "checkpoint-2")  # so the resume trains step 2 again (from checkpoint-1)
+    got, _ = _kava(["train", "--config", work["cfg"], "--resume"], capsys)
     assert got == 0
     lines = metrics.read_text().splitlines()
-    assert all(json.loads(x) for x in lines) and [json.loads(x)["step"] for x in lines] == [1, 2, 3]
+    assert all(json.loads(x) for x in lines) and [json.loads(x)["step"] for x in lines] == [1, 2, 2]
 
 
 def test_temporary_entries_of_a_killed_save_are_cleaned_and_a_moved_checkpoint_put_back(work, capsys):

@@ -32,6 +32,17 @@ class ConfigError(ValueError):
 
 OUTPUT_ROOT_ENV = "KAVA_OUTPUT_ROOT"
 
+# What a resume may change: where the run is, how it logs, saves and evaluates, what it
+# evaluates on. None of them changes the weights a step computes. A field ending in "." is a
+# section (every field of it). train.max_steps and train.epochs may change too under a constant
+# schedule whose warm-up does not scale with them (RESUME_STEP_COUNT). Checked by
+# kava.training.rundir.check_resume_config.
+RESUME_MAY_CHANGE = ("train.output_dir", "train.output_root", "train.overwrite_output_dir", "train.num_threads",
+                     "train.log_every", "train.save_every", "train.eval_every", "train.eval_at_end", "train.progress",
+                     "train.report_to", "train.project", "train.run_name", "train.tensorboard", "train.save_total_limit",
+                     "model.cache_dir", "data.cache_dir", "data.eval", "data.eval_split", "data.eval_limit", "eval.")
+RESUME_STEP_COUNT = ("train.max_steps", "train.epochs")
+
 
 def under_output_root(path: str | Path, root: str = "") -> Path:
     """Where an output folder goes: ``path`` itself when absolute; else under ``root`` (a config's

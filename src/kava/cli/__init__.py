@@ -19,9 +19,12 @@ from ..logs import setup_logging
 def cmd_train(args) -> int:
     from ..config import load_config
     from ..training.loop import train
+    from ..training.rundir import resume_config
 
     overrides = [*args.overrides, *(["train.overwrite_output_dir=true"] if args.overwrite else [])]
-    cfg = load_config(args.config, overrides)
+    # --resume continues with the run's own config.yaml (the overrides it was started with need
+    # not be repeated); the overrides given now go on top and are checked by the trainer.
+    cfg = resume_config(args.config, overrides) if args.resume else load_config(args.config, overrides)
     result = train(cfg, resume=args.resume)
     print(f"{result['state']}: step {result['step']}/{result['max_steps']}, checkpoint {result['checkpoint']}")
     for mode, r in result.get("eval", {}).items():
@@ -82,7 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a model (kava, cot or nocot mode)")
     t.add_argument("--config", help="YAML config file (see configs/)")
-    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.output_dir")
+    from ..config import RESUME_MAY_CHANGE
+
+    t.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in train.output_dir with the run's own config.yaml and the "
+                        "overrides given now; a field that changes the result is refused. What may change: "
+                        + ", ".join(f + "*" if f.endswith(".") else f for f in RESUME_MAY_CHANGE)
+                        + "; train.max_steps and train.epochs under a constant schedule whose warm-up does not scale "
+                          "with them")
     t.add_argument("--overwrite", action="store_true",
                    help="start afresh in a train.output_dir that holds another run, deleting its files (= train.overwrite_output_dir=true)")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=1e-3 latent.scheme=sequential")
@@ -156,7 +166,14 @@ def main(argv: list[str] | None = None) -> int:
 
         args = argparse.Namespace(verbose=False, func=cmd_lm_eval, harness_args=argv[1:])
     else:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        # key=value overrides are accepted after options too (`kava train --config C --resume train.lr=1e-3`).
+        if hasattr(args, "overrides"):
+            args.overrides = [*args.overrides, *(x for x in extra if "=" in x and not x.startswith("-"))]
+            extra = [x for x in extra if not ("=" in x and not x.startswith("-"))]
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     setup_logging(args.verbose)
     try:
         return int(args.func(args) or 0)

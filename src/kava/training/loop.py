@@ -41,7 +41,7 @@ from ..io import append_line, atomic_replace_dir, atomic_write_json
 from ..model.backbone import KavaModel, build_model, load_weights
 from ..model.checkpoints import check_shapes, latest_checkpoint, read_tensors
 from .env import pick_mixed_precision
-from .rundir import claim_run_folder, prune_checkpoints
+from .rundir import check_resume_config, claim_run_folder, prune_checkpoints
 from .state import load_trainer_state, save_trainer_state
 from .tracking import start_trackers, tracker_names
 
@@ -111,6 +111,8 @@ def train(cfg: KavaConfig, resume: bool = False) -> dict:
     folder = under_output_root(cfg.train.output_dir, cfg.train.output_root)
     with claim_run_folder(folder, resume, cfg.train.overwrite_output_dir,
                           main=_is_global_rank_zero()):
+        if resume and latest_checkpoint(folder) is not None:
+            check_resume_config(folder, cfg)  # before anything loads or is written
         return _train(cfg, resume)
 
 
@@ -283,6 +285,9 @@ def resume_from(run: Run) -> None:
         check_shapes(source, parts, ckpt / source.state_file)
         source.load_state_dict(parts)
     progress = load_trainer_state(ckpt, run.optimizer, run.scheduler, run.generators)
+    if progress.get("examples", len(run.encoded)) != len(run.encoded):
+        raise TrainingError(f"--resume from {ckpt}: the run trained on {progress['examples']} examples, this data has "
+                            f"{len(run.encoded)} (data.train changed?); start a new run to train on other data")
     run.step = progress["step"]
     run.order = DataOrder(len(run.encoded), run.cfg.train.seed, progress["epoch"], progress["offset"])
     log.info("resumed from %s at step %d", ckpt, run.step)
@@ -422,7 +427,7 @@ def save_checkpoint(run: Run) -> Path:
                 save_file({k: v.detach().cpu().contiguous() for k, v in source.state_dict().items()},
                           str(tmp / source.state_file), metadata={"format": "kava"})
             if not run.fsdp:
-                save_trainer_state(tmp, run.optimizer, run.scheduler, run.generators, {"step": at, **run.order.state()})
+                save_trainer_state(tmp, run.optimizer, run.scheduler, run.generators, {"step": at, "examples": len(run.encoded), **run.order.state()})
 
         atomic_replace_dir(path, build)
         for gone in prune_checkpoints(run.out, run.cfg.train.save_total_limit):
