@@ -235,6 +235,9 @@ class DataConfig:
     eval_split: str = _f("test", "split of the evaluation data")
     train_limit: int = _f(0, "use only the first N training examples (0: all)")
     eval_limit: int = _f(0, "evaluate on the first N examples (0: all)")
+    format: str = _f("auto", "layout of local data files: auto (recognised by each record's fields), kava (question/steps/"
+                             "answer), messages (TRL chat), prompt_completion (TRL), gsm8k (question, answer with "
+                             "'#### N'), or a registered dataset's name (svamp, ...)")
     on_error: str = _f("raise", "bad records: raise (stop before training) or skip (drop and report)")
     cache_dir: str = _f("", "cache of hub datasets (empty: datasets': $HF_DATASETS_CACHE, else $HF_HOME/datasets, else ~/.cache/huggingface/datasets)")
     synthetic_ops: int = _f(4, "synthetic task: operations per question")
