@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -223,6 +224,12 @@ def check_resume_config(folder: Path, cfg: KavaConfig) -> None:
         saved = config_from_dict(read_yaml(path))
     except ConfigError as e:
         raise ConfigError(f"{path}: the run's saved config cannot be read ({e})") from None
+    if cfg.model.init_from and cfg.model.init_from != saved.model.init_from:
+        # A run folder given as model.init_from: the run recorded the checkpoint it resolved to.
+        from ..model import resolve_init_from
+
+        cfg = copy.deepcopy(cfg)
+        cfg.model.init_from = resolve_init_from(cfg.model.init_from)
     refused = [(k, a, b) for k, a, b in config_changes(saved, cfg) if not _may_change(k, saved, cfg)]
     if refused:
         shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in refused)
