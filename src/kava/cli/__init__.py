@@ -50,6 +50,12 @@ def cmd_eval(args) -> int:
     if args.model:
         from ..evaluation.evaluator import evaluate_pretrained
 
+        if not (args.config or args.data):
+            # The defaults would read the synthetic chains without a chat template: no baseline of anything.
+            print("kava: error: kava eval --model: give --config FILE (the data, prompt and decoding of the runs to "
+                  "compare with) or --data NAME_OR_FILE (e.g. --data synthetic for the default data)", file=sys.stderr)
+            return 2
+
         res, out = evaluate_pretrained(args.model, args.config, extra, modes, args.out)
     else:
         res, out = evaluate_checkpoint(args.checkpoint, extra, modes, args.out)
@@ -102,12 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     which = e.add_mutually_exclusive_group(required=True)
     which.add_argument("--checkpoint", help="checkpoint folder, or a run folder (its latest checkpoint)")
     which.add_argument("--model", help="a plain model with no kava checkpoint: a transformers folder, hub id or .gguf file (modes cot, nocot)")
-    e.add_argument("--config", help="with --model: YAML config for the data and decoding (default: the defaults)")
+    e.add_argument("--config", help="with --model: YAML config for the data, prompt and decoding (--model needs it or --data)")
     e.add_argument("--data", help="dataset name or local file (default: the run's data.eval)")
     e.add_argument("--split", help="split of --data")
     e.add_argument("--limit", type=int, default=0, help="first N examples only")
     e.add_argument("--modes", help="comma-separated: student, cot, nocot (default: the run's own mode)")
-    e.add_argument("--out", help="folder for predictions and metrics (default: CHECKPOINT/eval, or runs/eval/NAME with --model)")
+    e.add_argument("--out", help="folder for predictions and metrics (default: CHECKPOINT/eval/DATA-SPLIT[-LIMIT], "
+                                    "or runs/eval/NAME/DATA-SPLIT[-LIMIT] with --model)")
     e.add_argument("overrides", nargs="*", help="key=value overrides, e.g. eval.batch_size=16")
     e.set_defaults(func=cmd_eval)
 
