@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..logs import setup_logging
+from ..logs import setup_logging, survive_closed_pipes
 
 
 def cmd_train(args) -> int:
@@ -166,6 +166,8 @@ def exit_code(error: BaseException) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the command itself: a closed stdout or stderr (`kava train | head`) must not stop it
+        survive_closed_pipes()
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["lm-eval"] and argv[1:] not in (["-h"], ["--help"]):
         # Every argument after it is lm-eval's, options included (argparse would read them as kava's).
