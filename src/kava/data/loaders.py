@@ -492,9 +492,19 @@ def _read_file(path: Path) -> Iterator[Located]:
 def _hub_rows(hub_id: str, config: str | None, split: str, streaming: bool, cache_dir: str | None = None) -> Iterable[Record]:
     """Rows of a hub dataset split via `datasets.load_dataset` (network or local cache;
     ``cache_dir`` None: datasets' own, ``$HF_DATASETS_CACHE`` or ``$HF_HOME/datasets``)."""
+    import os
+
     import datasets
 
-    return datasets.load_dataset(hub_id, config, split=split, streaming=streaming, cache_dir=cache_dir)
+    try:
+        return datasets.load_dataset(hub_id, config, split=split, streaming=streaming, cache_dir=cache_dir)
+    except OSError as err:  # no network, offline mode, not in the cache (ConnectionError and its kin)
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or os.environ.get("HF_DATASETS_OFFLINE", "") not in ("", "0")
+        hint = ("HF_HUB_OFFLINE is set and it is not in the cache" if offline else
+                "no network? with it cached, set HF_HUB_OFFLINE=1")
+        raise DataError(f"the hub dataset {hub_id} cannot be read ({first}; {hint}): give a local .jsonl/.json/.parquet "
+                        f"file instead (`kava data export` it where the hub is reachable)", where=hub_id) from None
 
 
 def _hub_split(spec: DatasetSpec, split: str) -> str:

@@ -126,7 +126,12 @@ def _train(cfg: KavaConfig, resume: bool) -> dict:
     from tqdm.auto import tqdm
 
     tc = cfg.train
-    run = set_up(cfg)
+    try:
+        run = set_up(cfg)
+    except BaseException as e:
+        if not resume and _is_global_rank_zero():  # a fresh start that never began says why (a resumed run keeps its status)
+            _write_failed_start(under_output_root(cfg.train.output_dir, cfg.train.output_root), e)
+        raise
     if resume:
         resume_from(run)
     open_run_folder(run)
@@ -201,6 +206,17 @@ def mark_failed(run: Run, error: BaseException) -> None:
         atomic_write_json(run.out / "status.json", status)
     except OSError as e:  # a full disk, say: the error being raised matters more
         log.error("could not mark %s failed: %s", run.out, e)
+
+
+def _write_failed_start(folder: Path, error: BaseException) -> None:
+    lines = str(error).strip().splitlines()
+    text = f"{type(error).__name__}: {lines[0] if lines else ''}".strip().rstrip(":")[:500]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(folder / "status.json", {"state": "failed", "step": 0, "error": text, "checkpoint": None,
+                                                   "failed_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    except OSError as e:
+        log.error("could not mark %s failed: %s", folder, e)
 
 
 def set_up(cfg: KavaConfig) -> Run:

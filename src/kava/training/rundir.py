@@ -140,6 +140,8 @@ def prepare(folder: Path, resume: bool, overwrite: bool) -> None:
     folder that holds files; cut a torn last metrics line on resume."""
     clean_temporary(folder)
     held = sorted(p.name for p in folder.iterdir() if p.name != LOCK_FILE) if folder.is_dir() else []
+    if held == ["status.json"] and _failed_start(folder / "status.json"):
+        held = []  # only the status of a start that failed before any work: a new start replaces it
     if resume:
         cut = drop_torn_tail(folder / METRICS_FILE)
         if cut:
@@ -158,6 +160,15 @@ def prepare(folder: Path, resume: bool, overwrite: bool) -> None:
     kept = sorted(set(held) - {p.name for p in outputs})
     log.warning("train.overwrite_output_dir: deleted %d entries of the previous run in %s%s", len(outputs), folder,
                 f" (kept files kava did not write: {', '.join(kept)})" if kept else "")
+
+
+def _failed_start(path: Path) -> bool:
+    try:
+        status = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(status, dict) and status.get("state") == "failed" and status.get("step") == 0 \
+        and status.get("checkpoint") is None
 
 
 @contextmanager
