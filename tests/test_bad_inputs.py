@@ -170,8 +170,8 @@ CASES = [
     ("eval-wrong-shape", _wrong_shape, EVAL, 1, ["checkpoint-2/model.safetensors", "embed_tokens.weight", "(3, 5)"]),
     ("resume-truncated-weights", _truncate(WEIGHTS), TRAIN, 1, ["checkpoint-2/model.safetensors"]),
     ("resume-wrong-shape", _wrong_shape, TRAIN, 1, ["checkpoint-2/model.safetensors", "embed_tokens.weight"]),
-    ("resume-truncated-state", _truncate(STATE), TRAIN, 1, ["checkpoint-2/trainer_state.safetensors"]),
-    ("resume-empty-state", _empty(STATE), TRAIN, 1, ["checkpoint-2/trainer_state.safetensors"]),
+    ("resume-truncated-state", _truncate(STATE), TRAIN, 1, ["checkpoint-2/kava_trainer_state.safetensors"]),
+    ("resume-empty-state", _empty(STATE), TRAIN, 1, ["checkpoint-2/kava_trainer_state.safetensors"]),
 ]
 
 
