@@ -198,8 +198,13 @@ def test_export_writes_a_merged_model_with_a_card_and_pushes(tmp_path, monkeypat
     model = _trained(cfg)
     model.save(tmp_path / "run" / "checkpoint-5")
     ckpt = tmp_path / "run" / "checkpoint-5"
-    assert main(["eval", "--checkpoint", str(ckpt), "--modes", "student,nocot"]) == 0  # writes ckpt/eval/results.json
-    results = json.loads((ckpt / "eval" / "results.json").read_text())["results"]
+    assert main(["eval", "--checkpoint", str(ckpt), "--modes", "student,nocot"]) == 0
+    results = json.loads((ckpt / "eval" / "synthetic-test" / "results.json").read_text())["results"]
+    # A second dataset goes to a folder of its own (the first is kept); the card names both.
+    assert main(["eval", "--checkpoint", str(ckpt), "--data", "synthetic?n=4&seed=3", "--limit", "3"]) == 0
+    second = json.loads((ckpt / "eval" / "synthetic_n_4_seed_3-test-3" / "results.json").read_text())
+    assert second["provenance"]["data"] == "synthetic?n=4&seed=3" and second["results"]["student"]["n"] == 3
+    assert json.loads((ckpt / "eval" / "synthetic-test" / "results.json").read_text())["results"] == results
     calls = []
     monkeypatch.setattr(huggingface_hub, "create_repo", lambda *a, **kw: calls.append(("create_repo", a, kw)))
     monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kw: calls.append(("upload_folder", (), kw)) or "https://hub/commit/1")
@@ -222,6 +227,8 @@ def test_export_writes_a_merged_model_with_a_card_and_pushes(tmp_path, monkeypat
     assert "- training: `synthetic` (split `train`)" in card
     r = results["student"]
     assert f"| student | {r['n']} | {100 * r['accuracy']:.1f}% | {100 * r['accuracy_stderr']:.1f}% |" in card
+    assert "On `synthetic` (split `test`)" in card and "from `eval/synthetic-test/results.json`" in card
+    assert "On `synthetic?n=4&seed=3` (split `test`, first 3)" in card and "eval/synthetic_n_4_seed_3-test-3/results.json" in card
     assert [c[0] for c in calls] == ["create_repo", "upload_folder"]
     assert calls[0][1] == ("someone/tiny-kava",) and calls[0][2]["exist_ok"] and calls[0][2]["repo_type"] == "model"
     assert calls[1][2]["repo_id"] == "someone/tiny-kava" and calls[1][2]["folder_path"] == str(out)
@@ -263,13 +270,16 @@ def test_eval_results_carry_provenance_stderr_and_samples(tmp_path):
 def test_eval_of_a_plain_model_folder_needs_no_checkpoint(tmp_path, capsys):
     _save_hf_folder(tmp_path / "hf", _tokenizer())
     args = ["eval", "--model", str(tmp_path / "hf"), "--limit", "4", "--out", str(tmp_path / "ev"), "eval.max_cot_tokens=8"]
+    assert main(args) == 2  # neither --config nor --data: the defaults' data would be no baseline of anything
+    assert "--config" in capsys.readouterr().err
+    args.extend(["--data", "synthetic"])
     assert main(args) == 0
     data = json.loads((tmp_path / "ev" / "results.json").read_text())
     assert set(data["results"]) == {"cot", "nocot"} and data["results"]["cot"]["n"] == 4
     assert data["provenance"]["checkpoint"] is None and data["provenance"]["model"] == str(tmp_path / "hf")
     assert not list(tmp_path.glob("**/checkpoint-*"))  # nothing was trained
     capsys.readouterr()
-    assert main(["eval", "--model", str(tmp_path / "hf"), "--modes", "student"]) == 2
+    assert main(["eval", "--model", str(tmp_path / "hf"), "--data", "synthetic", "--modes", "student"]) == 2
     assert "needs a trained kava checkpoint" in capsys.readouterr().err
 
 

@@ -207,31 +207,32 @@ WEIGHTS = lambda w: w["run"] / "checkpoint-2" / WEIGHTS_FILE  # noqa: E731
 STATE = lambda w: w["run"] / "checkpoint-2" / STATE_TENSORS  # noqa: E731
 STATE_J = lambda w: w["run"] / "checkpoint-2" / STATE_JSON  # noqa: E731
 TRAIN = ["train", "--config", "{cfg}", "--resume"]  # into the finished run: it must stay as it was
+FRESH = ["train", "--config", "{cfg}", "train.output_dir={tmp}/fresh"]  # other data: a new run (a resume refuses it)
 EVAL = ["eval", "--checkpoint", "{run}"]
 
 CASES = [
     # id, preparation, command, exit code, what the message names
     # data sources, in training and evaluation
-    ("train-non-utf8", None, [*TRAIN, "data.train={data}/latin1.jsonl"], 1, ["latin1.jsonl:1", "UTF-8"]),
-    ("train-unknown-dataset", None, [*TRAIN, "data.train=gsm9k"], 1, ["gsm9k"]),
-    ("train-csv", None, [*TRAIN, "data.train={data}/table.csv"], 1, ["table.csv", ".csv"]),
-    ("train-corrupt-parquet", None, [*TRAIN, "data.train={data}/corrupt.parquet"], 1, ["corrupt.parquet"]),
-    ("train-synthetic-option", None, [*TRAIN, "data.train=synthetic?colour=red"], 1, ["synthetic", "colour"]),
-    ("train-synthetic-split", None, [*TRAIN, "data.train=synthetic?n=8", "data.train_split=dev"], 1, ["synthetic", "dev"]),
-    ("train-synthetic-n-negative", None, [*TRAIN, "data.train=synthetic?n=-5"], 1, ["n=-5"]),
-    *[(f"train-{name}", None, [*TRAIN, f"data.train={{data}}/{name}"], 1, [f"{name}{where}", *more]) for name, where, more in (
+    ("train-non-utf8", None, [*FRESH, "data.train={data}/latin1.jsonl"], 1, ["latin1.jsonl:1", "UTF-8"]),
+    ("train-unknown-dataset", None, [*FRESH, "data.train=gsm9k"], 1, ["gsm9k"]),
+    ("train-csv", None, [*FRESH, "data.train={data}/table.csv"], 1, ["table.csv", ".csv"]),
+    ("train-corrupt-parquet", None, [*FRESH, "data.train={data}/corrupt.parquet"], 1, ["corrupt.parquet"]),
+    ("train-synthetic-option", None, [*FRESH, "data.train=synthetic?colour=red"], 1, ["synthetic", "colour"]),
+    ("train-synthetic-split", None, [*FRESH, "data.train=synthetic?n=8", "data.train_split=dev"], 1, ["synthetic", "dev"]),
+    ("train-synthetic-n-negative", None, [*FRESH, "data.train=synthetic?n=-5"], 1, ["n=-5"]),
+    *[(f"train-{name}", None, [*FRESH, f"data.train={{data}}/{name}"], 1, [f"{name}{where}", *more]) for name, where, more in (
         ("empty.jsonl", "", ["no training examples"]), ("blank.jsonl", "", ["no training examples"]),
         ("empty.json", "", ["no training examples"]), ("empty-data.json", "", ["no training examples"]),
         ("blank.json", "", ["empty file"]), ("zero.parquet", "", ["no training examples"]),
         ("deep.jsonl", ":1", ["nested too deeply"]), ("deep.json", "", ["nested too deeply"]),
         ("surrogate.jsonl", ":1", ["'question'", "surrogate"]), ("digits.jsonl", ":1", ["'answer'", "5000 characters"]),
         ("digits-int.jsonl", ":1", ["unreadable"]), ("dupkey.jsonl", ":2", ["duplicate key 'answer'"]),
-        ("long.jsonl", ":2", ["longer than"]), ("list.jsonl", ":1", ["expected a JSON object"]),
+        ("long.jsonl", ":2", ["longer than"]), ("list.jsonl", ":1", ["expected a record (object)"]),
     )],
     ("eval-empty-jsonl", None, [*EVAL, "--data", "{data}/empty.jsonl"], 1, ["empty.jsonl", "no evaluation examples"]),
     ("eval-surrogate", None, [*EVAL, "--data", "{data}/surrogate.jsonl"], 1, ["surrogate.jsonl:1", "question"]),
     ("export-surrogate", None, ["data", "export", "{data}/surrogate.jsonl", "--out", "{tmp}/out.jsonl"], 1, ["surrogate.jsonl:1"]),
-    ("train-gsm-symbolic-lang-path", None, [*TRAIN, "data.train=gsm-symbolic?lang=../../etc"], 1, ["lang", "../../etc"]),
+    ("train-gsm-symbolic-lang-path", None, [*FRESH, "data.train=gsm-symbolic?lang=../../etc"], 1, ["lang", "../../etc"]),
     ("eval-non-utf8", None, [*EVAL, "--data", "{data}/latin1.jsonl"], 1, ["latin1.jsonl:1"]),
     ("eval-csv", None, [*EVAL, "--data", "{data}/table.csv"], 1, ["table.csv"]),
     ("eval-unknown-dataset", None, [*EVAL, "--data", "gsm9k"], 1, ["gsm9k"]),
@@ -307,18 +308,18 @@ CASES = [
     ("eval-wrong-shape", _wrong_shape, EVAL, 1, ["checkpoint-2/model.safetensors", "embed_tokens.weight", "(3, 5)"]),
     ("resume-truncated-weights", _truncate(WEIGHTS), TRAIN, 1, ["checkpoint-2/model.safetensors"]),
     ("resume-wrong-shape", _wrong_shape, TRAIN, 1, ["checkpoint-2/model.safetensors", "embed_tokens.weight"]),
-    ("resume-truncated-state", _truncate(STATE), TRAIN, 1, ["checkpoint-2/trainer_state.safetensors"]),
-    ("resume-empty-state", _empty(STATE), TRAIN, 1, ["checkpoint-2/trainer_state.safetensors"]),
+    ("resume-truncated-state", _truncate(STATE), TRAIN, 1, ["checkpoint-2/kava_trainer_state.safetensors"]),
+    ("resume-empty-state", _empty(STATE), TRAIN, 1, ["checkpoint-2/kava_trainer_state.safetensors"]),
     # a damaged newest checkpoint is never silently replaced by an older one
-    ("resume-state-json-gone", _unlink(STATE_J), TRAIN, 1, ["checkpoint-2", "trainer_state.json", "checkpoint-1"]),
-    ("eval-state-json-gone", _unlink(STATE_J), EVAL, 1, ["checkpoint-2", "trainer_state.json", "checkpoint-1"]),
-    ("resume-state-json-garbage", _write(STATE_J, "{not json"), TRAIN, 1, ["checkpoint-2/trainer_state.json"]),
-    ("resume-state-json-deep", _write(STATE_J, "[" * 100000), TRAIN, 1, ["checkpoint-2/trainer_state.json"]),
-    ("resume-step-string", _progress(step="2"), TRAIN, 1, ["checkpoint-2/trainer_state.json", "'2'"]),
-    ("resume-step-huge", _progress(step=10**6), TRAIN, 1, ["checkpoint-2/trainer_state.json", "1000000"]),
+    ("resume-state-json-gone", _unlink(STATE_J), TRAIN, 1, ["checkpoint-2", "kava_trainer_state.json", "checkpoint-1"]),
+    ("eval-state-json-gone", _unlink(STATE_J), EVAL, 1, ["checkpoint-2", "kava_trainer_state.json", "checkpoint-1"]),
+    ("resume-state-json-garbage", _write(STATE_J, "{not json"), TRAIN, 1, ["checkpoint-2/kava_trainer_state.json"]),
+    ("resume-state-json-deep", _write(STATE_J, "[" * 100000), TRAIN, 1, ["checkpoint-2/kava_trainer_state.json"]),
+    ("resume-step-string", _progress(step="2"), TRAIN, 1, ["checkpoint-2/kava_trainer_state.json", "'2'"]),
+    ("resume-step-huge", _progress(step=10**6), TRAIN, 1, ["checkpoint-2/kava_trainer_state.json", "1000000"]),
     ("resume-step-beyond-max", None, [*TRAIN, "train.max_steps=1"], 1, ["step 2", "train.max_steps=1"]),
-    ("resume-offset-huge", _progress(offset=10**9), TRAIN, 1, ["checkpoint-2/trainer_state.json", "offset"]),
-    ("resume-scheduler-damaged", _state_key("scheduler", {"nonsense": 1}), TRAIN, 1, ["checkpoint-2/trainer_state.json"]),
+    ("resume-offset-huge", _progress(offset=10**9), TRAIN, 1, ["checkpoint-2/kava_trainer_state.json", "offset"]),
+    ("resume-scheduler-damaged", _state_key("scheduler", {"nonsense": 1}), TRAIN, 1, ["checkpoint-2/kava_trainer_state.json"]),
     ("eval-pickle-beside", _write(lambda w: w["run"] / "checkpoint-2" / "pytorch_model.bin", "x"), EVAL, 1,
      ["pytorch_model.bin", "safetensors", "never unpickles"]),
     ("resume-pickle-beside", _write(lambda w: w["run"] / "checkpoint-2" / "optimizer.pt", "x"), TRAIN, 1, ["optimizer.pt"]),
@@ -642,10 +643,11 @@ def test_resume_cuts_a_torn_metrics_line_and_the_report_skips_one(work, capsys, 
     with caplog.at_level(logging.WARNING):
         assert [r["step"] for r in read_history(work["run"])] == [1, 2]
     assert any("torn last line" in r.getMessage() for r in caplog.records)
-    got, _ = _kava(["train", "--config", work["cfg"], "--resume", "train.max_steps=3"], capsys)
+    shutil.rmtree(work["run"] / "checkpoint-2")  # so the resume trains step 2 again (from checkpoint-1)
+    got, _ = _kava(["train", "--config", work["cfg"], "--resume"], capsys)
     assert got == 0
     lines = metrics.read_text().splitlines()
-    assert all(json.loads(x) for x in lines) and [json.loads(x)["step"] for x in lines] == [1, 2, 3]
+    assert all(json.loads(x) for x in lines) and [json.loads(x)["step"] for x in lines] == [1, 2, 2]
 
 
 def test_temporary_entries_of_a_killed_save_are_cleaned_and_a_moved_checkpoint_put_back(work, capsys):
@@ -849,7 +851,8 @@ def test_a_damaged_cache_shard_is_named_before_training(damage, cache, tmp_path,
                                               train={"output_dir": str(tmp_path / "r")}).to_dict()))
     got, err = _kava(["train", "--config", cfg], capsys)
     assert got == 2 and str(shard) in _one_error_line(err)
-    assert not (tmp_path / "r" / "status.json").exists()  # stopped before the run started
+    status = json.loads((tmp_path / "r" / "status.json").read_text())  # stopped before the run started: it says why
+    assert status["state"] == "failed" and status["step"] == 0 and status["checkpoint"] is None
 
 
 def test_training_from_a_cache_with_eval_at_end_skips_the_kv_probe(cache, tmp_path, caplog):

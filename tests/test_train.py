@@ -205,3 +205,46 @@ def test_fused_adamw_falls_back_where_torch_has_no_kernel(caplog):
         opt = make_optimizer([{"params": [meta]}], 1e-3, 0.0)
     assert not opt.param_groups[0]["fused"] and "for-loop AdamW" in caplog.text
     assert not make_optimizer([{"params": [p]}], 1e-3, 0.0, fused=False).param_groups[0]["fused"]
+
+
+def test_init_from_a_run_folder_starts_from_its_latest_checkpoint_and_records_it(tmp_path, capsys):
+    base = _cfg(tmp_path, "base", train={"mode": "cot", "max_steps": 2, "save_every": 1})
+    train(base)
+    student = _cfg(tmp_path, "student", model={"init_from": str(tmp_path / "base")}, train={"max_steps": 1})
+    assert train(student)["state"] == "finished"
+    import yaml
+
+    saved = yaml.safe_load((tmp_path / "student" / "config.yaml").read_text())
+    assert saved["model"]["init_from"] == str(tmp_path / "base" / "checkpoint-2")
+    # Resuming with the run folder again is the same run (it resolves to the recorded checkpoint).
+    assert train(_cfg(tmp_path, "student", model={"init_from": str(tmp_path / "base")}, train={"max_steps": 1}),
+                 resume=True)["state"] == "finished"
+    # A missing folder, and one with no checkpoint, are reported as such.
+    (tmp_path / "empty").mkdir()
+    for where, says in ((tmp_path / "nowhere", "does not exist"), (tmp_path / "empty", "holds no kava checkpoint")):
+        code = main(["train", f"train.output_dir={tmp_path / 'other'}", f"model.init_from={where}", "train.max_steps=1"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 1 and len(err) == 1 and says in err[0] and str(where) in err[0], err
+
+
+@pytest.mark.parametrize("config,checkpoint", [
+    ("configs/tiny/teacher.yaml", "runs/tiny/cot/checkpoint-600"),
+    ("configs/tiny/kava.yaml", "runs/tiny/teacher/checkpoint-400"),
+    ("configs/curriculum/kava.yaml", "runs/curriculum/cot/checkpoint-500"),
+])
+def test_the_shipped_configs_resolve_to_the_checkpoints_they_named(tmp_path, monkeypatch, config, checkpoint):
+    """The run folders the configs name resolve to the checkpoint their base run writes (its last)."""
+    from pathlib import Path
+
+    from kava.config import load_config
+    from kava.model import resolve_init_from
+    from kava.model.checkpoints import CONFIG_FILE, STATE_JSON
+
+    repo = Path(__file__).resolve().parents[1]
+    cfg = load_config(repo / config)
+    monkeypatch.chdir(tmp_path)
+    ckpt = tmp_path / checkpoint
+    ckpt.mkdir(parents=True)
+    (ckpt / CONFIG_FILE).write_text("{}")
+    (ckpt / STATE_JSON).write_text("{}")
+    assert resolve_init_from(cfg.model.init_from) == checkpoint

@@ -32,6 +32,17 @@ class ConfigError(ValueError):
 
 OUTPUT_ROOT_ENV = "KAVA_OUTPUT_ROOT"
 
+# What a resume may change: where the run is, how it logs, saves and evaluates, what it
+# evaluates on. None of them changes the weights a step computes. A field ending in "." is a
+# section (every field of it). train.max_steps and train.epochs may change too under a constant
+# schedule whose warm-up does not scale with them (RESUME_STEP_COUNT). Checked by
+# kava.training.rundir.check_resume_config.
+RESUME_MAY_CHANGE = ("train.output_dir", "train.output_root", "train.overwrite_output_dir", "train.num_threads",
+                     "train.log_every", "train.save_every", "train.eval_every", "train.eval_at_end", "train.progress",
+                     "train.report_to", "train.project", "train.run_name", "train.tensorboard", "train.save_total_limit",
+                     "model.cache_dir", "data.cache_dir", "data.eval", "data.eval_split", "data.eval_limit", "eval.")
+RESUME_STEP_COUNT = ("train.max_steps", "train.epochs")
+
 
 def under_output_root(path: str | Path, root: str = "") -> Path:
     """Where an output folder goes: ``path`` itself when absolute; else under ``root`` (a config's
@@ -229,6 +240,9 @@ class DataConfig:
     eval_split: str = _f("test", "split of the evaluation data")
     train_limit: int = _f(0, "use only the first N training examples (0: all)")
     eval_limit: int = _f(0, "evaluate on the first N examples (0: all)")
+    format: str = _f("auto", "layout of local data files: auto (recognised by each record's fields), kava (question/steps/"
+                             "answer), messages (TRL chat), prompt_completion (TRL), gsm8k (question, answer with "
+                             "'#### N'), or a registered dataset's name (svamp, ...)")
     on_error: str = _f("raise", "bad records: raise (stop before training) or skip (drop and report)")
     cache_dir: str = _f("", "cache of hub datasets (empty: datasets': $HF_DATASETS_CACHE, else $HF_HOME/datasets, else ~/.cache/huggingface/datasets)")
     synthetic_ops: int = _f(4, "synthetic task: operations per question")

@@ -13,15 +13,18 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..logs import setup_logging
+from ..logs import setup_logging, survive_closed_pipes
 
 
 def cmd_train(args) -> int:
     from ..config import load_config
     from ..training.loop import train
+    from ..training.rundir import resume_config
 
     overrides = [*args.overrides, *(["train.overwrite_output_dir=true"] if args.overwrite else [])]
-    cfg = load_config(args.config, overrides)
+    # --resume continues with the run's own config.yaml (the overrides it was started with need
+    # not be repeated); the overrides given now go on top and are checked by the trainer.
+    cfg = resume_config(args.config, overrides) if args.resume else load_config(args.config, overrides)
     result = train(cfg, resume=args.resume)
     print(f"{result['state']}: step {result['step']}/{result['max_steps']}, checkpoint {result['checkpoint']}")
     for mode, r in result.get("eval", {}).items():
@@ -46,6 +49,12 @@ def cmd_eval(args) -> int:
     modes = args.modes.split(",") if args.modes else None
     if args.model:
         from ..evaluation.evaluator import evaluate_pretrained
+
+        if not (args.config or args.data):
+            # The defaults would read the synthetic chains without a chat template: no baseline of anything.
+            print("kava: error: kava eval --model: give --config FILE (the data, prompt and decoding of the runs to "
+                  "compare with) or --data NAME_OR_FILE (e.g. --data synthetic for the default data)", file=sys.stderr)
+            return 2
 
         res, out = evaluate_pretrained(args.model, args.config, extra, modes, args.out)
     else:
@@ -109,7 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a model (kava, cot or nocot mode)")
     t.add_argument("--config", action=_Once, help="YAML config file (see configs/)")
-    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.output_dir")
+    from ..config import RESUME_MAY_CHANGE
+
+    t.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in train.output_dir with the run's own config.yaml and the "
+                        "overrides given now; a field that changes the result is refused. What may change: "
+                        + ", ".join(f + "*" if f.endswith(".") else f for f in RESUME_MAY_CHANGE)
+                        + "; train.max_steps and train.epochs under a constant schedule whose warm-up does not scale "
+                          "with them")
     t.add_argument("--overwrite", action="store_true",
                    help="start afresh in a train.output_dir that holds another run, deleting its files (= train.overwrite_output_dir=true)")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=1e-3 latent.scheme=sequential")
@@ -119,12 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     which = e.add_mutually_exclusive_group(required=True)
     which.add_argument("--checkpoint", help="checkpoint folder, or a run folder (its latest checkpoint)")
     which.add_argument("--model", help="a plain model with no kava checkpoint: a transformers folder, hub id or .gguf file (modes cot, nocot)")
-    e.add_argument("--config", action=_Once, help="with --model: YAML config for the data and decoding (default: the defaults)")
+    e.add_argument("--config", action=_Once, help="with --model: YAML config for the data, prompt and decoding (--model needs it or --data)")
     e.add_argument("--data", help="dataset name or local file (default: the run's data.eval)")
     e.add_argument("--split", help="split of --data")
     e.add_argument("--limit", type=count_int, default=0, help="first N examples only")
     e.add_argument("--modes", help="comma-separated: student, cot, nocot (default: the run's own mode)")
-    e.add_argument("--out", help="folder for predictions and metrics (default: CHECKPOINT/eval, or runs/eval/NAME with --model)")
+    e.add_argument("--out", help="folder for predictions and metrics (default: CHECKPOINT/eval/DATA-SPLIT[-LIMIT], "
+                                    "or runs/eval/NAME/DATA-SPLIT[-LIMIT] with --model)")
     e.add_argument("overrides", nargs="*", help="key=value overrides, e.g. eval.batch_size=16")
     e.set_defaults(func=cmd_eval)
 
@@ -179,6 +196,8 @@ def exit_code(error: BaseException) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the command itself: a closed stdout or stderr (`kava train | head`) must not stop it
+        survive_closed_pipes()
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["lm-eval"] and argv[1:] not in (["-h"], ["--help"]):
         # Every argument after it is lm-eval's, options included (argparse would read them as kava's).
@@ -186,7 +205,14 @@ def main(argv: list[str] | None = None) -> int:
 
         args = argparse.Namespace(verbose=False, func=cmd_lm_eval, harness_args=argv[1:])
     else:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        # key=value overrides are accepted after options too (`kava train --config C --resume train.lr=1e-3`).
+        if hasattr(args, "overrides"):
+            args.overrides = [*args.overrides, *(x for x in extra if "=" in x and not x.startswith("-"))]
+            extra = [x for x in extra if not ("=" in x and not x.startswith("-"))]
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     setup_logging(args.verbose)
     try:
         return int(args.func(args) or 0)

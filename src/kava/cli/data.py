@@ -67,13 +67,15 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     export.add_argument("--on-error", choices=("raise", "skip"), default="raise",
                         help="bad records: stop with an error (raise) or drop them and report the count (skip)")
     export.add_argument("--fmt", default=None,
-                        help="native field layout of a local SOURCE, e.g. gsm8k or svamp (default: kava schema)")
+                        help="force the layout of a local SOURCE's records: kava, messages, prompt_completion, gsm8k, "
+                             "or a registered dataset's, e.g. svamp (default: recognised by each record's fields)")
     export.set_defaults(func=_cmd_export)
 
     validate = sub.add_parser("validate", help="check every record of a local data file")
     validate.add_argument("path", metavar="PATH", help="a .jsonl, .json or .parquet file")
     validate.add_argument("--fmt", default=None,
-                          help="native field layout of the file, e.g. gsm8k (default: kava schema)")
+                          help="force the records' layout: kava, messages, prompt_completion, gsm8k, or a registered "
+                               "dataset's, e.g. svamp (default: recognised by each record's fields)")
     validate.set_defaults(func=_cmd_validate)
 
     lst = sub.add_parser("list", help="list the registered datasets")

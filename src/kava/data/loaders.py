@@ -2,9 +2,12 @@
 
 `source` is a registered dataset name (see `list_datasets()` / ``kava data list``) or a
 local file: ``.jsonl`` (one record per line), ``.json`` (a list of records or
-``{"data": [...]}``) or ``.parquet``. Local records are in our schema
-(`kava.data.schema`) unless `fmt` names a registered dataset whose native field layout
-they use (``fmt="gsm8k"`` for a local copy of GSM8k, and so on).
+``{"data": [...]}``) or ``.parquet``. A local record's layout is recognised by its fields
+(`map_auto`): kava's schema (`kava.data.schema`: question, steps, answer), TRL's
+``messages`` (`map_messages`) and ``prompt``/``completion`` (`map_prompt_completion`), or
+GSM8k's raw question/answer with ``#### N`` (`map_gsm8k`). `fmt` forces one of
+:data:`FORMATS`, or names a registered dataset whose native field layout the file uses
+(``fmt="svamp"``, and so on).
 
 Hub datasets are read with the `datasets` library. Each one's field layout is mapped onto
 the schema by a pure function (`map_gsm8k`, `map_svamp`, ...) so the mapping is testable
@@ -40,6 +43,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FILE_SUFFIXES",
+    "FORMATS",
     "REGISTRY",
     "DatasetSpec",
     "LoadReport",
@@ -47,8 +51,11 @@ __all__ = [
     "load_data",
     "load_examples",
     "load_examples_report",
+    "map_auto",
     "map_gsm8k",
     "map_gsm8k_aug",
+    "map_messages",
+    "map_prompt_completion",
     "map_gsm_hard",
     "map_multiarith",
     "map_svamp",
@@ -104,6 +111,75 @@ def map_gsm8k(record: Record, *, style: str = "eq") -> dict[str, Any]:
         raise DataError("no '#### N' final answer in the solution", field="answer")
     return {"question": _field(record, "question"), "steps": eq_steps if style == "eq" else nl_steps,
             "answer": answer}
+
+
+_ANSWER_MARKER = re.compile(r"the answer is\s*:?", re.IGNORECASE)
+
+
+def split_solution(text: str, field_name: str) -> tuple[list[str], str]:
+    """A model's solution text -> (steps, answer). With GSM8k's ``#### N`` the answer follows
+    it; else the last "The answer is" (kava's own prefix, any case, ':' optional) marks it. The
+    CoT before the marker gives the steps: its ``<<...>>`` annotations when it has any (as for
+    GSM8k), else its non-empty lines."""
+    if "####" in text:
+        eq_steps, nl_steps, answer = parse_gsm8k_solution(text)
+        return (eq_steps or nl_steps), answer or ""
+    marks = list(_ANSWER_MARKER.finditer(text))
+    if not marks:
+        raise DataError("no answer marker ('#### N' or 'The answer is: N') in the text", field=field_name)
+    cot, answer = text[: marks[-1].start()], text[marks[-1].end():].strip().rstrip(".").strip()
+    eq_steps, nl_steps, _ = parse_gsm8k_solution(cot)
+    return (eq_steps or nl_steps), answer
+
+
+def _turn_text(turns: Any, role: str, field_name: str) -> str:
+    """The content of the last ``role`` turn of a list of chat messages."""
+    if not isinstance(turns, list) or not all(isinstance(t, Mapping) for t in turns):
+        raise DataError("expected a list of {role, content} messages", field=field_name)
+    found = [t.get("content") for t in turns if t.get("role") == role]
+    if not found:
+        raise DataError(f"no {role!r} message", field=field_name)
+    if not isinstance(found[-1], str):
+        raise DataError(f"the last {role!r} message's content is not a string", field=field_name)
+    return found[-1]
+
+
+def map_messages(record: Record) -> dict[str, Any]:
+    """TRL's conversational layout ``{"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}``:
+    the question is the last user message; the last assistant message is the CoT, the answer
+    marker and the answer (:func:`split_solution`)."""
+    messages = _field(record, "messages")
+    question = _turn_text(messages, "user", "messages")
+    steps, answer = split_solution(_turn_text(messages, "assistant", "messages"), "messages")
+    return {"question": question, "steps": steps, "answer": answer}
+
+
+def map_prompt_completion(record: Record) -> dict[str, Any]:
+    """TRL's prompt-completion layout: ``prompt`` (the question; text or a list of messages) and
+    ``completion`` (CoT, answer marker and answer; text or a list of messages)."""
+    prompt, completion = _field(record, "prompt"), _field(record, "completion")
+    question = prompt if isinstance(prompt, str) else _turn_text(prompt, "user", "prompt")
+    text = completion if isinstance(completion, str) else _turn_text(completion, "assistant", "completion")
+    steps, answer = split_solution(text, "completion")
+    return {"question": question, "steps": steps, "answer": answer}
+
+
+def map_auto(record: Record) -> dict[str, Any]:
+    """A record's layout recognised by its fields: ``messages``; ``prompt`` + ``completion``;
+    ``question`` + a text ``answer`` holding ``####`` and no ``steps`` (GSM8k raw); else kava's
+    schema (question, steps, answer), whose checks name what is missing."""
+    if not isinstance(record, Mapping):
+        raise DataError(f"expected a record (object), got {type(record).__name__}")
+    if "messages" in record:
+        return map_messages(record)
+    if "prompt" in record and "completion" in record:
+        return map_prompt_completion(record)
+    if "steps" not in record and isinstance(record.get("answer"), str) and "####" in record["answer"]:
+        return map_gsm8k(record)
+    if not {"question", "answer", "steps"} & set(record):
+        raise DataError(f"unknown record layout (fields: {', '.join(map(str, record)) or 'none'}); expected question/steps/"
+                        "answer, messages, prompt/completion, or GSM8k's question/answer with '#### N'")
+    return dict(record)
 
 
 def map_gsm_hard(record: Record) -> dict[str, Any]:
@@ -496,14 +572,19 @@ def _read_file(path: Path) -> Iterator[Located]:
 def _hub_rows(hub_id: str, config: str | None, split: str, streaming: bool, cache_dir: str | None = None) -> Iterable[Record]:
     """Rows of a hub dataset split via `datasets.load_dataset` (network or local cache;
     ``cache_dir`` None: datasets' own, ``$HF_DATASETS_CACHE`` or ``$HF_HOME/datasets``)."""
+    import os
+
     import datasets
 
     try:
         return datasets.load_dataset(hub_id, config, split=split, streaming=streaming, cache_dir=cache_dir)
-    except (OSError, ValueError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as err:
+    except (OSError, ValueError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as err:  # offline, not cached
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-        raise DataError(f"cannot load the hub dataset {hub_id!r} (offline, or not in the cache?): {first}",
-                        where=hub_id) from None
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or os.environ.get("HF_DATASETS_OFFLINE", "") not in ("", "0")
+        hint = ("HF_HUB_OFFLINE is set and it is not in the cache" if offline else
+                "no network? with it cached, set HF_HUB_OFFLINE=1")
+        raise DataError(f"the hub dataset {hub_id} cannot be read ({first}; {hint}): give a local .jsonl/.json/.parquet "
+                        f"file instead (`kava data export` it where the hub is reachable)", where=hub_id) from None
 
 
 def _hub_split(spec: DatasetSpec, split: str) -> str:
@@ -521,13 +602,20 @@ def _located_hub(spec: DatasetSpec, split: str, streaming: bool, cache_dir: str 
         yield f"{spec.name}/{split}:{i}", row
 
 
+# Record layouts a local file may be forced to (data.format, --fmt), besides registered datasets' own.
+FORMATS: dict[str, Mapper | None] = {"auto": map_auto, "kava": None, "messages": map_messages,
+                                     "prompt_completion": map_prompt_completion, "gsm8k": map_gsm8k}
+
+
 def _resolve_mapper(fmt: str | None) -> Mapper | None:
-    if fmt is None or fmt == "kava":
-        return None
+    if fmt is None:
+        return map_auto
+    if fmt in FORMATS:
+        return FORMATS[fmt]
     spec = REGISTRY.get(fmt)
     if spec is None or spec.mapper is None:
-        names = [n for n, s in REGISTRY.items() if s.mapper is not None]
-        raise ValueError(f"unknown fmt {fmt!r}; use 'kava' (our schema) or one of: {', '.join(names)}")
+        names = [*FORMATS, *(n for n, s in REGISTRY.items() if s.mapper is not None and n not in FORMATS)]
+        raise ValueError(f"unknown format {fmt!r}; use one of: {', '.join(names)}")
     return spec.mapper
 
 
@@ -750,8 +838,14 @@ def load_data(cfg: KavaConfig, which: str) -> list[Example]:
         examples = generate_classes_split(split, n, seed=0, sizes=tuple(d.synthetic_sizes), modulus=d.synthetic_modulus,
                                           style="verbose" if source.endswith("-nl") else "eq")
         return examples[:limit] if limit else examples
+    if d.format not in FORMATS and getattr(REGISTRY.get(d.format), "mapper", None) is None:
+        from kava.config import ConfigError
+
+        known = [*FORMATS, *(n for n, s in REGISTRY.items() if s.mapper is not None and n not in FORMATS)]
+        raise ConfigError(f"config field 'data.format': {d.format!r} is not one of {', '.join(known)}")
+    fmt = None if d.format == "auto" or source.split("?", 1)[0] in REGISTRY else d.format  # (files only)
     examples = list(load_examples(source, split, limit=limit or None, on_error=d.on_error,
-                                  cache_dir=d.cache_dir or None))
+                                  cache_dir=d.cache_dir or None, fmt=fmt))
     if not examples:
         raise DataError(f"no {'training' if which == 'train' else 'evaluation'} examples (an empty file or split?)",
                         where=f"data.{which}={source}")

@@ -18,7 +18,7 @@ from ..data.sequences import BOT, EOT, TextEncoder
 from ..io import atomic_write, atomic_write_json, check_output_folder
 from ..model.backbone import KavaModel
 from .decode import MODES, generate, graded_text, hit_cap, kv_bytes_per_token
-from .results import accuracy_stderr, provenance, write_results
+from .results import accuracy_stderr, eval_folder_name, provenance, write_results
 
 
 def grade(text: str, gold: str, marker: str) -> dict[str, bool]:
@@ -139,7 +139,8 @@ def evaluate_checkpoint(checkpoint: str | Path, overrides=(), modes: list[str] |
     """Evaluate a checkpoint folder (or a run folder: its latest checkpoint) on the run's own
     evaluation data, with ``key=value`` ``overrides`` of its config (``data.eval=...``, say).
 
-    ``modes``: default :func:`eval_modes`; ``out``: default ``CHECKPOINT/eval``. Writes the
+    ``modes``: default :func:`eval_modes`; ``out``: default ``CHECKPOINT/eval/<data>-<split>[-<limit>]``
+    (:func:`~kava.evaluation.results.eval_folder_name`). Writes the
     files of :func:`evaluate` and ``results.json`` (the metrics and their provenance);
     returns the results and the folder they were written to.
     """
@@ -162,7 +163,7 @@ def evaluate_checkpoint(checkpoint: str | Path, overrides=(), modes: list[str] |
     eval_examples = load_data(cfg, "eval")
     model = load_checkpoint(ckpt, trust_remote_code=cfg.model.trust_remote_code)
     model.cfg = cfg
-    out = Path(out) if out else ckpt / "eval"
+    out = Path(out) if out else ckpt / "eval" / eval_folder_name(cfg)
     modes = modes or eval_modes(cfg)
     results = evaluate(model, eval_examples, cfg, modes, out)
     write_results(out, results, provenance(cfg, modes, ckpt, str(next(model.parameters()).device)))
@@ -175,7 +176,7 @@ def evaluate_pretrained(name_or_path: str, config: str | Path | None = None, ove
     checkpoint, untrained: the baseline before any step. ``config`` (a YAML file) and
     ``overrides`` set the data and decoding as for a run; ``modes``: ``cot``, ``nocot``
     (default both; ``student`` needs a trained projection and latent tokens, so it is
-    refused); ``out``: default ``runs/eval/<model name>``."""
+    refused); ``out``: default ``runs/eval/<model name>/<data>-<split>[-<limit>]``."""
     from ..config import ConfigError, load_config
     from ..data.loaders import load_data
     from ..model.backbone import build_model
@@ -187,7 +188,7 @@ def evaluate_pretrained(name_or_path: str, config: str | Path | None = None, ove
     cfg = load_config(config, [*overrides, f"model.name_or_path={name_or_path}", "model.adapter=full", "model.init_from="])
     eval_examples = load_data(cfg, "eval")  # bad data fails before the model is loaded
     model = build_model(cfg, with_adapter=False)
-    out = Path(out) if out else Path("runs") / "eval" / Path(name_or_path.rstrip("/")).name
+    out = Path(out) if out else Path("runs") / "eval" / Path(name_or_path.rstrip("/")).name / eval_folder_name(cfg)
     results = evaluate(model, eval_examples, cfg, modes, out)
     write_results(out, results, provenance(cfg, modes, None, str(next(model.parameters()).device)))
     return results, out

@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime
 import math
 import platform
+import re
 import subprocess
 from importlib import metadata
 from pathlib import Path
@@ -17,6 +18,17 @@ from ..io import atomic_write_json
 
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "safetensors")
 RESULTS_FILE = "results.json"
+
+
+def eval_folder_name(cfg: KavaConfig) -> str:
+    """``<data>-<split>[-<limit>]`` for the evaluation ``cfg.data`` names (a file by its stem,
+    options and other odd characters as ``_``): where ``kava eval`` writes under ``eval/``, so
+    that an evaluation on other data never overwrites another."""
+    d = cfg.data
+    source = d.eval
+    name = Path(source).stem if Path(source).suffix.lower() in (".jsonl", ".json", ".parquet") else source
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "data"
+    return f"{name}-{d.eval_split}" + (f"-{d.eval_limit}" if d.eval_limit else "")
 
 
 def accuracy_stderr(correct: int, n: int) -> float | None:

@@ -38,6 +38,7 @@ from .checkpoints import (
     check_readable,
     check_shapes,
     checkpoint_layout,
+    latest_checkpoint,
     read_tensors,
     refuse_pickled,
 )
@@ -164,14 +165,33 @@ def architecture_differences(run: ModelConfig, other: ModelConfig) -> list[tuple
     return out
 
 
+def resolve_init_from(path: str) -> str:
+    """The checkpoint ``model.init_from`` names: the folder itself when it is a checkpoint, else
+    the latest ``checkpoint-N`` of a run folder (as eval, export and ``kava.load`` read one).
+    A missing folder, or one without a checkpoint, stops with one line saying so."""
+    p = Path(path)
+    if (p / CONFIG_FILE).is_file():
+        return str(path)
+    if not p.exists():
+        raise ModelLoadError(f"model.init_from: {p} does not exist (train that run first, or give a run folder or "
+                             "checkpoint-N folder that exists)")
+    found = latest_checkpoint(p)
+    if found is None:
+        raise ModelLoadError(f"model.init_from: {p} holds no kava checkpoint (no {CONFIG_FILE}, no checkpoint-N folder "
+                             "with a trainer state: has its run saved one yet?)")
+    return str(found)
+
+
 def check_init_from(cfg: ModelConfig) -> None:
-    """Stop, naming the field, when ``model.init_from`` holds another architecture than the
-    run's config describes: the run would train the checkpoint's model while its
-    ``config.yaml`` recorded a different one."""
+    """Resolve ``model.init_from`` to the checkpoint it names (:func:`resolve_init_from`; the
+    run's config then records that checkpoint), and stop, naming the field, when it holds
+    another architecture than the run's config describes: the run would train the checkpoint's
+    model while its ``config.yaml`` recorded a different one."""
+    resolved = resolve_init_from(cfg.init_from)
+    if resolved != cfg.init_from:
+        log.info("model.init_from: %s -> its latest checkpoint %s", cfg.init_from, resolved)
+        cfg.init_from = resolved
     path = Path(cfg.init_from)
-    cfg_file = path / CONFIG_FILE
-    if not cfg_file.is_file():
-        raise ModelLoadError(f"model.init_from: {path} is not a kava checkpoint (no {CONFIG_FILE}; give a checkpoint-N folder)")
     theirs = _stored_config(path).model
     diff = architecture_differences(cfg, theirs)
     if diff:

@@ -15,7 +15,8 @@ reads it):
 * both: the tokenizer (with ``<bot>``/``<eot>``) at the root, ``kava_config.yaml`` (the run's
   config), ``kava_model.safetensors`` (the latent projection: every tensor kava adds outside
   the backbone) and, written by the training loop, the trainer state
-  (``trainer_state.safetensors`` + ``trainer_state.json``).
+  (``kava_trainer_state.safetensors`` + ``kava_trainer_state.json``: kava's own names, since
+  transformers' ``trainer_state.json`` has another schema).
 
 Checkpoints written before this layout (every trained tensor under kava's own names in
 ``model.safetensors``, the tokenizer in ``tokenizer/``, no ``config.json``) still load.
@@ -33,8 +34,8 @@ ADAPTER_FILE = "adapter_model.safetensors"
 KAVA_WEIGHTS = "kava_model.safetensors"
 BASE_DIR = "base_model"
 OLD_TOKENIZER_DIR = "tokenizer"
-STATE_TENSORS = "trainer_state.safetensors"
-STATE_JSON = "trainer_state.json"
+STATE_TENSORS = "kava_trainer_state.safetensors"
+STATE_JSON = "kava_trainer_state.json"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 LAYOUTS = ("lora", "full", "old")
 

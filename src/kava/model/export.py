@@ -29,40 +29,55 @@ log = logging.getLogger("kava.export")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def find_evaluation(ckpt: Path) -> tuple[dict, dict, Path] | None:
-    """:func:`_find_evaluation`; a damaged file there is named in a warning and the card says
+def find_evaluations(ckpt: Path) -> list[tuple[dict, dict, Path]]:
+    """:func:`_find_evaluations`; a damaged file there is named in a warning and the card says
     no evaluation was found."""
     try:
-        return _find_evaluation(ckpt)
+        return _find_evaluations(ckpt)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         log.warning("the evaluation beside %s cannot be read (%s: %s); the model card leaves it out",
                     ckpt, type(e).__name__, str(e)[:200])
-        return None
+        return []
 
 
-def _find_evaluation(ckpt: Path) -> tuple[dict, dict, Path] | None:
-    """(``{mode: metrics}``, provenance or ``{}``, the file) of the evaluation of ``ckpt``:
-    ``kava eval``'s ``CHECKPOINT/eval/results.json`` or ``eval_metrics.json``, else the run's
-    end-of-training ``eval_metrics.json`` when the run's ``status.json`` names this checkpoint."""
-    results = ckpt / "eval" / "results.json"
-    if results.is_file():
-        data = json.loads(results.read_text())
-        return data["results"], data.get("provenance", {}), results
-    if (ckpt / "eval" / "eval_metrics.json").is_file():
-        return json.loads((ckpt / "eval" / "eval_metrics.json").read_text()), {}, ckpt / "eval" / "eval_metrics.json"
+def _find_evaluations(ckpt: Path) -> list[tuple[dict, dict, Path]]:
+    """(``{mode: metrics}``, provenance or ``{}``, the file) of every evaluation of ``ckpt``:
+    ``kava eval``'s ``CHECKPOINT/eval/<data>-<split>[-<limit>]/results.json`` (and an older
+    ``CHECKPOINT/eval/results.json`` or ``eval_metrics.json``), else the run's end-of-training
+    ``eval_metrics.json`` when the run's ``status.json`` names this checkpoint."""
+    found = []
+    for folder in [ckpt / "eval", *sorted(p for p in (ckpt / "eval").glob("*") if p.is_dir())]:
+        if (folder / "results.json").is_file():
+            data = json.loads((folder / "results.json").read_text())
+            found.append((data["results"], data.get("provenance", {}), folder / "results.json"))
+        elif (folder / "eval_metrics.json").is_file():
+            found.append((json.loads((folder / "eval_metrics.json").read_text()), {}, folder / "eval_metrics.json"))
+    if found:
+        return found
     run, status = ckpt.parent, ckpt.parent / "status.json"
     if (run / "eval_metrics.json").is_file() and status.is_file():
         named = json.loads(status.read_text()).get("checkpoint")
         if named and Path(named).resolve() == ckpt.resolve():
-            return json.loads((run / "eval_metrics.json").read_text()), {}, run / "eval_metrics.json"
-    return None
+            return [(json.loads((run / "eval_metrics.json").read_text()), {"data": _run_eval_data(run)}, run / "eval_metrics.json")]
+    return []
+
+
+def _run_eval_data(run: Path) -> str | None:
+    """The evaluation data a run's ``config.yaml`` names (what its end-of-training evaluation read)."""
+    import yaml
+
+    try:
+        d = yaml.safe_load((run / "config.yaml").read_text()).get("data", {})
+    except (OSError, AttributeError, yaml.YAMLError):
+        return None
+    return d.get("eval")
 
 
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
-def model_card(cfg: KavaConfig, ckpt: Path, steps: int | None, evaluation: tuple[dict, dict, Path] | None) -> str:
+def model_card(cfg: KavaConfig, ckpt: Path, steps: int | None, evaluations: list[tuple[dict, dict, Path]]) -> str:
     """The model card: YAML front matter, what the model is, its recipe, data and evaluation."""
     m, lat, loss, d, t = cfg.model, cfg.latent, cfg.loss, cfg.data, cfg.train
     front = ["---", "library_name: transformers", "tags:", "- kava", "- latent-reasoning"]
@@ -93,19 +108,22 @@ def model_card(cfg: KavaConfig, ckpt: Path, steps: int | None, evaluation: tuple
              "## Data", "", f"- training: `{d.train}` (split `{d.train_split}`" + (f", first {d.train_limit}" if d.train_limit else "") + ")",
              f"- evaluation: `{d.eval}` (split `{d.eval_split}`" + (f", first {d.eval_limit}" if d.eval_limit else "") + ")", "",
              "## Evaluation", ""]
-    if evaluation is None:
+    if not evaluations:
         lines.append("No evaluation was found beside the checkpoint (run `kava eval --checkpoint CHECKPOINT` before exporting).")
     else:
-        results, prov, source = evaluation
-        if prov:
+        lines += ["Accuracy is the strict grader's (a number right after an answer marker); flexible also takes the last number."]
+    for results, prov, source in evaluations:
+        where = source.relative_to(ckpt) if source.is_relative_to(ckpt) else Path("..") / source.name
+        lines += [""]
+        if prov.get("split"):
             lines += [f"On `{prov.get('data')}` (split `{prov.get('split')}`" + (f", first {prov['limit']}" if prov.get("limit") else "")
-                      + f"), greedy decoding, {prov.get('date', '')}.", ""]
-        lines += ["Accuracy is the strict grader's (a number right after an answer marker); flexible also takes the last number.", "",
-                  "| mode | n | accuracy | ± s.e. | flexible | forward passes |", "|---|---|---|---|---|---|"]
+                      + f"), greedy decoding, {prov.get('date', '')}; from `{where}`:", ""]
+        else:
+            lines += [f"On `{prov.get('data') or '?'}`, from `{where}`:", ""]
+        lines += ["| mode | n | accuracy | ± s.e. | flexible | forward passes |", "|---|---|---|---|---|---|"]
         for mode, r in results.items():
             lines.append(f"| {mode} | {r.get('n')} | {_pct(r.get('accuracy'))} | {_pct(r.get('accuracy_stderr'))} | "
                          f"{_pct(r.get('accuracy_flexible'))} | {r.get('forward_passes', 0):.1f} |")
-        lines += ["", f"(from `{source.name}` of the checkpoint's evaluation)"]
     lines += ["", "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
               "model = AutoModelForCausalLM.from_pretrained(DIR)   # CoT / no-CoT generation", "",
               "import kava", "print(kava.load(DIR).answer([\"...\"], mode=\"latent\")[0].answer)", "```", ""]
@@ -167,7 +185,7 @@ def export(checkpoint: str | Path, out: str | Path, trust_remote_code: bool = Fa
     recipe = copy.deepcopy(cfg)
     recipe.model.adapter = "full"  # the folder holds every weight, merged
     steps = _saved_step(ckpt)
-    card = model_card(cfg, ckpt, steps, find_evaluation(ckpt))
+    card = model_card(cfg, ckpt, steps, find_evaluations(ckpt))
 
     def build(tmp: Path) -> None:
         with quiet_transformers():

@@ -39,9 +39,9 @@ from ..distill.objective import Objective, metric_floats
 from ..evaluation.evaluator import eval_modes, evaluate
 from ..io import append_line, atomic_replace_dir, atomic_write_json
 from ..model.backbone import KavaModel, build_model, load_weights
-from ..model.checkpoints import CHECKPOINT_RE, ModelLoadError, check_shapes, latest_checkpoint, read_tensors
+from ..model.checkpoints import CHECKPOINT_RE, STATE_JSON, ModelLoadError, check_shapes, latest_checkpoint, read_tensors
 from .env import pick_mixed_precision
-from .rundir import claim_run_folder, prune_checkpoints
+from .rundir import check_resume_config, claim_run_folder, prune_checkpoints
 from .state import load_trainer_state, save_trainer_state
 from .tracking import start_trackers, tracker_names
 
@@ -111,6 +111,8 @@ def train(cfg: KavaConfig, resume: bool = False) -> dict:
     folder = under_output_root(cfg.train.output_dir, cfg.train.output_root)
     with claim_run_folder(folder, resume, cfg.train.overwrite_output_dir,
                           main=_is_global_rank_zero()) as clear_previous:
+        if resume and latest_checkpoint(folder) is not None:
+            check_resume_config(folder, cfg)  # before anything loads or is written
         return _train(cfg, resume, clear_previous)
 
 
@@ -124,7 +126,12 @@ def _train(cfg: KavaConfig, resume: bool, clear_previous=lambda: None) -> dict:
     from tqdm.auto import tqdm
 
     tc = cfg.train
-    run = set_up(cfg)
+    try:
+        run = set_up(cfg)
+    except BaseException as e:
+        if not resume and _is_global_rank_zero():  # a fresh start that never began says why (a resumed run keeps its status)
+            _write_failed_start(under_output_root(cfg.train.output_dir, cfg.train.output_root), e)
+        raise
     if resume:
         resume_from(run)
     previous = _read_status(run.out) if run.main and resume else None  # (a finished run's, kept if this fails)
@@ -224,6 +231,21 @@ def mark_failed(run: Run, error: BaseException) -> None:
         atomic_write_json(run.out / "status.json", status)
     except OSError as e:  # a full disk, say: the error being raised matters more
         log.error("could not mark %s failed: %s", run.out, e)
+
+
+def _write_failed_start(folder: Path, error: BaseException) -> None:
+    """A ``status.json`` saying why a fresh start failed before any work, in a folder that holds no run
+    yet: an existing run's files (an ``--overwrite`` that could not start) stay as they were."""
+    if (folder / "status.json").exists() or (folder / "status.json").is_symlink():
+        return
+    lines = str(error).strip().splitlines()
+    text = f"{type(error).__name__}: {lines[0] if lines else ''}".strip().rstrip(":")[:500]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(folder / "status.json", {"state": "failed", "step": 0, "error": text, "checkpoint": None,
+                                                   "failed_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    except OSError as e:
+        log.error("could not mark %s failed: %s", folder, e)
 
 
 def set_up(cfg: KavaConfig) -> Run:
@@ -333,6 +355,9 @@ def resume_from(run: Run) -> None:
         source.load_state_dict(parts)
     progress = load_trainer_state(ckpt, run.optimizer, run.scheduler, run.generators)
     check_progress(progress, ckpt, run.max_steps, len(run.encoded))
+    if progress.get("examples", len(run.encoded)) != len(run.encoded):
+        raise TrainingError(f"--resume from {ckpt}: the run trained on {progress['examples']} examples, this data has "
+                            f"{len(run.encoded)} (data.train changed?); start a new run to train on other data")
     run.step = progress["step"]
     run.order = DataOrder(len(run.encoded), run.cfg.train.seed, progress["epoch"], progress["offset"])
     log.info("resumed from %s at step %d", ckpt, run.step)
@@ -342,7 +367,7 @@ def check_progress(progress: Any, ckpt: Path, max_steps: int, examples: int) -> 
     """Stop, naming the file, when a trainer state's progress is not what ``ckpt`` can hold: a
     step that is not an integer, differs from the folder's ``checkpoint-N``, or lies beyond
     ``train.max_steps``; a data offset beyond the training examples."""
-    where = ckpt / "trainer_state.json"
+    where = ckpt / STATE_JSON
     m = CHECKPOINT_RE.match(ckpt.name)
     ok = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0  # noqa: E731
     if not isinstance(progress, dict) or not all(ok(progress.get(k)) for k in ("step", "epoch", "offset")):
@@ -495,7 +520,7 @@ def save_checkpoint(run: Run) -> Path:
                 save_file({k: v.detach().cpu().contiguous() for k, v in source.state_dict().items()},
                           str(tmp / source.state_file), metadata={"format": "kava"})
             if not run.fsdp:
-                save_trainer_state(tmp, run.optimizer, run.scheduler, run.generators, {"step": at, **run.order.state()})
+                save_trainer_state(tmp, run.optimizer, run.scheduler, run.generators, {"step": at, "examples": len(run.encoded), **run.order.state()})
 
         atomic_replace_dir(path, build)
         for gone in prune_checkpoints(run.out, run.cfg.train.save_total_limit):

@@ -17,11 +17,14 @@
   writable, and none of the names kava writes in it (the lock, metrics, status, checkpoints)
   may be a symbolic link;
 - on **resume**, a torn last line of ``metrics.jsonl`` (a crash or a full disk mid-append)
-  is cut off before new lines are appended.
+  is cut off before new lines are appended, and a configuration that differs from the run's
+  ``config.yaml`` in a field that changes the result is refused by name
+  (:func:`check_resume_config`; :data:`RESUME_MAY_CHANGE` lists what may change).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -33,6 +36,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..config import RESUME_MAY_CHANGE, RESUME_STEP_COUNT, ConfigError, KavaConfig, config_from_dict, load_config, read_yaml, under_output_root
 from ..io import drop_torn_tail
 from ..model.checkpoints import CHECKPOINT_RE
 
@@ -40,6 +44,7 @@ log = logging.getLogger("kava.train")
 
 LOCK_FILE = ".kava.lock"
 METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.yaml"
 # What a run writes into its folder (what --overwrite deletes).
 _OUTPUT_FILES = ("metrics.jsonl", "status.json", "config.yaml", "eval_metrics.json", "kv_cosine.json", "run_summary.json",
                  "instruments.jsonl", "selector_keeps.json")
@@ -176,6 +181,8 @@ def prepare(folder: Path, resume: bool, overwrite: bool) -> None:
     torn last metrics line on resume."""
     clean_temporary(folder)
     held = sorted(p.name for p in folder.iterdir() if p.name != LOCK_FILE) if folder.is_dir() else []
+    if held == ["status.json"] and _failed_start(folder / "status.json"):
+        held = []  # only the status of a start that failed before any work: a new start replaces it
     if resume:
         cut = drop_torn_tail(folder / METRICS_FILE)
         if cut:
@@ -202,6 +209,15 @@ def clear_previous_run(folder: Path) -> None:
     kept = sorted(set(held) - {p.name for p in outputs})
     log.warning("train.overwrite_output_dir: deleted %d entries of the previous run in %s%s", len(outputs), folder,
                 f" (kept files kava did not write: {', '.join(kept)})" if kept else "")
+
+
+def _failed_start(path: Path) -> bool:
+    try:
+        status = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(status, dict) and status.get("state") == "failed" and status.get("step") == 0 \
+        and status.get("checkpoint") is None
 
 
 @contextmanager
@@ -232,3 +248,73 @@ def prune_checkpoints(folder: Path, keep: int) -> list[Path]:
     for p in gone:
         shutil.rmtree(p)
     return gone
+
+
+def _flat(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in data.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _may_change(key: str, old: KavaConfig, new: KavaConfig) -> bool:
+    if key in RESUME_MAY_CHANGE or any(p.endswith(".") and key.startswith(p) for p in RESUME_MAY_CHANGE):
+        return True
+    if key in RESUME_STEP_COUNT:
+        return all(c.train.lr_schedule == "constant" and (c.train.warmup_steps > 0 or c.train.warmup_ratio == 0)
+                   for c in (old, new))
+    return False
+
+
+def config_changes(saved: KavaConfig, cfg: KavaConfig) -> list[tuple[str, object, object]]:
+    """``(field, saved value, new value)`` for every field in which ``cfg`` differs from ``saved``."""
+    old, new = _flat(saved.to_dict()), _flat(cfg.to_dict())
+    return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def check_resume_config(folder: Path, cfg: KavaConfig) -> None:
+    """Refuse to resume the run in ``folder`` with a ``cfg`` that differs from its ``config.yaml``
+    in a field that changes the result (a seed, the batch, the learning rate, the data, a cosine
+    schedule's length...): :class:`ConfigError` naming every such field. A folder without a saved
+    config has nothing to compare with."""
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        return
+    try:
+        saved = config_from_dict(read_yaml(path))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: the run's saved config cannot be read ({e})") from None
+    if cfg.model.init_from and cfg.model.init_from != saved.model.init_from:
+        # A run folder given as model.init_from: the run recorded the checkpoint it resolved to.
+        from ..model import resolve_init_from
+
+        cfg = copy.deepcopy(cfg)
+        cfg.model.init_from = resolve_init_from(cfg.model.init_from)
+    refused = [(k, a, b) for k, a, b in config_changes(saved, cfg) if not _may_change(k, saved, cfg)]
+    if refused:
+        shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in refused)
+        raise ConfigError(f"--resume into {folder}: the config differs from the run's {CONFIG_FILE} in {shown}; a resume "
+                          "continues the run as it was configured (what may change: kava train --help): start a new run "
+                          "(another train.output_dir, or --overwrite)")
+
+
+def resume_config(path: str | Path | None, overrides: list[str]) -> KavaConfig:
+    """The configuration ``kava train --config PATH --resume OVERRIDES`` continues with: the run's
+    own ``config.yaml`` (in the ``train.output_dir`` that ``PATH`` and ``OVERRIDES`` name) with
+    ``OVERRIDES`` on top, so the overrides the run was started with need not be given again. A
+    folder without a saved config: ``PATH`` with ``OVERRIDES``, as a fresh start."""
+    cfg = load_config(path, overrides)
+    folder = under_output_root(cfg.train.output_dir, cfg.train.output_root)
+    saved = folder / CONFIG_FILE
+    if not saved.is_file():
+        return cfg
+    run_cfg = load_config(saved, overrides)
+    run_cfg.train.output_dir, run_cfg.train.output_root = str(folder), ""  # (a copied or moved run folder)
+    ignored = [k for k, _, _ in config_changes(cfg, run_cfg) if k not in ("train.output_dir", "train.output_root")]
+    if ignored:
+        log.info("--resume: continuing with %s; %s differs from it in %s (the run keeps its own values)",
+                 saved, path or "the defaults", ", ".join(ignored))
+    return run_cfg
