@@ -10,8 +10,8 @@ are given as mean and sample std (0 for one seed).
 
 Accuracies are fractions in ``results.csv`` and ``verdicts.json``, percentages in the
 Markdown and LaTeX tables and in the verdict text. The claims are tested seed by seed with the
-exact tests of :mod:`kava.experiments.stats`: a claim holds only when its one-sided test, in the
-direction the claim declares, passes at the level the report states. The descriptive tables (per
+exact tests of :mod:`kava.experiments.stats`: a claim holds only when its one-sided tests, in the
+direction the claim declares and Holm-adjusted within the claim, pass at the level the report states. The descriptive tables (per
 arm, every arm against CODI-only and R-KV) give two-sided p-values and test no claim.
 
 Plots (matplotlib, Agg canvas, no display needed): accuracy against forward passes,
