@@ -16,6 +16,8 @@ import sys
 from ..logs import setup_logging, survive_closed_pipes
 
 
+from .types import count_int, positive_int  # noqa: F401  (argparse types of the subcommands)
+
 def cmd_train(args) -> int:
     from ..config import load_config
     from ..training.loop import train
@@ -84,22 +86,6 @@ def cmd_config(args) -> int:
     else:
         print("\n".join(help_lines()))
     return 0
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1 (argparse turns the ValueError into one line)."""
-    value = int(text)
-    if not 1 <= value <= 2**31:
-        raise argparse.ArgumentTypeError(f"{text}: expected an integer from 1 to 2^31")
-    return value
-
-
-def count_int(text: str) -> int:
-    """An argparse type: an integer >= 0."""
-    value = int(text)
-    if not 0 <= value <= 2**31:
-        raise argparse.ArgumentTypeError(f"{text}: expected an integer from 0 to 2^31")
-    return value
 
 
 class _Once(argparse.Action):

@@ -28,7 +28,7 @@ def cmd_env(args) -> int:
 
 
 def register(subparsers) -> None:
-    from . import positive_int
+    from .types import positive_int
 
     p = subparsers.add_parser("env", help="report devices, memory, library versions and the settings a run would pick")
     p.add_argument("--config", help="YAML config whose settings to resolve (default: the built-in defaults)")

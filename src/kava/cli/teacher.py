@@ -30,7 +30,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``kava teacher`` (with ``extract``) to the ``kava`` command."""
-    from . import count_int, positive_int
+    from .types import count_int, positive_int
 
     p = subparsers.add_parser("teacher", help="offline teacher caches (compressed KV targets written once, read by training)")
     sub = p.add_subparsers(dest="teacher_command", required=True)
