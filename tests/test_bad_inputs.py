@@ -317,7 +317,7 @@ CASES = [
     ("resume-state-json-deep", _write(STATE_J, "[" * 100000), TRAIN, 1, ["checkpoint-2/kava_trainer_state.json"]),
     ("resume-step-string", _progress(step="2"), TRAIN, 1, ["checkpoint-2/kava_trainer_state.json", "'2'"]),
     ("resume-step-huge", _progress(step=10**6), TRAIN, 1, ["checkpoint-2/kava_trainer_state.json", "1000000"]),
-    ("resume-step-beyond-max", None, [*TRAIN, "train.max_steps=1"], 1, ["step 2", "train.max_steps=1"]),
+    ("resume-step-beyond-max", None, [*TRAIN, "train.max_steps=1"], 2, ["train.max_steps", "2 -> 1"]),
     ("resume-offset-huge", _progress(offset=10**9), TRAIN, 1, ["checkpoint-2/kava_trainer_state.json", "offset"]),
     ("resume-scheduler-damaged", _state_key("scheduler", {"nonsense": 1}), TRAIN, 1, ["checkpoint-2/kava_trainer_state.json"]),
     ("eval-pickle-beside", _write(lambda w: w["run"] / "checkpoint-2" / "pytorch_model.bin", "x"), EVAL, 1,

@@ -205,7 +205,7 @@ def test_raise_mode_stops_at_first_bad_record() -> None:
         (_rec(question=["x"]), "question", "expected a string, got list"),
         (_rec(answer="twelve"), "answer", "not a number"),
         ('{"question": "Q", "answer": "1"', None, "invalid JSON"),
-        ("[1, 2]", None, "expected a JSON object, got list"),
+        ("[1, 2]", None, "expected a record (object), got list"),
     ],
 )
 def test_bad_record_names_file_line_and_field(tmp_path: Path, line: str, field: str | None, reason: str) -> None:
@@ -239,7 +239,7 @@ def test_skip_mode_counts(caplog: pytest.LogCaptureFixture) -> None:
 def test_bad_json_file(tmp_path: Path) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text('[{"question": "Q", "answer": "1"},\n oops]')
-    with pytest.raises(DataError, match=r"bad.json: invalid JSON at line 2"):
+    with pytest.raises(DataError, match=r"bad.json: invalid JSON.*line 2"):
         load_examples(str(bad))
     scalar = tmp_path / "scalar.json"
     scalar.write_text("3")
@@ -262,7 +262,7 @@ def test_bad_sources(tmp_path: Path) -> None:
         load_examples(str(other))
     with pytest.raises(ValueError, match="on_error"):
         load_examples(str(FIXTURES / "good.jsonl"), on_error="ignore")
-    with pytest.raises(ValueError, match="unknown fmt"):
+    with pytest.raises(ValueError, match="unknown format"):
         load_examples(str(FIXTURES / "good.jsonl"), fmt="nope")
 
 
@@ -271,8 +271,10 @@ def test_local_file_in_native_gsm8k_layout() -> None:
     exs = load_examples(path, fmt="gsm8k")
     assert exs[0].steps == ("<<4*6=24>>", "<<24-5=19>>") and exs[0].answer == "19"
     assert exs[1].answer == "2400"
+    # Without a format the records are recognised by their fields (a GSM8k solution after ####).
+    assert load_examples(path) == exs
     with pytest.raises(DataError, match=r"gsm8k_native.jsonl:1: field 'answer': not a number"):
-        load_examples(path)  # read as our schema, the solution text is not a number
+        load_examples(path, fmt="kava")  # forced into our schema, the solution text is not a number
 
 
 # --------------------------------------------------------------------------- hub mappings

@@ -215,9 +215,11 @@ def expand_sweep(path: str | Path, validate: bool = False, extra: Sequence[str] 
             values = {**common, **params}
             for seed in run_seeds.get(run_name, seeds):
                 out = out_root / name / f"seed{seed}"
-                overrides = [f"{k}={format_value(v)}" for k, v in values.items()] + list(extra)
-                overrides += [f"train.seed={seed}", f"train.output_dir={format_value(str(out))}"]
-                specs.append(RunSpec(name, seed, tuple(overrides), out, base, params))
+                layered = [f"{k}={format_value(v)}" for k, v in values.items()] + list(extra)
+                layered += [f"train.seed={seed}", f"train.output_dir={format_value(str(out))}"]
+                # One entry per key, the last layer's (a config refuses a key given twice).
+                by_key = {item.split("=", 1)[0].strip(): item for item in layered}
+                specs.append(RunSpec(name, seed, tuple(by_key.values()), out, base, params))
     if validate:
         validate_specs(specs)
     return specs
