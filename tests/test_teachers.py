@@ -214,7 +214,8 @@ def test_resume_without_the_teachers_file_is_a_clear_error(tmp_path):
     from kava.training import TrainingError, train
 
     cfg = tiny_config(teachers={"models": [{"name_or_path": "tiny", "tiny": SHALLOW}], "aggregation": "weighted"},
-                      loss={"rope": "pre"}, train={"output_dir": str(tmp_path / "run"), "max_steps": 2})
+                      loss={"rope": "pre"}, train={"output_dir": str(tmp_path / "run"), "max_steps": 2,
+                                                   "lr_schedule": "constant", "warmup_ratio": 0.0, "warmup_steps": 0})
     train(cfg)
     (tmp_path / "run" / "checkpoint-2" / ALIGN_FILE).unlink()
     cfg.train.max_steps = 3
