@@ -161,3 +161,18 @@ def test_unknown_loss_kind_is_an_error():
     k, v = _kv()
     with pytest.raises(ValueError, match="unknown KV loss"):
         losses.kv_loss(k, v, k, v, torch.ones(k.shape[:-1], dtype=torch.bool), "l3")
+
+
+def test_kv_scale_from_summed_moments_is_the_masked_std():
+    from kava.losses import kv_moments, kv_scale, masked_layer_std, scale_from_moments
+
+    torch.manual_seed(0)
+    k, v = torch.randn(3, 4, 2, 5, 8) * 3 + 1, torch.randn(3, 4, 2, 5, 8)
+    mask = torch.rand(1, 4, 1, 5) > 0.3
+    m = mask.expand(k.shape[:-1])
+    want = torch.stack([masked_layer_std(k, m), masked_layer_std(v, m)])
+    torch.testing.assert_close(kv_scale(k, v, mask), want, rtol=1e-5, atol=1e-6)
+    # Examples' moments computed apart (as a cache keeps them) and summed give the batch's std.
+    parts = torch.cat([kv_moments(k[:, i : i + 1], v[:, i : i + 1], mask[:, i : i + 1]) for i in range(4)])
+    torch.testing.assert_close(scale_from_moments(parts.sum(0)), want, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(scale_from_moments(parts[:2].sum(0)), want)  # half the batch is another std

@@ -48,15 +48,17 @@ def test_cached_targets_equal_online_targets(tmp_path, rope):
     with torch.no_grad():
         t = teacher_forward(model, tb, want_queries=True)
         online = obj.teacher_targets(t, tb, None, cfg.latent.num_latents)
-    cached, hidden = TeacherCache(tmp_path, cfg, model).lookup(["a", "b", "c", "d"])
+    cached, hidden, scale = TeacherCache(tmp_path, cfg, model).lookup(["a", "b", "c", "d"])
     assert cached.keys.shape == online.keys.shape
     assert torch.equal(cached.valid, online.valid)
     v = online.valid[..., None]
     torch.testing.assert_close(cached.keys * v, online.keys * v, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(cached.values * v, online.values * v, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(hidden, t.hidden, rtol=1e-6, atol=1e-6)
+    # The batch normaliser rebuilt from each example's moments is the online one (whole CoT cache).
+    torch.testing.assert_close(scale, obj.kv_scale(t, tb, None), rtol=1e-5, atol=1e-7)
     # Looked up in another order: the rows follow the source_ids.
-    swapped, _ = TeacherCache(tmp_path, cfg, model).lookup(["c", "a"])
+    swapped, _, _ = TeacherCache(tmp_path, cfg, model).lookup(["c", "a"])
     torch.testing.assert_close(swapped.keys, cached.keys[:, [2, 0]])
 
 
@@ -120,7 +122,7 @@ def test_resume_skips_finished_shards_and_job_arrays_cover_everything_once(tmp_p
             assert f.get_tensor("hidden").shape[1:] == (2, 32)
     assert sorted(seen) == ["a", "b", "c", "d", "e"]
     cache = TeacherCache(tmp_path, cfg, model)
-    comp, hidden = cache.lookup(["e", "a"])
+    comp, hidden, _ = cache.lookup(["e", "a"])
     assert comp.keys.shape == (2, 2, 2, 3, 8) and hidden.shape == (2, 2, 32)
     with pytest.raises(TeacherCacheError, match="'zz'"):
         cache.lookup(["a", "zz"])

@@ -76,22 +76,26 @@ def test_fusion_kinds_route_per_slot_and_routers_learn(fusion, router):
         assert all(p.grad is not None for p in router_params)
 
 
-def test_an_identical_external_teacher_gives_the_self_distillation_loss(tmp_path):
-    """A teacher that is a saved copy of the student, fused alone, reproduces the plain KaVa loss."""
-    cfg = tiny_config(loss={"alpha_codi": 1.0})
+@pytest.mark.parametrize("layer_std", [False, True])
+def test_an_identical_external_teacher_gives_the_self_distillation_loss(tmp_path, layer_std):
+    """A teacher that is a saved copy of the student, fused alone, reproduces the plain KaVa loss. Under
+    ``loss.layer_std`` the own pass is scaled by its whole CoT cache's std and another teacher by its aligned
+    targets' (:mod:`kava.distill.targets.teachers`), so there the KV loss differs and the rest does not."""
+    cfg = tiny_config(loss={"alpha_codi": 1.0, "layer_std": layer_std})
     model = build_model(cfg)
     model.save(tmp_path / "copy")
     model.eval()
     encs = [TextEncoder(model.tokenizer, cfg.data).encode(e) for e in EXAMPLES]
     plain = Objective(model, cfg)
-    cfg2 = tiny_config(loss={"alpha_codi": 1.0}, teachers={"models": [{"name_or_path": str(tmp_path / "copy")}]})
+    cfg2 = tiny_config(loss={"alpha_codi": 1.0, "layer_std": layer_std},
+                       teachers={"models": [{"name_or_path": str(tmp_path / "copy")}]})
     other = Objective(model, cfg2)
     assert other.teachers.aligners[0].identity
     with torch.no_grad():
         a = metric_floats(plain(plain.make_batch(encs))[1])
         b = metric_floats(other(other.make_batch(encs))[1])
-    assert b["kv"] == pytest.approx(a["kv"], rel=1e-4) and b["codi"] == pytest.approx(a["codi"], rel=1e-4)
-    assert b["kv_cos"] == pytest.approx(a["kv_cos"], abs=1e-4)
+    assert b["codi"] == pytest.approx(a["codi"], rel=1e-4) and b["kv_cos"] == pytest.approx(a["kv_cos"], abs=1e-4)
+    assert (b["kv"] == pytest.approx(a["kv"], rel=1e-4)) is not layer_std
 
 
 def test_scaled_rope_teacher_keys_are_compared_position_free():

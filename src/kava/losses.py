@@ -46,14 +46,36 @@ def _per_slot_cosine_magnitude(pred: torch.Tensor, target: torch.Tensor, eps: fl
 
 
 def kv_scale(keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """The KV loss normaliser: the per-layer std of ``keys`` and of ``values`` ``[L, ..., d]`` over the
+    """The KV loss normaliser: the per-layer std of ``keys`` and of ``values`` ``[L, B, ..., d]`` over the
     entries where ``mask`` is True (``mask`` broadcasts to ``keys.shape[:-1]``, e.g. ``[1, B, 1, N]``).
 
     Returns ``[2, L]`` (row 0 for K, row 1 for V), detached. Training computes it from the true
-    teacher's whole CoT cache, whatever the selector, so every arm is scaled alike.
+    teacher's whole CoT cache, whatever the selector, so every arm is scaled alike. It is
+    :func:`scale_from_moments` of the batch's summed :func:`kv_moments`, so an offline cache that
+    keeps each example's moments gives the same normaliser as the online pass.
     """
+    return scale_from_moments(kv_moments(keys, values, mask).sum(0), eps)
+
+
+def kv_moments(keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per example, the count, sum and sum of squares of ``keys`` and ``values`` ``[L, B, ..., d]`` per
+    layer over the entries where ``mask`` is True: ``[B, 2, L, 3]`` in float64, detached."""
     m = mask.expand(keys.shape[:-1])
-    return torch.stack([masked_layer_std(keys, m, eps), masked_layer_std(values, m, eps)])
+    out = []
+    for x in (keys, values):
+        x = x.detach().double()
+        w = m[..., None].expand_as(x).double()
+        dims = tuple(range(2, x.dim()))
+        out.append(torch.stack([w.sum(dims), (x * w).sum(dims), (x * x * w).sum(dims)], -1))  # [L, B, 3]
+    return torch.stack(out).permute(2, 0, 1, 3)  # [B, 2, L, 3]
+
+
+def scale_from_moments(moments: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """The per-layer std ``[2, L]`` (float32) from summed :func:`kv_moments` ``[2, L, 3]``."""
+    n = moments[..., 0].clamp_min(1.0)
+    mean = moments[..., 1] / n
+    var = (moments[..., 2] / n - mean.square()).clamp_min(0.0)
+    return var.sqrt().clamp_min(eps).float()
 
 
 def kv_entry_distance(teacher: torch.Tensor, student: torch.Tensor, valid: torch.Tensor, kind: str = "l1",

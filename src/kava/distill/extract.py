@@ -140,6 +140,7 @@ def extract(
                 parts["values"].append(c.values.transpose(0, 1).cpu())
                 parts["valid"].append(c.valid.transpose(0, 1).cpu())
                 parts["hidden"].append(t.hidden.transpose(0, 1).cpu())  # [b, L, D]
+                parts["moments"].append(objective.kv_moments(t, tb, None).cpu())  # [b, 2, L, 3]: the normaliser's sums
             tensors = {k: torch.cat(v).contiguous() for k, v in parts.items()}
             meta = {"format": FORMAT, "source_ids": json.dumps(plan[i])}
             atomic_write(path, lambda p, t=tensors, md=meta: save_file(t, str(p), metadata=md))

@@ -365,11 +365,18 @@ class Objective(nn.Module):
         before any selection. It does not depend on the selector, so every arm on a batch (R-KV,
         right-crop, mean-pool, slot-mean, shuffled, gaussian, counterfactual, oracle) is scaled by
         the same numbers; ``teacher`` is the true teacher pass, never a counterfactual one."""
+        return losses.scale_from_moments(self.kv_moments(teacher, tb, stage, model).sum(0))
+
+    @torch.no_grad()
+    def kv_moments(self, teacher: TeacherOutput, tb: dict, stage: int | None,
+                   model: KavaModel | None = None) -> torch.Tensor:
+        """Per example, the moments :meth:`kv_scale` is made of (:func:`kava.losses.kv_moments`,
+        ``[B, 2, L, 3]``): an offline cache keeps them, so its batches get the online normaliser."""
         cot = compressed_positions(tb, stage)
         keys = teacher.keys
         if self.cfg.loss.rope == "pre":
             keys = self.unrotate(keys, positions(tb["attention_mask"]), model)  # (a question may be left-padded)
-        return losses.kv_scale(keys, teacher.values, cot[None, :, None, :])
+        return losses.kv_moments(keys, teacher.values, cot[None, :, None, :])
 
     def unrotate(self, keys: torch.Tensor, pos: torch.Tensor, model: KavaModel | None = None) -> torch.Tensor:
         """Undo ``model``'s (default: the student's) RoPE on ``keys [L, B, H, n, d]`` at positions ``pos [B, n]``."""

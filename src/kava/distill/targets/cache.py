@@ -20,13 +20,14 @@ from pathlib import Path
 
 import torch
 
+from ... import losses
 from ...config import ConfigError, KavaConfig
 from ..compression import Compressed
 from .base import Request, Target, TargetSource
 
 MANIFEST = "manifest.json"
-FORMAT = "kava-teacher-cache/1"
-TENSORS = ("keys", "values", "valid", "hidden")
+FORMAT = "kava-teacher-cache/2"  # 2: each example also keeps the KV normaliser's moments
+TENSORS = ("keys", "values", "valid", "hidden", "moments")  # moments: kava.losses.kv_moments, per example
 
 
 class TeacherCacheError(ConfigError):
@@ -178,8 +179,10 @@ class TeacherCache:
             h = self._shard(i)
             for k in TENSORS:
                 rows[k].append(h.get_slice(k)[r : r + 1])
+        moments = torch.cat(rows.pop("moments")).sum(0)
         out = {k: torch.cat(v).transpose(0, 1).to(device) for k, v in rows.items()}
-        return Target(Compressed(out["keys"], out["values"], out["valid"], None), out["hidden"])
+        scale = losses.scale_from_moments(moments).to(device)  # the normaliser the online pass would use
+        return Target(Compressed(out["keys"], out["values"], out["valid"], None), out["hidden"], scale)
 
 
 class OfflineCache(TargetSource):
