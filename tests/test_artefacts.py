@@ -1,5 +1,5 @@
 """Artefacts others can load and evaluation the field's way: checkpoints as peft adapter or
-transformers folders (and the old layout still loading), `kava export`, the inference API,
+transformers folders, `kava export`, the inference API,
 the lm-evaluation-harness adapter, and `kava eval`'s provenance, standard errors, samples and
 plain-model baselines. Models are tiny and untrained (their trained tensors are perturbed so
 that a tensor lost on the way would show)."""
@@ -24,9 +24,9 @@ from kava.model import (
     ModelLoadError,
     build_model,
     checkpoint_layout,
-    checkpoint_tensors,
     load_checkpoint,
     load_weights,
+    save_checkpoint,
 )
 from test_real_models import _save_hf_folder, _tokenizer
 
@@ -59,7 +59,7 @@ def test_lora_checkpoint_is_a_peft_adapter_folder_with_its_base(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = _trained(_lora())
-    model.save(tmp_path / "ckpt")
+    save_checkpoint(model, tmp_path / "ckpt")
     ckpt = tmp_path / "ckpt"
     assert checkpoint_layout(ckpt) == "lora" and not (ckpt / "model.safetensors").exists()
     assert json.loads((ckpt / "adapter_config.json").read_text())["base_model_name_or_path"] == BASE_DIR
@@ -82,7 +82,7 @@ def test_lora_on_a_local_base_opens_with_peft_on_the_resized_base(tmp_path):
 
     _save_hf_folder(tmp_path / "hf", _tokenizer(), tied=False)
     model = _trained(_lora(name_or_path=str(tmp_path / "hf")))
-    model.save(tmp_path / "ckpt")
+    save_checkpoint(model, tmp_path / "ckpt")
     ckpt = tmp_path / "ckpt"
     assert not (ckpt / BASE_DIR).exists()  # the base reloads from its folder
     config = json.loads((ckpt / "adapter_config.json").read_text())
@@ -98,7 +98,7 @@ def test_full_checkpoint_is_a_transformers_model_folder(tmp_path):
     from transformers import AutoModelForCausalLM
 
     model = _trained(tiny_config())
-    model.save(tmp_path / "ckpt")
+    save_checkpoint(model, tmp_path / "ckpt")
     assert checkpoint_layout(tmp_path / "ckpt") == "full"
     assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["model_type"] == "llama"
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
@@ -106,33 +106,13 @@ def test_full_checkpoint_is_a_transformers_model_folder(tmp_path):
     # A resume loads the folder into a freshly built model.
     fresh = build_model(tiny_config())
     load_weights(fresh, tmp_path / "ckpt")
-    a, b = fresh.weights_to_save(), model.weights_to_save()
+    a, b = fresh.state_dict(), model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-@pytest.mark.parametrize("adapter", ["lora", "full"])
-def test_old_layout_still_loads(tmp_path, adapter):
-    """A checkpoint as kava wrote it before standard folders: kava_config.yaml, tokenizer/ and
-    every trained tensor under kava's names in model.safetensors."""
-    cfg = _lora() if adapter == "lora" else tiny_config()
-    model = _trained(cfg)
-    old = tmp_path / "old"
-    old.mkdir()
-    cfg.save(old / "kava_config.yaml")
-    model.tokenizer.save_pretrained(old / "tokenizer")
-    save_file(model.weights_to_save(), str(old / "model.safetensors"), metadata={"format": "kava"})
-    assert checkpoint_layout(old) == "old"
-    reloaded = load_checkpoint(old)
-    torch.testing.assert_close(_logits(reloaded.backbone, model), _logits(model.backbone, model), rtol=0, atol=0)
-    fresh = build_model(cfg)
-    load_weights(fresh, old)
-    a, b = fresh.weights_to_save(), model.weights_to_save()
-    assert all(torch.equal(a[k], b[k]) for k in b)
 
 
 def test_a_damaged_checkpoint_is_a_one_line_error(tmp_path):
     model = _trained(_lora())
-    model.save(tmp_path / "ckpt")
+    save_checkpoint(model, tmp_path / "ckpt")
     saved = load_file(str(tmp_path / "ckpt" / ADAPTER_FILE))
     dropped = sorted(k for k in saved if "lora_B" in k)[0]
     save_file({k: v for k, v in saved.items() if k != dropped}, str(tmp_path / "ckpt" / ADAPTER_FILE))
@@ -154,7 +134,7 @@ def test_inference_api_answers_as_kava_eval_does(tmp_path):
     assert kava.load is inference.load and kava.LatentReasoner is inference.LatentReasoner
     cfg = _lora()
     model = _trained(cfg)
-    model.save(tmp_path / "ckpt")
+    save_checkpoint(model, tmp_path / "ckpt")
     examples = load_data(cfg, "eval")
     reasoner = kava.load(tmp_path / "ckpt", device="cpu")
     questions = [ex.question for ex in examples]
@@ -196,7 +176,7 @@ def test_export_writes_a_merged_model_with_a_card_and_pushes(tmp_path, monkeypat
 
     cfg = _lora()
     model = _trained(cfg)
-    model.save(tmp_path / "run" / "checkpoint-5")
+    save_checkpoint(model, tmp_path / "run" / "checkpoint-5")
     ckpt = tmp_path / "run" / "checkpoint-5"
     assert main(["eval", "--checkpoint", str(ckpt), "--modes", "student,nocot"]) == 0
     results = json.loads((ckpt / "eval" / "synthetic-test" / "results.json").read_text())["results"]
@@ -242,7 +222,7 @@ def test_eval_results_carry_provenance_stderr_and_samples(tmp_path):
     from kava.evaluation.evaluator import evaluate_checkpoint
 
     model = _trained(tiny_config())
-    model.save(tmp_path / "ckpt")
+    save_checkpoint(model, tmp_path / "ckpt")
     res, out = evaluate_checkpoint(tmp_path / "ckpt", ["data.eval_limit=5"], ["student", "nocot"], tmp_path / "ev")
     data = json.loads((out / "results.json").read_text())
     assert data["results"] == res == json.loads((out / "eval_metrics.json").read_text())
@@ -323,7 +303,7 @@ def test_lm_eval_harness_runs_latent_generation_on_a_local_task(tmp_path):
     assert get_model("kava") is KavaLM
     cfg = _lora()
     model = _trained(cfg)
-    model.save(tmp_path / "ckpt")
+    save_checkpoint(model, tmp_path / "ckpt")
     questions = [ex.question for ex in load_data(cfg, "eval")]
     answers = [a.generation.split("\n")[0] for a in kava.load(tmp_path / "ckpt").answer(questions, batch_size=1, max_new_tokens=6)]
     # Targets: the model's own reply for the even rows, one it never gives for the odd rows -> exact match 1/2.

@@ -589,7 +589,7 @@ def test_a_checkpoint_cannot_enable_remote_code(argv, untrusted, capsys, caplog)
 
 def test_the_inference_api_cannot_be_talked_into_remote_code_by_a_checkpoint(untrusted):
     import kava
-    from kava.model.checkpoints import ModelLoadError
+    from kava.model.files import ModelLoadError
 
     with pytest.raises(ModelLoadError, match="trust_remote_code"):
         kava.load(untrusted["ckpt"], device="cpu")

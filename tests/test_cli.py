@@ -89,7 +89,8 @@ except ConfigError as e:
 
 
 def test_names_are_the_registries_names():
-    from kava import compression, losses, names
+    from kava import losses, names
+    from kava.distill import compression
 
     assert names.COMPRESSION_METHODS == compression.METHODS == ("none", *compression.SELECTORS)
     assert names.KV_LOSSES == losses.KV_LOSSES

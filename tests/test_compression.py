@@ -7,6 +7,7 @@ import torch
 
 from kava.distill.compression import (
     SELECTORS,
+    SelectRequest,
     attention_importance,
     compress_cache,
     get_selector,
@@ -344,9 +345,9 @@ def test_rkv_pooled_never_keeps_padding_and_rkv_is_unchanged():
     cot[0, 1:4] = True
     cot[1, 2:9] = True
     ans = torch.ones(2, 3, dtype=torch.bool)
-    idx, valid = get_selector("rkv_pooled", 0.1).select(keys, queries, cot, ans, 5)
+    idx, valid = get_selector("rkv_pooled", 0.1).select(SelectRequest(keys, None, queries, cot, ans, 5))
     assert valid[0].sum(-1).tolist() == [3, 3] and valid[1].all()
     assert all(bool(cot[i, idx[i][valid[i]]].all()) for i in range(2))
     sel = get_selector("rkv", 0.1)
     assert type(sel).__name__ == "RKVSelector" and sel.name == "rkv"
-    torch.testing.assert_close(sel.score(keys, queries, cot, ans, 5), rkv_scores(keys, queries, cot, ans, 0.1))
+    torch.testing.assert_close(sel.score(SelectRequest(keys, None, queries, cot, ans, 5)), rkv_scores(keys, queries, cot, ans, 0.1))

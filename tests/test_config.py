@@ -75,5 +75,8 @@ def test_shipped_configs_load(path):
 
 
 def test_shuffled_needs_two_examples():
+    from kava.distill.targets import check_targets
+
+    cfg = config_from_dict({"loss": {"compression": "shuffled"}, "train": {"batch_size": 1}})
     with pytest.raises(ConfigError, match="train.batch_size"):
-        config_from_dict({"loss": {"compression": "shuffled"}, "train": {"batch_size": 1}})
+        check_targets(cfg)

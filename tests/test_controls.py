@@ -6,15 +6,14 @@ import random
 import pytest
 import torch
 
+from conftest import tiny_config
 from kava.config import DataConfig
 from kava.data.counterfactual import counterfactual_example, counterfactual_steps, derangement
 from kava.data.schema import Example, result_span
 from kava.data.sequences import RESULT, TOKEN_TYPES, TextEncoder, teacher_batch
 from kava.data.synthetic import products_example
-from kava.distill.compression import compress_cache, get_selector, select
+from kava.distill.compression import SelectRequest, compress_cache, get_selector, select
 from kava.model.tokenizer import build_synthetic_tokenizer
-
-from conftest import tiny_config
 
 
 def _full_cot(n_layers=2, b=4, h=2, m=3, d=5, seed=0):
@@ -87,7 +86,7 @@ def test_oracle_keeps_every_result_token_then_fills_in_rkv_order():
     assert idx[0].tolist() == [[3, 6], [3, 6]] and idx[1].tolist() == [[2, 7], [2, 7]] and valid.all()
     # A budget of 4: both results, and the two best other CoT tokens by R-KV score.
     idx4, _ = select("oracle", keys, queries, cot, ans, 4, token_types=types)
-    rkv = get_selector("rkv").score(keys, queries, cot, ans, 4).masked_fill(~cot[:, None], -1.0)
+    rkv = get_selector("rkv").score(SelectRequest(keys, None, queries, cot, ans, 4)).masked_fill(~cot[:, None], -1.0)
     for bi, results in ((0, {3, 6}), (1, {2, 7})):
         for hi in range(h):
             others = [i for i in rkv[bi, hi].argsort(descending=True).tolist() if i not in results][:2]
@@ -129,7 +128,7 @@ def test_counterfactual_maps_results_and_carries_them_forward():
 
 def _batch_loss(compression, **loss):
     from kava.distill.objective import Objective
-    from kava.model.backbone import build_model
+    from kava.model.checkpoints import build_model
 
     cfg = tiny_config(loss={"compression": compression, "drop_last_step": False, **loss}, data={"train": "synthetic-products", "eval": "synthetic-products"})
     torch.manual_seed(0)

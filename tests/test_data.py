@@ -14,19 +14,9 @@ import pytest
 
 from kava.answers import parse_number
 from kava.cli.data import register
-from kava.data import loaders
-from kava.data import validate_file, write_jsonl
-from kava.data.loaders import (
-    REGISTRY,
-    list_datasets,
-    load_examples,
-    load_examples_report,
-    map_gsm8k,
-    map_gsm8k_aug,
-    map_gsm_hard,
-    map_multiarith,
-    map_svamp,
-)
+from kava.data import loaders, validate_file, write_jsonl
+from kava.data.formats import map_gsm8k, map_gsm8k_aug, map_gsm_hard, map_multiarith, map_svamp
+from kava.data.loaders import REGISTRY, list_datasets, load_examples, load_examples_report
 from kava.data.schema import (
     DataError,
     Example,

@@ -12,7 +12,7 @@ import yaml
 from conftest import tiny_config
 from kava.cli import main
 from kava.data import DataError, load_examples
-from kava.data.loaders import map_auto, map_messages, map_prompt_completion
+from kava.data.formats import map_auto, map_messages, map_prompt_completion
 
 Q = ["Tom has 3 bags of 4 apples. He eats 2. How many are left?", "A box holds 5 pens. How many pens are in 6 boxes?",
      "Sam had 20 dollars and spent 7. How much is left?"]

@@ -197,7 +197,7 @@ def test_headline_accuracy_is_strict(tiny, monkeypatch, tmp_path):
 
 def test_accuracy_by_chain_of_thought_length():
     """Per-difficulty accuracy: examples grouped by their reference CoT's number of steps."""
-    from kava.evaluate import summarise
+    from kava.evaluation.evaluator import summarise
 
     rows = [
         {"cot_steps": 2, "correct": True, "correct_flexible": True},

@@ -6,13 +6,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from conftest import tiny_config
 from kava.data.loaders import load_data
 from kava.data.sequences import IGNORE, TOKEN_TYPES, TextEncoder
 from kava.distill import instruments
 from kava.distill.objective import Objective
-from kava.model.backbone import build_model
-
-from conftest import tiny_config
+from kava.model.checkpoints import build_model
 
 
 def test_logit_lens_scores_each_slot_against_its_step():
@@ -88,3 +87,18 @@ def test_training_writes_the_instruments(tmp_path):
     off = tmp_path / "off"
     train(tiny_config(train={"output_dir": str(off), "max_steps": 1}, eval={"instruments": False}))
     assert not (off / "instruments.jsonl").exists() and not (off / "selector_keeps.json").exists()
+
+
+def test_without_eval_at_end_the_run_ends_without_probes_or_instruments(tmp_path):
+    """``train.eval_at_end=false`` skips all the work after the last checkpoint: the KV probe and
+    the instruments at the end as well as the evaluation (an instrument row appears only at
+    ``train.eval_every``)."""
+    from kava.training import train
+
+    out = tmp_path / "run"
+    res = train(tiny_config(data={"train": "synthetic-products", "eval": "synthetic-products"},
+                            train={"output_dir": str(out), "max_steps": 2, "eval_at_end": False},
+                            eval={"instrument_examples": 4}))
+    assert res["state"] == "finished" and "eval" not in res
+    assert not (out / "kv_cosine.json").exists() and not (out / "instruments.jsonl").exists()
+    assert (out / "selector_keeps.json").is_file()  # at step 0: what the run starts from, not end-of-run work

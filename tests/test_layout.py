@@ -1,11 +1,10 @@
 """The package's layers, read from the source: no module imports a module of a higher layer
-(nor of another layer of the same rank), no imports go round in a circle, and the modules
-left at the old paths only re-export."""
+(nor of another layer of the same rank), no imports go round in a circle, and the package's top
+level holds only its few leaf modules (one import path per thing: no re-exporting modules)."""
 
 from __future__ import annotations
 
 import ast
-import importlib
 from pathlib import Path
 
 import pytest
@@ -25,11 +24,9 @@ RANKS = {
     "experiments": 5,
     "cli": 6,
 }
-# The old module paths, kept so that user code still imports: each only re-exports.
-COMPAT = {
-    "kava.compression", "kava.evaluate", "kava.latent", "kava.modeling", "kava.objective",
-    "kava.sequences", "kava.teacher", "kava.tokenizer", "kava.train",
-}
+# kava's core: its top-level modules and the ``config`` package, which every layer may use.
+CORE = {"kava.answers", "kava.io", "kava.logs", "kava.losses", "kava.names"}
+CORE_PACKAGES = {"config"}
 
 
 def module_name(path: Path) -> str:
@@ -43,9 +40,9 @@ MODULES = {module_name(p): p for p in sorted((SRC / "kava").rglob("*.py"))}
 
 
 def layer(module: str) -> str:
-    """``core`` for kava and its top-level modules, else the sub-package under kava."""
+    """``core`` for kava, its top-level modules and its core packages, else the sub-package under kava."""
     parts = module.split(".")
-    if len(parts) == 1 or (len(parts) == 2 and not (SRC / "kava" / parts[1]).is_dir()):
+    if len(parts) == 1 or parts[1] in CORE_PACKAGES or (len(parts) == 2 and not (SRC / "kava" / parts[1]).is_dir()):
         return "core"
     return parts[1]
 
@@ -74,18 +71,28 @@ def imports(module: str) -> set[str]:
     return found
 
 
-LIBRARY = sorted(m for m in MODULES if m not in COMPAT)
+LIBRARY = sorted(MODULES)
 
 
 def test_every_module_is_in_a_known_layer():
     assert {layer(m) for m in MODULES} <= RANKS.keys()
 
 
+def test_the_top_level_holds_only_the_core_leaves():
+    top = {m for m in MODULES if m.count(".") == 1 and not (SRC / "kava" / m.split(".")[1]).is_dir()}
+    assert top == CORE, f"top-level modules beyond the core leaves: {sorted(top - CORE)}; missing: {sorted(CORE - top)}"
+    assert len(top) + len(CORE_PACKAGES) <= 6
+
+
+def test_no_module_is_over_600_lines():
+    long = {m: n for m, p in MODULES.items() if (n := len(p.read_text().splitlines())) > 600}
+    assert not long, f"modules over 600 lines (split them by what they own): {long}"
+
+
 @pytest.mark.parametrize("module", LIBRARY)
 def test_no_module_imports_a_higher_layer(module):
     mine = layer(module)
     for target in imports(module):
-        assert target not in COMPAT, f"{module} imports {target}, a compatibility module: import its new home"
         theirs = layer(target)
         assert theirs == mine or RANKS[theirs] < RANKS[mine], (
             f"{module} (layer {mine}, rank {RANKS[mine]}) imports {target} (layer {theirs}, rank {RANKS[theirs]})"
@@ -115,17 +122,3 @@ def test_imports_go_round_in_no_circle():
 def test_each_layer_says_what_it_owns_and_may_import(package):
     doc = ast.get_docstring(ast.parse(MODULES[package].read_text()))
     assert doc and "import" in doc.lower(), f"{package}/__init__.py: say what the layer owns and what it may import"
-
-
-@pytest.mark.parametrize("module", sorted(COMPAT))
-def test_compatibility_modules_only_re_export(module):
-    tree = ast.parse(MODULES[module].read_text())
-    doc = ast.get_docstring(tree)
-    assert doc and "kava." in doc, f"{module}: its docstring says where the code lives now"
-    body = tree.body[1:]
-    assert body and all(isinstance(node, ast.ImportFrom) for node in body), f"{module} holds code, not only re-exports"
-    mod = importlib.import_module(module)
-    for node in body:
-        source = importlib.import_module(("kava." if node.level else "") + (node.module or ""))
-        for alias in node.names:
-            assert getattr(mod, alias.asname or alias.name) is getattr(source, alias.name)

@@ -17,7 +17,16 @@ from kava.data.schema import Example
 from kava.data.sequences import BOT, EOT, IGNORE, SequenceError, TextEncoder, student_batch, teacher_batch
 from kava.distill.objective import Objective
 from kava.evaluation import evaluate
-from kava.model import ADAPTER_FILE, CONFIG_FILE, KAVA_WEIGHTS, ModelLoadError, weight_files, build_model, load_backbone, load_checkpoint
+from kava.model import (
+    ADAPTER_FILE,
+    CONFIG_FILE,
+    KAVA_WEIGHTS,
+    ModelLoadError,
+    build_model,
+    load_backbone,
+    load_checkpoint,
+    weight_files,
+)
 from kava.model.tokenizer import build_synthetic_tokenizer
 from kava.training import train
 

@@ -10,7 +10,16 @@ import pytest
 import yaml
 
 from kava.experiments.report import (
-    FAILS, HOLDS, NOT_ESTABLISHED, UNMEASURED, ClaimNames, aggregate, check_claims, collect_runs, read_history, table_layout,
+    FAILS,
+    HOLDS,
+    NOT_ESTABLISHED,
+    UNMEASURED,
+    ClaimNames,
+    aggregate,
+    check_claims,
+    collect_runs,
+    read_history,
+    table_layout,
     write_report,
 )
 

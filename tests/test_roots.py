@@ -7,7 +7,7 @@ import pytest
 from conftest import tiny_config
 from kava.config import under_output_root
 from kava.data import load_data
-from kava.model.checkpoints import ModelLoadError
+from kava.model.files import ModelLoadError
 
 
 def test_output_root_config_then_environment_then_cwd(tmp_path, monkeypatch):

@@ -1,7 +1,6 @@
 """Spans and labels against hand-built sequences, with and without a BOS token."""
 
 import pytest
-import torch
 
 from kava.config import DataConfig
 from kava.data.schema import Example

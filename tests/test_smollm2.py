@@ -39,10 +39,8 @@ def _shortest(split: str, n: int = 4):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    from kava.data import load_data
+    from kava.data import load_data, write_jsonl
     from kava.training import train
-
-    from kava.data import write_jsonl
 
     root = tmp_path_factory.mktemp("smollm2")
     out = root / "run"

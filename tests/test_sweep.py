@@ -11,7 +11,14 @@ import yaml
 
 from kava.config import ConfigError, load_config
 from kava.experiments.sweep import (
-    SweepError, expand_sweep, format_value, plan, run_local, safe_name, submit_slurm, write_pbs,
+    SweepError,
+    expand_sweep,
+    format_value,
+    plan,
+    run_local,
+    safe_name,
+    submit_slurm,
+    write_pbs,
 )
 
 REPO = Path(__file__).resolve().parents[1]

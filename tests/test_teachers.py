@@ -10,7 +10,7 @@ from kava.data.schema import Example
 from kava.data.sequences import TextEncoder
 from kava.distill.objective import Objective, metric_floats
 from kava.distill.targets.teachers import kv_shape
-from kava.model import ModelLoadError, build_model
+from kava.model import ModelLoadError, build_model, save_checkpoint
 from kava.model.latent import cache_span, positions
 
 EXAMPLES = [
@@ -83,7 +83,7 @@ def test_an_identical_external_teacher_gives_the_self_distillation_loss(tmp_path
     targets' (:mod:`kava.distill.targets.teachers`), so there the KV loss differs and the rest does not."""
     cfg = tiny_config(loss={"alpha_codi": 1.0, "layer_std": layer_std})
     model = build_model(cfg)
-    model.save(tmp_path / "copy")
+    save_checkpoint(model, tmp_path / "copy")
     model.eval()
     encs = [TextEncoder(model.tokenizer, cfg.data).encode(e) for e in EXAMPLES]
     plain = Objective(model, cfg)
@@ -184,8 +184,8 @@ def test_training_with_a_router_resumes_exactly(tmp_path):
     from kava.distill.targets.teachers import load_teacher
 
     teacher = load_teacher(TeacherModelConfig(name_or_path=str(tmp_path / "straight")), cfg("unused", 1))
-    saved = load_checkpoint(tmp_path / "straight" / "checkpoint-4").weights_to_save()
-    mine = teacher.weights_to_save()
+    saved = load_checkpoint(tmp_path / "straight" / "checkpoint-4").state_dict()
+    mine = teacher.state_dict()
     assert mine.keys() == saved.keys() and all(torch.equal(mine[k], saved[k]) for k in saved)
     assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
 

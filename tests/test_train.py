@@ -194,7 +194,7 @@ def test_fused_adamw_makes_the_for_loop_updates_to_rounding(tmp_path):
 
 
 def test_fused_adamw_falls_back_where_torch_has_no_kernel(caplog):
-    from kava.training.loop import fused_unsupported, make_optimizer
+    from kava.training.optim import fused_unsupported, make_optimizer
 
     p = torch.nn.Parameter(torch.randn(3, 3))
     assert fused_unsupported([p]) is None

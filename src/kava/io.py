@@ -15,6 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+import yaml
+
 
 class OutputError(RuntimeError):
     """An output path that cannot be written (a file where a folder goes, not writable, the
@@ -125,17 +127,6 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def temp_names(final: Path) -> list[Path]:
-    """The temporary entries :func:`atomic_replace_dir` and :func:`atomic_write` leave beside
-    ``final`` when killed mid-write (``.NAME.XXXX``, ``.NAME.old``, ``.NAME.XXXX.tmp``)."""
-    final = Path(final)
-    parent = final.parent
-    if not parent.is_dir():
-        return []
-    prefix = f".{final.name}."
-    return sorted(p for p in parent.iterdir() if p.name.startswith(prefix))
-
-
 def atomic_replace_dir(final: Path, build: Callable[[Path], None]) -> None:
     """Build a folder under a temporary name, sync it, then swap it in for ``final``."""
     final = Path(final)
@@ -205,3 +196,81 @@ def drop_torn_tail(path: Path) -> int:
         f.flush()
         os.fsync(f.fileno())
     return size - keep
+
+
+# --- YAML, read safely ------------------------------------------------------------
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    loader.flatten_mapping(node)
+    seen: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            hash(key)
+        except TypeError:
+            raise yaml.constructor.ConstructorError(None, None, f"a key must be a name, not a {type(key).__name__}",
+                                                    key_node.start_mark) from None
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r} (first given on line {seen[key] + 1})",
+                                                    key_node.start_mark)
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+MAX_YAML_NODES = 100_000  # values a YAML document may expand to (aliases counted each time they are used)
+
+
+def _expanded_size(node: yaml.Node, limit: int) -> int:
+    """How many values ``node`` stands for once every alias is expanded (stops past ``limit``);
+    a node that contains itself (a recursive alias) counts as beyond any limit."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(n: yaml.Node) -> int:
+        if id(n) in sizes:
+            return sizes[id(n)]
+        if id(n) in active:
+            return limit + 1  # a cycle
+        active.add(id(n))
+        total = 1
+        children = n.value if isinstance(n, yaml.SequenceNode) else \
+            [c for pair in n.value for c in pair] if isinstance(n, yaml.MappingNode) else []
+        for child in children:
+            total += size(child)
+            if total > limit:
+                break
+        active.discard(id(n))
+        sizes[id(n)] = total
+        return total
+
+    return size(node)
+
+
+def safe_load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` that also refuses duplicate keys (no ``!!python`` tags either), and a
+    document that expands to more than :data:`MAX_YAML_NODES` values or refers to itself (an
+    alias "bomb" or loop) before constructing it."""
+    loader = _UniqueKeyLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, MAX_YAML_NODES) > MAX_YAML_NODES:
+            raise yaml.YAMLError(f"expands to more than {MAX_YAML_NODES:,} values through aliases, or an alias refers "
+                                 "to itself (a YAML alias bomb or loop)")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error's problem in one line."""
+    return str(getattr(e, "problem", None) or e).replace("\n", " ").strip()

@@ -14,9 +14,8 @@ import argparse
 import sys
 
 from ..logs import setup_logging, survive_closed_pipes
-
-
 from .types import count_int, positive_int  # noqa: F401  (argparse types of the subcommands)
+
 
 def cmd_train(args) -> int:
     from ..config import load_config

@@ -27,7 +27,6 @@ first N, which would all be instances of one template.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -36,13 +35,25 @@ from itertools import chain, islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, overload
 
-from kava.data.schema import DataError, Example, answer_text, example_from_record, parse_gsm8k_solution
+from kava.data.formats import (
+    Mapper,
+    Record,
+    map_auto,
+    map_gsm8k,
+    map_gsm8k_aug,
+    map_gsm_hard,
+    map_messages,
+    map_multiarith,
+    map_prompt_completion,
+    map_svamp,
+)
+from kava.data.readers import FILE_SUFFIXES, Located, read_file
+from kava.data.schema import DataError, Example, example_from_record
 
 if TYPE_CHECKING:
     from kava.config import KavaConfig
 
 __all__ = [
-    "FILE_SUFFIXES",
     "FORMATS",
     "REGISTRY",
     "DatasetSpec",
@@ -51,178 +62,12 @@ __all__ = [
     "load_data",
     "load_examples",
     "load_examples_report",
-    "map_auto",
-    "map_gsm8k",
-    "map_gsm8k_aug",
-    "map_messages",
-    "map_prompt_completion",
-    "map_gsm_hard",
-    "map_multiarith",
-    "map_svamp",
     "parse_source_options",
 ]
 
 log = logging.getLogger(__name__)
 
-Record = Mapping[str, Any]
-Mapper = Callable[[Record], dict[str, Any]]
-FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 _MAX_ERRORS_KEPT = 20
-
-
-# --------------------------------------------------------------------------- mappers
-
-
-def _field(record: Record, *names: str) -> Any:
-    """The value of the first of `names` present in `record`; DataError if none is."""
-    if not isinstance(record, Mapping):
-        raise DataError(f"expected a record (object), got {type(record).__name__}")
-    for name in names:
-        if name in record and record[name] is not None:
-            return record[name]
-    raise DataError("missing", field=names[0])
-
-
-def _text(record: Record, *names: str) -> str:
-    value = _field(record, *names)
-    if not isinstance(value, str):
-        raise DataError(f"expected a string, got {type(value).__name__}", field=names[0])
-    return value
-
-
-def map_gsm8k_aug(record: Record) -> dict[str, Any]:
-    """whynlp/gsm8k-aug and gsm8k-aug-nl: fields question, steps (list), answer."""
-    return {
-        "question": _field(record, "question"),
-        "steps": _field(record, "steps"),
-        "answer": _field(record, "answer"),
-    }
-
-
-def map_gsm8k(record: Record, *, style: str = "eq") -> dict[str, Any]:
-    """openai/gsm8k: question; answer is the solution text ending in ``#### N``.
-
-    Steps are the ``<<...>>`` annotations (style "eq") or the solution lines without them
-    (style "nl"); the answer is the text after ``####``.
-    """
-    solution = _text(record, "answer")
-    eq_steps, nl_steps, answer = parse_gsm8k_solution(solution)
-    if answer is None:
-        raise DataError("no '#### N' final answer in the solution", field="answer")
-    return {"question": _field(record, "question"), "steps": eq_steps if style == "eq" else nl_steps,
-            "answer": answer}
-
-
-_ANSWER_MARKER = re.compile(r"the answer is\s*:?", re.IGNORECASE)
-
-
-def split_solution(text: str, field_name: str) -> tuple[list[str], str]:
-    """A model's solution text -> (steps, answer). With GSM8k's ``#### N`` the answer follows
-    it; else the last "The answer is" (kava's own prefix, any case, ':' optional) marks it. The
-    CoT before the marker gives the steps: its ``<<...>>`` annotations when it has any (as for
-    GSM8k), else its non-empty lines."""
-    if "####" in text:
-        eq_steps, nl_steps, answer = parse_gsm8k_solution(text)
-        return (eq_steps or nl_steps), answer or ""
-    marks = list(_ANSWER_MARKER.finditer(text))
-    if not marks:
-        raise DataError("no answer marker ('#### N' or 'The answer is: N') in the text", field=field_name)
-    cot, answer = text[: marks[-1].start()], text[marks[-1].end():].strip().rstrip(".").strip()
-    eq_steps, nl_steps, _ = parse_gsm8k_solution(cot)
-    return (eq_steps or nl_steps), answer
-
-
-def _turn_text(turns: Any, role: str, field_name: str) -> str:
-    """The content of the last ``role`` turn of a list of chat messages."""
-    if not isinstance(turns, list) or not all(isinstance(t, Mapping) for t in turns):
-        raise DataError("expected a list of {role, content} messages", field=field_name)
-    found = [t.get("content") for t in turns if t.get("role") == role]
-    if not found:
-        raise DataError(f"no {role!r} message", field=field_name)
-    if not isinstance(found[-1], str):
-        raise DataError(f"the last {role!r} message's content is not a string", field=field_name)
-    return found[-1]
-
-
-def map_messages(record: Record) -> dict[str, Any]:
-    """TRL's conversational layout ``{"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}``:
-    the question is the last user message; the last assistant message is the CoT, the answer
-    marker and the answer (:func:`split_solution`)."""
-    messages = _field(record, "messages")
-    question = _turn_text(messages, "user", "messages")
-    steps, answer = split_solution(_turn_text(messages, "assistant", "messages"), "messages")
-    return {"question": question, "steps": steps, "answer": answer}
-
-
-def map_prompt_completion(record: Record) -> dict[str, Any]:
-    """TRL's prompt-completion layout: ``prompt`` (the question; text or a list of messages) and
-    ``completion`` (CoT, answer marker and answer; text or a list of messages)."""
-    prompt, completion = _field(record, "prompt"), _field(record, "completion")
-    question = prompt if isinstance(prompt, str) else _turn_text(prompt, "user", "prompt")
-    text = completion if isinstance(completion, str) else _turn_text(completion, "assistant", "completion")
-    steps, answer = split_solution(text, "completion")
-    return {"question": question, "steps": steps, "answer": answer}
-
-
-def map_auto(record: Record) -> dict[str, Any]:
-    """A record's layout recognised by its fields: ``messages``; ``prompt`` + ``completion``;
-    ``question`` + a text ``answer`` holding ``####`` and no ``steps`` (GSM8k raw); else kava's
-    schema (question, steps, answer), whose checks name what is missing."""
-    if not isinstance(record, Mapping):
-        raise DataError(f"expected a record (object), got {type(record).__name__}")
-    if "messages" in record:
-        return map_messages(record)
-    if "prompt" in record and "completion" in record:
-        return map_prompt_completion(record)
-    if "steps" not in record and isinstance(record.get("answer"), str) and "####" in record["answer"]:
-        return map_gsm8k(record)
-    if not {"question", "answer", "steps"} & set(record):
-        raise DataError(f"unknown record layout (fields: {', '.join(map(str, record)) or 'none'}); expected question/steps/"
-                        "answer, messages, prompt/completion, or GSM8k's question/answer with '#### N'")
-    return dict(record)
-
-
-def map_gsm_hard(record: Record) -> dict[str, Any]:
-    """reasoning-machines/gsm-hard: input (question), target (a float); no steps."""
-    return {"question": _field(record, "input"), "steps": [],
-            "answer": answer_text(_field(record, "target"), field_name="target")}
-
-
-def map_svamp(record: Record) -> dict[str, Any]:
-    """ChilleD/SVAMP: question = Body + " " + Question, answer = Answer (any field case).
-
-    Falls back to ``question_concat`` when Body/Question are absent; no steps.
-    """
-    keys = {k.lower(): k for k in record} if isinstance(record, Mapping) else {}
-    body_key, question_key, answer_key = keys.get("body"), keys.get("question"), keys.get("answer")
-    if question_key is not None:
-        parts = [_text(record, body_key)] if body_key is not None else []
-        parts.append(_text(record, question_key))
-        question = " ".join(p.strip() for p in parts if p.strip())
-    elif "question_concat" in keys:
-        question = _text(record, keys["question_concat"])
-    else:
-        raise DataError("missing", field="Question")
-    if answer_key is None:
-        raise DataError("missing", field="Answer")
-    return {"question": question, "steps": [], "answer": answer_text(record[answer_key], field_name=answer_key)}
-
-
-def map_multiarith(record: Record) -> dict[str, Any]:
-    """ChilleD/MultiArith (question, final_ans); also the original layout
-    (sQuestion, lSolutions) and question/answer; no steps."""
-    question = _field(record, "question", "sQuestion", "Question")
-    if "final_ans" in record:
-        answer = record["final_ans"]
-        name = "final_ans"
-    elif "lSolutions" in record:
-        solutions = record["lSolutions"]
-        if not isinstance(solutions, list) or not solutions:
-            raise DataError("expected a non-empty list of numbers", field="lSolutions")
-        answer, name = solutions[0], "lSolutions"
-    else:
-        answer, name = _field(record, "final_ans", "answer", "Answer"), "answer"
-    return {"question": question, "steps": [], "answer": answer_text(answer, field_name=name)}
 
 
 # --------------------------------------------------------------------------- registry
@@ -452,121 +297,6 @@ class LoadReport:
     errors: list[str] = field(default_factory=list)
 
 
-Located = tuple[str, Any]  # (where, record or DataError)
-
-
-MAX_RECORD_BYTES = 1 << 20  # a JSONL line (one record) longer than 1 MiB is refused, not read
-_MAX_DEPTH = 32  # JSON nested deeper than this is not a record
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """A JSON object that refuses a key given twice (``json`` keeps the last silently)."""
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise DataError(f"duplicate key {key!r} in one object", field=key)
-        out[key] = value
-    return out
-
-
-def _depth_ok(obj: Any, limit: int = _MAX_DEPTH) -> bool:
-    stack = [(obj, 1)]
-    while stack:
-        value, depth = stack.pop()
-        if isinstance(value, (dict, list)):
-            if depth > limit:
-                return False
-            stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
-    return True
-
-
-def _loads(text: str, where: str) -> Any:
-    """One JSON value; every failure a :class:`DataError` at ``where`` (invalid JSON, a duplicate
-    key, nesting beyond :data:`_MAX_DEPTH`, an integer Python refuses to read)."""
-    try:
-        value = json.loads(text, object_pairs_hook=_unique_keys)
-    except json.JSONDecodeError as err:
-        raise DataError(f"invalid JSON: {err.msg} (line {err.lineno}, column {err.colno})", where=where) from None
-    except DataError as err:
-        raise err.at(where) from None
-    except RecursionError:
-        raise DataError(f"JSON nested too deeply (more than {_MAX_DEPTH} levels)", where=where) from None
-    except ValueError as err:  # e.g. an integer of over 4,300 digits
-        raise DataError(f"unreadable JSON value ({str(err).split(';')[0]})", where=where) from None
-    if not _depth_ok(value):
-        raise DataError(f"JSON nested too deeply (more than {_MAX_DEPTH} levels)", where=where)
-    return value
-
-
-def _read_jsonl(path: Path) -> Iterator[Located]:
-    with path.open("rb") as f:
-        lineno = 0
-        while True:
-            raw = f.readline(MAX_RECORD_BYTES + 1)
-            if not raw:
-                break
-            lineno += 1
-            where = f"{path}:{lineno}"
-            if len(raw) > MAX_RECORD_BYTES and not raw.endswith(b"\n"):
-                while raw and not raw.endswith(b"\n"):  # skip the rest of the line unread
-                    raw = f.readline(MAX_RECORD_BYTES)
-                yield where, DataError(f"line longer than {MAX_RECORD_BYTES} bytes: not one record", where=where)
-                continue
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                yield where, DataError(f"not UTF-8 text (byte {err.start} of the line)", where=where)
-                continue
-            if not line.strip():
-                continue
-            try:
-                yield where, _loads(line, where)
-            except DataError as err:
-                yield where, err
-
-
-def _read_json(path: Path) -> Iterator[Located]:
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise DataError(f"not UTF-8 text (byte {err.start})", where=str(path)) from None
-    if not text.strip():
-        raise DataError("empty file: expected a list of records", where=str(path))
-    data = _loads(text, str(path))
-    if isinstance(data, Mapping) and isinstance(data.get("data"), list):
-        data = data["data"]
-    if not isinstance(data, list):
-        raise DataError("expected a list of records or an object with a 'data' list", where=str(path))
-    for i, record in enumerate(data, start=1):
-        yield f"{path}:record {i}", record
-
-
-def _read_parquet(path: Path) -> Iterator[Located]:
-    import pyarrow
-    import pyarrow.parquet as pq
-
-    i = 0
-    try:
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-            for record in batch.to_pylist():
-                i += 1
-                yield f"{path}:record {i}", record
-    except (pyarrow.ArrowException, OSError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise DataError(f"not a readable Parquet file ({first})", where=f"{path}:record {i + 1}") from None
-
-
-def _read_file(path: Path) -> Iterator[Located]:
-    if not path.is_file():
-        raise FileNotFoundError(f"no such data file: {path}")
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        return _read_jsonl(path)
-    if suffix == ".json":
-        return _read_json(path)
-    if suffix == ".parquet":
-        return _read_parquet(path)
-    raise DataError(f"unsupported file type {suffix!r}; use one of {', '.join(FILE_SUFFIXES)}", where=str(path))
 
 
 def _hub_rows(hub_id: str, config: str | None, split: str, streaming: bool, cache_dir: str | None = None) -> Iterable[Record]:
@@ -675,7 +405,7 @@ def _stream(
             )
         if options:
             raise DataError("options apply to generated datasets only, not to files", where=source)
-        examples = _examples(_read_file(path), _resolve_mapper(fmt), on_error, report)
+        examples = _examples(read_file(path), _resolve_mapper(fmt), on_error, report)
     return _limited(iter(examples), limit)
 
 

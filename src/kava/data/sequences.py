@@ -85,7 +85,7 @@ class TextEncoder:
         self.bot_id = tokenizer.convert_tokens_to_ids(BOT)
         self.eot_id = tokenizer.convert_tokens_to_ids(EOT)
         if self.bot_id == tokenizer.unk_token_id or self.eot_id == tokenizer.unk_token_id:
-            raise SequenceError("the tokenizer lacks <bot>/<eot>; call kava.modeling.add_latent_tokens first")
+            raise SequenceError("the tokenizer lacks <bot>/<eot>; call kava.model.adapters.add_latent_tokens first")
         probe = tokenizer("1", add_special_tokens=True).input_ids
         self.bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id] else []
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -26,9 +26,18 @@ from ..config import ConfigError, KavaConfig
 from ..data.loaders import load_data
 from ..data.sequences import TextEncoder, teacher_batch
 from ..io import atomic_write, atomic_write_json
-from ..model.backbone import build_model
+from ..model.checkpoints import build_model
 from .objective import Objective
-from .targets.cache import FORMAT, MANIFEST, TENSORS, TeacherCacheError, compare_settings, check_config, settings, shard_name
+from .targets.cache import (
+    FORMAT,
+    MANIFEST,
+    TENSORS,
+    TeacherCacheError,
+    check_config,
+    compare_settings,
+    settings,
+    shard_name,
+)
 
 log = logging.getLogger("kava.teacher_cache")  # the name its log lines have always had
 
@@ -58,9 +67,6 @@ def extract(
     check_config(cfg)
     if cfg.loss.compression == "none":
         raise ConfigError("config field 'loss.compression': 'none' has no KV targets to extract")
-    if cfg.loss.compression in ("shuffled", "slot_mean", "gaussian", "counterfactual"):
-        raise ConfigError(f"config field 'loss.compression': {cfg.loss.compression!r} makes its targets at training time "
-                          "(from the batch or a counterfactual pass) and cannot be extracted")
     if shard_size < 1:
         raise ConfigError(f"--shard-size must be >= 1, got {shard_size}")
     if num_shards < 1 or not 0 <= shard < num_shards:

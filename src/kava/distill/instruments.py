@@ -28,9 +28,9 @@ from ..model.teacher import teacher_forward
 from .compression import SELECTORS, RKVSelector, batch_moments, compress_cache, get_selector, partners
 from .objective import Objective
 
-INDEX_SELECTORS = tuple(n for n in SELECTORS if n not in ("mean_pool", "shuffled", "counterfactual") and not get_selector(n).builds_entries)
+INDEX_SELECTORS = tuple(n for n in SELECTORS if get_selector(n).index_based)
 """The selectors whose kept positions :func:`selector_keeps` reports (the others keep no positions
-of the example's own cache, or the same ones as ``rkv``)."""
+of the example's own cache, or read another teacher pass)."""
 
 
 class _Eval:

@@ -30,9 +30,8 @@ from ..data.sequences import Encoded, latent_count, student_batch, teacher_batch
 from ..model.backbone import KavaModel
 from ..model.latent import LatentState, PrefixCache, cache_span, encode_prefix, final_pass, positions, run_latents
 from ..model.teacher import TeacherOutput, rope_at, teacher_forward, undo_rope
-from .compression import Compressed, compress_cache, get_selector
-from .targets import Request, Student, TargetSource, TeacherSet, Terms, build_source
-
+from .compression import Compressed, compress_cache
+from .targets import Request, Student, TargetSource, TeacherSet, Terms, build_source, check_targets, kv_selector
 
 log = logging.getLogger("kava.train")
 
@@ -97,8 +96,8 @@ class Objective(nn.Module):
         self.model = model
         self.cfg = cfg
         self.pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else model.tokenizer.eos_token_id
-        use_kv = cfg.loss.compression != "none" and cfg.loss.alpha_kv > 0
-        self.selector = get_selector(cfg.loss.compression, cfg.loss.lam) if use_kv else None
+        check_targets(cfg)
+        self.selector = kv_selector(cfg)
         self.generator = torch.Generator().manual_seed(cfg.train.seed)
         # Where the targets come from: the own teacher pass, an offline cache (``loss.teacher_cache``)
         # or other teachers (``teachers.models``).

@@ -144,10 +144,9 @@ def evaluate_checkpoint(checkpoint: str | Path, overrides=(), modes: list[str] |
     files of :func:`evaluate` and ``results.json`` (the metrics and their provenance);
     returns the results and the folder they were written to.
     """
-    from ..config import ConfigError, _deep_merge, config_from_dict, parse_overrides
+    from ..config import ConfigError, config_from_dict, deep_merge, parse_overrides
     from ..data.loaders import load_data
-    from ..model.backbone import checkpoint_config, load_checkpoint
-    from ..model.checkpoints import find_checkpoint
+    from ..model.checkpoints import checkpoint_config, find_checkpoint, load_checkpoint
 
     for mode in modes or ():
         if mode not in MODES:
@@ -159,7 +158,7 @@ def evaluate_checkpoint(checkpoint: str | Path, overrides=(), modes: list[str] |
     extra = parse_overrides(list(overrides))
     trust = bool(extra.get("model", {}).get("trust_remote_code", False)) if isinstance(extra.get("model"), dict) else False
     stored = checkpoint_config(ckpt, trust)
-    cfg = config_from_dict(_deep_merge(stored.to_dict(), extra))
+    cfg = config_from_dict(deep_merge(stored.to_dict(), extra))
     eval_examples = load_data(cfg, "eval")
     model = load_checkpoint(ckpt, trust_remote_code=cfg.model.trust_remote_code)
     model.cfg = cfg
@@ -179,7 +178,7 @@ def evaluate_pretrained(name_or_path: str, config: str | Path | None = None, ove
     refused); ``out``: default ``runs/eval/<model name>/<data>-<split>[-<limit>]``."""
     from ..config import ConfigError, load_config
     from ..data.loaders import load_data
-    from ..model.backbone import build_model
+    from ..model.checkpoints import build_model
 
     modes = modes or ["cot", "nocot"]
     check_output_folder(Path(out) if out else Path("runs") / "eval" / Path(name_or_path.rstrip("/")).name, "--out")

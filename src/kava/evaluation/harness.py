@@ -80,7 +80,7 @@ class KavaLM(LM):
         replies: list[str | None] = [None] * len(requests)
         groups: dict[int | None, list[int]] = {}  # requests with the same token cap are batched together
         for i, req in enumerate(requests):
-            context, gen_kwargs = req.args[0], dict(req.args[1] or {})
+            gen_kwargs = dict(req.args[1] or {})
             if gen_kwargs.get("do_sample") or float(gen_kwargs.get("temperature", 0.0) or 0.0) > 0:
                 raise ValueError("kava model: decoding is greedy; set do_sample: false and temperature: 0 in the task's generation_kwargs")
             groups.setdefault(gen_kwargs.get("max_gen_toks"), []).append(i)

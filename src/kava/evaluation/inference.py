@@ -20,8 +20,8 @@ import torch
 from ..answers import GRADERS, extract_number, format_number
 from ..data.schema import Example
 from ..data.sequences import TextEncoder
-from ..model.backbone import KavaModel, load_checkpoint
-from ..model.checkpoints import find_checkpoint
+from ..model.backbone import KavaModel
+from ..model.checkpoints import find_checkpoint, load_checkpoint
 from .decode import generate, graded_text, hit_cap
 
 # Public mode names -> the decoder's: "latent" is the student (latent tokens, then the answer).

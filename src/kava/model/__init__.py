@@ -1,6 +1,7 @@
 """Model layer: the backbone and what kava adds to it (``<bot>``/``<eot>``, LoRA, the latent
-projection), the synthetic tokenizer, the teacher pass and the latent (student) passes, and
-checkpoints. Imports only ``kava.data`` and kava's core modules."""
+projection: ``backbone``), the synthetic tokenizer, the teacher pass and the latent (student)
+passes, checkpoints (``checkpoints`` alone reads and writes them; ``files`` reads weight files
+safely). Imports only ``kava.data`` and kava's core modules."""
 
 from .adapters import add_latent_tokens, apply_adapter, fast_trainable_tokens, tied_embeddings
 from .backbone import (
@@ -8,14 +9,8 @@ from .backbone import (
     KavaModel,
     LatentProjection,
     architecture_differences,
-    build_model,
-    check_init_from,
     find_smollm2_gguf,
     load_backbone,
-    resolve_init_from,
-    load_checkpoint,
-    load_weights,
-    plain_base_state,
     quantization_config,
     resolve_dtype,
     wrap_backbone,
@@ -27,13 +22,21 @@ from .checkpoints import (
     CONFIG_FILE,
     KAVA_WEIGHTS,
     WEIGHTS_FILE,
-    ModelLoadError,
+    build_model,
+    check_init_from,
     checkpoint_layout,
     checkpoint_tensors,
     find_checkpoint,
     latest_checkpoint,
+    load_checkpoint,
+    load_weights,
+    plain_base_state,
+    resolve_init_from,
+    save_checkpoint,
+    start_backbone,
     weight_files,
 )
+from .files import ModelLoadError
 from .latent import LatentState, PrefixCache, cache_span, encode_prefix, final_pass, positions, run_latents
 from .recompute import enable_checkpointing
 from .teacher import TeacherOutput, capture_answer_queries, teacher_forward
@@ -79,6 +82,8 @@ __all__ = [
     "quantization_config",
     "resolve_dtype",
     "run_latents",
+    "save_checkpoint",
+    "start_backbone",
     "teacher_forward",
     "tied_embeddings",
     "weight_files",

@@ -8,7 +8,8 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..data.sequences import BOT, EOT
-from .checkpoints import ModelLoadError
+from .files import ModelLoadError
+
 
 def add_latent_tokens(tokenizer, model, mean_resizing: bool = True) -> tuple[int, int]:
     """Add ``<bot>``/``<eot>`` to the tokenizer and grow the embeddings; returns their ids.

@@ -21,8 +21,8 @@ from safetensors.torch import save_file
 
 from ..config import KavaConfig
 from ..io import OutputError, atomic_replace_dir, check_output_folder
-from .backbone import load_checkpoint, quiet_transformers
-from .checkpoints import CONFIG_FILE, KAVA_WEIGHTS, STATE_JSON, find_checkpoint
+from .checkpoints import CONFIG_FILE, KAVA_WEIGHTS, STATE_JSON, find_checkpoint, load_checkpoint
+from .files import quiet_transformers
 
 log = logging.getLogger("kava.export")
 

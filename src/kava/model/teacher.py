@@ -11,8 +11,8 @@ import torch
 from transformers import DynamicCache
 
 from .. import losses
-from .latent import PrefixCache, cache_span, positions
 from .backbone import KavaModel
+from .latent import PrefixCache, cache_span, positions
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -149,7 +149,7 @@ def find_batch(cfg, max_batch: int) -> dict:
     from ..data.loaders import load_data
     from ..data.sequences import TextEncoder
     from ..distill.objective import Objective
-    from ..model.backbone import build_model
+    from ..model.checkpoints import build_model
     from .env import pick_mixed_precision
 
     if cfg.data.train_limit == 0 and cfg.data.train in ("synthetic", "synthetic-nl"):

@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import os
-import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -36,12 +35,31 @@ from ..data.loaders import load_data
 from ..data.schema import Example
 from ..data.sequences import Encoded, TextEncoder
 from ..distill.objective import Objective, metric_floats
+from ..distill.targets import check_targets
 from ..evaluation.evaluator import eval_modes, evaluate
 from ..io import append_line, atomic_replace_dir, atomic_write_json
-from ..model.backbone import KavaModel, build_model, load_weights
-from ..model.checkpoints import CHECKPOINT_RE, STATE_JSON, ModelLoadError, check_shapes, latest_checkpoint, read_tensors
+from ..model.backbone import KavaModel
+from ..model.checkpoints import (
+    CHECKPOINT_RE,
+    STATE_JSON,
+    build_model,
+    latest_checkpoint,
+    load_weights,
+    write_checkpoint,
+)
+from ..model.files import ModelLoadError, check_shapes, read_tensors
 from .env import pick_mixed_precision
-from .rundir import check_resume_config, claim_run_folder, prune_checkpoints
+from .optim import make_optimizer, param_groups
+from .probes import probe_kv_cosine, record_instruments, record_selector_keeps
+from .rundir import (
+    check_resume_config,
+    claim_run_folder,
+    prune_checkpoints,
+    read_status,
+    write_failed_start,
+    write_failed_status,
+)
+from .signals import RaiseOnSignal, Stopped, StopSignal
 from .state import load_trainer_state, save_trainer_state
 from .tracking import start_trackers, tracker_names
 
@@ -107,6 +125,7 @@ def train(cfg: KavaConfig, resume: bool = False) -> dict:
     ``train.overwrite_output_dir``, stops with one line. ``result["signal"]`` is set when a
     SIGINT/SIGTERM stopped the run (the command exits with 128 + that number)."""
     tracker_names(cfg)  # a missing tracker package is refused before the folder is touched
+    check_targets(cfg)  # and a selector its target source cannot serve
     # The folder set_up will write to (under train.output_root / $KAVA_OUTPUT_ROOT), locked first.
     folder = under_output_root(cfg.train.output_dir, cfg.train.output_root)
     with claim_run_folder(folder, resume, cfg.train.overwrite_output_dir,
@@ -130,17 +149,17 @@ def _train(cfg: KavaConfig, resume: bool, clear_previous=lambda: None) -> dict:
         run = set_up(cfg)
     except BaseException as e:
         if not resume and _is_global_rank_zero():  # a fresh start that never began says why (a resumed run keeps its status)
-            _write_failed_start(under_output_root(cfg.train.output_dir, cfg.train.output_root), e)
+            write_failed_start(under_output_root(cfg.train.output_dir, cfg.train.output_root), e)
         raise
     if resume:
         resume_from(run)
-    previous = _read_status(run.out) if run.main and resume else None  # (a finished run's, kept if this fails)
+    previous = read_status(run.out) if run.main and resume else None  # (a finished run's, kept if this fails)
     clear_previous()  # --overwrite: only now, with config, data, init_from and model all checked
     open_run_folder(run)
     try:
         run.started = time.perf_counter()
         bar = tqdm(total=run.max_steps, initial=run.step, desc=f"train[{tc.mode}]", disable=not (run.main and tc.progress), dynamic_ncols=True)
-        with _StopSignal() as stop:
+        with StopSignal() as stop:
             if run.step == 0 and run.main and not run.fsdp:
                 record_selector_keeps(run)  # before the first update: the model the run starts from
             run.wrapped.train()
@@ -183,7 +202,8 @@ def _train(cfg: KavaConfig, resume: bool, clear_previous=lambda: None) -> dict:
 
 
 def finish(run: Run, ckpt: Path, result: dict) -> None:
-    """The work after the last checkpoint: the KV probe and the evaluation at the end. A
+    """The work after the last checkpoint (with ``train.eval_at_end``): the KV probe, the
+    instruments and the evaluation at the end. A
     SIGINT/SIGTERM now stops it at once (the checkpoint is saved): the run is then
     ``interrupted`` with its ``signal``, and ``kava eval`` can evaluate the checkpoint."""
     tc = run.cfg.train
@@ -192,69 +212,29 @@ def finish(run: Run, ckpt: Path, result: dict) -> None:
     if run.fsdp and tc.eval_at_end and run.main:
         log.info("FSDP: skipping the evaluation at the end; run `kava eval --checkpoint %s`", ckpt)
     try:
-        with _RaiseOnSignal():
-            if run.main and tc.mode == "kava" and not run.fsdp:
+        with RaiseOnSignal():
+            if tc.eval_at_end and run.main and tc.mode == "kava" and not run.fsdp:  # measurements, like the evaluation
                 probe_kv_cosine(run)
                 record_instruments(run)
             if tc.eval_at_end and run.main and run.eval_examples and not run.fsdp:
                 result["eval"] = evaluate_model(run, run.out)
-    except _Stopped as stop:
+    except Stopped as stop:
         log.warning("signal %d received during the final evaluation: stopped; checkpoint %s is saved, "
                     "evaluate it with `kava eval --checkpoint %s`", stop.signum, ckpt, ckpt)
         result.update(state="interrupted", signal=stop.signum,
                       note=f"stopped during the final evaluation; run `kava eval --checkpoint {ckpt}`")
 
 
-def _read_status(folder: Path) -> dict | None:
-    """The run folder's ``status.json`` as a mapping, or None (absent, unreadable or not one)."""
-    path = Path(folder) / "status.json"
-    if path.is_symlink() or not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) and isinstance(data.get("step", 0), int) else None
-
-
 def mark_failed(run: Run, error: BaseException) -> None:
     """``status.json`` says ``failed`` with the error's first line and the last checkpoint."""
-    lines = str(error).strip().splitlines()
-    text = f"{type(error).__name__}: {lines[0] if lines else ''}".strip().rstrip(":")[:500]
-    try:
-        last = latest_checkpoint(run.out)
-    except ModelLoadError:  # a damaged newest checkpoint: the error being raised matters more
-        last = None
-    status = {"state": "failed", "step": run.step, "max_steps": run.max_steps, "error": text,
-              "checkpoint": str(last) if last else None, "failed_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    try:
-        atomic_write_json(run.out / "status.json", status)
-    except OSError as e:  # a full disk, say: the error being raised matters more
-        log.error("could not mark %s failed: %s", run.out, e)
-
-
-def _write_failed_start(folder: Path, error: BaseException) -> None:
-    """A ``status.json`` saying why a fresh start failed before any work, in a folder that holds no run
-    yet: an existing run's files (an ``--overwrite`` that could not start) stay as they were."""
-    if (folder / "status.json").exists() or (folder / "status.json").is_symlink():
-        return
-    lines = str(error).strip().splitlines()
-    text = f"{type(error).__name__}: {lines[0] if lines else ''}".strip().rstrip(":")[:500]
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(folder / "status.json", {"state": "failed", "step": 0, "error": text, "checkpoint": None,
-                                                   "failed_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
-    except OSError as e:
-        log.error("could not mark %s failed: %s", folder, e)
+    write_failed_status(run.out, error, run.step, run.max_steps)
 
 
 def set_up(cfg: KavaConfig) -> Run:
     """Accelerator, seed, data, model, objective, optimizer and schedule, as configured."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration, set_seed
     from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
-
-    from accelerate.utils import ProjectConfiguration
 
     tc = cfg.train
     trackers = tracker_names(cfg)  # a missing tracker package fails here, before anything loads
@@ -306,7 +286,7 @@ def set_up(cfg: KavaConfig) -> Run:
         "report_to": trackers,
     }
     warmup = tc.warmup_steps or int(tc.warmup_ratio * max_steps)
-    optimizer = make_optimizer(_param_groups(objective, cfg), tc.lr, tc.weight_decay, fused=tc.fused_optimizer)
+    optimizer = make_optimizer(param_groups(objective, cfg), tc.lr, tc.weight_decay, fused=tc.fused_optimizer)
     if tc.lr_schedule == "cosine":
         scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, max_steps)
     else:
@@ -514,7 +494,7 @@ def save_checkpoint(run: Run) -> Path:
         source = run.objective.source
 
         def build(tmp: Path) -> None:
-            run.model.write_to(tmp, state)
+            write_checkpoint(run.model, tmp, state)
             if source.state_file:
                 # Training state of the source's trained parts (the student does not need them).
                 save_file({k: v.detach().cpu().contiguous() for k, v in source.state_dict().items()},
@@ -554,64 +534,6 @@ def evaluate_model(run: Run, out_dir: Path) -> dict:
     return res
 
 
-def probe_kv_cosine(run: Run) -> None:
-    """One example's teacher-student KV cosine per layer and slot, ``kv_cosine.json`` (for
-    `kava report`'s heatmap). Run as a batch of a few (the shuffled control takes its
-    targets from another example)."""
-    objective = run.objective
-    examples = run.eval_examples[:8]
-    if examples and not objective.source.covers([ex.source_id for ex in examples]):
-        log.info("kv probe skipped: the offline teacher cache holds training examples only, not the evaluation examples "
-                 "(the live teacher is not what this student was distilled towards)")
-        return
-    probe = [run.encoder.encode(ex) for ex in examples] if examples else run.encoded[:8]
-    grid = objective.kv_cosine_grid(probe) if len(probe) >= 2 or objective.cfg.loss.compression != "shuffled" else None
-    if grid is not None:
-        atomic_write_json(run.out / "kv_cosine.json", grid)
-
-
-def _instrument_examples(run: Run) -> tuple[list, bool] | None:
-    """The first ``eval.instrument_examples`` evaluation examples encoded (``held_out``), or training
-    examples when the run loads none; None for kava runs without instruments or with fewer than 2."""
-    cfg = run.cfg
-    if cfg.train.mode != "kava" or not cfg.eval.instruments:
-        return None
-    n = cfg.eval.instrument_examples
-    held_out = bool(run.eval_examples)
-    encs = [run.encoder.encode(ex) for ex in run.eval_examples[:n]] if held_out else run.encoded[:n]
-    return (encs, held_out) if len(encs) >= 2 else None
-
-
-def record_instruments(run: Run) -> None:
-    """Append the logit lens and the KV alignment at this step to ``instruments.jsonl`` (kava runs,
-    ``eval.instruments``), on the examples of :func:`_instrument_examples`."""
-    got = _instrument_examples(run)
-    if got is None:
-        return
-    from ..distill.instruments import measure
-
-    encs, held_out = got
-    row = {"step": run.step, "held_out": held_out, **measure(run.objective, encs)}
-    with (run.out / "instruments.jsonl").open("a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
-def record_selector_keeps(run: Run) -> None:
-    """What each selector keeps of the teacher's cache, written to ``selector_keeps.json`` at step 0,
-    before the first update: the teacher is then the model the run starts from (its
-    ``model.init_from``, e.g. the teacher warm-up), the same for every arm of a sweep."""
-    got = _instrument_examples(run)
-    if got is None:
-        return
-    from ..distill.instruments import measure
-
-    encs, held_out = got
-    keeps = measure(run.objective, encs, keeps=True)["selector_keeps"]
-    atomic_write_json(run.out / "selector_keeps.json", {"step": run.step, "held_out": held_out, "n": len(encs),
-                                                        "run_selector": run.cfg.loss.compression,
-                                                        "teacher": run.cfg.model.init_from or "", "selectors": keeps})
-
-
 # --- helpers -------------------------------------------------------------------------
 
 
@@ -640,104 +562,6 @@ class DataOrder:
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "offset": self.offset}
-
-
-def fused_unsupported(params: list[torch.Tensor]) -> str | None:
-    """Why torch's fused AdamW cannot update ``params`` (a device without its kernel, a
-    non-float parameter), or None when it can."""
-    try:
-        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-
-        devices = set(_get_fused_kernels_supported_devices())
-    except ImportError:  # an older or newer torch without that helper: the two devices known to have it
-        devices = {"cpu", "cuda"}
-    for p in params:
-        if p.device.type not in devices:
-            return f"no fused AdamW kernel for device {p.device.type}"
-        if not torch.is_floating_point(p):
-            return f"a {p.dtype} parameter"
-    return None
-
-
-def make_optimizer(groups: list[dict], lr: float, weight_decay: float, fused: bool = True) -> torch.optim.AdamW:
-    """AdamW over ``groups``: torch's fused kernel when ``fused`` and every parameter allows it
-    (one kernel over all tensors instead of a Python loop over them; the same updates to rounding),
-    else the for-loop AdamW, saying once why. A resumed run keeps the implementation its
-    checkpoint's optimizer state names (torch restores ``fused`` with the param groups)."""
-    if fused:
-        why = fused_unsupported([p for g in groups for p in g["params"]])
-        if why is None:
-            return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=True)
-        log.info("train.fused_optimizer: %s; using the for-loop AdamW", why)
-    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
-
-
-def _param_groups(objective: Objective, cfg: KavaConfig) -> list[dict]:
-    proj_lr = cfg.train.projection_lr or cfg.train.lr
-    groups = {"decay": [], "no_decay": [], "proj_decay": [], "proj_no_decay": []}
-    for name, p in objective.model.named_parameters():
-        if not p.requires_grad:
-            continue
-        proj = name.startswith("projection.")
-        key = ("proj_" if proj else "") + ("decay" if p.ndim >= 2 else "no_decay")
-        groups[key].append(p)
-    # What the target source trains (aligners, layer mixes and the router of other teachers):
-    # no decay (adapters start at the identity).
-    groups["teachers"] = objective.source.trained_parameters()
-    wd = cfg.train.weight_decay
-    spec = [("decay", cfg.train.lr, wd), ("no_decay", cfg.train.lr, 0.0), ("proj_decay", proj_lr, wd), ("proj_no_decay", proj_lr, 0.0),
-            ("teachers", cfg.teachers.adapter_lr or cfg.train.lr, 0.0)]
-    return [{"params": groups[k], "lr": lr, "weight_decay": w} for k, lr, w in spec if groups[k]]
-
-
-class _Stopped(BaseException):
-    """A SIGINT/SIGTERM during the work after the last checkpoint (no step to finish first)."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-
-class _SignalHandlers:
-    """Installs ``self._handle`` for SIGINT/SIGTERM for the duration of a ``with`` block and
-    restores the previous handlers after it."""
-
-    def __init__(self):
-        self._old = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        raise NotImplementedError
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
-class _RaiseOnSignal(_SignalHandlers):
-    """SIGINT/SIGTERM raise :class:`_Stopped` at once (a BaseException, so no handler of
-    ordinary errors swallows it)."""
-
-    def _handle(self, signum, frame):
-        raise _Stopped(signum)
-
-
-class _StopSignal(_SignalHandlers):
-    """Turns SIGINT/SIGTERM into a flag checked between optimizer steps."""
-
-    def __init__(self):
-        super().__init__()
-        self.received: int | None = None
-
-    def _handle(self, signum, frame):
-        self.received = signum
 
 
 def _mean_over_processes(accelerator, values: dict[str, torch.Tensor]) -> dict[str, float]:

@@ -36,9 +36,19 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..config import RESUME_MAY_CHANGE, RESUME_STEP_COUNT, ConfigError, KavaConfig, config_from_dict, load_config, read_yaml, under_output_root
-from ..io import drop_torn_tail
-from ..model.checkpoints import CHECKPOINT_RE
+from ..config import (
+    RESUME_MAY_CHANGE,
+    RESUME_STEP_COUNT,
+    ConfigError,
+    KavaConfig,
+    config_from_dict,
+    load_config,
+    read_yaml,
+    under_output_root,
+)
+from ..io import atomic_write_json, drop_torn_tail
+from ..model.checkpoints import CHECKPOINT_RE, latest_checkpoint
+from ..model.files import ModelLoadError
 
 log = logging.getLogger("kava.train")
 
@@ -318,3 +328,51 @@ def resume_config(path: str | Path | None, overrides: list[str]) -> KavaConfig:
         log.info("--resume: continuing with %s; %s differs from it in %s (the run keeps its own values)",
                  saved, path or "the defaults", ", ".join(ignored))
     return run_cfg
+
+
+# --- status.json ---------------------------------------------------------------------
+
+
+def read_status(folder: Path) -> dict | None:
+    """The run folder's ``status.json`` as a mapping, or None (absent, unreadable or not one)."""
+    path = Path(folder) / "status.json"
+    if path.is_symlink() or not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("step", 0), int) else None
+
+
+def _error_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}".strip().rstrip(":")[:500]
+
+
+def write_failed_status(folder: Path, error: BaseException, step: int, max_steps: int) -> None:
+    """``status.json`` says ``failed`` at ``step`` with the error's first line and the folder's
+    last checkpoint."""
+    try:
+        last = latest_checkpoint(folder)
+    except ModelLoadError:  # a damaged newest checkpoint: the error being raised matters more
+        last = None
+    status = {"state": "failed", "step": step, "max_steps": max_steps, "error": _error_line(error),
+              "checkpoint": str(last) if last else None, "failed_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    try:
+        atomic_write_json(Path(folder) / "status.json", status)
+    except OSError as e:  # a full disk, say: the error being raised matters more
+        log.error("could not mark %s failed: %s", folder, e)
+
+
+def write_failed_start(folder: Path, error: BaseException) -> None:
+    """A ``status.json`` saying why a fresh start failed before any work, in a folder that holds no run
+    yet: an existing run's files (an ``--overwrite`` that could not start) stay as they were."""
+    if (folder / "status.json").exists() or (folder / "status.json").is_symlink():
+        return
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(folder / "status.json", {"state": "failed", "step": 0, "error": _error_line(error),
+                                                   "checkpoint": None, "failed_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    except OSError as e:
+        log.error("could not mark %s failed: %s", folder, e)

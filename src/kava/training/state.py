@@ -1,6 +1,6 @@
 """Training state in safetensors + JSON: optimizer, scheduler, RNG and data position.
 
-The model itself is saved by :meth:`kava.model.KavaModel.save`; this module adds what a
+The model itself is saved by :func:`kava.model.checkpoints.save_checkpoint`; this module adds what a
 bit-exact resume needs. Nothing is pickled.
 """
 
@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from ..model.checkpoints import STATE_JSON, STATE_TENSORS, ModelLoadError, read_tensors
-
+from ..model.checkpoints import STATE_JSON, STATE_TENSORS
+from ..model.files import ModelLoadError, read_tensors
 
 
 def optimizer_to_flat(opt_state: dict) -> tuple[dict[str, torch.Tensor], dict]:

@@ -28,12 +28,9 @@ TRACKERS: dict[str, tuple[str, str]] = {
 
 
 def tracker_names(cfg: KavaConfig) -> list[str]:
-    """The trackers a run reports to (``train.report_to``, plus ``tensorboard`` under the older
-    ``train.tensorboard=true``), each checked to import."""
+    """The trackers a run reports to (``train.report_to``), each checked to import."""
     tc = cfg.train
     names = [n.strip() for n in tc.report_to.split(",") if n.strip() not in ("", "none")]
-    if tc.tensorboard and "tensorboard" not in names:
-        names.append("tensorboard")
     for name in names:
         module, install = TRACKERS[name]
         try:

@@ -7,11 +7,17 @@ index-based selectors on one layer; :func:`compress_cache` compresses every laye
 
 from __future__ import annotations
 
-from typing import Callable
+import importlib
+import pkgutil
 
 import torch
 
-from .base import Compressed, ScoreSelector, Selector, gather_slots, top_budget
+# The selector modules, imported in the order their names are listed (R-KV first); any other
+# module of this package is imported after them, so a new selector is one new file.
+# isort: off
+from . import rkv, rkv_pooled, positional, pooled, shuffled, content  # noqa: F401
+# isort: on
+from .base import SELECTORS, Compressed, ScoreSelector, Selector, SelectRequest, gather_slots, register, top_budget
 from .content import CounterfactualSelector, OracleSelector
 from .pooled import MeanPoolSelector
 from .positional import FirstSelector, LastSelector, RandomSelector, StrideSelector
@@ -19,33 +25,18 @@ from .rkv import RKVSelector, attention_importance, redundancy_scores, rkv_score
 from .rkv_pooled import RKVPooledSelector, pooled_attention_importance, retained_redundancy, rkv_pooled_scores
 from .shuffled import GaussianSelector, ShuffledSelector, SlotMeanSelector, batch_moments, partners
 
-SELECTORS: dict[str, Callable[[float], Selector]] = {
-    "rkv": lambda lam: RKVSelector(lam=lam),
-    "rkv_pooled": lambda lam: RKVPooledSelector(lam=lam),
-    "attention": lambda lam: RKVSelector(lam=1.0, name="attention"),
-    "redundancy": lambda lam: RKVSelector(lam=0.0, name="redundancy"),
-    "right_crop": lambda lam: FirstSelector(),
-    "last": lambda lam: LastSelector(),
-    "stride": lambda lam: StrideSelector(),
-    "random": lambda lam: RandomSelector(),
-    "mean_pool": lambda lam: MeanPoolSelector(),
-    "shuffled": lambda lam: ShuffledSelector(lam=lam),
-    "slot_mean": lambda lam: SlotMeanSelector(lam=lam),
-    "gaussian": lambda lam: GaussianSelector(lam=lam),
-    "counterfactual": lambda lam: CounterfactualSelector(lam=lam),
-    "oracle": lambda lam: OracleSelector(lam=lam),
-}
-"""Every selector by name. ``none`` (no KV loss) is handled by the objective, not here.
-``rkv`` is R-KV as the KaVa paper describes it (softmax over the CoT of the answer attention
-averaged over a GQA group, plus ``softmax(-mean cosine)``), the selection kava's experiments use;
-``rkv_pooled`` is R-KV as its authors' reference code computes it (max over the group's logits,
-attention max-pooled over 7 neighbouring keys, the latest of near-copies kept, the softmax of mean
-similarity subtracted): the R-KV paper's own method, for a user who means the authors' selection.
-``shuffled``, ``slot_mean`` and ``gaussian`` make an example's targets from the rest of its batch
-(:meth:`Selector.across_batch`); ``counterfactual`` selects on a counterfactual teacher pass;
-``oracle`` keeps the result tokens."""
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 METHODS = ("none", *SELECTORS)
+"""``loss.compression``: ``none`` (no KV loss, handled by the objective) or a selector of
+:data:`SELECTORS`. ``rkv`` is R-KV as the KaVa paper describes it (softmax over the CoT of the
+answer attention averaged over a GQA group, plus ``softmax(-mean cosine)``), the selection kava's
+experiments use; ``rkv_pooled`` is R-KV as its authors' reference code computes it (max over the
+group's logits, attention max-pooled over 7 neighbouring keys, the latest of near-copies kept, the
+softmax of mean similarity subtracted): the R-KV paper's own method. ``shuffled``, ``slot_mean``
+and ``gaussian`` make an example's targets from the rest of its batch; ``counterfactual`` selects
+on a counterfactual teacher pass; ``oracle`` keeps the result tokens."""
 
 
 def get_selector(method: str, lam: float = 0.1) -> Selector:
@@ -87,9 +78,9 @@ def select(
     selector = get_selector(method, lam)
     if not isinstance(selector, ScoreSelector) or selector.builds_entries:
         raise ValueError(f"method {method!r} builds new entries and has no indices; use compress_cache")
-    extra = {"token_types": token_types} if selector.needs_token_types else {}
-    indices, valid = selector.select(keys, queries, cot_mask, answer_mask, budget, generator, **extra)
-    if getattr(selector, "shuffle_batch", False):
+    types = token_types if selector.needs_token_types else None
+    indices, valid = selector.select(SelectRequest(keys, None, queries, cot_mask, answer_mask, budget, generator, types))
+    if selector.whole_batch:
         partner, ok = partners(source_ids, indices.shape[0], indices.device)
         indices, valid = _exchange(indices, 0, partner), _exchange(valid, 0, partner) & ok[:, None, None]
     return indices, valid
@@ -130,12 +121,12 @@ def compress_cache(
     fold = lambda t: t.reshape(n_layers * b, *t.shape[2:])  # noqa: E731
     rep = lambda m: None if m is None else m.repeat(n_layers, 1)  # noqa: E731
     q = fold(queries) if queries is not None and selector.needs_queries else None
-    extra = {}
+    types = None
     if selector.needs_token_types:
         if token_types is None:
             raise ValueError(f"the {selector.name} selector needs the teacher batch's token types")
-        extra["token_types"] = rep(token_types[:, lo:hi])
-    c = selector.compress(fold(keys), fold(values), q, rep(cot_mask), rep(answer_mask), budget, generator, **extra)
+        types = rep(token_types[:, lo:hi])
+    c = selector.compress(SelectRequest(fold(keys), fold(values), q, rep(cot_mask), rep(answer_mask), budget, generator, types))
     unfold = lambda t: None if t is None else t.reshape(n_layers, b, *t.shape[1:])  # noqa: E731
     indices = unfold(c.indices)
     if indices is not None and lo:
@@ -145,7 +136,16 @@ def compress_cache(
 
 
 __all__ = [
+    "FirstSelector",
+    "LastSelector",
+    "MeanPoolSelector",
+    "RandomSelector",
+    "RKVSelector",
+    "ShuffledSelector",
+    "StrideSelector",
     "Compressed",
+    "SelectRequest",
+    "register",
     "CounterfactualSelector",
     "GaussianSelector",
     "METHODS",

@@ -1,9 +1,11 @@
 """The core abstraction of teacher-cache compression.
 
 A *selector* turns the chain-of-thought part of a teacher's KV-cache into ``budget``
-entries per KV head. Most selectors score every cached position and keep the top
+entries per KV head, asked by a :class:`SelectRequest`. Most selectors score every cached position and keep the top
 ``budget`` of them (:class:`ScoreSelector`); a few build new entries instead (mean
-pooling) or take another example's entries (the shuffled negative control).
+pooling) or take another example's entries (the shuffled negative control). Each selector is
+one class in one module of this package, registered by name with :func:`register`, and declares
+its capabilities (:class:`Selector`).
 
 Shapes (one layer, or several layers folded into the batch dimension):
 
@@ -15,7 +17,8 @@ Shapes (one layer, or several layers folded into the batch dimension):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Callable
 
 import torch
 
@@ -32,68 +35,106 @@ class Compressed:
     indices: torch.Tensor | None = None  # [B, H_kv, M] long, None for pooled entries
 
 
+@dataclass
+class SelectRequest:
+    """What a selector is asked to compress (shapes in the module docstring): one layer's cache,
+    or several layers folded into the batch dimension, and where its CoT and answer are."""
+
+    keys: torch.Tensor  # [B, H_kv, N, d]
+    values: torch.Tensor | None  # [B, H_kv, N, d]; None when only indices are asked for
+    queries: torch.Tensor | None  # [B, H_q, A, d], None unless the selector needs_queries
+    cot_mask: torch.Tensor  # [B, N] bool
+    answer_mask: torch.Tensor | None  # [B, A] bool
+    budget: int
+    generator: torch.Generator | None = None
+    token_types: torch.Tensor | None = None  # [B, N], given to selectors that need_token_types
+
+
 class Selector:
     """Base class: compress a teacher cache to ``budget`` entries per KV head.
 
-    Flags a selector may set: ``needs_token_types`` (its ``compress`` takes the teacher batch's
-    ``token_types [B, N]``, see :data:`kava.data.sequences.TOKEN_TYPES`), ``builds_entries``
-    (its targets are not entries of the example's own cache, so it has no indices to give), and
-    :meth:`across_batch` for targets made from the other examples of the batch.
+    A selector declares what it can do and needs; every check of a config, a teacher cache, an
+    extraction or an instrument derives from these, never from a list of names:
+
+    * ``needs_queries``: it reads the teacher's queries at the answer positions;
+    * ``needs_token_types``: it reads the teacher batch's ``token_types [B, N]``
+      (:data:`kava.data.sequences.TOKEN_TYPES`), so it serves the student's own teacher only;
+    * ``builds_entries``: its targets are not entries of the example's own cache, so it has no
+      indices to give;
+    * ``whole_batch``: its targets are made from the other examples of the batch
+      (:meth:`across_batch`), so it needs two examples a batch and cannot be cached;
+    * ``second_pass``: its targets come from a second teacher pass (run by its target source,
+      :mod:`kava.distill.targets`), so it serves the student's own teacher only and cannot be cached.
     """
 
     name: str = ""
     needs_queries: bool = False
     needs_token_types: bool = False
     builds_entries: bool = False
+    whole_batch: bool = False
+    second_pass: bool = False
+
+    @property
+    def cacheable(self) -> bool:
+        """Whether its targets can be extracted once and read back (``kava teacher extract``,
+        ``loss.teacher_cache``): per example, from the plain teacher pass alone."""
+        return not (self.whole_batch or self.second_pass or self.needs_token_types)
+
+    @property
+    def own_teacher_only(self) -> bool:
+        """Whether it needs the student's own teacher (not ``teachers.models``)."""
+        return self.second_pass or self.needs_token_types
+
+    @property
+    def index_based(self) -> bool:
+        """Whether it keeps entries of each example's own cache, with indices to compare."""
+        return not (self.builds_entries or self.whole_batch or self.second_pass)
 
     def across_batch(self, c: Compressed, source_ids: list[str] | None, generator: torch.Generator | None) -> Compressed:
         """The batch's targets ``[L, B, H_kv, M, d]`` after every example was compressed on its
-        own: the identity, except for the controls that mix examples."""
+        own: the identity, except for the selectors that are ``whole_batch``."""
         return c
 
-    def compress(
-        self,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        queries: torch.Tensor | None,
-        cot_mask: torch.Tensor,
-        answer_mask: torch.Tensor | None,
-        budget: int,
-        generator: torch.Generator | None = None,
-    ) -> Compressed:
+    def compress(self, r: SelectRequest) -> Compressed:
         raise NotImplementedError
 
 
 class ScoreSelector(Selector):
     """Selectors that score each CoT position and keep the ``budget`` best, in time order."""
 
-    def score(
-        self,
-        keys: torch.Tensor,
-        queries: torch.Tensor | None,
-        cot_mask: torch.Tensor,
-        answer_mask: torch.Tensor | None,
-        budget: int,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
+    def score(self, r: SelectRequest) -> torch.Tensor:
         """Return float scores ``[B, H_kv, N]``; positions outside the CoT are ignored."""
         raise NotImplementedError
 
-    def select(
-        self,
-        keys: torch.Tensor,
-        queries: torch.Tensor | None,
-        cot_mask: torch.Tensor,
-        answer_mask: torch.Tensor | None,
-        budget: int,
-        generator: torch.Generator | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = self.score(keys, queries, cot_mask, answer_mask, budget, generator).float()
-        return top_budget(scores, cot_mask, budget)
+    def select(self, r: SelectRequest) -> tuple[torch.Tensor, torch.Tensor]:
+        return top_budget(self.score(r).float(), r.cot_mask, r.budget)
 
-    def compress(self, keys, values, queries, cot_mask, answer_mask, budget, generator=None):
-        indices, valid = self.select(keys, queries, cot_mask, answer_mask, budget, generator)
-        return Compressed(gather_slots(keys, indices), gather_slots(values, indices), valid, indices)
+    def compress(self, r: SelectRequest) -> Compressed:
+        indices, valid = self.select(r)
+        return Compressed(gather_slots(r.keys, indices), gather_slots(r.values, indices), valid, indices)
+
+
+SELECTORS: dict[str, Callable[[float], Selector]] = {}
+"""Every selector by name, as a factory ``lam -> Selector`` (``lam``: ``loss.lam``); filled by
+:func:`register` as the selector modules are imported."""
+
+
+def register(name: str, factory: Callable[[float], Selector] | None = None):
+    """Add a selector under ``name``: ``register(name, factory)``, or as a class decorator
+    (``@register("rkv")``), which builds ``cls(lam=lam)`` when the class has a ``lam`` field and
+    ``cls()`` otherwise."""
+
+    def add(made):
+        if name in SELECTORS:
+            raise ValueError(f"a selector named {name!r} is already registered")
+        if isinstance(made, type):
+            takes_lam = "lam" in {f.name for f in fields(made)}
+            SELECTORS[name] = (lambda lam: made(lam=lam)) if takes_lam else (lambda lam: made())
+        else:
+            SELECTORS[name] = made
+        return made
+
+    return add if factory is None else add(factory)
 
 
 def top_budget(scores: torch.Tensor, cot_mask: torch.Tensor, budget: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Compressed, Selector, cot_rank
+from .base import Compressed, Selector, SelectRequest, cot_rank, register
 
 
 def chunk_ids(cot_mask: torch.Tensor, budget: int) -> torch.Tensor:
@@ -21,13 +21,16 @@ def chunk_ids(cot_mask: torch.Tensor, budget: int) -> torch.Tensor:
     return ids.masked_fill(~cot_mask, -1)
 
 
+@register("mean_pool")
 @dataclass
 class MeanPoolSelector(Selector):
     """The "full" baseline: mean-pool the whole CoT cache into ``budget`` contiguous chunks."""
 
     name: str = "mean_pool"
+    builds_entries = True
 
-    def compress(self, keys, values, queries, cot_mask, answer_mask, budget, generator=None):
+    def compress(self, r: SelectRequest) -> Compressed:
+        keys, values, cot_mask, budget = r.keys, r.values, r.cot_mask, r.budget
         b, h, n, d = keys.shape
         ids = chunk_ids(cot_mask, budget)  # [B, N]
         onehot = torch.nn.functional.one_hot(ids.clamp_min(0), budget).to(keys.dtype)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import NEG_INF, ScoreSelector
+from .base import NEG_INF, ScoreSelector, SelectRequest, register
 
 
 def attention_importance(
@@ -89,6 +89,7 @@ def rkv_scores(
     return score
 
 
+@register("rkv")
 @dataclass
 class RKVSelector(ScoreSelector):
     """R-KV eviction as the KaVa paper describes it: ``lam`` weighs answer attention against key
@@ -102,5 +103,9 @@ class RKVSelector(ScoreSelector):
     def needs_queries(self) -> bool:  # type: ignore[override]
         return self.lam > 0
 
-    def score(self, keys, queries, cot_mask, answer_mask, budget, generator=None):
-        return rkv_scores(keys, queries, cot_mask, answer_mask, self.lam)
+    def score(self, r: SelectRequest) -> torch.Tensor:
+        return rkv_scores(r.keys, r.queries, r.cot_mask, r.answer_mask, self.lam)
+
+
+register("attention", lambda lam: RKVSelector(lam=1.0, name="attention"))  # R-KV's importance term alone
+register("redundancy", lambda lam: RKVSelector(lam=0.0, name="redundancy"))  # R-KV's redundancy term alone

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import NEG_INF, ScoreSelector
+from .base import NEG_INF, ScoreSelector, SelectRequest, register
 
 KERNEL = 7
 THRESHOLD = 0.5
@@ -98,6 +98,7 @@ def rkv_pooled_scores(keys: torch.Tensor, queries: torch.Tensor | None, cot_mask
     return score
 
 
+@register("rkv_pooled")
 @dataclass
 class RKVPooledSelector(ScoreSelector):
     """R-KV's selection as its authors' reference code computes it (see this module); ``rkv`` is
@@ -113,5 +114,5 @@ class RKVPooledSelector(ScoreSelector):
     def needs_queries(self) -> bool:  # type: ignore[override]
         return self.lam > 0
 
-    def score(self, keys, queries, cot_mask, answer_mask, budget, generator=None):
-        return rkv_pooled_scores(keys, queries, cot_mask, answer_mask, self.lam, self.kernel, self.threshold)
+    def score(self, r: SelectRequest) -> torch.Tensor:
+        return rkv_pooled_scores(r.keys, r.queries, r.cot_mask, r.answer_mask, self.lam, self.kernel, self.threshold)

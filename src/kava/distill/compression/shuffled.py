@@ -14,10 +14,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Compressed
+from .base import Compressed, register
 from .rkv import RKVSelector
 
 
+@register("shuffled")
 @dataclass
 class ShuffledSelector(RKVSelector):
     """R-KV selection whose targets are then taken from another example of the batch.
@@ -27,7 +28,7 @@ class ShuffledSelector(RKVSelector):
     """
 
     name: str = "shuffled"
-    shuffle_batch = True
+    whole_batch = True
 
     def across_batch(self, c, source_ids, generator):
         partner, ok = partners(source_ids, c.valid.shape[1], c.valid.device)
@@ -59,6 +60,7 @@ def _shared(valid: torch.Tensor) -> torch.Tensor:
     return valid & (valid.sum(1, keepdim=True) >= 2)
 
 
+@register("slot_mean")
 @dataclass
 class SlotMeanSelector(RKVSelector):
     """R-KV selection, then every example's targets replaced by the batch mean per layer, KV
@@ -68,6 +70,7 @@ class SlotMeanSelector(RKVSelector):
 
     name: str = "slot_mean"
     builds_entries = True
+    whole_batch = True
 
     def across_batch(self, c, source_ids, generator):
         _need_two(c, self.name)
@@ -76,6 +79,7 @@ class SlotMeanSelector(RKVSelector):
         return Compressed(mk.expand_as(c.keys).contiguous(), mv.expand_as(c.values).contiguous(), _shared(c.valid), None)
 
 
+@register("gaussian")
 @dataclass
 class GaussianSelector(RKVSelector):
     """R-KV selection, then every example's targets replaced by Gaussian noise with the batch's
@@ -84,6 +88,7 @@ class GaussianSelector(RKVSelector):
 
     name: str = "gaussian"
     builds_entries = True
+    whole_batch = True
 
     def across_batch(self, c, source_ids, generator):
         _need_two(c, self.name)

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from ...config import KavaConfig
+from ...config import ConfigError, KavaConfig
+from ..compression import Selector, get_selector
 from .base import Request, Student, Target, TargetSource, Terms, direct_terms
 from .cache import OfflineCache, TeacherCache, TeacherCacheError
 from .counterfactual import CounterfactualPass
@@ -28,13 +29,48 @@ SOURCES: dict[str, Callable[..., TargetSource]] = {
 """Every target source by name; each is built as ``SOURCES[name](model, cfg)``."""
 
 
+def kv_selector(cfg: KavaConfig) -> Selector | None:
+    """The run's selector (``loss.compression``), or None when the run has no KV loss."""
+    if cfg.loss.compression == "none" or cfg.loss.alpha_kv <= 0:
+        return None
+    return get_selector(cfg.loss.compression, cfg.loss.lam)
+
+
+def _needs(sel: Selector) -> str:
+    """What ``sel`` reads besides its example's own cache, in words (from its capabilities)."""
+    parts = ["the rest of its batch"] * sel.whole_batch + ["a second teacher pass"] * sel.second_pass
+    parts += ["the teacher batch's token types"] * sel.needs_token_types
+    return " and ".join(parts)
+
+
+def check_targets(cfg: KavaConfig) -> None:
+    """Stop, naming the field, where the run's selector cannot be served by the target source
+    the config asks for; every rule derives from the selector's declared capabilities
+    (:class:`kava.distill.compression.Selector`)."""
+    sel = kv_selector(cfg)
+    if sel is None:
+        return
+    name = cfg.loss.compression
+    if sel.whole_batch and cfg.train.batch_size < 2:
+        raise ConfigError(f"config field 'train.batch_size': the {name} selector makes an example's targets from the "
+                          "rest of its batch and needs at least 2 examples per batch")
+    if cfg.loss.teacher_cache and not sel.cacheable:
+        raise ConfigError(f"config field 'loss.compression': {name!r} reads {_needs(sel)} and cannot be read from "
+                          "loss.teacher_cache")
+    if cfg.teachers.models and sel.own_teacher_only:
+        raise ConfigError(f"config field 'loss.compression': {name!r} reads {_needs(sel)} of the student's own "
+                          "teacher; it cannot be combined with teachers.models")
+
+
 def source_name(cfg: KavaConfig) -> str:
     """The source a run's config asks for: ``teachers`` when ``teachers.models`` is set,
-    ``cache`` when ``loss.teacher_cache`` is, ``counterfactual`` for that control, else ``self`` (and always ``self`` outside
+    ``cache`` when ``loss.teacher_cache`` is, ``counterfactual`` for a selector that reads a second
+    teacher pass, else ``self`` (and always ``self`` outside
     ``train.mode=kava``, where no targets are used)."""
     if cfg.train.mode != "kava":
         return OwnPass.name
-    if cfg.loss.compression == "counterfactual" and cfg.loss.alpha_kv > 0:
+    sel = kv_selector(cfg)
+    if sel is not None and sel.second_pass:
         return CounterfactualPass.name
     if cfg.teachers.models:
         return TeacherSet.name
@@ -58,6 +94,8 @@ __all__ = [
     "Student",
     "Target",
     "TargetSource",
+    "check_targets",
+    "kv_selector",
     "TeacherCache",
     "TeacherCacheError",
     "TeacherSet",

@@ -22,7 +22,7 @@ import torch
 
 from ... import losses
 from ...config import ConfigError, KavaConfig
-from ..compression import Compressed
+from ..compression import Compressed, get_selector
 from .base import Request, Target, TargetSource
 
 MANIFEST = "manifest.json"
@@ -105,8 +105,9 @@ def check_config(cfg: KavaConfig) -> None:
     """Settings that offline caches cannot serve."""
     if cfg.curriculum.enabled:
         raise ConfigError("config field 'curriculum.enabled': curriculum stages are not supported with offline teacher caches")
-    if cfg.loss.compression == "shuffled":
-        raise ConfigError("config field 'loss.compression': 'shuffled' takes another example of the batch and cannot be cached")
+    if cfg.loss.compression != "none" and not get_selector(cfg.loss.compression, cfg.loss.lam).cacheable:
+        raise ConfigError(f"config field 'loss.compression': {cfg.loss.compression!r} makes its targets from more than the "
+                          "example's own teacher pass (the batch, a second pass or its token types) and cannot be cached")
 
 
 class TeacherCache:

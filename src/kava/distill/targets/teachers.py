@@ -22,8 +22,9 @@ from torch import nn
 from ... import losses
 from ...config import ConfigError, KavaConfig, ModelConfig, TeacherModelConfig
 from ...data.sequences import Encoded, TextEncoder, teacher_batch, to_device
-from ...model.backbone import KavaModel, build_model, load_checkpoint
-from ...model.checkpoints import CONFIG_FILE, ModelLoadError, latest_checkpoint
+from ...model.backbone import KavaModel
+from ...model.checkpoints import CONFIG_FILE, build_model, latest_checkpoint, load_checkpoint
+from ...model.files import ModelLoadError
 from ...model.teacher import teacher_forward
 from ..align import KVShape, TeacherAligner
 from ..compression import Compressed
@@ -139,10 +140,6 @@ class TeacherSet(TargetSource, nn.Module):
                              tc.temperature, tc.entropy_weight)
 
     # --- batches -------------------------------------------------------------------------
-    @property
-    def uses_caches(self) -> bool:
-        return any(c is not None for c in self.caches)
-
     def covers(self, source_ids: list[str]) -> bool:
         return all(c.covers(source_ids) for c in self.caches if c is not None)
 

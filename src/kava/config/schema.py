@@ -1,66 +1,18 @@
-"""Typed configuration: defaults -> YAML file -> ``key=value`` command-line overrides.
-
-Every field carries help text (``metadata["help"]``); ``__post_init__`` validates and names
-the offending field. The resolved configuration is saved as YAML beside every run.
-"""
+"""The configuration's sections, one dataclass each, and :class:`KavaConfig`, everything a run
+needs. Every field carries help text (``metadata["help"]``); each ``__post_init__`` validates
+and names the offending field."""
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import os
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import yaml
 
-from .names import CODI_LOSSES, COMPRESSION_METHODS, KV_LOSSES
-
-
-def _f(default: Any, help: str, **kw: Any) -> Any:
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
-
-
-class ConfigError(ValueError):
-    """A bad configuration value; the message names the field."""
-
-
-OUTPUT_ROOT_ENV = "KAVA_OUTPUT_ROOT"
-
-# What a resume may change: where the run is, how it logs, saves and evaluates, what it
-# evaluates on. None of them changes the weights a step computes. A field ending in "." is a
-# section (every field of it). train.max_steps and train.epochs may change too under a constant
-# schedule whose warm-up does not scale with them (RESUME_STEP_COUNT). Checked by
-# kava.training.rundir.check_resume_config.
-RESUME_MAY_CHANGE = ("train.output_dir", "train.output_root", "train.overwrite_output_dir", "train.num_threads",
-                     "train.log_every", "train.save_every", "train.eval_every", "train.eval_at_end", "train.progress",
-                     "train.report_to", "train.project", "train.run_name", "train.tensorboard", "train.save_total_limit",
-                     "model.cache_dir", "data.cache_dir", "data.eval", "data.eval_split", "data.eval_limit", "eval.")
-RESUME_STEP_COUNT = ("train.max_steps", "train.epochs")
-
-
-def under_output_root(path: str | Path, root: str = "") -> Path:
-    """Where an output folder goes: ``path`` itself when absolute; else under ``root`` (a config's
-    ``train.output_root``), else under ``$KAVA_OUTPUT_ROOT``, else the current directory. The
-    config wins over the environment, the environment over the default."""
-    path = Path(path).expanduser()
-    base = root or os.environ.get(OUTPUT_ROOT_ENV, "")
-    return path if path.is_absolute() or not base else Path(base).expanduser() / path
-
-
-def _check(cond: bool, name: str, msg: str) -> None:
-    if not cond:
-        raise ConfigError(f"config field '{name}': {msg}")
-
-
-def _choice(value: Any, name: str, choices: typing.Iterable[Any]) -> None:
-    choices = tuple(choices)
-    _check(value in choices, name, f"{value!r} is not one of {', '.join(map(str, choices))}")
+from ..names import CODI_LOSSES, COMPRESSION_METHODS, KV_LOSSES
+from .fields import OUTPUT_ROOT_ENV, _check, _choice, _f
+from .limits import LimitsConfig, check_limits
 
 
 @dataclass
@@ -306,7 +258,6 @@ class TrainConfig:
     report_to: str = _f("none", "experiment trackers through accelerate, comma-separated: tensorboard, wandb, mlflow, or none")
     project: str = _f("kava", "tracker project: the wandb project, MLflow experiment, TensorBoard subfolder of RUN/logs")
     run_name: str = _f("", "tracker run name (empty: the run folder's name)")
-    tensorboard: bool = _f(False, "same as adding tensorboard to report_to (kept for older configs)")
     progress: bool = _f(True, "show a progress bar")
     save_total_limit: int = _f(0, "keep only the newest N checkpoints in output_dir (0: keep all)")
     overwrite_output_dir: bool = _f(False, "start a new run in an output_dir that holds another run's files, deleting them (without it such a start is refused; --resume continues instead)")
@@ -354,60 +305,6 @@ class EvalConfig:
         _check(self.instrument_examples >= 2, "eval.instrument_examples", "must be >= 2 (the KV alignment pairs examples)")
 
 
-def physical_memory_bytes() -> int:
-    """The machine's RAM in bytes (0: unknown)."""
-    try:
-        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
-    except (ValueError, OSError, AttributeError):
-        return 0
-
-
-@dataclass
-class LimitsConfig:
-    """Sanity bounds, checked with the rest of the config before anything is loaded or built. A
-    value beyond one is refused naming both; raise the bound (``limits.NAME=VALUE``) if you mean it."""
-
-    max_batch_size: int = _f(4096, "largest train.batch_size, train.effective_batch, eval.batch_size, "
-                                   "eval.instrument_examples")
-    max_steps: int = _f(10_000_000, "largest train.max_steps (and steps of train.epochs)")
-    max_epochs: float = _f(10_000.0, "largest train.epochs")
-    max_latents: int = _f(1024, "largest latent.num_latents")
-    max_iterations: int = _f(256, "largest latent.iterations")
-    max_width: int = _f(16384, "largest hidden, head, MLP, LoRA, projection and router width of a model")
-    max_layers: int = _f(256, "largest model.tiny.num_layers")
-    max_positions: int = _f(131072, "largest model.tiny.max_position_embeddings")
-    max_tokens: int = _f(32768, "largest data.max_question_tokens, data.max_cot_tokens, eval.max_new_tokens, "
-                                "eval.max_cot_tokens")
-    max_examples: int = _f(10_000_000, "largest data.synthetic_train_size and data.synthetic_test_size")
-    max_threads: int = _f(1024, "largest train.num_threads")
-    memory_fraction: float = _f(0.9, "a model built in code whose rough training footprint (weights, AdamW state, "
-                                     "activations) exceeds this fraction of the machine's RAM is refused "
-                                     "(0: no memory check)")
-
-    def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            _check(getattr(self, f.name) >= 0, f"limits.{f.name}", "must be >= 0")
-
-
-def _bounded(value: float, bound: float, name: str, limit: str) -> None:
-    shown = (lambda v: f"{v:,}" if isinstance(v, int) else f"{v:g}")  # noqa: E731
-    _check(value <= bound, name, f"{shown(value)} is beyond the sanity bound limits.{limit}={shown(bound)} "
-                                 f"(set limits.{limit}=N to raise it if you mean it)")
-
-
-def tiny_footprint_bytes(t: TinyModelConfig, batch: int, positions: int, passes: int) -> int:
-    """A rough lower estimate of training a model built in code: float32 weights, gradients and
-    AdamW's two moments (16 bytes a parameter), and the activations of ``passes`` forward passes
-    over ``batch`` sequences of ``positions`` tokens kept for the backward pass."""
-    head = t.head_dim or t.hidden_size // max(t.num_heads, 1)
-    vocab = 512  # the synthetic tokenizers hold fewer
-    layer = t.hidden_size * head * (2 * t.num_heads + 2 * t.num_kv_heads) + 3 * t.hidden_size * t.intermediate_size
-    params = t.num_layers * layer + 2 * vocab * t.hidden_size
-    per_token = 8 * t.hidden_size + 2 * t.intermediate_size + t.num_heads * positions
-    acts = passes * batch * positions * t.num_layers * per_token
-    return 16 * params + 4 * acts
-
-
 @dataclass
 class KavaConfig:
     """Everything a run needs. Load with :func:`load_config`."""
@@ -423,311 +320,22 @@ class KavaConfig:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
 
     def __post_init__(self) -> None:
-        self._check_limits()
-        batch_controls = ("shuffled", "slot_mean", "gaussian")
-        if self.loss.compression in batch_controls:
-            _check(self.train.batch_size >= 2, "train.batch_size", f"the {self.loss.compression} selector needs at least 2 examples per batch")
+        check_limits(self)
+        # What a selector can serve (batch size, caches, other teachers) is checked from its declared
+        # capabilities by kava.distill.targets.check_targets, where the selectors are.
         if self.loss.teacher_cache:
             _check(not self.curriculum.enabled, "curriculum.enabled", "curriculum stages are not supported with offline teacher caches (loss.teacher_cache)")
-            _check(self.loss.compression not in (*batch_controls, "counterfactual", "oracle"), "loss.compression",
-                   f"{self.loss.compression!r} needs the batch or the teacher's tokens and cannot be read from loss.teacher_cache")
         if self.teachers.models:
-            _check(self.loss.compression not in ("counterfactual", "oracle"), "loss.compression",
-                   f"{self.loss.compression!r} reads the student's own teacher; it cannot be combined with teachers.models")
             _check(not self.loss.teacher_cache, "loss.teacher_cache", "offline caches hold the student's own teacher; they cannot be combined with teachers.models")
             _check(self.loss.compression != "none" and self.loss.alpha_kv > 0, "teachers.models",
                    "other teachers give KV targets: set loss.compression and loss.alpha_kv > 0")
         if self.curriculum.enabled:
             _check(self.latent.scheme == "sequential" or self.latent.iterations >= 1, "latent.scheme", "invalid")
 
-    def _check_limits(self) -> None:
-        """Every size and count against :class:`LimitsConfig`, and against each other."""
-        lim, t, d, e, lat = self.limits, self.train, self.data, self.eval, self.latent
-        for name, v in (("train.batch_size", t.batch_size), ("train.effective_batch", t.effective_batch),
-                        ("eval.batch_size", e.batch_size), ("eval.instrument_examples", e.instrument_examples)):
-            _bounded(v, lim.max_batch_size, name, "max_batch_size")
-        _bounded(t.max_steps, lim.max_steps, "train.max_steps", "max_steps")
-        _bounded(t.epochs, lim.max_epochs, "train.epochs", "max_epochs")
-        _bounded(t.num_threads, lim.max_threads, "train.num_threads", "max_threads")
-        _bounded(lat.num_latents, lim.max_latents, "latent.num_latents", "max_latents")
-        _bounded(lat.iterations, lim.max_iterations, "latent.iterations", "max_iterations")
-        for name, v in (("data.max_question_tokens", d.max_question_tokens), ("data.max_cot_tokens", d.max_cot_tokens),
-                        ("eval.max_new_tokens", e.max_new_tokens), ("eval.max_cot_tokens", e.max_cot_tokens)):
-            _bounded(v, lim.max_tokens, name, "max_tokens")
-        for name, v in (("data.synthetic_train_size", d.synthetic_train_size),
-                        ("data.synthetic_test_size", d.synthetic_test_size)):
-            _bounded(v, lim.max_examples, name, "max_examples")
-        for name, v in (("model.lora_r", self.model.lora_r), ("latent.projection_hidden", lat.projection_hidden),
-                        ("teachers.router_hidden", self.teachers.router_hidden)):
-            _bounded(v, lim.max_width, name, "max_width")
-        tinies = [("model.tiny", self.model.tiny)] if self.model.name_or_path == "tiny" else []
-        tinies += [(f"teachers.models[{i}].tiny", m.tiny) for i, m in enumerate(self.teachers.models)
-                   if m.name_or_path == "tiny"]
-        for prefix, tiny in tinies:
-            for name in ("hidden_size", "intermediate_size", "head_dim"):
-                _bounded(getattr(tiny, name), lim.max_width, f"{prefix}.{name}", "max_width")
-            _bounded(tiny.num_layers, lim.max_layers, f"{prefix}.num_layers", "max_layers")
-            _bounded(tiny.max_position_embeddings, lim.max_positions, f"{prefix}.max_position_embeddings",
-                     "max_positions")
-            _check(lat.num_latents + 8 <= tiny.max_position_embeddings, f"{prefix}.max_position_embeddings",
-                   f"{tiny.max_position_embeddings} positions cannot hold latent.num_latents={lat.num_latents} latents "
-                   "with a question and an answer")
-        ram = physical_memory_bytes()
-        if lim.memory_fraction and ram and self.model.name_or_path == "tiny":
-            passes = (lat.num_latents if lat.scheme == "sequential" else lat.iterations) + 2
-            positions = min(self.model.tiny.max_position_embeddings, 64 + lat.num_latents)  # a short example
-            need = tiny_footprint_bytes(self.model.tiny, t.batch_size, positions, passes)
-            _check(need <= lim.memory_fraction * ram, "model.tiny",
-                   f"training this model needs roughly {need / 2**30:,.1f} GiB (hidden_size "
-                   f"{self.model.tiny.hidden_size}, "
-                   f"{self.model.tiny.num_layers} layers, batch {t.batch_size}), more than limits.memory_fraction="
-                   f"{lim.memory_fraction:g} of this machine's {ram / 2**30:,.1f} GiB "
-                   "(set limits.memory_fraction=0 to skip the check)")
-
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def save(self, path: str | Path) -> None:
-        from .io import atomic_write_text
+        from ..io import atomic_write_text
 
         atomic_write_text(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False))
-
-
-# --- building from dicts, YAML and overrides ---------------------------------------------
-
-
-def _convert(value: Any, tp: Any, name: str) -> Any:
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        _check(isinstance(value, dict), name, f"expected a mapping, got {type(value).__name__}")
-        return _from_dict(tp, value, name)
-    if tp is bool:
-        _check(isinstance(value, bool), name, f"expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        _check(isinstance(value, int) and not isinstance(value, bool), name, f"expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        _check(isinstance(value, (int, float)) and not isinstance(value, bool), name, f"expected a number, got {value!r}")
-        _check(math.isfinite(value), name, f"expected a finite number, got {value!r}")
-        return float(value)
-    if tp is str:
-        _check(isinstance(value, (str, int, float)) and not isinstance(value, bool), name, f"expected a string, got {value!r}")
-        return str(value)
-    if origin is list and typing.get_args(tp) and dataclasses.is_dataclass(typing.get_args(tp)[0]):
-        _check(isinstance(value, list), name, f"expected a list of mappings, got {value!r}")
-        out = []
-        for i, v in enumerate(value):
-            try:
-                out.append(_convert(v, typing.get_args(tp)[0], f"{name}[{i}]"))
-            except ConfigError as e:  # a section's own checks say "name[]": name the entry
-                raise ConfigError(str(e).replace(f"'{name}[].", f"'{name}[{i}].")) from None
-        return out
-    if tp is list or origin is list:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        _check(isinstance(value, list), name, f"expected a list, got {value!r}")
-        return list(value)
-    if origin in (typing.Union, types.UnionType):
-        return value
-    return value
-
-
-def _from_dict(cls: type, data: dict, prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in data:
-        _check(key in names, f"{prefix}{'.' if prefix else ''}{key}", f"unknown key; {cls.__name__} has {', '.join(sorted(names))}")
-    kwargs = {}
-    for key, value in data.items():
-        name = f"{prefix}{'.' if prefix else ''}{key}"
-        kwargs[key] = _convert(value, hints[key], name)
-    return cls(**kwargs)
-
-
-def _deep_merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _deep_merge(out[k], v)
-        else:
-            out[k] = v
-    return out
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last)."""
-
-
-def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    loader.flatten_mapping(node)
-    seen: dict = {}
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        try:
-            hash(key)
-        except TypeError:
-            raise yaml.constructor.ConstructorError(None, None, f"a key must be a name, not a {type(key).__name__}",
-                                                    key_node.start_mark) from None
-        if key in seen:
-            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r} (first given on line {seen[key] + 1})",
-                                                    key_node.start_mark)
-        seen[key] = key_node.start_mark.line
-    return loader.construct_mapping(node, deep=deep)
-
-
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
-
-
-MAX_YAML_NODES = 100_000  # values a YAML document may expand to (aliases counted each time they are used)
-MAX_YAML_BYTES = 1 << 20  # a config file larger than 1 MiB is refused
-MAX_BASE_DEPTH = 32  # base: chains deeper than this are refused
-
-
-def _expanded_size(node: yaml.Node, limit: int) -> int:
-    """How many values ``node`` stands for once every alias is expanded (stops past ``limit``);
-    a node that contains itself (a recursive alias) counts as beyond any limit."""
-    sizes: dict[int, int] = {}
-    active: set[int] = set()
-
-    def size(n: yaml.Node) -> int:
-        if id(n) in sizes:
-            return sizes[id(n)]
-        if id(n) in active:
-            return limit + 1  # a cycle
-        active.add(id(n))
-        total = 1
-        children = n.value if isinstance(n, yaml.SequenceNode) else \
-            [c for pair in n.value for c in pair] if isinstance(n, yaml.MappingNode) else []
-        for child in children:
-            total += size(child)
-            if total > limit:
-                break
-        active.discard(id(n))
-        sizes[id(n)] = total
-        return total
-
-    return size(node)
-
-
-def safe_load_yaml(text: str) -> Any:
-    """``yaml.safe_load`` that also refuses duplicate keys (no ``!!python`` tags either), and a
-    document that expands to more than :data:`MAX_YAML_NODES` values or refers to itself (an
-    alias "bomb" or loop) before constructing it."""
-    loader = _UniqueKeyLoader(text)
-    try:
-        node = loader.get_single_node()
-        if node is None:
-            return None
-        if _expanded_size(node, MAX_YAML_NODES) > MAX_YAML_NODES:
-            raise yaml.YAMLError(f"expands to more than {MAX_YAML_NODES:,} values through aliases, or an alias refers "
-                                 "to itself (a YAML alias bomb or loop)")
-        return loader.construct_document(node)
-    finally:
-        loader.dispose()
-
-
-def _yaml_problem(e: yaml.YAMLError) -> str:
-    return str(getattr(e, "problem", None) or e).replace("\n", " ").strip()
-
-
-def parse_overrides(overrides: typing.Sequence[str]) -> dict:
-    """``["train.lr=1e-3", "latent.scheme=sequential"]`` -> nested dict (values parsed as YAML)."""
-    out: dict = {}
-    given: dict[tuple[str, ...], str] = {}
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected key=value, e.g. train.lr=1e-3")
-        key, raw = item.split("=", 1)
-        parts = key.strip().split(".")
-        if not all(parts):
-            raise ConfigError(f"override {item!r}: empty key")
-        for prior_key, prior in given.items():  # the same key twice, or a section and a key inside it
-            n = min(len(prior_key), len(parts))
-            if tuple(parts[:n]) == prior_key[:n]:
-                raise ConfigError(f"override {item!r}: {key.strip()} is also set by {prior!r}; give each key once")
-        given[tuple(parts)] = item
-        try:
-            value = safe_load_yaml(raw) if raw.strip() != "" else ""
-        except (yaml.YAMLError, RecursionError) as e:
-            problem = _yaml_problem(e) if isinstance(e, yaml.YAMLError) else "nested too deeply"
-            raise ConfigError(f"override {item!r}: the value is not valid YAML ({problem})") from None
-        node = out
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: '{p}' is not a section")
-        node[parts[-1]] = value
-    return out
-
-
-def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
-    """A YAML mapping from ``path``, merged over the file its ``base:`` key names (relative to
-    ``path``'s folder). Bad YAML, a duplicate key, a ``base:`` that is not a file name or that
-    leads back to a file already read raise :class:`ConfigError` naming the file (and line)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    if len(_chain) >= MAX_BASE_DEPTH:
-        raise ConfigError(f"{path}: 'base' chain deeper than {MAX_BASE_DEPTH} files (from {_chain[0]})")
-    try:
-        if path.stat().st_size > MAX_YAML_BYTES:
-            raise ConfigError(f"{path}: {path.stat().st_size:,} bytes; a config file is at most {MAX_YAML_BYTES:,}")
-        data = safe_load_yaml(path.read_text(encoding="utf-8")) or {}
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read it ({e.strerror})") from None
-    except RecursionError:
-        raise ConfigError(f"{path}: nested too deeply") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: not valid YAML ({_yaml_problem(e)})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
-    base = data.pop("base", None)
-    if base is not None:
-        if not isinstance(base, str) or not base.strip():
-            raise ConfigError(f"{path}: 'base' must name a YAML file (relative to this one), got {base!r}")
-        here = path.resolve()
-        parent_path = (path.parent / base).resolve()
-        chain = (*_chain, here)
-        if parent_path in chain:
-            loop = " -> ".join(str(p) for p in (*chain, parent_path))
-            raise ConfigError(f"{path}: 'base' goes round in a loop: {loop}")
-        parent = read_yaml(parent_path, chain)
-        data = _deep_merge(parent, data)
-    return data
-
-
-def config_from_dict(data: dict) -> KavaConfig:
-    return _from_dict(KavaConfig, data)
-
-
-def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> KavaConfig:
-    """Defaults, then the YAML file (which may name a ``base:`` file), then overrides."""
-    data = read_yaml(path) if path else {}
-    data = _deep_merge(data, parse_overrides(overrides))
-    return config_from_dict(data)
-
-
-def help_lines(cls: type = KavaConfig, prefix: str = "") -> list[str]:
-    """One ``key (default): help`` line per field, for ``kava config``."""
-    lines = []
-    for f in dataclasses.fields(cls):
-        name = f"{prefix}{f.name}"
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default  # type: ignore[misc]
-        if dataclasses.is_dataclass(default):
-            lines.extend(help_lines(type(default), name + "."))
-            continue
-        lines.append(f"{name} ({default!r}): {f.metadata.get('help', '')}")
-        item = typing.get_args(typing.get_type_hints(cls)[f.name])
-        if item and dataclasses.is_dataclass(item[0]):  # a list of sections: describe one entry
-            lines.extend(help_lines(item[0], name + "[]."))
-    return lines
