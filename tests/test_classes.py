@@ -46,7 +46,9 @@ def test_no_test_question_is_equivalent_to_a_training_question(style):
     assert not {_reference_class(e.question) for e in test} & {_reference_class(e.question) for e in valid}
     # The old testbed's text-disjoint splits do have such pairs (why this one exists).
     old_train = {_reference_class(e.question) for e in generate_products_split("train", 20000, sizes=(2,))}
-    assert sum(_reference_class(e.question) in old_train for e in generate_products_split("test", 600, sizes=(2,))) > 300
+    assert (
+        sum(_reference_class(e.question) in old_train for e in generate_products_split("test", 600, sizes=(2,))) > 300
+    )
 
 
 def test_both_styles_ask_the_same_questions_with_correct_answers():
@@ -86,7 +88,9 @@ def test_verbose_traces_restate_operands_and_end_in_the_result():
             if "*" in inner:  # a product is written in full before its last digit
                 a, b = map(int, inner.split("*"))
                 assert str(a * b) in nl_step
-    wordings = {e.steps[0].split(" ")[0] + str(len(e.steps[0])) for e in generate_classes_split("train", 200, style="verbose")}
+    wordings = {
+        e.steps[0].split(" ")[0] + str(len(e.steps[0])) for e in generate_classes_split("train", 200, style="verbose")
+    }
     assert len(wordings) > 4  # the wording varies from question to question
 
 
@@ -100,8 +104,10 @@ def test_kept_verbose_chain_is_at_least_four_times_the_latents():
         assert tok.unk_token_id not in tok(" ".join(e.steps), add_special_tokens=False)["input_ids"]
         kept.append(len(ids))
     assert sorted(kept)[int(0.05 * len(kept))] >= 4 * 6
-    eq_kept = [len(tok(" ".join(e.steps[:-1]), add_special_tokens=False)["input_ids"])
-               for e in generate_classes_split("train", 2000)]
+    eq_kept = [
+        len(tok(" ".join(e.steps[:-1]), add_special_tokens=False)["input_ids"])
+        for e in generate_classes_split("train", 2000)
+    ]
     assert sum(kept) > 1.8 * sum(eq_kept)  # the verbose traces are the long ones
 
 
@@ -152,7 +158,9 @@ def test_counterfactual_changes_step_results_only(style):
         for i, s in enumerate(cf_eq[n_products:], start=n_products):
             x, y = s[2:-2].split("=")[0].split("+")
             assert int(x) == vals[0 if i == n_products else i - 1]  # the previous (mapped) result
-            assert int(y) == (digits[2] if k == 1 else vals[i - n_products + 1])  # the question's c, or a mapped product
+            assert int(y) == (
+                digits[2] if k == 1 else vals[i - n_products + 1]
+            )  # the question's c, or a mapped product
     assert collisions > 20  # question factors equal to earlier results do occur, and stay
 
 

@@ -22,7 +22,10 @@ def run_python(code: str) -> subprocess.CompletedProcess:
 
 def heavy_after(code: str) -> dict:
     """Run `code`, then report ``{"heavy": [heavy modules loaded], **what code put in OUT}``."""
-    script = f"import sys, json\nOUT = {{}}\n{code}\nOUT['heavy'] = sorted(m for m in {HEAVY!r} if m in sys.modules)\nprint(json.dumps(OUT))"
+    script = (
+        f"import sys, json\nOUT = {{}}\n{code}\n"
+        f"OUT['heavy'] = sorted(m for m in {HEAVY!r} if m in sys.modules)\nprint(json.dumps(OUT))"
+    )
     proc = run_python(script)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -56,8 +59,24 @@ for argv in [(), *commands(kava.cli.build_parser())]:
     out = heavy_after(code)
     assert out["heavy"] == []
     helps = out["help"]
-    expected = {"", "train", "eval", "demo", "config", "data", "data export", "data validate", "data list",
-                "sweep", "report", "env", "teacher", "teacher extract", "export", "lm-eval"}
+    expected = {
+        "",
+        "train",
+        "eval",
+        "demo",
+        "config",
+        "data",
+        "data export",
+        "data validate",
+        "data list",
+        "sweep",
+        "report",
+        "env",
+        "teacher",
+        "teacher extract",
+        "export",
+        "lm-eval",
+    }
     assert set(helps) == expected
     for argv, (rc, text) in helps.items():
         assert rc == 0 and text.startswith("usage: kava"), argv
@@ -103,7 +122,7 @@ import contextlib, io
 import kava.cli
 err = io.StringIO()
 with contextlib.redirect_stderr(err):
-    OUT['rc'] = kava.cli.main(['config', '--show', {str(tmp_path / 'missing.yaml')!r}])
+    OUT['rc'] = kava.cli.main(['config', '--show', {str(tmp_path / "missing.yaml")!r}])
 OUT['err'] = err.getvalue()
 """
     out = heavy_after(code)
@@ -119,7 +138,12 @@ def test_one_line_errors_are_looked_up_among_loaded_modules():
     from kava.data.sequences import SequenceError
 
     found = cli.one_line_errors()
-    assert any(issubclass(FileNotFoundError, c) for c in found) and ConfigError in found and DataError in found and SequenceError in found
+    assert (
+        any(issubclass(FileNotFoundError, c) for c in found)
+        and ConfigError in found
+        and DataError in found
+        and SequenceError in found
+    )
     assert cli.exit_code(ConfigError("x")) == 2 and cli.exit_code(DataError("x")) == 1
     assert not any(issubclass(ValueError, cls) for cls in found)  # a plain ValueError still shows its traceback
 

@@ -78,8 +78,14 @@ def test_rkv_keeps_top_scores_in_time_order():
     assert valid.all()
 
 
-@pytest.mark.parametrize("method", [m for m in SELECTORS if m != "mean_pool" and not get_selector(m).builds_entries
-                                    and not get_selector(m).needs_token_types])
+@pytest.mark.parametrize(
+    "method",
+    [
+        m
+        for m in SELECTORS
+        if m != "mean_pool" and not get_selector(m).builds_entries and not get_selector(m).needs_token_types
+    ],
+)
 def test_padding_and_non_cot_never_kept_and_short_cot_masks_slots(method):
     torch.manual_seed(1)
     b, h, n, d = 3, 2, 9, 4
@@ -141,7 +147,9 @@ def test_mean_pool_averages_contiguous_chunks():
     torch.testing.assert_close(c.keys[0, 0, 0, :, 0], torch.tensor([1.5, 3.5, 5.5]))
     torch.testing.assert_close(c.values[0, 0, 0, :, 0], torch.tensor([-1.5, -3.5, -5.5]))
     # Fewer CoT tokens than slots: one token a slot, the rest invalid.
-    c = compress_cache(get_selector("mean_pool"), keys[None], values[None], None, _mask([[0, 1, 1, 0, 0, 0, 0, 0]]), None, 4)
+    c = compress_cache(
+        get_selector("mean_pool"), keys[None], values[None], None, _mask([[0, 1, 1, 0, 0, 0, 0, 0]]), None, 4
+    )
     assert c.valid[0, 0, 0].tolist() == [True, True, False, False]
     torch.testing.assert_close(c.keys[0, 0, 0, :2, 0], torch.tensor([1.0, 2.0]))
 
@@ -211,13 +219,16 @@ def test_fast_redundancy_equals_the_quadratic_definition():
         assert torch.equal(scored[0][0], scored[1][0]) and torch.equal(scored[0][1], scored[1][1])
 
 
-@pytest.mark.parametrize("ids", [
-    ["a", "b", "c", "d"],
-    ["a", "b", "a", "c"],
-    ["a", "a", "b", "b", "c", "c"],
-    ["x", "y", "x", "x", "z", "y"],
-    ["a", "a", "a", "b", "c", "d"],
-])
+@pytest.mark.parametrize(
+    "ids",
+    [
+        ["a", "b", "c", "d"],
+        ["a", "b", "a", "c"],
+        ["a", "a", "b", "b", "c", "c"],
+        ["x", "y", "x", "x", "z", "y"],
+        ["a", "a", "a", "b", "c", "d"],
+    ],
+)
 def test_shuffled_partners_are_never_the_same_example(ids):
     partner, ok = partners(ids, len(ids))
     assert ok.all()
@@ -236,10 +247,20 @@ def test_shuffled_flags_examples_that_have_no_other_example():
     # Those slots never count in the KV loss: they are invalid.
     keys = torch.randn(1, 2, 1, 5, 2)
     cot = torch.ones(2, 5, dtype=torch.bool)
-    c = compress_cache(get_selector("shuffled"), keys, keys, torch.randn(1, 2, 1, 1, 2), cot, torch.ones(2, 1, dtype=torch.bool), 2,
-                       source_ids=["a", "a"])
+    c = compress_cache(
+        get_selector("shuffled"),
+        keys,
+        keys,
+        torch.randn(1, 2, 1, 1, 2),
+        cot,
+        torch.ones(2, 1, dtype=torch.bool),
+        2,
+        source_ids=["a", "a"],
+    )
     assert not c.valid.any()
-    idx, valid = select("shuffled", keys[0], torch.randn(2, 1, 1, 2), cot, torch.ones(2, 1, dtype=torch.bool), 2, source_ids=["q", "q"])
+    idx, valid = select(
+        "shuffled", keys[0], torch.randn(2, 1, 1, 2), cot, torch.ones(2, 1, dtype=torch.bool), 2, source_ids=["q", "q"]
+    )
     assert not valid.any()
 
 
@@ -258,8 +279,9 @@ def _rkv_pooled_reference(keys, queries, cot_mask, answer_mask, lam, kernel=7, t
         for h in range(h_kv):
             k = keys[i, h, cols].double()
             # importance: max over the group's query heads of the logits, softmax, mean, max-pool
-            logits = torch.stack([torch.stack([queries[i, h * g + j, a].double() @ k.T for a in rows])
-                                  for j in range(g)])
+            logits = torch.stack(
+                [torch.stack([queries[i, h * g + j, a].double() @ k.T for a in rows]) for j in range(g)]
+            )
             probs = torch.softmax(logits.max(0).values / math.sqrt(d), -1).mean(0)  # [C]
             full = torch.zeros(n, dtype=torch.float64)
             full[cols] = probs
@@ -350,4 +372,6 @@ def test_rkv_pooled_never_keeps_padding_and_rkv_is_unchanged():
     assert all(bool(cot[i, idx[i][valid[i]]].all()) for i in range(2))
     sel = get_selector("rkv", 0.1)
     assert type(sel).__name__ == "RKVSelector" and sel.name == "rkv"
-    torch.testing.assert_close(sel.score(SelectRequest(keys, None, queries, cot, ans, 5)), rkv_scores(keys, queries, cot, ans, 0.1))
+    torch.testing.assert_close(
+        sel.score(SelectRequest(keys, None, queries, cot, ans, 5)), rkv_scores(keys, queries, cot, ans, 0.1)
+    )

@@ -68,7 +68,11 @@ def test_every_field_has_help():
     assert any(line.startswith("teachers.models[].cache ") for line in lines)  # entries of a list of sections
 
 
-@pytest.mark.parametrize("path", sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "sweeps" not in p.parts and "accelerate" not in p.parts), ids=str)
+@pytest.mark.parametrize(
+    "path",
+    sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "sweeps" not in p.parts and "accelerate" not in p.parts),
+    ids=str,
+)
 def test_shipped_configs_load(path):
     cfg = load_config(path)
     assert isinstance(cfg, KavaConfig)

@@ -67,7 +67,9 @@ def test_gaussian_matches_the_batch_moments_of_each_entry():
     torch.testing.assert_close(c.keys.std(1), target.std(1), atol=0.15, rtol=0.05)
     assert not torch.allclose(c.keys, target)  # noise, not the examples' own entries
     # Seeded: the same generator state gives the same draw.
-    again = compress_cache(get_selector("gaussian"), keys, values, queries, cot, ans, 2, generator=torch.Generator().manual_seed(0))
+    again = compress_cache(
+        get_selector("gaussian"), keys, values, queries, cot, ans, 2, generator=torch.Generator().manual_seed(0)
+    )
     torch.testing.assert_close(again.keys, c.keys)
 
 
@@ -103,7 +105,15 @@ def test_result_span_and_token_types_of_both_trace_styles():
     tok.add_tokens(["<bot>", "<eot>"], special_tokens=True)
     enc = TextEncoder(tok, DataConfig())
     eq = enc.encode(products_example((3, 4, 5), "eq", "a"))
-    assert [TOKEN_TYPES[t] for t in eq.step_types[0]] == ["open", "digit", "operator", "digit", "equals", "result", "close"]
+    assert [TOKEN_TYPES[t] for t in eq.step_types[0]] == [
+        "open",
+        "digit",
+        "operator",
+        "digit",
+        "equals",
+        "result",
+        "close",
+    ]
     nl = enc.encode(products_example((3, 4, 5), "nl", "a"))
     assert [TOKEN_TYPES[t] for t in nl.step_types[1]] == ["digit", "operator", "digit", "equals", "result", "separator"]
     tb = teacher_batch([eq, nl], enc.pad_id, drop_last_step=True)
@@ -114,8 +124,15 @@ def test_result_span_and_token_types_of_both_trace_styles():
 
 def test_counterfactual_maps_results_and_carries_them_forward():
     shift = {str(i): str((i + 1) % 10) for i in range(10)}
-    assert counterfactual_steps(["<<3*4=2>>", "<<5*6=0>>", "<<2+0=2>>"], shift) == ["<<3*4=3>>", "<<5*6=1>>", "<<3+1=3>>"]
-    assert counterfactual_steps(["3 times 4 is 12.", "12 plus 5 is 17."], shift) == ["3 times 4 is 23.", "23 plus 5 is 28."]
+    assert counterfactual_steps(["<<3*4=2>>", "<<5*6=0>>", "<<2+0=2>>"], shift) == [
+        "<<3*4=3>>",
+        "<<5*6=1>>",
+        "<<3+1=3>>",
+    ]
+    assert counterfactual_steps(["3 times 4 is 12.", "12 plus 5 is 17."], shift) == [
+        "3 times 4 is 23.",
+        "23 plus 5 is 28.",
+    ]
     for s in range(20):
         m = derangement(random.Random(s))
         assert sorted(m.values()) == list("0123456789") and all(k != v for k, v in m.items())
@@ -130,7 +147,10 @@ def _batch_loss(compression, **loss):
     from kava.distill.objective import Objective
     from kava.model.checkpoints import build_model
 
-    cfg = tiny_config(loss={"compression": compression, "drop_last_step": False, **loss}, data={"train": "synthetic-products", "eval": "synthetic-products"})
+    cfg = tiny_config(
+        loss={"compression": compression, "drop_last_step": False, **loss},
+        data={"train": "synthetic-products", "eval": "synthetic-products"},
+    )
     torch.manual_seed(0)
     model = build_model(cfg)
     obj = Objective(model, cfg)
@@ -244,8 +264,11 @@ def test_every_arm_is_scaled_by_the_true_teachers_cot_cache_std(monkeypatch, rop
 def test_each_control_trains_end_to_end(tmp_path, compression):
     from kava.training import train
 
-    cfg = tiny_config(loss={"compression": compression}, data={"train": "synthetic-products", "eval": "synthetic-products"},
-                      train={"output_dir": str(tmp_path / compression), "max_steps": 2})
+    cfg = tiny_config(
+        loss={"compression": compression},
+        data={"train": "synthetic-products", "eval": "synthetic-products"},
+        train={"output_dir": str(tmp_path / compression), "max_steps": 2},
+    )
     result = train(cfg)
     assert result["state"] == "finished" and result["step"] == 2
     assert torch.isfinite(torch.tensor(result["train"]["kv"])) and result["train"]["kv"] > 0

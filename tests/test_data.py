@@ -16,7 +16,8 @@ from kava.answers import parse_number
 from kava.cli.data import register
 from kava.data import loaders, validate_file, write_jsonl
 from kava.data.formats import map_gsm8k, map_gsm8k_aug, map_gsm_hard, map_multiarith, map_svamp
-from kava.data.loaders import REGISTRY, list_datasets, load_examples, load_examples_report
+from kava.data.loaders import load_examples, load_examples_report
+from kava.data.registry import REGISTRY, list_datasets
 from kava.data.schema import (
     DataError,
     Example,
@@ -289,7 +290,10 @@ def test_map_gsm8k() -> None:
 
 def test_map_gsm_hard() -> None:
     assert map_gsm_hard({"input": "Q?", "code": "def f(): ...", "target": 5.0}) == {
-        "question": "Q?", "steps": [], "answer": "5"}
+        "question": "Q?",
+        "steps": [],
+        "answer": "5",
+    }
     assert map_gsm_hard({"input": "Q?", "target": 2.5})["answer"] == "2.5"
     assert map_gsm_hard({"input": "Q?", "target": -1234567.0})["answer"] == "-1234567"
     with pytest.raises(DataError, match="field 'target': missing"):
@@ -297,10 +301,19 @@ def test_map_gsm_hard() -> None:
 
 
 def test_map_svamp() -> None:
-    rec = {"ID": "chal-1", "Body": "Jack had 8 pens.", "Question": "How many pens are left if he gives away 3?",
-           "Equation": "( 8.0 - 3.0 )", "Answer": 5.0, "Type": "Subtraction"}
-    assert map_svamp(rec) == {"question": "Jack had 8 pens. How many pens are left if he gives away 3?",
-                              "steps": [], "answer": "5"}
+    rec = {
+        "ID": "chal-1",
+        "Body": "Jack had 8 pens.",
+        "Question": "How many pens are left if he gives away 3?",
+        "Equation": "( 8.0 - 3.0 )",
+        "Answer": 5.0,
+        "Type": "Subtraction",
+    }
+    assert map_svamp(rec) == {
+        "question": "Jack had 8 pens. How many pens are left if he gives away 3?",
+        "steps": [],
+        "answer": "5",
+    }
     lower = {"body": "Jack had 8 pens.", "question": "How many after 3 go?", "answer": "5"}
     assert map_svamp(lower)["question"] == "Jack had 8 pens. How many after 3 go?"
     assert map_svamp({"question_concat": "Jack had 8 pens. How many?", "Answer": 8})["answer"] == "8"
@@ -311,8 +324,7 @@ def test_map_svamp() -> None:
 
 
 def test_map_multiarith() -> None:
-    assert map_multiarith({"question": " Q? ", "final_ans": "7"}) == {"question": " Q? ", "steps": [],
-                                                                       "answer": "7"}
+    assert map_multiarith({"question": " Q? ", "final_ans": "7"}) == {"question": " Q? ", "steps": [], "answer": "7"}
     assert map_multiarith({"sQuestion": "Q?", "lSolutions": [12.0], "lEquations": ["X=(3*4)"]})["answer"] == "12"
     assert map_multiarith({"question": "Q?", "answer": 3})["answer"] == "3"
     with pytest.raises(DataError, match="field 'final_ans': not a number"):
@@ -323,8 +335,17 @@ def test_map_multiarith() -> None:
 
 def test_registry_lists_every_dataset() -> None:
     names = [spec.name for spec in list_datasets()]
-    for name in ("gsm8k-aug", "gsm8k-aug-nl", "gsm8k", "gsm-hard", "svamp", "multiarith", "synthetic",
-                 "synthetic-nl", "gsm-symbolic"):
+    for name in (
+        "gsm8k-aug",
+        "gsm8k-aug-nl",
+        "gsm8k",
+        "gsm-hard",
+        "svamp",
+        "multiarith",
+        "synthetic",
+        "synthetic-nl",
+        "gsm-symbolic",
+    ):
         assert name in names
     for spec in list_datasets():
         assert (spec.hub_id is None) == (spec.mapper is None) == (spec.generate is not None)
@@ -337,14 +358,18 @@ def fake_hub(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str | None, str
     """Replace the hub download by hand-written rows; records the calls."""
     calls: list[tuple[str, str | None, str, bool]] = []
     rows = {
-        "openai/gsm8k": [{"question": "Q1?", "answer": "1+1=<<1+1=2>>2\n#### 2"},
-                         {"question": "Q2?", "answer": "no final answer"},
-                         {"question": "Q3?", "answer": "#### 3"}],
+        "openai/gsm8k": [
+            {"question": "Q1?", "answer": "1+1=<<1+1=2>>2\n#### 2"},
+            {"question": "Q2?", "answer": "no final answer"},
+            {"question": "Q3?", "answer": "#### 3"},
+        ],
         "whynlp/gsm8k-aug": [{"question": "A?", "steps": ["<<1+2=3>>"], "answer": "3"}],
         "reasoning-machines/gsm-hard": [{"input": "H?", "code": "", "target": 1e7}],
     }
 
-    def fake(hub_id: str, config: str | None, split: str, streaming: bool, cache_dir: str | None = None) -> Iterator[dict[str, Any]]:
+    def fake(
+        hub_id: str, config: str | None, split: str, streaming: bool, cache_dir: str | None = None
+    ) -> Iterator[dict[str, Any]]:
         calls.append((hub_id, config, split, streaming))
         return iter(rows[hub_id])
 

@@ -174,7 +174,9 @@ def test_headline_accuracy_is_strict(tiny, monkeypatch, tmp_path):
         "wrong": (ids("<<7*2=4>> The answer is: 5") + [eos], "4"),
         "marked_cut": (ids("<<1+1=2>> The answer is: 2"), "2"),  # capped right after its answer
     }
-    examples = [Example(question="7*2", steps=("<<7*2=4>>",), answer=gold, source_id=name) for name, (_, gold) in texts.items()]
+    examples = [
+        Example(question="7*2", steps=("<<7*2=4>>",), answer=gold, source_id=name) for name, (_, gold) in texts.items()
+    ]
     gens = [toks for toks, _ in texts.values()]
 
     def fixed(model, encs, mode, cfg):

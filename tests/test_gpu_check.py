@@ -33,10 +33,20 @@ def check():
     return _script("gpu_check")
 
 
-@pytest.mark.parametrize("name, tflops", [
-    ("NVIDIA H200", 989), ("NVIDIA H200 NVL", 835), ("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756),
-    ("NVIDIA H100 NVL", 835), ("NVIDIA A100-SXM4-80GB", 312), ("NVIDIA L40S", 362), ("NVIDIA L40", 181), ("NVIDIA L4", 121),
-])
+@pytest.mark.parametrize(
+    "name, tflops",
+    [
+        ("NVIDIA H200", 989),
+        ("NVIDIA H200 NVL", 835),
+        ("NVIDIA H100 80GB HBM3", 989),
+        ("NVIDIA H100 PCIe", 756),
+        ("NVIDIA H100 NVL", 835),
+        ("NVIDIA A100-SXM4-80GB", 312),
+        ("NVIDIA L40S", 362),
+        ("NVIDIA L40", 181),
+        ("NVIDIA L4", 121),
+    ],
+)
 def test_bf16_peak_by_device_name(bench, name, tflops):
     peak, source = bench.bf16_peak(name)
     assert peak == tflops * 1e12 and source.startswith("table")
@@ -64,8 +74,27 @@ def test_bad_peak_and_decode_batches_are_argument_errors(bench, monkeypatch, cap
 def test_benchmark_decode_batches_batch_search_and_mfu(bench, tmp_path):
     cfg = tiny_config()
     cfg.save(tmp_path / "cfg.yaml")
-    r = bench.main(["--config", str(tmp_path / "cfg.yaml"), "--batch", "3", "--iters", "1", "--warmup", "0", "--device", "cpu",
-                    "--decode-batches", "1,3,5", "--find-batch", "--max-batch", "7", "--peak-tflops", "2"])
+    r = bench.main(
+        [
+            "--config",
+            str(tmp_path / "cfg.yaml"),
+            "--batch",
+            "3",
+            "--iters",
+            "1",
+            "--warmup",
+            "0",
+            "--device",
+            "cpu",
+            "--decode-batches",
+            "1,3,5",
+            "--find-batch",
+            "--max-batch",
+            "7",
+            "--peak-tflops",
+            "2",
+        ]
+    )
     by = r["inference_by_batch"]
     assert list(by) == ["1", "3", "5"] and [by[k]["batch"] for k in by] == [1, 3, 5]
     assert by["3"] is r["inference"]  # the training batch is not decoded twice
@@ -95,8 +124,19 @@ def test_check_without_data_files_is_a_one_line_error(check, tmp_path, monkeypat
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"GGUF")
     monkeypatch.setenv("SMOLLM2_GGUF", str(gguf))
-    rc = check.main(["run", "--parts", "smollm2", "--bundle", str(tmp_path), "--out", str(tmp_path / "out"),
-                     "--work", str(tmp_path / "work")])
+    rc = check.main(
+        [
+            "run",
+            "--parts",
+            "smollm2",
+            "--bundle",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "out"),
+            "--work",
+            str(tmp_path / "work"),
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert rc == 1 and len(err.splitlines()) == 1 and check.TRAIN_FILE in err and "prepare" in err
     # What ran before the error is still written, with the error.
@@ -108,13 +148,27 @@ BUNDLE = Path(os.environ.get("KAVA_BUNDLE", ROOT / ".gpu-bundle"))
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (BUNDLE / "wheels").is_dir(), reason="no bundle: run `bash benchmarks/gpu_check.sh prepare` first")
+@pytest.mark.skipif(
+    not (BUNDLE / "wheels").is_dir(), reason="no bundle: run `bash benchmarks/gpu_check.sh prepare` first"
+)
 def test_smoke_run_end_to_end(tmp_path):
     """Every part of the check at its smallest size (several minutes on 2 cores)."""
     env = {**os.environ, "PYTHON": sys.executable, "KAVA_BUNDLE": str(BUNDLE)}
     env.pop("OUT", None)
-    subprocess.run(["bash", str(ROOT / "benchmarks/gpu_check.sh"), "--smoke", "--out", str(tmp_path / "out"),
-                    "--work", str(tmp_path / "work")], check=True, env=env, cwd=tmp_path)
+    subprocess.run(
+        [
+            "bash",
+            str(ROOT / "benchmarks/gpu_check.sh"),
+            "--smoke",
+            "--out",
+            str(tmp_path / "out"),
+            "--work",
+            str(tmp_path / "work"),
+        ],
+        check=True,
+        env=env,
+        cwd=tmp_path,
+    )
     r = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert r["smoke"] and "error" not in r
     assert set(r["bench"]) == {"nogc", "gc"} and r["bench"]["gc"]["model"]["gradient_checkpointing"]
@@ -133,8 +187,19 @@ def test_gpu_configs_are_the_smollm2_recipes_resized(name):
 
     from kava.config import load_config
 
-    gpu, ref = asdict(load_config(ROOT / f"configs/gpu/{name}.yaml")), asdict(load_config(ROOT / f"configs/smollm2/{name}.yaml"))
-    resized = {("data", "train"), ("data", "eval"), ("train", "max_steps"), ("train", "batch_size"), ("train", "effective_batch"),
-               ("train", "log_every"), ("train", "output_dir"), ("eval", "batch_size")}
+    gpu, ref = (
+        asdict(load_config(ROOT / f"configs/gpu/{name}.yaml")),
+        asdict(load_config(ROOT / f"configs/smollm2/{name}.yaml")),
+    )
+    resized = {
+        ("data", "train"),
+        ("data", "eval"),
+        ("train", "max_steps"),
+        ("train", "batch_size"),
+        ("train", "effective_batch"),
+        ("train", "log_every"),
+        ("train", "output_dir"),
+        ("eval", "batch_size"),
+    }
     differ = {(s, k) for s in ref for k in ref[s] if gpu[s][k] != ref[s][k]}
     assert differ == resized

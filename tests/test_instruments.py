@@ -45,7 +45,9 @@ def test_kv_alignment_of_a_student_that_holds_its_own_targets(setup):
     obj, encs = setup
     with torch.no_grad():
         passes = instruments._passes(obj, encs)
-        target = obj.teacher_targets(passes["teacher"], passes["tb"], None, passes["m"], selector=instruments.RKVSelector(lam=0.1))
+        target = obj.teacher_targets(
+            passes["teacher"], passes["tb"], None, passes["m"], selector=instruments.RKVSelector(lam=0.1)
+        )
         passes["keys"], passes["values"] = target.keys.clone(), target.values.clone()
         a = instruments.kv_alignment(obj, passes)
     assert a["own"] == 0 and a["neighbour"] > 0 and a["slot_mean"] > 0
@@ -62,21 +64,30 @@ def test_selector_keeps_known_shares(setup):
     with torch.no_grad():
         keeps = instruments.selector_keeps(obj, instruments._passes(obj, encs))
     # M = 3: right-crop keeps "<<", the first digit and the operator of the first step.
-    assert keeps["right_crop"]["shares"] == {**{t: 0.0 for t in TOKEN_TYPES}, "open": 0.3333, "digit": 0.3333, "operator": 0.3333}
+    assert keeps["right_crop"]["shares"] == {
+        **{t: 0.0 for t in TOKEN_TYPES},
+        "open": 0.3333,
+        "digit": 0.3333,
+        "operator": 0.3333,
+    }
     assert keeps["right_crop"]["result_recall"] == 0.0
     for name, k in keeps.items():
         if name != "_cot":
             assert sum(k["shares"].values()) == pytest.approx(1.0, abs=1e-3)
-    assert keeps["oracle"]["result_share"] > max(k["result_share"] for n, k in keeps.items() if n not in ("oracle", "_cot"))
+    assert keeps["oracle"]["result_share"] > max(
+        k["result_share"] for n, k in keeps.items() if n not in ("oracle", "_cot")
+    )
 
 
 def test_training_writes_the_instruments(tmp_path):
     from kava.training import train
 
     out = tmp_path / "run"
-    cfg = tiny_config(data={"train": "synthetic-products", "eval": "synthetic-products"},
-                      train={"output_dir": str(out), "max_steps": 2, "eval_every": 1, "eval_at_end": True},
-                      eval={"instrument_examples": 6})
+    cfg = tiny_config(
+        data={"train": "synthetic-products", "eval": "synthetic-products"},
+        train={"output_dir": str(out), "max_steps": 2, "eval_every": 1, "eval_at_end": True},
+        eval={"instrument_examples": 6},
+    )
     train(cfg)
     rows = [json.loads(line) for line in (out / "instruments.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(r["held_out"] and r["n"] == 6 for r in rows)
@@ -96,9 +107,13 @@ def test_without_eval_at_end_the_run_ends_without_probes_or_instruments(tmp_path
     from kava.training import train
 
     out = tmp_path / "run"
-    res = train(tiny_config(data={"train": "synthetic-products", "eval": "synthetic-products"},
-                            train={"output_dir": str(out), "max_steps": 2, "eval_at_end": False},
-                            eval={"instrument_examples": 4}))
+    res = train(
+        tiny_config(
+            data={"train": "synthetic-products", "eval": "synthetic-products"},
+            train={"output_dir": str(out), "max_steps": 2, "eval_at_end": False},
+            eval={"instrument_examples": 4},
+        )
+    )
     assert res["state"] == "finished" and "eval" not in res
     assert not (out / "kv_cosine.json").exists() and not (out / "instruments.jsonl").exists()
     assert (out / "selector_keeps.json").is_file()  # at step 0: what the run starts from, not end-of-run work

@@ -107,7 +107,7 @@ def test_imports_go_round_in_no_circle():
         state[m] = 1
         for t in sorted(graph[m]):
             if state.get(t) == 1:
-                cycle = path[path.index(t):] + [t]
+                cycle = path[path.index(t) :] + [t]
                 raise AssertionError("import circle: " + " -> ".join(cycle))
             if t not in state:
                 visit(t, path + [t])

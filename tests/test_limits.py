@@ -11,8 +11,11 @@ from kava.data.loaders import spread_over_templates, template_of
 
 def _templated(n_templates: int, per: int) -> list[Example]:
     """Grouped by template, as gsm-symbolic draws them: t0's instances, then t1's, ..."""
-    return [Example(f"q{t}-{i}", ("<<1+1=2>>",), "2", f"gsm-symbolic-eng-t{t:04d}-s0-{i}")
-            for t in range(n_templates) for i in range(per)]
+    return [
+        Example(f"q{t}-{i}", ("<<1+1=2>>",), "2", f"gsm-symbolic-eng-t{t:04d}-s0-{i}")
+        for t in range(n_templates)
+        for i in range(per)
+    ]
 
 
 def test_spread_takes_templates_round_robin_in_original_order():

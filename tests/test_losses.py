@@ -132,7 +132,9 @@ def test_codi_loss_zero_when_equal_and_symmetric_for_l1(kind):
     assert losses.codi_loss(t, t.clone(), kind).item() == pytest.approx(0.0, abs=1e-6)
     if kind == "l1":
         # Normalised by the *teacher's* std, so swap only keeps the value when stds agree.
-        s_same_std = s * (t.std(dim=(1, 2), unbiased=False, keepdim=True) / s.std(dim=(1, 2), unbiased=False, keepdim=True))
+        s_same_std = s * (
+            t.std(dim=(1, 2), unbiased=False, keepdim=True) / s.std(dim=(1, 2), unbiased=False, keepdim=True)
+        )
         a = losses.codi_loss(t, s_same_std, kind).item()
         b = losses.codi_loss(s_same_std, t, kind).item()
         assert a == pytest.approx(b, rel=1e-4)

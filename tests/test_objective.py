@@ -75,7 +75,9 @@ def test_every_loss_term_falls_on_a_fixed_batch(arch, heads, kv, scheme):
 def test_teacher_runs_once_and_student_runs_t_plus_one_passes():
     cfg, model, obj, encs = _setup(latent={"scheme": "jacobi", "iterations": 3})
     calls = []
-    handle = model.decoder.register_forward_hook(lambda mod, args, kwargs, out: calls.append(kwargs["inputs_embeds"].shape[1]), with_kwargs=True)
+    handle = model.decoder.register_forward_hook(
+        lambda mod, args, kwargs, out: calls.append(kwargs["inputs_embeds"].shape[1]), with_kwargs=True
+    )
     try:
         obj(obj.make_batch(encs))
     finally:
@@ -91,12 +93,19 @@ def test_captured_queries_reproduce_eager_attention_over_the_cot():
     tb = teacher_batch(encs, obj.pad_id, drop_last_step=True)
     store = []
     with torch.no_grad(), capture_answer_queries(model, tb["answer_pos"], store):
-        out = model.decoder(input_ids=tb["input_ids"], attention_mask=tb["attention_mask"].long(), output_attentions=True, use_cache=True)
+        out = model.decoder(
+            input_ids=tb["input_ids"],
+            attention_mask=tb["attention_mask"].long(),
+            output_attentions=True,
+            use_cache=True,
+        )
     t = teacher_forward(model, tb, want_queries=True)
     cot = tb["cot_step"] >= 0
     for layer in range(len(store)):
         got = attention_importance(t.keys[layer], store[layer], cot, tb["answer_valid"])
-        torch.testing.assert_close(got, _importance_from_attention(out.attentions[layer], tb, t.keys.shape[2]), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            got, _importance_from_attention(out.attentions[layer], tb, t.keys.shape[2]), atol=1e-5, rtol=1e-4
+        )
 
 
 def _importance_from_attention(att, tb, hkv):
@@ -209,7 +218,9 @@ def test_kv_cosine_grid_is_layers_by_slots_and_matches_the_logged_metric():
 
 def test_importance_queries_are_the_ones_attention_used_under_lora_dropout():
     # Training mode, LoRA dropout 0.5 on q_proj: a second q_proj call would draw another mask.
-    cfg, model, obj, encs = _setup(model={"adapter": "lora", "lora_r": 8, "lora_dropout": 0.5, "attn_implementation": "eager"})
+    cfg, model, obj, encs = _setup(
+        model={"adapter": "lora", "lora_r": 8, "lora_dropout": 0.5, "attn_implementation": "eager"}
+    )
     model.train()
     with torch.no_grad():  # LoRA B starts at zero: give the adapters weight so dropout shows
         for n, p in model.named_parameters():
@@ -217,8 +228,10 @@ def test_importance_queries_are_the_ones_attention_used_under_lora_dropout():
                 p.normal_(0, 0.5)
     tb = teacher_batch(encs, obj.pad_id, drop_last_step=True)
     weights = {}
-    hooks = [m.register_forward_hook(lambda mod, a, out, i=i: weights.__setitem__(i, out[1].detach()))
-             for i, m in enumerate(model.attention_modules())]
+    hooks = [
+        m.register_forward_hook(lambda mod, a, out, i=i: weights.__setitem__(i, out[1].detach()))
+        for i, m in enumerate(model.attention_modules())
+    ]
     try:
         torch.manual_seed(0)
         t = teacher_forward(model, tb, want_queries=True)
@@ -228,7 +241,9 @@ def test_importance_queries_are_the_ones_attention_used_under_lora_dropout():
     cot = tb["cot_step"] >= 0
     for layer in range(len(weights)):
         got = attention_importance(t.keys[layer], t.queries[layer], cot, tb["answer_valid"])
-        torch.testing.assert_close(got, _importance_from_attention(weights[layer], tb, t.keys.shape[2]), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            got, _importance_from_attention(weights[layer], tb, t.keys.shape[2]), atol=1e-5, rtol=1e-4
+        )
 
 
 def test_teacher_runs_without_a_graph_when_its_ce_is_off_and_gradients_are_unchanged():
@@ -238,7 +253,9 @@ def test_teacher_runs_without_a_graph_when_its_ce_is_off_and_gradients_are_uncha
         if name == "graph":  # the reference: the teacher pass with its graph, as before
             obj.teacher_needs_graph = lambda: True
         seen = []
-        hook = model.decoder.register_forward_hook(lambda mod, a, kw, out: seen.append(out.last_hidden_state.requires_grad), with_kwargs=True)
+        hook = model.decoder.register_forward_hook(
+            lambda mod, a, kw, out: seen.append(out.last_hidden_state.requires_grad), with_kwargs=True
+        )
         loss, _ = obj(obj.make_batch(encs))
         hook.remove()
         loss.backward()
@@ -252,7 +269,9 @@ def test_teacher_runs_without_a_graph_when_its_ce_is_off_and_gradients_are_uncha
     cfg, model, obj, encs = _setup(loss={"teacher_ce": 1.0})
     assert obj.teacher_needs_graph()
     seen = []
-    hook = model.decoder.register_forward_hook(lambda mod, a, kw, out: seen.append(out.last_hidden_state.requires_grad), with_kwargs=True)
+    hook = model.decoder.register_forward_hook(
+        lambda mod, a, kw, out: seen.append(out.last_hidden_state.requires_grad), with_kwargs=True
+    )
     obj(obj.make_batch(encs))
     hook.remove()
     assert seen[0] is True
@@ -283,11 +302,14 @@ def test_teacher_ce_uses_the_head_at_labelled_positions_only():
     torch.testing.assert_close(t.ce, losses.token_ce(t.logits, tb["labels"]))
 
 
-@pytest.mark.parametrize("sections", [
-    {"latent": {"num_latents": 3}, "curriculum": {"latents_per_step": 2}},  # M % latents_per_step != 0
-    {"latent": {"num_latents": 3}, "curriculum": {"max_stage": 1}},  # a last stage set below M
-    {"latent": {"num_latents": 2}, "curriculum": {}},  # examples with more steps (3) than stages (2)
-])
+@pytest.mark.parametrize(
+    "sections",
+    [
+        {"latent": {"num_latents": 3}, "curriculum": {"latents_per_step": 2}},  # M % latents_per_step != 0
+        {"latent": {"num_latents": 3}, "curriculum": {"max_stage": 1}},  # a last stage set below M
+        {"latent": {"num_latents": 2}, "curriculum": {}},  # examples with more steps (3) than stages (2)
+    ],
+)
 def test_the_last_curriculum_stage_is_the_sequence_evaluation_decodes(sections):
     curriculum = {"enabled": True, "steps_per_stage": 2, **sections["curriculum"]}
     cfg, model, obj, encs = _setup(latent=sections["latent"], curriculum=curriculum, loss={"latent_ce": 1.0})
@@ -298,7 +320,7 @@ def test_the_last_curriculum_stage_is_the_sequence_evaluation_decodes(sections):
         if key == "latent_targets":  # training labels only; they follow curriculum.latents_per_step
             continue
         got = last["student"][key]
-        assert (torch.equal(got, value) if torch.is_tensor(value) else got == value), key
+        assert torch.equal(got, value) if torch.is_tensor(value) else got == value, key
     assert last["stage"] == obj.max_stage()
     # The teacher compresses its whole CoT at that stage, as for evaluation-time targets.
     loss, metrics = obj(last)
@@ -306,7 +328,9 @@ def test_the_last_curriculum_stage_is_the_sequence_evaluation_decodes(sections):
     # Earlier stages still replace only their first steps.
     first = obj.make_batch(encs, step=0)
     if obj.max_stage() > 1:
-        assert first["sequence_stage"] == 1 and first["student"]["suffix_ids"].shape[1] > evaluated["suffix_ids"].shape[1]
+        assert (
+            first["sequence_stage"] == 1 and first["student"]["suffix_ids"].shape[1] > evaluated["suffix_ids"].shape[1]
+        )
     else:
         assert first["sequence_stage"] is None
 
@@ -321,8 +345,10 @@ def test_shuffled_control_never_hands_an_example_its_own_targets():
         own = _rkv_targets(obj, model, tb)  # [L, B, H, M, d]: each example's own R-KV target
         paired = obj.compute(batch).kv[0].keys
         rolled = obj.compute({**batch, "source_ids": None}).kv[0].keys  # without ids: a plain roll by one
+
     def source(keys, i):
         return [j for j in range(4) if torch.equal(keys[:, i], own[:, j])]
+
     # A roll by one hands example 1 the targets of example 0, a copy of itself ...
     assert source(rolled, 1) == [0, 1]
     # ... the pairing by source id never does.
@@ -335,8 +361,15 @@ def _rkv_targets(obj, model, tb):
     from kava.distill.compression import compress_cache, get_selector
 
     t = teacher_forward(model, tb, want_queries=True)
-    c = compress_cache(get_selector("rkv", obj.cfg.loss.lam), t.keys, t.values, t.queries, tb["cot_step"] >= 0, tb["answer_valid"],
-                       obj.cfg.latent.num_latents)
+    c = compress_cache(
+        get_selector("rkv", obj.cfg.loss.lam),
+        t.keys,
+        t.values,
+        t.queries,
+        tb["cot_step"] >= 0,
+        tb["answer_valid"],
+        obj.cfg.latent.num_latents,
+    )
     return c.keys
 
 
@@ -353,7 +386,9 @@ def test_step_metrics_stay_on_the_device(monkeypatch):
     reads = []
     for name in ("item", "tolist", "__float__"):
         original = getattr(torch.Tensor, name)
-        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=original, _n=name, **k: (reads.append(_n), _o(self, *a, **k))[1])
+        monkeypatch.setattr(
+            torch.Tensor, name, lambda self, *a, _o=original, _n=name, **k: (reads.append(_n), _o(self, *a, **k))[1]
+        )
     loss, metrics = obj(batch)
     loss.backward()
     monkeypatch.undo()
@@ -369,10 +404,15 @@ def test_step_metrics_stay_on_the_device(monkeypatch):
 def test_parameters_kava_adds_keep_float32_master_weights_on_a_bf16_backbone(adapter):
     cfg, model, obj, encs = _setup(model={"dtype": "bfloat16", "adapter": adapter, "lora_r": 4})
     assert model.decoder.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16  # the backbone is bf16
-    added = {n: p for n, p in model.named_parameters()
-             if p.requires_grad and (n.startswith("projection.") or "lora_" in n or "trainable_tokens" in n)}
+    added = {
+        n: p
+        for n, p in model.named_parameters()
+        if p.requires_grad and (n.startswith("projection.") or "lora_" in n or "trainable_tokens" in n)
+    }
     assert any(n.startswith("projection.") for n in added)
-    assert all(p.dtype == torch.float32 for p in added.values()), {n: p.dtype for n, p in added.items() if p.dtype != torch.float32}
+    assert all(p.dtype == torch.float32 for p in added.values()), {
+        n: p.dtype for n, p in added.items() if p.dtype != torch.float32
+    }
     # Small AdamW updates move them (in bf16 a LayerNorm gain at 1.0 would not move at lr 8e-4).
     gain = model.projection.net[-1].weight
     start = gain.detach().clone()

@@ -22,8 +22,9 @@ def _into_a_closed_pipe(*argv: str, cwd: Path) -> int:
     os.close(r)
     env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
     try:
-        return subprocess.run([sys.executable, "-m", "kava.cli", *argv], stdout=w, stderr=w, env=env, cwd=cwd,
-                              timeout=600).returncode
+        return subprocess.run(
+            [sys.executable, "-m", "kava.cli", *argv], stdout=w, stderr=w, env=env, cwd=cwd, timeout=600
+        ).returncode
     finally:
         os.close(w)
 

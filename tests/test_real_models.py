@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 from conftest import tiny_config
 from kava.config import DataConfig
 from kava.data import load_data
-from kava.data.loaders import load_examples, parse_source_options
+from kava.data.loaders import load_examples
+from kava.data.registry import parse_source_options
 from kava.data.schema import Example
 from kava.data.sequences import BOT, EOT, IGNORE, SequenceError, TextEncoder, student_batch, teacher_batch
 from kava.distill.objective import Objective
@@ -75,7 +76,7 @@ def test_answer_eos_is_learned_when_pad_is_eos_or_missing(pad):
             n = int(mask[row].sum())
             lab = labels[row].tolist()
             # The position before the final eos predicts it; nothing after the sequence is learned.
-            assert lab[n - 2] == eos and lab[n - 1:] == [IGNORE] * (len(lab) - n + 1)
+            assert lab[n - 2] == eos and lab[n - 1 :] == [IGNORE] * (len(lab) - n + 1)
             assert lab.count(eos) == 1
     assert (tb["input_ids"][0] == eos).sum() > 1  # padding really uses the eos id here
 
@@ -120,16 +121,18 @@ def test_chat_template_prompt_is_plain_ids_with_one_bos(add_bos):
     assert isinstance(q, list) and all(type(i) is int for i in q)
     # The template writes the BOS; a tokenizer that also adds one must not double it.
     assert q.count(tok.bos_token_id) == 1 and q[0] == tok.bos_token_id
-    rendered = tok.apply_chat_template([{"role": "user", "content": EX.question}], add_generation_prompt=True, tokenize=False)
+    rendered = tok.apply_chat_template(
+        [{"role": "user", "content": EX.question}], add_generation_prompt=True, tokenize=False
+    )
     assert tok.decode(q) == rendered
     header = tok("<|assistant|>\n", add_special_tokens=False).input_ids
-    assert q[-len(header):] == header
+    assert q[-len(header) :] == header
     # The CoT and the answer follow the assistant header directly; the answer ends with eos.
     e = enc.encode(EX)
     tb = teacher_batch([e], enc.pad_id, drop_last_step=False)
     ids = tb["input_ids"][0].tolist()
     assert ids[: len(q)] == q and ids[len(q) : len(q) + len(e.steps[0])] == e.steps[0]
-    assert tok.decode(ids[len(q):]) == "<<7*2=4>> <<4-7=7>> The answer is: 7</s>"
+    assert tok.decode(ids[len(q) :]) == "<<7*2=4>> <<4-7=7>> The answer is: 7</s>"
     assert tb["labels"][0, len(q) - 1] == e.steps[0][0]  # the header's last token predicts the CoT
     sb = student_batch([e], enc.pad_id, enc.bot_id, enc.eot_id, 2)
     assert sb["prefix_ids"][0].tolist() == q + [enc.bot_id]
@@ -148,9 +151,17 @@ def _save_hf_folder(folder, tok, tied=True):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=64, max_position_embeddings=256, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, pad_token_id=None, tie_word_embeddings=tied,
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=256,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=None,
+        tie_word_embeddings=tied,
     )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(folder)
@@ -197,8 +208,12 @@ def test_local_folder_with_tied_embeddings_trains_saves_and_reloads(tmp_path, mo
     assert model.tokenizer.pad_token_id == model.tokenizer.eos_token_id and model.tokenizer.chat_template
 
     again = evaluate(model, load_data(cfg, "eval"), cfg, ["student"], tmp_path / "again")
-    first = [json.loads(x)["prediction"] for x in (tmp_path / "run" / "predictions_student.jsonl").read_text().splitlines()]
-    second = [json.loads(x)["prediction"] for x in (tmp_path / "again" / "predictions_student.jsonl").read_text().splitlines()]
+    first = [
+        json.loads(x)["prediction"] for x in (tmp_path / "run" / "predictions_student.jsonl").read_text().splitlines()
+    ]
+    second = [
+        json.loads(x)["prediction"] for x in (tmp_path / "again" / "predictions_student.jsonl").read_text().splitlines()
+    ]
     assert first == second and len(first) == 8
     assert again["student"]["accuracy"] == res["eval"]["student"]["accuracy"]
 
@@ -216,7 +231,11 @@ def test_smollm2_alias_without_the_package_is_a_clear_error(monkeypatch):
 
 
 def test_dataset_options_after_the_name():
-    assert parse_source_options("gsm-symbolic?n_per_template=50&seed=1,lang=en") == {"n_per_template": 50, "seed": 1, "lang": "en"}
+    assert parse_source_options("gsm-symbolic?n_per_template=50&seed=1,lang=en") == {
+        "n_per_template": 50,
+        "seed": 1,
+        "lang": "en",
+    }
     assert parse_source_options("gsm-symbolic") == {}
     ex = load_examples("synthetic?n=5&n_ops=2", "train")
     assert len(ex) == 5 and ex == load_examples("synthetic", "train", options={"n": 5, "n_ops": 2})

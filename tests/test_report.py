@@ -24,16 +24,39 @@ from kava.experiments.report import (
 )
 
 
-def make_run(root: Path, name: str, seed: int, acc: float | None, fp: float = 4.0, data: str = "synthetic",
-             state: str = "finished", mode: str = "student", losses: list[float] = (), in_status: bool = False,
-             kv_cosine: list | None = None) -> Path:
+def make_run(
+    root: Path,
+    name: str,
+    seed: int,
+    acc: float | None,
+    fp: float = 4.0,
+    data: str = "synthetic",
+    state: str = "finished",
+    mode: str = "student",
+    losses: list[float] = (),
+    in_status: bool = False,
+    kv_cosine: list | None = None,
+) -> Path:
     """A run folder as kava.training writes it: config.yaml, status.json, eval_metrics.json, metrics.jsonl."""
     run = root / name / f"seed{seed}"
     run.mkdir(parents=True)
     cfg = {"data": {"train": data, "eval": data}, "train": {"seed": seed, "mode": "kava"}}
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
-    ev = {} if acc is None else {mode: {"n": 100, "accuracy": acc, "forward_passes": fp, "generated_tokens": 2.0,
-                                        "kv_cache_bytes": 1000, "peak_kv_cache_bytes": 2000, "wall_time_s": 1.5}}
+    ev = (
+        {}
+        if acc is None
+        else {
+            mode: {
+                "n": 100,
+                "accuracy": acc,
+                "forward_passes": fp,
+                "generated_tokens": 2.0,
+                "kv_cache_bytes": 1000,
+                "peak_kv_cache_bytes": 2000,
+                "wall_time_s": 1.5,
+            }
+        }
+    )
     status = {"state": state, "step": 10, "max_steps": 10}
     if state == "failed":
         status["error"] = "RuntimeError: boom"
@@ -87,7 +110,9 @@ def test_collect_runs_ignores_checkpoint_folders_and_labels_train_eval_pairs(tmp
     run = make_run(tmp_path, "x", 0, 0.5)
     (run / "checkpoint-10").mkdir()
     (run / "checkpoint-10" / "status.json").write_text("{}")
-    (run / "config.yaml").write_text(yaml.safe_dump({"data": {"train": "gsm8k-aug-nl", "eval": "gsm8k"}, "train": {"seed": 0}}))
+    (run / "config.yaml").write_text(
+        yaml.safe_dump({"data": {"train": "gsm8k-aug-nl", "eval": "gsm8k"}, "train": {"seed": 0}})
+    )
     (recs,) = collect_runs(tmp_path)
     assert recs["dataset"] == "gsm8k-aug-nl→gsm8k"
     single = collect_runs(run)  # a run folder given directly is a run of its own
@@ -125,7 +150,9 @@ def test_verdicts_follow_the_tests(runs: Path):
     # (2) right_crop (seed 0 only, 65) shares one seed with rkv: a two-sample test; its mean is above
     # rkv's, so no number of seeds is expected to establish the claim.
     assert v["2"].status == NOT_ESTABLISHED and len(v["2"].details) == 2 and v["2"].seeds_needed is None
-    assert "unpaired, fewer than 2 common seeds" in v["2"].details[0] and "difference of means -5.0" in v["2"].details[0]
+    assert (
+        "unpaired, fewer than 2 common seeds" in v["2"].details[0] and "difference of means -5.0" in v["2"].details[0]
+    )
     assert "not in the claimed direction" in v["2"].text()
     # (3) no shuffled run
     assert v["3"].status == UNMEASURED and v["3"].p_value is None
@@ -143,13 +170,16 @@ def _arms(root: Path, arms: dict[str, list[float]], data: str = "synthetic") -> 
 
 
 def test_claims_hold_only_when_the_paired_test_passes(tmp_path: Path):
-    rows = _arms(tmp_path, {
-        "rkv": [0.9, 0.8, 0.95, 0.7, 0.85, 0.9],
-        "codi": [0.5, 0.6, 0.4, 0.65, 0.55, 0.5],  # below rkv on all 6 seeds: p = 1/64
-        "shuffled": [0.95, 0.9, 0.97, 0.8, 0.9, 0.95],  # above rkv on all 6: the opposite holds
-        "slot_mean": [0.5, 0.5, 0.5, 0.5, 0.5, 0.5],
-        "counterfactual": [0.88, 0.82, 0.9, 0.75, 0.8, 0.92],  # +2, -2, +5, -5, +5, -2: no effect to speak of
-    })
+    rows = _arms(
+        tmp_path,
+        {
+            "rkv": [0.9, 0.8, 0.95, 0.7, 0.85, 0.9],
+            "codi": [0.5, 0.6, 0.4, 0.65, 0.55, 0.5],  # below rkv on all 6 seeds: p = 1/64
+            "shuffled": [0.95, 0.9, 0.97, 0.8, 0.9, 0.95],  # above rkv on all 6: the opposite holds
+            "slot_mean": [0.5, 0.5, 0.5, 0.5, 0.5, 0.5],
+            "counterfactual": [0.88, 0.82, 0.9, 0.75, 0.8, 0.92],  # +2, -2, +5, -5, +5, -2: no effect to speak of
+        },
+    )
     v = {x.claim: x for x in check_claims(rows)}
     assert v["1"].status == HOLDS and v["1"].p_value == pytest.approx(1 / 64) and v["1"].seeds_needed is None
     assert "(passes)" in v["1"].details[0] and "sign test p = 0.0156" in v["1"].details[0]
@@ -182,7 +212,11 @@ def test_only_the_claims_asked_for_are_tested(tmp_path: Path, capsys):
 
 def test_nl_claim_is_paired_over_all_four_cells(tmp_path: Path):
     rows = _arms(tmp_path / "a", {"rkv": [0.9] * 5, "codi": [0.8] * 5})
-    rows += _arms(tmp_path / "b", {"rkv@nl": [0.85, 0.86, 0.84, 0.85, 0.85], "codi@nl": [0.5, 0.55, 0.45, 0.5, 0.6]}, data="synthetic-nl")
+    rows += _arms(
+        tmp_path / "b",
+        {"rkv@nl": [0.85, 0.86, 0.84, 0.85, 0.85], "codi@nl": [0.5, 0.55, 0.45, 0.5, 0.6]},
+        data="synthetic-nl",
+    )
     v = {x.claim: x for x in check_claims(rows)}
     assert v["4"].status == HOLDS and v["4"].p_value == pytest.approx(1 / 32)
 
@@ -196,7 +230,10 @@ def test_custom_names_and_unpaired_arms(tmp_path: Path):
     v = {x.claim: x for x in check_claims(rows, ClaimNames(methods={**ClaimNames().methods, "kava": ("rkv_M8",)}))}
     # No common seeds: a two-sample test over the C(4, 2) = 6 relabellings; 60 vs 58 has p = 3/6.
     assert v["3"].status == NOT_ESTABLISHED and v["3"].p_value == pytest.approx(0.5)
-    assert "unpaired, fewer than 2 common seeds (2 vs 2)" in v["3"].details[0] and "exact two-sample permutation test" in v["3"].details[0]
+    assert (
+        "unpaired, fewer than 2 common seeds (2 vs 2)" in v["3"].details[0]
+        and "exact two-sample permutation test" in v["3"].details[0]
+    )
     assert {x.claim: x.status for x in check_claims(rows)}["3"] == UNMEASURED  # default: kava/rkv absent
     pairs = ClaimNames(nl_pairs=[("a", "b")])
     assert {x.claim: x.status for x in check_claims(rows, pairs)}["4"] == UNMEASURED
@@ -212,8 +249,17 @@ def test_write_report_writes_tables_verdicts_and_plots(runs: Path, tmp_path: Pat
     out = tmp_path / "report"
     report = write_report(runs, out)
     names = {p.name for p in report.files}
-    assert {"results.csv", "runs.csv", "curves.csv", "results.md", "results.tex", "verdicts.json", "accuracy_vs_forward_passes.png",
-            "training_curves.png", "kv_cosine_cot_seed0.png"} == names
+    assert {
+        "results.csv",
+        "runs.csv",
+        "curves.csv",
+        "results.md",
+        "results.tex",
+        "verdicts.json",
+        "accuracy_vs_forward_passes.png",
+        "training_curves.png",
+        "kv_cosine_cot_seed0.png",
+    } == names
     for p in report.files:
         assert p.is_file() and p.stat().st_size > 0
     assert (out / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -227,8 +273,10 @@ def test_write_report_writes_tables_verdicts_and_plots(runs: Path, tmp_path: Pat
     md = (out / "results.md").read_text()
     assert "| rkv | 60.0 ± 10.0 | 4.0 | 55.0 ± 0.0 | 4.0 | 3/2 |" in md
     assert "| codi | 41.0 ± 1.4 | 5.5 | 21.0 ± 1.4 | 4.0 | 2 |" in md
-    assert ("(1) KV distillation beats CODI-only: **not established** (p = 0.5, Holm-adjusted over 2 comparisons,"
-            " alpha = 0.05 one-sided)") in md
+    assert (
+        "(1) KV distillation beats CODI-only: **not established** (p = 0.5, Holm-adjusted over 2 comparisons,"
+        " alpha = 0.05 one-sided)"
+    ) in md
     assert "**not measured**" in md and "## Statistics" in md
     assert "| rkv | synthetic | student | 3 | 60.0 ± 10.0 | 50.0 – 70.0 | 50.0 | 0/3 | 0.0 – 70.8 |" in md
     assert "codi seed 2: failed (RuntimeError: boom)" in md
@@ -238,7 +286,13 @@ def test_write_report_writes_tables_verdicts_and_plots(runs: Path, tmp_path: Pat
     assert "right\\_crop & 65.0 $\\pm$ 0.0 & 4.0 & -- & -- \\\\" in tex
     assert "cot & \\textbf{90.0 $\\pm$ 0.0} & 37.0 & -- & -- \\\\" in tex  # the best of its column is bold
     verdicts = json.loads((out / "verdicts.json").read_text())
-    assert [v["status"] for v in verdicts] == [NOT_ESTABLISHED, NOT_ESTABLISHED, UNMEASURED, NOT_ESTABLISHED, UNMEASURED]
+    assert [v["status"] for v in verdicts] == [
+        NOT_ESTABLISHED,
+        NOT_ESTABLISHED,
+        UNMEASURED,
+        NOT_ESTABLISHED,
+        UNMEASURED,
+    ]
     assert verdicts[0]["p_value"] == pytest.approx(0.5) and verdicts[0]["alpha"] == 0.05
     assert verdicts[0]["p_values"][0]["comparison"] == "synthetic: rkv > codi"
     assert verdicts[0]["p_values"][0]["p"] == pytest.approx(0.25) and verdicts[0]["p_values"][0]["p_holm"] == 0.5
@@ -275,17 +329,30 @@ def test_a_malformed_kv_cosine_file_is_a_one_line_error(tmp_path: Path, capsys):
 
 
 def _instruments(run: Path, rows: list[tuple[int, float, float]], keeps: dict | None = None) -> None:
-    lines = [{"step": s, "held_out": True, "n": 8, "logit_lens": {"slots": [{"slot": 0, "n": 8, "aligned": lens}], "aligned_mean": lens},
-              "kv_alignment": {"n": 8, "own_below_neighbour": own, "gap": own - 0.5, "own_below_slot_mean": 0.25}} for s, lens, own in rows]
+    lines = [
+        {
+            "step": s,
+            "held_out": True,
+            "n": 8,
+            "logit_lens": {"slots": [{"slot": 0, "n": 8, "aligned": lens}], "aligned_mean": lens},
+            "kv_alignment": {"n": 8, "own_below_neighbour": own, "gap": own - 0.5, "own_below_slot_mean": 0.25},
+        }
+        for s, lens, own in rows
+    ]
     (run / "instruments.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     if keeps is not None:
         (run / "selector_keeps.json").write_text(json.dumps({"step": 2, "selectors": keeps}))
 
 
 def test_report_shows_the_instruments(tmp_path: Path):
-    keeps = {"rkv": {"shares": {"close": 0.5, "result": 0.1, "digit": 0.4}, "result_recall": 0.2},
-             "oracle": {"shares": {"result": 0.9, "digit": 0.1}, "result_recall": 0.95}, "_cot": {"shares": {"result": 0.2, "digit": 0.8}}}
-    _instruments(make_run(tmp_path / "runs", "rkv", 0, 0.5), [(1, 0.1, 0.4), (2, 0.3, 0.8), (2, 0.5, 0.9)], keeps)  # step 2 twice: last wins
+    keeps = {
+        "rkv": {"shares": {"close": 0.5, "result": 0.1, "digit": 0.4}, "result_recall": 0.2},
+        "oracle": {"shares": {"result": 0.9, "digit": 0.1}, "result_recall": 0.95},
+        "_cot": {"shares": {"result": 0.2, "digit": 0.8}},
+    }
+    _instruments(
+        make_run(tmp_path / "runs", "rkv", 0, 0.5), [(1, 0.1, 0.4), (2, 0.3, 0.8), (2, 0.5, 0.9)], keeps
+    )  # step 2 twice: last wins
     _instruments(make_run(tmp_path / "runs", "rkv", 1, 0.6), [(2, 0.1, 0.6)], keeps)
     make_run(tmp_path / "runs", "codi", 0, 0.4)
     report = write_report(tmp_path / "runs", tmp_path / "out")
@@ -302,11 +369,26 @@ def test_report_shows_the_instruments(tmp_path: Path):
 
 def _teachers_rows():
     """Rows shaped like the teachers report: forward passes all about 6, wide bimodal accuracy spreads."""
+
     def row(name, acc, std, fp, fp_std=0.0):
-        return {"name": name, "mode": "student", "dataset": "synthetic", "accuracy_mean": acc, "accuracy_std": std,
-                "forward_passes_mean": fp, "forward_passes_std": fp_std}
-    return [row("fused", 0.73, 0.45, 6.0), row("fused_entropy", 0.72, 0.44, 6.0), row("fused_fixed", 0.735, 0.43, 6.0),
-            row("frozen_self", 0.74, 0.45, 6.0), row("large", 0.73, 0.44, 6.0), row("self", 0.965, 0.04, 6.0027, 0.0046)]
+        return {
+            "name": name,
+            "mode": "student",
+            "dataset": "synthetic",
+            "accuracy_mean": acc,
+            "accuracy_std": std,
+            "forward_passes_mean": fp,
+            "forward_passes_std": fp_std,
+        }
+
+    return [
+        row("fused", 0.73, 0.45, 6.0),
+        row("fused_entropy", 0.72, 0.44, 6.0),
+        row("fused_fixed", 0.735, 0.43, 6.0),
+        row("frozen_self", 0.74, 0.45, 6.0),
+        row("large", 0.73, 0.44, 6.0),
+        row("self", 0.965, 0.04, 6.0027, 0.0046),
+    ]
 
 
 def _text_boxes(fig):
@@ -328,12 +410,14 @@ def test_accuracy_plot_axes_show_the_data_within_0_to_100():
     lo, hi = ax.get_xlim()
     assert hi - lo >= 2.0 and lo <= 6.0 - 0.5 and hi >= 6.0027 + 0.5 and lo >= 0.0  # not 5.998-6.007
     ys = [y for c in ax.collections for seg in c.get_segments() for _, y in seg]
-    assert ys and min(ys) >= 0.0 and max(ys) <= 100.0 and max(ys) == pytest.approx(100.0)  # the 73 ± 45 bar stops at 100
+    assert (
+        ys and min(ys) >= 0.0 and max(ys) <= 100.0 and max(ys) == pytest.approx(100.0)
+    )  # the 73 ± 45 bar stops at 100
     assert not ax.xaxis.get_major_formatter().get_offset()  # tick labels are plain numbers, no "+6" offset
     legend = fig.legends[0]
     assert sorted(t.get_text() for t in legend.get_texts()) == sorted(r["name"] for r in _teachers_rows())
     boxes = _text_boxes(fig)
-    overlaps = [(a, b) for i, (a, ba) in enumerate(boxes) for b, bb in boxes[i + 1:] if ba.overlaps(bb)]
+    overlaps = [(a, b) for i, (a, ba) in enumerate(boxes) for b, bb in boxes[i + 1 :] if ba.overlaps(bb)]
     assert not overlaps  # names, tick labels, titles: no two texts overlap
     assert not legend.get_window_extent().overlaps(ax.get_window_extent())
 
@@ -372,9 +456,15 @@ def test_heatmaps_first_seed_draws_one_per_name(tmp_path: Path):
     grid = [[0.5, 0.6], [0.7, 0.8]]
     for seed in (1, 0, 2):
         make_run(root, "rkv", seed, 0.9, kv_cosine=grid)
-    made = {p.name for p in write_report(root, tmp_path / "rep", heatmaps="first-seed").files if p.name.startswith("kv_cosine")}
+    made = {
+        p.name
+        for p in write_report(root, tmp_path / "rep", heatmaps="first-seed").files
+        if p.name.startswith("kv_cosine")
+    }
     assert made == {"kv_cosine_rkv_seed0.png"}
-    assert not [p for p in write_report(root, tmp_path / "rep2", heatmaps="none").files if p.name.startswith("kv_cosine")]
+    assert not [
+        p for p in write_report(root, tmp_path / "rep2", heatmaps="none").files if p.name.startswith("kv_cosine")
+    ]
     with pytest.raises(ValueError, match="heatmaps"):
         write_report(root, tmp_path / "rep3", heatmaps="some")
 
@@ -393,14 +483,18 @@ def test_statistics_table_gives_spread_worst_seed_and_success_rate(runs: Path):
 def test_a_claim_of_two_comparisons_cannot_hold_with_one_unmeasured(tmp_path: Path):
     # R-KV beats the counterfactual CoT on every one of 6 seeds (p = 1/64), but no slot-mean run:
     # claim 5 needs both, so it is not established, and the report says which comparison is missing.
-    rows = _arms(tmp_path / "runs", {"rkv": [0.9 + 0.01 * s for s in range(6)],
-                                     "counterfactual": [0.5 + 0.01 * s for s in range(6)]})
+    rows = _arms(
+        tmp_path / "runs",
+        {"rkv": [0.9 + 0.01 * s for s in range(6)], "counterfactual": [0.5 + 0.01 * s for s in range(6)]},
+    )
     v = {x.claim: x for x in check_claims(rows)}["5"]
     assert v.status == NOT_ESTABLISHED and v.p_value == pytest.approx(1 / 64)
     assert v.unmeasured == ["kava/rkv against slot_mean"]
     assert "not measured: kava/rkv against slot_mean, so the claim cannot hold" in v.text()
-    rows = _arms(tmp_path / "more", {"rkv": [0.9 + 0.01 * s for s in range(6)], "counterfactual": [0.5] * 6,
-                                     "slot_mean": [0.4] * 6})
+    rows = _arms(
+        tmp_path / "more",
+        {"rkv": [0.9 + 0.01 * s for s in range(6)], "counterfactual": [0.5] * 6, "slot_mean": [0.4] * 6},
+    )
     v = {x.claim: x for x in check_claims(rows)}["5"]
     assert v.status == HOLDS and v.unmeasured == []
     # Short of the level with one control missing: both reasons are given.
@@ -413,10 +507,14 @@ def test_a_claim_of_two_comparisons_cannot_hold_with_one_unmeasured(tmp_path: Pa
 def test_arms_table_gives_each_arm_against_codi_and_rkv_with_two_sided_p(tmp_path: Path):
     from kava.experiments.report import arms_table
 
-    rows = _arms(tmp_path / "runs", {"codi": [0.5, 0.51, 0.52, 0.53, 0.54], "rkv": [0.8, 0.81, 0.82, 0.83, 0.95],
-                                     "slot_mean": [0.9, 0.9, 0.9]})
-    cells = {ln.split("|")[1].strip(): [c.strip() for c in ln.strip("|").split("|")]
-             for ln in arms_table(rows).splitlines()[2:]}
+    rows = _arms(
+        tmp_path / "runs",
+        {"codi": [0.5, 0.51, 0.52, 0.53, 0.54], "rkv": [0.8, 0.81, 0.82, 0.83, 0.95], "slot_mean": [0.9, 0.9, 0.9]},
+    )
+    cells = {
+        ln.split("|")[1].strip(): [c.strip() for c in ln.strip("|").split("|")]
+        for ln in arms_table(rows).splitlines()[2:]
+    }
     assert cells["rkv"][2:6] == ["5", "84.2 ± 6.1", "80.0", "1/5 (0.5-71.6)"]  # sample std
     assert cells["rkv"][6] == "+32.2 (p = 0.0625, n=5)" and cells["rkv"][7] == "--"  # two-sided: 2/32
     assert cells["codi"][6] == "--" and cells["codi"][7] == "-32.2 (p = 0.0625, n=5)"  # the same either way round
@@ -438,8 +536,14 @@ def test_a_one_sided_p_in_the_observed_direction_is_never_a_pass(tmp_path: Path)
 def test_a_claim_of_several_comparisons_is_decided_on_holm_adjusted_p_values(tmp_path: Path):
     # R-KV above both controls on all 5 seeds: each raw p = 1/32 passes alone, but Holm over the claim's two
     # comparisons doubles the smaller (and so both) to 1/16 > 0.05: claim 5 is not established.
-    rows = _arms(tmp_path, {"rkv": [0.9, 0.91, 0.92, 0.93, 0.94], "slot_mean": [0.5, 0.52, 0.5, 0.6, 0.55],
-                            "counterfactual": [0.6, 0.61, 0.6, 0.7, 0.65]})
+    rows = _arms(
+        tmp_path,
+        {
+            "rkv": [0.9, 0.91, 0.92, 0.93, 0.94],
+            "slot_mean": [0.5, 0.52, 0.5, 0.6, 0.55],
+            "counterfactual": [0.6, 0.61, 0.6, 0.7, 0.65],
+        },
+    )
     v = {x.claim: x for x in check_claims(rows)}["5"]
     assert v.status == NOT_ESTABLISHED and v.p_value == pytest.approx(1 / 16)
     assert [x["p"] for x in v.p_values] == [1 / 32, 1 / 32] and [x["p_holm"] for x in v.p_values] == [1 / 16, 1 / 16]
@@ -455,8 +559,10 @@ def test_selector_keeps_are_given_per_dataset_with_the_step_they_were_measured_a
     from kava.experiments.report import selector_keeps_by_dataset
 
     def keeps(recall):
-        return {"rkv": {"shares": {"result": recall / 2, "digit": 1 - recall / 2}, "result_recall": recall},
-                "_cot": {"shares": {"result": 0.15, "digit": 0.85}}}
+        return {
+            "rkv": {"shares": {"result": recall / 2, "digit": 1 - recall / 2}, "result_recall": recall},
+            "_cot": {"shares": {"result": 0.15, "digit": 0.85}},
+        }
 
     root = tmp_path / "runs"
     for seed, recall in enumerate((0.8, 0.76)):
@@ -481,8 +587,10 @@ def test_a_report_is_re_derived_from_its_runs_csv(tmp_path: Path, capsys):
     from kava.cli import main
 
     root = tmp_path / "runs"
-    keeps = {"rkv": {"shares": {"result": 0.2, "digit": 0.8}, "result_recall": 0.7},
-             "_cot": {"shares": {"result": 0.2}}}
+    keeps = {
+        "rkv": {"shares": {"result": 0.2, "digit": 0.8}, "result_recall": 0.7},
+        "_cot": {"shares": {"result": 0.2}},
+    }
     for seed in range(5):
         _instruments(make_run(root, "rkv", seed, 0.8 + 0.01 * seed), [(2, 0.1, 0.9)], keeps)
         make_run(root, "codi", seed, 0.6 + 0.02 * seed)
@@ -516,7 +624,9 @@ def test_area_under_the_held_out_curve_is_the_secondary_outcome(tmp_path: Path):
             run = make_run(tmp_path, name, seed, 0.9)
             for step, acc in ((2, early), (6, (early + 0.9) / 2)):
                 (run / f"eval-{step}").mkdir()
-                (run / f"eval-{step}" / "eval_metrics.json").write_text(json.dumps({"student": {"n": 100, "accuracy": acc}}))
+                (run / f"eval-{step}" / "eval_metrics.json").write_text(
+                    json.dumps({"student": {"n": 100, "accuracy": acc}})
+                )
     rows = aggregate(collect_runs(tmp_path))
     codi = _row(rows, "codi")
     assert codi["area_by_seed"][0] == pytest.approx(curve_area([(2, 0.3), (6, 0.6), (10, 0.9)]))

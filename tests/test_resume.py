@@ -17,9 +17,12 @@ from kava.model import checkpoint_tensors
 
 
 def _config(tmp_path: Path, name: str, **train) -> Path:
-    cfg = tiny_config(model={"adapter": "lora", "lora_r": 4, "lora_dropout": 0.1}, latent={"projection_dropout": 0.1},
-                      loss={"compression": "random"},
-                      train={"output_dir": str(tmp_path / name), "max_steps": 6, **train}).to_dict()
+    cfg = tiny_config(
+        model={"adapter": "lora", "lora_r": 4, "lora_dropout": 0.1},
+        latent={"projection_dropout": 0.1},
+        loss={"compression": "random"},
+        train={"output_dir": str(tmp_path / name), "max_steps": 6, **train},
+    ).to_dict()
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -56,8 +59,11 @@ def _same_weights(a: Path, b: Path) -> None:
 
 
 def _snapshot(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".kava.lock"}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != ".kava.lock"
+    }
 
 
 def test_a_plain_resume_rereads_the_runs_overrides_and_continues_exactly(tmp_path):
@@ -88,14 +94,17 @@ def finished(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.mark.parametrize("override,field", [
-    ("train.max_steps=4", "train.max_steps"),  # a cosine schedule: its length changes every step's lr
-    ("train.seed=3", "train.seed"),
-    ("train.lr=0.01", "train.lr"),
-    ("train.batch_size=2", "train.batch_size"),
-    ("data.synthetic_train_size=32", "data.synthetic_train_size"),
-    ("loss.compression=rkv", "loss.compression"),
-])
+@pytest.mark.parametrize(
+    "override,field",
+    [
+        ("train.max_steps=4", "train.max_steps"),  # a cosine schedule: its length changes every step's lr
+        ("train.seed=3", "train.seed"),
+        ("train.lr=0.01", "train.lr"),
+        ("train.batch_size=2", "train.batch_size"),
+        ("data.synthetic_train_size=32", "data.synthetic_train_size"),
+        ("loss.compression=rkv", "loss.compression"),
+    ],
+)
 def test_a_resume_that_changes_the_result_is_refused_by_name(finished, override, field, capsys):
     before = _snapshot(finished / "run")
     assert _kava("train", "--config", finished / "run.yaml", "--resume", override) == 2

@@ -74,7 +74,9 @@ def test_sweep_output_dir_goes_under_kava_output_root(tmp_path, monkeypatch):
     from kava.experiments.sweep import expand_sweep
 
     (tmp_path / "base.yaml").write_text("train:\n  max_steps: 1\n")
-    (tmp_path / "s.yaml").write_text("base_config: base.yaml\noutput_dir: runs/abl\nseeds: [0]\ngrid:\n  train.lr: [0.001]\n")
+    (tmp_path / "s.yaml").write_text(
+        "base_config: base.yaml\noutput_dir: runs/abl\nseeds: [0]\ngrid:\n  train.lr: [0.001]\n"
+    )
     monkeypatch.setenv("KAVA_OUTPUT_ROOT", str(tmp_path / "scratch"))
     [spec] = expand_sweep(tmp_path / "s.yaml")
     assert spec.output_dir.is_relative_to(tmp_path / "scratch" / "runs" / "abl")

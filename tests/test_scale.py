@@ -62,16 +62,31 @@ def test_two_processes_match_one_process_with_the_same_effective_batch(tmp_path)
     common = dict(loss=loss, data={"synthetic_train_size": 32})
     one = tiny_config(train={"batch_size": 4, "max_steps": 3, "output_dir": str(tmp_path / "one")}, **common)
     two = tiny_config(train={"batch_size": 2, "max_steps": 3, "output_dir": str(tmp_path / "two")}, **common)
-    ckpt = tiny_config(train={"batch_size": 2, "max_steps": 3, "output_dir": str(tmp_path / "ckpt")},
-                       model={"gradient_checkpointing": True}, **common)
-    cot = tiny_config(train={"mode": "cot", "batch_size": 2, "max_steps": 2, "output_dir": str(tmp_path / "cot")}, **common)
+    ckpt = tiny_config(
+        train={"batch_size": 2, "max_steps": 3, "output_dir": str(tmp_path / "ckpt")},
+        model={"gradient_checkpointing": True},
+        **common,
+    )
+    cot = tiny_config(
+        train={"mode": "cot", "batch_size": 2, "max_steps": 2, "output_dir": str(tmp_path / "cot")}, **common
+    )
     for name, cfg in (("two", two), ("ckpt", ckpt), ("cot", cot)):
         cfg.save(tmp_path / f"{name}.yaml")
     script = tmp_path / "ddp.py"
     script.write_text(_DDP_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(script)] + [str(tmp_path / f"{n}.yaml") for n in ("two", "ckpt", "cot")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        str(script),
+    ] + [str(tmp_path / f"{n}.yaml") for n in ("two", "ckpt", "cot")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     train(one)
@@ -243,7 +258,18 @@ def test_environment_report_fields():
 
     cfg = tiny_config(train={"batch_size": 3, "effective_batch": 8}, model={"attn_implementation": "sdpa"})
     r = environment_report(cfg)
-    assert {"python", "platform", "cpu_count", "host_memory", "cuda_available", "gpus", "libraries", "distributed", "settings", "warnings"} <= r.keys()
+    assert {
+        "python",
+        "platform",
+        "cpu_count",
+        "host_memory",
+        "cuda_available",
+        "gpus",
+        "libraries",
+        "distributed",
+        "settings",
+        "warnings",
+    } <= r.keys()
     assert r["libraries"]["torch"] and r["libraries"]["transformers"] and r["libraries"]["accelerate"]
     s = r["settings"]
     assert s["mixed_precision"] == pick_mixed_precision(cfg.train.mixed_precision)
@@ -311,8 +337,15 @@ def test_fast_trainable_tokens_match_peft(tied):
     from kava.model.tokenizer import build_synthetic_tokenizer
 
     tok = build_synthetic_tokenizer()
-    conf = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                       num_key_value_heads=2, tie_word_embeddings=tied)
+    conf = LlamaConfig(
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tied,
+    )
     torch.manual_seed(0)
     lm = LlamaForCausalLM(conf)
     ids = add_latent_tokens(tok, lm)
@@ -346,10 +379,26 @@ def test_benchmark_smoke(tmp_path):
     spec.loader.exec_module(bench)
     cfg = tiny_config(latent={"scheme": "jacobi", "iterations": 2}, loss={"latent_ce": 1.0})
     cfg.save(tmp_path / "cfg.yaml")
-    r = bench.main(["--config", str(tmp_path / "cfg.yaml"), "--batch", "4", "--iters", "1", "--warmup", "0",
-                    "--device", "cpu", "--json", str(tmp_path / "r.json")])
+    r = bench.main(
+        [
+            "--config",
+            str(tmp_path / "cfg.yaml"),
+            "--batch",
+            "4",
+            "--iters",
+            "1",
+            "--warmup",
+            "0",
+            "--device",
+            "cpu",
+            "--json",
+            str(tmp_path / "r.json"),
+        ]
+    )
     assert set(r["train"]) == {"cot", "passes", "kava"}
-    assert r["train"]["cot"]["passes"] == 1 and r["train"]["passes"]["passes"] == r["train"]["kava"]["passes"] == 1 + 2 + 1
+    assert (
+        r["train"]["cot"]["passes"] == 1 and r["train"]["passes"]["passes"] == r["train"]["kava"]["passes"] == 1 + 2 + 1
+    )
     assert r["inference"]["latent"]["passes"] < r["inference"]["cot"]["passes"]
     assert r["inference"]["latent"]["kv_cache_bytes_per_example"] > 0
     assert 0 <= r["summary"]["selection_losses_share"] < 1

@@ -50,8 +50,9 @@ def _setup(arch, shared, examples=MIXED, bos=False, **sections):
 def _step(arch, shared, **kw):
     cfg, model, obj, encs = _setup(arch, shared, **kw)
     calls = []
-    hook = model.decoder.register_forward_hook(lambda m, a, k, o: calls.append(k["inputs_embeds"].shape[1]),
-                                               with_kwargs=True)
+    hook = model.decoder.register_forward_hook(
+        lambda m, a, k, o: calls.append(k["inputs_embeds"].shape[1]), with_kwargs=True
+    )
     batch = obj.make_batch(encs)
     try:
         loss, metrics = obj(batch)
@@ -67,15 +68,22 @@ def _step(arch, shared, **kw):
 @pytest.mark.parametrize("examples,bos", [(MIXED, False), (MIXED, True), (EQUAL, False), (EQUAL, True)])
 @pytest.mark.parametrize("teacher_ce", [1.0, 0.0])
 def test_shared_prefix_gives_the_same_loss_metrics_and_gradients(arch, scheme, examples, bos, teacher_ce):
-    kw = dict(examples=examples, bos=bos, latent={"scheme": scheme, "num_latents": 3, "iterations": 2},
-              loss={"teacher_ce": teacher_ce, "latent_ce": 1.0, "compression": "rkv"})
+    kw = dict(
+        examples=examples,
+        bos=bos,
+        latent={"scheme": scheme, "num_latents": 3, "iterations": 2},
+        loss={"teacher_ce": teacher_ce, "latent_ce": 1.0, "compression": "rkv"},
+    )
     ref_loss, ref_metrics, ref_grads, ref_calls, ref_batch = _step(arch, False, **kw)
     loss, metrics, grads, calls, batch = _step(arch, True, **kw)
     assert "question_len" in batch["teacher"] and "question_len" not in ref_batch["teacher"]
     q = batch["teacher"]["question_len"]
     # One pass over the question, then the teacher and the student read only what follows it.
-    assert calls[0] == q and calls[1] == ref_calls[0] - (ref_batch["teacher"]["input_ids"].shape[1]
-                                                         - batch["teacher"]["input_ids"].shape[1]) - q
+    assert (
+        calls[0] == q
+        and calls[1]
+        == ref_calls[0] - (ref_batch["teacher"]["input_ids"].shape[1] - batch["teacher"]["input_ids"].shape[1]) - q
+    )
     assert calls[2] == ref_calls[1] - q and calls[3:] == ref_calls[2:]
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
     assert metrics.keys() == ref_metrics.keys()
@@ -106,8 +114,12 @@ def test_a_question_left_teacher_batch_keeps_every_examples_outputs():
     b = teacher_forward(model, left, want_queries=True, want_logits=True)
     torch.testing.assert_close(b.ce, a.ce, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(b.hidden, a.hidden, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(b.queries * left["answer_valid"][None, :, None, :, None],
-                               a.queries * right["answer_valid"][None, :, None, :, None], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        b.queries * left["answer_valid"][None, :, None, :, None],
+        a.queries * right["answer_valid"][None, :, None, :, None],
+        rtol=1e-5,
+        atol=1e-5,
+    )
     q = left["question_len"]
     for i, e in enumerate(encs):
         shift = q - len(e.question)
@@ -151,8 +163,11 @@ def test_shares_question_sees_a_different_start():
     other = dict(sb, prefix_ids=sb["prefix_ids"].clone())
     other["prefix_ids"][1, -2] = other["prefix_ids"][1, -2] + 1  # the last question token of one example
     assert not shares_question(tb, other)
-    longer = dict(sb, prefix_ids=torch.cat([sb["prefix_ids"][:, :1], sb["prefix_ids"]], 1),
-                  prefix_mask=torch.cat([sb["prefix_mask"][:, :1] & False, sb["prefix_mask"]], 1))
+    longer = dict(
+        sb,
+        prefix_ids=torch.cat([sb["prefix_ids"][:, :1], sb["prefix_ids"]], 1),
+        prefix_mask=torch.cat([sb["prefix_mask"][:, :1] & False, sb["prefix_mask"]], 1),
+    )
     assert not shares_question(tb, longer)
 
 

@@ -52,19 +52,32 @@ def run(tmp_path_factory):
         latent={"num_latents": M, "iterations": T, "scheme": "jacobi"},
         loss={"compression": "rkv"},
         data={
-            "train": str(root / "train.jsonl"), "eval": str(root / "test.jsonl"),
-            "max_question_tokens": 256, "max_cot_tokens": 128,
+            "train": str(root / "train.jsonl"),
+            "eval": str(root / "test.jsonl"),
+            "max_question_tokens": 256,
+            "max_cot_tokens": 128,
         },
         train={
-            "max_steps": STEPS, "batch_size": 2, "lr": 1e-3, "weight_decay": 0.0, "save_every": 1,
-            "eval_at_end": True, "output_dir": str(out), "num_threads": 2,
+            "max_steps": STEPS,
+            "batch_size": 2,
+            "lr": 1e-3,
+            "weight_decay": 0.0,
+            "save_every": 1,
+            "eval_at_end": True,
+            "output_dir": str(out),
+            "num_threads": 2,
         },
         eval={"batch_size": 4, "max_new_tokens": 6},
     )
     start = time.perf_counter()
     result = train(cfg)
-    return {"cfg": cfg, "out": out, "result": result, "train_s": time.perf_counter() - start,
-            "eval_examples": load_data(cfg, "eval")}
+    return {
+        "cfg": cfg,
+        "out": out,
+        "result": result,
+        "train_s": time.perf_counter() - start,
+        "eval_examples": load_data(cfg, "eval"),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +108,9 @@ def test_tokenizer_facts(run, reloaded):
     ex = run["eval_examples"][0]
     e = enc.encode(ex)
     prompt = tok.decode(e.question)
-    assert prompt.startswith("<|im_start|>system\n") and prompt.endswith(f"{ex.question}<|im_end|>\n<|im_start|>assistant\n")
+    assert prompt.startswith("<|im_start|>system\n") and prompt.endswith(
+        f"{ex.question}<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert e.question.count(tok.bos_token_id) == 3  # system, user and assistant turns; none added on top
     assert e.answer[-1] == tok.eos_token_id
     # The eos that closes the answer is a label although padding uses the same id.
@@ -126,7 +141,10 @@ def test_kava_steps_train_lora_projection_and_new_tokens(run):
         assert any(not torch.equal(first[k], last[k]) for k in keys), f"{g} did not change"
     assert all(first[k].abs().sum() > 0 for k in groups["lora_B"])  # moved from its zero init
     assert [last[k].shape for k in groups["trainable_tokens_delta"]] == [torch.Size([2, 576])]
-    print(f"\nSmolLM2: {STEPS} KaVa steps + checkpoints + eval in {run['train_s']:.1f}s; losses {[round(r['loss'], 3) for r in rows]}")
+    print(
+        f"\nSmolLM2: {STEPS} KaVa steps + checkpoints + eval in {run['train_s']:.1f}s; losses "
+        f"{[round(r['loss'], 3) for r in rows]}"
+    )
 
 
 def test_reload_from_the_same_gguf_gives_identical_answers(run, reloaded, tmp_path):

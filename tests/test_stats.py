@@ -14,7 +14,7 @@ def test_clopper_pearson_textbook_values():
     lo, hi = stats.clopper_pearson(3, 10)
     assert lo == pytest.approx(0.0667, abs=1e-4) and hi == pytest.approx(0.6525, abs=1e-4)
     assert stats.clopper_pearson(0, 3) == pytest.approx((0.0, 1 - 0.025 ** (1 / 3)))  # closed form at k = 0
-    assert stats.clopper_pearson(10, 10)[1] == 1.0 and stats.clopper_pearson(10, 10)[0] == pytest.approx(0.025 ** 0.1)
+    assert stats.clopper_pearson(10, 10)[1] == 1.0 and stats.clopper_pearson(10, 10)[0] == pytest.approx(0.025**0.1)
     with pytest.raises(ValueError, match="k <= n"):
         stats.clopper_pearson(4, 3)
 
@@ -36,8 +36,11 @@ def _brute_two_sample(a, b):
         sa = sum(pooled[i] for i in idx)
         stats_.append(Fraction(sa, na) - Fraction(sum(pooled) - sa, len(b)))
     m = len(stats_)
-    return (sum(x >= obs for x in stats_) / m, sum(x <= obs for x in stats_) / m,
-            sum(abs(x) >= abs(obs) for x in stats_) / m)
+    return (
+        sum(x >= obs for x in stats_) / m,
+        sum(x <= obs for x in stats_) / m,
+        sum(abs(x) >= abs(obs) for x in stats_) / m,
+    )
 
 
 def test_ties_around_a_zero_statistic_are_counted():
@@ -46,8 +49,18 @@ def test_ties_around_a_zero_statistic_are_counted():
     assert stats.paired_permutation([0.1, 0.2, -0.3], "less") == (0.625, True)
 
 
-@pytest.mark.parametrize("k", [[1, 1, 1, 1, 1], [2, 1, -1, 3, -2, 1], [5, -5, 5, -5], [3, 0, -3, 0, 6],
-                               [7, -2, -5, 2, 0, 1, 1], [30, -12, 45, 0, -30, 12, 3, -3], [1]])
+@pytest.mark.parametrize(
+    "k",
+    [
+        [1, 1, 1, 1, 1],
+        [2, 1, -1, 3, -2, 1],
+        [5, -5, 5, -5],
+        [3, 0, -3, 0, 6],
+        [7, -2, -5, 2, 0, 1, 1],
+        [30, -12, 45, 0, -30, 12, 3, -3],
+        [1],
+    ],
+)
 def test_paired_permutation_is_the_exact_sign_flip_test_with_ties(k):
     # As accuracies on 600 questions, the differences carry float error; the test must see the counts.
     d = [(x + 300) / 600 - 300 / 600 for x in k]
@@ -65,7 +78,7 @@ def test_many_seeds_are_exact_too():
     assert res.exact and res.greater == pytest.approx(float(sp_stats.binom.sf(24, 40, 0.5)), rel=1e-12)
     assert res.less == pytest.approx(float(sp_stats.binom.cdf(25, 40, 0.5)), rel=1e-12)
     assert res.two_sided == pytest.approx(2 * res.greater, rel=1e-12)
-    assert stats.sign_flip([1 / 600] * 60).greater == 2.0 ** -60  # the one all-plus pattern, at 60 seeds
+    assert stats.sign_flip([1 / 600] * 60).greater == 2.0**-60  # the one all-plus pattern, at 60 seeds
 
 
 def test_values_on_no_grid_use_enumeration_or_a_seeded_monte_carlo_draw():
@@ -85,8 +98,16 @@ def test_integer_grid_finds_the_counts():
     assert stats.integer_grid([math.e]) is None and stats.integer_grid([float("nan")]) is None
 
 
-@pytest.mark.parametrize("a,b", [([3, 4, 5], [0, 1, 2]), ([5, 5, 3], [5, 3, 3, 1]), ([2], [2, 2, 4]),
-                                 ([0, 6, 6], [6, 0]), ([1, 1, 2, 2, 3], [1, 2, 2, 3, 3, 3])])
+@pytest.mark.parametrize(
+    "a,b",
+    [
+        ([3, 4, 5], [0, 1, 2]),
+        ([5, 5, 3], [5, 3, 3, 1]),
+        ([2], [2, 2, 4]),
+        ([0, 6, 6], [6, 0]),
+        ([1, 1, 2, 2, 3], [1, 2, 2, 3, 3, 3]),
+    ],
+)
 def test_two_sample_permutation_is_exact_with_ties(a, b):
     want = _brute_two_sample(a, b)
     res = stats.two_sample([x / 600 for x in a], [x / 600 for x in b])

@@ -10,16 +10,8 @@ import pytest
 import yaml
 
 from kava.config import ConfigError, load_config
-from kava.experiments.sweep import (
-    SweepError,
-    expand_sweep,
-    format_value,
-    plan,
-    run_local,
-    safe_name,
-    submit_slurm,
-    write_pbs,
-)
+from kava.experiments.cluster import submit_slurm, write_pbs
+from kava.experiments.sweep import SweepError, expand_sweep, format_value, plan, run_local, safe_name
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,8 +20,14 @@ def fake_train(cfg, resume: bool = False) -> dict:
     """Stands in for kava.training.train: writes a finished status with the arguments it got."""
     out = Path(cfg.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"state": "finished", "step": cfg.train.max_steps, "max_steps": cfg.train.max_steps, "resume": resume,
-              "seed": cfg.train.seed, "compression": cfg.loss.compression}
+    result = {
+        "state": "finished",
+        "step": cfg.train.max_steps,
+        "max_steps": cfg.train.max_steps,
+        "resume": resume,
+        "seed": cfg.train.seed,
+        "compression": cfg.loss.compression,
+    }
     (out / "status.json").write_text(json.dumps(result))
     return result
 
@@ -44,12 +42,15 @@ def write_sweep(tmp_path: Path, body: dict, base: dict | None = None) -> Path:
 
 @pytest.fixture
 def grid_sweep(tmp_path: Path) -> Path:
-    return write_sweep(tmp_path, {
-        "seeds": [0, 1],
-        "overrides": {"train.lr": 0.002, "loss.alpha_kv": 0.5},
-        "runs": {"codi": {"loss.alpha_kv": 0}, "kava": {"loss": {"compression": "rkv"}}},
-        "grid": {"loss.compression": ["rkv", "right_crop"], "latent.num_latents": [2, 4]},
-    })
+    return write_sweep(
+        tmp_path,
+        {
+            "seeds": [0, 1],
+            "overrides": {"train.lr": 0.002, "loss.alpha_kv": 0.5},
+            "runs": {"codi": {"loss.alpha_kv": 0}, "kava": {"loss": {"compression": "rkv"}}},
+            "grid": {"loss.compression": ["rkv", "right_crop"], "latent.num_latents": [2, 4]},
+        },
+    )
 
 
 def test_grid_runs_and_seeds_expand_to_the_cartesian_product(grid_sweep: Path, tmp_path: Path):
@@ -60,8 +61,14 @@ def test_grid_runs_and_seeds_expand_to_the_cartesian_product(grid_sweep: Path, t
     assert "kava__compression-rkv__num_latents-4" in names and len(names) == 8
     spec = next(s for s in specs if s.name == "codi__compression-rkv__num_latents-4" and s.seed == 1)
     assert spec.output_dir == tmp_path / "runs" / spec.name / "seed1"
-    assert spec.overrides == ("train.lr=0.002", "loss.alpha_kv=0", "loss.compression=rkv", "latent.num_latents=4",
-                              "train.seed=1", f"train.output_dir={tmp_path / 'runs' / spec.name / 'seed1'}")
+    assert spec.overrides == (
+        "train.lr=0.002",
+        "loss.alpha_kv=0",
+        "loss.compression=rkv",
+        "latent.num_latents=4",
+        "train.seed=1",
+        f"train.output_dir={tmp_path / 'runs' / spec.name / 'seed1'}",
+    )
     cfg = spec.config()
     assert (cfg.train.lr, cfg.loss.alpha_kv, cfg.loss.compression, cfg.latent.num_latents) == (0.002, 0.0, "rkv", 4)
     assert (cfg.train.seed, cfg.train.max_steps, cfg.train.output_dir) == (1, 3, str(spec.output_dir))
@@ -72,11 +79,20 @@ def test_grid_runs_and_seeds_expand_to_the_cartesian_product(grid_sweep: Path, t
 
 
 def test_names_are_stable_and_data_keys_go_after_an_at(tmp_path: Path):
-    path = write_sweep(tmp_path, {"runs": {"rkv": {}, "odd name/1": {"train.lr": 0.01}},
-                                  "grid": {"data.train": ["synthetic", "synthetic-nl"], "train.weight_decay": [0.0]}})
+    path = write_sweep(
+        tmp_path,
+        {
+            "runs": {"rkv": {}, "odd name/1": {"train.lr": 0.01}},
+            "grid": {"data.train": ["synthetic", "synthetic-nl"], "train.weight_decay": [0.0]},
+        },
+    )
     names = [s.name for s in expand_sweep(path)]
-    assert names == ["rkv__weight_decay-0.0@train-synthetic", "rkv__weight_decay-0.0@train-synthetic-nl",
-                     "odd_name_1__weight_decay-0.0@train-synthetic", "odd_name_1__weight_decay-0.0@train-synthetic-nl"]
+    assert names == [
+        "rkv__weight_decay-0.0@train-synthetic",
+        "rkv__weight_decay-0.0@train-synthetic-nl",
+        "odd_name_1__weight_decay-0.0@train-synthetic",
+        "odd_name_1__weight_decay-0.0@train-synthetic-nl",
+    ]
     assert [s.name for s in expand_sweep(path)] == names
     assert [s.seed for s in expand_sweep(path)] == [0, 0, 0, 0]
 
@@ -86,13 +102,16 @@ def test_no_runs_and_no_grid_is_one_base_run(tmp_path: Path):
     assert [(s.name, s.seed) for s in specs] == [("base", 3)]
 
 
-@pytest.mark.parametrize("body, message", [
-    ({"seeds": [0, 0]}, "duplicates"),
-    ({"grid": {"train.lr": []}}, "non-empty list"),
-    ({"typo": 1}, "unknown sweep key"),
-    ({"runs": {"a": {"x": 1}, "a!": {"x": 2}}}, "collide"),
-    ({"runs": {"a": {"train.lr": 1.0}}, "grid": {"x": [1, 2]}, "seeds": "zero"}, "seeds"),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ({"seeds": [0, 0]}, "duplicates"),
+        ({"grid": {"train.lr": []}}, "non-empty list"),
+        ({"typo": 1}, "unknown sweep key"),
+        ({"runs": {"a": {"x": 1}, "a!": {"x": 2}}}, "collide"),
+        ({"runs": {"a": {"train.lr": 1.0}}, "grid": {"x": [1, 2]}, "seeds": "zero"}, "seeds"),
+    ],
+)
 def test_bad_sweep_files_are_refused(tmp_path: Path, body: dict, message: str):
     with pytest.raises(SweepError, match=message):
         expand_sweep(write_sweep(tmp_path, body))
@@ -114,8 +133,21 @@ def test_override_values_read_back_unchanged(value):
 def test_the_ablation_suite_expands_to_valid_overrides():
     specs = expand_sweep(REPO / "configs" / "sweeps" / "ablations.yaml")
     names = {s.name for s in specs}
-    assert {"codi", "mean_pool", "right_crop", "rkv", "shuffled", "attention", "redundancy", "random",
-            "rkv_M8", "rkv_T1", "rkv_T3", "codi@nl", "rkv@nl"} == names
+    assert {
+        "codi",
+        "mean_pool",
+        "right_crop",
+        "rkv",
+        "shuffled",
+        "attention",
+        "redundancy",
+        "random",
+        "rkv_M8",
+        "rkv_T1",
+        "rkv_T3",
+        "codi@nl",
+        "rkv@nl",
+    } == names
     assert len(specs) == 3 * len(names) and {s.seed for s in specs} == {0, 1, 2}
     for spec in specs:  # every key exists and every value is valid (on the defaults: the base may not exist yet)
         load_config(None, spec.overrides)
@@ -198,7 +230,7 @@ def test_submitit_debug_executor_runs_the_unfinished_array(grid_sweep: Path):
 
 def test_the_job_is_checkpointable_and_requeues_with_resume():
     submitit = pytest.importorskip("submitit")
-    from kava.experiments.sweep import SweepJob
+    from kava.experiments.cluster import SweepJob
 
     job = SweepJob(fake_train)
     assert isinstance(job, submitit.helpers.Checkpointable)
@@ -208,7 +240,7 @@ def test_the_job_is_checkpointable_and_requeues_with_resume():
 
 
 def test_a_failing_job_marks_its_run_failed_and_raises(tmp_path: Path):
-    from kava.experiments.sweep import SweepJob  # called directly: submitit's debug executor opens pdb on errors
+    from kava.experiments.cluster import SweepJob  # called directly: submitit's debug executor opens pdb on errors
 
     specs = expand_sweep(write_sweep(tmp_path, {}))
 
@@ -228,8 +260,9 @@ def test_submitit_local_executor_pickles_the_job(tmp_path: Path):
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the job process cannot import this test file
     specs = expand_sweep(write_sweep(tmp_path, {"seeds": [7]}))
-    jobs = submit_slurm(specs, gpus_per_job=0, cpus=1, time_min=2, executor="local", train_fn=fake_train,
-                        log_dir=tmp_path / "logs")
+    jobs = submit_slurm(
+        specs, gpus_per_job=0, cpus=1, time_min=2, executor="local", train_fn=fake_train, log_dir=tmp_path / "logs"
+    )
     assert jobs[0].result()["seed"] == 7
     assert json.loads((specs[0].output_dir / "status.json").read_text())["state"] == "finished"
 
@@ -295,7 +328,9 @@ def test_cli_runs_locally_and_reports_failures(tmp_path: Path, monkeypatch, caps
 
 def test_the_teachers_experiment_expands_to_valid_teacher_lists():
     specs = expand_sweep(REPO / "configs" / "sweeps" / "teachers.yaml")
-    assert {s.name for s in specs} == {"self", "frozen_self", "large", "fused", "fused_fixed", "fused_entropy"} and len(specs) == 18
+    assert {s.name for s in specs} == {"self", "frozen_self", "large", "fused", "fused_fixed", "fused_entropy"} and len(
+        specs
+    ) == 18
     by_name = {s.name: load_config(None, s.overrides) for s in specs if s.seed == 0}
     assert by_name["self"].teachers.models == []
     fused = by_name["fused"]
@@ -304,7 +339,9 @@ def test_the_teachers_experiment_expands_to_valid_teacher_lists():
 
 
 def test_a_run_may_have_its_own_seeds_and_extra_overrides_come_last(tmp_path: Path):
-    path = write_sweep(tmp_path, {"seeds": [0, 1, 2], "runs": {"a": {"train.lr": 0.1}, "b": {"train.lr": 0.2, "seeds": [5]}}})
+    path = write_sweep(
+        tmp_path, {"seeds": [0, 1, 2], "runs": {"a": {"train.lr": 0.1}, "b": {"train.lr": 0.2, "seeds": [5]}}}
+    )
     specs = expand_sweep(path, extra=["train.lr=0.5", "train.max_steps=1"], output_dir=tmp_path / "smoke")
     assert [(s.name, s.seed) for s in specs] == [("a", 0), ("a", 1), ("a", 2), ("b", 5)]
     cfg = specs[-1].config()
@@ -348,7 +385,9 @@ def test_the_replication_sweep_uses_fresh_seeds_and_the_main_sweeps_recipe():
     rep = expand_sweep(REPO / "configs" / "sweeps" / "ablations-testbed-replication.yaml", validate=True)
     assert {s.name for s in rep} == {"rkv", "codi", "counterfactual", "slot_mean"}
     assert {s.seed for s in rep} == set(range(10, 20))
-    assert not {s.seed for s in rep} & {seed for (name, seed) in main if name in ("rkv", "codi", "counterfactual", "slot_mean")}
+    assert not {s.seed for s in rep} & {
+        seed for (name, seed) in main if name in ("rkv", "codi", "counterfactual", "slot_mean")
+    }
     for s in rep:
         a = dataclasses.asdict(main[(s.name, 0)].config())
         b = dataclasses.asdict(s.config())
@@ -392,7 +431,9 @@ def test_the_confirmatory_sweep_is_the_pre_registered_design():
     by = {(s.name, s.seed): dataclasses.asdict(s.config()) for s in runs}
     for name in arms:
         cfg = by[(name, 1000)]
-        assert cfg["train"]["max_steps"] == 500 and cfg["train"]["eval_every"] == 100 and cfg["train"]["batch_size"] == 64
+        assert (
+            cfg["train"]["max_steps"] == 500 and cfg["train"]["eval_every"] == 100 and cfg["train"]["batch_size"] == 64
+        )
         assert cfg["data"]["eval_split"] == "test" and cfg["data"]["synthetic_test_size"] == 700
         assert cfg["loss"]["layer_std"] and cfg["latent"]["num_latents"] == 6
     for style, members in (("", ("codi", "rkv")), ("@nl", ("codi@nl", "rkv@nl", "slot_mean@nl", "counterfactual@nl"))):

@@ -19,7 +19,7 @@ def _reference(question: str, modulus: int) -> list[int]:
     assert start is not None
     value = int(start.group(0)) % modulus
     out = []
-    for op, num in _TOKEN_RE.findall(question[start.end():]):
+    for op, num in _TOKEN_RE.findall(question[start.end() :]):
         b = int(num)
         value = {"+": value + b, "-": value - b, "*": value * b}[op] % modulus
         out.append(value)
@@ -73,7 +73,11 @@ def test_exact_rendering() -> None:
 
     assert _example(start, chain, 10, "eq", "x") == ex
     assert _example(start, chain, 10, "nl", "x").steps == (
-        "7 times 2 is 4.", "4 minus 7 is 7.", "7 minus 4 is 3.", "3 times 8 is 4.")
+        "7 times 2 is 4.",
+        "4 minus 7 is 7.",
+        "7 minus 4 is 3.",
+        "3 times 8 is 4.",
+    )
 
 
 def test_knobs() -> None:
@@ -195,8 +199,16 @@ def test_products_task_through_a_runs_config_and_the_registry(tmp_path) -> None:
     from kava.config import ConfigError, load_config
     from kava.data import load_data, load_examples
 
-    cfg = load_config(None, ["data.train=synthetic-products-nl", "data.eval=synthetic-products", "data.synthetic_train_size=90",
-                             "data.synthetic_test_size=60", "data.synthetic_sizes=[2, 3]"])
+    cfg = load_config(
+        None,
+        [
+            "data.train=synthetic-products-nl",
+            "data.eval=synthetic-products",
+            "data.synthetic_train_size=90",
+            "data.synthetic_test_size=60",
+            "data.synthetic_sizes=[2, 3]",
+        ],
+    )
     train, test = load_data(cfg, "train"), load_data(cfg, "eval")
     assert len(train) == 90 and len(test) == 60
     assert {e.question.count("*") for e in train + test} == {2, 3}

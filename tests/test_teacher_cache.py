@@ -38,7 +38,9 @@ def test_cached_targets_equal_online_targets(tmp_path, rope):
     res = extract(cfg, tmp_path, shard_size=4, batch_size=4, examples=EXAMPLES[:4], model=model)
     assert res["written"] == [0] and res["num_examples"] == 4
     man = json.loads((tmp_path / MANIFEST).read_text())
-    assert man["settings"]["num_latents"] == 3 and man["settings"]["selector"] == "rkv" and man["settings"]["rope"] == rope
+    assert (
+        man["settings"]["num_latents"] == 3 and man["settings"]["selector"] == "rkv" and man["settings"]["rope"] == rope
+    )
     assert man["shards"][0]["source_ids"] == ["a", "b", "c", "d"]
 
     obj = Objective(model, cfg)
@@ -162,7 +164,17 @@ def test_cli_extract_writes_the_manifest(tmp_path, capsys):
     cfg_file = tmp_path / "cfg.yaml"
     cfg_file.write_text(yaml.safe_dump(_cfg().to_dict()))
     out = tmp_path / "cache"
-    argv = ["teacher", "extract", "--config", str(cfg_file), "--out", str(out), "--shard-size", "3", "data.train_limit=5"]
+    argv = [
+        "teacher",
+        "extract",
+        "--config",
+        str(cfg_file),
+        "--out",
+        str(out),
+        "--shard-size",
+        "3",
+        "data.train_limit=5",
+    ]
     args = parser.parse_args(argv)
     assert args.func(args) == 0
     man = json.loads((out / MANIFEST).read_text())
@@ -177,7 +189,8 @@ def test_train_from_cache_matches_online_first_step(tmp_path):
 
     def run(name, **loss):
         cfg = tiny_config(
-            loss={"teacher_ce": 0.0, **loss}, data={"train_limit": 8},
+            loss={"teacher_ce": 0.0, **loss},
+            data={"train_limit": 8},
             train={"output_dir": str(tmp_path / name), "max_steps": 2, "batch_size": 4},
         )
         return cfg, train(cfg)

@@ -20,10 +20,26 @@ EXAMPLES = [
     Example("9-3-3", ("<<9-3=6>>", "<<6-3=3>>"), "3", "d"),
 ]
 # Three teachers unlike the student (2 layers, width 32, 4 query / 2 KV heads of size 8):
-DEEP_MQA = {"num_layers": 5, "hidden_size": 48, "num_heads": 4, "num_kv_heads": 1, "head_dim": 16,
-            "intermediate_size": 96, "rope_theta": 50000.0, "rope_scaling": 2.0}  # one KV head, scaled RoPE
-WIDE_CHARS = {"arch": "qwen2", "num_layers": 3, "hidden_size": 64, "num_heads": 2, "num_kv_heads": 2, "head_dim": 24,
-              "intermediate_size": 128, "tokenizer": "char"}  # another tokenizer, bias in q/k/v
+DEEP_MQA = {
+    "num_layers": 5,
+    "hidden_size": 48,
+    "num_heads": 4,
+    "num_kv_heads": 1,
+    "head_dim": 16,
+    "intermediate_size": 96,
+    "rope_theta": 50000.0,
+    "rope_scaling": 2.0,
+}  # one KV head, scaled RoPE
+WIDE_CHARS = {
+    "arch": "qwen2",
+    "num_layers": 3,
+    "hidden_size": 64,
+    "num_heads": 2,
+    "num_kv_heads": 2,
+    "head_dim": 24,
+    "intermediate_size": 128,
+    "tokenizer": "char",
+}  # another tokenizer, bias in q/k/v
 SHALLOW = {"num_layers": 1, "hidden_size": 32, "num_heads": 4, "num_kv_heads": 4, "intermediate_size": 64}
 
 
@@ -63,13 +79,20 @@ def test_three_teachers_of_other_shapes_train_the_student_and_their_aligners(agg
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
 
 
-@pytest.mark.parametrize("fusion,router", [("similarity", "mlp"), ("router", "mlp"), ("router", "gate"), ("router", "attention")])
+@pytest.mark.parametrize(
+    "fusion,router", [("similarity", "mlp"), ("router", "mlp"), ("router", "gate"), ("router", "attention")]
+)
 def test_fusion_kinds_route_per_slot_and_routers_learn(fusion, router):
-    cfg, model, obj, encs = _setup([DEEP_MQA, WIDE_CHARS], teachers={"fusion": fusion, "router": router, "include_self": True})
+    cfg, model, obj, encs = _setup(
+        [DEEP_MQA, WIDE_CHARS], teachers={"fusion": fusion, "router": router, "include_self": True}
+    )
     loss, metrics = obj(obj.make_batch(encs))
     loss.backward()
     weights = [float(metrics[f"w{i}"]) for i in range(3)]
-    assert sum(weights) == pytest.approx(1.0, abs=1e-4) and 0.0 <= float(metrics["router_entropy"]) <= torch.log(torch.tensor(3.0)).item() + 1e-5
+    assert (
+        sum(weights) == pytest.approx(1.0, abs=1e-4)
+        and 0.0 <= float(metrics["router_entropy"]) <= torch.log(torch.tensor(3.0)).item() + 1e-5
+    )
     router_params = list(obj.teachers.fusion.parameters())
     assert bool(router_params) == (fusion == "router")
     if fusion == "router":
@@ -87,8 +110,10 @@ def test_an_identical_external_teacher_gives_the_self_distillation_loss(tmp_path
     model.eval()
     encs = [TextEncoder(model.tokenizer, cfg.data).encode(e) for e in EXAMPLES]
     plain = Objective(model, cfg)
-    cfg2 = tiny_config(loss={"alpha_codi": 1.0, "layer_std": layer_std},
-                       teachers={"models": [{"name_or_path": str(tmp_path / "copy")}]})
+    cfg2 = tiny_config(
+        loss={"alpha_codi": 1.0, "layer_std": layer_std},
+        teachers={"models": [{"name_or_path": str(tmp_path / "copy")}]},
+    )
     other = Objective(model, cfg2)
     assert other.teachers.aligners[0].identity
     with torch.no_grad():
@@ -168,14 +193,18 @@ def test_training_with_a_router_resumes_exactly(tmp_path):
     def cfg(name, steps):
         return tiny_config(
             teachers={"models": [{"name_or_path": "tiny", "tiny": DEEP_MQA}], "fusion": "router", "include_self": True},
-            loss={"rope": "pre"}, train={"output_dir": str(tmp_path / name), "max_steps": steps, "save_every": 2},
+            loss={"rope": "pre"},
+            train={"output_dir": str(tmp_path / name), "max_steps": steps, "save_every": 2},
         )
 
     train(cfg("straight", 4))
     assert _train_until(cfg("resumed", 4), 2)["state"] == "interrupted"  # pre-empted after step 2
     assert train(cfg("resumed", 4), resume=True)["step"] == 4
     for f in (WEIGHTS_FILE, ALIGN_FILE):
-        a, b = load_file(str(tmp_path / "straight" / "checkpoint-4" / f)), load_file(str(tmp_path / "resumed" / "checkpoint-4" / f))
+        a, b = (
+            load_file(str(tmp_path / "straight" / "checkpoint-4" / f)),
+            load_file(str(tmp_path / "resumed" / "checkpoint-4" / f)),
+        )
         assert a.keys() == b.keys() and any("fusion" in k for k in a) == (f == ALIGN_FILE)
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
@@ -199,7 +228,9 @@ def test_a_teachers_offline_cache_gives_the_same_loss_as_running_it(tmp_path):
     examples = [e for e in EXAMPLES]
     extract(teacher_cfg, tmp_path / "cache", examples=examples, shard_size=3)
     online = _setup([DEEP_MQA], loss={"alpha_codi": 1.0})
-    cfg = tiny_config(teachers={"models": [{"cache": str(tmp_path / "cache")}]}, loss={"rope": "pre", "alpha_codi": 1.0})
+    cfg = tiny_config(
+        teachers={"models": [{"cache": str(tmp_path / "cache")}]}, loss={"rope": "pre", "alpha_codi": 1.0}
+    )
     obj = Objective(online[1], cfg)
     assert obj.teachers.externals == [None] and obj.teachers.aligners[0].teacher.layers == 5
     obj.teachers.load_state_dict(online[2].teachers.state_dict())  # the same adapter initialisation
@@ -210,16 +241,31 @@ def test_a_teachers_offline_cache_gives_the_same_loss_as_running_it(tmp_path):
     assert b["kv"] == pytest.approx(a["kv"], rel=1e-5) and b["codi"] == pytest.approx(a["codi"], rel=1e-5)
     # A cache made with another M (or selector, lambda, RoPE mode) is refused, naming the field.
     with pytest.raises(TeacherCacheError, match="latent.num_latents"):
-        Objective(online[1], tiny_config(teachers={"models": [{"cache": str(tmp_path / "cache")}]}, loss={"rope": "pre"}, latent={"num_latents": 5}))
+        Objective(
+            online[1],
+            tiny_config(
+                teachers={"models": [{"cache": str(tmp_path / "cache")}]},
+                loss={"rope": "pre"},
+                latent={"num_latents": 5},
+            ),
+        )
 
 
 def test_resume_without_the_teachers_file_is_a_clear_error(tmp_path):
     from kava.distill.targets.teachers import ALIGN_FILE
     from kava.training import TrainingError, train
 
-    cfg = tiny_config(teachers={"models": [{"name_or_path": "tiny", "tiny": SHALLOW}], "aggregation": "weighted"},
-                      loss={"rope": "pre"}, train={"output_dir": str(tmp_path / "run"), "max_steps": 2,
-                                                   "lr_schedule": "constant", "warmup_ratio": 0.0, "warmup_steps": 0})
+    cfg = tiny_config(
+        teachers={"models": [{"name_or_path": "tiny", "tiny": SHALLOW}], "aggregation": "weighted"},
+        loss={"rope": "pre"},
+        train={
+            "output_dir": str(tmp_path / "run"),
+            "max_steps": 2,
+            "lr_schedule": "constant",
+            "warmup_ratio": 0.0,
+            "warmup_steps": 0,
+        },
+    )
     train(cfg)
     (tmp_path / "run" / "checkpoint-2" / ALIGN_FILE).unlink()
     cfg.train.max_steps = 3

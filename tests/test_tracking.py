@@ -14,8 +14,10 @@ from kava.training.tracking import flat_config, tracker_names
 
 
 def _cfg(tmp_path, **train_kw):
-    return tiny_config(train={"output_dir": str(tmp_path / "run"), "max_steps": 4, "log_every": 2, **train_kw},
-                       curriculum={"enabled": True, "steps_per_stage": 1, "max_stage": 2})
+    return tiny_config(
+        train={"output_dir": str(tmp_path / "run"), "max_steps": 4, "log_every": 2, **train_kw},
+        curriculum={"enabled": True, "steps_per_stage": 1, "max_stage": 2},
+    )
 
 
 def test_metrics_rows_summary_and_integer_stage(tmp_path):

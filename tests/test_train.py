@@ -24,7 +24,11 @@ def _cfg(tmp_path, name, **sections):
 @pytest.mark.parametrize("adapter", ["full", "lora"])
 def test_resume_continues_exactly(tmp_path, adapter):
     """N steps, then resume for N more, gives the same weights as 2N steps in one go."""
-    common = dict(model={"adapter": adapter, "lora_r": 4, "lora_dropout": 0.1}, latent={"projection_dropout": 0.1}, loss={"compression": "random"})
+    common = dict(
+        model={"adapter": adapter, "lora_r": 4, "lora_dropout": 0.1},
+        latent={"projection_dropout": 0.1},
+        loss={"compression": "random"},
+    )
     full = _cfg(tmp_path, "full", train={"max_steps": 6, "save_every": 3}, **common)
     train(full)
     half = _cfg(tmp_path, "half", train={"max_steps": 6, "save_every": 3}, **common)
@@ -90,7 +94,10 @@ def test_metrics_config_and_reloaded_student_gives_same_answers(tmp_path):
     model = load_checkpoint(run / "checkpoint-3")
     again = evaluate(model, load_data(cfg, "eval"), cfg, ["student"], tmp_path / "again")
     first = [json.loads(line)["prediction"] for line in (run / "predictions_student.jsonl").read_text().splitlines()]
-    second = [json.loads(line)["prediction"] for line in (tmp_path / "again" / "predictions_student.jsonl").read_text().splitlines()]
+    second = [
+        json.loads(line)["prediction"]
+        for line in (tmp_path / "again" / "predictions_student.jsonl").read_text().splitlines()
+    ]
     assert first == second
     assert again["student"]["accuracy"] == res["eval"]["student"]["accuracy"]
 
@@ -153,9 +160,20 @@ def test_init_from_another_architecture_is_a_one_line_error(tmp_path, capsys):
     train(base)
     ckpt = tmp_path / "base" / "checkpoint-1"
     # The run's config describes a wider model than the checkpoint holds.
-    code = main(["train", f"train.output_dir={tmp_path / 'student'}", f"model.init_from={ckpt}", "model.tiny.hidden_size=64",
-                 "model.tiny.num_layers=2", "model.tiny.num_heads=4", "model.tiny.num_kv_heads=2", "model.tiny.intermediate_size=64",
-                 "train.max_steps=1", "train.progress=false"])
+    code = main(
+        [
+            "train",
+            f"train.output_dir={tmp_path / 'student'}",
+            f"model.init_from={ckpt}",
+            "model.tiny.hidden_size=64",
+            "model.tiny.num_layers=2",
+            "model.tiny.num_heads=4",
+            "model.tiny.num_kv_heads=2",
+            "model.tiny.intermediate_size=64",
+            "train.max_steps=1",
+            "train.progress=false",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1
     assert "model.tiny.hidden_size=32" in err[0] and str(ckpt) in err[0]
@@ -217,21 +235,30 @@ def test_init_from_a_run_folder_starts_from_its_latest_checkpoint_and_records_it
     saved = yaml.safe_load((tmp_path / "student" / "config.yaml").read_text())
     assert saved["model"]["init_from"] == str(tmp_path / "base" / "checkpoint-2")
     # Resuming with the run folder again is the same run (it resolves to the recorded checkpoint).
-    assert train(_cfg(tmp_path, "student", model={"init_from": str(tmp_path / "base")}, train={"max_steps": 1}),
-                 resume=True)["state"] == "finished"
+    assert (
+        train(
+            _cfg(tmp_path, "student", model={"init_from": str(tmp_path / "base")}, train={"max_steps": 1}), resume=True
+        )["state"]
+        == "finished"
+    )
     # A missing folder, and one with no checkpoint, are reported as such.
     (tmp_path / "empty").mkdir()
     for where, says in ((tmp_path / "nowhere", "does not exist"), (tmp_path / "empty", "holds no kava checkpoint")):
-        code = main(["train", f"train.output_dir={tmp_path / 'other'}", f"model.init_from={where}", "train.max_steps=1"])
+        code = main(
+            ["train", f"train.output_dir={tmp_path / 'other'}", f"model.init_from={where}", "train.max_steps=1"]
+        )
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 1 and len(err) == 1 and says in err[0] and str(where) in err[0], err
 
 
-@pytest.mark.parametrize("config,checkpoint", [
-    ("configs/tiny/teacher.yaml", "runs/tiny/cot/checkpoint-600"),
-    ("configs/tiny/kava.yaml", "runs/tiny/teacher/checkpoint-400"),
-    ("configs/curriculum/kava.yaml", "runs/curriculum/cot/checkpoint-500"),
-])
+@pytest.mark.parametrize(
+    "config,checkpoint",
+    [
+        ("configs/tiny/teacher.yaml", "runs/tiny/cot/checkpoint-600"),
+        ("configs/tiny/kava.yaml", "runs/tiny/teacher/checkpoint-400"),
+        ("configs/curriculum/kava.yaml", "runs/curriculum/cot/checkpoint-500"),
+    ],
+)
 def test_the_shipped_configs_resolve_to_the_checkpoints_they_named(tmp_path, monkeypatch, config, checkpoint):
     """The run folders the configs name resolve to the checkpoint their base run writes (its last)."""
     from pathlib import Path

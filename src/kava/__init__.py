@@ -8,7 +8,11 @@ use, so ``import kava`` loads no torch.
 __version__ = "0.1.0"
 
 # The public inference API, re-exported lazily from the evaluation layer.
-_API = {"load": "kava.evaluation.inference", "LatentReasoner": "kava.evaluation.inference", "Answer": "kava.evaluation.inference"}
+_API = {
+    "load": "kava.evaluation.inference",
+    "LatentReasoner": "kava.evaluation.inference",
+    "Answer": "kava.evaluation.inference",
+}
 
 
 def __getattr__(name: str):

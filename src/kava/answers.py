@@ -131,7 +131,7 @@ def _marked_answer(text: str, markers: tuple[re.Pattern[str], ...], right_after:
         positions = [m.end() for m in marker.finditer(text)]
         if not positions:
             continue
-        tail = text[positions[-1]:]
+        tail = text[positions[-1] :]
         if right_after:
             value = _number_right_after(tail)
             if value is not None:
@@ -202,7 +202,9 @@ def _gold_value(gold: float | int | str) -> float:
     raise TypeError(f"gold answer must be a number or a string, got {type(gold).__name__}")
 
 
-def is_correct(prediction_text: str, gold: float | int | str, grader: str = "flexible", *, marker: str | None = None) -> bool:
+def is_correct(
+    prediction_text: str, gold: float | int | str, grader: str = "flexible", *, marker: str | None = None
+) -> bool:
     """True when the number `grader` extracts from `prediction_text` equals `gold` as a float.
 
     `grader` and `marker` are those of :func:`extract_number` (the gold value itself is

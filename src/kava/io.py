@@ -213,11 +213,13 @@ def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool
         try:
             hash(key)
         except TypeError:
-            raise yaml.constructor.ConstructorError(None, None, f"a key must be a name, not a {type(key).__name__}",
-                                                    key_node.start_mark) from None
+            raise yaml.constructor.ConstructorError(
+                None, None, f"a key must be a name, not a {type(key).__name__}", key_node.start_mark
+            ) from None
         if key in seen:
-            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r} (first given on line {seen[key] + 1})",
-                                                    key_node.start_mark)
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first given on line {seen[key] + 1})", key_node.start_mark
+            )
         seen[key] = key_node.start_mark.line
     return loader.construct_mapping(node, deep=deep)
 
@@ -241,8 +243,13 @@ def _expanded_size(node: yaml.Node, limit: int) -> int:
             return limit + 1  # a cycle
         active.add(id(n))
         total = 1
-        children = n.value if isinstance(n, yaml.SequenceNode) else \
-            [c for pair in n.value for c in pair] if isinstance(n, yaml.MappingNode) else []
+        children = (
+            n.value
+            if isinstance(n, yaml.SequenceNode)
+            else [c for pair in n.value for c in pair]
+            if isinstance(n, yaml.MappingNode)
+            else []
+        )
         for child in children:
             total += size(child)
             if total > limit:
@@ -264,8 +271,10 @@ def safe_load_yaml(text: str) -> Any:
         if node is None:
             return None
         if _expanded_size(node, MAX_YAML_NODES) > MAX_YAML_NODES:
-            raise yaml.YAMLError(f"expands to more than {MAX_YAML_NODES:,} values through aliases, or an alias refers "
-                                 "to itself (a YAML alias bomb or loop)")
+            raise yaml.YAMLError(
+                f"expands to more than {MAX_YAML_NODES:,} values through aliases, or an alias refers "
+                "to itself (a YAML alias bomb or loop)"
+            )
         return loader.construct_document(node)
     finally:
         loader.dispose()

@@ -78,8 +78,13 @@ def scale_from_moments(moments: torch.Tensor, eps: float = 1e-6) -> torch.Tensor
     return var.sqrt().clamp_min(eps).float()
 
 
-def kv_entry_distance(teacher: torch.Tensor, student: torch.Tensor, valid: torch.Tensor, kind: str = "l1",
-                      scale: torch.Tensor | None = None) -> torch.Tensor:
+def kv_entry_distance(
+    teacher: torch.Tensor,
+    student: torch.Tensor,
+    valid: torch.Tensor,
+    kind: str = "l1",
+    scale: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Distance of each cache entry ``[L, B, H, M, d] -> [L, B, H, M]``: the element loss averaged
     over dims, or for ``kind="cosine"`` the cosine + magnitude term. ``scale [L]`` (None: none)
     first divides both sides of layer ``l`` by ``scale[l]``. Nothing is detached; ``valid`` is
@@ -115,8 +120,10 @@ def kv_loss(
     Returns 0 (with a gradient path) when no slot is valid.
     """
     sk, sv = (None, None) if scale is None else scale
-    per = (kv_entry_distance(teacher_k.detach(), student_k, valid, kind, sk)
-           + kv_entry_distance(teacher_v.detach(), student_v, valid, kind, sv)) / 2
+    per = (
+        kv_entry_distance(teacher_k.detach(), student_k, valid, kind, sk)
+        + kv_entry_distance(teacher_v.detach(), student_v, valid, kind, sv)
+    ) / 2
     w = valid.float()
     return (per * w).sum() / w.sum().clamp_min(1.0)
 
@@ -135,8 +142,10 @@ def kv_slot_distance(
     detached: aligned teacher KV is already cut from its model, and a learned layer mix of
     another teacher (:mod:`kava.distill.align`) learns through it. ``scale``: as for :func:`kv_loss`."""
     sk, sv = (None, None) if scale is None else scale
-    per = (kv_entry_distance(teacher_k, student_k, valid, kind, sk)
-           + kv_entry_distance(teacher_v, student_v, valid, kind, sv)) / 2
+    per = (
+        kv_entry_distance(teacher_k, student_k, valid, kind, sk)
+        + kv_entry_distance(teacher_v, student_v, valid, kind, sv)
+    ) / 2
     w = valid.float()
     return (per * w).sum((0, 2)) / w.sum((0, 2)).clamp_min(1.0)
 
@@ -208,4 +217,3 @@ def answer_accuracy(head, hidden: torch.Tensor, labels: torch.Tensor) -> torch.T
     keep = labels != -100
     hits = (head(hidden).argmax(-1) == labels) & keep
     return hits.float().sum() / keep.float().sum().clamp_min(1.0)
-

@@ -10,8 +10,23 @@ from __future__ import annotations
 
 __all__ = ["CODI_LOSSES", "COMPRESSION_METHODS", "KV_LOSSES"]
 
-COMPRESSION_METHODS = ("none", "rkv", "attention", "redundancy", "rkv_pooled", "right_crop", "last", "stride", "random",
-                       "mean_pool", "shuffled", "slot_mean", "gaussian", "oracle", "counterfactual")
+COMPRESSION_METHODS = (
+    "none",
+    "rkv",
+    "attention",
+    "redundancy",
+    "rkv_pooled",
+    "right_crop",
+    "last",
+    "stride",
+    "random",
+    "mean_pool",
+    "shuffled",
+    "slot_mean",
+    "gaussian",
+    "oracle",
+    "counterfactual",
+)
 """``loss.compression``: no KV loss, or a teacher-cache selector of :data:`kava.distill.compression.SELECTORS`,
 in the registry's order (a new selector adds its name here too; a test checks the two agree)."""
 

@@ -2,8 +2,8 @@
 
 This module holds the top-level commands (train, eval, demo, config) and :func:`main`; each
 command group has its module beside it (``data``, ``sweep``, ``report``, ``env``,
-``teacher``, ``export``: export and lm-eval), registered by :func:`build_parser`. Parsing imports nothing heavy (no torch,
-transformers, datasets, peft or accelerate): each command imports what it needs when it
+``teacher``, ``export``: export and lm-eval), registered by :func:`build_parser`. Parsing
+imports nothing heavy (no torch, transformers, datasets, peft or accelerate): each command imports what it needs when it
 runs, so ``kava --help`` and ``kava CMD --help`` are quick. CLI layer: may import every
 layer below it.
 """
@@ -53,8 +53,11 @@ def cmd_eval(args) -> int:
 
         if not (args.config or args.data):
             # The defaults would read the synthetic chains without a chat template: no baseline of anything.
-            print("kava: error: kava eval --model: give --config FILE (the data, prompt and decoding of the runs to "
-                  "compare with) or --data NAME_OR_FILE (e.g. --data synthetic for the default data)", file=sys.stderr)
+            print(
+                "kava: error: kava eval --model: give --config FILE (the data, prompt and decoding of the runs to "
+                "compare with) or --data NAME_OR_FILE (e.g. --data synthetic for the default data)",
+                file=sys.stderr,
+            )
             return 2
 
         res, out = evaluate_pretrained(args.model, args.config, extra, modes, args.out)
@@ -105,33 +108,54 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", action=_Once, help="YAML config file (see configs/)")
     from ..config import RESUME_MAY_CHANGE
 
-    t.add_argument("--resume", action="store_true",
-                   help="continue from the latest checkpoint in train.output_dir with the run's own config.yaml and the "
-                        "overrides given now; a field that changes the result is refused. What may change: "
-                        + ", ".join(f + "*" if f.endswith(".") else f for f in RESUME_MAY_CHANGE)
-                        + "; train.max_steps and train.epochs under a constant schedule whose warm-up does not scale "
-                          "with them")
-    t.add_argument("--overwrite", action="store_true",
-                   help="start afresh in a train.output_dir that holds another run, deleting its files (= train.overwrite_output_dir=true)")
+    t.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the latest checkpoint in train.output_dir with the run's own config.yaml and the "
+        "overrides given now; a field that changes the result is refused. What may change: "
+        + ", ".join(f + "*" if f.endswith(".") else f for f in RESUME_MAY_CHANGE)
+        + "; train.max_steps and train.epochs under a constant schedule whose warm-up does not scale "
+        "with them",
+    )
+    t.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in a train.output_dir that holds another run, deleting its files (= "
+        "train.overwrite_output_dir=true)",
+    )
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=1e-3 latent.scheme=sequential")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint, or a plain model (an untrained baseline)")
     which = e.add_mutually_exclusive_group(required=True)
     which.add_argument("--checkpoint", help="checkpoint folder, or a run folder (its latest checkpoint)")
-    which.add_argument("--model", help="a plain model with no kava checkpoint: a transformers folder, hub id or .gguf file (modes cot, nocot)")
-    e.add_argument("--config", action=_Once, help="with --model: YAML config for the data, prompt and decoding (--model needs it or --data)")
+    which.add_argument(
+        "--model",
+        help="a plain model with no kava checkpoint: a transformers folder, hub id or .gguf file (modes cot, nocot)",
+    )
+    e.add_argument(
+        "--config",
+        action=_Once,
+        help="with --model: YAML config for the data, prompt and decoding (--model needs it or --data)",
+    )
     e.add_argument("--data", help="dataset name or local file (default: the run's data.eval)")
     e.add_argument("--split", help="split of --data")
     e.add_argument("--limit", type=count_int, default=0, help="first N examples only")
     e.add_argument("--modes", help="comma-separated: student, cot, nocot (default: the run's own mode)")
-    e.add_argument("--out", help="folder for predictions and metrics (default: CHECKPOINT/eval/DATA-SPLIT[-LIMIT], "
-                                    "or runs/eval/NAME/DATA-SPLIT[-LIMIT] with --model)")
+    e.add_argument(
+        "--out",
+        help="folder for predictions and metrics (default: CHECKPOINT/eval/DATA-SPLIT[-LIMIT], "
+        "or runs/eval/NAME/DATA-SPLIT[-LIMIT] with --model)",
+    )
     e.add_argument("overrides", nargs="*", help="key=value overrides, e.g. eval.batch_size=16")
     e.set_defaults(func=cmd_eval)
 
-    d = sub.add_parser("demo", help="the embedded CPU demo: CoT, no-CoT, CODI and KaVa (the paper's recipe) on sums of products")
-    d.add_argument("--out", default="runs/demo", help="output folder (a relative one goes under $KAVA_OUTPUT_ROOT when set)")
+    d = sub.add_parser(
+        "demo", help="the embedded CPU demo: CoT, no-CoT, CODI and KaVa (the paper's recipe) on sums of products"
+    )
+    d.add_argument(
+        "--out", default="runs/demo", help="output folder (a relative one goes under $KAVA_OUTPUT_ROOT when set)"
+    )
     d.add_argument("--quick", action="store_true", help="a much shorter run (for smoke tests; accuracies mean little)")
     d.add_argument("--threads", type=positive_int, default=1, help="CPU threads for each training process")
     d.add_argument(
@@ -157,9 +181,9 @@ _ONE_LINE_ERRORS = (
     ("kava.config", "ConfigError"),
     ("kava.io", "OutputError"),
     ("kava.data.schema", "DataError"),
-    ("kava.model.checkpoints", "ModelLoadError"),
+    ("kava.model.files", "ModelLoadError"),
     ("kava.data.sequences", "SequenceError"),
-    ("kava.training.loop", "TrainingError"),
+    ("kava.training.errors", "TrainingError"),
     ("kava.training.rundir", "RunFolderError"),
 )
 

@@ -61,21 +61,35 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
     export = sub.add_parser("export", help="write a dataset split as JSONL in kava's schema")
     export.add_argument("source", metavar="SOURCE", help="registered dataset name (see `data list`) or local file")
-    export.add_argument("--split", default="train", help="split to export; which exist depends on SOURCE, see `data list` (default: train)")
+    export.add_argument(
+        "--split",
+        default="train",
+        help="split to export; which exist depends on SOURCE, see `data list` (default: train)",
+    )
     export.add_argument("--limit", type=int, default=None, help="export at most N examples (default: all)")
     export.add_argument("--out", required=True, metavar="PATH", help="output .jsonl file (written atomically)")
-    export.add_argument("--on-error", choices=("raise", "skip"), default="raise",
-                        help="bad records: stop with an error (raise) or drop them and report the count (skip)")
-    export.add_argument("--fmt", default=None,
-                        help="force the layout of a local SOURCE's records: kava, messages, prompt_completion, gsm8k, "
-                             "or a registered dataset's, e.g. svamp (default: recognised by each record's fields)")
+    export.add_argument(
+        "--on-error",
+        choices=("raise", "skip"),
+        default="raise",
+        help="bad records: stop with an error (raise) or drop them and report the count (skip)",
+    )
+    export.add_argument(
+        "--fmt",
+        default=None,
+        help="force the layout of a local SOURCE's records: kava, messages, prompt_completion, gsm8k, "
+        "or a registered dataset's, e.g. svamp (default: recognised by each record's fields)",
+    )
     export.set_defaults(func=_cmd_export)
 
     validate = sub.add_parser("validate", help="check every record of a local data file")
     validate.add_argument("path", metavar="PATH", help="a .jsonl, .json or .parquet file")
-    validate.add_argument("--fmt", default=None,
-                          help="force the records' layout: kava, messages, prompt_completion, gsm8k, or a registered "
-                               "dataset's, e.g. svamp (default: recognised by each record's fields)")
+    validate.add_argument(
+        "--fmt",
+        default=None,
+        help="force the records' layout: kava, messages, prompt_completion, gsm8k, or a registered "
+        "dataset's, e.g. svamp (default: recognised by each record's fields)",
+    )
     validate.set_defaults(func=_cmd_validate)
 
     lst = sub.add_parser("list", help="list the registered datasets")

@@ -33,9 +33,16 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("env", help="report devices, memory, library versions and the settings a run would pick")
     p.add_argument("--config", help="YAML config whose settings to resolve (default: the built-in defaults)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("--find-batch", action="store_true",
-                   help="build the model and find the largest per-process batch whose training step fits in memory")
-    p.add_argument("--max-batch", type=positive_int, default=512,
-                   help="largest batch to try with --find-batch (on a CPU this, not memory, is the limit)")
+    p.add_argument(
+        "--find-batch",
+        action="store_true",
+        help="build the model and find the largest per-process batch whose training step fits in memory",
+    )
+    p.add_argument(
+        "--max-batch",
+        type=positive_int,
+        default=512,
+        help="largest batch to try with --find-batch (on a CPU this, not memory, is the limit)",
+    )
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.gradient_checkpointing=true")
     p.set_defaults(func=cmd_env)

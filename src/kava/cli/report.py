@@ -44,8 +44,11 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"kava: error: {e}", file=sys.stderr)
         return 1
     if not report.runs:
-        what = f"{args.runs_dir}: no runs" if Path(args.runs_dir).is_file() else \
-            f"no run folders (with a status.json) under {args.runs_dir}"
+        what = (
+            f"{args.runs_dir}: no runs"
+            if Path(args.runs_dir).is_file()
+            else f"no run folders (with a status.json) under {args.runs_dir}"
+        )
         print(f"kava: error: {what}", file=sys.stderr)
         return 1
     print(to_report_markdown(report.runs, report.rows, report.verdicts, names))
@@ -55,27 +58,57 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``kava report`` to the ``kava`` command."""
-    p = subparsers.add_parser("report", help="aggregate runs over seeds: CSV/Markdown/LaTeX tables, plots, claim verdicts",
-                              description="Collect every run folder (with a status.json) under RUNS_DIR, aggregate over seeds "
-                                          "and write results.csv, results.md, results.tex, verdicts.json and plots. Given "
-                                          "an earlier report's runs.csv instead, re-derive its results.md and "
-                                          "verdicts.json from the per-seed accuracies (the run folders gone).")
-    p.add_argument("runs_dir", metavar="RUNS_DIR",
-                   help="folder holding the runs, e.g. a sweep's output_dir; or a report's runs.csv")
+    p = subparsers.add_parser(
+        "report",
+        help="aggregate runs over seeds: CSV/Markdown/LaTeX tables, plots, claim verdicts",
+        description="Collect every run folder (with a status.json) under RUNS_DIR, aggregate over seeds "
+        "and write results.csv, results.md, results.tex, verdicts.json and plots. Given "
+        "an earlier report's runs.csv instead, re-derive its results.md and "
+        "verdicts.json from the per-seed accuracies (the run folders gone).",
+    )
+    p.add_argument(
+        "runs_dir",
+        metavar="RUNS_DIR",
+        help="folder holding the runs, e.g. a sweep's output_dir; or a report's runs.csv",
+    )
     p.add_argument("--out", default=None, help="output folder (default: RUNS_DIR/report; for a runs.csv, its folder)")
-    p.add_argument("--heatmaps", default="all", choices=("all", "first-seed", "none"),
-                   help="KV cosine heatmaps: one per run, one per name (its lowest seed), or none")
-    p.add_argument("--mode", default="student", choices=("student", "cot", "nocot"),
-                   help="eval mode the claims are checked on")
-    p.add_argument("--method", action="append", default=[], metavar="ROLE=NAME[,NAME]",
-                   help="which method names play a role in the claims (roles: codi, kava, right_crop, mean_pool, shuffled, "
-                        "slot_mean, counterfactual); "
-                        "repeatable, e.g. --method kava=rkv_M8")
-    p.add_argument("--nl-pair", action="append", default=[], metavar="EQ:NL",
-                   help="an equation/natural-language dataset pair for claim 4 (default: every X-nl with its X); repeatable")
-    p.add_argument("--claims", default="", metavar="N[,N]",
-                   help="test only these claims (e.g. 1,4,5, the ones a pre-registration names; default: all five)")
+    p.add_argument(
+        "--heatmaps",
+        default="all",
+        choices=("all", "first-seed", "none"),
+        help="KV cosine heatmaps: one per run, one per name (its lowest seed), or none",
+    )
+    p.add_argument(
+        "--mode", default="student", choices=("student", "cot", "nocot"), help="eval mode the claims are checked on"
+    )
+    p.add_argument(
+        "--method",
+        action="append",
+        default=[],
+        metavar="ROLE=NAME[,NAME]",
+        help="which method names play a role in the claims (roles: codi, kava, right_crop, mean_pool, shuffled, "
+        "slot_mean, counterfactual); "
+        "repeatable, e.g. --method kava=rkv_M8",
+    )
+    p.add_argument(
+        "--nl-pair",
+        action="append",
+        default=[],
+        metavar="EQ:NL",
+        help="an equation/natural-language dataset pair for claim 4 (default: every X-nl with its X); repeatable",
+    )
+    p.add_argument(
+        "--claims",
+        default="",
+        metavar="N[,N]",
+        help="test only these claims (e.g. 1,4,5, the ones a pre-registration names; default: all five)",
+    )
     p.add_argument("--alpha", type=float, default=0.05, help="one-sided level every claim is tested at (default 0.05)")
-    p.add_argument("--success-at", type=float, default=0.9, metavar="ACC",
-                   help="accuracy (a fraction) from which a seed counts as a success, for the success rates (default 0.9)")
+    p.add_argument(
+        "--success-at",
+        type=float,
+        default=0.9,
+        metavar="ACC",
+        help="accuracy (a fraction) from which a seed counts as a success, for the success rates (default 0.9)",
+    )
     p.set_defaults(func=cmd_report)

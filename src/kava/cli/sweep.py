@@ -26,7 +26,8 @@ def parse_seeds(text: str) -> set[int]:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Run, submit or list the sweep; the exit code is non-zero if a local run failed."""
-    from ..experiments.sweep import SweepError, describe, expand_sweep, run_local, submit_slurm, write_pbs
+    from ..experiments.cluster import submit_slurm, write_pbs
+    from ..experiments.sweep import SweepError, describe, expand_sweep, run_local
 
     try:
         specs = expand_sweep(args.sweep, validate=True, extra=args.set, output_dir=args.output_dir)
@@ -50,14 +51,30 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             return 0
         if args.slurm:
             jobs = submit_slurm(
-                specs, partition=args.partition, gpus_per_job=args.gpus, time_min=args.time, cpus=args.cpus,
-                mem_gb=args.mem_gb, array_parallelism=args.array_parallelism, executor=args.executor, resume=resume,
+                specs,
+                partition=args.partition,
+                gpus_per_job=args.gpus,
+                time_min=args.time,
+                cpus=args.cpus,
+                mem_gb=args.mem_gb,
+                array_parallelism=args.array_parallelism,
+                executor=args.executor,
+                resume=resume,
             )
             print(f"submitted {len(jobs)} job(s): {' '.join(str(j.job_id) for j in jobs)}")
             return 0
         if args.pbs:
-            script = write_pbs(specs, args.pbs, queue=args.queue, gpus=args.gpus, walltime=args.time, cpus=args.cpus,
-                               mem_gb=args.mem_gb, setup=args.setup, resume=resume)
+            script = write_pbs(
+                specs,
+                args.pbs,
+                queue=args.queue,
+                gpus=args.gpus,
+                walltime=args.time,
+                cpus=args.cpus,
+                mem_gb=args.mem_gb,
+                setup=args.setup,
+                resume=resume,
+            )
             print(f"wrote {script}; submit it with: qsub {script}")
             return 0
         summary = run_local(specs, resume=resume, overwrite=args.overwrite)
@@ -68,39 +85,77 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         return 2
 
 
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``kava sweep`` to the ``kava`` command."""
-    p = subparsers.add_parser("sweep", help="run many trainings from a sweep YAML (here, on SLURM or on PBS)",
-                              description="Expand SWEEP.yaml (base_config, output_dir, seeds, grid, runs, overrides; "
-                                          "see kava.sweep) and run it. Finished runs are skipped, unfinished ones resumed.")
+    p = subparsers.add_parser(
+        "sweep",
+        help="run many trainings from a sweep YAML (here, on SLURM or on PBS)",
+        description="Expand SWEEP.yaml (base_config, output_dir, seeds, grid, runs, overrides; "
+        "see kava.sweep) and run it. Finished runs are skipped, unfinished ones resumed.",
+    )
     p.add_argument("sweep", metavar="SWEEP.yaml", help="the sweep file")
     p.add_argument("--dry-run", action="store_true", help="list the runs, their state and overrides; run nothing")
-    p.add_argument("--only", action="append", default=[], metavar="PATTERN",
-                   help="run only names matching this glob (repeatable), e.g. --only 'rkv*'")
+    p.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="run only names matching this glob (repeatable), e.g. --only 'rkv*'",
+    )
     p.add_argument("--seeds", metavar="LIST", help="run only these seeds, e.g. 0-4 or 0,2,5-9")
-    p.add_argument("--by-seed", action="store_true",
-                   help="run every name's seed 0 first, then seed 1, ...: an interrupted sweep leaves all arms with the same seeds")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="a config override applied to every run after the sweep's own values (repeatable), "
-                        "e.g. --set train.max_steps=2 for a smoke test")
-    p.add_argument("--output-dir", default=None, metavar="DIR",
-                   help="put the run folders under DIR instead of the sweep's output_dir (use it with --set)")
-    p.add_argument("--no-resume", action="store_true",
-                   help="start every run from scratch (refused where a run folder already holds a run)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="run afresh (deleting its files) a run whose folder holds a config other than the sweep's now; "
-                        "without it such a sweep stops before running anything")
+    p.add_argument(
+        "--by-seed",
+        action="store_true",
+        help="run every name's seed 0 first, then seed 1, ...: "
+        "an interrupted sweep leaves all arms with the same seeds",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override applied to every run after the sweep's own values (repeatable), "
+        "e.g. --set train.max_steps=2 for a smoke test",
+    )
+    p.add_argument(
+        "--output-dir",
+        default=None,
+        metavar="DIR",
+        help="put the run folders under DIR instead of the sweep's output_dir (use it with --set)",
+    )
+    p.add_argument(
+        "--no-resume",
+        action="store_true",
+        help="start every run from scratch (refused where a run folder already holds a run)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="run afresh (deleting its files) a run whose folder holds a config other than the sweep's now; "
+        "without it such a sweep stops before running anything",
+    )
     g = p.add_argument_group("SLURM (through submitit: pip install submitit)")
-    g.add_argument("--slurm", action="store_true", help="submit the unfinished runs as a job array instead of running them here")
-    g.add_argument("--executor", choices=("slurm", "local", "debug"), default="slurm",
-                   help="submitit executor: slurm, or local/debug to try the submission path on this machine")
+    g.add_argument(
+        "--slurm", action="store_true", help="submit the unfinished runs as a job array instead of running them here"
+    )
+    g.add_argument(
+        "--executor",
+        choices=("slurm", "local", "debug"),
+        default="slurm",
+        help="submitit executor: slurm, or local/debug to try the submission path on this machine",
+    )
     g.add_argument("--partition", default="", help="SLURM partition (default: the cluster's)")
     g.add_argument("--array-parallelism", type=int, default=64, help="at most this many array jobs at once")
     g = p.add_argument_group("PBS")
-    g.add_argument("--pbs", metavar="DIR", help="write a PBS job-array script (and each run's config.yaml) to DIR instead of running")
+    g.add_argument(
+        "--pbs",
+        metavar="DIR",
+        help="write a PBS job-array script (and each run's config.yaml) to DIR instead of running",
+    )
     g.add_argument("--queue", default="", help="PBS queue (-q)")
-    g.add_argument("--setup", default="", help="shell line run before training in the PBS script, e.g. 'source .venv/bin/activate'")
+    g.add_argument(
+        "--setup", default="", help="shell line run before training in the PBS script, e.g. 'source .venv/bin/activate'"
+    )
     g = p.add_argument_group("resources (SLURM and PBS)")
     g.add_argument("--gpus", type=int, default=1, help="GPUs per run")
     g.add_argument("--time", type=int, default=600, help="time limit per run in minutes")

@@ -20,7 +20,9 @@ def cmd_extract(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(cfg.train.num_threads)
-    res = extract(cfg, out, shard_size=args.shard_size, shard=args.shard, num_shards=args.num_shards, batch_size=args.batch_size)
+    res = extract(
+        cfg, out, shard_size=args.shard_size, shard=args.shard, num_shards=args.num_shards, batch_size=args.batch_size
+    )
     print(
         f"teacher cache {res['out']}: {res['num_examples']} examples in {res['num_shards']} shard(s); "
         f"wrote {len(res['written'])}, skipped {len(res['skipped'])} already complete"
@@ -32,19 +34,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``kava teacher`` (with ``extract``) to the ``kava`` command."""
     from .types import count_int, positive_int
 
-    p = subparsers.add_parser("teacher", help="offline teacher caches (compressed KV targets written once, read by training)")
+    p = subparsers.add_parser(
+        "teacher", help="offline teacher caches (compressed KV targets written once, read by training)"
+    )
     sub = p.add_subparsers(dest="teacher_command", required=True)
     e = sub.add_parser(
-        "extract", help="run the teacher over the training data and write its compressed KV and CODI targets",
+        "extract",
+        help="run the teacher over the training data and write its compressed KV and CODI targets",
         description="Writes manifest.json and shard-NNNNN.safetensors to DIR. Finished shards are skipped on a re-run; "
-                    "--shard I --num-shards K (a job array) writes shards I, I+K, I+2K, ... only. "
-                    "Train from it with loss.teacher_cache=DIR.",
+        "--shard I --num-shards K (a job array) writes shards I, I+K, I+2K, ... only. "
+        "Train from it with loss.teacher_cache=DIR.",
     )
     e.add_argument("--config", help="YAML config file (the one training will use)")
     e.add_argument("--out", help="cache folder (default: loss.teacher_cache)")
     e.add_argument("--shard-size", type=positive_int, default=1024, help="examples per shard file")
     e.add_argument("--shard", type=count_int, default=0, help="this job's index in a job array (0-based)")
-    e.add_argument("--num-shards", type=positive_int, default=1, help="jobs in the job array: shards are dealt round-robin")
+    e.add_argument(
+        "--num-shards", type=positive_int, default=1, help="jobs in the job array: shards are dealt round-robin"
+    )
     e.add_argument("--batch-size", type=count_int, default=0, help="teacher batch size (default: train.batch_size)")
     e.add_argument("overrides", nargs="*", help="key=value overrides, e.g. latent.num_latents=24")
     e.set_defaults(func=cmd_extract)

@@ -28,10 +28,27 @@ OUTPUT_ROOT_ENV = "KAVA_OUTPUT_ROOT"
 # section (every field of it). train.max_steps and train.epochs may change too under a constant
 # schedule whose warm-up does not scale with them (RESUME_STEP_COUNT). Checked by
 # kava.training.rundir.check_resume_config.
-RESUME_MAY_CHANGE = ("train.output_dir", "train.output_root", "train.overwrite_output_dir", "train.num_threads",
-                     "train.log_every", "train.save_every", "train.eval_every", "train.eval_at_end", "train.progress",
-                     "train.report_to", "train.project", "train.run_name", "train.save_total_limit",
-                     "model.cache_dir", "data.cache_dir", "data.eval", "data.eval_split", "data.eval_limit", "eval.")
+RESUME_MAY_CHANGE = (
+    "train.output_dir",
+    "train.output_root",
+    "train.overwrite_output_dir",
+    "train.num_threads",
+    "train.log_every",
+    "train.save_every",
+    "train.eval_every",
+    "train.eval_at_end",
+    "train.progress",
+    "train.report_to",
+    "train.project",
+    "train.run_name",
+    "train.save_total_limit",
+    "model.cache_dir",
+    "data.cache_dir",
+    "data.eval",
+    "data.eval_split",
+    "data.eval_limit",
+    "eval.",
+)
 RESUME_STEP_COUNT = ("train.max_steps", "train.epochs")
 
 

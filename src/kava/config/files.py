@@ -35,11 +35,17 @@ def _convert(value: Any, tp: Any, name: str) -> Any:
                 value = float(value)
             except ValueError:
                 pass
-        _check(isinstance(value, (int, float)) and not isinstance(value, bool), name, f"expected a number, got {value!r}")
+        _check(
+            isinstance(value, (int, float)) and not isinstance(value, bool), name, f"expected a number, got {value!r}"
+        )
         _check(math.isfinite(value), name, f"expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
-        _check(isinstance(value, (str, int, float)) and not isinstance(value, bool), name, f"expected a string, got {value!r}")
+        _check(
+            isinstance(value, (str, int, float)) and not isinstance(value, bool),
+            name,
+            f"expected a string, got {value!r}",
+        )
         return str(value)
     if origin is list and typing.get_args(tp) and dataclasses.is_dataclass(typing.get_args(tp)[0]):
         _check(isinstance(value, list), name, f"expected a list of mappings, got {value!r}")
@@ -64,7 +70,11 @@ def _from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for key in data:
-        _check(key in names, f"{prefix}{'.' if prefix else ''}{key}", f"unknown key; {cls.__name__} has {', '.join(sorted(names))}")
+        _check(
+            key in names,
+            f"{prefix}{'.' if prefix else ''}{key}",
+            f"unknown key; {cls.__name__} has {', '.join(sorted(names))}",
+        )
     kwargs = {}
     for key, value in data.items():
         name = f"{prefix}{'.' if prefix else ''}{key}"

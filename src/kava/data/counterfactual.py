@@ -82,15 +82,21 @@ def embedded_counterfactual_steps(ex: Example, digit_map: dict[str, str]) -> lis
                 # digit, whose last digit is then the mapped result.
                 full = [_mapped(str(a * b), digit_map) for a, b in zip(digits[0::2], digits[1::2])][: len(products)]
                 return synthetic.render_products_steps(
-                    digits, [_mapped_int(p, digit_map) for p in products], [_mapped_int(v, digit_map) for v in sums], style,
-                    full_products=full)
+                    digits,
+                    [_mapped_int(p, digit_map) for p in products],
+                    [_mapped_int(v, digit_map) for v in sums],
+                    style,
+                    full_products=full,
+                )
     parsed = synthetic.parse_chain_question(ex.question)
     if parsed is not None:
         start, chain = parsed
         values = synthetic.evaluate_chain(start, chain, 10)
         for style in ("eq", "nl"):
             if synthetic.render_chain_steps(start % 10, chain, values, style) == steps:
-                return synthetic.render_chain_steps(start % 10, chain, [_mapped_int(v, digit_map) for v in values], style)
+                return synthetic.render_chain_steps(
+                    start % 10, chain, [_mapped_int(v, digit_map) for v in values], style
+                )
     return None
 
 

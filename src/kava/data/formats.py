@@ -51,8 +51,7 @@ def map_gsm8k(record: Record, *, style: str = "eq") -> dict[str, Any]:
     eq_steps, nl_steps, answer = parse_gsm8k_solution(solution)
     if answer is None:
         raise DataError("no '#### N' final answer in the solution", field="answer")
-    return {"question": _field(record, "question"), "steps": eq_steps if style == "eq" else nl_steps,
-            "answer": answer}
+    return {"question": _field(record, "question"), "steps": eq_steps if style == "eq" else nl_steps, "answer": answer}
 
 
 _ANSWER_MARKER = re.compile(r"the answer is\s*:?", re.IGNORECASE)
@@ -69,7 +68,7 @@ def split_solution(text: str, field_name: str) -> tuple[list[str], str]:
     marks = list(_ANSWER_MARKER.finditer(text))
     if not marks:
         raise DataError("no answer marker ('#### N' or 'The answer is: N') in the text", field=field_name)
-    cot, answer = text[: marks[-1].start()], text[marks[-1].end():].strip().rstrip(".").strip()
+    cot, answer = text[: marks[-1].start()], text[marks[-1].end() :].strip().rstrip(".").strip()
     eq_steps, nl_steps, _ = parse_gsm8k_solution(cot)
     return (eq_steps or nl_steps), answer
 
@@ -119,15 +118,20 @@ def map_auto(record: Record) -> dict[str, Any]:
     if "steps" not in record and isinstance(record.get("answer"), str) and "####" in record["answer"]:
         return map_gsm8k(record)
     if not {"question", "answer", "steps"} & set(record):
-        raise DataError(f"unknown record layout (fields: {', '.join(map(str, record)) or 'none'}); expected question/steps/"
-                        "answer, messages, prompt/completion, or GSM8k's question/answer with '#### N'")
+        raise DataError(
+            f"unknown record layout (fields: {', '.join(map(str, record)) or 'none'}); expected question/steps/"
+            "answer, messages, prompt/completion, or GSM8k's question/answer with '#### N'"
+        )
     return dict(record)
 
 
 def map_gsm_hard(record: Record) -> dict[str, Any]:
     """reasoning-machines/gsm-hard: input (question), target (a float); no steps."""
-    return {"question": _field(record, "input"), "steps": [],
-            "answer": answer_text(_field(record, "target"), field_name="target")}
+    return {
+        "question": _field(record, "input"),
+        "steps": [],
+        "answer": answer_text(_field(record, "target"), field_name="target"),
+    }
 
 
 def map_svamp(record: Record) -> dict[str, Any]:

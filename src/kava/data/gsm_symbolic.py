@@ -95,8 +95,12 @@ def _to_example(question: str, solution: str, style: str, source_id: str) -> Exa
     eq_steps, nl_steps, answer = parse_gsm8k_solution(solution)
     if answer is None:
         raise DataError("no '#### N' final answer in the solution", where=source_id, field="answer")
-    record = {"question": question, "steps": eq_steps if style == "eq" else nl_steps, "answer": answer,
-              "source_id": source_id}
+    record = {
+        "question": question,
+        "steps": eq_steps if style == "eq" else nl_steps,
+        "answer": answer,
+        "source_id": source_id,
+    }
     return example_from_record(record, source_id)
 
 
@@ -251,6 +255,7 @@ def draw_instances(
         if bad:
             log.warning("GSM-Symbolic template %d: dropped %d rendered instance(s) without a numeric answer", tid, bad)
         if len(seen) < n_per_template:
-            log.warning("GSM-Symbolic template %d: only %d distinct instance(s) of %d asked", tid, len(seen),
-                        n_per_template)
+            log.warning(
+                "GSM-Symbolic template %d: only %d distinct instance(s) of %d asked", tid, len(seen), n_per_template
+            )
     return out

@@ -98,8 +98,9 @@ def answer_text(value: Any, *, field_name: str = "answer") -> str:
         except ValueError as err:
             raise DataError(str(err), field=field_name) from None
     if len(text) > MAX_ANSWER_CHARS:
-        raise DataError(f"{len(text)} characters long; an answer is one number of at most {MAX_ANSWER_CHARS}",
-                        field=field_name)
+        raise DataError(
+            f"{len(text)} characters long; an answer is one number of at most {MAX_ANSWER_CHARS}", field=field_name
+        )
     if parse_number(text) is None:
         raise DataError(f"not a number: {_short(value)}", field=field_name)
     return text
@@ -113,8 +114,11 @@ def _check_unicode(text: str, where: str, field: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as err:
-        raise DataError(f"a lone surrogate {text[err.start]!r} at character {err.start} (not valid Unicode text)",
-                        where=where, field=field) from None
+        raise DataError(
+            f"a lone surrogate {text[err.start]!r} at character {err.start} (not valid Unicode text)",
+            where=where,
+            field=field,
+        ) from None
 
 
 def example_from_record(record: Mapping[str, Any], where: str) -> Example:

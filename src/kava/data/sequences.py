@@ -87,7 +87,11 @@ class TextEncoder:
         if self.bot_id == tokenizer.unk_token_id or self.eot_id == tokenizer.unk_token_id:
             raise SequenceError("the tokenizer lacks <bot>/<eot>; call kava.model.adapters.add_latent_tokens first")
         probe = tokenizer("1", add_special_tokens=True).input_ids
-        self.bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id] else []
+        self.bos = (
+            [tokenizer.bos_token_id]
+            if tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id]
+            else []
+        )
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.answer_prefix_ids = self.ids(data.answer_prefix)
         if not self.answer_prefix_ids:
@@ -143,11 +147,15 @@ class TextEncoder:
             r_ids = self.ids(r) if r is not None else []
             targets.append(r_ids[0] if r_ids else IGNORE)
         if len(question) > self.cfg.max_question_tokens:
-            raise SequenceError(f"example {ex.source_id}: question has {len(question)} tokens > data.max_question_tokens")
+            raise SequenceError(
+                f"example {ex.source_id}: question has {len(question)} tokens > data.max_question_tokens"
+            )
         n_cot = sum(map(len, steps))
         if n_cot > self.cfg.max_cot_tokens:
             raise SequenceError(f"example {ex.source_id}: CoT has {n_cot} tokens > data.max_cot_tokens")
-        return Encoded(question, steps, list(self.answer_prefix_ids), answer, targets, str(ex.answer), ex.source_id, ex, step_types)
+        return Encoded(
+            question, steps, list(self.answer_prefix_ids), answer, targets, str(ex.answer), ex.source_id, ex, step_types
+        )
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -176,8 +184,14 @@ def teacher_steps(enc: Encoded, drop_last_step: bool) -> list[list[int]]:
     return enc.steps[:-1] if drop_last_step and len(enc.steps) > 1 else enc.steps
 
 
-def teacher_batch(encs: list[Encoded], pad_id: int, *, with_cot: bool = True, drop_last_step: bool = False,
-                  question_left: bool = False) -> dict:
+def teacher_batch(
+    encs: list[Encoded],
+    pad_id: int,
+    *,
+    with_cot: bool = True,
+    drop_last_step: bool = False,
+    question_left: bool = False,
+) -> dict:
     """Right-padded ``Q C A`` (or ``Q A`` with ``with_cot=False``) with exact spans.
 
     ``question_left``: the question left-padded to the batch's longest one, as in the student's

@@ -36,10 +36,27 @@ from functools import lru_cache
 
 from kava.data.schema import Example, step_results
 
-__all__ = ["OP_WORDS", "SPLITS", "VERBOSE_WORDS", "class_of", "class_split_of", "classes_example", "evaluate_chain", "generate",
-           "generate_classes_split", "generate_products_split", "generate_split", "parse_chain_question",
-           "parse_products_question", "render_chain_steps",
-           "products_example", "products_values", "render_products_steps", "split_of", "step_results"]
+__all__ = [
+    "OP_WORDS",
+    "SPLITS",
+    "VERBOSE_WORDS",
+    "class_of",
+    "class_split_of",
+    "classes_example",
+    "evaluate_chain",
+    "generate",
+    "generate_classes_split",
+    "generate_products_split",
+    "generate_split",
+    "parse_chain_question",
+    "parse_products_question",
+    "render_chain_steps",
+    "products_example",
+    "products_values",
+    "render_products_steps",
+    "split_of",
+    "step_results",
+]
 
 OP_WORDS = {"+": "plus", "-": "minus", "*": "times"}
 SPLITS = ("train", "valid", "test")
@@ -108,7 +125,9 @@ def _example(start: int, chain: list[tuple[str, int]], modulus: int, style: str,
     return Example(question=question, steps=tuple(steps), answer=str(results[-1]), source_id=source_id)
 
 
-def _draw(rng: random.Random, n_ops: int, modulus: int, max_operand: int, ops: str) -> tuple[int, list[tuple[str, int]]]:
+def _draw(
+    rng: random.Random, n_ops: int, modulus: int, max_operand: int, ops: str
+) -> tuple[int, list[tuple[str, int]]]:
     start = rng.randrange(modulus)
     chain = [(rng.choice(ops), rng.randint(1, max_operand)) for _ in range(n_ops)]
     return start, chain
@@ -240,7 +259,10 @@ def _questions_in_split(k: int, split: str, modulus: int) -> int | None:
     n = _digit_count(k)
     if 9**n > 10**5:
         return None
-    return sum(split_of(products_example(d, "eq", "", modulus).question) == split for d in itertools.product(range(1, 10), repeat=n))
+    return sum(
+        split_of(products_example(d, "eq", "", modulus).question) == split
+        for d in itertools.product(range(1, 10), repeat=n)
+    )
 
 
 def _quotas(n: int, sizes: tuple[int, ...], capacity: list[int | None]) -> list[int]:
@@ -290,7 +312,11 @@ def generate_products_split(
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     sizes = tuple(sizes)
-    if not sizes or any(not isinstance(k, int) or isinstance(k, bool) or k < 1 for k in sizes) or len(set(sizes)) != len(sizes):
+    if (
+        not sizes
+        or any(not isinstance(k, int) or isinstance(k, bool) or k < 1 for k in sizes)
+        or len(set(sizes)) != len(sizes)
+    ):
         raise ValueError(f"sizes must be distinct positive integers, got {sizes!r}")
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
@@ -314,7 +340,10 @@ def generate_products_split(
             drawn.append((k, ex))
             count += 1
     rng.shuffle(drawn)
-    return [Example(ex.question, ex.steps, ex.answer, f"synthetic-products-{style}-{split}-k{k}-{i}") for i, (k, ex) in enumerate(drawn)]
+    return [
+        Example(ex.question, ex.steps, ex.answer, f"synthetic-products-{style}-{split}-k{k}-{i}")
+        for i, (k, ex) in enumerate(drawn)
+    ]
 
 
 # --- sums of products split by equivalence class, with verbose natural-language traces ----
@@ -343,10 +372,16 @@ _SUM_TEMPLATES = (
     "{o} the sum of {x} and {y} is {r}.",
     "{o} putting {x} and {y} together makes {r}.",
 )
-VERBOSE_WORDS = tuple(sorted({
-    w.strip(",.:") for t in (*_PRODUCT_TEMPLATES, *_SUM_TEMPLATES, *_FIRST_OPENERS, *_LATER_OPENERS, *_ORDINALS)
-    for w in t.split() if w.strip(",.:") and not w.startswith("{")
-}))
+VERBOSE_WORDS = tuple(
+    sorted(
+        {
+            w.strip(",.:")
+            for t in (*_PRODUCT_TEMPLATES, *_SUM_TEMPLATES, *_FIRST_OPENERS, *_LATER_OPENERS, *_ORDINALS)
+            for w in t.split()
+            if w.strip(",.:") and not w.startswith("{")
+        }
+    )
+)
 """The words of the verbose traces (a tokenizer for them: ``model.tiny.tokenizer=verbose``)."""
 
 
@@ -406,8 +441,9 @@ def products_values(digits: tuple[int, ...], modulus: int = 10) -> tuple[list[in
     return products, sums
 
 
-def render_products_steps(digits: tuple[int, ...], products: list[int], sums: list[int], style: str,
-                          full_products: list[str] | None = None) -> list[str]:
+def render_products_steps(
+    digits: tuple[int, ...], products: list[int], sums: list[int], style: str, full_products: list[str] | None = None
+) -> list[str]:
     """The chain of thought of a sum of products, with the given step results (the true ones, or
     counterfactual ones: every operand that carries an earlier result shows the given value, every
     operand copied from the question stays as it is). ``style``: ``eq`` (``<<a*b=p>>``), ``nl``
@@ -437,8 +473,9 @@ def render_products_steps(digits: tuple[int, ...], products: list[int], sums: li
     for i, (a, op, b, r) in enumerate(rows):
         opener = rng.choice(_FIRST_OPENERS if i == 0 else _LATER_OPENERS)
         if op == "*":
-            text = rng.choice(_PRODUCT_TEMPLATES).format(o=opener, a=a, b=b, r=r, f=full_products[i],
-                                                         n=_ORDINALS[min(i, len(_ORDINALS) - 1)])
+            text = rng.choice(_PRODUCT_TEMPLATES).format(
+                o=opener, a=a, b=b, r=r, f=full_products[i], n=_ORDINALS[min(i, len(_ORDINALS) - 1)]
+            )
         else:
             text = rng.choice(_SUM_TEMPLATES).format(o=opener, x=a, y=b, r=r)
         out.append(text[0].upper() + text[1:])
@@ -458,8 +495,10 @@ def _class_questions_in_split(k: int, split: str) -> int | None:
     n = _digit_count(k)
     if 9**n > 10**5:
         return None
-    return sum(class_split_of("+".join("*".join(map(str, p)) for p in _pairs_of(d))) == split
-               for d in itertools.product(range(1, 10), repeat=n))
+    return sum(
+        class_split_of("+".join("*".join(map(str, p)) for p in _pairs_of(d))) == split
+        for d in itertools.product(range(1, 10), repeat=n)
+    )
 
 
 def generate_classes_split(
@@ -486,7 +525,11 @@ def generate_classes_split(
     if style not in ("eq", "verbose"):
         raise ValueError(f"style must be eq or verbose, got {style!r}")
     sizes = tuple(sizes)
-    if not sizes or any(not isinstance(k, int) or isinstance(k, bool) or k < 1 for k in sizes) or len(set(sizes)) != len(sizes):
+    if (
+        not sizes
+        or any(not isinstance(k, int) or isinstance(k, bool) or k < 1 for k in sizes)
+        or len(set(sizes)) != len(sizes)
+    ):
         raise ValueError(f"sizes must be distinct positive integers, got {sizes!r}")
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
@@ -499,7 +542,9 @@ def generate_classes_split(
         draws, limit, count = 0, 200 * quota + 10_000, 0
         while count < quota:
             if draws >= limit:
-                raise ValueError(f"synthetic-classes {split}: too few distinct questions of {k} products; ask for fewer")
+                raise ValueError(
+                    f"synthetic-classes {split}: too few distinct questions of {k} products; ask for fewer"
+                )
             draws += 1
             digits = tuple(rng.randint(1, 9) for _ in range(_digit_count(k)))
             question = "+".join("*".join(map(str, p)) for p in _pairs_of(digits))
@@ -509,5 +554,7 @@ def generate_classes_split(
             drawn.append((k, classes_example(digits, style, "", modulus)))
             count += 1
     rng.shuffle(drawn)
-    return [Example(ex.question, ex.steps, ex.answer, f"synthetic-classes-{style}-{split}-k{k}-{i}")
-            for i, (k, ex) in enumerate(drawn)]
+    return [
+        Example(ex.question, ex.steps, ex.answer, f"synthetic-classes-{style}-{split}-k{k}-{i}")
+        for i, (k, ex) in enumerate(drawn)
+    ]

@@ -60,8 +60,16 @@ def _passes(objective: Objective, encs: list[Encoded]) -> dict:
     keys, values = cache_span(student.state.cache, p, p + m)
     if objective.cfg.loss.rope == "pre":
         keys = objective.unrotate(keys, positions(student.mask)[:, p : p + m])
-    return {"tb": tb, "sb": sb, "teacher": teacher, "student": student, "keys": keys, "values": values, "m": m,
-            "source_ids": batch["source_ids"]}
+    return {
+        "tb": tb,
+        "sb": sb,
+        "teacher": teacher,
+        "student": student,
+        "keys": keys,
+        "values": values,
+        "m": m,
+        "source_ids": batch["source_ids"],
+    }
 
 
 def _round(x: float | None, n: int = 4) -> float | None:
@@ -86,8 +94,15 @@ def logit_lens(objective: Objective, passes: dict) -> dict:
         aligned = float((decoded[has, j] == targets[has, j]).float().mean()) if n else None
         any_hit = sum(int(decoded[b, j]) in results[b] for b in range(decoded.shape[0])) / decoded.shape[0]
         top = Counter(decoded[:, j].tolist()).most_common(3)
-        slots.append({"slot": j, "n": n, "aligned": _round(aligned), "any_result": _round(any_hit),
-                      "top": [[tok.decode([t]), _round(c / decoded.shape[0])] for t, c in top]})
+        slots.append(
+            {
+                "slot": j,
+                "n": n,
+                "aligned": _round(aligned),
+                "any_result": _round(any_hit),
+                "top": [[tok.decode([t]), _round(c / decoded.shape[0])] for t, c in top],
+            }
+        )
     scored = [s["aligned"] for s in slots if s["aligned"] is not None]
     return {"slots": slots, "aligned_mean": _round(sum(scored) / len(scored)) if scored else None}
 
@@ -129,9 +144,16 @@ def kv_alignment(objective: Objective, passes: dict) -> dict | None:
         dist["slot_mean"] = dist["slot_mean"] + 0.5 * _layer_distance(mean.expand_as(t), s, valid, scale).mean(0)
     own, nb, sm = dist["own"].cpu(), dist["neighbour"].cpu(), dist["slot_mean"].cpu()
     ok = ok.cpu()
-    out.update(n=int(ok.sum()), own=_round(own.mean()), neighbour=_round(nb[ok].mean()), slot_mean=_round(sm.mean()),
-               own_below_neighbour=_round((own[ok] < nb[ok]).float().mean()), gap=_round((nb[ok] - own[ok]).mean()),
-               own_below_slot_mean=_round((own < sm).float().mean()), gap_slot_mean=_round((sm - own).mean()))
+    out.update(
+        n=int(ok.sum()),
+        own=_round(own.mean()),
+        neighbour=_round(nb[ok].mean()),
+        slot_mean=_round(sm.mean()),
+        own_below_neighbour=_round((own[ok] < nb[ok]).float().mean()),
+        gap=_round((nb[ok] - own[ok]).mean()),
+        own_below_slot_mean=_round((own < sm).float().mean()),
+        gap_slot_mean=_round((sm - own).mean()),
+    )
     return out
 
 
@@ -150,16 +172,25 @@ def selector_keeps(objective: Objective, passes: dict, names: tuple[str, ...] = 
     out = {}
     for name in names:
         sel = get_selector(name, objective.cfg.loss.lam)
-        c = compress_cache(sel, teacher.keys, teacher.values, teacher.queries, cot, tb["answer_valid"], passes["m"], g, None, types)
+        c = compress_cache(
+            sel, teacher.keys, teacher.values, teacher.queries, cot, tb["answer_valid"], passes["m"], g, None, types
+        )
         idx = c.indices.permute(1, 0, 2, 3)  # [B, L, H, M]
         kept = types.gather(1, idx.reshape(idx.shape[0], -1)).reshape(idx.shape)  # the type of each kept position
         valid = c.valid.permute(1, 0, 2, 3)
         total = int(valid.sum())
         shares = {t: _round(float(((kept == i) & valid).sum()) / max(total, 1)) for i, t in enumerate(TOKEN_TYPES)}
         kept_results = ((kept == RESULT) & valid).sum().float()
-        possible = n_results.sum().float() * valid.shape[1] * valid.shape[2]  # every result token, in every layer and head
+        possible = (
+            n_results.sum().float() * valid.shape[1] * valid.shape[2]
+        )  # every result token, in every layer and head
         recall = float(kept_results / possible.clamp_min(1))
-        out[name] = {"shares": shares, "result_recall": _round(recall), "result_share": shares["result"], "slots": total}
+        out[name] = {
+            "shares": shares,
+            "result_recall": _round(recall),
+            "result_share": shares["result"],
+            "slots": total,
+        }
     cot_types = types[cot]
     out["_cot"] = {"shares": {t: _round(float((cot_types == i).float().mean())) for i, t in enumerate(TOKEN_TYPES)}}
     return out
@@ -171,7 +202,11 @@ def measure(objective: Objective, encs: list[Encoded], keeps: bool = False) -> d
     with ``keeps``, ``"selector_keeps"``."""
     with _Eval(objective.model):
         passes = _passes(objective, encs)
-        out = {"n": len(encs), "logit_lens": logit_lens(objective, passes), "kv_alignment": kv_alignment(objective, passes)}
+        out = {
+            "n": len(encs),
+            "logit_lens": logit_lens(objective, passes),
+            "kv_alignment": kv_alignment(objective, passes),
+        }
         if keeps:
             out["selector_keeps"] = selector_keeps(objective, passes)
     return out

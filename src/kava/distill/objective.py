@@ -42,10 +42,15 @@ def shares_question(tb: dict, sb: dict) -> bool:
     one ``<bot>``: the condition for encoding the question once (``train.shared_prefix``)."""
     q = tb["question_len"]
     p = sb["prefix_ids"]
-    return (p.shape[1] == q + 1 and tb["input_ids"].shape[1] >= q
-            and torch.equal(tb["attention_mask"][:, :q], sb["prefix_mask"][:, :q])
-            and torch.equal(torch.where(sb["prefix_mask"][:, :q], p[:, :q], -1),
-                            torch.where(tb["attention_mask"][:, :q], tb["input_ids"][:, :q], -1)))
+    return (
+        p.shape[1] == q + 1
+        and tb["input_ids"].shape[1] >= q
+        and torch.equal(tb["attention_mask"][:, :q], sb["prefix_mask"][:, :q])
+        and torch.equal(
+            torch.where(sb["prefix_mask"][:, :q], p[:, :q], -1),
+            torch.where(tb["attention_mask"][:, :q], tb["input_ids"][:, :q], -1),
+        )
+    )
 
 
 @dataclass
@@ -95,7 +100,9 @@ class Objective(nn.Module):
         super().__init__()
         self.model = model
         self.cfg = cfg
-        self.pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else model.tokenizer.eos_token_id
+        self.pad_id = (
+            model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else model.tokenizer.eos_token_id
+        )
         check_targets(cfg)
         self.selector = kv_selector(cfg)
         self.generator = torch.Generator().manual_seed(cfg.train.seed)
@@ -150,24 +157,46 @@ class Objective(nn.Module):
         if mode == "nocot":
             return {"teacher": teacher_batch(encs, self.pad_id, with_cot=False)}
         if mode == "teacher":  # the KaVa teacher's own sequence: under drop_last_step, the CoT without its last step
-            return {"teacher": teacher_batch(encs, self.pad_id, with_cot=True, drop_last_step=self.cfg.loss.drop_last_step)}
-        if self.selector is not None and self.selector.needs_token_types and any(e.steps and not e.step_types for e in encs):
-            raise ValueError(f"loss.compression={self.cfg.loss.compression} needs the token type of every CoT token, "
-                             "which needs a fast tokenizer (character offsets)")
+            return {
+                "teacher": teacher_batch(encs, self.pad_id, with_cot=True, drop_last_step=self.cfg.loss.drop_last_step)
+            }
+        if (
+            self.selector is not None
+            and self.selector.needs_token_types
+            and any(e.steps and not e.step_types for e in encs)
+        ):
+            raise ValueError(
+                f"loss.compression={self.cfg.loss.compression} needs the token type of every CoT token, "
+                "which needs a fast tokenizer (character offsets)"
+            )
         stage = self.stage_at(step)
         seq_stage = self.sequence_stage(stage)
         lat = self.cfg.latent
-        sb = student_batch(encs, self.pad_id, self.model.bot_id, self.model.eot_id, lat.num_latents,
-                           stage=seq_stage, latents_per_step=self.cfg.curriculum.latents_per_step)
+        sb = student_batch(
+            encs,
+            self.pad_id,
+            self.model.bot_id,
+            self.model.eot_id,
+            lat.num_latents,
+            stage=seq_stage,
+            latents_per_step=self.cfg.curriculum.latents_per_step,
+        )
         share = self.cfg.train.shared_prefix and self.runs_teacher()
         drop = self.cfg.loss.drop_last_step
         tb = teacher_batch(encs, self.pad_id, with_cot=True, drop_last_step=drop, question_left=share)
         if share and not shares_question(tb, sb):
-            self._say_once("train.shared_prefix: the teacher's and the student's sequences do not start with the same "
-                           "question tokens here; encoding the question in each mode instead")
+            self._say_once(
+                "train.shared_prefix: the teacher's and the student's sequences do not start with the same "
+                "question tokens here; encoding the question in each mode instead"
+            )
             tb = teacher_batch(encs, self.pad_id, with_cot=True, drop_last_step=self.cfg.loss.drop_last_step)
-        batch = {"stage": stage, "sequence_stage": seq_stage, "source_ids": [e.source_id for e in encs], "teacher": tb,
-                 "student": sb}
+        batch = {
+            "stage": stage,
+            "sequence_stage": seq_stage,
+            "source_ids": [e.source_id for e in encs],
+            "teacher": tb,
+            "student": sb,
+        }
         inputs = self.source.inputs(encs)  # other teachers' batches, in their own tokenization
         if inputs is not None:
             batch["external"] = inputs
@@ -189,11 +218,24 @@ class Objective(nn.Module):
         if self.cfg.train.mode != "kava":
             ce = self.ce_loss(t_batch)
             return StepOutput(ce, detached(loss=ce, ce=ce))
-        return self.kava_loss(t_batch, to_device(batch["student"], device), batch.get("stage"), batch.get("source_ids"),
-                              batch.get("external"), batch.get("sequence_stage", batch.get("stage")))
+        return self.kava_loss(
+            t_batch,
+            to_device(batch["student"], device),
+            batch.get("stage"),
+            batch.get("source_ids"),
+            batch.get("external"),
+            batch.get("sequence_stage", batch.get("stage")),
+        )
 
-    def kava_loss(self, tb: dict, sb: dict, stage: int | None, source_ids: list[str] | None = None,
-                  external: list[dict] | None = None, sequence_stage: int | None = None) -> StepOutput:
+    def kava_loss(
+        self,
+        tb: dict,
+        sb: dict,
+        stage: int | None,
+        source_ids: list[str] | None = None,
+        external: list[dict] | None = None,
+        sequence_stage: int | None = None,
+    ) -> StepOutput:
         """The KaVa loss of one batch. ``stage``: the curriculum stage (logged);
         ``sequence_stage``: the stage the sequences were built for (:meth:`sequence_stage`);
         ``external``: what the target source built with the batch (``batch["external"]``).
@@ -208,8 +250,9 @@ class Objective(nn.Module):
         teacher = None
         if self.runs_teacher():
             own_targets = src.needs_teacher_pass and src.kv_from_teacher_pass
-            teacher = self.teacher_pass(tb, for_targets=own_targets, for_scale=src.needs_teacher_pass and lc.layer_std,
-                                        question=question)
+            teacher = self.teacher_pass(
+                tb, for_targets=own_targets, for_scale=src.needs_teacher_pass and lc.layer_std, question=question
+            )
         student = self.student_pass(sb, question=question)
         lat_ce = self.latent_ce(student, sb) if lc.latent_ce > 0 else None
         states = self.student_states(sb, student)
@@ -232,8 +275,9 @@ class Objective(nn.Module):
         """The CE of one plain pass over ``tb`` (``cot``, ``nocot`` and ``teacher`` modes)."""
         return teacher_forward(self.model, tb, want_queries=False, want_cache=False).ce
 
-    def teacher_pass(self, tb: dict, for_targets: bool = True, for_scale: bool = False,
-                     question: PrefixCache | None = None) -> TeacherOutput:
+    def teacher_pass(
+        self, tb: dict, for_targets: bool = True, for_scale: bool = False, question: PrefixCache | None = None
+    ) -> TeacherOutput:
         """The student's own teacher pass over ``Q C A``: its CE and CODI hidden states and,
         when the run has a KV loss, its KV cache when its targets are used (``for_targets``, then
         also the answer queries the selector needs) or only its KV loss normaliser (``for_scale``,
@@ -242,16 +286,25 @@ class Objective(nn.Module):
         kv = self.selector is not None
         queries = kv and for_targets and self.selector.needs_queries
         with nullcontext() if self.teacher_needs_graph() else torch.no_grad():
-            return teacher_forward(self.model, tb, want_queries=queries, want_cache=kv and (for_targets or for_scale),
-                                   question=question)
+            return teacher_forward(
+                self.model, tb, want_queries=queries, want_cache=kv and (for_targets or for_scale), question=question
+            )
 
     def student_pass(self, sb: dict, question: PrefixCache | None = None) -> StudentPass:
         """The student's latent passes (T Jacobi or M sequential) and its final pass over
         ``<eot> ...``, with its CE on the suffix. ``question``: the prefix's question already
         encoded (``train.shared_prefix``)."""
         model, lat = self.model, self.cfg.latent
-        state = run_latents(model, sb["prefix_ids"], sb["prefix_mask"], sb["num_latents"], lat.scheme, lat.iterations,
-                            suffix_ids=sb["suffix_ids"], question=question)
+        state = run_latents(
+            model,
+            sb["prefix_ids"],
+            sb["prefix_mask"],
+            sb["num_latents"],
+            lat.scheme,
+            lat.iterations,
+            suffix_ids=sb["suffix_ids"],
+            question=question,
+        )
         out, mask, k = final_pass(model, state, sb["suffix_ids"], sb["suffix_mask"], output_hidden_states=True)
         suffix = out.last_hidden_state[:, k:]
         ce = losses.labelled_ce(model.lm_head, suffix, sb["suffix_labels"], sb.get("suffix_label_index"))
@@ -278,8 +331,15 @@ class Objective(nn.Module):
                 keys = self.unrotate(keys, positions(student.mask)[:, p : p + m])
         return Student(keys, values, hidden, student.state.producers)
 
-    def request(self, tb: dict, teacher: TeacherOutput | None, inputs: Any, stage: int | None, m: int,
-                source_ids: list[str] | None) -> Request:
+    def request(
+        self,
+        tb: dict,
+        teacher: TeacherOutput | None,
+        inputs: Any,
+        stage: int | None,
+        m: int,
+        source_ids: list[str] | None,
+    ) -> Request:
         """What the target source is given for one batch (see :class:`kava.distill.targets.Request`);
         with ``loss.layer_std`` and a source that runs the own pass, that pass's :meth:`kv_scale`."""
         kv = self.selector is not None
@@ -290,8 +350,9 @@ class Objective(nn.Module):
         queries = kv and self.selector.needs_queries
         return Request(tb, teacher, inputs, source_ids, tb["input_ids"].device, compress, queries, scale)
 
-    def weighted_loss(self, ce_student: torch.Tensor, ce_teacher: torch.Tensor | None, latent_ce: torch.Tensor | None,
-                      terms: Terms) -> torch.Tensor:
+    def weighted_loss(
+        self, ce_student: torch.Tensor, ce_teacher: torch.Tensor | None, latent_ce: torch.Tensor | None, terms: Terms
+    ) -> torch.Tensor:
         """``w_s CE_s + w_t CE_t (+ w_z CE_latent) + alpha2 L_KV + alpha1 L_CODI``, summed in
         that order; a term that was not computed (None) is left out."""
         lc = self.cfg.loss
@@ -320,15 +381,25 @@ class Objective(nn.Module):
         finally:
             self.model.train(was_training)
         target, s_keys, s_values = out.kv
-        cos = 0.5 * (torch.nn.functional.cosine_similarity(target.keys.float(), s_keys.float(), dim=-1)
-                     + torch.nn.functional.cosine_similarity(target.values.float(), s_values.float(), dim=-1))
+        cos = 0.5 * (
+            torch.nn.functional.cosine_similarity(target.keys.float(), s_keys.float(), dim=-1)
+            + torch.nn.functional.cosine_similarity(target.values.float(), s_values.float(), dim=-1)
+        )
         valid = target.valid.expand_as(cos)[:, 0]  # [L, H, M] for the first example
         cos = cos[:, 0].masked_fill(~valid, float("nan"))
         grid = cos.nanmean(1)  # [L, M], mean over KV heads
         return [[None if v != v else round(v, 4) for v in row] for row in grid.tolist()]
 
-    def teacher_targets(self, teacher, tb: dict, stage: int | None, m: int, model: KavaModel | None = None,
-                        source_ids: list[str] | None = None, selector=None) -> Compressed:
+    def teacher_targets(
+        self,
+        teacher,
+        tb: dict,
+        stage: int | None,
+        m: int,
+        model: KavaModel | None = None,
+        source_ids: list[str] | None = None,
+        selector=None,
+    ) -> Compressed:
         """The teacher's compressed CoT cache: ``m`` slots per layer and KV head.
 
         ``stage``: the sequence stage (only its first ``stage`` CoT steps are compressed; None:
@@ -344,20 +415,24 @@ class Objective(nn.Module):
         with torch.no_grad():
             keys, values = teacher.keys, teacher.values
             if self.cfg.loss.rope == "post":
-                return compress_cache(selector, keys, values, teacher.queries, cot, answer_valid, m, self.generator, source_ids,
-                                      types)
+                return compress_cache(
+                    selector, keys, values, teacher.queries, cot, answer_valid, m, self.generator, source_ids, types
+                )
             # Score on the cached (post-RoPE) keys, but carry RoPE-free keys through the same
             # gather / pooling / shuffling by packing them beside the values.
             pos = positions(tb["attention_mask"])  # (the question may be left-padded: train.shared_prefix)
             packed = torch.cat([values, self.unrotate(keys, pos, model)], -1)
-            c = compress_cache(selector, keys, packed, teacher.queries, cot, answer_valid, m, self.generator, source_ids, types)
+            c = compress_cache(
+                selector, keys, packed, teacher.queries, cot, answer_valid, m, self.generator, source_ids, types
+            )
             d = values.shape[-1]
             c = Compressed(c.values[..., d:], c.values[..., :d], c.valid, c.indices)
         return c
 
     @torch.no_grad()
-    def kv_scale(self, teacher: TeacherOutput, tb: dict, stage: int | None,
-                 model: KavaModel | None = None) -> torch.Tensor:
+    def kv_scale(
+        self, teacher: TeacherOutput, tb: dict, stage: int | None, model: KavaModel | None = None
+    ) -> torch.Tensor:
         """The KV loss normaliser of a batch under ``loss.layer_std``, ``[2, L]``: the per-layer std of
         the teacher pass's keys (as the loss compares them: RoPE undone for ``loss.rope=pre``) and
         values over every CoT position the selector draws from (those of the sequence ``stage``),
@@ -367,8 +442,9 @@ class Objective(nn.Module):
         return losses.scale_from_moments(self.kv_moments(teacher, tb, stage, model).sum(0))
 
     @torch.no_grad()
-    def kv_moments(self, teacher: TeacherOutput, tb: dict, stage: int | None,
-                   model: KavaModel | None = None) -> torch.Tensor:
+    def kv_moments(
+        self, teacher: TeacherOutput, tb: dict, stage: int | None, model: KavaModel | None = None
+    ) -> torch.Tensor:
         """Per example, the moments :meth:`kv_scale` is made of (:func:`kava.losses.kv_moments`,
         ``[B, 2, L, 3]``): an offline cache keeps them, so its batches get the online normaliser."""
         cot = compressed_positions(tb, stage)

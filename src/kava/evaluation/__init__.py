@@ -6,5 +6,17 @@ modules (not ``kava.distill``: a model is evaluated without its training objecti
 from .decode import MODES, Generation, Prefilled, generate, greedy, kv_bytes_per_token, prefill
 from .evaluator import eval_modes, evaluate, evaluate_checkpoint, grade, summarise
 
-__all__ = ["MODES", "Generation", "Prefilled", "eval_modes", "evaluate", "evaluate_checkpoint", "generate", "grade",
-           "greedy", "kv_bytes_per_token", "prefill", "summarise"]
+__all__ = [
+    "MODES",
+    "Generation",
+    "Prefilled",
+    "eval_modes",
+    "evaluate",
+    "evaluate_checkpoint",
+    "generate",
+    "grade",
+    "greedy",
+    "kv_bytes_per_token",
+    "prefill",
+    "summarise",
+]

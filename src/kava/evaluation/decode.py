@@ -31,8 +31,15 @@ class Generation:
 
 
 @torch.no_grad()
-def greedy(model: KavaModel, cache: DynamicCache, mask: torch.Tensor, last_h: torch.Tensor, max_new: int, passes_before: int,
-           stop_at_eos: bool = True) -> Generation:
+def greedy(
+    model: KavaModel,
+    cache: DynamicCache,
+    mask: torch.Tensor,
+    last_h: torch.Tensor,
+    max_new: int,
+    passes_before: int,
+    stop_at_eos: bool = True,
+) -> Generation:
     """Greedy decoding from the hidden state ``last_h [B, D]`` of the last prompt position.
 
     ``mask [B, S]`` covers the ``S`` cached columns. Each example keeps its tokens up to and
@@ -96,7 +103,14 @@ def prefill(model: KavaModel, encs, mode: str, cfg: KavaConfig) -> Prefilled:
     if mode == "student":
         lat = cfg.latent
         sb = student_batch(encs, pad, model.bot_id, model.eot_id, lat.num_latents, with_answer=False)
-        state = run_latents(model, sb["prefix_ids"].to(device), sb["prefix_mask"].to(device), lat.num_latents, lat.scheme, lat.iterations)
+        state = run_latents(
+            model,
+            sb["prefix_ids"].to(device),
+            sb["prefix_mask"].to(device),
+            lat.num_latents,
+            lat.scheme,
+            lat.iterations,
+        )
         out, mask, _ = final_pass(model, state, sb["suffix_ids"].to(device), sb["suffix_mask"].to(device))
         return Prefilled(state.cache, mask, out.last_hidden_state[:, -1], state.passes)
     pb = prompt_batch(encs, pad, with_prefix=(mode == "nocot"))

@@ -40,7 +40,8 @@ def summarise(preds: list[dict], wall_time_s: float) -> dict:
     """The metrics of one mode from its prediction rows.
 
     ``accuracy`` is the strict grader's (the headline), ``accuracy_flexible`` the flexible
-    one's, each with its standard error (``accuracy_stderr``, ``accuracy_flexible_stderr``); ``truncated`` counts the generations that hit the token cap without <eos> and
+    one's, each with its standard error (``accuracy_stderr``, ``accuracy_flexible_stderr``);
+    ``truncated`` counts the generations that hit the token cap without <eos> and
     ``truncated_fraction`` is their share. Means are over the ``n`` examples.
     ``by_cot_steps``: ``n`` and both accuracies for the examples of each length of reference
     chain of thought (a difficulty scale: on the synthetic sums of products it is the size).
@@ -50,8 +51,11 @@ def summarise(preds: list[dict], wall_time_s: float) -> dict:
     for p in preds:
         groups.setdefault(p["cot_steps"], []).append(p)
     by_steps = {
-        str(k): {"n": len(g), "accuracy": sum(p["correct"] for p in g) / len(g),
-                 "accuracy_flexible": sum(p["correct_flexible"] for p in g) / len(g)}
+        str(k): {
+            "n": len(g),
+            "accuracy": sum(p["correct"] for p in g) / len(g),
+            "accuracy_flexible": sum(p["correct_flexible"] for p in g) / len(g),
+        }
         for k, g in sorted(groups.items())
     }
     strict, flexible = sum(p["correct"] for p in preds), sum(p["correct_flexible"] for p in preds)
@@ -111,13 +115,25 @@ def evaluate(
                     generation = model.tokenizer.decode(toks, skip_special_tokens=True)
                     text = graded_text(generation, mode, cfg)
                     verdict = grade(text, ex.answer, cfg.data.answer_prefix)
-                    preds.append({
-                        "source_id": ex.source_id, "question": ex.question, "gold": ex.answer, "cot_steps": len(ex.steps), "prediction": text,
-                        "prompt": prompt_text(model, enc, mode, cfg), "target": ex.answer, "generation": generation, "verdicts": verdict,
-                        "correct": verdict["strict"], "correct_flexible": verdict["flexible"],
-                        "truncated": hit_cap(toks, eos), "forward_passes": n_pass,
-                        "generated_tokens": len(toks), "kv_cache_bytes": kv * bpt,
-                    })
+                    preds.append(
+                        {
+                            "source_id": ex.source_id,
+                            "question": ex.question,
+                            "gold": ex.answer,
+                            "cot_steps": len(ex.steps),
+                            "prediction": text,
+                            "prompt": prompt_text(model, enc, mode, cfg),
+                            "target": ex.answer,
+                            "generation": generation,
+                            "verdicts": verdict,
+                            "correct": verdict["strict"],
+                            "correct_flexible": verdict["flexible"],
+                            "truncated": hit_cap(toks, eos),
+                            "forward_passes": n_pass,
+                            "generated_tokens": len(toks),
+                            "kv_cache_bytes": kv * bpt,
+                        }
+                    )
             results[mode] = summarise(preds, time.perf_counter() - start)
             if out_dir is not None:
                 lines = "".join(json.dumps(p) + "\n" for p in preds)
@@ -134,8 +150,9 @@ def eval_modes(cfg: KavaConfig) -> list[str]:
     return {"cot": ["cot"], "nocot": ["nocot"], "teacher": ["cot"]}.get(cfg.train.mode, list(cfg.eval.modes))
 
 
-def evaluate_checkpoint(checkpoint: str | Path, overrides=(), modes: list[str] | None = None,
-                        out: str | Path | None = None) -> tuple[dict[str, dict], Path]:
+def evaluate_checkpoint(
+    checkpoint: str | Path, overrides=(), modes: list[str] | None = None, out: str | Path | None = None
+) -> tuple[dict[str, dict], Path]:
     """Evaluate a checkpoint folder (or a run folder: its latest checkpoint) on the run's own
     evaluation data, with ``key=value`` ``overrides`` of its config (``data.eval=...``, say).
 
@@ -156,7 +173,9 @@ def evaluate_checkpoint(checkpoint: str | Path, overrides=(), modes: list[str] |
     # Every override is checked against the checkpoint's config before any model is built; the
     # permission to run a base model's own code comes from the command line alone.
     extra = parse_overrides(list(overrides))
-    trust = bool(extra.get("model", {}).get("trust_remote_code", False)) if isinstance(extra.get("model"), dict) else False
+    trust = (
+        bool(extra.get("model", {}).get("trust_remote_code", False)) if isinstance(extra.get("model"), dict) else False
+    )
     stored = checkpoint_config(ckpt, trust)
     cfg = config_from_dict(deep_merge(stored.to_dict(), extra))
     eval_examples = load_data(cfg, "eval")
@@ -169,8 +188,13 @@ def evaluate_checkpoint(checkpoint: str | Path, overrides=(), modes: list[str] |
     return results, out
 
 
-def evaluate_pretrained(name_or_path: str, config: str | Path | None = None, overrides=(), modes: list[str] | None = None,
-                        out: str | Path | None = None) -> tuple[dict[str, dict], Path]:
+def evaluate_pretrained(
+    name_or_path: str,
+    config: str | Path | None = None,
+    overrides=(),
+    modes: list[str] | None = None,
+    out: str | Path | None = None,
+) -> tuple[dict[str, dict], Path]:
     """Evaluate a plain model (a transformers folder, a hub id, a .gguf file) that has no kava
     checkpoint, untrained: the baseline before any step. ``config`` (a YAML file) and
     ``overrides`` set the data and decoding as for a run; ``modes``: ``cot``, ``nocot``
@@ -183,8 +207,13 @@ def evaluate_pretrained(name_or_path: str, config: str | Path | None = None, ove
     modes = modes or ["cot", "nocot"]
     check_output_folder(Path(out) if out else Path("runs") / "eval" / Path(name_or_path.rstrip("/")).name, "--out")
     if "student" in modes:
-        raise ConfigError("kava eval --model: mode 'student' needs a trained kava checkpoint (latent tokens, projection); use --modes cot,nocot")
-    cfg = load_config(config, [*overrides, f"model.name_or_path={name_or_path}", "model.adapter=full", "model.init_from="])
+        raise ConfigError(
+            "kava eval --model: mode 'student' needs a trained kava checkpoint (latent tokens, projection); use "
+            "--modes cot,nocot"
+        )
+    cfg = load_config(
+        config, [*overrides, f"model.name_or_path={name_or_path}", "model.adapter=full", "model.init_from="]
+    )
     eval_examples = load_data(cfg, "eval")  # bad data fails before the model is loaded
     model = build_model(cfg, with_adapter=False)
     out = Path(out) if out else Path("runs") / "eval" / Path(name_or_path.rstrip("/")).name / eval_folder_name(cfg)

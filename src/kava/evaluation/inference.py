@@ -56,8 +56,13 @@ class LatentReasoner:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def answer(self, questions: list[str], mode: str = "latent", batch_size: int | None = None,
-               max_new_tokens: int | None = None) -> list[Answer]:
+    def answer(
+        self,
+        questions: list[str],
+        mode: str = "latent",
+        batch_size: int | None = None,
+        max_new_tokens: int | None = None,
+    ) -> list[Answer]:
         """Answer ``questions`` (written as in training: each goes through the checkpoint's
         ``data.question_template``) in ``mode``: ``latent`` (``<bot>``, the latent passes,
         ``<eot>``, the answer), ``cot`` (a chain of thought, then the answer) or ``nocot``.
@@ -79,13 +84,26 @@ class LatentReasoner:
                 generation = tok.decode(toks, skip_special_tokens=True)
                 text = graded_text(generation, decode_mode, self.cfg)
                 value = extract_number(text, self.grader, marker=self.cfg.data.answer_prefix)
-                out.append(Answer(q, text, generation, None if value is None else format_number(value), passes,
-                                  len(toks), hit_cap(toks, tok.eos_token_id)))
+                out.append(
+                    Answer(
+                        q,
+                        text,
+                        generation,
+                        None if value is None else format_number(value),
+                        passes,
+                        len(toks),
+                        hit_cap(toks, tok.eos_token_id),
+                    )
+                )
         return out
 
 
-def load(checkpoint: str | Path, device: str | torch.device | None = None, grader: str = "strict",
-         trust_remote_code: bool = False) -> LatentReasoner:
+def load(
+    checkpoint: str | Path,
+    device: str | torch.device | None = None,
+    grader: str = "strict",
+    trust_remote_code: bool = False,
+) -> LatentReasoner:
     """A :class:`LatentReasoner` from a checkpoint folder (or a run folder: its latest
     checkpoint), on ``device`` (default: a GPU when there is one, else the CPU); ``grader``
     reads the answers (:data:`kava.answers.GRADERS`); ``trust_remote_code``: your permission

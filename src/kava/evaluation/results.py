@@ -64,14 +64,20 @@ def git_commit(where: Path | None = None) -> dict[str, object]:
         sha = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
         if sha.returncode != 0:
             return {"commit": None}
-        status = subprocess.run(["git", "-C", str(where), "status", "--porcelain", "--untracked-files=no"],
-                                capture_output=True, text=True, timeout=10)
+        status = subprocess.run(
+            ["git", "-C", str(where), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return {"commit": None}
     return {"commit": sha.stdout.strip(), "dirty": bool(status.stdout.strip()) if status.returncode == 0 else None}
 
 
-def provenance(cfg: KavaConfig, modes: list[str], checkpoint: str | Path | None = None, device: str | None = None) -> dict:
+def provenance(
+    cfg: KavaConfig, modes: list[str], checkpoint: str | Path | None = None, device: str | None = None
+) -> dict:
     """What an evaluation ran: the checkpoint (or none, for a plain model), the base model,
     the data, split and limit, the graders, decoding settings, package versions, the git
     commit and the date (UTC)."""
@@ -88,8 +94,15 @@ def provenance(cfg: KavaConfig, modes: list[str], checkpoint: str | Path | None 
         "limit": d.eval_limit or None,
         "modes": list(modes),
         "grader": {"headline": "strict", "graders": list(GRADERS), "marker": d.answer_prefix},
-        "decoding": {"greedy": True, "max_new_tokens": e.max_new_tokens, "max_cot_tokens": e.max_cot_tokens, "batch_size": e.batch_size,
-                     "num_latents": cfg.latent.num_latents, "latent_scheme": cfg.latent.scheme, "latent_iterations": cfg.latent.iterations},
+        "decoding": {
+            "greedy": True,
+            "max_new_tokens": e.max_new_tokens,
+            "max_cot_tokens": e.max_cot_tokens,
+            "batch_size": e.batch_size,
+            "num_latents": cfg.latent.num_latents,
+            "latent_scheme": cfg.latent.scheme,
+            "latent_iterations": cfg.latent.iterations,
+        },
         "device": device,
         "versions": package_versions(),
         "git": git_commit(),

@@ -76,7 +76,9 @@ def _train_chain(chain: list[tuple[str, list[str]]]) -> list[dict]:
         start = time.perf_counter()
         result = train(cfg)
         result["wall_s"] = time.perf_counter() - start
-        result["recipe"] = {part: {k: getattr(getattr(cfg, part), k) for k in keys} for part, keys in RECIPE_FIELDS.items()}
+        result["recipe"] = {
+            part: {k: getattr(getattr(cfg, part), k) for k in keys} for part, keys in RECIPE_FIELDS.items()
+        }
         result["config_file"] = cfg_file
         results.append(result)
     return results
@@ -94,7 +96,9 @@ def _method(result: dict, mode: str, run_dir: Path) -> dict:
     return {
         "accuracy": ev["accuracy"],
         "n": ev["n"],
-        "by_products": {_PRODUCTS[k]: v["accuracy"] for k, v in sorted(ev.get("by_cot_steps", {}).items()) if k in _PRODUCTS},
+        "by_products": {
+            _PRODUCTS[k]: v["accuracy"] for k, v in sorted(ev.get("by_cot_steps", {}).items()) if k in _PRODUCTS
+        },
         "forward_passes": ev["forward_passes"],
         "kv_cache_bytes": ev["kv_cache_bytes"],
         "train_steps": result["step"],
@@ -133,7 +137,9 @@ def run_demo(out: Path, quick: bool = False, threads: int = 1, seed: int = 0, jo
     log.info("demo: training the CoT model and its teacher warm-up, and beside them the no-CoT baseline")
     (cot, teacher), (nocot,) = _run_side_by_side([[job("cot"), job("teacher")], [job("nocot")]], parallel=jobs == 2)
     log.info("demo: training the CODI and KaVa students from the warmed-up teacher")
-    (codi,), (kava,) = _run_side_by_side([[job("codi", teacher["checkpoint"])], [job("kava", teacher["checkpoint"])]], parallel=jobs == 2)
+    (codi,), (kava,) = _run_side_by_side(
+        [[job("codi", teacher["checkpoint"])], [job("kava", teacher["checkpoint"])]], parallel=jobs == 2
+    )
     trained = {"cot": cot, "no_cot": nocot, "codi": codi, "kava": kava, "teacher": teacher}
     methods = {key: _method(trained[key], mode, out / folder) for key, _, folder, mode in [*ROWS, TEACHER_ROW]}
     summary = {
@@ -157,13 +163,16 @@ def run_demo(out: Path, quick: bool = False, threads: int = 1, seed: int = 0, jo
 def markdown_table(methods: dict) -> str:
     sizes = sorted({k for m in methods.values() for k in m["by_products"]}, key=int)
     head = "| method | accuracy | " + " | ".join(f"{k} product{'s' if k != '1' else ''}" for k in sizes)
-    lines = [head + " | forward passes | KV cache / example | train steps | train wall |",
-             "|---" * (len(sizes) + 6) + "|"]
+    lines = [
+        head + " | forward passes | KV cache / example | train steps | train wall |",
+        "|---" * (len(sizes) + 6) + "|",
+    ]
     for key, label, _, _ in [*ROWS, TEACHER_ROW]:
         m = methods[key]
         per_size = " | ".join(f"{100 * m['by_products'][k]:.1f}%" if k in m["by_products"] else "-" for k in sizes)
         lines.append(
-            f"| {label} | {100 * m['accuracy']:.1f}% | {per_size} | {m['forward_passes']:.1f} | {m['kv_cache_bytes'] / 1024:.1f} KiB "
+            f"| {label} | {100 * m['accuracy']:.1f}% | {per_size} | {m['forward_passes']:.1f} | "
+            f"{m['kv_cache_bytes'] / 1024:.1f} KiB "
             f"| {m['train_steps']} | {m['train_wall_s']:.0f} s |"
         )
     return "\n".join(lines)

@@ -50,7 +50,9 @@ def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
     return float(ci.low), float(ci.high)
 
 
-def bootstrap_mean(values: Sequence[float], level: float = 0.95, seed: int = 0, n_resamples: int = 9999) -> tuple[float, float] | None:
+def bootstrap_mean(
+    values: Sequence[float], level: float = 0.95, seed: int = 0, n_resamples: int = 9999
+) -> tuple[float, float] | None:
     """A seeded percentile-bootstrap ``level`` interval of the mean of ``values`` (None for fewer
     than 2 values; a single point when they are all equal)."""
     x = np.asarray(values, dtype=float)
@@ -58,8 +60,14 @@ def bootstrap_mean(values: Sequence[float], level: float = 0.95, seed: int = 0, 
         return None
     if np.all(x == x[0]):
         return float(x[0]), float(x[0])
-    res = stats.bootstrap((x,), np.mean, confidence_level=level, n_resamples=n_resamples, method="percentile",
-                          rng=np.random.default_rng(seed))
+    res = stats.bootstrap(
+        (x,),
+        np.mean,
+        confidence_level=level,
+        n_resamples=n_resamples,
+        method="percentile",
+        rng=np.random.default_rng(seed),
+    )
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
@@ -235,7 +243,9 @@ def paired_permutation(diffs: Sequence[float], alternative: str = "greater", see
     return res.get(alternative), res.exact
 
 
-def two_sample_permutation(a: Sequence[float], b: Sequence[float], alternative: str = "greater", seed: int = 0) -> tuple[float, bool]:
+def two_sample_permutation(
+    a: Sequence[float], b: Sequence[float], alternative: str = "greater", seed: int = 0
+) -> tuple[float, bool]:
     """The two-sample permutation p-value of ``mean(a) - mean(b)`` (:func:`two_sample`) and whether it is exact."""
     res = two_sample(a, b, seed)
     return res.get(alternative), res.exact
@@ -331,17 +341,59 @@ def compare(a: dict[int, float], b: dict[int, float], seed: int = 0) -> Comparis
             d = [a[s] - b[s] for s in common]
         res = PValues(1.0, 1.0, 1.0, True) if all(x == 0 for x in d) else sign_flip(d, seed)
         sd = float(np.std(d, ddof=1))
-        return Comparison(True, len(a), len(b), common, float(np.mean(d)), bootstrap_mean(d, seed=seed), res.greater,
-                          res.less, res.exact, sign_test(d), sd, _test_name(True, res.exact), res.two_sided)
+        return Comparison(
+            True,
+            len(a),
+            len(b),
+            common,
+            float(np.mean(d)),
+            bootstrap_mean(d, seed=seed),
+            res.greater,
+            res.less,
+            res.exact,
+            sign_test(d),
+            sd,
+            _test_name(True, res.exact),
+            res.two_sided,
+        )
     va, vb = list(a.values()), list(b.values())
     res = two_sample(va, vb, seed)
     var = (np.var(va, ddof=1) if len(va) > 1 else 0.0) + (np.var(vb, ddof=1) if len(vb) > 1 else 0.0)
-    return Comparison(False, len(a), len(b), [], float(np.mean(va) - np.mean(vb)), None, res.greater, res.less,
-                      res.exact, None, float(math.sqrt(var)), _test_name(False, res.exact), res.two_sided)
+    return Comparison(
+        False,
+        len(a),
+        len(b),
+        [],
+        float(np.mean(va) - np.mean(vb)),
+        None,
+        res.greater,
+        res.less,
+        res.exact,
+        None,
+        float(math.sqrt(var)),
+        _test_name(False, res.exact),
+        res.two_sided,
+    )
 
 
 __all__ = [
-    "ALTERNATIVES", "Comparison", "EXACT_MAX", "PValues", "bootstrap_mean", "clopper_pearson", "compare",
-    "fisher_greater", "holm", "integer_grid", "min_exact_seeds", "paired_permutation", "seeds_needed", "sign_flip",
-    "sign_flip_exact", "sign_test", "two_sample", "two_sample_exact", "two_sample_permutation",
+    "ALTERNATIVES",
+    "Comparison",
+    "EXACT_MAX",
+    "PValues",
+    "bootstrap_mean",
+    "clopper_pearson",
+    "compare",
+    "fisher_greater",
+    "holm",
+    "integer_grid",
+    "min_exact_seeds",
+    "paired_permutation",
+    "seeds_needed",
+    "sign_flip",
+    "sign_flip_exact",
+    "sign_test",
+    "two_sample",
+    "two_sample_exact",
+    "two_sample_permutation",
 ]

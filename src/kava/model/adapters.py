@@ -64,8 +64,10 @@ def apply_adapter(model, cfg: ModelConfig, token_ids: list[int]):
     unknown = [m for m in cfg.lora_target_modules if m not in names]
     if unknown:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__ == "Linear"})
-        raise ModelLoadError(f"model.lora_target_modules: {unknown[0]!r} is not a module of this model; "
-                             f"its linear layers are {', '.join(linear)}")
+        raise ModelLoadError(
+            f"model.lora_target_modules: {unknown[0]!r} is not a module of this model; "
+            f"its linear layers are {', '.join(linear)}"
+        )
     peft_model = get_peft_model(model, lora)
     fast_trainable_tokens(peft_model)
     return peft_model

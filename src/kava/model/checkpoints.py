@@ -65,6 +65,7 @@ STATE_TENSORS = "kava_trainer_state.safetensors"
 STATE_JSON = "kava_trainer_state.json"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
+
 def checkpoint_layout(path: str | Path) -> str:
     """``lora`` (a peft adapter folder) or ``full`` (a transformers model folder) for a kava
     checkpoint folder; anything else is an error, and so is a pickled file in it
@@ -82,11 +83,17 @@ def checkpoint_layout(path: str | Path) -> str:
         return "full"
     raise ModelLoadError(f"{path}: not a kava checkpoint (needs {ADAPTER_CONFIG} or config.json beside {CONFIG_FILE})")
 
+
 def weight_files(path: str | Path) -> list[Path]:
     """The safetensors files of a checkpoint's model (adapter, model shards, ``base_model/``,
     kava's own tensors; not the trainer state nor other teachers' adapters), sorted."""
     path = Path(path)
-    found = [path / ADAPTER_FILE, path / KAVA_WEIGHTS, *path.glob("model*.safetensors"), *(path / BASE_DIR).glob("model*.safetensors")]
+    found = [
+        path / ADAPTER_FILE,
+        path / KAVA_WEIGHTS,
+        *path.glob("model*.safetensors"),
+        *(path / BASE_DIR).glob("model*.safetensors"),
+    ]
     return sorted(p for p in found if p.is_file())
 
 
@@ -124,16 +131,23 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
         return None
     step, newest = found[-1]
     if newest.is_symlink():
-        raise ModelLoadError(f"{newest} is a symbolic link; kava does not follow links inside a run folder "
-                             "(give the checkpoint it points to with --checkpoint, or replace the link by the folder)")
+        raise ModelLoadError(
+            f"{newest} is a symbolic link; kava does not follow links inside a run folder "
+            "(give the checkpoint it points to with --checkpoint, or replace the link by the folder)"
+        )
     if newest.is_dir() and (newest / CONFIG_FILE).is_file() and (newest / STATE_JSON).is_file():
         return newest
     missing = CONFIG_FILE if not (newest / CONFIG_FILE).is_file() else STATE_JSON
-    older = [p for _, p in found[:-1]
-             if not p.is_symlink() and (p / CONFIG_FILE).is_file() and (p / STATE_JSON).is_file()]
-    alt = f"the newest complete one is {older[-1].name}: give it explicitly, or move {newest.name} away" if older \
+    older = [
+        p for _, p in found[:-1] if not p.is_symlink() and (p / CONFIG_FILE).is_file() and (p / STATE_JSON).is_file()
+    ]
+    alt = (
+        f"the newest complete one is {older[-1].name}: give it explicitly, or move {newest.name} away"
+        if older
         else "no older complete checkpoint exists"
+    )
     raise ModelLoadError(f"{newest}: incomplete or damaged checkpoint (no {missing}); not falling back silently: {alt}")
+
 
 def base_reference(model: KavaModel) -> str:
     """Where the base of a LoRA checkpoint comes from: ``base_model`` (saved beside the
@@ -142,6 +156,7 @@ def base_reference(model: KavaModel) -> str:
     if not model.base_reloadable:
         return BASE_DIR
     return _local_source(model.cfg.model.init_from or model.cfg.model.name_or_path)
+
 
 def write_checkpoint(model: KavaModel, folder: Path, state: dict[str, torch.Tensor] | None = None) -> None:
     """Write a checkpoint into an existing folder (not atomic by itself): the config, the
@@ -189,7 +204,11 @@ def plain_base_state(backbone_state: dict[str, torch.Tensor]) -> dict[str, torch
     for name, t in backbone_state.items():
         if any(part in name for part in _ADAPTER_PARTS):
             continue
-        name = name.removeprefix("base_model.model.").replace(".token_adapter.base_layer.", ".").replace(".base_layer.", ".")
+        name = (
+            name.removeprefix("base_model.model.")
+            .replace(".token_adapter.base_layer.", ".")
+            .replace(".base_layer.", ".")
+        )
         out[name] = t.detach().to("cpu").contiguous()
     return out
 
@@ -212,11 +231,15 @@ def checkpoint_config(path: str | Path, trust_remote_code: bool = False) -> Kava
     cfg_file = Path(path) / CONFIG_FILE
     cfg = _stored_config(path)
     if cfg.model.trust_remote_code and not trust_remote_code:
-        log.warning("%s sets model.trust_remote_code=true: ignored, a checkpoint cannot enable remote code; "
-                    "give model.trust_remote_code=true on the command line (or in your config) to allow the code of %s to run",
-                    cfg_file, cfg.model.name_or_path)
+        log.warning(
+            "%s sets model.trust_remote_code=true: ignored, a checkpoint cannot enable remote code; "
+            "give model.trust_remote_code=true on the command line (or in your config) to allow the code of %s to run",
+            cfg_file,
+            cfg.model.name_or_path,
+        )
     cfg.model.trust_remote_code = bool(trust_remote_code)
     return cfg
+
 
 def _check_model_folder(folder: Path, trust_remote_code: bool = False) -> None:
     """Stop, naming the file and the tensor, where a weight file of the transformers folder
@@ -232,15 +255,24 @@ def _check_model_folder(folder: Path, trust_remote_code: bool = False) -> None:
     try:
         with torch.device("meta"), quiet_transformers():
             mcfg = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-            expected = {n: tuple(t.shape) for n, t in AutoModelForCausalLM.from_config(
-                mcfg, trust_remote_code=trust_remote_code).state_dict().items()}
+            expected = {
+                n: tuple(t.shape)
+                for n, t in AutoModelForCausalLM.from_config(mcfg, trust_remote_code=trust_remote_code)
+                .state_dict()
+                .items()
+            }
     except (OSError, ValueError, KeyError) as e:
-        raise ModelLoadError(f"{folder / 'config.json'}: cannot read the model's config: {(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
+        raise ModelLoadError(
+            f"{folder / 'config.json'}: cannot read the model's config: "
+            f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}"
+        ) from None
     for f, found in shapes.items():
         for name, shape in found.items():
             if name in expected and expected[name] != shape:
-                raise ModelLoadError(f"{f}: tensor {name!r} has shape {shape} but {folder / 'config.json'} describes "
-                                     f"{expected[name]} (weights of another architecture?)")
+                raise ModelLoadError(
+                    f"{f}: tensor {name!r} has shape {shape} but {folder / 'config.json'} describes "
+                    f"{expected[name]} (weights of another architecture?)"
+                )
 
 
 def _from_pretrained(folder: Path, cfg: ModelConfig):
@@ -251,11 +283,17 @@ def _from_pretrained(folder: Path, cfg: ModelConfig):
     _check_model_folder(Path(folder), cfg.trust_remote_code)
     try:
         with quiet_transformers():
-            return AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype(cfg.dtype),
-                                                        attn_implementation=cfg.attn_implementation,
-                                                        trust_remote_code=cfg.trust_remote_code, use_safetensors=True)
+            return AutoModelForCausalLM.from_pretrained(
+                folder,
+                dtype=resolve_dtype(cfg.dtype),
+                attn_implementation=cfg.attn_implementation,
+                trust_remote_code=cfg.trust_remote_code,
+                use_safetensors=True,
+            )
     except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: tensors of another shape
-        raise ModelLoadError(f"{folder}: cannot load the model folder: {(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
+        raise ModelLoadError(
+            f"{folder}: cannot load the model folder: {(str(e).strip().splitlines() or [type(e).__name__])[0]}"
+        ) from None
 
 
 def _load_adapter(model: KavaModel, path: Path) -> None:
@@ -263,16 +301,22 @@ def _load_adapter(model: KavaModel, path: Path) -> None:
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
     if not model.is_lora:
-        raise ModelLoadError(f"{path}: a LoRA adapter checkpoint, but its config has model.adapter={model.cfg.model.adapter!r}")
+        raise ModelLoadError(
+            f"{path}: a LoRA adapter checkpoint, but its config has model.adapter={model.cfg.model.adapter!r}"
+        )
     saved = read_tensors(path / ADAPTER_FILE)
     own = get_peft_model_state_dict(model.backbone, save_embedding_layers=False)
     if set(saved) != set(own):
         lost, extra = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
-        raise ModelLoadError(f"{path / ADAPTER_FILE}: does not match the model: missing {lost[:3]}, unexpected {extra[:3]}")
+        raise ModelLoadError(
+            f"{path / ADAPTER_FILE}: does not match the model: missing {lost[:3]}, unexpected {extra[:3]}"
+        )
     for name, tensor in saved.items():
         if tuple(own[name].shape) != tuple(tensor.shape):
-            raise ModelLoadError(f"{path / ADAPTER_FILE}: tensor {name!r} has shape {tuple(tensor.shape)} but the model built from "
-                                 f"the config expects {tuple(own[name].shape)} (an adapter of another rank or architecture?)")
+            raise ModelLoadError(
+                f"{path / ADAPTER_FILE}: tensor {name!r} has shape {tuple(tensor.shape)} but the model built from "
+                f"the config expects {tuple(own[name].shape)} (an adapter of another rank or architecture?)"
+            )
     set_peft_model_state_dict(model.backbone, saved)
 
 
@@ -283,7 +327,9 @@ def _load_base(model: KavaModel, folder: Path) -> None:
     live = model.backbone.state_dict()
     names = {n: w for n, w in zip(plain_base_state(live), (k for k in live if not any(p in k for p in _ADAPTER_PARTS)))}
     if set(names) != set(plain):
-        raise ModelLoadError(f"{folder}: its tensors do not match the model's base: {sorted(set(names) ^ set(plain))[:3]}")
+        raise ModelLoadError(
+            f"{folder}: its tensors do not match the model's base: {sorted(set(names) ^ set(plain))[:3]}"
+        )
     model.backbone.load_state_dict({names[n]: t for n, t in plain.items()}, strict=False)
 
 
@@ -292,10 +338,13 @@ def _load_own(model: KavaModel, path: Path) -> None:
     expected = {n for n in model.state_dict() if not n.startswith("backbone.")}
     saved = read_tensors(path / KAVA_WEIGHTS) if (path / KAVA_WEIGHTS).is_file() else {}
     if set(saved) != expected:
-        raise ModelLoadError(f"{path / KAVA_WEIGHTS}: does not match the model's projection: "
-                             f"missing {sorted(expected - set(saved))[:3]}, unexpected {sorted(set(saved) - expected)[:3]}")
+        raise ModelLoadError(
+            f"{path / KAVA_WEIGHTS}: does not match the model's projection: "
+            f"missing {sorted(expected - set(saved))[:3]}, unexpected {sorted(set(saved) - expected)[:3]}"
+        )
     check_shapes(model, saved, path / KAVA_WEIGHTS)
     model.load_state_dict(saved, strict=False)
+
 
 def load_weights(model: KavaModel, path: str | Path) -> None:
     """Load checkpoint ``path`` into ``model``, built from the same config (a resume): every
@@ -304,13 +353,16 @@ def load_weights(model: KavaModel, path: str | Path) -> None:
     layout = checkpoint_layout(path)
     if layout == "full":
         if model.is_lora:
-            raise ModelLoadError(f"{path}: a full model checkpoint, but the model has LoRA adapters (model.adapter=lora)")
+            raise ModelLoadError(
+                f"{path}: a full model checkpoint, but the model has LoRA adapters (model.adapter=lora)"
+            )
         model.backbone.load_state_dict(_from_pretrained(path, model.cfg.model).state_dict())
     else:
         if (path / BASE_DIR).is_dir():
             _load_base(model, path / BASE_DIR)
         _load_adapter(model, path)
     _load_own(model, path)
+
 
 def _checkpoint_tokenizer(folder: Path, cfg: KavaConfig):
     from transformers import AutoTokenizer
@@ -320,6 +372,7 @@ def _checkpoint_tokenizer(folder: Path, cfg: KavaConfig):
     except (OSError, ValueError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ModelLoadError(f"{folder}: cannot load the checkpoint's tokenizer: {first}") from None
+
 
 def load_checkpoint(path: str | Path, trust_remote_code: bool = False) -> KavaModel:
     """Rebuild a :class:`KavaModel` from a checkpoint folder (a LoRA or a full one).
@@ -334,7 +387,9 @@ def load_checkpoint(path: str | Path, trust_remote_code: bool = False) -> KavaMo
     reloadable = cfg.model.name_or_path != "tiny" or bool(cfg.model.init_from)
     if layout == "full":
         if cfg.model.adapter != "full":
-            raise ModelLoadError(f"{path}: a full model checkpoint, but its {CONFIG_FILE} has model.adapter={cfg.model.adapter!r}")
+            raise ModelLoadError(
+                f"{path}: a full model checkpoint, but its {CONFIG_FILE} has model.adapter={cfg.model.adapter!r}"
+            )
         model = wrap_backbone(cfg, tok, _from_pretrained(path, cfg.model), reloadable)
     else:
         if (path / BASE_DIR).is_dir():
@@ -346,6 +401,7 @@ def load_checkpoint(path: str | Path, trust_remote_code: bool = False) -> KavaMo
     _load_own(model, path)
     return model
 
+
 def resolve_init_from(path: str) -> str:
     """The checkpoint ``model.init_from`` names: the folder itself when it is a checkpoint, else
     the latest ``checkpoint-N`` of a run folder (as eval, export and ``kava.load`` read one).
@@ -354,12 +410,16 @@ def resolve_init_from(path: str) -> str:
     if (p / CONFIG_FILE).is_file():
         return str(path)
     if not p.exists():
-        raise ModelLoadError(f"model.init_from: {p} does not exist (train that run first, or give a run folder or "
-                             "checkpoint-N folder that exists)")
+        raise ModelLoadError(
+            f"model.init_from: {p} does not exist (train that run first, or give a run folder or "
+            "checkpoint-N folder that exists)"
+        )
     found = latest_checkpoint(p)
     if found is None:
-        raise ModelLoadError(f"model.init_from: {p} holds no kava checkpoint (no {CONFIG_FILE}, no checkpoint-N folder "
-                             "with a trainer state: has its run saved one yet?)")
+        raise ModelLoadError(
+            f"model.init_from: {p} holds no kava checkpoint (no {CONFIG_FILE}, no checkpoint-N folder "
+            "with a trainer state: has its run saved one yet?)"
+        )
     return str(found)
 
 
@@ -377,8 +437,11 @@ def check_init_from(cfg: ModelConfig) -> None:
     diff = architecture_differences(cfg, theirs)
     if diff:
         field, mine, other = diff[0]
-        raise ModelLoadError(f"model.init_from: checkpoint {path} has {field}={other!r} but this run's config has {mine!r}; "
-                             f"set {field}={other} (or start from a checkpoint of this architecture)")
+        raise ModelLoadError(
+            f"model.init_from: checkpoint {path} has {field}={other!r} but this run's config has {mine!r}; "
+            f"set {field}={other} (or start from a checkpoint of this architecture)"
+        )
+
 
 def start_backbone(cfg: ModelConfig, seed: int = 0):
     """(tokenizer, causal LM) a run starts from: ``model.init_from``'s checkpoint with any LoRA
@@ -390,6 +453,7 @@ def start_backbone(cfg: ModelConfig, seed: int = 0):
     # The checkpoint's own config never enables remote code: only this run's value does.
     model = load_checkpoint(cfg.init_from, trust_remote_code=cfg.trust_remote_code)
     return model.tokenizer, model.merged_backbone()
+
 
 def build_model(cfg: KavaConfig, with_adapter: bool = True) -> KavaModel:
     """A run's model: the backbone it starts from (:func:`start_backbone`) with the latent

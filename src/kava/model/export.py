@@ -17,6 +17,7 @@ import logging
 import re
 from pathlib import Path
 
+import torch
 from safetensors.torch import save_file
 
 from ..config import KavaConfig
@@ -35,8 +36,12 @@ def find_evaluations(ckpt: Path) -> list[tuple[dict, dict, Path]]:
     try:
         return _find_evaluations(ckpt)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        log.warning("the evaluation beside %s cannot be read (%s: %s); the model card leaves it out",
-                    ckpt, type(e).__name__, str(e)[:200])
+        log.warning(
+            "the evaluation beside %s cannot be read (%s: %s); the model card leaves it out",
+            ckpt,
+            type(e).__name__,
+            str(e)[:200],
+        )
         return []
 
 
@@ -58,7 +63,13 @@ def _find_evaluations(ckpt: Path) -> list[tuple[dict, dict, Path]]:
     if (run / "eval_metrics.json").is_file() and status.is_file():
         named = json.loads(status.read_text()).get("checkpoint")
         if named and Path(named).resolve() == ckpt.resolve():
-            return [(json.loads((run / "eval_metrics.json").read_text()), {"data": _run_eval_data(run)}, run / "eval_metrics.json")]
+            return [
+                (
+                    json.loads((run / "eval_metrics.json").read_text()),
+                    {"data": _run_eval_data(run)},
+                    run / "eval_metrics.json",
+                )
+            ]
     return []
 
 
@@ -84,57 +95,116 @@ def model_card(cfg: KavaConfig, ckpt: Path, steps: int | None, evaluations: list
     if _HUB_ID.match(m.name_or_path) and not Path(m.name_or_path).exists():
         front.append(f"base_model: {m.name_or_path}")
     front.append("---")
-    adapter = f"LoRA (r={m.lora_r}, alpha={m.lora_alpha}, {', '.join(m.lora_target_modules)}), merged" if m.adapter == "lora" else "full fine-tuning"
+    adapter = (
+        f"LoRA (r={m.lora_r}, alpha={m.lora_alpha}, {', '.join(m.lora_target_modules)}), merged"
+        if m.adapter == "lora"
+        else "full fine-tuning"
+    )
     recipe = [
         ("training mode", f"`{t.mode}`"),
         ("base model", f"`{m.name_or_path}`" + (f" (from `{m.init_from}`)" if m.init_from else "")),
         ("adapter", adapter),
-        ("latents", f"M = {lat.num_latents}, `{lat.scheme}`" + (f", T = {lat.iterations}" if lat.scheme == "jacobi" else "")
-         + (", projection MLP" if lat.projection else "")),
-        ("KV distillation", f"selector `{loss.compression}` (lambda {loss.lam}), `{loss.kv_loss}`, alpha_kv = {loss.alpha_kv}"),
+        (
+            "latents",
+            f"M = {lat.num_latents}, `{lat.scheme}`"
+            + (f", T = {lat.iterations}" if lat.scheme == "jacobi" else "")
+            + (", projection MLP" if lat.projection else ""),
+        ),
+        (
+            "KV distillation",
+            f"selector `{loss.compression}` (lambda {loss.lam}), `{loss.kv_loss}`, alpha_kv = {loss.alpha_kv}",
+        ),
         ("CODI", f"`{loss.codi_loss}`, alpha_codi = {loss.alpha_codi}"),
-        ("CE weights", f"student {loss.student_ce}, teacher {loss.teacher_ce}, latent {loss.latent_ce}; drop last step: {loss.drop_last_step}"),
+        (
+            "CE weights",
+            f"student {loss.student_ce}, teacher {loss.teacher_ce}, latent {loss.latent_ce}; drop last step: "
+            f"{loss.drop_last_step}",
+        ),
         ("curriculum", "on" if cfg.curriculum.enabled else "off"),
-        ("optimisation", f"{steps if steps is not None else '?'} steps, lr {t.lr}, {t.lr_schedule} schedule, "
-                         f"batch {t.batch_size} (effective {t.effective_batch or t.batch_size}), seed {t.seed}"),
+        (
+            "optimisation",
+            f"{steps if steps is not None else '?'} steps, lr {t.lr}, {t.lr_schedule} schedule, "
+            f"batch {t.batch_size} (effective {t.effective_batch or t.batch_size}), seed {t.seed}",
+        ),
     ]
-    lines = [*front, "", f"# {ckpt.parent.name}/{ckpt.name}" if ckpt.name.startswith("checkpoint-") else f"# {ckpt.name}", "",
-             "A causal language model trained with kava to reason in continuous latent tokens "
-             "(KaVa: compressed KV-cache distillation, CODI self-distillation, PCCoT Jacobi latents).", "",
-             "This folder is a plain `transformers` model (any LoRA merged in); `<bot>` and `<eot>` are in its tokenizer "
-             "and embeddings. Latent-mode answers also need the projection in `kava_model.safetensors`: load the folder "
-             "with `kava.load(DIR)`. `kava_config.yaml` is the full recipe.", "",
-             "## Recipe", "", "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in recipe], "",
-             "## Data", "", f"- training: `{d.train}` (split `{d.train_split}`" + (f", first {d.train_limit}" if d.train_limit else "") + ")",
-             f"- evaluation: `{d.eval}` (split `{d.eval_split}`" + (f", first {d.eval_limit}" if d.eval_limit else "") + ")", "",
-             "## Evaluation", ""]
+    lines = [
+        *front,
+        "",
+        f"# {ckpt.parent.name}/{ckpt.name}" if ckpt.name.startswith("checkpoint-") else f"# {ckpt.name}",
+        "",
+        "A causal language model trained with kava to reason in continuous latent tokens "
+        "(KaVa: compressed KV-cache distillation, CODI self-distillation, PCCoT Jacobi latents).",
+        "",
+        "This folder is a plain `transformers` model (any LoRA merged in); `<bot>` and `<eot>` are in its tokenizer "
+        "and embeddings. Latent-mode answers also need the projection in `kava_model.safetensors`: load the folder "
+        "with `kava.load(DIR)`. `kava_config.yaml` is the full recipe.",
+        "",
+        "## Recipe",
+        "",
+        "| | |",
+        "|---|---|",
+        *[f"| {k} | {v} |" for k, v in recipe],
+        "",
+        "## Data",
+        "",
+        f"- training: `{d.train}` (split `{d.train_split}`"
+        + (f", first {d.train_limit}" if d.train_limit else "")
+        + ")",
+        f"- evaluation: `{d.eval}` (split `{d.eval_split}`" + (f", first {d.eval_limit}" if d.eval_limit else "") + ")",
+        "",
+        "## Evaluation",
+        "",
+    ]
     if not evaluations:
-        lines.append("No evaluation was found beside the checkpoint (run `kava eval --checkpoint CHECKPOINT` before exporting).")
+        lines.append(
+            "No evaluation was found beside the checkpoint (run `kava eval --checkpoint CHECKPOINT` before exporting)."
+        )
     else:
-        lines += ["Accuracy is the strict grader's (a number right after an answer marker); flexible also takes the last number."]
+        lines += [
+            "Accuracy is the strict grader's (a number right after an answer marker); flexible also takes the last "
+            "number."
+        ]
     for results, prov, source in evaluations:
         where = source.relative_to(ckpt) if source.is_relative_to(ckpt) else Path("..") / source.name
         lines += [""]
         if prov.get("split"):
-            lines += [f"On `{prov.get('data')}` (split `{prov.get('split')}`" + (f", first {prov['limit']}" if prov.get("limit") else "")
-                      + f"), greedy decoding, {prov.get('date', '')}; from `{where}`:", ""]
+            lines += [
+                f"On `{prov.get('data')}` (split `{prov.get('split')}`"
+                + (f", first {prov['limit']}" if prov.get("limit") else "")
+                + f"), greedy decoding, {prov.get('date', '')}; from `{where}`:",
+                "",
+            ]
         else:
             lines += [f"On `{prov.get('data') or '?'}`, from `{where}`:", ""]
         lines += ["| mode | n | accuracy | ± s.e. | flexible | forward passes |", "|---|---|---|---|---|---|"]
         for mode, r in results.items():
-            lines.append(f"| {mode} | {r.get('n')} | {_pct(r.get('accuracy'))} | {_pct(r.get('accuracy_stderr'))} | "
-                         f"{_pct(r.get('accuracy_flexible'))} | {r.get('forward_passes', 0):.1f} |")
-    lines += ["", "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
-              "model = AutoModelForCausalLM.from_pretrained(DIR)   # CoT / no-CoT generation", "",
-              "import kava", "print(kava.load(DIR).answer([\"...\"], mode=\"latent\")[0].answer)", "```", ""]
+            lines.append(
+                f"| {mode} | {r.get('n')} | {_pct(r.get('accuracy'))} | {_pct(r.get('accuracy_stderr'))} | "
+                f"{_pct(r.get('accuracy_flexible'))} | {r.get('forward_passes', 0):.1f} |"
+            )
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "model = AutoModelForCausalLM.from_pretrained(DIR)   # CoT / no-CoT generation",
+        "",
+        "import kava",
+        'print(kava.load(DIR).answer(["..."], mode="latent")[0].answer)',
+        "```",
+        "",
+    ]
     return "\n".join(lines)
 
 
 # What an export writes (the only entries --replace may remove from an existing --out).
-_EXPORT_NAMES = re.compile(r"^(config\.json|generation_config\.json|model(-\d+-of-\d+)?\.safetensors"
-                           r"|model\.safetensors\.index\.json|kava_model\.safetensors|kava_config\.yaml|README\.md"
-                           r"|tokenizer[\w.]*|special_tokens_map\.json"
-                           r"|added_tokens\.json|vocab\.\w+|merges\.txt|chat_template\.\w+)$")
+_EXPORT_NAMES = re.compile(
+    r"^(config\.json|generation_config\.json|model(-\d+-of-\d+)?\.safetensors"
+    r"|model\.safetensors\.index\.json|kava_model\.safetensors|kava_config\.yaml|README\.md"
+    r"|tokenizer[\w.]*|special_tokens_map\.json"
+    r"|added_tokens\.json|vocab\.\w+|merges\.txt|chat_template\.\w+)$"
+)
 
 
 def check_export_out(ckpt: Path, out: Path, replace: bool) -> None:
@@ -144,19 +214,25 @@ def check_export_out(ckpt: Path, out: Path, replace: bool) -> None:
     check_output_folder(out, "--out")
     src, dst = ckpt.resolve(), out.resolve()
     if dst == src or src in dst.parents or dst in src.parents:
-        raise OutputError(f"--out {out}: it is, holds or lies inside the checkpoint {ckpt} being exported; "
-                          "choose a folder outside it")
+        raise OutputError(
+            f"--out {out}: it is, holds or lies inside the checkpoint {ckpt} being exported; choose a folder outside it"
+        )
     if not out.is_dir() or not any(out.iterdir()):
         return
     entries = sorted(out.iterdir())
     if not replace:
-        raise OutputError(f"--out {out} is not empty ({', '.join(p.name for p in entries[:4])}"
-                          f"{', ...' if len(entries) > 4 else ''}); choose an empty folder, or --replace to replace "
-                          "an earlier export")
+        raise OutputError(
+            f"--out {out} is not empty ({', '.join(p.name for p in entries[:4])}"
+            f"{', ...' if len(entries) > 4 else ''}); choose an empty folder, or --replace to replace "
+            "an earlier export"
+        )
     foreign = [p.name for p in entries if p.is_symlink() or not p.is_file() or not _EXPORT_NAMES.match(p.name)]
     if foreign or not (out / CONFIG_FILE).is_file():
-        why = (f"holds {foreign[0]!r}, which an export does not write" if foreign
-               else f"has no {CONFIG_FILE}: not a kava export")
+        why = (
+            f"holds {foreign[0]!r}, which an export does not write"
+            if foreign
+            else f"has no {CONFIG_FILE}: not a kava export"
+        )
         raise OutputError(f"--out {out} {why}; --replace only replaces an earlier export's own files")
 
 
@@ -169,11 +245,41 @@ def _saved_step(ckpt: Path) -> int | None:
     return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
-def export(checkpoint: str | Path, out: str | Path, trust_remote_code: bool = False, replace: bool = False) -> Path:
+EXPORT_DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+def base_dtype(cfg: KavaConfig) -> str | None:
+    """The dtype the base model's own ``config.json`` records (``dtype`` or ``torch_dtype``) when
+    ``model.name_or_path`` is a local folder, else None (a model built in code, the hub, GGUF)."""
+    f = Path(cfg.model.name_or_path) / "config.json"
+    try:
+        found = json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
+    except (OSError, ValueError):
+        return None
+    name = found.get("dtype") or found.get("torch_dtype") if isinstance(found, dict) else None
+    return name if name in EXPORT_DTYPES[1:] else None
+
+
+def export_dtype(dtype: str, cfg: KavaConfig, weights: torch.dtype) -> torch.dtype:
+    """The dtype of the exported weights: ``dtype``, or for ``auto`` the base model's own
+    (:func:`base_dtype`; a bfloat16 base exports at its size, not as float32), else the
+    checkpoint's weights' dtype."""
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: choose from {', '.join(EXPORT_DTYPES)}")
+    name = dtype if dtype != "auto" else base_dtype(cfg)
+    return getattr(torch, name) if name else weights
+
+
+def export(
+    checkpoint: str | Path, out: str | Path, trust_remote_code: bool = False, replace: bool = False, dtype: str = "auto"
+) -> Path:
     """Write the merged model folder of ``checkpoint`` (or a run's latest) into ``out``
     atomically; returns ``out``. ``trust_remote_code``: as for :func:`load_checkpoint`. An
     ``out`` that is not empty is refused unless ``replace`` and it holds an earlier export
-    (:func:`check_export_out`); the checkpoint or run folder read is never written."""
+    (:func:`check_export_out`); the checkpoint or run folder read is never written. ``dtype``:
+    of the merged weights (:func:`export_dtype`; the latent projection stays float32)."""
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: choose from {', '.join(EXPORT_DTYPES)}")
     ckpt = find_checkpoint(checkpoint)
     out = Path(out)
     check_export_out(ckpt, out, replace)
@@ -182,6 +288,7 @@ def export(checkpoint: str | Path, out: str | Path, trust_remote_code: bool = Fa
     own = {n: t.detach().cpu().contiguous() for n, t in model.state_dict().items() if not n.startswith("backbone.")}
     cfg = copy.deepcopy(model.cfg)
     merged = model.merged_backbone()
+    merged.to(export_dtype(dtype, cfg, next(merged.parameters()).dtype))
     recipe = copy.deepcopy(cfg)
     recipe.model.adapter = "full"  # the folder holds every weight, merged
     steps = _saved_step(ckpt)
@@ -207,6 +314,11 @@ def push_to_hub(folder: str | Path, repo_id: str, private: bool = False, token: 
     import huggingface_hub
 
     huggingface_hub.create_repo(repo_id, repo_type="model", private=private, exist_ok=True, token=token)
-    info = huggingface_hub.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model", token=token,
-                                         commit_message=f"kava export of {Path(folder).name}")
+    info = huggingface_hub.upload_folder(
+        repo_id=repo_id,
+        folder_path=str(folder),
+        repo_type="model",
+        token=token,
+        commit_message=f"kava export of {Path(folder).name}",
+    )
     return str(getattr(info, "commit_url", info))

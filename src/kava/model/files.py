@@ -26,10 +26,12 @@ def refuse_pickled(folder: str | Path, only_if_no_safetensors: bool = False) -> 
     pickled = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
     if not pickled or (only_if_no_safetensors and any(folder.glob("*.safetensors"))):
         return
-    raise ModelLoadError(f"{pickled[0]}: a pickled weights file; kava never unpickles (it can run code). Convert it to "
-                         "safetensors where you trust it (AutoModelForCausalLM.from_pretrained(DIR)"
-                         ".save_pretrained(DIR, safe_serialization=True), or safetensors.torch.save_file), "
-                         "then remove it")
+    raise ModelLoadError(
+        f"{pickled[0]}: a pickled weights file; kava never unpickles (it can run code). Convert it to "
+        "safetensors where you trust it (AutoModelForCausalLM.from_pretrained(DIR)"
+        ".save_pretrained(DIR, safe_serialization=True), or safetensors.torch.save_file), "
+        "then remove it"
+    )
 
 
 def read_tensors(path: Path) -> dict:
@@ -72,8 +74,10 @@ def check_shapes(module, state: dict, source: Path) -> None:
     for name, tensor in state.items():
         mine = own.get(name)
         if mine is not None and tuple(mine.shape) != tuple(tensor.shape):
-            raise ModelLoadError(f"{source}: tensor {name!r} has shape {tuple(tensor.shape)} but the model built from the "
-                                 f"config expects {tuple(mine.shape)} (weights of another architecture?)")
+            raise ModelLoadError(
+                f"{source}: tensor {name!r} has shape {tuple(tensor.shape)} but the model built from the "
+                f"config expects {tuple(mine.shape)} (weights of another architecture?)"
+            )
 
 
 def ships_code(path: str) -> bool:
@@ -92,9 +96,11 @@ def refuse_remote_code(path: str, trust_remote_code: bool, what: str = "model.na
     """Stop before transformers is asked (it would prompt "run the custom code? [y/N]" in a
     terminal) when the local folder ``path`` names code of its own and the user did not allow it."""
     if not trust_remote_code and ships_code(path):
-        raise ModelLoadError(f"{what}: {path} ships its own code (auto_map in its config), which runs only with "
-                             "model.trust_remote_code=true given on the command line or in your config "
-                             "(never from a checkpoint's saved config)")
+        raise ModelLoadError(
+            f"{what}: {path} ships its own code (auto_map in its config), which runs only with "
+            "model.trust_remote_code=true given on the command line or in your config "
+            "(never from a checkpoint's saved config)"
+        )
 
 
 @contextmanager

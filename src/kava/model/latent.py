@@ -63,8 +63,9 @@ class PrefixCache:
         return new
 
 
-def encode_prefix(model: KavaModel, ids: torch.Tensor, mask: torch.Tensor,
-                  embeds: torch.Tensor | None = None) -> PrefixCache:
+def encode_prefix(
+    model: KavaModel, ids: torch.Tensor, mask: torch.Tensor, embeds: torch.Tensor | None = None
+) -> PrefixCache:
     """One decoder pass over the left-padded question ``ids [B, Q]`` (``embeds``: its input
     embeddings, when already computed)."""
     cache = DynamicCache()
@@ -145,7 +146,13 @@ def run_latents(
     raise ValueError(f"unknown latent scheme {scheme!r}")
 
 
-def final_pass(model: KavaModel, state: LatentState, suffix_ids: torch.Tensor, suffix_mask: torch.Tensor, output_hidden_states: bool = False):
+def final_pass(
+    model: KavaModel,
+    state: LatentState,
+    suffix_ids: torch.Tensor,
+    suffix_mask: torch.Tensor,
+    output_hidden_states: bool = False,
+):
     """Feed the pending latents and the suffix (``<eot> ...``); returns the decoder output and
     the attention mask now covering everything. The cache then holds all latents. The suffix's
     embeddings are the state's when :func:`run_latents` made them (same ids), else made here."""

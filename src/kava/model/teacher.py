@@ -102,8 +102,15 @@ class TeacherOutput:
     answer_acc: torch.Tensor | None = None
 
 
-def teacher_forward(model: KavaModel, batch: dict, want_queries: bool, want_cache: bool = True, want_ce: bool = True,
-                    want_logits: bool = False, question: PrefixCache | None = None) -> TeacherOutput:
+def teacher_forward(
+    model: KavaModel,
+    batch: dict,
+    want_queries: bool,
+    want_cache: bool = True,
+    want_ce: bool = True,
+    want_logits: bool = False,
+    question: PrefixCache | None = None,
+) -> TeacherOutput:
     """Run the teacher once over ``batch`` (from :func:`kava.data.sequences.teacher_batch`).
 
     ``want_ce``: the CE on ``batch["labels"]``, with the LM head applied at the labelled
@@ -120,8 +127,10 @@ def teacher_forward(model: KavaModel, batch: dict, want_queries: bool, want_cach
     if question is not None:
         q = question.length
         if batch.get("question_len") != q:
-            raise ValueError(f"the teacher batch's question spans {batch.get('question_len')} columns, the encoded "
-                             f"question {q}: build it with teacher_batch(question_left=True)")
+            raise ValueError(
+                f"the teacher batch's question spans {batch.get('question_len')} columns, the encoded "
+                f"question {q}: build it with teacher_batch(question_left=True)"
+            )
     cache = question.fork() if question is not None else DynamicCache() if want_cache else None
     store: list = []
     embeds = model.embed(ids[:, q:] if q else ids)

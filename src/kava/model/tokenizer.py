@@ -20,7 +20,9 @@ WORDS = (
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
 
 
-def build_synthetic_tokenizer(add_bos: bool = False, chars: bool = False, verbose: bool = False) -> PreTrainedTokenizerFast:
+def build_synthetic_tokenizer(
+    add_bos: bool = False, chars: bool = False, verbose: bool = False
+) -> PreTrainedTokenizerFast:
     """A fixed-vocabulary tokenizer covering the synthetic task's text (and a little more).
 
     With ``verbose`` the vocabulary also holds the words of the verbose traces of

@@ -22,7 +22,9 @@ import torch
 log = logging.getLogger("kava.batch_finder")  # the name its log lines have always had
 
 _OOM_TYPES: tuple[type[BaseException], ...] = tuple(
-    t for t in (getattr(torch.cuda, "OutOfMemoryError", None), getattr(torch, "OutOfMemoryError", None)) if t is not None
+    t
+    for t in (getattr(torch.cuda, "OutOfMemoryError", None), getattr(torch, "OutOfMemoryError", None))
+    if t is not None
 )
 
 
@@ -128,7 +130,9 @@ def training_step_fn(objective, encoded: list, longest: bool = True, at_step: in
     if not pool:
         raise ValueError("no examples to build batches from")
     if longest:
-        pool.sort(key=lambda e: len(e.question) + sum(map(len, e.steps)) + len(e.answer_prefix) + len(e.answer), reverse=True)
+        pool.sort(
+            key=lambda e: len(e.question) + sum(map(len, e.steps)) + len(e.answer_prefix) + len(e.answer), reverse=True
+        )
 
     def step(batch_size: int) -> None:
         encs = [pool[i % len(pool)] for i in range(batch_size)]

@@ -21,7 +21,17 @@ import torch
 
 from ..config import KavaConfig
 
-LIBRARIES = ("torch", "transformers", "accelerate", "peft", "datasets", "safetensors", "bitsandbytes", "flash-attn", "kava")
+LIBRARIES = (
+    "torch",
+    "transformers",
+    "accelerate",
+    "peft",
+    "datasets",
+    "safetensors",
+    "bitsandbytes",
+    "flash-attn",
+    "kava",
+)
 
 
 def pick_mixed_precision(setting: str) -> str:
@@ -84,19 +94,22 @@ def gpu_devices() -> list[dict]:
             free, total = torch.cuda.mem_get_info(i)
         except RuntimeError:
             free, total = None, p.total_memory
-        out.append({
-            "index": i,
-            "name": p.name,
-            "capability": f"{p.major}.{p.minor}",
-            "memory_total_gib": _r(total / 2**30),
-            "memory_free_gib": None if free is None else _r(free / 2**30),
-            "bf16": bool(torch.cuda.is_bf16_supported()),
-        })
+        out.append(
+            {
+                "index": i,
+                "name": p.name,
+                "capability": f"{p.major}.{p.minor}",
+                "memory_total_gib": _r(total / 2**30),
+                "memory_free_gib": None if free is None else _r(free / 2**30),
+                "bf16": bool(torch.cuda.is_bf16_supported()),
+            }
+        )
     return out
 
 
 def distributed_env() -> dict:
     """World size and ranks as a launcher (torchrun, accelerate launch, srun) sets them."""
+
     def env_int(*names: str, default: int) -> int:
         for n in names:
             if os.environ.get(n, "").strip().isdigit():
@@ -163,29 +176,50 @@ def scheduler_job(env: Mapping[str, str] | None = None) -> dict | None:
     get = env.get
     if get("SLURM_JOB_ID"):
         hosts = expand_hostlist(get("SLURM_JOB_NODELIST") or get("SLURM_NODELIST") or "")
-        job = {"scheduler": "SLURM", "job_id": get("SLURM_JOB_ID"), "job_name": get("SLURM_JOB_NAME"),
-               "queue": get("SLURM_JOB_PARTITION"), "array_index": get("SLURM_ARRAY_TASK_ID"), "hosts": hosts,
-               "nodes": _int(get("SLURM_JOB_NUM_NODES")) or _int(get("SLURM_NNODES")) or (len(hosts) or None),
-               "slots": _int(get("SLURM_NTASKS")) or _int(get("SLURM_NPROCS")), "rank": _int(get("SLURM_PROCID")),
-               "gpus": get("SLURM_JOB_GPUS") or get("SLURM_GPUS_ON_NODE") or get("SLURM_GPUS")}
+        job = {
+            "scheduler": "SLURM",
+            "job_id": get("SLURM_JOB_ID"),
+            "job_name": get("SLURM_JOB_NAME"),
+            "queue": get("SLURM_JOB_PARTITION"),
+            "array_index": get("SLURM_ARRAY_TASK_ID"),
+            "hosts": hosts,
+            "nodes": _int(get("SLURM_JOB_NUM_NODES")) or _int(get("SLURM_NNODES")) or (len(hosts) or None),
+            "slots": _int(get("SLURM_NTASKS")) or _int(get("SLURM_NPROCS")),
+            "rank": _int(get("SLURM_PROCID")),
+            "gpus": get("SLURM_JOB_GPUS") or get("SLURM_GPUS_ON_NODE") or get("SLURM_GPUS"),
+        }
     elif get("PBS_JOBID"):
         slots = _lines(get("PBS_NODEFILE"))  # one line per slot (Torque: per core; PBS Pro: per MPI rank)
         hosts = _unique(slots)
         gpus = _lines(get("PBS_GPUFILE"))  # Torque: one line per GPU, e.g. node01-gpu0
-        job = {"scheduler": "PBS", "job_id": get("PBS_JOBID"), "job_name": get("PBS_JOBNAME"), "queue": get("PBS_QUEUE"),
-               "array_index": get("PBS_ARRAY_INDEX") or get("PBS_ARRAYID"), "hosts": hosts,
-               "nodes": _int(get("PBS_NUM_NODES")) or (len(hosts) or None),
-               "slots": len(slots) or _int(get("PBS_NP")) or _int(get("NCPUS")), "rank": _int(get("PBS_VNODENUM")),
-               "gpus": ",".join(gpus) or None}
+        job = {
+            "scheduler": "PBS",
+            "job_id": get("PBS_JOBID"),
+            "job_name": get("PBS_JOBNAME"),
+            "queue": get("PBS_QUEUE"),
+            "array_index": get("PBS_ARRAY_INDEX") or get("PBS_ARRAYID"),
+            "hosts": hosts,
+            "nodes": _int(get("PBS_NUM_NODES")) or (len(hosts) or None),
+            "slots": len(slots) or _int(get("PBS_NP")) or _int(get("NCPUS")),
+            "rank": _int(get("PBS_VNODENUM")),
+            "gpus": ",".join(gpus) or None,
+        }
     elif get("JOB_ID") and (get("SGE_ROOT") or get("SGE_TASK_ID") or get("PE_HOSTFILE")):
         # PE_HOSTFILE: "host slots queue processors" per line
         rows = [line.split() for line in _lines(get("PE_HOSTFILE"))]
         task = get("SGE_TASK_ID")
-        job = {"scheduler": "SGE", "job_id": get("JOB_ID"), "job_name": get("JOB_NAME"), "queue": get("QUEUE"),
-               "array_index": None if task in (None, "undefined") else task, "hosts": _unique([r[0] for r in rows]),
-               "nodes": _int(get("NHOSTS")) or (len(rows) or None),
-               "slots": _int(get("NSLOTS")) or (sum(int(r[1]) for r in rows if len(r) > 1 and r[1].isdigit()) or None),
-               "rank": None, "gpus": get("SGE_HGR_gpu") or get("SGE_HGR_gpus")}
+        job = {
+            "scheduler": "SGE",
+            "job_id": get("JOB_ID"),
+            "job_name": get("JOB_NAME"),
+            "queue": get("QUEUE"),
+            "array_index": None if task in (None, "undefined") else task,
+            "hosts": _unique([r[0] for r in rows]),
+            "nodes": _int(get("NHOSTS")) or (len(rows) or None),
+            "slots": _int(get("NSLOTS")) or (sum(int(r[1]) for r in rows if len(r) > 1 and r[1].isdigit()) or None),
+            "rank": None,
+            "gpus": get("SGE_HGR_gpu") or get("SGE_HGR_gpus"),
+        }
     elif get("LSB_JOBID"):
         # LSB_MCPU_HOSTS: "hostA 4 hostB 4"; LSB_HOSTS: one name per slot
         mcpu = (get("LSB_MCPU_HOSTS") or "").split()
@@ -193,10 +227,19 @@ def scheduler_job(env: Mapping[str, str] | None = None) -> dict | None:
         per_slot = (get("LSB_HOSTS") or "").split()
         hosts = _unique([h for h, _ in pairs] or per_slot)
         index = get("LSB_JOBINDEX")
-        job = {"scheduler": "LSF", "job_id": get("LSB_JOBID"), "job_name": get("LSB_JOBNAME"), "queue": get("LSB_QUEUE"),
-               "array_index": None if index in (None, "0") else index, "hosts": hosts, "nodes": len(hosts) or None,
-               "slots": _int(get("LSB_DJOB_NUMPROC")) or (sum(int(n) for _, n in pairs if n.isdigit()) or len(per_slot) or None),
-               "rank": None, "gpus": None}
+        job = {
+            "scheduler": "LSF",
+            "job_id": get("LSB_JOBID"),
+            "job_name": get("LSB_JOBNAME"),
+            "queue": get("LSB_QUEUE"),
+            "array_index": None if index in (None, "0") else index,
+            "hosts": hosts,
+            "nodes": len(hosts) or None,
+            "slots": _int(get("LSB_DJOB_NUMPROC"))
+            or (sum(int(n) for _, n in pairs if n.isdigit()) or len(per_slot) or None),
+            "rank": None,
+            "gpus": None,
+        }
     else:
         return None
     job["gpus"] = job["gpus"] or get("CUDA_VISIBLE_DEVICES")
@@ -214,7 +257,10 @@ def picked_settings(cfg: KavaConfig, world_size: int = 1) -> tuple[dict, list[st
     effective = tc.effective_batch or per_step
     accum: int | None = effective // per_step
     if effective % per_step:
-        warnings.append(f"train.effective_batch={effective} is not a multiple of batch_size x processes = {per_step}: training would refuse to start")
+        warnings.append(
+            f"train.effective_batch={effective} is not a multiple of batch_size x processes = {per_step}: training "
+            "would refuse to start"
+        )
         accum = None
     mp = pick_mixed_precision(tc.mixed_precision)
     dtype = str(resolve_dtype(mc.dtype)).removeprefix("torch.")
@@ -271,7 +317,8 @@ def format_report(report: dict) -> str:
     lines = [
         f"python        {report['python']} on {report['platform']}",
         f"cpus          {report['cpu_count']}",
-        f"host memory   {report['host_memory']['total_gib']} GiB total, {report['host_memory']['available_gib']} GiB available",
+        f"host memory   {report['host_memory']['total_gib']} GiB total, {report['host_memory']['available_gib']} GiB "
+        "available",
         f"cuda          {'yes, CUDA ' + str(report['cuda_version']) if report['cuda_available'] else 'no (CPU only)'}",
     ]
     for g in report["gpus"]:
@@ -280,16 +327,23 @@ def format_report(report: dict) -> str:
             f"{g['memory_free_gib']} GiB free, bf16 {'yes' if g['bf16'] else 'no'}"
         )
     d = report["distributed"]
-    lines.append(f"distributed   world size {d['world_size']}, rank {d['rank']}, local rank {d['local_rank']}, backend {d['backend']}")
+    lines.append(
+        f"distributed   world size {d['world_size']}, rank {d['rank']}, local rank {d['local_rank']}, backend "
+        f"{d['backend']}"
+    )
     job = d.get("job")
     if job:
         hosts = job["hosts"]
         shown = ", ".join(hosts[:8]) + (f", ... ({len(hosts)} in all)" if len(hosts) > 8 else "")
-        parts = [f"{job['scheduler']} job {job['job_id']}" + (f" ({job['job_name']})" if job["job_name"] else ""),
-                 f"queue {job['queue']}" if job["queue"] else "", f"array index {job['array_index']}" if job["array_index"] else "",
-                 f"{job['nodes']} node(s)" + (f": {shown}" if hosts else "") if job["nodes"] else "",
-                 f"{job['slots']} slot(s)" if job["slots"] else "", f"rank {job['rank']}" if job["rank"] is not None else "",
-                 f"gpus {job['gpus']}" if job["gpus"] else ""]
+        parts = [
+            f"{job['scheduler']} job {job['job_id']}" + (f" ({job['job_name']})" if job["job_name"] else ""),
+            f"queue {job['queue']}" if job["queue"] else "",
+            f"array index {job['array_index']}" if job["array_index"] else "",
+            f"{job['nodes']} node(s)" + (f": {shown}" if hosts else "") if job["nodes"] else "",
+            f"{job['slots']} slot(s)" if job["slots"] else "",
+            f"rank {job['rank']}" if job["rank"] is not None else "",
+            f"gpus {job['gpus']}" if job["gpus"] else "",
+        ]
         lines.append("job           " + ", ".join(p for p in parts if p))
     lines.append("libraries     " + ", ".join(f"{k} {v or '-'}" for k, v in report["libraries"].items()))
     lines.append("would use:")

@@ -15,15 +15,12 @@ marked failed (:func:`mark_failed`).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +34,7 @@ from ..data.sequences import Encoded, TextEncoder
 from ..distill.objective import Objective, metric_floats
 from ..distill.targets import check_targets
 from ..evaluation.evaluator import eval_modes, evaluate
-from ..io import append_line, atomic_replace_dir, atomic_write_json
+from ..io import atomic_replace_dir, atomic_write_json
 from ..model.backbone import KavaModel
 from ..model.checkpoints import (
     CHECKPOINT_RE,
@@ -49,6 +46,8 @@ from ..model.checkpoints import (
 )
 from ..model.files import ModelLoadError, check_shapes, read_tensors
 from .env import pick_mixed_precision
+from .errors import TrainingError
+from .metrics import batch_tokens, format_summary, log_metrics
 from .optim import make_optimizer, param_groups
 from .probes import probe_kv_cosine, record_instruments, record_selector_keeps
 from .rundir import (
@@ -60,14 +59,10 @@ from .rundir import (
     write_failed_status,
 )
 from .signals import RaiseOnSignal, Stopped, StopSignal
-from .state import load_trainer_state, save_trainer_state
+from .state import DataOrder, load_trainer_state, save_trainer_state
 from .tracking import start_trackers, tracker_names
 
 log = logging.getLogger("kava.train")  # the name these log lines have always had
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (a non-finite loss, say); the message says why."""
 
 
 @dataclass
@@ -128,8 +123,9 @@ def train(cfg: KavaConfig, resume: bool = False) -> dict:
     check_targets(cfg)  # and a selector its target source cannot serve
     # The folder set_up will write to (under train.output_root / $KAVA_OUTPUT_ROOT), locked first.
     folder = under_output_root(cfg.train.output_dir, cfg.train.output_root)
-    with claim_run_folder(folder, resume, cfg.train.overwrite_output_dir,
-                          main=_is_global_rank_zero()) as clear_previous:
+    with claim_run_folder(
+        folder, resume, cfg.train.overwrite_output_dir, main=_is_global_rank_zero()
+    ) as clear_previous:
         if resume and latest_checkpoint(folder) is not None:
             check_resume_config(folder, cfg)  # before anything loads or is written
         return _train(cfg, resume, clear_previous)
@@ -141,6 +137,20 @@ def _is_global_rank_zero() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def on_cadence(run: Run, bar) -> None:
+    """What the step just taken is due for: a metrics row, a checkpoint, an evaluation with the
+    instruments (at ``train.log_every``, ``save_every`` and ``eval_every``; the last step's are
+    the run's end)."""
+    tc, step = run.cfg.train, run.step
+    if step % tc.log_every == 0 or step == run.max_steps:
+        log_metrics(run, bar)
+    if tc.save_every and step % tc.save_every == 0 and step < run.max_steps:
+        save_checkpoint(run)
+    if tc.eval_every and step % tc.eval_every == 0 and step < run.max_steps and run.main and not run.fsdp:
+        evaluate_model(run, run.out / f"eval-{step}")
+        record_instruments(run)
+
+
 def _train(cfg: KavaConfig, resume: bool, clear_previous=lambda: None) -> dict:
     from tqdm.auto import tqdm
 
@@ -148,7 +158,8 @@ def _train(cfg: KavaConfig, resume: bool, clear_previous=lambda: None) -> dict:
     try:
         run = set_up(cfg)
     except BaseException as e:
-        if not resume and _is_global_rank_zero():  # a fresh start that never began says why (a resumed run keeps its status)
+        # A fresh start that never began says why (a resumed run keeps its status).
+        if not resume and _is_global_rank_zero():
             write_failed_start(under_output_root(cfg.train.output_dir, cfg.train.output_root), e)
         raise
     if resume:
@@ -158,7 +169,13 @@ def _train(cfg: KavaConfig, resume: bool, clear_previous=lambda: None) -> dict:
     open_run_folder(run)
     try:
         run.started = time.perf_counter()
-        bar = tqdm(total=run.max_steps, initial=run.step, desc=f"train[{tc.mode}]", disable=not (run.main and tc.progress), dynamic_ncols=True)
+        bar = tqdm(
+            total=run.max_steps,
+            initial=run.step,
+            desc=f"train[{tc.mode}]",
+            disable=not (run.main and tc.progress),
+            dynamic_ncols=True,
+        )
         with StopSignal() as stop:
             if run.step == 0 and run.main and not run.fsdp:
                 record_selector_keeps(run)  # before the first update: the model the run starts from
@@ -166,19 +183,21 @@ def _train(cfg: KavaConfig, resume: bool, clear_previous=lambda: None) -> dict:
             while run.step < run.max_steps:
                 train_step(run)
                 bar.update(1)
-                if run.step % tc.log_every == 0 or run.step == run.max_steps:
-                    log_metrics(run, bar)
-                if tc.save_every and run.step % tc.save_every == 0 and run.step < run.max_steps:
-                    save_checkpoint(run)
-                if tc.eval_every and run.step % tc.eval_every == 0 and run.step < run.max_steps and run.main and not run.fsdp:
-                    evaluate_model(run, run.out / f"eval-{run.step}")
-                    record_instruments(run)
+                on_cadence(run, bar)
                 if stop.received is not None:
-                    log.warning("signal %d received: saving a checkpoint at step %d and stopping", stop.received, run.step)
+                    log.warning(
+                        "signal %d received: saving a checkpoint at step %d and stopping", stop.received, run.step
+                    )
                     break
             bar.close()
             ckpt = save_checkpoint(run)  # (a signal during the save is held until it is done)
-        result = {"state": "finished", "step": run.step, "max_steps": run.max_steps, "checkpoint": str(ckpt), "train": run.last_row}
+        result = {
+            "state": "finished",
+            "step": run.step,
+            "max_steps": run.max_steps,
+            "checkpoint": str(ckpt),
+            "train": run.last_row,
+        }
         if stop.received is not None:
             result.update(state="interrupted", signal=stop.received)
         else:
@@ -219,10 +238,18 @@ def finish(run: Run, ckpt: Path, result: dict) -> None:
             if tc.eval_at_end and run.main and run.eval_examples and not run.fsdp:
                 result["eval"] = evaluate_model(run, run.out)
     except Stopped as stop:
-        log.warning("signal %d received during the final evaluation: stopped; checkpoint %s is saved, "
-                    "evaluate it with `kava eval --checkpoint %s`", stop.signum, ckpt, ckpt)
-        result.update(state="interrupted", signal=stop.signum,
-                      note=f"stopped during the final evaluation; run `kava eval --checkpoint {ckpt}`")
+        log.warning(
+            "signal %d received during the final evaluation: stopped; checkpoint %s is saved, "
+            "evaluate it with `kava eval --checkpoint %s`",
+            stop.signum,
+            ckpt,
+            ckpt,
+        )
+        result.update(
+            state="interrupted",
+            signal=stop.signum,
+            note=f"stopped during the final evaluation; run `kava eval --checkpoint {ckpt}`",
+        )
 
 
 def mark_failed(run: Run, error: BaseException) -> None:
@@ -255,7 +282,8 @@ def set_up(cfg: KavaConfig) -> Run:
     effective = tc.effective_batch or tc.batch_size * world
     if effective % (tc.batch_size * world):
         raise ConfigError(
-            f"config field 'train.effective_batch': {effective} is not a multiple of batch_size x processes = {tc.batch_size * world}"
+            f"config field 'train.effective_batch': {effective} is not a multiple of batch_size x processes = "
+            f"{tc.batch_size * world}"
         )
     accum = effective // (tc.batch_size * world)
     set_seed(tc.seed)
@@ -271,17 +299,27 @@ def set_up(cfg: KavaConfig) -> Run:
     steps_per_epoch = math.ceil(len(encoded) / effective)
     max_steps = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
     if max_steps > cfg.limits.max_steps:
-        raise ConfigError(f"config field 'train.epochs': {tc.epochs:g} epochs of {steps_per_epoch} steps are "
-                          f"{max_steps:,} steps, beyond the sanity bound limits.max_steps={cfg.limits.max_steps:,} "
-                          "(raise it if you mean it)")
+        raise ConfigError(
+            f"config field 'train.epochs': {tc.epochs:g} epochs of {steps_per_epoch} steps are "
+            f"{max_steps:,} steps, beyond the sanity bound limits.max_steps={cfg.limits.max_steps:,} "
+            "(raise it if you mean it)"
+        )
     params = list({id(p): p for p in objective.parameters()}.values())  # counted before FSDP shards them
     summary = {
-        "mode": tc.mode, "examples": len(encoded), "eval_examples": len(eval_examples), "max_steps": max_steps,
-        "steps_per_epoch": steps_per_epoch, "epochs": round(max_steps / steps_per_epoch, 3), "effective_batch": effective,
-        "batch_size_per_process": tc.batch_size, "processes": world, "grad_accumulation_steps": accum,
+        "mode": tc.mode,
+        "examples": len(encoded),
+        "eval_examples": len(eval_examples),
+        "max_steps": max_steps,
+        "steps_per_epoch": steps_per_epoch,
+        "epochs": round(max_steps / steps_per_epoch, 3),
+        "effective_batch": effective,
+        "batch_size_per_process": tc.batch_size,
+        "processes": world,
+        "grad_accumulation_steps": accum,
         "trainable_parameters": sum(p.numel() for p in params if p.requires_grad),
         "total_parameters": sum(p.numel() for p in params),
-        "device": str(accelerator.device), "mixed_precision": accelerator.mixed_precision,
+        "device": str(accelerator.device),
+        "mixed_precision": accelerator.mixed_precision,
         "weights_dtype": str(next(iter(model.parameters())).dtype).removeprefix("torch."),
         "report_to": trackers,
     }
@@ -292,9 +330,24 @@ def set_up(cfg: KavaConfig) -> Run:
     else:
         scheduler = get_constant_schedule_with_warmup(optimizer, warmup)
     wrapped, optimizer, scheduler = accelerator.prepare(objective, optimizer, scheduler)
-    return Run(cfg, Path(tc.output_dir), accelerator, model, encoder, encoded, eval_examples, objective, wrapped,
-               optimizer, scheduler, DataOrder(len(encoded), tc.seed), accum, max_steps,
-               fsdp=accelerator.distributed_type == DistributedType.FSDP, summary=summary)
+    return Run(
+        cfg,
+        Path(tc.output_dir),
+        accelerator,
+        model,
+        encoder,
+        encoded,
+        eval_examples,
+        objective,
+        wrapped,
+        optimizer,
+        scheduler,
+        DataOrder(len(encoded), tc.seed),
+        accum,
+        max_steps,
+        fsdp=accelerator.distributed_type == DistributedType.FSDP,
+        summary=summary,
+    )
 
 
 def check_positions(encoded: list[Encoded], model: KavaModel, cfg: KavaConfig) -> None:
@@ -310,17 +363,22 @@ def check_positions(encoded: list[Encoded], model: KavaModel, cfg: KavaConfig) -
 
     worst = max(encoded, key=need)
     if need(worst) > limit:
-        raise ConfigError(f"config field 'latent.num_latents': example {worst.source_id} needs {need(worst)} "
-                          f"positions (question, CoT or {latents} latent slots, answer) but the model has "
-                          f"max_position_embeddings={limit}; shorten data.max_question_tokens / data.max_cot_tokens "
-                          "or use fewer latents")
+        raise ConfigError(
+            f"config field 'latent.num_latents': example {worst.source_id} needs {need(worst)} "
+            f"positions (question, CoT or {latents} latent slots, answer) but the model has "
+            f"max_position_embeddings={limit}; shorten data.max_question_tokens / data.max_cot_tokens "
+            "or use fewer latents"
+        )
 
 
 def resume_from(run: Run) -> None:
     """Continue from the latest checkpoint in the run folder, if any: the weights, the target
     source's trained parts, optimizer, scheduler, every RNG and the data position."""
     if run.fsdp:
-        raise TrainingError("--resume is not supported under FSDP (checkpoints hold the gathered weights, not the sharded optimizer state); start a new run with model.init_from=CHECKPOINT")
+        raise TrainingError(
+            "--resume is not supported under FSDP (checkpoints hold the gathered weights, not the sharded optimizer "
+            "state); start a new run with model.init_from=CHECKPOINT"
+        )
     ckpt = latest_checkpoint(run.out)
     if ckpt is None:
         log.info("no checkpoint in %s: starting from scratch", run.out)
@@ -329,15 +387,20 @@ def resume_from(run: Run) -> None:
     source = run.objective.source
     if source.state_file:
         if not (ckpt / source.state_file).is_file():
-            raise TrainingError(f"{ckpt}: no {source.state_file} to resume the teachers' adapters from (was it written without teachers.models?)")
+            raise TrainingError(
+                f"{ckpt}: no {source.state_file} to resume the teachers' adapters from (was it written without "
+                "teachers.models?)"
+            )
         parts = read_tensors(ckpt / source.state_file)
         check_shapes(source, parts, ckpt / source.state_file)
         source.load_state_dict(parts)
     progress = load_trainer_state(ckpt, run.optimizer, run.scheduler, run.generators)
     check_progress(progress, ckpt, run.max_steps, len(run.encoded))
     if progress.get("examples", len(run.encoded)) != len(run.encoded):
-        raise TrainingError(f"--resume from {ckpt}: the run trained on {progress['examples']} examples, this data has "
-                            f"{len(run.encoded)} (data.train changed?); start a new run to train on other data")
+        raise TrainingError(
+            f"--resume from {ckpt}: the run trained on {progress['examples']} examples, this data has "
+            f"{len(run.encoded)} (data.train changed?); start a new run to train on other data"
+        )
     run.step = progress["step"]
     run.order = DataOrder(len(run.encoded), run.cfg.train.seed, progress["epoch"], progress["offset"])
     log.info("resumed from %s at step %d", ckpt, run.step)
@@ -352,18 +415,24 @@ def check_progress(progress: Any, ckpt: Path, max_steps: int, examples: int) -> 
     ok = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0  # noqa: E731
     if not isinstance(progress, dict) or not all(ok(progress.get(k)) for k in ("step", "epoch", "offset")):
         shown = {k: progress.get(k) for k in ("step", "epoch", "offset")} if isinstance(progress, dict) else progress
-        raise ModelLoadError(f"{where}: progress {shown!r} is not a kava trainer state "
-                             "(step, epoch, offset: integers >= 0)")
+        raise ModelLoadError(
+            f"{where}: progress {shown!r} is not a kava trainer state (step, epoch, offset: integers >= 0)"
+        )
     step = progress["step"]
     if m and int(m.group(1)) != step:
-        raise ModelLoadError(f"{where}: step {step} but the folder is {ckpt.name}: damaged or edited, "
-                             "not resuming from it")
+        raise ModelLoadError(
+            f"{where}: step {step} but the folder is {ckpt.name}: damaged or edited, not resuming from it"
+        )
     if step > max_steps:
-        raise ModelLoadError(f"{where}: step {step} is beyond train.max_steps={max_steps}; "
-                             f"set train.max_steps >= {step} to continue this run")
+        raise ModelLoadError(
+            f"{where}: step {step} is beyond train.max_steps={max_steps}; "
+            f"set train.max_steps >= {step} to continue this run"
+        )
     if progress["offset"] > examples:
-        raise ModelLoadError(f"{where}: data offset {progress['offset']} is beyond the {examples} training examples "
-                             "(other data than the run's?)")
+        raise ModelLoadError(
+            f"{where}: data offset {progress['offset']} is beyond the {examples} training examples "
+            "(other data than the run's?)"
+        )
 
 
 def open_run_folder(run: Run) -> None:
@@ -376,15 +445,6 @@ def open_run_folder(run: Run) -> None:
         atomic_write_json(run.out / "run_summary.json", {**run.summary, "start_step": run.step})
         log.info("%s", format_summary(run.summary))
     start_trackers(run.accelerator, run.cfg, run.out, run.summary)
-
-
-def format_summary(s: dict) -> str:
-    """The start-of-run summary as one line."""
-    return (f"run: {s['examples']} training examples, {s['max_steps']} steps ({s['epochs']:g} epochs), effective batch "
-            f"{s['effective_batch']} ({s['batch_size_per_process']} x {s['processes']} process(es) x {s['grad_accumulation_steps']} "
-            f"accumulation), {s['trainable_parameters']:,} of {s['total_parameters']:,} parameters trainable, "
-            f"device {s['device']}, mixed precision {s['mixed_precision']}, weights {s['weights_dtype']}"
-            + (f", reporting to {', '.join(s['report_to'])}" if s["report_to"] else ""))
 
 
 def train_step(run: Run) -> None:
@@ -424,61 +484,6 @@ def train_step(run: Run) -> None:
     run.window_time += time.perf_counter() - started  # the step ends with a host read (the finiteness check)
 
 
-def log_metrics(run: Run, bar) -> None:
-    """The mean of every metric since the last row (over processes too): one row of
-    ``metrics.jsonl`` (and the trackers), and the progress bar's figures.
-
-    Besides the loss terms a row has ``time`` (UTC), ``lr``, ``examples_per_s`` and
-    ``tokens_per_s`` (all processes; time spent in training steps since the previous row, so
-    checkpoints and evaluations do not count), ``peak_mem_gib`` (CUDA memory allocated on a GPU,
-    the process's peak resident memory on a CPU) and the curriculum ``stage`` as an integer."""
-    row = {"step": run.step, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-           "lr": run.scheduler.get_last_lr()[0], "elapsed_s": round(time.perf_counter() - run.started, 3)}
-    device = run.accelerator.device
-    means = {k: torch.stack([torch.as_tensor(x, dtype=torch.float32, device=device).reshape(()) for x in v]).mean()
-             for k, v in run.window.items()}
-    means["_tokens"] = torch.tensor(float(run.window_tokens))
-    values = _mean_over_processes(run.accelerator, means)  # the one host read of the logging step
-    tokens = values.pop("_tokens") * run.world
-    row.update(values)
-    if run.window_time > 0:
-        row["examples_per_s"] = round(run.window_examples / run.window_time, 3)
-        row["tokens_per_s"] = round(tokens / run.window_time, 1)
-    row["peak_mem_gib"] = round(peak_memory_gib(device), 4)
-    if run.stage is not None:
-        row["stage"] = int(run.stage)
-    run.window.clear()
-    run.window_tokens = run.window_examples = 0
-    run.window_time = 0.0
-    bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k in ("loss", "ce", "ce_student", "kv", "codi", "kv_cos", "acc_teacher", "acc_student", "stage")})
-    if run.main:
-        append_line(run.out / "metrics.jsonl", json.dumps(row))
-    run.accelerator.log({k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}, step=run.step)
-    run.last_row = row
-
-
-def batch_tokens(batch: dict) -> int:
-    """Sequence tokens of a batch the model reads: the teacher's (question, CoT, answer) and the
-    student's (prefix, latents, suffix), padding excluded. The masks are host tensors."""
-    n = 0
-    if "teacher" in batch:
-        n += int(batch["teacher"]["attention_mask"].sum())
-    if "student" in batch:
-        s = batch["student"]
-        n += int(s["prefix_mask"].sum()) + int(s["suffix_mask"].sum()) + s["num_latents"] * s["prefix_mask"].shape[0]
-    return n
-
-
-def peak_memory_gib(device: torch.device) -> float:
-    """Peak CUDA memory allocated on ``device`` so far, or on a CPU the process's peak resident memory."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return peak / 2**30 if sys.platform == "darwin" else peak / 2**20
-
-
 def save_checkpoint(run: Run) -> Path:
     """Write ``checkpoint-STEP`` atomically: the model, the target source's trained parts
     (other teachers' aligners and router) and, except under FSDP, the trainer state."""
@@ -497,10 +502,19 @@ def save_checkpoint(run: Run) -> Path:
             write_checkpoint(run.model, tmp, state)
             if source.state_file:
                 # Training state of the source's trained parts (the student does not need them).
-                save_file({k: v.detach().cpu().contiguous() for k, v in source.state_dict().items()},
-                          str(tmp / source.state_file), metadata={"format": "kava"})
+                save_file(
+                    {k: v.detach().cpu().contiguous() for k, v in source.state_dict().items()},
+                    str(tmp / source.state_file),
+                    metadata={"format": "kava"},
+                )
             if not run.fsdp:
-                save_trainer_state(tmp, run.optimizer, run.scheduler, run.generators, {"step": at, "examples": len(run.encoded), **run.order.state()})
+                save_trainer_state(
+                    tmp,
+                    run.optimizer,
+                    run.scheduler,
+                    run.generators,
+                    {"step": at, "examples": len(run.encoded), **run.order.state()},
+                )
 
         atomic_replace_dir(path, build)
         for gone in prune_checkpoints(run.out, run.cfg.train.save_total_limit):
@@ -516,61 +530,35 @@ def check_finite_weights(run: Run, state: dict[str, torch.Tensor] | None = None)
         named = list(state.items())
     else:
         named = [(n, p) for n, p in run.model.named_parameters() if p.requires_grad]
-        named += [(f"source.{n}", p) for n, p in run.objective.source.state_dict().items()] if run.objective.source.state_file else []
+        named += (
+            [(f"source.{n}", p) for n, p in run.objective.source.state_dict().items()]
+            if run.objective.source.state_file
+            else []
+        )
     if not named:
         return
     flags = torch.stack([torch.isfinite(t.detach()).all() for _, t in named])
     if not bool(flags.all()):
         bad = [n for (n, _), ok in zip(named, flags.tolist()) if not ok]
-        raise TrainingError(f"non-finite weights at step {run.step} ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}): "
-                            f"checkpoint-{run.step} not written; lower train.lr or check the data")
+        raise TrainingError(
+            f"non-finite weights at step {run.step} ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}): "
+            f"checkpoint-{run.step} not written; lower train.lr or check the data"
+        )
 
 
 def evaluate_model(run: Run, out_dir: Path) -> dict:
     """Evaluate the model on the run's evaluation examples in its own modes, into ``out_dir``."""
     res = evaluate(run.model, run.eval_examples, run.cfg, eval_modes(run.cfg), out_dir)
     for mode, r in res.items():
-        log.info("eval %s [%s]: accuracy %.3f, forward passes %.2f (n=%d)", out_dir.name, mode, r["accuracy"], r["forward_passes"], r["n"])
+        log.info(
+            "eval %s [%s]: accuracy %.3f, forward passes %.2f (n=%d)",
+            out_dir.name,
+            mode,
+            r["accuracy"],
+            r["forward_passes"],
+            r["n"],
+        )
     return res
 
 
 # --- helpers -------------------------------------------------------------------------
-
-
-class DataOrder:
-    """Deterministic example order: a fresh seeded permutation each epoch; resumable."""
-
-    def __init__(self, n: int, seed: int, epoch: int = 0, offset: int = 0):
-        if n == 0:
-            raise TrainingError("no training examples")
-        self.n, self.seed, self.epoch, self.offset = n, seed, epoch, offset
-        self._perm = self._permutation()
-
-    def _permutation(self) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return torch.randperm(self.n, generator=g).tolist()
-
-    def take(self, k: int) -> list[int]:
-        out = []
-        while len(out) < k:
-            if self.offset == self.n:
-                self.epoch, self.offset = self.epoch + 1, 0
-                self._perm = self._permutation()
-            out.append(self._perm[self.offset])
-            self.offset += 1
-        return out
-
-    def state(self) -> dict:
-        return {"epoch": self.epoch, "offset": self.offset}
-
-
-def _mean_over_processes(accelerator, values: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Average logged metrics (0-dim tensors) over all processes (each saw its own share of
-    the batch), read back to the host in one transfer."""
-    if not values:
-        return {}
-    keys = sorted(values)
-    t = torch.stack([values[k].to(accelerator.device, torch.float64) for k in keys])
-    if accelerator.num_processes > 1:
-        t = accelerator.reduce(t, reduction="mean")
-    return dict(zip(keys, t.tolist()))

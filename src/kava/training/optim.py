@@ -57,6 +57,11 @@ def param_groups(objective: Objective, cfg: KavaConfig) -> list[dict]:
     # no decay (adapters start at the identity).
     groups["teachers"] = objective.source.trained_parameters()
     wd = cfg.train.weight_decay
-    spec = [("decay", cfg.train.lr, wd), ("no_decay", cfg.train.lr, 0.0), ("proj_decay", proj_lr, wd), ("proj_no_decay", proj_lr, 0.0),
-            ("teachers", cfg.teachers.adapter_lr or cfg.train.lr, 0.0)]
+    spec = [
+        ("decay", cfg.train.lr, wd),
+        ("no_decay", cfg.train.lr, 0.0),
+        ("proj_decay", proj_lr, wd),
+        ("proj_no_decay", proj_lr, 0.0),
+        ("teachers", cfg.teachers.adapter_lr or cfg.train.lr, 0.0),
+    ]
     return [{"params": groups[k], "lr": lr, "weight_decay": w} for k, lr, w in spec if groups[k]]

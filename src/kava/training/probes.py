@@ -22,8 +22,10 @@ def probe_kv_cosine(run) -> None:
     objective = run.objective
     examples = run.eval_examples[:8]
     if examples and not objective.source.covers([ex.source_id for ex in examples]):
-        log.info("kv probe skipped: the offline teacher cache holds training examples only, not the evaluation examples "
-                 "(the live teacher is not what this student was distilled towards)")
+        log.info(
+            "kv probe skipped: the offline teacher cache holds training examples only, not the evaluation examples "
+            "(the live teacher is not what this student was distilled towards)"
+        )
         return
     probe = [run.encoder.encode(ex) for ex in examples] if examples else run.encoded[:8]
     whole_batch = objective.selector is not None and objective.selector.whole_batch
@@ -65,6 +67,14 @@ def record_selector_keeps(run) -> None:
         return
     encs, held_out = got
     keeps = measure(run.objective, encs, keeps=True)["selector_keeps"]
-    atomic_write_json(run.out / "selector_keeps.json", {"step": run.step, "held_out": held_out, "n": len(encs),
-                                                        "run_selector": run.cfg.loss.compression,
-                                                        "teacher": run.cfg.model.init_from or "", "selectors": keeps})
+    atomic_write_json(
+        run.out / "selector_keeps.json",
+        {
+            "step": run.step,
+            "held_out": held_out,
+            "n": len(encs),
+            "run_selector": run.cfg.loss.compression,
+            "teacher": run.cfg.model.init_from or "",
+            "selectors": keeps,
+        },
+    )

@@ -56,11 +56,24 @@ LOCK_FILE = ".kava.lock"
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
 # What a run writes into its folder (what --overwrite deletes).
-_OUTPUT_FILES = ("metrics.jsonl", "status.json", "config.yaml", "eval_metrics.json", "kv_cosine.json", "run_summary.json",
-                 "instruments.jsonl", "selector_keeps.json")
+_OUTPUT_FILES = (
+    "metrics.jsonl",
+    "status.json",
+    "config.yaml",
+    "eval_metrics.json",
+    "kv_cosine.json",
+    "run_summary.json",
+    "instruments.jsonl",
+    "selector_keeps.json",
+)
 # (logs/: TensorBoard under train.report_to, wandb/: wandb's files, tensorboard/: older runs)
-_OUTPUT_DIRS = (re.compile(r"^checkpoint-\d+$"), re.compile(r"^eval(-\d+)?$"), re.compile(r"^tensorboard$"), re.compile(r"^logs$"),
-                re.compile(r"^wandb$"))
+_OUTPUT_DIRS = (
+    re.compile(r"^checkpoint-\d+$"),
+    re.compile(r"^eval(-\d+)?$"),
+    re.compile(r"^tensorboard$"),
+    re.compile(r"^logs$"),
+    re.compile(r"^wandb$"),
+)
 _OUTPUT_GLOB = re.compile(r"^predictions_[a-z]+\.jsonl$")
 _TEMP = re.compile(r"^\.(checkpoint-\d+\..+|[^/]+\.[A-Za-z0-9_]{6,}\.tmp)$")
 _OLD = re.compile(r"^\.(checkpoint-\d+)\.old$")
@@ -72,8 +85,14 @@ class RunFolderError(RuntimeError):
 
 def _is_kava_name(name: str) -> bool:
     """Whether ``name`` is an entry a run writes or reads in its folder."""
-    return (name == LOCK_FILE or name in _OUTPUT_FILES or bool(_OUTPUT_GLOB.match(name)) or bool(_TEMP.match(name))
-            or bool(_OLD.match(name)) or any(r.match(name) for r in _OUTPUT_DIRS))
+    return (
+        name == LOCK_FILE
+        or name in _OUTPUT_FILES
+        or bool(_OUTPUT_GLOB.match(name))
+        or bool(_TEMP.match(name))
+        or bool(_OLD.match(name))
+        or any(r.match(name) for r in _OUTPUT_DIRS)
+    )
 
 
 def check_output_dir(folder: Path) -> None:
@@ -97,8 +116,10 @@ def check_output_dir(folder: Path) -> None:
     if folder.is_dir():
         links = sorted(p.name for p in folder.iterdir() if p.is_symlink() and _is_kava_name(p.name))
         if links:
-            raise RunFolderError(f"train.output_dir {folder}: {folder / links[0]} is a symbolic link; kava does not "
-                                 "write through links in a run folder (replace it with the file or folder itself)")
+            raise RunFolderError(
+                f"train.output_dir {folder}: {folder / links[0]} is a symbolic link; kava does not "
+                "write through links in a run folder (replace it with the file or folder itself)"
+            )
 
 
 class RunLock:
@@ -119,18 +140,27 @@ class RunLock:
         try:  # O_NOFOLLOW: a symbolic link planted as the lock never has its target truncated
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
         except OSError as e:
-            raise RunFolderError(f"cannot open the lock {self.path}: {e.strerror}"
-                                 + (" (a symbolic link?)" if self.path.is_symlink() else "")) from None
+            raise RunFolderError(
+                f"cannot open the lock {self.path}: {e.strerror}"
+                + (" (a symbolic link?)" if self.path.is_symlink() else "")
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             holder = _read_holder(fd)
             os.close(fd)
-            raise RunFolderError(f"train.output_dir {self.folder} is in use by another run ({holder}, lock {self.path}); "
-                                 "wait for it to end or choose another train.output_dir") from None
+            raise RunFolderError(
+                f"train.output_dir {self.folder} is in use by another run ({holder}, lock {self.path}); "
+                "wait for it to end or choose another train.output_dir"
+            ) from None
         os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                 "started": time.strftime("%Y-%m-%dT%H:%M:%S")}).encode() + b"\n")
+        os.write(
+            fd,
+            json.dumps(
+                {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            ).encode()
+            + b"\n",
+        )
         self._fd = fd
 
     def release(self) -> None:
@@ -180,9 +210,12 @@ def run_outputs(folder: Path) -> list[Path]:
     """The entries of ``folder`` that a kava run writes (what ``--overwrite`` deletes)."""
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir()
-                  if (p.is_file() and (p.name in _OUTPUT_FILES or _OUTPUT_GLOB.match(p.name)))
-                  or (p.is_dir() and any(r.match(p.name) for r in _OUTPUT_DIRS)))
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if (p.is_file() and (p.name in _OUTPUT_FILES or _OUTPUT_GLOB.match(p.name)))
+        or (p.is_dir() and any(r.match(p.name) for r in _OUTPUT_DIRS))
+    )
 
 
 def prepare(folder: Path, resume: bool, overwrite: bool) -> None:
@@ -196,15 +229,19 @@ def prepare(folder: Path, resume: bool, overwrite: bool) -> None:
     if resume:
         cut = drop_torn_tail(folder / METRICS_FILE)
         if cut:
-            log.warning("%s: dropped a torn last line (%d bytes) left by an interrupted write", folder / METRICS_FILE, cut)
+            log.warning(
+                "%s: dropped a torn last line (%d bytes) left by an interrupted write", folder / METRICS_FILE, cut
+            )
         return
     if not held:
         return
     if not overwrite:
         shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
-        raise RunFolderError(f"train.output_dir {folder} is not empty ({shown}): continue that run with --resume, "
-                             "start over with --overwrite (train.overwrite_output_dir=true, deletes its files), "
-                             "or choose another train.output_dir")
+        raise RunFolderError(
+            f"train.output_dir {folder} is not empty ({shown}): continue that run with --resume, "
+            "start over with --overwrite (train.overwrite_output_dir=true, deletes its files), "
+            "or choose another train.output_dir"
+        )
 
 
 def clear_previous_run(folder: Path) -> None:
@@ -217,8 +254,12 @@ def clear_previous_run(folder: Path) -> None:
     for p in outputs:
         shutil.rmtree(p) if p.is_dir() else p.unlink()
     kept = sorted(set(held) - {p.name for p in outputs})
-    log.warning("train.overwrite_output_dir: deleted %d entries of the previous run in %s%s", len(outputs), folder,
-                f" (kept files kava did not write: {', '.join(kept)})" if kept else "")
+    log.warning(
+        "train.overwrite_output_dir: deleted %d entries of the previous run in %s%s",
+        len(outputs),
+        folder,
+        f" (kept files kava did not write: {', '.join(kept)})" if kept else "",
+    )
 
 
 def _failed_start(path: Path) -> bool:
@@ -226,8 +267,12 @@ def _failed_start(path: Path) -> bool:
         status = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return isinstance(status, dict) and status.get("state") == "failed" and status.get("step") == 0 \
+    return (
+        isinstance(status, dict)
+        and status.get("state") == "failed"
+        and status.get("step") == 0
         and status.get("checkpoint") is None
+    )
 
 
 @contextmanager
@@ -274,8 +319,10 @@ def _may_change(key: str, old: KavaConfig, new: KavaConfig) -> bool:
     if key in RESUME_MAY_CHANGE or any(p.endswith(".") and key.startswith(p) for p in RESUME_MAY_CHANGE):
         return True
     if key in RESUME_STEP_COUNT:
-        return all(c.train.lr_schedule == "constant" and (c.train.warmup_steps > 0 or c.train.warmup_ratio == 0)
-                   for c in (old, new))
+        return all(
+            c.train.lr_schedule == "constant" and (c.train.warmup_steps > 0 or c.train.warmup_ratio == 0)
+            for c in (old, new)
+        )
     return False
 
 
@@ -306,9 +353,11 @@ def check_resume_config(folder: Path, cfg: KavaConfig) -> None:
     refused = [(k, a, b) for k, a, b in config_changes(saved, cfg) if not _may_change(k, saved, cfg)]
     if refused:
         shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in refused)
-        raise ConfigError(f"--resume into {folder}: the config differs from the run's {CONFIG_FILE} in {shown}; a resume "
-                          "continues the run as it was configured (what may change: kava train --help): start a new run "
-                          "(another train.output_dir, or --overwrite)")
+        raise ConfigError(
+            f"--resume into {folder}: the config differs from the run's {CONFIG_FILE} in {shown}; a resume "
+            "continues the run as it was configured (what may change: kava train --help): start a new run "
+            "(another train.output_dir, or --overwrite)"
+        )
 
 
 def resume_config(path: str | Path | None, overrides: list[str]) -> KavaConfig:
@@ -325,8 +374,12 @@ def resume_config(path: str | Path | None, overrides: list[str]) -> KavaConfig:
     run_cfg.train.output_dir, run_cfg.train.output_root = str(folder), ""  # (a copied or moved run folder)
     ignored = [k for k, _, _ in config_changes(cfg, run_cfg) if k not in ("train.output_dir", "train.output_root")]
     if ignored:
-        log.info("--resume: continuing with %s; %s differs from it in %s (the run keeps its own values)",
-                 saved, path or "the defaults", ", ".join(ignored))
+        log.info(
+            "--resume: continuing with %s; %s differs from it in %s (the run keeps its own values)",
+            saved,
+            path or "the defaults",
+            ", ".join(ignored),
+        )
     return run_cfg
 
 
@@ -357,8 +410,14 @@ def write_failed_status(folder: Path, error: BaseException, step: int, max_steps
         last = latest_checkpoint(folder)
     except ModelLoadError:  # a damaged newest checkpoint: the error being raised matters more
         last = None
-    status = {"state": "failed", "step": step, "max_steps": max_steps, "error": _error_line(error),
-              "checkpoint": str(last) if last else None, "failed_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    status = {
+        "state": "failed",
+        "step": step,
+        "max_steps": max_steps,
+        "error": _error_line(error),
+        "checkpoint": str(last) if last else None,
+        "failed_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
     try:
         atomic_write_json(Path(folder) / "status.json", status)
     except OSError as e:  # a full disk, say: the error being raised matters more
@@ -372,7 +431,15 @@ def write_failed_start(folder: Path, error: BaseException) -> None:
         return
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(folder / "status.json", {"state": "failed", "step": 0, "error": _error_line(error),
-                                                   "checkpoint": None, "failed_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        atomic_write_json(
+            folder / "status.json",
+            {
+                "state": "failed",
+                "step": 0,
+                "error": _error_line(error),
+                "checkpoint": None,
+                "failed_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            },
+        )
     except OSError as e:
         log.error("could not mark %s failed: %s", folder, e)

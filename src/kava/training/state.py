@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from ..model.checkpoints import STATE_JSON, STATE_TENSORS
 from ..model.files import ModelLoadError, read_tensors
+from .errors import TrainingError
 
 
 def optimizer_to_flat(opt_state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -73,7 +74,9 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict, generators: dict
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
 
 
-def save_trainer_state(folder: Path, optimizer, scheduler, generators: dict[str, torch.Generator], progress: dict) -> None:
+def save_trainer_state(
+    folder: Path, optimizer, scheduler, generators: dict[str, torch.Generator], progress: dict
+) -> None:
     """Write the two trainer-state files into ``folder`` (called inside an atomic folder build)."""
     opt_t, opt_meta = optimizer_to_flat(optimizer.state_dict())
     rng_t, rng_meta = rng_state(generators)
@@ -97,12 +100,42 @@ def load_trainer_state(folder: Path, optimizer, scheduler, generators: dict[str,
         optimizer.load_state_dict(optimizer_from_flat(tensors, meta["optimizer"]))
     except (KeyError, ValueError, RuntimeError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ModelLoadError(f"{folder / STATE_TENSORS}: the optimizer state does not fit this run's parameters ({first})") from None
+        raise ModelLoadError(
+            f"{folder / STATE_TENSORS}: the optimizer state does not fit this run's parameters ({first})"
+        ) from None
     try:
         scheduler.load_state_dict(meta["scheduler"])
         set_rng_state(tensors, meta["rng"], generators)
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise ModelLoadError(f"{folder / STATE_JSON}: the scheduler or RNG state is damaged "
-                             f"({type(e).__name__}: {first})") from None
+        raise ModelLoadError(
+            f"{folder / STATE_JSON}: the scheduler or RNG state is damaged ({type(e).__name__}: {first})"
+        ) from None
     return meta["progress"]
+
+
+class DataOrder:
+    """Deterministic example order: a fresh seeded permutation each epoch; resumable."""
+
+    def __init__(self, n: int, seed: int, epoch: int = 0, offset: int = 0):
+        if n == 0:
+            raise TrainingError("no training examples")
+        self.n, self.seed, self.epoch, self.offset = n, seed, epoch, offset
+        self._perm = self._permutation()
+
+    def _permutation(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def take(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            if self.offset == self.n:
+                self.epoch, self.offset = self.epoch + 1, 0
+                self._perm = self._permutation()
+            out.append(self._perm[self.offset])
+            self.offset += 1
+        return out
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "offset": self.offset}

@@ -36,8 +36,10 @@ def tracker_names(cfg: KavaConfig) -> list[str]:
         try:
             importlib.import_module(module)
         except ImportError:
-            raise ConfigError(f"config field 'train.report_to': {name} needs the package '{module}', "
-                              f"which is not installed: {install}") from None
+            raise ConfigError(
+                f"config field 'train.report_to': {name} needs the package '{module}', "
+                f"which is not installed: {install}"
+            ) from None
     return list(dict.fromkeys(names))
 
 
@@ -65,8 +67,15 @@ def start_trackers(accelerator, cfg: KavaConfig, out: Path, summary: dict) -> No
         return
     tc = cfg.train
     run_name = tc.run_name or out.resolve().name
-    hparams = {**flat_config(cfg), **{f"run.{k}": v for k, v in summary.items() if isinstance(v, (bool, int, float, str))}}
-    accelerator.init_trackers(tc.project, config=hparams, init_kwargs={
-        "wandb": {"name": run_name, "dir": str(out)},
-        "mlflow": {"run_name": run_name},
-    })
+    hparams = {
+        **flat_config(cfg),
+        **{f"run.{k}": v for k, v in summary.items() if isinstance(v, (bool, int, float, str))},
+    }
+    accelerator.init_trackers(
+        tc.project,
+        config=hparams,
+        init_kwargs={
+            "wandb": {"name": run_name, "dir": str(out)},
+            "mlflow": {"run_name": run_name},
+        },
+    )

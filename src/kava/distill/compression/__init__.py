@@ -16,6 +16,7 @@ import torch
 # module of this package is imported after them, so a new selector is one new file.
 # isort: off
 from . import rkv, rkv_pooled, positional, pooled, shuffled, content  # noqa: F401
+
 # isort: on
 from .base import SELECTORS, Compressed, ScoreSelector, Selector, SelectRequest, gather_slots, register, top_budget
 from .content import CounterfactualSelector, OracleSelector
@@ -79,7 +80,9 @@ def select(
     if not isinstance(selector, ScoreSelector) or selector.builds_entries:
         raise ValueError(f"method {method!r} builds new entries and has no indices; use compress_cache")
     types = token_types if selector.needs_token_types else None
-    indices, valid = selector.select(SelectRequest(keys, None, queries, cot_mask, answer_mask, budget, generator, types))
+    indices, valid = selector.select(
+        SelectRequest(keys, None, queries, cot_mask, answer_mask, budget, generator, types)
+    )
     if selector.whole_batch:
         partner, ok = partners(source_ids, indices.shape[0], indices.device)
         indices, valid = _exchange(indices, 0, partner), _exchange(valid, 0, partner) & ok[:, None, None]
@@ -126,7 +129,9 @@ def compress_cache(
         if token_types is None:
             raise ValueError(f"the {selector.name} selector needs the teacher batch's token types")
         types = rep(token_types[:, lo:hi])
-    c = selector.compress(SelectRequest(fold(keys), fold(values), q, rep(cot_mask), rep(answer_mask), budget, generator, types))
+    c = selector.compress(
+        SelectRequest(fold(keys), fold(values), q, rep(cot_mask), rep(answer_mask), budget, generator, types)
+    )
     unfold = lambda t: None if t is None else t.reshape(n_layers, b, *t.shape[1:])  # noqa: E731
     indices = unfold(c.indices)
     if indices is not None and lo:

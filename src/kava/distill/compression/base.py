@@ -90,7 +90,9 @@ class Selector:
         """Whether it keeps entries of each example's own cache, with indices to compare."""
         return not (self.builds_entries or self.whole_batch or self.second_pass)
 
-    def across_batch(self, c: Compressed, source_ids: list[str] | None, generator: torch.Generator | None) -> Compressed:
+    def across_batch(
+        self, c: Compressed, source_ids: list[str] | None, generator: torch.Generator | None
+    ) -> Compressed:
         """The batch's targets ``[L, B, H_kv, M, d]`` after every example was compressed on its
         own: the identity, except for the selectors that are ``whole_batch``."""
         return c

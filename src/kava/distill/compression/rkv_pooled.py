@@ -35,8 +35,9 @@ KERNEL = 7
 THRESHOLD = 0.5
 
 
-def pooled_attention_importance(keys: torch.Tensor, queries: torch.Tensor, cot_mask: torch.Tensor,
-                                answer_mask: torch.Tensor, kernel: int = KERNEL) -> torch.Tensor:
+def pooled_attention_importance(
+    keys: torch.Tensor, queries: torch.Tensor, cot_mask: torch.Tensor, answer_mask: torch.Tensor, kernel: int = KERNEL
+) -> torch.Tensor:
     """Answer-query attention to each CoT key, R-KV's way: ``[B, H_kv, N]``, 0 outside the CoT.
 
     keys ``[B, H_kv, N, d]``, queries ``[B, H_q, A, d]`` (query heads of one KV group contiguous),
@@ -82,9 +83,15 @@ def retained_redundancy(keys: torch.Tensor, cot_mask: torch.Tensor, threshold: f
     return torch.softmax(logits, dim=-1).nan_to_num(0.0) * cot_mask[:, None, :]
 
 
-def rkv_pooled_scores(keys: torch.Tensor, queries: torch.Tensor | None, cot_mask: torch.Tensor,
-                      answer_mask: torch.Tensor | None, lam: float, kernel: int = KERNEL,
-                      threshold: float = THRESHOLD) -> torch.Tensor:
+def rkv_pooled_scores(
+    keys: torch.Tensor,
+    queries: torch.Tensor | None,
+    cot_mask: torch.Tensor,
+    answer_mask: torch.Tensor | None,
+    lam: float,
+    kernel: int = KERNEL,
+    threshold: float = THRESHOLD,
+) -> torch.Tensor:
     """``S = lam * pooled importance - (1 - lam) * redundancy``, ``[B, H_kv, N]`` (higher: keep)."""
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"lam must be in [0, 1], got {lam}")

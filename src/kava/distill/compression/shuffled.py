@@ -76,7 +76,9 @@ class SlotMeanSelector(RKVSelector):
         _need_two(c, self.name)
         mk, _, _ = batch_moments(c.keys, c.valid)
         mv, _, _ = batch_moments(c.values, c.valid)
-        return Compressed(mk.expand_as(c.keys).contiguous(), mv.expand_as(c.values).contiguous(), _shared(c.valid), None)
+        return Compressed(
+            mk.expand_as(c.keys).contiguous(), mv.expand_as(c.values).contiguous(), _shared(c.valid), None
+        )
 
 
 @register("gaussian")
@@ -100,7 +102,9 @@ class GaussianSelector(RKVSelector):
         return Compressed(out[0], out[1], _shared(c.valid), None)
 
 
-def partners(source_ids: Sequence[str] | None, batch: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def partners(
+    source_ids: Sequence[str] | None, batch: int, device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Whose targets each example of a batch receives, never its own.
 
     ``source_ids``: one id per example (None: every example is distinct). With distinct ids,

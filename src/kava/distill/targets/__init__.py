@@ -52,14 +52,19 @@ def check_targets(cfg: KavaConfig) -> None:
         return
     name = cfg.loss.compression
     if sel.whole_batch and cfg.train.batch_size < 2:
-        raise ConfigError(f"config field 'train.batch_size': the {name} selector makes an example's targets from the "
-                          "rest of its batch and needs at least 2 examples per batch")
+        raise ConfigError(
+            f"config field 'train.batch_size': the {name} selector makes an example's targets from the "
+            "rest of its batch and needs at least 2 examples per batch"
+        )
     if cfg.loss.teacher_cache and not sel.cacheable:
-        raise ConfigError(f"config field 'loss.compression': {name!r} reads {_needs(sel)} and cannot be read from "
-                          "loss.teacher_cache")
+        raise ConfigError(
+            f"config field 'loss.compression': {name!r} reads {_needs(sel)} and cannot be read from loss.teacher_cache"
+        )
     if cfg.teachers.models and sel.own_teacher_only:
-        raise ConfigError(f"config field 'loss.compression': {name!r} reads {_needs(sel)} of the student's own "
-                          "teacher; it cannot be combined with teachers.models")
+        raise ConfigError(
+            f"config field 'loss.compression': {name!r} reads {_needs(sel)} of the student's own "
+            "teacher; it cannot be combined with teachers.models"
+        )
 
 
 def source_name(cfg: KavaConfig) -> str:

@@ -126,5 +126,7 @@ def direct_terms(target: Target, student: Student, loss: LossConfig) -> Terms:
     if loss.layer_std:
         scale = target.scale if target.scale is not None else losses.kv_scale(t.keys, t.values, t.valid)
     kv = losses.kv_loss(t.keys, t.values, student.keys, student.values, t.valid, loss.kv_loss, scale)
-    kv_cos = 0.5 * (losses.kv_cosine(t.keys, student.keys, t.valid) + losses.kv_cosine(t.values, student.values, t.valid))
+    kv_cos = 0.5 * (
+        losses.kv_cosine(t.keys, student.keys, t.valid) + losses.kv_cosine(t.values, student.values, t.valid)
+    )
     return Terms(kv, codi, {"kv": kv, "kv_cos": kv_cos}, (t, student.keys, student.values))

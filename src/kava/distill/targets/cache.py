@@ -97,23 +97,30 @@ def compare_settings(expected: dict, recorded: dict, where: Path, skip: tuple[st
             raise TeacherCacheError(f"config field '{field}': the teacher cache at {where} does not record {key}")
         if recorded[key] != expected[key]:
             raise TeacherCacheError(
-                f"config field '{field}': this run has {expected[key]!r} but the teacher cache at {where} was extracted with {recorded[key]!r}"
+                f"config field '{field}': this run has {expected[key]!r} but the teacher cache at {where} was "
+                f"extracted with {recorded[key]!r}"
             )
 
 
 def check_config(cfg: KavaConfig) -> None:
     """Settings that offline caches cannot serve."""
     if cfg.curriculum.enabled:
-        raise ConfigError("config field 'curriculum.enabled': curriculum stages are not supported with offline teacher caches")
+        raise ConfigError(
+            "config field 'curriculum.enabled': curriculum stages are not supported with offline teacher caches"
+        )
     if cfg.loss.compression != "none" and not get_selector(cfg.loss.compression, cfg.loss.lam).cacheable:
-        raise ConfigError(f"config field 'loss.compression': {cfg.loss.compression!r} makes its targets from more than the "
-                          "example's own teacher pass (the batch, a second pass or its token types) and cannot be cached")
+        raise ConfigError(
+            f"config field 'loss.compression': {cfg.loss.compression!r} makes its targets from more than the "
+            "example's own teacher pass (the batch, a second pass or its token types) and cannot be cached"
+        )
 
 
 class TeacherCache:
     """Compressed targets and CODI hidden states by ``source_id``, read lazily from the shards."""
 
-    def __init__(self, path: str | Path, cfg: KavaConfig, model, field: str = "loss.teacher_cache", other_model: bool = False):
+    def __init__(
+        self, path: str | Path, cfg: KavaConfig, model, field: str = "loss.teacher_cache", other_model: bool = False
+    ):
         """``other_model``: the cache of another teacher (``teachers.models[].cache``), whose
         shape and vocabulary may differ from the student's (``model``)."""
         self.path = Path(path)
@@ -157,13 +164,17 @@ class TeacherCache:
             from safetensors import SafetensorError
 
             if not file.is_file():
-                raise TeacherCacheError(f"teacher cache {self.path}: {file.name} is missing (run `kava teacher extract` again to finish it)")
+                raise TeacherCacheError(
+                    f"teacher cache {self.path}: {file.name} is missing (run `kava teacher extract` again to finish it)"
+                )
             try:
                 h = self._open[i] = safe_open(str(file), framework="pt")
             except (SafetensorError, OSError) as e:
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                raise TeacherCacheError(f"teacher cache {self.path}: {file} is not a readable safetensors file, truncated or "
-                                        f"corrupted ({first}); delete it and run `kava teacher extract` again") from None
+                raise TeacherCacheError(
+                    f"teacher cache {self.path}: {file} is not a readable safetensors file, truncated or "
+                    f"corrupted ({first}); delete it and run `kava teacher extract` again"
+                ) from None
         return h
 
     def covers(self, source_ids: list[str]) -> bool:
@@ -175,7 +186,9 @@ class TeacherCache:
         rows: dict[str, list[torch.Tensor]] = {k: [] for k in TENSORS}
         for sid in source_ids:
             if sid not in self.where:
-                raise TeacherCacheError(f"teacher cache {self.path}: no entry for source_id {sid!r} (extracted from other data?)")
+                raise TeacherCacheError(
+                    f"teacher cache {self.path}: no entry for source_id {sid!r} (extracted from other data?)"
+                )
             i, r = self.where[sid]
             h = self._shard(i)
             for k in TENSORS:
@@ -200,5 +213,7 @@ class OfflineCache(TargetSource):
 
     def targets(self, request: Request) -> list[Target]:
         if request.source_ids is None:
-            raise ValueError("loss.teacher_cache is set but the batch carries no source_ids (build it with Objective.make_batch)")
+            raise ValueError(
+                "loss.teacher_cache is set but the batch carries no source_ids (build it with Objective.make_batch)"
+            )
         return [self.cache.lookup(request.source_ids, request.device)]

@@ -37,7 +37,9 @@ class CounterfactualPass(TargetSource):
         """The counterfactual teacher batch of ``encs`` (on the CPU)."""
         missing = [e.source_id for e in encs if e.example is None]
         if missing:
-            raise ValueError(f"example {missing[0]}: the counterfactual control needs the example's text (Encoded.example)")
+            raise ValueError(
+                f"example {missing[0]}: the counterfactual control needs the example's text (Encoded.example)"
+            )
         cf = [self.encoder.encode(counterfactual_example(e.example, self.cfg.train.seed)) for e in encs]
         return teacher_batch(cf, self.pad_id, with_cot=True, drop_last_step=self.cfg.loss.drop_last_step)
 

@@ -62,17 +62,24 @@ def load_teacher(spec: TeacherModelConfig, cfg: KavaConfig, where: str = "teache
     if path.is_dir() and not (path / CONFIG_FILE).is_file():
         path = latest_checkpoint(path) or path  # a run folder: its latest checkpoint
         if not (path / CONFIG_FILE).is_file() and not (path / "config.json").is_file():
-            raise ModelLoadError(f"{where}.name_or_path: {path} is neither a kava checkpoint or run folder "
-                                 f"(with {CONFIG_FILE} or checkpoint-N/) nor a model folder (with config.json)")
+            raise ModelLoadError(
+                f"{where}.name_or_path: {path} is neither a kava checkpoint or run folder "
+                f"(with {CONFIG_FILE} or checkpoint-N/) nor a model folder (with config.json)"
+            )
     try:
         if (path / CONFIG_FILE).is_file():
             model = load_checkpoint(path, trust_remote_code=cfg.model.trust_remote_code)
         else:
             tcfg = copy.deepcopy(cfg)
             tcfg.model = ModelConfig(
-                name_or_path=spec.name_or_path, gguf_file=spec.gguf_file, tiny=spec.tiny, adapter="full",
-                dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation,
-                trust_remote_code=cfg.model.trust_remote_code, use_chat_template=cfg.model.use_chat_template,
+                name_or_path=spec.name_or_path,
+                gguf_file=spec.gguf_file,
+                tiny=spec.tiny,
+                adapter="full",
+                dtype=cfg.model.dtype,
+                attn_implementation=cfg.model.attn_implementation,
+                trust_remote_code=cfg.model.trust_remote_code,
+                use_chat_template=cfg.model.use_chat_template,
                 cache_dir=cfg.model.cache_dir,
             )
             model = build_model(tcfg, with_adapter=False)
@@ -119,7 +126,9 @@ class TeacherSet(TargetSource, nn.Module):
             cache = TeacherCache(s.cache, cfg, model, f"{where}.cache", other_model=True) if s.cache else None
             self.caches.append(cache)
             self.externals.append(None if cache else load_teacher(s, cfg, where))
-        self.encoders = [t and TextEncoder(t.tokenizer, cfg.data, t.cfg.model.use_chat_template) for t in self.externals]
+        self.encoders = [
+            t and TextEncoder(t.tokenizer, cfg.data, t.cfg.model.use_chat_template) for t in self.externals
+        ]
         # Each teacher's encoding of an example, made once (tokenising a batch costs ~30 ms on a CPU).
         self._encoded: list[dict] = [{} for _ in self.externals]
         student = kv_shape(model)
@@ -136,8 +145,17 @@ class TeacherSet(TargetSource, nn.Module):
                 )
         dims = [feature_size(al, student) for al in self.aligners]
         weights = [s.weight for s in tc.models] + ([tc.self_weight] if tc.include_self else [])
-        self.fusion = Fusion(tc.fusion, len(shapes), weights, tc.router, student.hidden, dims, tc.router_hidden,
-                             tc.temperature, tc.entropy_weight)
+        self.fusion = Fusion(
+            tc.fusion,
+            len(shapes),
+            weights,
+            tc.router,
+            student.hidden,
+            dims,
+            tc.router_hidden,
+            tc.temperature,
+            tc.entropy_weight,
+        )
 
     # --- batches -------------------------------------------------------------------------
     def covers(self, source_ids: list[str]) -> bool:
@@ -155,7 +173,10 @@ class TeacherSet(TargetSource, nn.Module):
             if t is None:
                 out.append(None)
                 continue
-            rows = [seen[e.example] if e.example in seen else seen.setdefault(e.example, enc.encode(e.example)) for e in encs]
+            rows = [
+                seen[e.example] if e.example in seen else seen.setdefault(e.example, enc.encode(e.example))
+                for e in encs
+            ]
             pad = t.tokenizer.pad_token_id if t.tokenizer.pad_token_id is not None else t.tokenizer.eos_token_id
             out.append(teacher_batch(rows, pad, with_cot=True, drop_last_step=self.cfg.loss.drop_last_step))
         return out
@@ -166,7 +187,9 @@ class TeacherSet(TargetSource, nn.Module):
         ``[Lt, B, Dt]``: the external ones in order (each run once, without gradients, or read
         from its cache), then, with ``include_self``, the step's own teacher pass."""
         if request.inputs is None:
-            raise ValueError("teachers.models is set but the batch carries no teacher batches (build it with Objective.make_batch)")
+            raise ValueError(
+                "teachers.models is set but the batch carries no teacher batches (build it with Objective.make_batch)"
+            )
         out = []
         device = request.device
         for t, cache, tb in zip(self.externals, self.caches, request.inputs):
@@ -191,8 +214,14 @@ class TeacherSet(TargetSource, nn.Module):
     def trained_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
-    def forward(self, targets: list[Target], s_keys: torch.Tensor, s_values: torch.Tensor,
-                s_hidden: torch.Tensor, producers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict, tuple]:
+    def forward(
+        self,
+        targets: list[Target],
+        s_keys: torch.Tensor,
+        s_values: torch.Tensor,
+        s_hidden: torch.Tensor,
+        producers: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, dict, tuple]:
         """Fused KV loss and CODI loss against every teacher.
 
         ``targets``: per teacher (external ones first, then the student's own pass), its
@@ -219,10 +248,12 @@ class TeacherSet(TargetSource, nn.Module):
             summaries.append(tk.detach().float().mean(0).permute(0, 2, 1, 3).flatten(2))  # [B, m, H * F]
             codis.append(losses.codi_loss(al.teacher_hidden(hidden), al.student_hidden(s_hidden), lc.codi_loss))
             pairs.append((Compressed(tk, tv, tval), sk, sv))
-        kv, weights, metrics = self.fusion(torch.stack(dist), torch.stack(sims), torch.stack(valid), producers, summaries)
+        kv, weights, metrics = self.fusion(
+            torch.stack(dist), torch.stack(sims), torch.stack(valid), producers, summaries
+        )
         # Each teacher's share of the CODI loss is its mean routing weight over the filled slots.
         filled = torch.stack(valid).float()
-        share = ((weights.detach() * filled).sum((1, 2)) / filled.sum((1, 2)).clamp_min(1.0))
+        share = (weights.detach() * filled).sum((1, 2)) / filled.sum((1, 2)).clamp_min(1.0)
         share = share / share.sum().clamp_min(1e-8)
         codi = (share * torch.stack(codis)).sum()
         sim_mean = (torch.stack(sims) * filled).sum((1, 2)) / filled.sum((1, 2)).clamp_min(1.0)
