@@ -34,189 +34,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from ..io import atomic_write, atomic_write_json, atomic_write_text, check_output_folder
-from . import stats
+from ...io import atomic_write, atomic_write_json, atomic_write_text, check_output_folder
+from .. import stats
+from .collect import _SEED_DIR, RUNS_CSV_FIELDS, RunFileError, _read_json, _read_config, read_history, read_instruments, dataset_label, method_of, collect_runs, _collect_run, read_eval_curves, collect_runs_csv  # noqa: F401
 
 log = logging.getLogger("kava.report")  # the name its log lines have always had
 
 HOLDS, FAILS, NOT_ESTABLISHED, UNMEASURED = "holds", "does not hold", "not established", "not measured"
 LOSS_TERMS = ("loss", "ce_student", "ce_teacher", "codi", "kv", "kv_cos", "latent_ce")
-_SEED_DIR = re.compile(r"seed(\d+)")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._@+-]+")
-_EVAL_FIELDS = ("accuracy", "forward_passes", "generated_tokens", "kv_cache_bytes", "peak_kv_cache_bytes", "wall_time_s")
+EVAL_FIELDS = ("accuracy", "forward_passes", "generated_tokens", "kv_cache_bytes", "peak_kv_cache_bytes", "wall_time_s")
 
 
 # --- collecting ---------------------------------------------------------------------------
-
-
-class RunFileError(ValueError):
-    """A malformed file in a run folder; the message names the file (and line). Collecting
-    skips that run with a warning and goes on with the others."""
-
-
-def _read_json(path: Path) -> dict | None:
-    """A run file holding one JSON object, or None where there is none."""
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError names the line and column
-        raise RunFileError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise RunFileError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
-
-
-def _read_config(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise RunFileError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
-    if not isinstance(config, dict) or not all(isinstance(config.get(k, {}), dict) for k in ("data", "train")):
-        raise RunFileError(f"{path}: expected a kava config (a mapping with data and train sections)")
-    return config
-
-
-def read_history(run_dir: str | Path) -> list[dict]:
-    """The rows of ``metrics.jsonl`` by step; where a resumed run logged a step twice, the last row wins.
-
-    A torn last line (no newline, not valid JSON: a crash or a full disk mid-append) is
-    skipped with a warning; any other bad line raises :class:`RunFileError` naming it."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise RunFileError(f"{path}: not UTF-8 text (byte {e.start})") from None
-    lines = text.split("\n")  # a whole file ends in "\n": its last piece is empty
-    by_step: dict[int, dict] = {}
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            if not isinstance(row, dict) or isinstance(row.get("step"), bool) or not isinstance(row.get("step"), int):
-                raise ValueError("expected an object with an integer 'step'")
-        except ValueError as e:
-            if lineno == len(lines):  # the last line, without its newline
-                log.warning("%s:%d: skipped a torn last line (%s)", path, lineno, e)
-                continue
-            raise RunFileError(f"{path}:{lineno}: not a metrics row ({e})") from None
-        by_step[row["step"]] = row
-    return [by_step[s] for s in sorted(by_step)]
-
-
-def read_instruments(run_dir: str | Path) -> list[dict]:
-    """The rows of ``instruments.jsonl`` by step (see :mod:`kava.distill.instruments`); the last
-    row of a step logged twice (a resumed run) wins."""
-    path = Path(run_dir) / "instruments.jsonl"
-    if not path.is_file():
-        return []
-    by_step: dict[int, dict] = {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                row = json.loads(line)
-                by_step[int(row["step"])] = row
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                raise ValueError(f"{path}:{n}: not an instruments row ({e})") from None
-    return [by_step[s] for s in sorted(by_step)]
-
-
-def dataset_label(train_data: str, eval_data: str) -> str:
-    """``eval`` when it is the training data's name too, else ``train→eval``."""
-    return eval_data if train_data == eval_data or not train_data else f"{train_data}→{eval_data}"
-
-
-def method_of(name: str) -> str:
-    """The method a run name stands for: the part before an ``@``."""
-    return name.split("@", 1)[0]
-
-
-def collect_runs(runs_dir: str | Path, skipped: list[str] | None = None) -> list[dict]:
-    """One record per run folder under ``runs_dir`` (any folder with a ``status.json``).
-
-    Keys: name, method, seed, path, state, step, max_steps, error, train_data, eval_data,
-    dataset, mode (train.mode), config (the raw ``config.yaml`` mapping), eval
-    (``{mode: metrics}`` from ``eval_metrics.json``, else from ``status.json``),
-    last_metrics (the last ``metrics.jsonl`` row, else ``status["train"]``), instruments (the
-    ``instruments.jsonl`` rows) and selector_keeps (``selector_keeps.json``, or None).
-
-    A run folder with a malformed ``status.json``, ``config.yaml``, ``eval_metrics.json`` or
-    ``metrics.jsonl`` is skipped with a warning naming the file (and line), added to
-    ``skipped`` when given; the other runs are collected.
-    """
-    root = Path(runs_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: no such folder")
-    records = []
-    for status_path in sorted(root.rglob("status.json")):
-        run_dir = status_path.parent
-        rel = run_dir.relative_to(root)
-        if any(part.startswith(".") or part.startswith("checkpoint-") for part in rel.parts):
-            continue
-        try:
-            records.append(_collect_run(root, run_dir, rel, status_path))
-        except RunFileError as e:
-            log.warning("skipping run %s: %s", run_dir, e)
-            if skipped is not None:
-                skipped.append(str(e))
-    return records
-
-
-def _collect_run(root: Path, run_dir: Path, rel: Path, status_path: Path) -> dict:
-    """One run's record (see :func:`collect_runs`)."""
-    status = _read_json(status_path) or {}
-    config = _read_config(run_dir / "config.yaml")
-    evals = _read_json(run_dir / "eval_metrics.json") or status.get("eval") or {}
-    if not isinstance(evals, dict) or not all(isinstance(m, dict) for m in evals.values()):
-        raise RunFileError(f"{run_dir / 'eval_metrics.json'}: expected {{mode: {{metric: value}}}}")
-    seed_match = _SEED_DIR.fullmatch(run_dir.name)
-    if seed_match and rel.parent.parts:
-        name, seed = rel.parent.as_posix(), int(seed_match.group(1))
-    else:
-        name = rel.as_posix() if rel.parts else root.resolve().name
-        seed = config.get("train", {}).get("seed", 0)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise RunFileError(f"{run_dir / 'config.yaml'}: train.seed is {seed!r}, not an integer")
-    data = config.get("data", {})
-    train_data, eval_data = str(data.get("train", "")), str(data.get("eval", "unknown"))
-    history = read_history(run_dir)
-    curves = read_eval_curves(run_dir, evals, status.get("step"))
-    return {
-        "name": name, "method": method_of(name), "seed": seed, "path": str(run_dir),
-        "state": status.get("state", "unknown"), "step": status.get("step"), "max_steps": status.get("max_steps"),
-        "error": status.get("error", ""), "train_data": train_data, "eval_data": eval_data,
-        "dataset": dataset_label(train_data, eval_data), "mode": config.get("train", {}).get("mode", ""),
-        "config": config, "eval": evals,
-        "last_metrics": history[-1] if history else status.get("train") or {},
-        "instruments": read_instruments(run_dir), "selector_keeps": _read_json(run_dir / "selector_keeps.json"),
-        "curves": curves,
-    }
-
-
-def read_eval_curves(run_dir: Path, final: dict, final_step: int | None) -> dict[str, list[tuple[int, float]]]:
-    """``{mode: [(step, accuracy), ...]}``: the evaluations during training (``eval-<step>/``) and, at
-    the run's last step, the final one, in step order."""
-    curves: dict[str, dict[int, float]] = {}
-    for d in run_dir.glob("eval-*"):
-        m = re.fullmatch(r"eval-(\d+)", d.name)
-        ev = _read_json(d / "eval_metrics.json") if m and d.is_dir() else None
-        for mode, metrics in (ev or {}).items():
-            if isinstance(metrics, dict) and isinstance(metrics.get("accuracy"), (int, float)):
-                curves.setdefault(mode, {})[int(m.group(1))] = float(metrics["accuracy"])
-    if isinstance(final_step, int):
-        for mode, metrics in final.items():
-            if isinstance(metrics.get("accuracy"), (int, float)):
-                curves.setdefault(mode, {})[final_step] = float(metrics["accuracy"])
-    return {mode: sorted(points.items()) for mode, points in curves.items()}
 
 
 def curve_area(points: Sequence[tuple[int, float]]) -> float | None:
@@ -261,7 +91,7 @@ def aggregate(runs: Iterable[dict]) -> list[dict]:
             "eval_data": first["eval_data"], "mode": mode, "n": len(items),
             "seeds": sorted(i["run"]["seed"] for i in items),
         }
-        for f in _EVAL_FIELDS:
+        for f in EVAL_FIELDS:
             row[f"{f}_mean"], row[f"{f}_std"] = mean_std([i["metrics"].get(f) for i in items])
         row["by_seed"] = {i["run"]["seed"]: float(i["metrics"]["accuracy"]) for i in items if i["metrics"].get("accuracy") is not None}
         areas = {i["run"]["seed"]: curve_area(i["run"].get("curves", {}).get(mode, [])) for i in items}
@@ -335,7 +165,7 @@ class Verdict:
         head = f"({self.claim}) {self.statement}: **{self.status}**"
         if self.p_value is not None:
             holm = f", Holm-adjusted over {len(self.p_values)} comparisons" if len(self.p_values) > 1 else ""
-            head += f" (p = {_p(self.p_value)}{holm}, alpha = {self.alpha:g} one-sided)"
+            head += f" (p = {pval(self.p_value)}{holm}, alpha = {self.alpha:g} one-sided)"
         if self.status == NOT_ESTABLISHED and self.unmeasured:
             head += f"; not measured: {', '.join(self.unmeasured)}, so the claim cannot hold"
         if self.status == NOT_ESTABLISHED and self.seeds_needed:
@@ -345,19 +175,19 @@ class Verdict:
         return "\n".join([head, *(f"  - {d}" for d in self.details)])
 
 
-def _pct(x: float | None) -> str:
+def percent(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}"
 
 
-def _p(p: float) -> str:
+def pval(p: float) -> str:
     return f"{p:.3g}" if p >= 1e-3 else f"{p:.1e}"
 
 
 def _cell(row: dict) -> str:
-    return f"{row['name']} {_pct(row['accuracy_mean'])} ± {_pct(row['accuracy_std'])} (n={row['n']})"
+    return f"{row['name']} {percent(row['accuracy_mean'])} ± {percent(row['accuracy_std'])} (n={row['n']})"
 
 
-class _Table:
+class RoleTable:
     """Lookup of aggregated rows by role and dataset for one eval mode."""
 
     def __init__(self, rows: Sequence[dict], names: ClaimNames):
@@ -382,7 +212,7 @@ class _Test:
     label: str = ""
 
 
-def _successes(row: dict, at: float) -> tuple[int, int]:
+def successes(row: dict, at: float) -> tuple[int, int]:
     vals = list(row["by_seed"].values())
     return sum(v >= at for v in vals), len(vals)
 
@@ -394,16 +224,16 @@ def _describe(c: stats.Comparison, names: ClaimNames) -> str:
     if c.paired:
         ci = f" (95% bootstrap CI {100 * c.diff_ci[0]:+.1f} to {100 * c.diff_ci[1]:+.1f})" if c.diff_ci else ""
         text = (f"paired by seed (n={len(c.seeds)}): mean difference {100 * c.mean_diff:+.1f}{ci}; {c.test}"
-                f" p = {_p(c.p)} one-sided as claimed, sign test p = {_p(c.sign_p)}")
+                f" p = {pval(c.p)} one-sided as claimed, sign test p = {pval(c.sign_p)}")
     else:
         text = (f"unpaired, fewer than 2 common seeds ({c.n_a} vs {c.n_b}): difference of means"
-                f" {100 * c.mean_diff:+.1f}; {c.test} p = {_p(c.p)} one-sided as claimed")
+                f" {100 * c.mean_diff:+.1f}; {c.test} p = {pval(c.p)} one-sided as claimed")
     if c.mean_diff < 0:
-        return text + f"; against the claim, two-sided p = {_p(c.p_two_sided)}"
+        return text + f"; against the claim, two-sided p = {pval(c.p_two_sided)}"
     return text
 
 
-def _beats(table: _Table, winner: str, loser: str) -> list[_Test]:
+def _beats(table: RoleTable, winner: str, loser: str) -> list[_Test]:
     """For every dataset with both roles, the one-sided test that ``winner`` is more accurate."""
     out = []
     for ds in table.datasets:
@@ -411,11 +241,11 @@ def _beats(table: _Table, winner: str, loser: str) -> list[_Test]:
         if a is None or b is None:
             continue
         c = stats.compare(a["by_seed"], b["by_seed"])
-        ka, na = _successes(a, table.names.success_at)
-        kb, nb = _successes(b, table.names.success_at)
+        ka, na = successes(a, table.names.success_at)
+        kb, nb = successes(b, table.names.success_at)
         fisher = stats.fisher_greater(ka, na, kb, nb)
         out.append(_Test(f"{ds}: {_cell(a)} vs {_cell(b)}: {_describe(c, table.names)}; successes"
-                         f" (>= {_pct(table.names.success_at)}%) {ka}/{na} vs {kb}/{nb}, Fisher p = {_p(fisher)}", c,
+                         f" (>= {percent(table.names.success_at)}%) {ka}/{na} vs {kb}/{nb}, Fisher p = {pval(fisher)}", c,
                          f"{ds}: {a['name']} > {b['name']}"))
     return out
 
@@ -434,7 +264,7 @@ def _verdict(claim: str, statement: str, tests: list[_Test], missing: str, names
     adjusted_two = stats.holm([t.comparison.p_two_sided for t in tests])
     details, table = [], []
     for t, a, a2 in zip(tests, adjusted, adjusted_two):
-        text = t.detail + (f"; Holm-adjusted over the claim's {m} comparisons p = {_p(a)}" if m > 1 else "")
+        text = t.detail + (f"; Holm-adjusted over the claim's {m} comparisons p = {pval(a)}" if m > 1 else "")
         details.append(text + (" (passes)" if a <= names.alpha else ""))
         table.append({"comparison": t.label, "p": t.comparison.p, "p_holm": a, "p_two_sided": t.comparison.p_two_sided,
                       "p_two_sided_holm": a2, "mean_diff": t.comparison.mean_diff})
@@ -449,14 +279,14 @@ def _verdict(claim: str, statement: str, tests: list[_Test], missing: str, names
                    p_values=table)
 
 
-def _nl_pairs(table: _Table) -> list[tuple[str, str]]:
+def _nl_pairs(table: RoleTable) -> list[tuple[str, str]]:
     if table.names.nl_pairs:
         return [tuple(p) for p in table.names.nl_pairs]  # type: ignore[misc]
     present = set(table.datasets)
     return [(ds.replace("-nl", "", 1), ds) for ds in table.datasets if "-nl" in ds and ds.replace("-nl", "", 1) in present]
 
 
-def _beats_all(table: _Table, winner: str, losers: Sequence[str]) -> list[_Test]:
+def _beats_all(table: RoleTable, winner: str, losers: Sequence[str]) -> list[_Test]:
     return [t for loser in losers for t in _beats(table, winner, loser)]
 
 
@@ -466,7 +296,7 @@ def check_claims(rows: Sequence[dict], names: ClaimNames | None = None) -> list[
     share seeds). A claim holds only when every comparison behind it passes its one-sided test at
     ``names.alpha``."""
     names = names or ClaimNames()
-    table = _Table(rows, names)
+    table = RoleTable(rows, names)
     m = table.names.methods
 
     def who(role: str) -> str:
@@ -505,9 +335,9 @@ def check_claims(rows: Sequence[dict], names: ClaimNames | None = None) -> list[
         # The claim: CODI's drop exceeds KaVa's (paired by seed where all four cells share seeds).
         c = stats.compare(drop_c, drop_k)
         tests.append(_Test(f"{eq} → {nl}: drop with {k_eq['name']} {100 * statistics.fmean(drop_k.values()):+.1f}"
-                           f" ({_pct(k_eq['accuracy_mean'])} → {_pct(k_nl['accuracy_mean'])}),"
+                           f" ({percent(k_eq['accuracy_mean'])} → {percent(k_nl['accuracy_mean'])}),"
                            f" with {c_eq['name']} {100 * statistics.fmean(drop_c.values()):+.1f}"
-                           f" ({_pct(c_eq['accuracy_mean'])} → {_pct(c_nl['accuracy_mean'])}); CODI's drop minus KaVa's:"
+                           f" ({percent(c_eq['accuracy_mean'])} → {percent(c_nl['accuracy_mean'])}); CODI's drop minus KaVa's:"
                            f" {_describe(c, names)}", c, f"{eq} → {nl}: CODI's drop > KaVa's"))
     out.append(_verdict("4", "the drop from equation to natural-language traces is smaller with KaVa than with CODI", tests,
                         f"needs {who('kava')} and {who('codi')} on an equation dataset and its -nl counterpart", names))
@@ -525,16 +355,16 @@ def statistics_table(rows: Sequence[dict], names: ClaimNames | None = None) -> s
     if not rows:
         return "_no evaluated runs_\n"
     lines = [f"| run | dataset | mode | seeds | acc. mean ± std (%) | 95% bootstrap CI | worst seed (%) |"
-             f" successes (>= {_pct(names.success_at)}%) | 95% exact CI |",
+             f" successes (>= {percent(names.success_at)}%) | 95% exact CI |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         vals = list(r["by_seed"].values())
         ci = stats.bootstrap_mean(vals)
-        k, n = _successes(r, names.success_at)
+        k, n = successes(r, names.success_at)
         lo, hi = stats.clopper_pearson(k, n)
-        ci_text = "--" if ci is None else f"{_pct(ci[0])} – {_pct(ci[1])}"
-        lines.append(f"| {r['name']} | {r['dataset']} | {r['mode']} | {n} | {_acc_pm(r)} | {ci_text} | {_pct(min(vals))} |"
-                     f" {k}/{n} | {_pct(lo)} – {_pct(hi)} |")
+        ci_text = "--" if ci is None else f"{percent(ci[0])} – {percent(ci[1])}"
+        lines.append(f"| {r['name']} | {r['dataset']} | {r['mode']} | {n} | {acc_pm(r)} | {ci_text} | {percent(min(vals))} |"
+                     f" {k}/{n} | {percent(lo)} – {percent(hi)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -545,7 +375,7 @@ def paired_table(rows: Sequence[dict], names: ClaimNames | None = None, referenc
     :func:`kava.experiments.stats.compare`). A description of the data, not a claim: with many
     arms some p-values fall under any level by chance."""
     names = names or ClaimNames()
-    table = _Table(rows, names)
+    table = RoleTable(rows, names)
     lines = []
     for ref_role in references:
         for dataset in table.datasets:
@@ -561,7 +391,7 @@ def paired_table(rows: Sequence[dict], names: ClaimNames | None = None, referenc
                 ci = f"{100 * c.diff_ci[0]:+.1f} to {100 * c.diff_ci[1]:+.1f}" if c.paired and c.diff_ci else "--"
                 common = len(c.seeds) if c.paired else "0 (unpaired)"
                 lines.append(f"| {r['name']} | {ref['name']} | {dataset} | {common} | {100 * c.mean_diff:+.1f} | {ci} |"
-                             f" {_p(c.p_two_sided)} |")
+                             f" {pval(c.p_two_sided)} |")
     if not lines:
         return ""
     head = ["| arm | against | dataset | common seeds | mean difference (points) | 95% bootstrap CI | p (two-sided) |",
@@ -578,7 +408,7 @@ def _versus(row: dict, ref: dict | None) -> str:
     if c is None:
         return "--"
     n = len(c.seeds) if c.paired else "0, unpaired"
-    return f"{100 * c.mean_diff:+.1f} (p = {_p(c.p_two_sided)}, n={n})"
+    return f"{100 * c.mean_diff:+.1f} (p = {pval(c.p_two_sided)}, n={n})"
 
 
 def arms_table(rows: Sequence[dict], names: ClaimNames | None = None) -> str:
@@ -587,18 +417,18 @@ def arms_table(rows: Sequence[dict], names: ClaimNames | None = None) -> str:
     R-KV of its dataset (:func:`_versus`: paired by seed, two-sided p-values).
     The comparisons describe the data; the claims are tested in their own section."""
     names = names or ClaimNames()
-    table = _Table(rows, names)
+    table = RoleTable(rows, names)
     if not table.rows:
         return ""
-    lines = [f"| arm | dataset | seeds | accuracy, mean ± std (%) | worst seed (%) | seeds >= {_pct(names.success_at)}%"
+    lines = [f"| arm | dataset | seeds | accuracy, mean ± std (%) | worst seed (%) | seeds >= {percent(names.success_at)}%"
              f" (95% CI) | vs {'/'.join(names.methods.get('codi', ('codi',)))} (two-sided p) |"
              f" vs {'/'.join(names.methods.get('kava', ('kava',)))} (two-sided p) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in table.rows:
-        k, n = _successes(r, names.success_at)
+        k, n = successes(r, names.success_at)
         lo, hi = stats.clopper_pearson(k, n)
-        lines.append(f"| {r['name']} | {r['dataset']} | {n} | {_acc_pm(r)} | {_pct(min(r['by_seed'].values()))} |"
-                     f" {k}/{n} ({_pct(lo)}-{_pct(hi)}) | {_versus(r, table.get('codi', r['dataset']))} |"
+        lines.append(f"| {r['name']} | {r['dataset']} | {n} | {acc_pm(r)} | {percent(min(r['by_seed'].values()))} |"
+                     f" {k}/{n} ({percent(lo)}-{percent(hi)}) | {_versus(r, table.get('codi', r['dataset']))} |"
                      f" {_versus(r, table.get('kava', r['dataset']))} |")
     return "\n".join(lines) + "\n"
 
@@ -606,7 +436,7 @@ def arms_table(rows: Sequence[dict], names: ClaimNames | None = None) -> str:
 # --- tables -------------------------------------------------------------------------------
 
 
-def _row_labels(rows: Sequence[dict], by: str = "method") -> dict[tuple[str, str], str]:
+def row_labels(rows: Sequence[dict], by: str = "method") -> dict[tuple[str, str], str]:
     """Table row label of each (method or name, mode): itself, plus the mode where it has several."""
     modes: dict[str, set[str]] = {}
     for r in rows:
@@ -621,15 +451,15 @@ def table_layout(rows: Sequence[dict]) -> tuple[list[str], list[str], dict[tuple
     ``rkv@x`` both on the same data), rows are run names instead.
     """
     for by in ("method", "name"):
-        labels = _row_labels(rows, by)
+        labels = row_labels(rows, by)
         cells = {(labels[(r[by], r["mode"])], r["dataset"]): r for r in rows}
         if len(cells) == len(rows):
             break
     return sorted({k[0] for k in cells}), sorted({r["dataset"] for r in rows}), cells
 
 
-def _acc_pm(r: dict | None) -> str:
-    return "--" if r is None or r["accuracy_mean"] is None else f"{_pct(r['accuracy_mean'])} ± {_pct(r['accuracy_std'])}"
+def acc_pm(r: dict | None) -> str:
+    return "--" if r is None or r["accuracy_mean"] is None else f"{percent(r['accuracy_mean'])} ± {percent(r['accuracy_std'])}"
 
 
 def _fp(r: dict | None) -> str:
@@ -637,7 +467,7 @@ def _fp(r: dict | None) -> str:
 
 
 CSV_FIELDS = ["method", "name", "dataset", "train_data", "eval_data", "mode", "n", "seeds", "n_examples", "unfinished",
-              *[f"{f}_{s}" for f in _EVAL_FIELDS for s in ("mean", "std")]]
+              *[f"{f}_{s}" for f in EVAL_FIELDS for s in ("mean", "std")]]
 
 
 def to_csv(rows: Sequence[dict]) -> str:
@@ -662,7 +492,7 @@ def to_markdown(rows: Sequence[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in methods:
         ns = [str(cells[(m, ds)]["n"]) for ds in datasets if (m, ds) in cells]
-        vals = [v for ds in datasets for v in (_acc_pm(cells.get((m, ds))), _fp(cells.get((m, ds))))]
+        vals = [v for ds in datasets for v in (acc_pm(cells.get((m, ds))), _fp(cells.get((m, ds))))]
         lines.append("| " + " | ".join([m, *vals, ns[0] if len(set(ns)) == 1 else "/".join(ns)]) + " |")
     return "\n".join(lines) + "\n"
 
@@ -693,7 +523,7 @@ def to_latex(rows: Sequence[dict], caption: str = "Accuracy (\\%, mean $\\pm$ st
         vals = []
         for ds in datasets:
             r = cells.get((m, ds))
-            acc = _tex(_acc_pm(r))
+            acc = _tex(acc_pm(r))
             if r is not None and r["accuracy_mean"] is not None and r["accuracy_mean"] == best[ds]:
                 acc = f"\\textbf{{{acc}}}"
             vals += [acc, _fp(r)]
@@ -743,7 +573,7 @@ def accuracy_figure(rows: Sequence[dict]) -> Any:
     rows = [r for r in rows if r["accuracy_mean"] is not None and r["forward_passes_mean"] is not None]
     if not rows:
         return None
-    labels = _row_labels(rows, "name")
+    labels = row_labels(rows, "name")
     names = sorted({labels[(r["name"], r["mode"])] for r in rows})
     palette = matplotlib_colors(len(names))
     colour = {n: palette[i] for i, n in enumerate(names)}
@@ -857,11 +687,11 @@ def plot_kv_cosine(run: dict, path: Path) -> Path | None:
 # --- instruments ---------------------------------------------------------------------------
 
 
-def _lens(row: dict) -> float | None:
+def lens_score(row: dict) -> float | None:
     return (row.get("logit_lens") or {}).get("aligned_mean")
 
 
-def _align(row: dict, key: str) -> float | None:
+def alignment(row: dict, key: str) -> float | None:
     return (row.get("kv_alignment") or {}).get(key)
 
 
@@ -877,8 +707,8 @@ def instrument_rows(runs: Sequence[dict]) -> list[dict]:
     for (name, dataset), last in sorted(groups.items()):
         row = {"name": name, "dataset": dataset, "n": len(last), "held_out": all(r.get("held_out") for r in last),
                "step": max(r["step"] for r in last)}
-        for key, get in (("lens", _lens), ("own_below_neighbour", lambda r: _align(r, "own_below_neighbour")),
-                         ("gap", lambda r: _align(r, "gap")), ("own_below_slot_mean", lambda r: _align(r, "own_below_slot_mean"))):
+        for key, get in (("lens", lens_score), ("own_below_neighbour", lambda r: alignment(r, "own_below_neighbour")),
+                         ("gap", lambda r: alignment(r, "gap")), ("own_below_slot_mean", lambda r: alignment(r, "own_below_slot_mean"))):
             row[key] = mean_std([get(r) for r in last])[0]
         out.append(row)
     return out
@@ -889,7 +719,7 @@ def instruments_markdown(runs: Sequence[dict]) -> str:
     rows = instrument_rows(runs)
     if not rows:
         return ""
-    f = lambda x, pct=True: "--" if x is None else (_pct(x) if pct else f"{x:+.3f}")  # noqa: E731
+    f = lambda x, pct=True: "--" if x is None else (percent(x) if pct else f"{x:+.3f}")  # noqa: E731
     lines = ["## Instruments", "",
              "Last measurement of each seed, averaged. Logit lens: share of latent slots whose producing state decodes to its"
              " step's result. KV alignment (R-KV targets of the true teacher, layer-std L1): share of examples whose latent"
@@ -909,7 +739,7 @@ def plot_instruments(runs: Sequence[dict], path: Path) -> Path | None:
     series: dict[str, dict[str, dict[int, list[float]]]] = {}
     for run in runs:
         for row in run.get("instruments") or []:
-            for key, value in (("lens", _lens(row)), ("own", _align(row, "own_below_neighbour"))):
+            for key, value in (("lens", lens_score(row)), ("own", alignment(row, "own_below_neighbour"))):
                 if value is not None:
                     series.setdefault(key, {}).setdefault(run["name"], {}).setdefault(int(row["step"]), []).append(100 * value)
     if not series:
@@ -1003,10 +833,10 @@ def selector_keeps_markdown(runs: Sequence[dict]) -> str:
              "| selector | " + " | ".join(f"{ds} ({d['runs']} runs)" for ds, d in by_ds.items()) + " |",
              "|---|" + "---|" * len(by_ds)]
     for n in names:
-        cells = [_pct(d["recall"][n]) if n in d["recall"] else "--" for d in by_ds.values()]
+        cells = [percent(d["recall"][n]) if n in d["recall"] else "--" for d in by_ds.values()]
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     lines.append("| result tokens in the CoT | "
-                 + " | ".join(_pct(d["shares"].get("_cot", {}).get("result")) for d in by_ds.values()) + " |")
+                 + " | ".join(percent(d["shares"].get("_cot", {}).get("result")) for d in by_ds.values()) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -1106,55 +936,8 @@ def to_report_markdown(runs: Sequence[dict], rows: Sequence[dict], verdicts: Seq
 
 
 HEATMAPS = ("all", "first-seed", "none")
-RUNS_CSV_FIELDS = ["name", "seed", "dataset", "state", "step", "max_steps", "mode", "accuracy", "forward_passes",
-                   "final_loss", "error", "path"]
 CARRIED_SECTIONS = ("## Instruments", "## What each selector keeps")
 """Sections of ``results.md`` that need the run folders; :func:`rederive_report` carries them over."""
-
-
-def collect_runs_csv(path: str | Path) -> list[dict]:
-    """The run records (as :func:`collect_runs` gives them) held in a report's ``runs.csv``: name,
-    seed, dataset, state, step, accuracy and forward passes per eval mode, the final loss. What
-    only the run folders hold (configs, instruments, loss curves) is absent. A malformed row raises
-    :class:`RunFileError` naming the file, line and field."""
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise RunFileError(f"{path}: not UTF-8 text (byte {e.start})") from None
-    reader = csv.DictReader(lines)
-    missing = [f for f in RUNS_CSV_FIELDS if f not in (reader.fieldnames or [])]
-    if missing:
-        raise RunFileError(f"{path}:1: not a kava report's runs.csv (no column {', '.join(missing)})")
-
-    def number(row: dict, key: str, line: int, kind=float):
-        text = row[key]
-        if text in ("", "None"):
-            return None
-        try:
-            return kind(text)
-        except ValueError:
-            raise RunFileError(f"{path}:{line}: {key} is {text!r}, not a number") from None
-
-    runs: dict[tuple, dict] = {}
-    for line, row in enumerate(reader, start=2):
-        if None in row.values():
-            raise RunFileError(f"{path}:{line}: expected {len(RUNS_CSV_FIELDS)} fields")
-        seed = number(row, "seed", line, int)
-        key = (row["name"], seed, row["dataset"], row["path"])
-        train_data, _, eval_data = row["dataset"].partition("→")
-        run = runs.setdefault(key, {
-            "name": row["name"], "method": method_of(row["name"]), "seed": seed, "path": row["path"],
-            "state": row["state"], "step": number(row, "step", line, int),
-            "max_steps": number(row, "max_steps", line, int), "error": row["error"],
-            "train_data": train_data, "eval_data": eval_data or train_data, "dataset": row["dataset"], "mode": "",
-            "config": {}, "eval": {}, "last_metrics": {}, "instruments": [], "selector_keeps": None})
-        if number(row, "final_loss", line) is not None:
-            run["last_metrics"] = {"loss": number(row, "final_loss", line)}
-        if row["mode"]:
-            run["eval"][row["mode"]] = {"accuracy": number(row, "accuracy", line),
-                                        "forward_passes": number(row, "forward_passes", line)}
-    return list(runs.values())
 
 
 def _sections(markdown: str, heads: Sequence[str]) -> list[str]:
