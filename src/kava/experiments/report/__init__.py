@@ -34,78 +34,24 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from ...io import atomic_write, atomic_write_json, atomic_write_text, check_output_folder
 from .. import stats
 from .collect import _SEED_DIR, RUNS_CSV_FIELDS, RunFileError, _read_json, _read_config, read_history, read_instruments, dataset_label, method_of, collect_runs, _collect_run, read_eval_curves, collect_runs_csv  # noqa: F401
+from .aggregate import EVAL_FIELDS, curve_area, mean_std, aggregate, sem, area_rows  # noqa: F401
 
 log = logging.getLogger("kava.report")  # the name its log lines have always had
 
 HOLDS, FAILS, NOT_ESTABLISHED, UNMEASURED = "holds", "does not hold", "not established", "not measured"
 LOSS_TERMS = ("loss", "ce_student", "ce_teacher", "codi", "kv", "kv_cos", "latent_ce")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._@+-]+")
-EVAL_FIELDS = ("accuracy", "forward_passes", "generated_tokens", "kv_cache_bytes", "peak_kv_cache_bytes", "wall_time_s")
 
 
 # --- collecting ---------------------------------------------------------------------------
 
 
-def curve_area(points: Sequence[tuple[int, float]]) -> float | None:
-    """The area under a held-out accuracy curve by the trapezoid rule over its steps, divided by the
-    steps it spans: the mean accuracy between the first evaluation and the last (None: fewer than two)."""
-    if len(points) < 2:
-        return None
-    area = sum((s1 - s0) * (a0 + a1) / 2 for (s0, a0), (s1, a1) in zip(points, points[1:]))
-    return area / (points[-1][0] - points[0][0])
-
-
 # --- aggregation --------------------------------------------------------------------------
-
-
-def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
-    """Mean and sample standard deviation (0 for one value; None, None for none)."""
-    vals = [float(v) for v in values if v is not None]
-    if not vals:
-        return None, None
-    return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
-
-
-def aggregate(runs: Iterable[dict]) -> list[dict]:
-    """One row per (name, dataset, eval mode) over the seeds that have that evaluation.
-
-    Row keys: name, method, dataset, train_data, eval_data, mode, n (seeds), seeds, and
-    ``<field>_mean`` / ``<field>_std`` for accuracy, forward_passes, generated_tokens,
-    kv_cache_bytes, peak_kv_cache_bytes and wall_time_s; by_seed (``{seed: accuracy}``, what the
-    claims are tested on); n_examples (eval examples per seed) and unfinished (seeds of this name
-    and dataset without a finished state).
-    """
-    runs = list(runs)
-    groups: dict[tuple[str, str, str], list[dict]] = {}
-    for run in runs:
-        for mode, metrics in (run["eval"] or {}).items():
-            groups.setdefault((run["name"], run["dataset"], mode), []).append({"run": run, "metrics": metrics})
-    rows = []
-    for (name, dataset, mode), items in sorted(groups.items()):
-        first = items[0]["run"]
-        row: dict[str, Any] = {
-            "name": name, "method": method_of(name), "dataset": dataset, "train_data": first["train_data"],
-            "eval_data": first["eval_data"], "mode": mode, "n": len(items),
-            "seeds": sorted(i["run"]["seed"] for i in items),
-        }
-        for f in EVAL_FIELDS:
-            row[f"{f}_mean"], row[f"{f}_std"] = mean_std([i["metrics"].get(f) for i in items])
-        row["by_seed"] = {i["run"]["seed"]: float(i["metrics"]["accuracy"]) for i in items if i["metrics"].get("accuracy") is not None}
-        areas = {i["run"]["seed"]: curve_area(i["run"].get("curves", {}).get(mode, [])) for i in items}
-        row["area_by_seed"] = {seed: a for seed, a in areas.items() if a is not None}
-        row["n_examples"] = min(int(i["metrics"].get("n", 0)) for i in items)
-        row["unfinished"] = sum(1 for r in runs if r["name"] == name and r["dataset"] == dataset and r["state"] != "finished")
-        rows.append(row)
-    return rows
-
-
-def sem(row: dict, field_name: str = "accuracy") -> float:
-    """Standard error of the mean of ``field_name`` in an aggregated row."""
-    std = row.get(f"{field_name}_std") or 0.0
-    return std / math.sqrt(row["n"]) if row["n"] else 0.0
 
 
 # --- claims -------------------------------------------------------------------------------
@@ -980,17 +926,6 @@ def _heatmap_runs(runs: Sequence[dict], which: str) -> list[dict]:
         if r["name"] not in first or (r["seed"] or 0) < (first[r["name"]]["seed"] or 0):
             first[r["name"]] = r
     return list(first.values())
-
-
-def area_rows(rows: Sequence[dict]) -> list[dict]:
-    """``rows`` with each seed's area under its held-out accuracy curve (:func:`curve_area`) in place of
-    its final accuracy, for the claims on the secondary outcome (seeds without a curve left out)."""
-    out = []
-    for r in rows:
-        areas = r.get("area_by_seed") or {}
-        mean, std = mean_std(list(areas.values()))
-        out.append({**r, "by_seed": dict(areas), "n": len(areas), "accuracy_mean": mean, "accuracy_std": std})
-    return [r for r in out if r["by_seed"]]
 
 
 def secondary_markdown(verdicts: Sequence[Verdict]) -> str:
