@@ -402,7 +402,7 @@ def _text_boxes(fig):
 
 
 def test_accuracy_plot_axes_show_the_data_within_0_to_100():
-    from kava.experiments.report import accuracy_figure
+    from kava.experiments.report.plots import accuracy_figure
 
     fig = accuracy_figure(_teachers_rows())
     ax = fig.axes[0]
@@ -423,7 +423,8 @@ def test_accuracy_plot_axes_show_the_data_within_0_to_100():
 
 
 def test_training_curves_nearly_constant_term_gets_a_readable_axis(tmp_path: Path):
-    from kava.experiments.report import collect_runs, training_curves_figure
+    from kava.experiments.report import collect_runs
+    from kava.experiments.report.plots import training_curves_figure
 
     make_run(tmp_path / "runs", "rkv", 0, 0.5, losses=[2.0, 2.000001, 2.000002])
     fig = training_curves_figure(collect_runs(tmp_path / "runs"))
