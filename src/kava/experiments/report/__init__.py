@@ -11,8 +11,9 @@ are given as mean and sample std (0 for one seed).
 Accuracies are fractions in ``results.csv`` and ``verdicts.json``, percentages in the
 Markdown and LaTeX tables and in the verdict text. The claims are tested seed by seed with the
 exact tests of :mod:`kava.experiments.stats`: a claim holds only when its one-sided tests, in the
-direction the claim declares and Holm-adjusted within the claim, pass at the level the report states. The descriptive tables (per
-arm, every arm against CODI-only and R-KV) give two-sided p-values and test no claim.
+direction the claim declares and Holm-adjusted within the claim, pass at the level the report
+states. The descriptive tables (per arm, every arm against CODI-only and R-KV) give two-sided
+p-values and test no claim.
 
 Plots (matplotlib, Agg canvas, no display needed): accuracy against forward passes,
 training curves (loss terms against step, mean over seeds), and, for every run folder that
@@ -28,21 +29,67 @@ the runs' instruments measured), ``plots`` and ``write`` (the report as files). 
 
 from .aggregate import aggregate, area_rows, curve_area, mean_std, sem
 from .claims import FAILS, HOLDS, NOT_ESTABLISHED, UNMEASURED, ClaimNames, Verdict, check_claims
-from .collect import collect_runs, collect_runs_csv, dataset_label, method_of, read_eval_curves, read_history, read_instruments
+from .collect import (
+    collect_runs,
+    collect_runs_csv,
+    dataset_label,
+    method_of,
+    read_eval_curves,
+    read_history,
+    read_instruments,
+)
 from .instruments import instrument_rows, instruments_markdown, selector_keeps_by_dataset, selector_keeps_markdown
 from .plots import (
-    plot_accuracy_vs_passes, plot_instruments, plot_kv_cosine, plot_logit_lens_slots, plot_selector_keeps,
+    plot_accuracy_vs_passes,
+    plot_instruments,
+    plot_kv_cosine,
+    plot_logit_lens_slots,
+    plot_selector_keeps,
     plot_training_curves,
 )
 from .tables import arms_table, paired_table, statistics_table, table_layout, to_csv, to_latex, to_markdown
 from .write import Report, rederive_report, secondary_markdown, to_report_markdown, write_report
 
 __all__ = [
-    "FAILS", "HOLDS", "NOT_ESTABLISHED", "UNMEASURED", "ClaimNames", "Report", "Verdict", "aggregate", "area_rows",
-    "arms_table", "check_claims", "collect_runs", "collect_runs_csv", "curve_area", "dataset_label", "instrument_rows",
-    "instruments_markdown", "mean_std", "method_of", "paired_table", "plot_accuracy_vs_passes", "plot_instruments",
-    "plot_kv_cosine", "plot_logit_lens_slots", "plot_selector_keeps", "plot_training_curves", "read_eval_curves",
-    "read_history", "read_instruments", "rederive_report", "secondary_markdown", "selector_keeps_by_dataset",
-    "selector_keeps_markdown", "sem", "statistics_table", "table_layout", "to_csv", "to_latex", "to_markdown",
-    "to_report_markdown", "write_report",
+    "FAILS",
+    "HOLDS",
+    "NOT_ESTABLISHED",
+    "UNMEASURED",
+    "ClaimNames",
+    "Report",
+    "Verdict",
+    "aggregate",
+    "area_rows",
+    "arms_table",
+    "check_claims",
+    "collect_runs",
+    "collect_runs_csv",
+    "curve_area",
+    "dataset_label",
+    "instrument_rows",
+    "instruments_markdown",
+    "mean_std",
+    "method_of",
+    "paired_table",
+    "plot_accuracy_vs_passes",
+    "plot_instruments",
+    "plot_kv_cosine",
+    "plot_logit_lens_slots",
+    "plot_selector_keeps",
+    "plot_training_curves",
+    "read_eval_curves",
+    "read_history",
+    "read_instruments",
+    "rederive_report",
+    "secondary_markdown",
+    "selector_keeps_by_dataset",
+    "selector_keeps_markdown",
+    "sem",
+    "statistics_table",
+    "table_layout",
+    "to_csv",
+    "to_latex",
+    "to_markdown",
+    "to_report_markdown",
+    "write_report",
 ]

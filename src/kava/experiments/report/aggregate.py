@@ -49,17 +49,26 @@ def aggregate(runs: Iterable[dict]) -> list[dict]:
     for (name, dataset, mode), items in sorted(groups.items()):
         first = items[0]["run"]
         row: dict[str, Any] = {
-            "name": name, "method": method_of(name), "dataset": dataset, "train_data": first["train_data"],
-            "eval_data": first["eval_data"], "mode": mode, "n": len(items),
+            "name": name,
+            "method": method_of(name),
+            "dataset": dataset,
+            "train_data": first["train_data"],
+            "eval_data": first["eval_data"],
+            "mode": mode,
+            "n": len(items),
             "seeds": sorted(i["run"]["seed"] for i in items),
         }
         for f in EVAL_FIELDS:
             row[f"{f}_mean"], row[f"{f}_std"] = mean_std([i["metrics"].get(f) for i in items])
-        row["by_seed"] = {i["run"]["seed"]: float(i["metrics"]["accuracy"]) for i in items if i["metrics"].get("accuracy") is not None}
+        row["by_seed"] = {
+            i["run"]["seed"]: float(i["metrics"]["accuracy"]) for i in items if i["metrics"].get("accuracy") is not None
+        }
         areas = {i["run"]["seed"]: curve_area(i["run"].get("curves", {}).get(mode, [])) for i in items}
         row["area_by_seed"] = {seed: a for seed, a in areas.items() if a is not None}
         row["n_examples"] = min(int(i["metrics"].get("n", 0)) for i in items)
-        row["unfinished"] = sum(1 for r in runs if r["name"] == name and r["dataset"] == dataset and r["state"] != "finished")
+        row["unfinished"] = sum(
+            1 for r in runs if r["name"] == name and r["dataset"] == dataset and r["state"] != "finished"
+        )
         rows.append(row)
     return rows
 

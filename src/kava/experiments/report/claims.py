@@ -31,11 +31,17 @@ class ClaimNames:
     success (for the success rates and Fisher's test beside the main test).
     """
 
-    methods: dict[str, tuple[str, ...]] = field(default_factory=lambda: {
-        "codi": ("codi",), "kava": ("kava", "rkv"), "right_crop": ("right_crop",),
-        "mean_pool": ("mean_pool",), "shuffled": ("shuffled",), "slot_mean": ("slot_mean",),
-        "counterfactual": ("counterfactual",),
-    })
+    methods: dict[str, tuple[str, ...]] = field(
+        default_factory=lambda: {
+            "codi": ("codi",),
+            "kava": ("kava", "rkv"),
+            "right_crop": ("right_crop",),
+            "mean_pool": ("mean_pool",),
+            "shuffled": ("shuffled",),
+            "slot_mean": ("slot_mean",),
+            "counterfactual": ("counterfactual",),
+        }
+    )
     nl_pairs: list[tuple[str, str]] = field(default_factory=list)
     mode: str = "student"
     alpha: float = 0.05
@@ -123,11 +129,15 @@ def _describe(c: stats.Comparison, names: ClaimNames) -> str:
     to say, after the Holm adjustment over the claim's comparisons."""
     if c.paired:
         ci = f" (95% bootstrap CI {100 * c.diff_ci[0]:+.1f} to {100 * c.diff_ci[1]:+.1f})" if c.diff_ci else ""
-        text = (f"paired by seed (n={len(c.seeds)}): mean difference {100 * c.mean_diff:+.1f}{ci}; {c.test}"
-                f" p = {pval(c.p)} one-sided as claimed, sign test p = {pval(c.sign_p)}")
+        text = (
+            f"paired by seed (n={len(c.seeds)}): mean difference {100 * c.mean_diff:+.1f}{ci}; {c.test}"
+            f" p = {pval(c.p)} one-sided as claimed, sign test p = {pval(c.sign_p)}"
+        )
     else:
-        text = (f"unpaired, fewer than 2 common seeds ({c.n_a} vs {c.n_b}): difference of means"
-                f" {100 * c.mean_diff:+.1f}; {c.test} p = {pval(c.p)} one-sided as claimed")
+        text = (
+            f"unpaired, fewer than 2 common seeds ({c.n_a} vs {c.n_b}): difference of means"
+            f" {100 * c.mean_diff:+.1f}; {c.test} p = {pval(c.p)} one-sided as claimed"
+        )
     if c.mean_diff < 0:
         return text + f"; against the claim, two-sided p = {pval(c.p_two_sided)}"
     return text
@@ -144,9 +154,14 @@ def _beats(table: RoleTable, winner: str, loser: str) -> list[_Test]:
         ka, na = successes(a, table.names.success_at)
         kb, nb = successes(b, table.names.success_at)
         fisher = stats.fisher_greater(ka, na, kb, nb)
-        out.append(_Test(f"{ds}: {_cell(a)} vs {_cell(b)}: {_describe(c, table.names)}; successes"
-                         f" (>= {percent(table.names.success_at)}%) {ka}/{na} vs {kb}/{nb}, Fisher p = {pval(fisher)}", c,
-                         f"{ds}: {a['name']} > {b['name']}"))
+        out.append(
+            _Test(
+                f"{ds}: {_cell(a)} vs {_cell(b)}: {_describe(c, table.names)}; successes"
+                f" (>= {percent(table.names.success_at)}%) {ka}/{na} vs {kb}/{nb}, Fisher p = {pval(fisher)}",
+                c,
+                f"{ds}: {a['name']} > {b['name']}",
+            )
+        )
     return out
 
 
@@ -166,8 +181,16 @@ def _verdict(claim: str, statement: str, tests: list[_Test], missing: str, names
     for t, a, a2 in zip(tests, adjusted, adjusted_two):
         text = t.detail + (f"; Holm-adjusted over the claim's {m} comparisons p = {pval(a)}" if m > 1 else "")
         details.append(text + (" (passes)" if a <= names.alpha else ""))
-        table.append({"comparison": t.label, "p": t.comparison.p, "p_holm": a, "p_two_sided": t.comparison.p_two_sided,
-                      "p_two_sided_holm": a2, "mean_diff": t.comparison.mean_diff})
+        table.append(
+            {
+                "comparison": t.label,
+                "p": t.comparison.p,
+                "p_holm": a,
+                "p_two_sided": t.comparison.p_two_sided,
+                "p_two_sided_holm": a2,
+                "mean_diff": t.comparison.mean_diff,
+            }
+        )
     p = max(adjusted)
     if p <= names.alpha:
         return Verdict(claim, statement, HOLDS, details, p, names.alpha, p_values=table)
@@ -175,15 +198,25 @@ def _verdict(claim: str, statement: str, tests: list[_Test], missing: str, names
         return Verdict(claim, statement, FAILS, details, p, names.alpha, p_values=table)
     # Every comparison at alpha / m passes Holm's adjustment whatever the others' p-values.
     needs = [t.comparison.needed(names.alpha / m, names.power) for t, a in zip(tests, adjusted) if a > names.alpha]
-    return Verdict(claim, statement, NOT_ESTABLISHED, details, p, names.alpha, None if None in needs else max(needs),
-                   p_values=table)
+    return Verdict(
+        claim,
+        statement,
+        NOT_ESTABLISHED,
+        details,
+        p,
+        names.alpha,
+        None if None in needs else max(needs),
+        p_values=table,
+    )
 
 
 def _nl_pairs(table: RoleTable) -> list[tuple[str, str]]:
     if table.names.nl_pairs:
         return [tuple(p) for p in table.names.nl_pairs]  # type: ignore[misc]
     present = set(table.datasets)
-    return [(ds.replace("-nl", "", 1), ds) for ds in table.datasets if "-nl" in ds and ds.replace("-nl", "", 1) in present]
+    return [
+        (ds.replace("-nl", "", 1), ds) for ds in table.datasets if "-nl" in ds and ds.replace("-nl", "", 1) in present
+    ]
 
 
 def _beats_all(table: RoleTable, against: Sequence[str]) -> list[_Test]:
@@ -209,11 +242,17 @@ def _smaller_drop(table: RoleTable, against: Sequence[str]) -> list[_Test]:
             continue
         # The claim: CODI's drop exceeds KaVa's (paired by seed where all four cells share seeds).
         c = stats.compare(drop_c, drop_k)
-        tests.append(_Test(f"{eq} → {nl}: drop with {k_eq['name']} {100 * statistics.fmean(drop_k.values()):+.1f}"
-                           f" ({percent(k_eq['accuracy_mean'])} → {percent(k_nl['accuracy_mean'])}),"
-                           f" with {c_eq['name']} {100 * statistics.fmean(drop_c.values()):+.1f}"
-                           f" ({percent(c_eq['accuracy_mean'])} → {percent(c_nl['accuracy_mean'])}); CODI's drop minus KaVa's:"
-                           f" {_describe(c, table.names)}", c, f"{eq} → {nl}: CODI's drop > KaVa's"))
+        tests.append(
+            _Test(
+                f"{eq} → {nl}: drop with {k_eq['name']} {100 * statistics.fmean(drop_k.values()):+.1f}"
+                f" ({percent(k_eq['accuracy_mean'])} → {percent(k_nl['accuracy_mean'])}),"
+                f" with {c_eq['name']} {100 * statistics.fmean(drop_c.values()):+.1f}"
+                f" ({percent(c_eq['accuracy_mean'])} → {percent(c_nl['accuracy_mean'])}); CODI's drop minus KaVa's:"
+                f" {_describe(c, table.names)}",
+                c,
+                f"{eq} → {nl}: CODI's drop > KaVa's",
+            )
+        )
     return tests
 
 
@@ -234,10 +273,18 @@ CLAIMS = (
     Claim("1", "KV distillation beats CODI-only", ("codi",)),
     Claim("2", "R-KV selection beats right-crop and mean-pool", ("right_crop", "mean_pool")),
     Claim("3", "shuffled teacher KV does worse than R-KV", ("shuffled",)),
-    Claim("4", "the drop from equation to natural-language traces is smaller with KaVa than with CODI", ("codi",),
-          tests=_smaller_drop, needs="on an equation dataset and its -nl counterpart"),
-    Claim("5", "the KV loss carries example-specific content: R-KV beats slot-mean and counterfactual CoT",
-          ("slot_mean", "counterfactual")),
+    Claim(
+        "4",
+        "the drop from equation to natural-language traces is smaller with KaVa than with CODI",
+        ("codi",),
+        tests=_smaller_drop,
+        needs="on an equation dataset and its -nl counterpart",
+    ),
+    Claim(
+        "5",
+        "the KV loss carries example-specific content: R-KV beats slot-mean and counterfactual CoT",
+        ("slot_mean", "counterfactual"),
+    ),
 )
 """The paper's four claims and this project's fifth, in the order the report gives them."""
 

@@ -16,8 +16,20 @@ import yaml
 log = logging.getLogger("kava.report")  # the name its log lines have always had
 
 _SEED_DIR = re.compile(r"seed(\d+)")
-RUNS_CSV_FIELDS = ["name", "seed", "dataset", "state", "step", "max_steps", "mode", "accuracy", "forward_passes",
-                   "final_loss", "error", "path"]
+RUNS_CSV_FIELDS = [
+    "name",
+    "seed",
+    "dataset",
+    "state",
+    "step",
+    "max_steps",
+    "mode",
+    "accuracy",
+    "forward_passes",
+    "final_loss",
+    "error",
+    "path",
+]
 
 
 class RunFileError(ValueError):
@@ -160,13 +172,23 @@ def _collect_run(root: Path, run_dir: Path, rel: Path, status_path: Path) -> dic
     history = read_history(run_dir)
     curves = read_eval_curves(run_dir, evals, status.get("step"))
     return {
-        "name": name, "method": method_of(name), "seed": seed, "path": str(run_dir),
-        "state": status.get("state", "unknown"), "step": status.get("step"), "max_steps": status.get("max_steps"),
-        "error": status.get("error", ""), "train_data": train_data, "eval_data": eval_data,
-        "dataset": dataset_label(train_data, eval_data), "mode": config.get("train", {}).get("mode", ""),
-        "config": config, "eval": evals,
+        "name": name,
+        "method": method_of(name),
+        "seed": seed,
+        "path": str(run_dir),
+        "state": status.get("state", "unknown"),
+        "step": status.get("step"),
+        "max_steps": status.get("max_steps"),
+        "error": status.get("error", ""),
+        "train_data": train_data,
+        "eval_data": eval_data,
+        "dataset": dataset_label(train_data, eval_data),
+        "mode": config.get("train", {}).get("mode", ""),
+        "config": config,
+        "eval": evals,
         "last_metrics": history[-1] if history else status.get("train") or {},
-        "instruments": read_instruments(run_dir), "selector_keeps": _read_json(run_dir / "selector_keeps.json"),
+        "instruments": read_instruments(run_dir),
+        "selector_keeps": _read_json(run_dir / "selector_keeps.json"),
         "curves": curves,
     }
 
@@ -219,15 +241,33 @@ def collect_runs_csv(path: str | Path) -> list[dict]:
         seed = number(row, "seed", line, int)
         key = (row["name"], seed, row["dataset"], row["path"])
         train_data, _, eval_data = row["dataset"].partition("→")
-        run = runs.setdefault(key, {
-            "name": row["name"], "method": method_of(row["name"]), "seed": seed, "path": row["path"],
-            "state": row["state"], "step": number(row, "step", line, int),
-            "max_steps": number(row, "max_steps", line, int), "error": row["error"],
-            "train_data": train_data, "eval_data": eval_data or train_data, "dataset": row["dataset"], "mode": "",
-            "config": {}, "eval": {}, "last_metrics": {}, "instruments": [], "selector_keeps": None})
+        run = runs.setdefault(
+            key,
+            {
+                "name": row["name"],
+                "method": method_of(row["name"]),
+                "seed": seed,
+                "path": row["path"],
+                "state": row["state"],
+                "step": number(row, "step", line, int),
+                "max_steps": number(row, "max_steps", line, int),
+                "error": row["error"],
+                "train_data": train_data,
+                "eval_data": eval_data or train_data,
+                "dataset": row["dataset"],
+                "mode": "",
+                "config": {},
+                "eval": {},
+                "last_metrics": {},
+                "instruments": [],
+                "selector_keeps": None,
+            },
+        )
         if number(row, "final_loss", line) is not None:
             run["last_metrics"] = {"loss": number(row, "final_loss", line)}
         if row["mode"]:
-            run["eval"][row["mode"]] = {"accuracy": number(row, "accuracy", line),
-                                        "forward_passes": number(row, "forward_passes", line)}
+            run["eval"][row["mode"]] = {
+                "accuracy": number(row, "accuracy", line),
+                "forward_passes": number(row, "forward_passes", line),
+            }
     return list(runs.values())

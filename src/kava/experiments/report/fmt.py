@@ -15,4 +15,8 @@ def pval(p: float) -> str:
 
 def acc_pm(r: dict | None) -> str:
     """An aggregated row's accuracy as ``mean ± std`` in percent (``--`` without one)."""
-    return "--" if r is None or r["accuracy_mean"] is None else f"{percent(r['accuracy_mean'])} ± {percent(r['accuracy_std'])}"
+    return (
+        "--"
+        if r is None or r["accuracy_mean"] is None
+        else f"{percent(r['accuracy_mean'])} ± {percent(r['accuracy_std'])}"
+    )

@@ -29,10 +29,19 @@ def instrument_rows(runs: Sequence[dict]) -> list[dict]:
             groups.setdefault((run["name"], run["dataset"]), []).append(run["instruments"][-1])
     out = []
     for (name, dataset), last in sorted(groups.items()):
-        row = {"name": name, "dataset": dataset, "n": len(last), "held_out": all(r.get("held_out") for r in last),
-               "step": max(r["step"] for r in last)}
-        for key, get in (("lens", lens_score), ("own_below_neighbour", lambda r: alignment(r, "own_below_neighbour")),
-                         ("gap", lambda r: alignment(r, "gap")), ("own_below_slot_mean", lambda r: alignment(r, "own_below_slot_mean"))):
+        row = {
+            "name": name,
+            "dataset": dataset,
+            "n": len(last),
+            "held_out": all(r.get("held_out") for r in last),
+            "step": max(r["step"] for r in last),
+        }
+        for key, get in (
+            ("lens", lens_score),
+            ("own_below_neighbour", lambda r: alignment(r, "own_below_neighbour")),
+            ("gap", lambda r: alignment(r, "gap")),
+            ("own_below_slot_mean", lambda r: alignment(r, "own_below_slot_mean")),
+        ):
             row[key] = mean_std([get(r) for r in last])[0]
         out.append(row)
     return out
@@ -44,16 +53,25 @@ def instruments_markdown(runs: Sequence[dict]) -> str:
     if not rows:
         return ""
     f = lambda x, pct=True: "--" if x is None else (percent(x) if pct else f"{x:+.3f}")  # noqa: E731
-    lines = ["## Instruments", "",
-             "Last measurement of each seed, averaged. Logit lens: share of latent slots whose producing state decodes to its"
-             " step's result. KV alignment (R-KV targets of the true teacher, layer-std L1): share of examples whose latent"
-             " KV is closer to their own target than to a neighbour's (content transfer predicts well above 50%), the mean"
-             " gap neighbour − own, and the share closer to their own target than to the batch slot mean.", "",
-             "| run | dataset | seeds | held out | step | logit lens (%) | own < neighbour (%) | gap | own < slot mean (%) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "## Instruments",
+        "",
+        "Last measurement of each seed, averaged. Logit lens: share of latent slots whose producing state decodes to "
+        "its"
+        " step's result. KV alignment (R-KV targets of the true teacher, layer-std L1): share of examples whose latent"
+        " KV is closer to their own target than to a neighbour's (content transfer predicts well above 50%), the mean"
+        " gap neighbour − own, and the share closer to their own target than to the batch slot mean.",
+        "",
+        "| run | dataset | seeds | held out | step | logit lens (%) | own < neighbour (%) | gap "
+        "| own < slot mean (%) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['name']} | {r['dataset']} | {r['n']} | {'yes' if r['held_out'] else 'no'} | {r['step']} | {f(r['lens'])} |"
-                     f" {f(r['own_below_neighbour'])} | {f(r['gap'], False)} | {f(r['own_below_slot_mean'])} |")
+        lines.append(
+            f"| {r['name']} | {r['dataset']} | {r['n']} | {'yes' if r['held_out'] else 'no'} | {r['step']} | "
+            f"{f(r['lens'])} |"
+            f" {f(r['own_below_neighbour'])} | {f(r['gap'], False)} | {f(r['own_below_slot_mean'])} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -92,19 +110,29 @@ def selector_keeps_markdown(runs: Sequence[dict]) -> str:
         return ""
     names = sorted({n for d in by_ds.values() for n in d["recall"]})
     steps = sorted({s for d in by_ds.values() for s in d["steps"]})
-    when = ("at step 0, on the teacher the runs start from" if steps == [0]
-            else f"at step(s) {', '.join(map(str, steps))} (step 0: the teacher the runs start from; later: the teacher"
-                 " mode of the weights trained so far)")
-    lines = ["## What each selector keeps", "",
-             f"Share of the CoT's step-result tokens each selector keeps (over examples, layers and heads), measured"
-             f" {when};"
-             " mean over the runs of each dataset that wrote `selector_keeps.json`. The last row is the share of result"
-             " tokens among the CoT's tokens.", "",
-             "| selector | " + " | ".join(f"{ds} ({d['runs']} runs)" for ds, d in by_ds.items()) + " |",
-             "|---|" + "---|" * len(by_ds)]
+    when = (
+        "at step 0, on the teacher the runs start from"
+        if steps == [0]
+        else f"at step(s) {', '.join(map(str, steps))} (step 0: the teacher the runs start from; later: the teacher"
+        " mode of the weights trained so far)"
+    )
+    lines = [
+        "## What each selector keeps",
+        "",
+        f"Share of the CoT's step-result tokens each selector keeps (over examples, layers and heads), measured"
+        f" {when};"
+        " mean over the runs of each dataset that wrote `selector_keeps.json`. The last row is the share of result"
+        " tokens among the CoT's tokens.",
+        "",
+        "| selector | " + " | ".join(f"{ds} ({d['runs']} runs)" for ds, d in by_ds.items()) + " |",
+        "|---|" + "---|" * len(by_ds),
+    ]
     for n in names:
         cells = [percent(d["recall"][n]) if n in d["recall"] else "--" for d in by_ds.values()]
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
-    lines.append("| result tokens in the CoT | "
-                 + " | ".join(percent(d["shares"].get("_cot", {}).get("result")) for d in by_ds.values()) + " |")
+    lines.append(
+        "| result tokens in the CoT | "
+        + " | ".join(percent(d["shares"].get("_cot", {}).get("result")) for d in by_ds.values())
+        + " |"
+    )
     return "\n".join(lines) + "\n"

@@ -74,8 +74,16 @@ def accuracy_figure(rows: Sequence[dict]) -> Any:
         for r in here:
             acc, std = 100 * r["accuracy_mean"], 100 * (r["accuracy_std"] or 0.0)
             yerr = [[min(std, acc)], [min(std, 100 - acc)]]  # the interval clipped to 0-100%
-            ax.errorbar(r["forward_passes_mean"], acc, xerr=r["forward_passes_std"] or 0.0, yerr=yerr, fmt="o", capsize=3,
-                        color=colour[labels[(r["name"], r["mode"])]], clip_on=False)
+            ax.errorbar(
+                r["forward_passes_mean"],
+                acc,
+                xerr=r["forward_passes_std"] or 0.0,
+                yerr=yerr,
+                fmt="o",
+                capsize=3,
+                color=colour[labels[(r["name"], r["mode"])]],
+                clip_on=False,
+            )
         lo = min(r["forward_passes_mean"] - (r["forward_passes_std"] or 0.0) for r in here)
         hi = max(r["forward_passes_mean"] + (r["forward_passes_std"] or 0.0) for r in here)
         ax.set_xlim(*padded_range(lo, hi, min_span=2.0, floor=0.0))
@@ -139,7 +147,7 @@ def training_curves_figure(runs: Sequence[dict]) -> Any:
         ax.ticklabel_format(axis="y", useOffset=False)
         ax.set(title=term, xlabel="step")
         ax.grid(alpha=0.3)
-    for ax in axes[len(terms):]:
+    for ax in axes[len(terms) :]:
         ax.set_axis_off()
     from matplotlib.lines import Line2D
 
@@ -160,7 +168,9 @@ def plot_kv_cosine(run: dict, path: Path) -> Path | None:
         grid = json.loads(src.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{src}: not valid JSON ({e})") from None
-    if not (isinstance(grid, list) and grid and all(isinstance(row, list) and len(row) == len(grid[0]) for row in grid)):
+    if not (
+        isinstance(grid, list) and grid and all(isinstance(row, list) and len(row) == len(grid[0]) for row in grid)
+    ):
         raise ValueError(f"{src}: expected a non-empty [layers][slots] list of lists of equal length")
     grid = [[float("nan") if v is None else float(v) for v in row] for row in grid]  # None: an unfilled slot
     fig = _figure(max(4.0, 0.35 * len(grid[0]) + 2), max(3.0, 0.3 * len(grid) + 1.5))
@@ -181,7 +191,9 @@ def plot_instruments(runs: Sequence[dict], path: Path) -> Path | None:
         for row in run.get("instruments") or []:
             for key, value in (("lens", lens_score(row)), ("own", alignment(row, "own_below_neighbour"))):
                 if value is not None:
-                    series.setdefault(key, {}).setdefault(run["name"], {}).setdefault(int(row["step"]), []).append(100 * value)
+                    series.setdefault(key, {}).setdefault(run["name"], {}).setdefault(int(row["step"]), []).append(
+                        100 * value
+                    )
     if not series:
         return None
     names = sorted({n for s in series.values() for n in s})
@@ -189,11 +201,16 @@ def plot_instruments(runs: Sequence[dict], path: Path) -> Path | None:
     colour = dict(zip(names, palette))
     fig = _figure(10, 3.6)
     axes = fig.subplots(1, 2, squeeze=False)[0]
-    titles = {"lens": "logit lens: slots decoding their step's result (%)", "own": "KV closer to own target than a neighbour's (%)"}
+    titles = {
+        "lens": "logit lens: slots decoding their step's result (%)",
+        "own": "KV closer to own target than a neighbour's (%)",
+    }
     for ax, key in zip(axes, ("lens", "own")):
         for name, by_step in sorted(series.get(key, {}).items()):
             steps = sorted(by_step)
-            ax.plot(steps, [statistics.fmean(by_step[s]) for s in steps], marker="o", ms=3, label=name, color=colour[name])
+            ax.plot(
+                steps, [statistics.fmean(by_step[s]) for s in steps], marker="o", ms=3, label=name, color=colour[name]
+            )
         if key == "own":
             ax.axhline(50, color="grey", lw=0.8, ls="--")
         ax.set(title=titles[key], xlabel="step")
@@ -221,7 +238,11 @@ def plot_logit_lens_slots(runs: Sequence[dict], path: Path) -> Path | None:
     for name, by_slot in sorted(per.items()):
         slots = sorted(by_slot)
         ax.plot(slots, [statistics.fmean(by_slot[j]) for j in slots], marker="o", label=name)
-    ax.set(title="logit lens per latent slot (last measurement)", xlabel="latent slot", ylabel="decodes its step's result (%)")
+    ax.set(
+        title="logit lens per latent slot (last measurement)",
+        xlabel="latent slot",
+        ylabel="decodes its step's result (%)",
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return _save(fig, path)
@@ -235,8 +256,11 @@ def plot_selector_keeps(runs: Sequence[dict], path: Path) -> Path | None:
     if not by_ds:
         return None
     names = sorted({n for d in by_ds.values() for n in d["shares"]}, key=lambda n: (n != "_cot", n))
-    types = [t for t in dict.fromkeys(t for d in by_ds.values() for n in names for t in d["shares"].get(n, {}))
-             if any(d["shares"].get(n, {}).get(t, 0) > 0 for d in by_ds.values() for n in names)]
+    types = [
+        t
+        for t in dict.fromkeys(t for d in by_ds.values() for n in names for t in d["shares"].get(n, {}))
+        if any(d["shares"].get(n, {}).get(t, 0) > 0 for d in by_ds.values() for n in names)
+    ]
     colour = dict(zip(types, matplotlib_colors(len(types))))
     fig = _figure(8 * len(by_ds), 0.45 * len(names) + 1.8)
     axes = fig.subplots(1, len(by_ds), squeeze=False)[0]
@@ -251,8 +275,11 @@ def plot_selector_keeps(runs: Sequence[dict], path: Path) -> Path | None:
                 ax.annotate(f"keeps {100 * d['recall'][n]:.0f}% of results", (101, i), va="center", fontsize=7)
         ax.set_yticks(range(len(names)), ["CoT (all tokens)" if n == "_cot" else n for n in names])
         at = "step 0 (the starting teacher)" if d["steps"] == [0] else f"step {', '.join(map(str, d['steps']))}"
-        ax.set(title=f"{ds}: share of kept slots per token type\n({d['runs']} runs, measured at {at})",
-               xlabel="% of kept slots", xlim=(0, 135))
+        ax.set(
+            title=f"{ds}: share of kept slots per token type\n({d['runs']} runs, measured at {at})",
+            xlabel="% of kept slots",
+            xlim=(0, 135),
+        )
         ax.invert_yaxis()
     from matplotlib.patches import Patch
 
@@ -276,11 +303,15 @@ def _heatmap_runs(runs: Sequence[dict], which: str) -> list[dict]:
 def write_plots(runs: Sequence[dict], rows: Sequence[dict], out: Path, heatmaps: str) -> list[Path]:
     """Every plot the runs allow, written to ``out``; the files written, in the report's order.
     ``heatmaps``: ``all`` (a KV cosine heatmap per run), ``first-seed`` (per name, its lowest seed's) or ``none``."""
-    made = (plot_accuracy_vs_passes(rows, out / "accuracy_vs_forward_passes.png"),
-            plot_training_curves(runs, out / "training_curves.png"),
-            plot_instruments(runs, out / "instruments.png"),
-            plot_logit_lens_slots(runs, out / "logit_lens_slots.png"),
-            plot_selector_keeps(runs, out / "selector_keeps.png"),
-            *(plot_kv_cosine(r, out / f"kv_cosine_{_UNSAFE.sub('_', r['name'])}_seed{r['seed']}.png")
-              for r in _heatmap_runs(runs, heatmaps)))
+    made = (
+        plot_accuracy_vs_passes(rows, out / "accuracy_vs_forward_passes.png"),
+        plot_training_curves(runs, out / "training_curves.png"),
+        plot_instruments(runs, out / "instruments.png"),
+        plot_logit_lens_slots(runs, out / "logit_lens_slots.png"),
+        plot_selector_keeps(runs, out / "selector_keeps.png"),
+        *(
+            plot_kv_cosine(r, out / f"kv_cosine_{_UNSAFE.sub('_', r['name'])}_seed{r['seed']}.png")
+            for r in _heatmap_runs(runs, heatmaps)
+        ),
+    )
     return [p for p in made if p is not None]

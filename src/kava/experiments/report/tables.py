@@ -42,8 +42,19 @@ def _fp(r: dict | None) -> str:
     return "--" if r is None or r["forward_passes_mean"] is None else f"{r['forward_passes_mean']:.1f}"
 
 
-CSV_FIELDS = ["method", "name", "dataset", "train_data", "eval_data", "mode", "n", "seeds", "n_examples", "unfinished",
-              *[f"{f}_{s}" for f in EVAL_FIELDS for s in ("mean", "std")]]
+CSV_FIELDS = [
+    "method",
+    "name",
+    "dataset",
+    "train_data",
+    "eval_data",
+    "mode",
+    "n",
+    "seeds",
+    "n_examples",
+    "unfinished",
+    *[f"{f}_{s}" for f in EVAL_FIELDS for s in ("mean", "std")],
+]
 
 
 def to_csv(rows: Sequence[dict]) -> str:
@@ -73,8 +84,20 @@ def to_markdown(rows: Sequence[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-_TEX = {"\\": r"\textbackslash{}", "_": r"\_", "%": r"\%", "&": r"\&", "#": r"\#", "$": r"\$", "{": r"\{", "}": r"\}",
-        "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "→": r"$\to$", "±": r"$\pm$"}
+_TEX = {
+    "\\": r"\textbackslash{}",
+    "_": r"\_",
+    "%": r"\%",
+    "&": r"\&",
+    "#": r"\#",
+    "$": r"\$",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+    "→": r"$\to$",
+    "±": r"$\pm$",
+}
 
 
 def _tex(text: str) -> str:
@@ -82,15 +105,27 @@ def _tex(text: str) -> str:
     return "".join(_TEX.get(c, c) for c in text)
 
 
-def to_latex(rows: Sequence[dict], caption: str = "Accuracy (\\%, mean $\\pm$ std over seeds) and forward passes (\\# FP).") -> str:
-    """A LaTeX table laid out like the paper's Table 1 (needs ``\\usepackage{booktabs}``); best accuracy per dataset in bold."""
+def to_latex(
+    rows: Sequence[dict], caption: str = "Accuracy (\\%, mean $\\pm$ std over seeds) and forward passes (\\# FP)."
+) -> str:
+    """A LaTeX table laid out like the paper's Table 1 (needs ``\\usepackage{booktabs}``); best
+    accuracy per dataset in bold."""
     methods, datasets, cells = table_layout(rows)
     best = {}
     for ds in datasets:
-        accs = [cells[(m, ds)]["accuracy_mean"] for m in methods if (m, ds) in cells and cells[(m, ds)]["accuracy_mean"] is not None]
+        accs = [
+            cells[(m, ds)]["accuracy_mean"]
+            for m in methods
+            if (m, ds) in cells and cells[(m, ds)]["accuracy_mean"] is not None
+        ]
         best[ds] = max(accs) if accs else None
-    lines = ["% written by `kava report`; needs \\usepackage{booktabs}", "\\begin{table}[t]", "\\centering",
-             "\\begin{tabular}{l" + " cc" * len(datasets) + "}", "\\toprule"]
+    lines = [
+        "% written by `kava report`; needs \\usepackage{booktabs}",
+        "\\begin{table}[t]",
+        "\\centering",
+        "\\begin{tabular}{l" + " cc" * len(datasets) + "}",
+        "\\toprule",
+    ]
     lines.append(" & " + " & ".join(f"\\multicolumn{{2}}{{c}}{{{_tex(ds)}}}" for ds in datasets) + " \\\\")
     lines.append(" ".join(f"\\cmidrule(lr){{{2 + 2 * i}-{3 + 2 * i}}}" for i in range(len(datasets))))
     lines.append("Method" + " & Acc. (\\%) & \\# FP" * len(datasets) + " \\\\")
@@ -104,7 +139,14 @@ def to_latex(rows: Sequence[dict], caption: str = "Accuracy (\\%, mean $\\pm$ st
                 acc = f"\\textbf{{{acc}}}"
             vals += [acc, _fp(r)]
         lines.append(" & ".join([_tex(m), *vals]) + " \\\\")
-    lines += ["\\bottomrule", "\\end{tabular}", f"\\caption{{{caption}}}", "\\label{tab:kava-results}", "\\end{table}", ""]
+    lines += [
+        "\\bottomrule",
+        "\\end{tabular}",
+        f"\\caption{{{caption}}}",
+        "\\label{tab:kava-results}",
+        "\\end{table}",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -115,8 +157,22 @@ def to_runs_csv(runs: Sequence[dict]) -> str:
     w.writerow(RUNS_CSV_FIELDS)
     for r in runs:
         for mode, m in sorted((r["eval"] or {"": {}}).items()):
-            w.writerow([r["name"], r["seed"], r["dataset"], r["state"], r["step"], r["max_steps"], mode, m.get("accuracy"),
-                        m.get("forward_passes"), r["last_metrics"].get("loss"), r["error"], r["path"]])
+            w.writerow(
+                [
+                    r["name"],
+                    r["seed"],
+                    r["dataset"],
+                    r["state"],
+                    r["step"],
+                    r["max_steps"],
+                    mode,
+                    m.get("accuracy"),
+                    m.get("forward_passes"),
+                    r["last_metrics"].get("loss"),
+                    r["error"],
+                    r["path"],
+                ]
+            )
     return buf.getvalue()
 
 
@@ -139,21 +195,27 @@ def statistics_table(rows: Sequence[dict], names: ClaimNames | None = None) -> s
     rows = [r for r in rows if r["accuracy_mean"] is not None]
     if not rows:
         return "_no evaluated runs_\n"
-    lines = [f"| run | dataset | mode | seeds | acc. mean ± std (%) | 95% bootstrap CI | worst seed (%) |"
-             f" successes (>= {percent(names.success_at)}%) | 95% exact CI |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"| run | dataset | mode | seeds | acc. mean ± std (%) | 95% bootstrap CI | worst seed (%) |"
+        f" successes (>= {percent(names.success_at)}%) | 95% exact CI |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         vals = list(r["by_seed"].values())
         ci = stats.bootstrap_mean(vals)
         k, n = successes(r, names.success_at)
         lo, hi = stats.clopper_pearson(k, n)
         ci_text = "--" if ci is None else f"{percent(ci[0])} – {percent(ci[1])}"
-        lines.append(f"| {r['name']} | {r['dataset']} | {r['mode']} | {n} | {acc_pm(r)} | {ci_text} | {percent(min(vals))} |"
-                     f" {k}/{n} | {percent(lo)} – {percent(hi)} |")
+        lines.append(
+            f"| {r['name']} | {r['dataset']} | {r['mode']} | {n} | {acc_pm(r)} | {ci_text} | {percent(min(vals))} |"
+            f" {k}/{n} | {percent(lo)} – {percent(hi)} |"
+        )
     return "\n".join(lines) + "\n"
 
 
-def paired_table(rows: Sequence[dict], names: ClaimNames | None = None, references: Sequence[str] = ("codi", "kava")) -> str:
+def paired_table(
+    rows: Sequence[dict], names: ClaimNames | None = None, references: Sequence[str] = ("codi", "kava")
+) -> str:
     """Markdown: every arm of a dataset against each reference role (``codi``, ``kava``; the
     method ``names`` gives it), paired by seed: the common seeds, the mean difference with its
     bootstrap 95% interval, and the two-sided p-value (the exact sign-flip test of
@@ -175,12 +237,16 @@ def paired_table(rows: Sequence[dict], names: ClaimNames | None = None, referenc
                     continue
                 ci = f"{100 * c.diff_ci[0]:+.1f} to {100 * c.diff_ci[1]:+.1f}" if c.paired and c.diff_ci else "--"
                 common = len(c.seeds) if c.paired else "0 (unpaired)"
-                lines.append(f"| {r['name']} | {ref['name']} | {dataset} | {common} | {100 * c.mean_diff:+.1f} | {ci} |"
-                             f" {pval(c.p_two_sided)} |")
+                lines.append(
+                    f"| {r['name']} | {ref['name']} | {dataset} | {common} | {100 * c.mean_diff:+.1f} | {ci} |"
+                    f" {pval(c.p_two_sided)} |"
+                )
     if not lines:
         return ""
-    head = ["| arm | against | dataset | common seeds | mean difference (points) | 95% bootstrap CI | p (two-sided) |",
-            "|---|---|---|---|---|---|---|"]
+    head = [
+        "| arm | against | dataset | common seeds | mean difference (points) | 95% bootstrap CI | p (two-sided) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     return "\n".join(head + lines) + "\n"
 
 
@@ -205,14 +271,18 @@ def arms_table(rows: Sequence[dict], names: ClaimNames | None = None) -> str:
     table = RoleTable(rows, names)
     if not table.rows:
         return ""
-    lines = [f"| arm | dataset | seeds | accuracy, mean ± std (%) | worst seed (%) | seeds >= {percent(names.success_at)}%"
-             f" (95% CI) | vs {'/'.join(names.methods.get('codi', ('codi',)))} (two-sided p) |"
-             f" vs {'/'.join(names.methods.get('kava', ('kava',)))} (two-sided p) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"| arm | dataset | seeds | accuracy, mean ± std (%) | worst seed (%) | seeds >= {percent(names.success_at)}%"
+        f" (95% CI) | vs {'/'.join(names.methods.get('codi', ('codi',)))} (two-sided p) |"
+        f" vs {'/'.join(names.methods.get('kava', ('kava',)))} (two-sided p) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in table.rows:
         k, n = successes(r, names.success_at)
         lo, hi = stats.clopper_pearson(k, n)
-        lines.append(f"| {r['name']} | {r['dataset']} | {n} | {acc_pm(r)} | {percent(min(r['by_seed'].values()))} |"
-                     f" {k}/{n} ({percent(lo)}-{percent(hi)}) | {_versus(r, table.get('codi', r['dataset']))} |"
-                     f" {_versus(r, table.get('kava', r['dataset']))} |")
+        lines.append(
+            f"| {r['name']} | {r['dataset']} | {n} | {acc_pm(r)} | {percent(min(r['by_seed'].values()))} |"
+            f" {k}/{n} ({percent(lo)}-{percent(hi)}) | {_versus(r, table.get('codi', r['dataset']))} |"
+            f" {_versus(r, table.get('kava', r['dataset']))} |"
+        )
     return "\n".join(lines) + "\n"

@@ -19,7 +19,14 @@ from .collect import collect_runs, collect_runs_csv
 from .instruments import instruments_markdown, selector_keeps_markdown
 from .plots import HEATMAPS, write_plots
 from .tables import (
-    arms_table, paired_table, statistics_table, to_csv, to_curves_csv, to_latex, to_markdown, to_runs_csv,
+    arms_table,
+    paired_table,
+    statistics_table,
+    to_csv,
+    to_curves_csv,
+    to_latex,
+    to_markdown,
+    to_runs_csv,
 )
 
 log = logging.getLogger("kava.report")  # the name its log lines have always had
@@ -40,38 +47,62 @@ class Report:
     """One line per run folder left out for a malformed file (naming it)."""
 
 
-def to_report_markdown(runs: Sequence[dict], rows: Sequence[dict], verdicts: Sequence[Verdict], names: ClaimNames | None = None) -> str:
+def to_report_markdown(
+    runs: Sequence[dict], rows: Sequence[dict], verdicts: Sequence[Verdict], names: ClaimNames | None = None
+) -> str:
     """``results.md``: the table, the statistics per group, the verdicts and the runs that did not finish."""
     names = names or ClaimNames()
-    parts = ["# Results", "", f"{len(runs)} run folder(s), {len(rows)} (method, dataset, mode) group(s).",
-             "Accuracy in %, mean ± sample std over seeds; # FP: forward passes per question.", "", to_markdown(rows),
-             "## Statistics", "", "Bootstrap: percentile, 9,999 resamples, seeded; success intervals: exact (Clopper-Pearson).", "",
-             statistics_table(rows, names), "## Claims", "",
-             "A claim **holds** only when every comparison behind it passes a one-sided test, in the direction the"
-             f" claim declares, at alpha = {names.alpha:g} (on the `{names.mode}` evaluation), after Holm's adjustment"
-             " over the claim's comparisons (its datasets and controls: one family per claim); it **does not hold** when one"
-             " points the other way with an adjusted two-sided p-value at or under alpha (a one-sided p-value in the"
-             " direction observed is never counted as a pass), and is otherwise"
-             " **not established**, with the seeds per arm it would need at the observed effect and spread, at"
-             " alpha / m for m comparisons"
-             f" ({100 * names.power:.0f}% power, normal approximation, never fewer than the"
-             f" {stats.min_exact_seeds(names.alpha)} an exact sign-flip test needs). Arms are compared paired by seed (they"
-             " share the data order per seed) with an exact sign-flip permutation test of the mean difference, or with a"
-             " two-sample permutation test where they share no seeds; the sign test and Fisher's exact test on success"
-             " rates are given beside it.", ""]
+    parts = [
+        "# Results",
+        "",
+        f"{len(runs)} run folder(s), {len(rows)} (method, dataset, mode) group(s).",
+        "Accuracy in %, mean ± sample std over seeds; # FP: forward passes per question.",
+        "",
+        to_markdown(rows),
+        "## Statistics",
+        "",
+        "Bootstrap: percentile, 9,999 resamples, seeded; success intervals: exact (Clopper-Pearson).",
+        "",
+        statistics_table(rows, names),
+        "## Claims",
+        "",
+        "A claim **holds** only when every comparison behind it passes a one-sided test, in the direction the"
+        f" claim declares, at alpha = {names.alpha:g} (on the `{names.mode}` evaluation), after Holm's adjustment"
+        " over the claim's comparisons (its datasets and controls: one family per claim); it **does not hold** when one"
+        " points the other way with an adjusted two-sided p-value at or under alpha (a one-sided p-value in the"
+        " direction observed is never counted as a pass), and is otherwise"
+        " **not established**, with the seeds per arm it would need at the observed effect and spread, at"
+        " alpha / m for m comparisons"
+        f" ({100 * names.power:.0f}% power, normal approximation, never fewer than the"
+        f" {stats.min_exact_seeds(names.alpha)} an exact sign-flip test needs). Arms are compared paired by seed (they"
+        " share the data order per seed) with an exact sign-flip permutation test of the mean difference, or with a"
+        " two-sample permutation test where they share no seeds; the sign test and Fisher's exact test on success"
+        " rates are given beside it.",
+        "",
+    ]
     parts += [v.text() + "\n" for v in verdicts]
     arms = arms_table(rows, names)
     if arms:
-        parts += ["## Per arm", "",
-                  f"On the `{names.mode}` evaluation. Each arm against CODI-only and R-KV of its dataset, paired by seed:"
-                  " the mean difference in points, the two-sided p-value of the exact sign-flip test, and the common"
-                  " seeds. This describes the data; the claims above are the tests.", "", arms]
+        parts += [
+            "## Per arm",
+            "",
+            f"On the `{names.mode}` evaluation. Each arm against CODI-only and R-KV of its dataset, paired by seed:"
+            " the mean difference in points, the two-sided p-value of the exact sign-flip test, and the common"
+            " seeds. This describes the data; the claims above are the tests.",
+            "",
+            arms,
+        ]
     paired = paired_table(rows, names)
     if paired:
-        parts += ["## Every arm against CODI-only and R-KV", "",
-                  "Paired by seed, on the `" + names.mode + "` evaluation; two-sided p-values of the exact sign-flip"
-                  " test. This describes the data and tests no claim: across many arms, some p-values fall under"
-                  " any level by chance.", "", paired]
+        parts += [
+            "## Every arm against CODI-only and R-KV",
+            "",
+            "Paired by seed, on the `" + names.mode + "` evaluation; two-sided p-values of the exact sign-flip"
+            " test. This describes the data and tests no claim: across many arms, some p-values fall under"
+            " any level by chance.",
+            "",
+            paired,
+        ]
     inst = instruments_markdown(runs)
     if inst:
         parts += [inst]
@@ -81,16 +112,22 @@ def to_report_markdown(runs: Sequence[dict], rows: Sequence[dict], verdicts: Seq
     bad = [r for r in runs if r["state"] != "finished"]
     if bad:
         parts += ["## Runs not finished", ""]
-        parts += [f"- {r['name']} seed {r['seed']}: {r['state']}" + (f" ({r['error']})" if r["error"] else "") for r in bad]
+        parts += [
+            f"- {r['name']} seed {r['seed']}: {r['state']}" + (f" ({r['error']})" if r["error"] else "") for r in bad
+        ]
         parts.append("")
     return "\n".join(parts)
 
 
 def secondary_markdown(verdicts: Sequence[Verdict]) -> str:
     """The claims tested on the secondary outcome, the area under the held-out accuracy curve."""
-    parts = ["## Secondary outcome: area under the held-out accuracy curve", "",
-             "The same claims and tests on each seed's mean held-out accuracy over training (the trapezoid rule over"
-             " its evaluations, divided by the steps they span). A secondary outcome: no claim rests on it.", ""]
+    parts = [
+        "## Secondary outcome: area under the held-out accuracy curve",
+        "",
+        "The same claims and tests on each seed's mean held-out accuracy over training (the trapezoid rule over"
+        " its evaluations, divided by the steps they span). A secondary outcome: no claim rests on it.",
+        "",
+    ]
     return "\n".join(parts + [v.text() + "\n" for v in verdicts])
 
 
@@ -114,9 +151,11 @@ def rederive_report(runs_csv: str | Path, out_dir: str | Path | None = None, nam
     old = (out / "results.md").read_text(encoding="utf-8") if (out / "results.md").is_file() else ""
     carried = _sections(old, CARRIED_SECTIONS)
     head, _, rest = to_report_markdown(runs, rows, verdicts, names).partition("\n\n")
-    note = (f"Re-derived by `kava report {Path(runs_csv).as_posix()}` from the per-seed accuracies in that file"
-            + ("; the last sections need the run folders and are carried over from the report written from them."
-               if carried else "."))
+    note = f"Re-derived by `kava report {Path(runs_csv).as_posix()}` from the per-seed accuracies in that file" + (
+        "; the last sections need the run folders and are carried over from the report written from them."
+        if carried
+        else "."
+    )
     md = f"{head}\n\n{note}\n\n{rest.rstrip()}\n" + "".join("\n" + c for c in carried)
     atomic_write_text(out / "results.md", md)
     atomic_write_json(out / "verdicts.json", [asdict(v) for v in verdicts])
@@ -124,8 +163,9 @@ def rederive_report(runs_csv: str | Path, out_dir: str | Path | None = None, nam
     return Report(runs, rows, verdicts, [out / "results.md", out / "verdicts.json"])
 
 
-def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, names: ClaimNames | None = None,
-                 heatmaps: str = "all") -> Report:
+def write_report(
+    runs_dir: str | Path, out_dir: str | Path | None = None, names: ClaimNames | None = None, heatmaps: str = "all"
+) -> Report:
     """Collect the runs under ``runs_dir`` and write the report to ``out_dir`` (default ``runs_dir/report``).
     Where ``runs_dir`` is a file, it is the ``runs.csv`` of an earlier report: see :func:`rederive_report`.
 
