@@ -122,3 +122,16 @@ def test_imports_go_round_in_no_circle():
 def test_each_layer_says_what_it_owns_and_may_import(package):
     doc = ast.get_docstring(ast.parse(MODULES[package].read_text()))
     assert doc and "import" in doc.lower(), f"{package}/__init__.py: say what the layer owns and what it may import"
+
+
+def test_a_function_over_60_lines_says_why_it_is_kept_whole():
+    long = []
+    for module, path in MODULES.items():
+        text = path.read_text()
+        lines = text.splitlines()
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                head = lines[node.lineno - 1 : node.body[0].end_lineno + 2]
+                if not any("Kept whole" in line for line in head):
+                    long.append(f"{module}.{node.name}")
+    assert not long, f"functions over 60 lines without a '# Kept whole (over 60 lines): why' comment: {long}"

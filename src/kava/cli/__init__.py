@@ -100,6 +100,7 @@ class _Once(argparse.Action):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # Kept whole (over 60 lines): the command line read top to bottom, one subcommand after another.
     p = argparse.ArgumentParser(prog="kava", description="Latent reasoning by compressed KV-cache distillation (KaVa).")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)

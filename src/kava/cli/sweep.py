@@ -87,6 +87,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``kava sweep`` to the ``kava`` command."""
+    # Kept whole (over 60 lines): the sweep command's flags, one after another, as --help lists them.
     p = subparsers.add_parser(
         "sweep",
         help="run many trainings from a sweep YAML (here, on SLURM or on PBS)",

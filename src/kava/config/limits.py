@@ -77,6 +77,7 @@ def tiny_footprint_bytes(t, batch: int, positions: int, passes: int) -> int:
 def check_limits(cfg) -> None:
     """Every size and count of ``cfg`` (a :class:`~kava.config.KavaConfig`) against its
     :class:`LimitsConfig`, and against each other, before anything is loaded or built."""
+    # Kept whole (over 60 lines): one bound after another, in the order the config lists its fields.
     lim, t, d, e, lat = cfg.limits, cfg.train, cfg.data, cfg.eval, cfg.latent
     for name, v in (
         ("train.batch_size", t.batch_size),

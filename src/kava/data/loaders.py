@@ -370,6 +370,7 @@ def _logged(examples: Iterator[Example], source: str, split: str, report: LoadRe
 
 def load_data(cfg: KavaConfig, which: str) -> list[Example]:
     """The training (``which="train"``) or evaluation examples named by ``cfg.data``."""
+    # Kept whole (over 60 lines): the one path from a run's config to its examples, train and eval side by side.
     d = cfg.data
     source, split, limit = (
         (d.train, d.train_split, d.train_limit) if which == "train" else (d.eval, d.eval_split, d.eval_limit)

@@ -207,6 +207,7 @@ def teacher_batch(
     ``token_type`` (the :data:`TOKEN_TYPES` code of each CoT token, -1 elsewhere and wherever the
     encoder did not know it).
     """
+    # Kept whole (over 60 lines): the spans of one batch laid out in the order the sequence holds them.
     rows, labels, cot_step, answer_pos, distill, types, valid = [], [], [], [], [], [], []
     q_len = max((len(e.question) for e in encs), default=0) if question_left else 0
     for e in encs:
@@ -283,6 +284,7 @@ def student_batch(
     the first ``stage`` steps. ``with_answer=False`` stops the suffix after the answer prefix
     (for generation).
     """
+    # Kept whole (over 60 lines): the spans of one batch laid out in the order the sequence holds them.
     m = latent_count(num_latents, stage, latents_per_step)
     n_replaced = None if stage is None else stage
     prefixes, suffixes, labels, distill, targets = [], [], [], [], []

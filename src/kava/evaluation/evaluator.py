@@ -92,6 +92,7 @@ def evaluate(
     grader's verdict (``verdicts``; ``correct`` is the strict one, ``correct_flexible``),
     ``truncated``, passes, tokens and KV bytes) and ``eval_metrics.json`` there.
     """
+    # Kept whole (over 60 lines): one evaluation, mode by mode, from decoding to the files it writes.
     from tqdm.auto import tqdm
 
     encoder = TextEncoder(model.tokenizer, cfg.data, cfg.model.use_chat_template)

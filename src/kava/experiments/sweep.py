@@ -173,6 +173,7 @@ def expand_sweep(
     applied to every run after its own values (a smoke test: ``train.max_steps=2``);
     ``output_dir``: replaces the file's (so that such a test does not mark the real runs finished).
     """
+    # Kept whole (over 60 lines): the sweep file's keys in their precedence order, each checked where it is read.
     bad = [e for e in extra if "=" not in e or not e.split("=", 1)[0].strip()]
     if bad:
         raise SweepError(f"--set {bad[0]!r}: expected KEY=VALUE, e.g. train.max_steps=2")

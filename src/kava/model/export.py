@@ -90,6 +90,7 @@ def _pct(x: float | None) -> str:
 
 def model_card(cfg: KavaConfig, ckpt: Path, steps: int | None, evaluations: list[tuple[dict, dict, Path]]) -> str:
     """The model card: YAML front matter, what the model is, its recipe, data and evaluation."""
+    # Kept whole (over 60 lines): the card's text, top to bottom, as it is written.
     m, lat, loss, d, t = cfg.model, cfg.latent, cfg.loss, cfg.data, cfg.train
     front = ["---", "library_name: transformers", "tags:", "- kava", "- latent-reasoning"]
     if _HUB_ID.match(m.name_or_path) and not Path(m.name_or_path).exists():

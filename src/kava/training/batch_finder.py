@@ -69,6 +69,7 @@ def find_largest_batch(
     to one). Assumes that memory grows with the batch size (if ``b`` fails, larger ones do).
     Returns a :class:`BatchSearch`; ``largest`` is 0 when ``start`` itself does not fit.
     """
+    # Kept whole (over 60 lines): the search loop and its stopping rules read best together.
     if start < 1 or max_batch < start:
         raise ValueError(f"need 1 <= start <= max_batch, got start={start}, max_batch={max_batch}")
     if multiple_of < 1:

@@ -172,6 +172,7 @@ def scheduler_job(env: Mapping[str, str] | None = None) -> dict | None:
     entry per node), ``nodes``, ``slots`` (tasks/ranks the job was given), ``rank`` (this
     process's task, where the scheduler says) and ``gpus`` (the GPUs it was given, as the
     scheduler writes them; else ``CUDA_VISIBLE_DEVICES``)."""
+    # Kept whole (over 60 lines): one scheduler after another (SLURM, PBS, LSF, ...), each a few lines.
     env = os.environ if env is None else env
     get = env.get
     if get("SLURM_JOB_ID"):

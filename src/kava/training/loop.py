@@ -152,6 +152,7 @@ def on_cadence(run: Run, bar) -> None:
 
 
 def _train(cfg: KavaConfig, resume: bool, clear_previous=lambda: None) -> dict:
+    # Kept whole (over 60 lines): the run's life from start to status.json, with its signal and failure paths.
     from tqdm.auto import tqdm
 
     tc = cfg.train
@@ -259,6 +260,8 @@ def mark_failed(run: Run, error: BaseException) -> None:
 
 def set_up(cfg: KavaConfig) -> Run:
     """Accelerator, seed, data, model, objective, optimizer and schedule, as configured."""
+    # Kept whole (over 60 lines): every part of a run built in dependency order (data, model,
+    # objective, optimizer, accelerate).
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration, set_seed
     from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup

@@ -215,6 +215,7 @@ def collect_runs_csv(path: str | Path) -> list[dict]:
     seed, dataset, state, step, accuracy and forward passes per eval mode, the final loss. What
     only the run folders hold (configs, instruments, loss curves) is absent. A malformed row raises
     :class:`RunFileError` naming the file, line and field."""
+    # Kept whole (over 60 lines): one row of runs.csv checked field by field, in column order.
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()

@@ -51,6 +51,7 @@ def to_report_markdown(
     runs: Sequence[dict], rows: Sequence[dict], verdicts: Sequence[Verdict], names: ClaimNames | None = None
 ) -> str:
     """``results.md``: the table, the statistics per group, the verdicts and the runs that did not finish."""
+    # Kept whole (over 60 lines): the report page, section after section, as it reads.
     names = names or ClaimNames()
     parts = [
         "# Results",
