@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from conftest import tiny_config
 from kava.cli import main
 from kava.model.checkpoints import STATE_JSON, STATE_TENSORS, WEIGHTS_FILE
+from kava.model.tokenizer import build_synthetic_tokenizer
 from kava.training import TrainingError, train
 from kava.training.rundir import LOCK_FILE, RunLock
 
@@ -758,11 +759,13 @@ def untrusted(tmp_path, monkeypatch) -> dict[str, Path]:
     (code / "evil.py").write_text(
         f"import pathlib\npathlib.Path({str(ran)!r}).write_text('ran')\nraise SystemExit('evil code ran')\n"
     )
-    ckpt = tmp_path / "ckpt"
-    (ckpt / "tokenizer").mkdir(parents=True)
+    ckpt = tmp_path / "ckpt"  # a LoRA checkpoint: its base is the model folder above
+    ckpt.mkdir()
+    build_synthetic_tokenizer().save_pretrained(ckpt)
     cfg = tiny_config(model={"name_or_path": str(code), "trust_remote_code": True, "adapter": "lora"}).to_dict()
     (ckpt / "kava_config.yaml").write_text(yaml.safe_dump(cfg))
-    save_file({"projection.net.1.weight": torch.zeros(1)}, str(ckpt / WEIGHTS_FILE))
+    (ckpt / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": str(code)}))
+    save_file({"base_model.model.lm_head.lora_A.weight": torch.zeros(1)}, str(ckpt / "adapter_model.safetensors"))
     small = tmp_path / "small.yaml"  # a small run, so that the teacher is reached quickly
     small.write_text(yaml.safe_dump(tiny_config().to_dict()))
     return {"code": code, "ckpt": ckpt, "ran": ran, "tmp": tmp_path, "cfg": small}
