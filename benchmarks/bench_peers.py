@@ -83,6 +83,7 @@ import json
 import random
 import statistics
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -392,7 +393,8 @@ def time_shape(model, shape: Shape, args, device) -> dict:
         with count_positions(model) as box:
             fn()
         arms[name] = {"passes": box["passes"], "positions_per_example": box["positions"] / shape.batch}
-    times = interleaved_times(fns, args.warmup, args.iters, device, alternate=True)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    times = interleaved_times(fns, args.warmup, args.iters, device, alternate=True, clock=clock)
     for name, ts in times.items():
         arms[name].update(ms_per_example=statistics.median(ts) * 1e3 / shape.batch,
                           ms_per_example_min=min(ts) * 1e3 / shape.batch)
@@ -476,6 +478,8 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=int, default=10, help="timed rounds (each runs every arm once)")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall: elapsed time; cpu: this process's CPU time (CPU only, for a machine shared with other jobs)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto", help="the backbone's (auto: bf16 on a GPU, else fp32)")
     p.add_argument("--question-tokens", type=int, default=32, help="question length of every example")
@@ -496,6 +500,8 @@ def run(args) -> dict:
         torch.set_num_threads(args.threads)
     want_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if want_cuda else "cpu")
+    if device.type == "cuda" and args.clock == "cpu":
+        raise SystemExit("--clock cpu times the host's CPU, not the GPU's work: use --clock wall on a GPU")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.dtype)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     model = build_model(kava_config(args.config, args.shapes[0], args.overrides), MODELS[args.model], device, dtype)
@@ -506,7 +512,7 @@ def run(args) -> dict:
     return {"machine": info, "model": {"name": args.model, **asdict(MODELS[args.model]),
                                        "params": sum(p.numel() for p in model.parameters()),
                                        "dtype": str(dtype).removeprefix("torch.")},
-            "config": Path(args.config).name, "overrides": args.overrides, "question_tokens": args.question_tokens,
+            "clock": args.clock, "config": Path(args.config).name, "overrides": args.overrides, "question_tokens": args.question_tokens,
             "answer_tokens": args.answer_tokens, "results": results}
 
 
@@ -516,7 +522,8 @@ def report(r: dict) -> str:
     res = r["results"]
     lines = [
         f"kava ({r['config']}{' ' + ' '.join(r['overrides']) if r['overrides'] else ''}) against CODI and PCCoT ports: "
-        f"forward + backward, median of {res[0]['rounds']} interleaved rounds, ms per example; ratio: median over rounds "
+        f"forward + backward, median of {res[0]['rounds']} interleaved rounds, ms per example ({r['clock']} time); "
+        f"ratio: median over rounds "
         f"of kava / peer [95% bootstrap interval]",
         f"model {mod['name']}: {mod['layers']} layers, d={mod['hidden']}, {mod['params'] / 1e6:.1f} M parameters, {mod['dtype']}; "
         f"question {r['question_tokens']} tokens, answer {r['answer_tokens']}; {where}, torch {m['torch']}",
