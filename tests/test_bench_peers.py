@@ -20,6 +20,15 @@ SHAPE = bp.Shape(batch=3, cot=8, latents=3, iterations=2)
 CONFIG = str(ROOT / "configs/tiny/kava.yaml")
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread, as the benchmark runs (two threads on a shared CPU spin in OpenMP)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _setup(*overrides, arm="kava"):
     cfg = bp.kava_config(CONFIG, SHAPE, overrides, arm)
     model = bp.build_model(cfg, MICRO, torch.device("cpu"), torch.float32)
@@ -116,7 +125,7 @@ def test_median_ratio_and_its_interval():
 def test_one_round_of_every_arm_prints_a_table(monkeypatch):
     monkeypatch.setitem(bp.MODELS, "tiny", MICRO)
     args = bp.parse_args(["--shapes", "3x8x3x2", "--arms", ",".join(bp.ARMS), "--iters", "2", "--warmup", "0",
-                          "--threads", "0", "--question-tokens", "5", "--answer-tokens", "2", "--device", "cpu"])
+                          "--threads", "1", "--question-tokens", "5", "--answer-tokens", "2", "--device", "cpu"])
     r = bp.run(args)
     (res,) = r["results"]
     assert set(res["ratios"]) == {f"{k}/{p}" for k in ("kava", "kava_codi") for p in ("codi", "codi_1pass", "pccot")}
