@@ -173,7 +173,8 @@ def count_positions(model):
     box = {"positions": 0, "passes": 0}
 
     def hook(module, args, kwargs):
-        x = kwargs["inputs_embeds"]
+        x = kwargs.get("inputs_embeds")
+        x = kwargs["input_ids"] if x is None else x  # (a pass given token ids embeds them itself)
         box["positions"] += x.shape[0] * x.shape[1]
         box["passes"] += 1
 
@@ -213,20 +214,25 @@ def peak_memory(fn, device, model) -> dict:
     return {"saved_activation_bytes": saved_activation_bytes(fn, model)}
 
 
-def interleaved_times(fns: dict, warmup: int, iters: int, device) -> dict[str, list[float]]:
-    """Run the functions round-robin (so load changes hit all alike); seconds per call."""
+def interleaved_times(fns: dict, warmup: int, iters: int, device, alternate: bool = False,
+                      clock=time.perf_counter) -> dict[str, list[float]]:
+    """Run the functions round-robin (so load changes hit all alike); seconds per call, one
+    entry per round. ``alternate``: every other round runs them in reverse order (ABBA...), so
+    no function always runs right after the same one. ``clock``: wall time by default;
+    ``time.process_time`` counts this process's CPU time only (a CPU shared with other jobs)."""
     for _ in range(warmup):
         for f in fns.values():
             f()
     sync(device)
     out: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(iters):
-        for k, f in fns.items():
+    for r in range(iters):
+        order = list(fns.items())
+        for k, f in (order[::-1] if alternate and r % 2 else order):
             sync(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             f()
             sync(device)
-            out[k].append(time.perf_counter() - t0)
+            out[k].append(clock() - t0)
     return out
 
 
