@@ -141,9 +141,16 @@ def kava_config(path: str, shape: Shape, overrides=(), arm: str = "kava"):
     recipe in kava (sequential latents, no KV loss)."""
     from kava.config import load_config
 
-    fixed = ["model.name_or_path=tiny", "model.init_from=", "train.mode=kava", "curriculum.enabled=false",
-             "loss.drop_last_step=false", f"train.batch_size={shape.batch}", f"latent.num_latents={shape.latents}",
-             f"latent.iterations={shape.iterations}"]
+    fixed = [
+        "model.name_or_path=tiny",
+        "model.init_from=",
+        "train.mode=kava",
+        "curriculum.enabled=false",
+        "loss.drop_last_step=false",
+        f"train.batch_size={shape.batch}",
+        f"latent.num_latents={shape.latents}",
+        f"latent.iterations={shape.iterations}",
+    ]
     codi = ["latent.scheme=sequential", "loss.alpha_kv=0"] if arm == "kava_codi" else []
     return load_config(path, [*fixed, *overrides, *codi])
 
@@ -156,10 +163,18 @@ def build_model(cfg, spec: Backbone, device: torch.device, dtype: torch.dtype):
     from kava.model.tokenizer import build_synthetic_tokenizer
 
     tok = build_synthetic_tokenizer()
-    lc = LlamaConfig(vocab_size=spec.vocab or len(tok), hidden_size=spec.hidden, num_hidden_layers=spec.layers,
-                     num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads, intermediate_size=spec.intermediate,
-                     tie_word_embeddings=spec.tied, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                     eos_token_id=tok.eos_token_id)
+    lc = LlamaConfig(
+        vocab_size=spec.vocab or len(tok),
+        hidden_size=spec.hidden,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.kv_heads,
+        intermediate_size=spec.intermediate,
+        tie_word_embeddings=spec.tied,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     lc._attn_implementation = cfg.model.attn_implementation
     with torch.random.fork_rng():
         torch.manual_seed(cfg.train.seed)
@@ -245,8 +260,9 @@ def codi_distill(student: list[torch.Tensor], teacher: list[torch.Tensor], kind:
     return total / len(student)
 
 
-def codi_step(model, tb: dict, sb: dict, num_latents: int, teacher_passes: int = 2,
-              distill_factor: float = CODI_DISTILL_FACTOR) -> PeerLoss:
+def codi_step(
+    model, tb: dict, sb: dict, num_latents: int, teacher_passes: int = 2, distill_factor: float = CODI_DISTILL_FACTOR
+) -> PeerLoss:
     """Official CODI's loss on kava's batches (``tb``: :func:`kava.data.sequences.teacher_batch`,
     ``sb``: :func:`kava.data.sequences.student_batch`), see the module docstring.
     ``teacher_passes=1``: the teacher's graph pass also gives the (detached) targets."""
@@ -256,8 +272,14 @@ def codi_step(model, tb: dict, sb: dict, num_latents: int, teacher_passes: int =
         raise ValueError(f"teacher_passes: {teacher_passes} is not 1 or 2")
     rows = torch.arange(sb["prefix_ids"].shape[0], device=sb["prefix_ids"].device)
     cache = DynamicCache()
-    out = _causal_lm(model, cache, input_ids=sb["prefix_ids"], attention_mask=sb["prefix_mask"].long(), use_cache=True,
-                     output_hidden_states=True)
+    out = _causal_lm(
+        model,
+        cache,
+        input_ids=sb["prefix_ids"],
+        attention_mask=sb["prefix_mask"].long(),
+        use_cache=True,
+        output_hidden_states=True,
+    )
     latent = model.project(out.hidden_states[-1][:, -1:])
     ref = None
     if teacher_passes == 2:
@@ -268,7 +290,9 @@ def codi_step(model, tb: dict, sb: dict, num_latents: int, teacher_passes: int =
     for _ in range(num_latents):
         out = _causal_lm(model, cache, inputs_embeds=latent, use_cache=True, output_hidden_states=True)
         latent = model.project(out.hidden_states[-1][:, -1:])  # the M-th is not fed, as in CODI
-    dec = _causal_lm(model, cache, inputs_embeds=model.embed(sb["suffix_ids"]), use_cache=True, output_hidden_states=True)
+    dec = _causal_lm(
+        model, cache, inputs_embeds=model.embed(sb["suffix_ids"]), use_cache=True, output_hidden_states=True
+    )
     s_at, t_at = sb["distill_idx"], tb["distill_pos"]
     distill = codi_distill([h[rows, s_at] for h in dec.hidden_states], [h[rows, t_at] for h in ref.hidden_states])
     ce = shifted_ce(dec.logits, sb["suffix_labels"])
@@ -287,7 +311,9 @@ def pccot_kd(student: torch.Tensor, teacher: torch.Tensor, layerwise_std: bool =
     return (per / teacher.reshape(n, -1).std(-1, keepdim=True)).mean()
 
 
-def pccot_step(model, tb: dict, sb: dict, num_latents: int, iterations: int, placeholder_id: int | None = None) -> PeerLoss:
+def pccot_step(
+    model, tb: dict, sb: dict, num_latents: int, iterations: int, placeholder_id: int | None = None
+) -> PeerLoss:
     """PCCoT's loss on kava's batches, see the module docstring. ``placeholder_id``: the token of
     the M placeholders of the first student pass (default ``<bot>``)."""
     from transformers import DynamicCache
@@ -295,7 +321,9 @@ def pccot_step(model, tb: dict, sb: dict, num_latents: int, iterations: int, pla
     from kava.model.latent import PrefixCache, crop_cache
 
     # Part 1: the teacher, with a graph.
-    out = _decoder(model, input_ids=tb["input_ids"], attention_mask=tb["attention_mask"].long(), output_hidden_states=True)
+    out = _decoder(
+        model, input_ids=tb["input_ids"], attention_mask=tb["attention_mask"].long(), output_hidden_states=True
+    )
     cot_loss = shifted_ce(model.lm_head(out.last_hidden_state).float(), tb["labels"])
     # Part 2: the student; the first pass reads Q <bot> and M placeholders.
     ids, mask = sb["prefix_ids"], sb["prefix_mask"]
@@ -313,8 +341,13 @@ def pccot_step(model, tb: dict, sb: dict, num_latents: int, iterations: int, pla
         step_cache = question.fork()
         h = _decoder(model, step_cache, inputs_embeds=latents).last_hidden_state
         latents = torch.cat([latents[:, :1], h[:, :-1]], 1)
-    answer = _decoder(model, step_cache, input_ids=sb["suffix_ids"],
-                      attention_mask=torch.cat([full_mask, sb["suffix_mask"]], 1).long(), output_hidden_states=True)
+    answer = _decoder(
+        model,
+        step_cache,
+        input_ids=sb["suffix_ids"],
+        attention_mask=torch.cat([full_mask, sb["suffix_mask"]], 1).long(),
+        output_hidden_states=True,
+    )
     ccot_loss = shifted_ce(model.lm_head(answer.last_hidden_state).float(), sb["suffix_labels"])
     # Part 3: distillation at the last answer-prompt token, layers 1..L.
     n_layers, d = len(out.hidden_states) - 1, out.last_hidden_state.shape[-1]
@@ -329,8 +362,9 @@ def pccot_step(model, tb: dict, sb: dict, num_latents: int, iterations: int, pla
 # --- timing ------------------------------------------------------------------------------------
 
 
-def median_ratio(num: list[float], den: list[float], level: float = 0.95, resamples: int = 2000,
-                 seed: int = 0) -> tuple[float, float, float]:
+def median_ratio(
+    num: list[float], den: list[float], level: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
     """The median over rounds of ``num[i] / den[i]`` and a percentile-bootstrap interval for it
     (rounds resampled with replacement): ``(median, low, high)``."""
     if len(num) != len(den) or not num:
@@ -349,10 +383,14 @@ def step_functions(model, cfg_path: str, shape: Shape, encs, device, arms, overr
     from kava.data.sequences import to_device
     from kava.distill import Objective
 
-    objectives = {a: Objective(model, kava_config(cfg_path, shape, overrides, a)).train() for a in arms if a.startswith("kava")}
+    objectives = {
+        a: Objective(model, kava_config(cfg_path, shape, overrides, a)).train() for a in arms if a.startswith("kava")
+    }
     any_cfg = kava_config(cfg_path, shape, overrides)
     probe = next(iter(objectives.values()), None) or Objective(model, any_cfg).train()
-    batch = probe.make_batch(encs, 0)  # the same sequences for every arm (kava_codi's differ in nothing the batch holds)
+    batch = probe.make_batch(
+        encs, 0
+    )  # the same sequences for every arm (kava_codi's differ in nothing the batch holds)
     tb, sb = to_device(batch["teacher"], device), to_device(batch["student"], device)
     dev_batch = {**batch, "teacher": tb, "student": sb}
     params = {id(p): p for p in model.parameters() if p.requires_grad}
@@ -385,8 +423,15 @@ def step_functions(model, cfg_path: str, shape: Shape, encs, device, arms, overr
 
 def time_shape(model, shape: Shape, args, device) -> dict:
     """Every arm of ``args.arms`` on one shape: positions and passes, then the interleaved rounds."""
-    encs = make_examples(model, kava_config(args.config, shape, args.overrides), shape.batch, args.question_tokens, shape.cot,
-                         args.step_tokens, args.answer_tokens)
+    encs = make_examples(
+        model,
+        kava_config(args.config, shape, args.overrides),
+        shape.batch,
+        args.question_tokens,
+        shape.cot,
+        args.step_tokens,
+        args.answer_tokens,
+    )
     fns = step_functions(model, args.config, shape, encs, device, args.arms, args.overrides)
     arms = {}
     for name, fn in fns.items():
@@ -396,8 +441,9 @@ def time_shape(model, shape: Shape, args, device) -> dict:
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     times = interleaved_times(fns, args.warmup, args.iters, device, alternate=True, clock=clock)
     for name, ts in times.items():
-        arms[name].update(ms_per_example=statistics.median(ts) * 1e3 / shape.batch,
-                          ms_per_example_min=min(ts) * 1e3 / shape.batch)
+        arms[name].update(
+            ms_per_example=statistics.median(ts) * 1e3 / shape.batch, ms_per_example_min=min(ts) * 1e3 / shape.batch
+        )
     ratios = {}
     for k in (a for a in fns if a.startswith("kava")):
         for peer in (a for a in fns if not a.startswith("kava")):
@@ -418,8 +464,11 @@ def table(results: list[dict], model_name: str) -> str:
         cells += [f"{r['arms'][a]['ms_per_example']:.2f}" for a in arms]
         cells += [f"**{q['median']:.2f}** [{q['low']:.2f}, {q['high']:.2f}]" for q in (r["ratios"][p] for p in pairs)]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
-    lines += ["", "| B | C | M | T | " + " | ".join(f"{a} positions/ex (passes)" for a in arms) + " |",
-              "|" + "---|" * (4 + len(arms))]
+    lines += [
+        "",
+        "| B | C | M | T | " + " | ".join(f"{a} positions/ex (passes)" for a in arms) + " |",
+        "|" + "---|" * (4 + len(arms)),
+    ]
     for r in results:
         s = r["shape"]
         cells = [s["batch"], s["cot"], s["latents"], s["iterations"]]
@@ -439,8 +488,10 @@ def targets(results: list[dict], model_name: str) -> list[str]:
         s = r["shape"]
         limit = 0.67 if model_name == "medium" and s["batch"] == 16 and s["latents"] == 6 else 1.0
         ok = q["median"] <= limit
-        out.append(f"kava/codi {model_name} B={s['batch']} C={s['cot']} M={s['latents']}: {q['median']:.2f} "
-                   f"(target <= {limit:g}: {'met' if ok else 'missed'})")
+        out.append(
+            f"kava/codi {model_name} B={s['batch']} C={s['cot']} M={s['latents']}: {q['median']:.2f} "
+            f"(target <= {limit:g}: {'met' if ok else 'missed'})"
+        )
     return out
 
 
@@ -469,24 +520,52 @@ def _arms(text: str) -> list[str]:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=sorted(MODELS), default="tiny", help="tiny: 4 layers, d=128; medium: 12 layers, d=512, 32k vocabulary")
-    p.add_argument("--config", default=str(ROOT / "configs/tiny/kava.yaml"), help="kava's recipe (default: the paper's on the testbed)")
-    p.add_argument("--shapes", type=_shapes, default=list(GRID), help="BxCxM[xT],... (batch, CoT tokens, latents, iterations; "
-                   "default: B 16/64 x C 12/60 x M 6/24, T 3)")
-    p.add_argument("--arms", type=_arms, default=["kava", "codi", "pccot"], help=f"comma-separated, from {', '.join(ARMS)}")
+    p.add_argument(
+        "--model",
+        choices=sorted(MODELS),
+        default="tiny",
+        help="tiny: 4 layers, d=128; medium: 12 layers, d=512, 32k vocabulary",
+    )
+    p.add_argument(
+        "--config",
+        default=str(ROOT / "configs/tiny/kava.yaml"),
+        help="kava's recipe (default: the paper's on the testbed)",
+    )
+    p.add_argument(
+        "--shapes",
+        type=_shapes,
+        default=list(GRID),
+        help="BxCxM[xT],... (batch, CoT tokens, latents, iterations; default: B 16/64 x C 12/60 x M 6/24, T 3)",
+    )
+    p.add_argument(
+        "--arms", type=_arms, default=["kava", "codi", "pccot"], help=f"comma-separated, from {', '.join(ARMS)}"
+    )
     p.add_argument("--quick", action="store_true", help="the tiny model, one shape (16x12x6), 6 rounds: under a minute")
     p.add_argument("--iters", type=int, default=10, help="timed rounds (each runs every arm once)")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                   help="wall: elapsed time; cpu: this process's CPU time (CPU only, for a machine shared with other jobs)")
+    p.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall: elapsed time; cpu: this process's CPU time (CPU only, for a machine shared with other jobs)",
+    )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto", help="the backbone's (auto: bf16 on a GPU, else fp32)")
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16"),
+        default="auto",
+        help="the backbone's (auto: bf16 on a GPU, else fp32)",
+    )
     p.add_argument("--question-tokens", type=int, default=32, help="question length of every example")
     p.add_argument("--step-tokens", type=int, default=6, help="CoT tokens per step")
-    p.add_argument("--answer-tokens", type=int, default=3, help="answer tokens, <eos> included (after the answer prefix)")
+    p.add_argument(
+        "--answer-tokens", type=int, default=3, help="answer tokens, <eos> included (after the answer prefix)"
+    )
     p.add_argument("--json", help="also write every figure here")
-    p.add_argument("overrides", nargs="*", help="kava config overrides key=value (the backbone's adapter applies to every arm)")
+    p.add_argument(
+        "overrides", nargs="*", help="kava config overrides key=value (the backbone's adapter applies to every arm)"
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.model, args.shapes, args.iters, args.warmup = "tiny", [QUICK], 6, 1
@@ -509,11 +588,21 @@ def run(args) -> dict:
     sync(device)
     info = machine(device)
     info.pop("load_average", None)
-    return {"machine": info, "model": {"name": args.model, **asdict(MODELS[args.model]),
-                                       "params": sum(p.numel() for p in model.parameters()),
-                                       "dtype": str(dtype).removeprefix("torch.")},
-            "clock": args.clock, "config": Path(args.config).name, "overrides": args.overrides, "question_tokens": args.question_tokens,
-            "answer_tokens": args.answer_tokens, "results": results}
+    return {
+        "machine": info,
+        "model": {
+            "name": args.model,
+            **asdict(MODELS[args.model]),
+            "params": sum(p.numel() for p in model.parameters()),
+            "dtype": str(dtype).removeprefix("torch."),
+        },
+        "clock": args.clock,
+        "config": Path(args.config).name,
+        "overrides": args.overrides,
+        "question_tokens": args.question_tokens,
+        "answer_tokens": args.answer_tokens,
+        "results": results,
+    }
 
 
 def report(r: dict) -> str:
@@ -525,7 +614,8 @@ def report(r: dict) -> str:
         f"forward + backward, median of {res[0]['rounds']} interleaved rounds, ms per example ({r['clock']} time); "
         f"ratio: median over rounds "
         f"of kava / peer [95% bootstrap interval]",
-        f"model {mod['name']}: {mod['layers']} layers, d={mod['hidden']}, {mod['params'] / 1e6:.1f} M parameters, {mod['dtype']}; "
+        f"model {mod['name']}: {mod['layers']} layers, d={mod['hidden']}, {mod['params'] / 1e6:.1f} M parameters, "
+        f"{mod['dtype']}; "
         f"question {r['question_tokens']} tokens, answer {r['answer_tokens']}; {where}, torch {m['torch']}",
         "",
         table(res, mod["name"]),

@@ -214,8 +214,9 @@ def peak_memory(fn, device, model) -> dict:
     return {"saved_activation_bytes": saved_activation_bytes(fn, model)}
 
 
-def interleaved_times(fns: dict, warmup: int, iters: int, device, alternate: bool = False,
-                      clock=time.perf_counter) -> dict[str, list[float]]:
+def interleaved_times(
+    fns: dict, warmup: int, iters: int, device, alternate: bool = False, clock=time.perf_counter
+) -> dict[str, list[float]]:
     """Run the functions round-robin (so load changes hit all alike); seconds per call, one
     entry per round. ``alternate``: every other round runs them in reverse order (ABBA...), so
     no function always runs right after the same one. ``clock``: wall time by default;
@@ -227,7 +228,7 @@ def interleaved_times(fns: dict, warmup: int, iters: int, device, alternate: boo
     out: dict[str, list[float]] = {k: [] for k in fns}
     for r in range(iters):
         order = list(fns.items())
-        for k, f in (order[::-1] if alternate and r % 2 else order):
+        for k, f in order[::-1] if alternate and r % 2 else order:
             sync(device)
             t0 = clock()
             f()

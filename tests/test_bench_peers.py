@@ -11,8 +11,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_peers as bp  # noqa: E402
-
-from kava.data.sequences import to_device  # noqa: E402
 from kava.distill import Objective  # noqa: E402
 
 MICRO = bp.Backbone(layers=2, hidden=32, heads=4, kv_heads=2, intermediate=64)
@@ -50,7 +48,11 @@ def test_port_loss_is_finite_and_trains_the_backbone(peer):
     assert out.distill > 0  # random weights: the student's states are not the teacher's
     out.loss.backward()
     layer = model.decoder.layers[0]
-    for w in (layer.self_attn.q_proj.weight, layer.mlp.down_proj.weight, model.base_model.get_input_embeddings().weight):
+    for w in (
+        layer.self_attn.q_proj.weight,
+        layer.mlp.down_proj.weight,
+        model.base_model.get_input_embeddings().weight,
+    ):
         assert w.grad is not None and torch.isfinite(w.grad).all() and w.grad.abs().sum() > 0
     projection = model.projection.net[1].weight.grad
     if peer == "pccot":  # PCCoT's default: no projection
@@ -124,8 +126,26 @@ def test_median_ratio_and_its_interval():
 
 def test_one_round_of_every_arm_prints_a_table(monkeypatch):
     monkeypatch.setitem(bp.MODELS, "tiny", MICRO)
-    args = bp.parse_args(["--shapes", "3x8x3x2", "--arms", ",".join(bp.ARMS), "--iters", "2", "--warmup", "0",
-                          "--threads", "1", "--question-tokens", "5", "--answer-tokens", "2", "--device", "cpu"])
+    args = bp.parse_args(
+        [
+            "--shapes",
+            "3x8x3x2",
+            "--arms",
+            ",".join(bp.ARMS),
+            "--iters",
+            "2",
+            "--warmup",
+            "0",
+            "--threads",
+            "1",
+            "--question-tokens",
+            "5",
+            "--answer-tokens",
+            "2",
+            "--device",
+            "cpu",
+        ]
+    )
     r = bp.run(args)
     (res,) = r["results"]
     assert set(res["ratios"]) == {f"{k}/{p}" for k in ("kava", "kava_codi") for p in ("codi", "codi_1pass", "pccot")}
