@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from kava.experiments.report import (
+    CLAIMS,
     FAILS,
     HOLDS,
     NOT_ESTABLISHED,
@@ -207,7 +208,9 @@ def test_only_the_claims_asked_for_are_tested(tmp_path: Path, capsys):
     assert claims == ["1", "5"]
     capsys.readouterr()
     assert main(["report", str(tmp_path), "--claims", "1,7"]) == 2
-    assert "--claims '1,7'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--claims '1,7'" in err and "no claim '7'" in err
+    assert "the claims are " + ", ".join(c.number for c in CLAIMS) in err
 
 
 def test_nl_claim_is_paired_over_all_four_cells(tmp_path: Path):

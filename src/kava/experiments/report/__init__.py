@@ -28,7 +28,7 @@ the runs' instruments measured), ``plots`` and ``write`` (the report as files). 
 """
 
 from .aggregate import aggregate, area_rows, curve_area, mean_std, sem
-from .claims import FAILS, HOLDS, NOT_ESTABLISHED, UNMEASURED, ClaimNames, Verdict, check_claims
+from .claims import CLAIMS, FAILS, HOLDS, NOT_ESTABLISHED, UNMEASURED, Claim, ClaimNames, Verdict, check_claims
 from .collect import (
     collect_runs,
     collect_runs_csv,
@@ -51,10 +51,12 @@ from .tables import arms_table, paired_table, statistics_table, table_layout, to
 from .write import Report, rederive_report, secondary_markdown, to_report_markdown, write_report
 
 __all__ = [
+    "CLAIMS",
     "FAILS",
     "HOLDS",
     "NOT_ESTABLISHED",
     "UNMEASURED",
+    "Claim",
     "ClaimNames",
     "Report",
     "Verdict",
