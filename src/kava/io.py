@@ -4,13 +4,19 @@ Each write goes to a temporary name beside its target, is flushed to disk (``fsy
 file, or of every file of a folder), renamed into place, and the parent folder is synced so
 the rename itself survives a crash. What appears gets the permissions the umask gives a new
 file or folder (``tempfile`` would leave 0600 / 0700).
+
+Also here, because data and model loading both need it before they touch the network: whether
+the Hugging Face hub is reachable at all (:func:`hub_unreachable`), so that a machine without a
+network hears so in one line at once instead of after half a minute of retries.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -283,3 +289,35 @@ def safe_load_yaml(text: str) -> Any:
 def yaml_problem(e: yaml.YAMLError) -> str:
     """A YAML error's problem in one line."""
     return str(getattr(e, "problem", None) or e).replace("\n", " ").strip()
+
+
+_OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+def hub_offline() -> bool:
+    """Whether the user put the Hugging Face libraries in offline mode (``HF_HUB_OFFLINE=1`` and
+    kin): they then read their caches and never touch the network."""
+    return any(os.environ.get(v, "").strip().lower() not in ("", "0", "false", "no", "off") for v in _OFFLINE_VARIABLES)
+
+
+@functools.lru_cache(maxsize=4)
+def _probe(host: str, port: int, timeout: float) -> str | None:
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as err:
+        return f"{host} cannot be reached: {err.strerror or type(err).__name__}"
+    return None
+
+
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """None when the hub (``$HF_ENDPOINT``, else huggingface.co) accepts a connection within
+    ``timeout`` seconds, or when offline mode is on; otherwise why not, in a few words. One probe
+    per process and endpoint: a TCP connection, no request."""
+    if hub_offline():
+        return None
+    from urllib.parse import urlsplit
+
+    url = urlsplit(os.environ.get("HF_ENDPOINT", "").strip() or "https://huggingface.co")
+    if not url.hostname:
+        return f"HF_ENDPOINT={url.geturl()!r} names no host"
+    return _probe(url.hostname, url.port or (80 if url.scheme == "http" else 443), timeout)

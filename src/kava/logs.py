@@ -14,6 +14,8 @@ def setup_logging(verbose: bool) -> None:
     )
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    for own_handler in ("huggingface_hub", "datasets"):  # they print with a handler of their own: once is enough
+        logging.getLogger(own_handler).propagate = False
 
 
 class _ClosedPipeProof:

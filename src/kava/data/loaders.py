@@ -81,10 +81,17 @@ def _hub_rows(
 ) -> Iterable[Record]:
     """Rows of a hub dataset split via `datasets.load_dataset` (network or local cache;
     ``cache_dir`` None: datasets' own, ``$HF_DATASETS_CACHE`` or ``$HF_HOME/datasets``)."""
-    import os
-
     import datasets
 
+    from ..io import hub_offline, hub_unreachable
+
+    reason = hub_unreachable()
+    if reason is not None:
+        raise DataError(
+            f"the hub dataset {hub_id} cannot be read ({reason}): if it is in the cache here, set HF_HUB_OFFLINE=1; "
+            f"else give a local .jsonl/.json/.parquet file (`kava data export` it where the hub is reachable)",
+            where=hub_id,
+        )
     try:
         return datasets.load_dataset(hub_id, config, split=split, streaming=streaming, cache_dir=cache_dir)
     except (
@@ -94,12 +101,9 @@ def _hub_rows(
         datasets.exceptions.DatasetNotFoundError,
     ) as err:  # offline, not cached
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or os.environ.get(
-            "HF_DATASETS_OFFLINE", ""
-        ) not in ("", "0")
         hint = (
             "HF_HUB_OFFLINE is set and it is not in the cache"
-            if offline
+            if hub_offline()
             else "no network? with it cached, set HF_HUB_OFFLINE=1"
         )
         raise DataError(

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..config import KavaConfig, ModelConfig
 from ..data.sequences import BOT, EOT
+from ..io import hub_unreachable
 from .adapters import add_latent_tokens, apply_adapter
 from .files import ModelLoadError, refuse_pickled, refuse_remote_code, ships_code
 from .recompute import enable_checkpointing
@@ -151,6 +152,27 @@ def architecture_differences(run: ModelConfig, other: ModelConfig) -> list[tuple
     return out
 
 
+def _hub_access(name: str, repo: str, gguf: str | None, cache_dir: str | None) -> dict:
+    """``from_pretrained`` keywords for a hub model: none while the hub is reachable (or offline
+    mode is on); ``local_files_only`` when it is not but the model is in the cache; otherwise a
+    one-line error at once, not after half a minute of retries."""
+    from huggingface_hub import try_to_load_from_cache
+
+    reason = hub_unreachable()
+    if reason is None:
+        return {}
+    try:
+        cached = try_to_load_from_cache(repo, gguf or "config.json", cache_dir=cache_dir)
+    except ValueError:  # not a valid repo id either
+        cached = None
+    if isinstance(cached, str):
+        return {"local_files_only": True}
+    raise ModelLoadError(
+        f"model.name_or_path: cannot load {name!r}: it is neither a local path nor in the Hugging Face cache, "
+        f"and {reason}: give a local model folder or .gguf file (or download it where the hub is reachable)"
+    )
+
+
 def load_backbone(cfg: ModelConfig, seed: int = 0):
     """(tokenizer, causal LM) for ``cfg.name_or_path``: built in code, a local folder, a .gguf
     file, the packaged SmolLM2 GGUF (``smollm2``), or the hub (``model.init_from`` is
@@ -187,6 +209,8 @@ def load_backbone(cfg: ModelConfig, seed: int = 0):
         kw["cache_dir"] = cfg.cache_dir
     if gguf:
         kw["gguf_file"] = gguf
+    if not Path(path).exists():  # a hub id
+        kw.update(_hub_access(cfg.name_or_path, path, gguf, cfg.cache_dir))
     quant = quantization_config(cfg)
     try:
         tok = AutoTokenizer.from_pretrained(path, **kw)
