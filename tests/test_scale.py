@@ -4,6 +4,7 @@ environment report, quantisation settings, the copy-free new-token rows and the 
 import importlib.util
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -109,10 +110,16 @@ def test_two_processes_match_one_process_with_the_same_effective_batch(tmp_path)
 # --- gradient checkpointing ---------------------------------------------------------------
 
 
-def _step(adapter: str, scheme: str, checkpointing: bool, saved: dict | None = None):
+def _step(adapter: str, scheme: str, checkpointing: bool, saved: dict | None = None, compile: str = "none"):
     torch.manual_seed(0)  # new-token rows and LoRA are initialised from the global generator
     cfg = tiny_config(
-        model={"adapter": adapter, "lora_r": 4, "lora_dropout": 0.1, "gradient_checkpointing": checkpointing},
+        model={
+            "adapter": adapter,
+            "lora_r": 4,
+            "lora_dropout": 0.1,
+            "gradient_checkpointing": checkpointing,
+            "compile": compile,
+        },
         latent={"scheme": scheme, "projection_dropout": 0.1},
         loss={"latent_ce": 1.0},
     )
@@ -150,6 +157,25 @@ def test_gradient_checkpointing_keeps_loss_and_gradients(adapter, scheme):
     assert g0.keys() == g1.keys() and len(g0) > 0
     for n in g0:
         torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor needs a C++ compiler")
+def test_compiled_mlps_keep_loss_gradients_and_checkpoint_names():
+    """model.compile=mlp: the same loss terms and gradients as the plain model (LoRA, dropout on),
+    and the same parameter names, so its checkpoints are the plain model's."""
+    m0, g0 = _step("lora", "jacobi", False)
+    m1, g1 = _step("lora", "jacobi", False, compile="mlp")
+    for k in m0:
+        assert m1[k] == pytest.approx(m0[k], rel=1e-5, abs=1e-6), k
+    assert g0.keys() == g1.keys() and len(g0) > 0
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-6, msg=n)
+    model = build_model(tiny_config(model={"compile": "mlp"}))
+    assert all(layer.mlp._compiled_call_impl is not None for layer in model.decoder.layers)
+    assert all(layer.self_attn._compiled_call_impl is None for layer in model.decoder.layers)
+    assert set(model.state_dict()) == set(build_model(tiny_config()).state_dict())
+    with pytest.raises(ConfigError, match="model.compile"):
+        tiny_config(model={"compile": "layers"})
 
 
 def test_gradient_checkpointing_saves_activation_memory_and_leaves_eval_alone():

@@ -78,6 +78,11 @@ class ModelConfig:
     lora_dropout: float = _f(0.1, "LoRA dropout")
     lora_target_modules: list = _f(["q_proj", "k_proj", "v_proj", "o_proj"], "module names that get LoRA adapters")
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass to save memory")
+    compile: str = _f(
+        "none",
+        "torch.compile: none, or mlp (every decoder layer's MLP block, one dynamic-shape graph; CPUs need a C++ "
+        "compiler, CUDA triton); off by default: it did not pay where measured (benchmarks/README.md)",
+    )
     quantization: str = _f(
         "none", "frozen base weights: none, 4bit (NF4) or 8bit via bitsandbytes (CUDA only; needs adapter=lora)"
     )
@@ -87,6 +92,7 @@ class ModelConfig:
         _choice(self.adapter, "model.adapter", ("lora", "full"))
         _choice(self.quantization, "model.quantization", ("none", "4bit", "8bit"))
         _choice(self.attn_implementation, "model.attn_implementation", ("sdpa", "eager", "flash_attention_2"))
+        _choice(self.compile, "model.compile", ("none", "mlp"))
         if self.quantization != "none":
             _check(
                 self.adapter == "lora",
