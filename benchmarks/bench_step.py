@@ -283,6 +283,14 @@ def run_benchmark(args) -> dict:
             loss.backward()
             zero()
 
+    def step_teacher(backward=True):
+        # (b)'s teacher part alone: the teacher pass as the step runs it, backward only through its CE.
+        with autocast():
+            teacher = objective.teacher_pass(tb, for_targets=False)
+        if backward and objective.teacher_needs_graph():
+            teacher.ce.backward()
+            zero()
+
     def step_kava(backward=True):
         with autocast():
             loss, _ = objective(dev_batch)
@@ -352,6 +360,8 @@ def run_benchmark(args) -> dict:
             zero()
 
     fns = {"cot": step_cot, "passes": step_passes, "kava": step_kava}
+    if objective.runs_teacher():
+        fns["teacher"] = step_teacher
     if "question_len" in flipped["teacher"] or "question_len" in tb:  # (the step runs a teacher pass)
         fns[flip_name] = step_kava_flipped
     graph_free = not objective.teacher_needs_graph()
@@ -406,6 +416,15 @@ def run_benchmark(args) -> dict:
         "losses_s": med["losses"],
         "selection_losses_share": (sel_s + med["losses"]) / med["kava"],
         "other_overhead_s": med["kava"] - med["passes"] - sel_s - med["losses"],
+        # Each phase's share of (c): the teacher pass, the student's passes ((b) less the teacher),
+        # selection, the loss terms, and what is left (hooks, gathering, metrics).
+        "phase_shares": {
+            "teacher pass": med.get("teacher", 0.0) / med["kava"],
+            "student passes": (med["passes"] - med.get("teacher", 0.0)) / med["kava"],
+            "selection": sel_s / med["kava"],
+            "losses": med["losses"] / med["kava"],
+            "other": (med["kava"] - med["passes"] - sel_s - med["losses"]) / med["kava"],
+        },
         # loss.teacher_ce = 0: the full step with the teacher's graph kept (as before it was dropped), over (c).
         "teacher_graph_over_kava": med["kava_teacher_graph"] / med["kava"] - 1.0 if graph_free else None,
         # train.shared_prefix: the step with the question encoded once over the step encoding it in each mode.
@@ -587,6 +606,7 @@ def report(r: dict) -> str:
         f"selection+losses share of (c): {s['selection_losses_share']:.1%}   "
         f"other overhead {ms(s['other_overhead_s'])}",
     ]
+    lines.append("  share of (c): " + ", ".join(f"{k} {v:.1%}" for k, v in s["phase_shares"].items()))
     if s.get("teacher_graph_over_kava") is not None:
         lines.append(
             "  (c) with the teacher's graph kept (teacher_ce = 0, the old behaviour): "

@@ -428,4 +428,24 @@ def test_benchmark_smoke(tmp_path):
     assert r["inference"]["latent"]["passes"] < r["inference"]["cot"]["passes"]
     assert r["inference"]["latent"]["kv_cache_bytes_per_example"] > 0
     assert 0 <= r["summary"]["selection_losses_share"] < 1
+    shares = r["summary"]["phase_shares"]
+    assert shares.keys() == {"teacher pass", "student passes", "selection", "losses", "other"}
+    assert sum(shares.values()) == pytest.approx(1.0) and shares["teacher pass"] > 0 and shares["student passes"] > 0
     assert json.loads((tmp_path / "r.json").read_text())["targets"].keys() == r["targets"].keys()
+
+
+def test_options_benchmark_compares_the_same_maths(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_options", ROOT / "benchmarks" / "bench_options.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    r = bench.main(
+        ["--option", "model.attn_implementation=eager", "--shape", "4x6x2x2", "--iters", "2", "--warmup", "0"]
+        + ["--device", "cpu", "--json", str(tmp_path / "r.json")]
+    )
+    (c,) = r["results"]
+    assert c["option"] == "model.attn_implementation=eager" and c["loss_difference"] < 1e-4  # eager = SDPA's maths
+    assert c["ratio"]["low"] <= c["ratio"]["median"] <= c["ratio"]["high"] and c["ms_per_example"]["option"] > 0
+    shape = json.loads((tmp_path / "r.json").read_text())["shape"]
+    assert shape == {"batch": 4, "cot": 6, "latents": 2, "iterations": 2}
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--option", "model.compile"])
