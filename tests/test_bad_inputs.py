@@ -97,6 +97,9 @@ def _bad_files(data: Path) -> None:
     (data / "unhashable.yaml").write_text("train:\n  [1, 2]: 3\n")
     (data / "deep-list.yaml").write_text("train: " + "[" * 3000 + "]" * 3000 + "\n")
     (data / "list.yaml").write_text("- 1\n- 2\n")
+    (data / "digits.yaml").write_text("train: {batch_size: " + "9" * 5000 + "}\n")
+    (data / "base-dir.yaml").write_text("base: .\n")
+    (data / "one.jsonl").write_text(rec + "\n")
     for i in range(40):  # a base: chain 40 files deep
         (data / f"chain{i}.yaml").write_text(f"base: chain{i + 1}.yaml\n" if i < 39 else "train: {lr: 0.1}\n")
     import pyarrow as pa
@@ -437,6 +440,80 @@ CASES = [
     ],
     ("eval-limit-negative", None, [*EVAL, "--limit", "-3"], 2, ["--limit", "-3"]),
     ("eval-bad-mode", None, [*EVAL, "--modes", "student,dream"], 2, ["dream"]),
+    ("eval-modes-repeated", None, [*EVAL, "--modes", "student,student"], 2, ["student given twice"]),
+    ("eval-modes-empty", None, [*EVAL, "--modes", ""], 2, ["eval modes", "''"]),
+    ("eval-override-architecture", None, [*EVAL, "model.tiny.num_layers=3"], 2, ["model.tiny.num_layers", "2"]),
+    ("eval-override-adapter", None, [*EVAL, "model.adapter=lora"], 2, ["model.adapter"]),
+    # found by a later hostile pass: each was a traceback, a hang or a silent accept
+    ("yaml-int-too-long", None, ["train", "--config", "{data}/digits.yaml"], 2, ["digits.yaml:1", "5,000 digits"]),
+    ("override-int-too-long", None, [*TRAIN, "train.batch_size=" + "9" * 5000], 2, ["train.batch_size", "digits"]),
+    ("override-key-control-char", None, [*TRAIN, "train.\nlr=1"], 2, ["control character"]),
+    (
+        "nul-in-output-dir",
+        None,
+        ["train", "--config", "{cfg}", 'train.output_dir="a\\0b"'],
+        2,
+        ["train.output_dir", "NUL"],
+    ),
+    ("nul-in-data-file", None, [*FRESH, 'data.train="x\\0.jsonl"'], 2, ["data.train", "NUL"]),
+    ("config-is-a-pipe", None, ["train", "--config", "/dev/zero"], 2, ["/dev/zero", "not a regular file"]),
+    ("config-base-is-a-folder", None, ["train", "--config", "{data}/base-dir.yaml"], 2, ["base-dir.yaml", "a folder"]),
+    (
+        "output-dir-in-checkpoint",
+        None,
+        ["train", "--config", "{cfg}", "train.output_dir={run}/checkpoint-2/sub"],
+        1,
+        ["train.output_dir", "inside the kava checkpoint", "checkpoint-2"],
+    ),
+    (
+        "output-dir-is-checkpoint",
+        None,
+        ["train", "--config", "{cfg}", "--overwrite", "train.output_dir={run}/checkpoint-2"],
+        1,
+        ["inside the kava checkpoint"],
+    ),
+    (
+        "output-dir-name-too-long",
+        None,
+        ["train", "--config", "{cfg}", "train.output_dir={tmp}/" + "x" * 300],
+        1,
+        ["train.output_dir"],
+    ),
+    (
+        "output-dir-cannot-create",
+        None,
+        ["train", "--config", "{cfg}", "train.output_dir=/proc/kava"],
+        1,
+        ["train.output_dir", "create"],
+    ),
+    ("train-data-is-a-folder", None, [*FRESH, "data.train={data}"], 1, ["a folder, not a data file"]),
+    ("train-format-unknown-synthetic", None, [*FRESH, "data.format=csv"], 2, ["data.format", "'csv'"]),
+    ("synthetic-n-beyond-bound", None, [*FRESH, "data.train=synthetic?n=100000000000"], 1, ["n=100,000,000,000"]),
+    ("synthetic-option-twice", None, [*FRESH, "data.train=synthetic?n=4&n=5"], 1, ["option n given twice"]),
+    (
+        "data-export-onto-itself",
+        None,
+        ["data", "export", "{data}/one.jsonl", "--out", "{data}/one.jsonl"],
+        1,
+        ["--out", "the file being exported"],
+    ),
+    (
+        "data-export-out-folder",
+        None,
+        ["data", "export", "{data}/one.jsonl", "--out", "{data}"],
+        1,
+        ["--out", "a folder"],
+    ),
+    ("data-export-out-empty", None, ["data", "export", "{data}/one.jsonl", "--out", ""], 1, ["--out", "empty"]),
+    (
+        "data-export-limit-negative",
+        None,
+        ["data", "export", "{data}/one.jsonl", "--limit", "-1", "--out", "o"],
+        2,
+        ["--limit"],
+    ),
+    ("data-export-n-huge", None, ["data", "export", "synthetic?n=100000000000", "--out", "{tmp}/o.jsonl"], 1, ["n="]),
+    ("data-validate-pipe", None, ["data", "validate", "/dev/null"], 1, ["/dev/null", "not a regular file"]),
     # checkpoints
     ("eval-truncated-weights", _truncate(WEIGHTS), EVAL, 1, ["checkpoint-2/model.safetensors", "truncated"]),
     ("eval-empty-weights", _empty(WEIGHTS), EVAL, 1, ["checkpoint-2/model.safetensors"]),

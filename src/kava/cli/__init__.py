@@ -47,7 +47,7 @@ def cmd_eval(args) -> int:
         extra.append(f"data.eval_split={args.split}")
     if args.limit:
         extra.append(f"data.eval_limit={args.limit}")
-    modes = args.modes.split(",") if args.modes else None
+    modes = [m.strip() for m in args.modes.split(",")] if args.modes is not None else None
     if args.model:
         from ..evaluation.evaluator import evaluate_pretrained
 
