@@ -212,6 +212,20 @@ def _link(name):
     return prep
 
 
+def _extra_tensor(w):
+    p = w["run"] / "checkpoint-2" / WEIGHTS_FILE
+    save_file({**load_file(str(p)), "evil.weight": torch.zeros(1)}, str(p))
+
+
+def _nan_weights(w):
+    p = w["run"] / "checkpoint-2" / WEIGHTS_FILE
+    save_file({k: torch.full_like(v, float("nan")) for k, v in load_file(str(p)).items()}, str(p))
+
+
+def CKPT(name):  # noqa: N802 - reads like the path constants below
+    return lambda w: w["run"] / "checkpoint-2" / name
+
+
 def _link_checkpoint(w):
     os.symlink(w["run"] / "checkpoint-2", w["run"] / "checkpoint-3")
 
@@ -519,6 +533,19 @@ CASES = [
     ("eval-empty-weights", _empty(WEIGHTS), EVAL, 1, ["checkpoint-2/model.safetensors"]),
     ("eval-corrupt-weights", _corrupt_header(WEIGHTS), EVAL, 1, ["checkpoint-2/model.safetensors"]),
     ("eval-wrong-shape", _wrong_shape, EVAL, 1, ["checkpoint-2/model.safetensors", "embed_tokens.weight", "(3, 5)"]),
+    ("eval-foreign-tensor", _extra_tensor, EVAL, 1, ["checkpoint-2/model.safetensors", "'evil.weight'"]),
+    ("eval-nan-weights", _nan_weights, EVAL, 1, ["checkpoint-2", "embed_tokens.weight", "NaN"]),
+    ("eval-tokenizer-not-json", _write(CKPT("tokenizer.json"), "{oops"), EVAL, 1, ["checkpoint-2/tokenizer.json"]),
+    ("eval-tokenizer-empty-object", _write(CKPT("tokenizer.json"), "{}"), EVAL, 1, ["tokenizer.json", "added_tokens"]),
+    ("eval-config-json-list", _write(CKPT("config.json"), "[1]"), EVAL, 1, ["checkpoint-2/config.json", "object"]),
+    (
+        "eval-config-json-wrong-type",
+        _write(CKPT("config.json"), '{"model_type": "llama", "hidden_size": "big"}'),
+        EVAL,
+        1,
+        ["checkpoint-2/config.json", "hidden_size"],
+    ),
+    ("eval-generation-config-nan", _write(CKPT("generation_config.json"), '{"temperature": NaN}'), EVAL, 1, ["NaN"]),
     ("resume-truncated-weights", _truncate(WEIGHTS), TRAIN, 1, ["checkpoint-2/model.safetensors"]),
     ("resume-wrong-shape", _wrong_shape, TRAIN, 1, ["checkpoint-2/model.safetensors", "embed_tokens.weight"]),
     ("resume-truncated-state", _truncate(STATE), TRAIN, 1, ["checkpoint-2/kava_trainer_state.safetensors"]),
