@@ -100,6 +100,22 @@ def _bad_files(data: Path) -> None:
     (data / "digits.yaml").write_text("train: {batch_size: " + "9" * 5000 + "}\n")
     (data / "base-dir.yaml").write_text("base: .\n")
     (data / "one.jsonl").write_text(rec + "\n")
+    (data / "sweep.yaml").write_text("base_config: ../tiny.yaml\noutput_dir: sw\nseeds: [0]\n")
+    (data / "sweep-huge.yaml").write_text(
+        "base_config: ../tiny.yaml\ngrid:\n"
+        + "".join(
+            f"  {k}: [{', '.join(str(i + 1) for i in range(10))}]\n"
+            for k in (
+                "train.lr",
+                "train.weight_decay",
+                "loss.alpha_kv",
+                "loss.alpha_codi",
+                "loss.teacher_ce",
+                "loss.student_ce",
+                "train.grad_clip",
+            )
+        )
+    )
     for i in range(40):  # a base: chain 40 files deep
         (data / f"chain{i}.yaml").write_text(f"base: chain{i + 1}.yaml\n" if i < 39 else "train: {lr: 0.1}\n")
     import pyarrow as pa
@@ -528,6 +544,85 @@ CASES = [
     ),
     ("data-export-n-huge", None, ["data", "export", "synthetic?n=100000000000", "--out", "{tmp}/o.jsonl"], 1, ["n="]),
     ("data-validate-pipe", None, ["data", "validate", "/dev/null"], 1, ["/dev/null", "not a regular file"]),
+    ("eval-modes-empty-list", None, [*EVAL, "--modes", ","], 2, ["eval modes"]),
+    (
+        "export-push-bad-repo-id",
+        None,
+        ["export", "{run}", "--out", "{tmp}/exp", "--push-to-hub", "a/b/c"],
+        1,
+        ["--push-to-hub", "'a/b/c'"],
+    ),
+    ("report-success-at-nan", None, ["report", "{tmp}", "--success-at", "nan"], 2, ["--success-at", "nan"]),
+    ("report-success-at-negative", None, ["report", "{tmp}", "--success-at", "-0.5"], 2, ["--success-at"]),
+    ("report-method-unknown-role", None, ["report", "{tmp}", "--method", "wizard=x"], 2, ["'wizard'", "kava"]),
+    (
+        "report-method-role-twice",
+        None,
+        ["report", "{tmp}", "--method", "kava=a", "--method", "kava=b"],
+        2,
+        ["role kava", "kava=a"],
+    ),
+    ("report-claims-empty", None, ["report", "{tmp}", "--claims", ""], 2, ["--claims"]),
+    (
+        "sweep-seeds-range-huge",
+        None,
+        ["sweep", "{data}/sweep.yaml", "--dry-run", "--seeds", "0-999999999999"],
+        2,
+        ["--seeds", "100,000"],
+    ),
+    (
+        "sweep-grid-too-many-runs",
+        None,
+        ["sweep", "{data}/sweep-huge.yaml", "--dry-run"],
+        2,
+        ["sweep-huge.yaml", "10,000,000 runs"],
+    ),
+    (
+        "sweep-set-twice",
+        None,
+        ["sweep", "{data}/sweep.yaml", "--dry-run", "--set", "train.lr=1", "--set", "train.lr=2"],
+        2,
+        ["--set train.lr", "twice"],
+    ),
+    *[
+        (
+            f"sweep-{flag[2:]}-{value}",
+            None,
+            ["sweep", "{data}/sweep.yaml", "--pbs", "{tmp}/pbs", flag, value],
+            2,
+            [flag],
+        )
+        for flag, value in (("--time", "-5"), ("--gpus", "-1"), ("--cpus", "0"), ("--mem-gb", "nan"))
+    ],
+    (
+        "sweep-array-parallelism-0",
+        None,
+        ["sweep", "{data}/sweep.yaml", "--array-parallelism", "0"],
+        2,
+        ["--array-parallelism"],
+    ),
+    (
+        "sweep-queue-newline",
+        None,
+        ["sweep", "{data}/sweep.yaml", "--pbs", "{tmp}/pbs", "--queue", "q\n#PBS -l x"],
+        2,
+        ["--queue", "newline"],
+    ),
+    (
+        "teacher-out-in-checkpoint",
+        None,
+        ["teacher", "extract", "--config", "{cfg}", "--out", "{run}/checkpoint-2/cache"],
+        1,
+        ["--out", "inside the kava checkpoint"],
+    ),
+    ("teacher-out-is-run", None, ["teacher", "extract", "--config", "{cfg}", "--out", "{run}"], 1, ["a run folder"]),
+    (
+        "teacher-batch-beyond-bound",
+        None,
+        ["teacher", "extract", "--config", "{cfg}", "--out", "{tmp}/c", "--batch-size", "100000000"],
+        2,
+        ["--batch-size", "limits.max_batch_size"],
+    ),
     # checkpoints
     ("eval-truncated-weights", _truncate(WEIGHTS), EVAL, 1, ["checkpoint-2/model.safetensors", "truncated"]),
     ("eval-empty-weights", _empty(WEIGHTS), EVAL, 1, ["checkpoint-2/model.safetensors"]),

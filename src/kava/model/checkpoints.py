@@ -423,6 +423,19 @@ def _refuse_non_finite(model: KavaModel, path: Path) -> None:
             raise ModelLoadError(f"{path}: weight {name!r} holds NaN or infinite values (a damaged checkpoint)")
 
 
+def enclosing_checkpoint(path: str | Path) -> Path | None:
+    """The kava checkpoint (or export: a folder with ``kava_config.yaml``) that ``path`` is or
+    lies in, looking at its nearest existing folder and that folder's parents; None if none.
+    Nothing kava writes may go there: it would change the checkpoint it is a part of."""
+    probe = Path(path)
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    for inside in (probe, *probe.resolve().parents):
+        if (inside / CONFIG_FILE).is_file():
+            return inside
+    return None
+
+
 def resolve_init_from(path: str) -> str:
     """The checkpoint ``model.init_from`` names: the folder itself when it is a checkpoint, else
     the latest ``checkpoint-N`` of a run folder (as eval, export and ``kava.load`` read one).

@@ -47,7 +47,7 @@ from ..config import (
     under_output_root,
 )
 from ..io import atomic_write_json, drop_torn_tail
-from ..model.checkpoints import CHECKPOINT_RE, latest_checkpoint
+from ..model.checkpoints import CHECKPOINT_RE, enclosing_checkpoint, latest_checkpoint
 from ..model.checkpoints import CONFIG_FILE as CHECKPOINT_CONFIG
 from ..model.files import ModelLoadError
 
@@ -121,12 +121,12 @@ def _check_output_dir(folder: Path) -> None:
         raise RunFolderError(f"train.output_dir {folder}: {probe} is a file, not a folder")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise RunFolderError(f"train.output_dir {folder}: {probe} is not writable")
-    for inside in (probe, *probe.resolve().parents):  # a run written into a checkpoint or export corrupts it
-        if (inside / CHECKPOINT_CONFIG).is_file():
-            raise RunFolderError(
-                f"train.output_dir {folder}: it is or lies inside the kava checkpoint {inside} (it holds "
-                f"{CHECKPOINT_CONFIG}); a run folder goes outside any checkpoint"
-            )
+    inside = enclosing_checkpoint(probe)  # a run written into a checkpoint or export changes it
+    if inside is not None:
+        raise RunFolderError(
+            f"train.output_dir {folder}: it is or lies inside the kava checkpoint {inside} (it holds "
+            f"{CHECKPOINT_CONFIG}); a run folder goes outside any checkpoint"
+        )
     if folder.is_dir():
         links = sorted(p.name for p in folder.iterdir() if p.is_symlink() and _is_kava_name(p.name))
         if links:
