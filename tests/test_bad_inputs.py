@@ -1303,3 +1303,15 @@ def test_training_from_a_cache_with_eval_at_end_skips_the_kv_probe(cache, tmp_pa
     assert not (tmp_path / "r" / "kv_cosine.json").exists()
     notes = [r.getMessage() for r in caplog.records if "kv probe skipped" in r.getMessage()]
     assert len(notes) == 1 and len(notes[0].splitlines()) == 1
+
+
+def test_ctrl_c_outside_a_training_loop_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
+    import kava.data
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(kava.data, "load_examples_report", interrupted)
+    code, err = _kava(["data", "export", "synthetic?n=2", "--out", tmp_path / "o.jsonl"], capsys)
+    assert code == 130 and "interrupted" in _one_error_line(err)
+    assert list(tmp_path.iterdir()) == []

@@ -229,3 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     except one_line_errors() as e:
         print(f"kava: error: {e}", file=sys.stderr)
         return exit_code(e)
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (which saves and records it itself)
+        print(
+            "kava: error: interrupted (SIGINT); outputs are written atomically, none is half-written", file=sys.stderr
+        )
+        return 128 + 2
