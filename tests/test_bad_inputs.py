@@ -97,6 +97,25 @@ def _bad_files(data: Path) -> None:
     (data / "unhashable.yaml").write_text("train:\n  [1, 2]: 3\n")
     (data / "deep-list.yaml").write_text("train: " + "[" * 3000 + "]" * 3000 + "\n")
     (data / "list.yaml").write_text("- 1\n- 2\n")
+    (data / "digits.yaml").write_text("train: {batch_size: " + "9" * 5000 + "}\n")
+    (data / "base-dir.yaml").write_text("base: .\n")
+    (data / "one.jsonl").write_text(rec + "\n")
+    (data / "sweep.yaml").write_text("base_config: ../tiny.yaml\noutput_dir: sw\nseeds: [0]\n")
+    (data / "sweep-huge.yaml").write_text(
+        "base_config: ../tiny.yaml\ngrid:\n"
+        + "".join(
+            f"  {k}: [{', '.join(str(i + 1) for i in range(10))}]\n"
+            for k in (
+                "train.lr",
+                "train.weight_decay",
+                "loss.alpha_kv",
+                "loss.alpha_codi",
+                "loss.teacher_ce",
+                "loss.student_ce",
+                "train.grad_clip",
+            )
+        )
+    )
     for i in range(40):  # a base: chain 40 files deep
         (data / f"chain{i}.yaml").write_text(f"base: chain{i + 1}.yaml\n" if i < 39 else "train: {lr: 0.1}\n")
     import pyarrow as pa
@@ -207,6 +226,20 @@ def _link(name):
         os.symlink(target, p)
 
     return prep
+
+
+def _extra_tensor(w):
+    p = w["run"] / "checkpoint-2" / WEIGHTS_FILE
+    save_file({**load_file(str(p)), "evil.weight": torch.zeros(1)}, str(p))
+
+
+def _nan_weights(w):
+    p = w["run"] / "checkpoint-2" / WEIGHTS_FILE
+    save_file({k: torch.full_like(v, float("nan")) for k, v in load_file(str(p)).items()}, str(p))
+
+
+def CKPT(name):  # noqa: N802 - reads like the path constants below
+    return lambda w: w["run"] / "checkpoint-2" / name
 
 
 def _link_checkpoint(w):
@@ -437,11 +470,177 @@ CASES = [
     ],
     ("eval-limit-negative", None, [*EVAL, "--limit", "-3"], 2, ["--limit", "-3"]),
     ("eval-bad-mode", None, [*EVAL, "--modes", "student,dream"], 2, ["dream"]),
+    ("eval-modes-repeated", None, [*EVAL, "--modes", "student,student"], 2, ["student given twice"]),
+    ("eval-modes-empty", None, [*EVAL, "--modes", ""], 2, ["eval modes", "''"]),
+    ("eval-override-architecture", None, [*EVAL, "model.tiny.num_layers=3"], 2, ["model.tiny.num_layers", "2"]),
+    ("eval-override-adapter", None, [*EVAL, "model.adapter=lora"], 2, ["model.adapter"]),
+    # found by a later hostile pass: each was a traceback, a hang or a silent accept
+    ("yaml-int-too-long", None, ["train", "--config", "{data}/digits.yaml"], 2, ["digits.yaml:1", "5,000 digits"]),
+    ("override-int-too-long", None, [*TRAIN, "train.batch_size=" + "9" * 5000], 2, ["train.batch_size", "digits"]),
+    ("override-key-control-char", None, [*TRAIN, "train.\nlr=1"], 2, ["control character"]),
+    (
+        "nul-in-output-dir",
+        None,
+        ["train", "--config", "{cfg}", 'train.output_dir="a\\0b"'],
+        2,
+        ["train.output_dir", "NUL"],
+    ),
+    ("nul-in-data-file", None, [*FRESH, 'data.train="x\\0.jsonl"'], 2, ["data.train", "NUL"]),
+    ("config-is-a-pipe", None, ["train", "--config", "/dev/zero"], 2, ["/dev/zero", "not a regular file"]),
+    ("config-base-is-a-folder", None, ["train", "--config", "{data}/base-dir.yaml"], 2, ["base-dir.yaml", "a folder"]),
+    (
+        "output-dir-in-checkpoint",
+        None,
+        ["train", "--config", "{cfg}", "train.output_dir={run}/checkpoint-2/sub"],
+        1,
+        ["train.output_dir", "inside the kava checkpoint", "checkpoint-2"],
+    ),
+    (
+        "output-dir-is-checkpoint",
+        None,
+        ["train", "--config", "{cfg}", "--overwrite", "train.output_dir={run}/checkpoint-2"],
+        1,
+        ["inside the kava checkpoint"],
+    ),
+    (
+        "output-dir-name-too-long",
+        None,
+        ["train", "--config", "{cfg}", "train.output_dir={tmp}/" + "x" * 300],
+        1,
+        ["train.output_dir"],
+    ),
+    (
+        "output-dir-cannot-create",
+        None,
+        ["train", "--config", "{cfg}", "train.output_dir=/proc/kava"],
+        1,
+        ["train.output_dir", "create"],
+    ),
+    ("train-data-is-a-folder", None, [*FRESH, "data.train={data}"], 1, ["a folder, not a data file"]),
+    ("train-format-unknown-synthetic", None, [*FRESH, "data.format=csv"], 2, ["data.format", "'csv'"]),
+    ("synthetic-n-beyond-bound", None, [*FRESH, "data.train=synthetic?n=100000000000"], 1, ["n=100,000,000,000"]),
+    ("synthetic-option-twice", None, [*FRESH, "data.train=synthetic?n=4&n=5"], 1, ["option n given twice"]),
+    (
+        "data-export-onto-itself",
+        None,
+        ["data", "export", "{data}/one.jsonl", "--out", "{data}/one.jsonl"],
+        1,
+        ["--out", "the file being exported"],
+    ),
+    (
+        "data-export-out-folder",
+        None,
+        ["data", "export", "{data}/one.jsonl", "--out", "{data}"],
+        1,
+        ["--out", "a folder"],
+    ),
+    ("data-export-out-empty", None, ["data", "export", "{data}/one.jsonl", "--out", ""], 1, ["--out", "empty"]),
+    (
+        "data-export-limit-negative",
+        None,
+        ["data", "export", "{data}/one.jsonl", "--limit", "-1", "--out", "o"],
+        2,
+        ["--limit"],
+    ),
+    ("data-export-n-huge", None, ["data", "export", "synthetic?n=100000000000", "--out", "{tmp}/o.jsonl"], 1, ["n="]),
+    ("data-validate-pipe", None, ["data", "validate", "/dev/null"], 1, ["/dev/null", "not a regular file"]),
+    ("eval-modes-empty-list", None, [*EVAL, "--modes", ","], 2, ["eval modes"]),
+    (
+        "export-push-bad-repo-id",
+        None,
+        ["export", "{run}", "--out", "{tmp}/exp", "--push-to-hub", "a/b/c"],
+        1,
+        ["--push-to-hub", "'a/b/c'"],
+    ),
+    ("report-success-at-nan", None, ["report", "{tmp}", "--success-at", "nan"], 2, ["--success-at", "nan"]),
+    ("report-success-at-negative", None, ["report", "{tmp}", "--success-at", "-0.5"], 2, ["--success-at"]),
+    ("report-method-unknown-role", None, ["report", "{tmp}", "--method", "wizard=x"], 2, ["'wizard'", "kava"]),
+    (
+        "report-method-role-twice",
+        None,
+        ["report", "{tmp}", "--method", "kava=a", "--method", "kava=b"],
+        2,
+        ["role kava", "kava=a"],
+    ),
+    ("report-claims-empty", None, ["report", "{tmp}", "--claims", ""], 2, ["--claims"]),
+    (
+        "sweep-seeds-range-huge",
+        None,
+        ["sweep", "{data}/sweep.yaml", "--dry-run", "--seeds", "0-999999999999"],
+        2,
+        ["--seeds", "100,000"],
+    ),
+    (
+        "sweep-grid-too-many-runs",
+        None,
+        ["sweep", "{data}/sweep-huge.yaml", "--dry-run"],
+        2,
+        ["sweep-huge.yaml", "10,000,000 runs"],
+    ),
+    (
+        "sweep-set-twice",
+        None,
+        ["sweep", "{data}/sweep.yaml", "--dry-run", "--set", "train.lr=1", "--set", "train.lr=2"],
+        2,
+        ["--set train.lr", "twice"],
+    ),
+    *[
+        (
+            f"sweep-{flag[2:]}-{value}",
+            None,
+            ["sweep", "{data}/sweep.yaml", "--pbs", "{tmp}/pbs", flag, value],
+            2,
+            [flag],
+        )
+        for flag, value in (("--time", "-5"), ("--gpus", "-1"), ("--cpus", "0"), ("--mem-gb", "nan"))
+    ],
+    (
+        "sweep-array-parallelism-0",
+        None,
+        ["sweep", "{data}/sweep.yaml", "--array-parallelism", "0"],
+        2,
+        ["--array-parallelism"],
+    ),
+    (
+        "sweep-queue-newline",
+        None,
+        ["sweep", "{data}/sweep.yaml", "--pbs", "{tmp}/pbs", "--queue", "q\n#PBS -l x"],
+        2,
+        ["--queue", "newline"],
+    ),
+    (
+        "teacher-out-in-checkpoint",
+        None,
+        ["teacher", "extract", "--config", "{cfg}", "--out", "{run}/checkpoint-2/cache"],
+        1,
+        ["--out", "inside the kava checkpoint"],
+    ),
+    ("teacher-out-is-run", None, ["teacher", "extract", "--config", "{cfg}", "--out", "{run}"], 1, ["a run folder"]),
+    (
+        "teacher-batch-beyond-bound",
+        None,
+        ["teacher", "extract", "--config", "{cfg}", "--out", "{tmp}/c", "--batch-size", "100000000"],
+        2,
+        ["--batch-size", "limits.max_batch_size"],
+    ),
     # checkpoints
     ("eval-truncated-weights", _truncate(WEIGHTS), EVAL, 1, ["checkpoint-2/model.safetensors", "truncated"]),
     ("eval-empty-weights", _empty(WEIGHTS), EVAL, 1, ["checkpoint-2/model.safetensors"]),
     ("eval-corrupt-weights", _corrupt_header(WEIGHTS), EVAL, 1, ["checkpoint-2/model.safetensors"]),
     ("eval-wrong-shape", _wrong_shape, EVAL, 1, ["checkpoint-2/model.safetensors", "embed_tokens.weight", "(3, 5)"]),
+    ("eval-foreign-tensor", _extra_tensor, EVAL, 1, ["checkpoint-2/model.safetensors", "'evil.weight'"]),
+    ("eval-nan-weights", _nan_weights, EVAL, 1, ["checkpoint-2", "embed_tokens.weight", "NaN"]),
+    ("eval-tokenizer-not-json", _write(CKPT("tokenizer.json"), "{oops"), EVAL, 1, ["checkpoint-2/tokenizer.json"]),
+    ("eval-tokenizer-empty-object", _write(CKPT("tokenizer.json"), "{}"), EVAL, 1, ["tokenizer.json", "added_tokens"]),
+    ("eval-config-json-list", _write(CKPT("config.json"), "[1]"), EVAL, 1, ["checkpoint-2/config.json", "object"]),
+    (
+        "eval-config-json-wrong-type",
+        _write(CKPT("config.json"), '{"model_type": "llama", "hidden_size": "big"}'),
+        EVAL,
+        1,
+        ["checkpoint-2/config.json", "hidden_size"],
+    ),
+    ("eval-generation-config-nan", _write(CKPT("generation_config.json"), '{"temperature": NaN}'), EVAL, 1, ["NaN"]),
     ("resume-truncated-weights", _truncate(WEIGHTS), TRAIN, 1, ["checkpoint-2/model.safetensors"]),
     ("resume-wrong-shape", _wrong_shape, TRAIN, 1, ["checkpoint-2/model.safetensors", "embed_tokens.weight"]),
     ("resume-truncated-state", _truncate(STATE), TRAIN, 1, ["checkpoint-2/kava_trainer_state.safetensors"]),
@@ -1104,3 +1303,15 @@ def test_training_from_a_cache_with_eval_at_end_skips_the_kv_probe(cache, tmp_pa
     assert not (tmp_path / "r" / "kv_cosine.json").exists()
     notes = [r.getMessage() for r in caplog.records if "kv probe skipped" in r.getMessage()]
     assert len(notes) == 1 and len(notes[0].splitlines()) == 1
+
+
+def test_ctrl_c_outside_a_training_loop_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
+    import kava.data
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(kava.data, "load_examples_report", interrupted)
+    code, err = _kava(["data", "export", "synthetic?n=2", "--out", tmp_path / "o.jsonl"], capsys)
+    assert code == 130 and "interrupted" in _one_error_line(err)
+    assert list(tmp_path.iterdir()) == []

@@ -233,6 +233,19 @@ def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
 
 
+def _bounded_int(loader: _UniqueKeyLoader, node: yaml.ScalarNode) -> int:
+    """An integer, or a YAML error at its line when it has more digits than Python converts."""
+    try:
+        return yaml.constructor.SafeConstructor.construct_yaml_int(loader, node)
+    except ValueError:
+        raise yaml.constructor.ConstructorError(
+            None, None, f"an integer of {len(node.value):,} digits is too long", node.start_mark
+        ) from None
+
+
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _bounded_int)
+
+
 MAX_YAML_NODES = 100_000  # values a YAML document may expand to (aliases counted each time they are used)
 
 

@@ -47,7 +47,7 @@ def cmd_eval(args) -> int:
         extra.append(f"data.eval_split={args.split}")
     if args.limit:
         extra.append(f"data.eval_limit={args.limit}")
-    modes = args.modes.split(",") if args.modes else None
+    modes = [m.strip() for m in args.modes.split(",")] if args.modes is not None else None
     if args.model:
         from ..evaluation.evaluator import evaluate_pretrained
 
@@ -229,3 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     except one_line_errors() as e:
         print(f"kava: error: {e}", file=sys.stderr)
         return exit_code(e)
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (which saves and records it itself)
+        print(
+            "kava: error: interrupted (SIGINT); outputs are written atomically, none is half-written", file=sys.stderr
+        )
+        return 128 + 2

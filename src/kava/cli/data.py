@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .types import count_int
+
 __all__ = ["register"]
 
 
@@ -20,15 +22,31 @@ def _fail(err: Exception) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from ..data import DataError, load_examples_report, write_jsonl
+    from ..io import OutputError, check_output_file
 
     try:
+        _check_export_out(args.source, args.out)
+        check_output_file(args.out, "--out")
         report = load_examples_report(args.source, args.split, limit=args.limit, on_error=args.on_error, fmt=args.fmt)
         n = write_jsonl(report.examples, args.out)
-    except (DataError, ValueError, OSError, ImportError) as err:
+    except (DataError, OutputError, ValueError, OSError, ImportError) as err:
         return _fail(err)
     skipped = f" ({report.skipped} bad record(s) skipped)" if report.skipped else ""
     print(f"wrote {n} records to {args.out}{skipped}")
     return 0
+
+
+def _check_export_out(source: str, out: str) -> None:
+    """``--out`` before any work: a path, and never the file being exported (it would be rewritten)."""
+    from pathlib import Path
+
+    from ..io import OutputError
+
+    if not out.strip():
+        raise OutputError("--out: empty; give the .jsonl file to write")
+    src, dst = Path(source), Path(out)
+    if src.is_file() and dst.exists() and src.resolve() == dst.resolve():
+        raise OutputError(f"--out {out}: the file being exported; write to another file")
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -66,7 +84,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         default="train",
         help="split to export; which exist depends on SOURCE, see `data list` (default: train)",
     )
-    export.add_argument("--limit", type=int, default=None, help="export at most N examples (default: all)")
+    export.add_argument("--limit", type=count_int, default=None, help="export at most N examples (default: all)")
     export.add_argument("--out", required=True, metavar="PATH", help="output .jsonl file (written atomically)")
     export.add_argument(
         "--on-error",

@@ -8,8 +8,10 @@ import sys
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from ..model.export import export, push_to_hub
+    from ..model.export import check_push_target, export, push_to_hub
 
+    if args.push_to_hub:  # before the export: a push that cannot happen is said at once
+        check_push_target(args.push_to_hub)
     out = export(
         args.checkpoint, args.out, trust_remote_code=args.trust_remote_code, replace=args.replace, dtype=args.dtype
     )

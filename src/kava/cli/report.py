@@ -12,17 +12,29 @@ def _names(args: argparse.Namespace):
 
     if not 0 < args.alpha < 1:
         raise ValueError(f"--alpha {args.alpha}: must be between 0 and 1")
+    if not 0 < args.success_at <= 1:  # (a NaN fails this too)
+        raise ValueError(f"--success-at {args.success_at}: an accuracy, above 0 and at most 1")
+    if args.claims is not None and not args.claims.strip(","):
+        raise ValueError(f"--claims {args.claims!r}: give claim numbers, e.g. 1,4,5 (leave it out for all)")
     claims = tuple(c.strip() for c in args.claims.split(",") if c.strip()) if args.claims else ()
     known = [c.number for c in CLAIMS]
     unknown = [c for c in claims if c not in known]
     if unknown:
         raise ValueError(f"--claims {args.claims!r}: no claim {unknown[0]!r}; the claims are {', '.join(known)}")
     names = ClaimNames(mode=args.mode, alpha=args.alpha, success_at=args.success_at, claims=claims)
+    roles = sorted(names.methods)
+    given: dict[str, str] = {}
     for item in args.method:
         role, _, found = item.partition("=")
-        if not role or not found:
+        role = role.strip()
+        if not role or not found.strip(", "):
             raise ValueError(f"--method {item!r}: expected ROLE=NAME[,NAME...], e.g. kava=rkv")
-        names.methods[role.strip()] = tuple(n.strip() for n in found.split(",") if n.strip())
+        if role not in names.methods:
+            raise ValueError(f"--method {item!r}: no role {role!r}; the roles are {', '.join(roles)}")
+        if role in given:
+            raise ValueError(f"--method {item!r}: role {role} is also set by {given[role]!r}; give each role once")
+        given[role] = item
+        names.methods[role] = tuple(n.strip() for n in found.split(",") if n.strip())
     for item in args.nl_pair:
         eq, sep, nl = item.partition(":")
         if not sep or not eq or not nl:
@@ -101,7 +113,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--claims",
-        default="",
+        default=None,
         metavar="N[,N]",
         help="test only these claims (e.g. 1,4,5, the ones a pre-registration names; default: all of them)",
     )

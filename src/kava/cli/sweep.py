@@ -6,6 +6,10 @@ import argparse
 import fnmatch
 import sys
 
+from .types import count_int, positive_int
+
+MAX_SEED_RANGE = 100_000  # seeds one --seeds range may span (a filter over the sweep's seeds)
+
 
 def parse_seeds(text: str) -> set[int]:
     """``0,3,5-9`` -> {0, 3, 5, 6, 7, 8, 9}; anything else is a one-line error."""
@@ -20,6 +24,8 @@ def parse_seeds(text: str) -> set[int]:
             raise SweepError(f"--seeds {text!r}: expected seeds and ranges such as 0,3,5-9") from None
         if b < a:
             raise SweepError(f"--seeds {text!r}: range {part.strip()} runs backwards")
+        if b - a >= MAX_SEED_RANGE:
+            raise SweepError(f"--seeds {text!r}: range {part.strip()} spans more than {MAX_SEED_RANGE:,} seeds")
         out.update(range(a, b + 1))
     return out
 
@@ -30,6 +36,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from ..experiments.sweep import SweepError, describe, expand_sweep, run_local
 
     try:
+        for flag, text in (("--queue", args.queue), ("--partition", args.partition), ("--setup", args.setup)):
+            if not text.isprintable():  # one line each in a job script: a newline would add directives
+                raise SweepError(f"{flag} {text!r}: holds a newline or control character; give one line")
         specs = expand_sweep(args.sweep, validate=True, extra=args.set, output_dir=args.output_dir)
         if args.only:
             specs = [s for s in specs if any(fnmatch.fnmatchcase(s.name, pat) for pat in args.only)]
@@ -146,7 +155,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="submitit executor: slurm, or local/debug to try the submission path on this machine",
     )
     g.add_argument("--partition", default="", help="SLURM partition (default: the cluster's)")
-    g.add_argument("--array-parallelism", type=int, default=64, help="at most this many array jobs at once")
+    g.add_argument("--array-parallelism", type=positive_int, default=64, help="at most this many array jobs at once")
     g = p.add_argument_group("PBS")
     g.add_argument(
         "--pbs",
@@ -158,8 +167,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--setup", default="", help="shell line run before training in the PBS script, e.g. 'source .venv/bin/activate'"
     )
     g = p.add_argument_group("resources (SLURM and PBS)")
-    g.add_argument("--gpus", type=int, default=1, help="GPUs per run")
-    g.add_argument("--time", type=int, default=600, help="time limit per run in minutes")
-    g.add_argument("--cpus", type=int, default=8, help="CPU cores per run")
-    g.add_argument("--mem-gb", type=int, default=64, help="memory per run in GB")
+    g.add_argument("--gpus", type=count_int, default=1, help="GPUs per run")
+    g.add_argument("--time", type=positive_int, default=600, help="time limit per run in minutes")
+    g.add_argument("--cpus", type=positive_int, default=8, help="CPU cores per run")
+    g.add_argument("--mem-gb", type=positive_int, default=64, help="memory per run in GB")
     p.set_defaults(func=cmd_sweep)

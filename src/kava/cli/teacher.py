@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
@@ -15,7 +16,23 @@ def cmd_extract(args: argparse.Namespace) -> int:
         raise ConfigError("config field 'loss.teacher_cache': empty; give --out DIR or set loss.teacher_cache")
     from ..io import check_output_folder
 
-    check_output_folder(out, "--out" if args.out else "loss.teacher_cache")
+    what = "--out" if args.out else "loss.teacher_cache"
+    check_output_folder(out, what)
+    from ..io import OutputError
+    from ..model.checkpoints import enclosing_checkpoint
+
+    inside = enclosing_checkpoint(out)
+    if inside is not None:
+        raise OutputError(
+            f"{what} {out}: it is or lies inside the kava checkpoint {inside}; choose a folder outside it"
+        )
+    if (Path(out) / "status.json").is_file():  # a run folder: its own files would mix with the cache's
+        raise OutputError(f"{what} {out}: a run folder (it holds status.json); choose another folder")
+    if args.batch_size > cfg.limits.max_batch_size:
+        raise ConfigError(
+            f"--batch-size {args.batch_size:,}: beyond the sanity bound limits.max_batch_size="
+            f"{cfg.limits.max_batch_size:,} (set limits.max_batch_size=N to raise it if you mean it)"
+        )
     if cfg.train.num_threads:
         import torch
 

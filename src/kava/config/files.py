@@ -46,6 +46,7 @@ def _convert(value: Any, tp: Any, name: str) -> Any:
             name,
             f"expected a string, got {value!r}",
         )
+        _check("\0" not in str(value), name, f"{value!r} holds a NUL character (no path or name may)")
         return str(value)
     if origin is list and typing.get_args(tp) and dataclasses.is_dataclass(typing.get_args(tp)[0]):
         _check(isinstance(value, list), name, f"expected a list of mappings, got {value!r}")
@@ -107,6 +108,8 @@ def parse_overrides(overrides: typing.Sequence[str]) -> dict:
         parts = key.strip().split(".")
         if not all(parts):
             raise ConfigError(f"override {item!r}: empty key")
+        if not key.strip().isprintable():
+            raise ConfigError(f"override {item!r}: the key holds a control character")
         for prior_key, prior in given.items():  # the same key twice, or a section and a key inside it
             n = min(len(prior_key), len(parts))
             if tuple(parts[:n]) == prior_key[:n]:
@@ -132,7 +135,11 @@ def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
     leads back to a file already read raise :class:`ConfigError` naming the file (and line)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+        what = "does not exist"
+        if path.exists():
+            what = "is a folder, not a file" if path.is_dir() else "is not a regular file"
+        via = f" (the 'base' of {_chain[-1]})" if _chain else ""
+        raise ConfigError(f"config file {path}{via} {what}")
     if len(_chain) >= MAX_BASE_DEPTH:
         raise ConfigError(f"{path}: 'base' chain deeper than {MAX_BASE_DEPTH} files (from {_chain[0]})")
     try:

@@ -10,13 +10,14 @@ from pathlib import Path
 
 from kava.data.loaders import load_examples
 from kava.data.schema import DataError, Example, example_to_record
+from kava.io import check_output_file
 
 __all__ = ["validate_file", "write_jsonl"]
 
 
 def write_jsonl(examples: Iterable[Example], path: str | os.PathLike[str]) -> int:
     """Write examples as JSONL in our schema, atomically (temp file + os.replace); the count."""
-    out = Path(path)
+    out = check_output_file(path, "--out")
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     n = 0

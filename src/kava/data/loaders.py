@@ -379,6 +379,11 @@ def load_data(cfg: KavaConfig, which: str) -> list[Example]:
     source, split, limit = (
         (d.train, d.train_split, d.train_limit) if which == "train" else (d.eval, d.eval_split, d.eval_limit)
     )
+    if d.format not in FORMATS and getattr(REGISTRY.get(d.format), "mapper", None) is None:  # whatever the source
+        from kava.config import ConfigError
+
+        known = [*FORMATS, *(n for n, s in REGISTRY.items() if s.mapper is not None and n not in FORMATS)]
+        raise ConfigError(f"config field 'data.format': {d.format!r} is not one of {', '.join(known)}")
     if source in ("synthetic", "synthetic-nl"):
         from kava.data.synthetic import generate_split
 
@@ -419,11 +424,6 @@ def load_data(cfg: KavaConfig, which: str) -> list[Example]:
             style="verbose" if source.endswith("-nl") else "eq",
         )
         return examples[:limit] if limit else examples
-    if d.format not in FORMATS and getattr(REGISTRY.get(d.format), "mapper", None) is None:
-        from kava.config import ConfigError
-
-        known = [*FORMATS, *(n for n, s in REGISTRY.items() if s.mapper is not None and n not in FORMATS)]
-        raise ConfigError(f"config field 'data.format': {d.format!r} is not one of {', '.join(known)}")
     fmt = None if d.format == "auto" or source.split("?", 1)[0] in REGISTRY else d.format  # (files only)
     examples = list(
         load_examples(source, split, limit=limit or None, on_error=d.on_error, cache_dir=d.cache_dir or None, fmt=fmt)

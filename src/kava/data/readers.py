@@ -119,6 +119,9 @@ def _read_parquet(path: Path) -> Iterator[Located]:
 
 def read_file(path: Path) -> Iterator[Located]:
     if not path.is_file():
+        if path.exists():  # a folder, a pipe or a device: never read as data (a pipe would block)
+            kind = "a folder" if path.is_dir() else "not a regular file"
+            raise DataError(f"{kind}, not a data file (.jsonl, .json or .parquet)", where=str(path))
         raise FileNotFoundError(f"no such data file: {path}")
     suffix = path.suffix.lower()
     if suffix == ".jsonl":

@@ -13,6 +13,7 @@ from typing import Any
 
 log = logging.getLogger("kava.data.loaders")
 
+from kava.config.limits import LimitsConfig
 from kava.data.formats import Mapper, map_gsm8k, map_gsm8k_aug, map_gsm_hard, map_multiarith, map_svamp
 from kava.data.schema import DataError, Example
 
@@ -158,6 +159,8 @@ def parse_source_options(source: str) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise DataError(f"expected name?key=value&key=value, got {pair!r}", where=source)
+        if key.strip() in out:
+            raise DataError(f"option {key.strip()} given twice; give each option once", where=source)
         try:
             out[key.strip()] = yaml.safe_load(value.strip()) if value.strip() else ""
         except yaml.YAMLError:
@@ -180,11 +183,16 @@ def _int_option(name: str, key: str, value: Any) -> int:
     return value
 
 
+MAX_GENERATED = LimitsConfig().max_examples  # the default sanity bound on synthetic sizes
+
+
 def _count_option(name: str, value: Any, key: str = "n") -> int:
     """A count option (``n``, ``n_per_template``): an integer >= 1."""
     n = _int_option(name, key, value)
     if n < 1:
         raise DataError(f"option {key}={n}: must be >= 1", where=name)
+    if n > MAX_GENERATED:
+        raise DataError(f"option {key}={n:,}: a generated dataset holds at most {MAX_GENERATED:,} examples", where=name)
     return n
 
 

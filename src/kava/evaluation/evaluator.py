@@ -151,6 +151,32 @@ def eval_modes(cfg: KavaConfig) -> list[str]:
     return {"cot": ["cot"], "nocot": ["nocot"], "teacher": ["cot"]}.get(cfg.train.mode, list(cfg.eval.modes))
 
 
+def check_modes(modes: list[str] | None) -> None:
+    """``--modes``: known modes, at least one, each once (None: the run's own)."""
+    from ..config import ConfigError
+
+    if modes is None:
+        return
+    for mode in modes:
+        if mode not in MODES:
+            raise ConfigError(f"eval modes: {mode!r} is not one of {', '.join(MODES)}")
+    repeated = sorted({m for m in modes if modes.count(m) > 1})
+    if repeated:
+        raise ConfigError(f"eval modes: {', '.join(repeated)} given twice; give each mode once")
+
+
+def model_differences(run, other) -> list[tuple[str, object, object]]:
+    """``(field, run's value, other's value)`` for each model field the trained weights fix: the
+    architecture and the adapter."""
+    from ..model import architecture_differences
+
+    out = architecture_differences(run, other)
+    for name in ("adapter", "lora_r", "lora_alpha", "lora_target_modules"):
+        if getattr(run, name) != getattr(other, name):
+            out.append((f"model.{name}", getattr(run, name), getattr(other, name)))
+    return out
+
+
 def evaluate_checkpoint(
     checkpoint: str | Path, overrides=(), modes: list[str] | None = None, out: str | Path | None = None
 ) -> tuple[dict[str, dict], Path]:
@@ -166,9 +192,7 @@ def evaluate_checkpoint(
     from ..data.loaders import load_data
     from ..model.checkpoints import checkpoint_config, find_checkpoint, load_checkpoint
 
-    for mode in modes or ():
-        if mode not in MODES:
-            raise ConfigError(f"eval modes: {mode!r} is not one of {', '.join(MODES)}")
+    check_modes(modes)
     ckpt = find_checkpoint(checkpoint)
     check_output_folder(Path(out) if out else ckpt / "eval", "--out")
     # Every override is checked against the checkpoint's config before any model is built; the
@@ -179,6 +203,13 @@ def evaluate_checkpoint(
     )
     stored = checkpoint_config(ckpt, trust)
     cfg = config_from_dict(deep_merge(stored.to_dict(), extra))
+    changed = model_differences(stored.model, cfg.model)
+    if changed:  # the weights decide the model: an override would only mislabel the results
+        field, theirs, ours = changed[0]
+        raise ConfigError(
+            f"config field '{field}': the checkpoint was trained with {theirs!r}, an evaluation cannot change the "
+            f"model (got {ours!r}); override eval.* and data.* only"
+        )
     eval_examples = load_data(cfg, "eval")
     model = load_checkpoint(ckpt, trust_remote_code=cfg.model.trust_remote_code)
     model.cfg = cfg
@@ -205,6 +236,7 @@ def evaluate_pretrained(
     from ..data.loaders import load_data
     from ..model.checkpoints import build_model
 
+    check_modes(modes)
     modes = modes or ["cot", "nocot"]
     check_output_folder(Path(out) if out else Path("runs") / "eval" / Path(name_or_path.rstrip("/")).name, "--out")
     if "student" in modes:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -56,6 +57,7 @@ TrainFn = Callable[..., dict]
 
 _SWEEP_KEYS = ("base_config", "output_dir", "seeds", "grid", "runs", "overrides")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._@+-]+")
+MAX_SWEEP_RUNS = 100_000  # runs one sweep file may expand to
 
 
 class SweepError(ValueError):
@@ -161,6 +163,25 @@ def _seeds(seeds: Any, where: str) -> list[int]:
     return seeds
 
 
+def _check_set(extra: Sequence[str]) -> None:
+    """``--set`` overrides: each KEY=VALUE, each key once."""
+    bad = [e for e in extra if "=" not in e or not e.split("=", 1)[0].strip()]
+    if bad:
+        raise SweepError(f"--set {bad[0]!r}: expected KEY=VALUE, e.g. train.max_steps=2")
+    keys = [e.split("=", 1)[0].strip() for e in extra]
+    twice = [k for i, k in enumerate(keys) if k in keys[:i]]
+    if twice:
+        raise SweepError(f"--set {twice[0]}: given twice; give each key once")
+
+
+def _check_count(path: Path, count: int) -> None:
+    """The runs a sweep expands to, counted before any is built (a grid's product grows fast)."""
+    if count > MAX_SWEEP_RUNS:
+        raise SweepError(
+            f"{path}: {count:,} runs (names x grid points x seeds); a sweep holds at most {MAX_SWEEP_RUNS:,}"
+        )
+
+
 def expand_sweep(
     path: str | Path, validate: bool = False, extra: Sequence[str] = (), output_dir: str | Path | None = None
 ) -> list[RunSpec]:
@@ -174,9 +195,7 @@ def expand_sweep(
     ``output_dir``: replaces the file's (so that such a test does not mark the real runs finished).
     """
     # Kept whole (over 60 lines): the sweep file's keys in their precedence order, each checked where it is read.
-    bad = [e for e in extra if "=" not in e or not e.split("=", 1)[0].strip()]
-    if bad:
-        raise SweepError(f"--set {bad[0]!r}: expected KEY=VALUE, e.g. train.max_steps=2")
+    _check_set(extra)
     path = Path(path)
     data = read_yaml(path)
     unknown = sorted(set(data) - set(_SWEEP_KEYS))
@@ -203,6 +222,7 @@ def expand_sweep(
             run_seeds[safe_name(n)] = _seeds(v.pop("seeds"), f"{path}: runs.{n}")
             runs_raw = {**runs_raw, n: v}
     runs = {safe_name(n): _flatten(v, f"{path}: runs.{n}") for n, v in (runs_raw or {}).items()} or {"": {}}
+    _check_count(path, math.prod(len(v) for v in grid.values()) * sum(len(run_seeds.get(n, seeds)) for n in runs))
     if runs_raw and len(runs) != len(runs_raw):
         raise SweepError(f"{path}: run names {list(runs_raw)} collide once made filesystem-safe")
 

@@ -45,8 +45,10 @@ from .backbone import (
 )
 from .files import (
     ModelLoadError,
+    check_model_json,
     check_readable,
     check_shapes,
+    config_errors,
     quiet_transformers,
     read_tensors,
     refuse_pickled,
@@ -250,6 +252,7 @@ def _check_model_folder(folder: Path, trust_remote_code: bool = False) -> None:
 
     refuse_remote_code(str(folder), trust_remote_code, "checkpoint model folder")
     refuse_pickled(folder)
+    check_model_json(folder)
     files = sorted(folder.glob("model*.safetensors"))
     shapes = {f: check_readable(f) for f in files}
     try:
@@ -261,12 +264,17 @@ def _check_model_folder(folder: Path, trust_remote_code: bool = False) -> None:
                 .state_dict()
                 .items()
             }
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, *config_errors()) as e:
         raise ModelLoadError(
             f"{folder / 'config.json'}: cannot read the model's config: "
             f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}"
         ) from None
     for f, found in shapes.items():
+        foreign = sorted(set(found) - set(expected))
+        if foreign:  # a kava checkpoint holds the model's own tensors only
+            raise ModelLoadError(
+                f"{f}: tensor {foreign[0]!r} is not one of the model's ({len(foreign)} such); a damaged or foreign file"
+            )
         for name, shape in found.items():
             if name in expected and expected[name] != shape:
                 raise ModelLoadError(
@@ -367,10 +375,14 @@ def load_weights(model: KavaModel, path: str | Path) -> None:
 def _checkpoint_tokenizer(folder: Path, cfg: KavaConfig):
     from transformers import AutoTokenizer
 
+    check_model_json(folder)
     try:
         return AutoTokenizer.from_pretrained(folder, trust_remote_code=cfg.model.trust_remote_code)
-    except (OSError, ValueError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    except (OSError, ValueError, *config_errors()) as e:
+        # The libraries' messages may end their first line with a colon: keep what follows it.
+        first = " ".join(line.strip() for line in str(e).strip().splitlines()[:2]) or type(e).__name__
+        if isinstance(e, config_errors()):  # a value of config.json of the wrong type
+            raise ModelLoadError(f"{folder / 'config.json'}: cannot read the model's config: {first}") from None
         raise ModelLoadError(f"{folder}: cannot load the checkpoint's tokenizer: {first}") from None
 
 
@@ -399,7 +411,29 @@ def load_checkpoint(path: str | Path, trust_remote_code: bool = False) -> KavaMo
         model = wrap_backbone(cfg, tok, backbone, reloadable)
         _load_adapter(model, path)
     _load_own(model, path)
+    _refuse_non_finite(model, path)
     return model
+
+
+def _refuse_non_finite(model: KavaModel, path: Path) -> None:
+    """Stop, naming the tensor, where a loaded weight holds NaN or infinity: kava never saves
+    one (a run stops first), so the file was damaged or written elsewhere."""
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            raise ModelLoadError(f"{path}: weight {name!r} holds NaN or infinite values (a damaged checkpoint)")
+
+
+def enclosing_checkpoint(path: str | Path) -> Path | None:
+    """The kava checkpoint (or export: a folder with ``kava_config.yaml``) that ``path`` is or
+    lies in, looking at its nearest existing folder and that folder's parents; None if none.
+    Nothing kava writes may go there: it would change the checkpoint it is a part of."""
+    probe = Path(path)
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    for inside in (probe, *probe.resolve().parents):
+        if (inside / CONFIG_FILE).is_file():
+            return inside
+    return None
 
 
 def resolve_init_from(path: str) -> str:

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..config import KavaConfig
-from ..io import OutputError, atomic_replace_dir, check_output_folder
+from ..io import OutputError, atomic_replace_dir, check_output_folder, hub_offline, hub_unreachable
 from .checkpoints import CONFIG_FILE, KAVA_WEIGHTS, STATE_JSON, find_checkpoint, load_checkpoint
 from .files import quiet_transformers
 
@@ -309,17 +309,42 @@ def export(
     return out
 
 
+def check_push_target(repo_id: str) -> None:
+    """Before any export work: ``repo_id`` is a valid hub model repo id and the hub can be
+    reached (offline mode cannot push); else :class:`~kava.io.OutputError` naming it."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise OutputError(f"--push-to-hub {repo_id!r}: not a hub repo id ({str(e).splitlines()[0]})") from None
+    if hub_offline():
+        raise OutputError(f"--push-to-hub {repo_id}: offline mode is on (HF_HUB_OFFLINE); nothing can be pushed")
+    reason = hub_unreachable()
+    if reason is not None:
+        raise OutputError(
+            f"--push-to-hub {repo_id}: the hub cannot be reached ({reason}); export without it and push later"
+        )
+
+
 def push_to_hub(folder: str | Path, repo_id: str, private: bool = False, token: str | None = None) -> str:
     """Create the model repo ``repo_id`` if needed and upload ``folder`` to it (huggingface_hub);
-    returns the commit URL."""
+    returns the commit URL. A refusal of the hub is one :class:`~kava.io.OutputError` line."""
     import huggingface_hub
+    from huggingface_hub.errors import HfHubHTTPError
 
-    huggingface_hub.create_repo(repo_id, repo_type="model", private=private, exist_ok=True, token=token)
-    info = huggingface_hub.upload_folder(
-        repo_id=repo_id,
-        folder_path=str(folder),
-        repo_type="model",
-        token=token,
-        commit_message=f"kava export of {Path(folder).name}",
-    )
+    check_push_target(repo_id)
+    try:
+        huggingface_hub.create_repo(repo_id, repo_type="model", private=private, exist_ok=True, token=token)
+        info = huggingface_hub.upload_folder(
+            repo_id=repo_id,
+            folder_path=str(folder),
+            repo_type="model",
+            token=token,
+            commit_message=f"kava export of {Path(folder).name}",
+        )
+    except HfHubHTTPError as e:  # not logged in, no write access, a name taken
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise OutputError(f"--push-to-hub {repo_id}: the hub refused the upload ({first}); {folder} is kept") from None
     return str(getattr(info, "commit_url", info))

@@ -34,6 +34,56 @@ def refuse_pickled(folder: str | Path, only_if_no_safetensors: bool = False) -> 
     )
 
 
+# The JSON files of a transformers model folder; the libraries reading them raise bare KeyErrors
+# and type errors on a damaged one, so each is checked here first.
+MODEL_JSON_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "adapter_config.json",
+)
+MAX_JSON_BYTES = 256 << 20
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def check_model_json(folder: str | Path) -> None:
+    """Stop, naming the file, where a JSON file of the model folder ``folder`` is unreadable,
+    not an object, holds NaN/Infinity, or (``tokenizer.json``) lacks what a tokenizer file has."""
+    folder = Path(folder)
+    for name in MODEL_JSON_FILES:
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            if path.stat().st_size > MAX_JSON_BYTES:
+                raise ValueError(f"{path.stat().st_size:,} bytes, more than {MAX_JSON_BYTES:,}")
+            data = json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_constant)
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+            problem = "nested too deeply" if isinstance(e, RecursionError) else str(e).splitlines()[0]
+            raise ModelLoadError(f"{path}: not a readable JSON file ({problem})") from None
+        if not isinstance(data, dict):
+            raise ModelLoadError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        if name == "tokenizer.json" and not (
+            isinstance(data.get("model"), dict) and isinstance(data.get("added_tokens"), list)
+        ):
+            raise ModelLoadError(f"{path}: not a tokenizer file (no 'model' object or 'added_tokens' list)")
+
+
+def config_errors() -> tuple[type[BaseException], ...]:
+    """What transformers raises on a config.json whose values have the wrong type (besides
+    ValueError): huggingface_hub's strict-dataclass errors, where that version has them."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:
+        return ()
+    return (StrictDataclassError,)
+
+
 def read_tensors(path: Path) -> dict:
     """The tensors of the safetensors file ``path``; a missing, empty, truncated or corrupted
     file raises :class:`ModelLoadError` naming it (never a traceback from the reader)."""

@@ -47,7 +47,8 @@ from ..config import (
     under_output_root,
 )
 from ..io import atomic_write_json, drop_torn_tail
-from ..model.checkpoints import CHECKPOINT_RE, latest_checkpoint
+from ..model.checkpoints import CHECKPOINT_RE, enclosing_checkpoint, latest_checkpoint
+from ..model.checkpoints import CONFIG_FILE as CHECKPOINT_CONFIG
 from ..model.files import ModelLoadError
 
 log = logging.getLogger("kava.train")
@@ -97,9 +98,16 @@ def _is_kava_name(name: str) -> bool:
 
 def check_output_dir(folder: Path) -> None:
     """Stop with one line when ``folder`` cannot be a run folder: a file, a dangling symbolic
-    link, not writable (or its nearest existing parent, when it does not exist yet), or
-    holding a symbolic link under a name kava writes (it would write through it)."""
+    link, not writable (or its nearest existing parent, when it does not exist yet), inside a
+    checkpoint, or holding a symbolic link under a name kava writes (it would write through it)."""
     folder = Path(folder)
+    try:
+        _check_output_dir(folder)
+    except OSError as e:  # a name too long, a loop of links: what the machine says of the path
+        raise RunFolderError(f"train.output_dir {folder}: {e.strerror or e}") from None
+
+
+def _check_output_dir(folder: Path) -> None:
     if folder.is_symlink() and not folder.exists():
         raise RunFolderError(f"train.output_dir {folder} is a dangling symbolic link (to {os.readlink(folder)})")
     if folder.exists() and not folder.is_dir():
@@ -113,6 +121,12 @@ def check_output_dir(folder: Path) -> None:
         raise RunFolderError(f"train.output_dir {folder}: {probe} is a file, not a folder")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise RunFolderError(f"train.output_dir {folder}: {probe} is not writable")
+    inside = enclosing_checkpoint(probe)  # a run written into a checkpoint or export changes it
+    if inside is not None:
+        raise RunFolderError(
+            f"train.output_dir {folder}: it is or lies inside the kava checkpoint {inside} (it holds "
+            f"{CHECKPOINT_CONFIG}); a run folder goes outside any checkpoint"
+        )
     if folder.is_dir():
         links = sorted(p.name for p in folder.iterdir() if p.is_symlink() and _is_kava_name(p.name))
         if links:
@@ -136,7 +150,10 @@ class RunLock:
         except ImportError:  # not POSIX: no locking (documented)
             log.warning("no fcntl on this platform: %s is not locked against a second run", self.folder)
             return
-        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RunFolderError(f"train.output_dir {self.folder}: cannot create it ({e.strerror})") from None
         try:  # O_NOFOLLOW: a symbolic link planted as the lock never has its target truncated
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
         except OSError as e:
