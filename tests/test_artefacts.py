@@ -281,6 +281,22 @@ def test_eval_of_a_plain_model_folder_needs_no_checkpoint(tmp_path, capsys):
     assert "needs a trained kava checkpoint" in capsys.readouterr().err
 
 
+def test_eval_of_a_chat_model_without_config_says_it_drops_the_chat_template(tmp_path, caplog):
+    """``kava eval --model`` of an Instruct folder with ``--data`` alone: the default config gives
+    the bare question; a warning says so and what to add, unless the template was chosen."""
+    _save_hf_folder(tmp_path / "hf", _tokenizer(chat=True))
+    args = ["eval", "--model", str(tmp_path / "hf"), "--data", "synthetic", "--limit", "2", "--modes", "nocot"]
+    with caplog.at_level("WARNING", logger="kava.eval"):
+        assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    said = [r.getMessage() for r in caplog.records if r.name == "kava.eval"]
+    assert len(said) == 1 and "chat template" in said[0] and "model.use_chat_template=true" in said[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="kava.eval"):
+        assert main([*args, "--out", str(tmp_path / "b"), "model.use_chat_template=true"]) == 0
+    assert not [r for r in caplog.records if r.name == "kava.eval"]
+    assert "<|user|>" in json.loads((tmp_path / "b" / "predictions_nocot.jsonl").read_text().splitlines()[0])["prompt"]
+
+
 # --- lm-evaluation-harness ------------------------------------------------------------------
 
 
