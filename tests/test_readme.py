@@ -1,4 +1,5 @@
-"""The README's library example runs as written (only its run folder and its tensors are supplied)."""
+"""The README's library example runs as written (only its run folder and its tensors are supplied);
+the docs' shown output agrees with the command shown above it."""
 
 import re
 from pathlib import Path
@@ -9,6 +10,7 @@ from conftest import tiny_config
 from kava.training import train
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+DOCS = README.parent / "docs"
 
 
 def _library_block() -> str:
@@ -41,3 +43,13 @@ def test_readme_library_example_runs(tmp_path, monkeypatch, capsys):
     loss, metrics = scope["loss"], scope["metrics"]
     assert loss.ndim == 0 and torch.isfinite(loss) and loss.requires_grad
     assert {"ce_student", "ce_teacher", "codi", "kv"} <= set(metrics)
+
+
+def test_the_lm_eval_example_shows_the_model_args_its_command_passes():
+    """lm-eval echoes ``--model_args`` as the dict it parsed: the shown output must be that of the
+    shown command (``pretrained=``, lm-eval's own name), and so must the result folder."""
+    text = (DOCS / "evaluation.md").read_text()
+    block = text.split("$ kava lm-eval ", 1)[1].split("```", 1)[0]
+    (value,) = re.findall(r"--model_args pretrained=(\S+)", block)
+    assert f"kava ({{'pretrained': '{value}'}})" in block
+    assert f"ls lmeval/{value.replace('/', '__')}" in block
