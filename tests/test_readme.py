@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 import torch
+import yaml
 
 from conftest import tiny_config
 from kava.training import train
@@ -53,3 +54,18 @@ def test_the_lm_eval_example_shows_the_model_args_its_command_passes():
     (value,) = re.findall(r"--model_args pretrained=(\S+)", block)
     assert f"kava ({{'pretrained': '{value}'}})" in block
     assert f"ls lmeval/{value.replace('/', '__')}" in block
+
+
+def test_the_tracked_runs_folder_listing_is_what_a_run_without_eval_at_end_writes(tmp_path):
+    """docs/training.md lists the folder of a ``train.eval_at_end=false`` kava run: what the
+    command writes (less the trackers' folders), with no end-of-run KV probe."""
+    from kava.cli import main
+
+    text = (DOCS / "training.md").read_text()
+    assert "train.eval_at_end=false" in text.split("$ ls runs/tracked | tr", 1)[0].rsplit("$ kava train", 1)[1]
+    shown = set(text.split("$ ls runs/tracked | tr '\\n' ' '\n", 1)[1].split("\n", 1)[0].split())
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_config(train={"max_steps": 2, "output_dir": str(tmp_path / "run")}).to_dict()))
+    assert main(["train", "--config", str(cfg), "train.eval_at_end=false"]) == 0
+    written = {p.name.replace("checkpoint-2", "checkpoint-40") for p in (tmp_path / "run").iterdir()} - {".kava.lock"}
+    assert written == shown - {"logs", "wandb"}  # logs/ and wandb/ are the trackers'
