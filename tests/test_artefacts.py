@@ -344,7 +344,11 @@ def test_lm_eval_harness_runs_latent_generation_on_a_local_task(tmp_path):
         for a in kava.load(tmp_path / "ckpt").answer(questions, batch_size=1, max_new_tokens=6)
     ]
     # Targets: the model's own reply for the even rows, one it never gives for the odd rows -> exact match 1/2.
-    rows = [{"question": q, "answer": a if i % 2 == 0 else "never"} for i, (q, a) in enumerate(zip(questions, answers))]
+    # lm-eval's regex filter strips what it captures, so a reply with a leading space is stripped too.
+    rows = [
+        {"question": q, "answer": a.strip() if i % 2 == 0 else "never"}
+        for i, (q, a) in enumerate(zip(questions, answers))
+    ]
     (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks" / "kava_local.yaml").write_text(TASK.format(data=tmp_path / "data.jsonl"))
