@@ -281,6 +281,22 @@ def test_eval_of_a_plain_model_folder_needs_no_checkpoint(tmp_path, capsys):
     assert "needs a trained kava checkpoint" in capsys.readouterr().err
 
 
+def test_eval_of_a_chat_model_without_config_says_it_drops_the_chat_template(tmp_path, caplog):
+    """``kava eval --model`` of an Instruct folder with ``--data`` alone: the default config gives
+    the bare question; a warning says so and what to add, unless the template was chosen."""
+    _save_hf_folder(tmp_path / "hf", _tokenizer(chat=True))
+    args = ["eval", "--model", str(tmp_path / "hf"), "--data", "synthetic", "--limit", "2", "--modes", "nocot"]
+    with caplog.at_level("WARNING", logger="kava.eval"):
+        assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    said = [r.getMessage() for r in caplog.records if r.name == "kava.eval"]
+    assert len(said) == 1 and "chat template" in said[0] and "model.use_chat_template=true" in said[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="kava.eval"):
+        assert main([*args, "--out", str(tmp_path / "b"), "model.use_chat_template=true"]) == 0
+    assert not [r for r in caplog.records if r.name == "kava.eval"]
+    assert "<|user|>" in json.loads((tmp_path / "b" / "predictions_nocot.jsonl").read_text().splitlines()[0])["prompt"]
+
+
 # --- lm-evaluation-harness ------------------------------------------------------------------
 
 
@@ -328,7 +344,11 @@ def test_lm_eval_harness_runs_latent_generation_on_a_local_task(tmp_path):
         for a in kava.load(tmp_path / "ckpt").answer(questions, batch_size=1, max_new_tokens=6)
     ]
     # Targets: the model's own reply for the even rows, one it never gives for the odd rows -> exact match 1/2.
-    rows = [{"question": q, "answer": a if i % 2 == 0 else "never"} for i, (q, a) in enumerate(zip(questions, answers))]
+    # lm-eval's regex filter strips what it captures, so a reply with a leading space is stripped too.
+    rows = [
+        {"question": q, "answer": a.strip() if i % 2 == 0 else "never"}
+        for i, (q, a) in enumerate(zip(questions, answers))
+    ]
     (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks" / "kava_local.yaml").write_text(TASK.format(data=tmp_path / "data.jsonl"))

@@ -157,3 +157,25 @@ def test_an_unexpected_error_is_not_swallowed(monkeypatch):
     monkeypatch.setattr(cli, "cmd_config", boom)
     with pytest.raises(RuntimeError, match="a bug"):
         cli.main(["config"])
+
+
+def test_a_lora_run_prints_no_deprecation_warning_of_peft_and_transformers(tmp_path):
+    """peft's call of transformers' deprecated ``is_gradient_checkpointing`` warned on every LoRA
+    command (train, eval, export, ``kava.load``): noise about nothing the user did."""
+    import warnings
+
+    import yaml
+
+    from conftest import tiny_config
+    from kava.cli import main
+
+    cfg = tmp_path / "lora.yaml"
+    run = tmp_path / "run"
+    cfg.write_text(
+        yaml.safe_dump(tiny_config(model={"adapter": "lora"}, train={"max_steps": 1, "output_dir": str(run)}).to_dict())
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["train", "--config", str(cfg)]) == 0
+        assert main(["eval", "--checkpoint", str(run), "--limit", "2", "--modes", "nocot"]) == 0
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]

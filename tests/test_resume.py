@@ -87,6 +87,23 @@ def test_max_steps_may_grow_under_a_constant_schedule_with_overrides_after_the_f
     _same_weights(tmp_path / "straight" / "checkpoint-6", tmp_path / "split" / "checkpoint-6")
 
 
+def test_max_steps_may_grow_under_a_warmup_ratio_that_gives_as_many_warmup_steps(tmp_path, capsys):
+    """A constant schedule with ``train.warmup_ratio`` (as configs/smollm2/ has): 3 steps and a
+    resume to 6 keep int(0.1 * N) = 0 warm-up steps, so the resume is exact and allowed; a ratio
+    whose warm-up would grow is refused with the reason."""
+    assert _kava("train", "--config", _config(tmp_path, "straight", lr_schedule="constant", warmup_ratio=0.1)) == 0
+    split = _config(tmp_path, "split", lr_schedule="constant", warmup_ratio=0.1, max_steps=3)
+    assert _kava("train", "--config", split) == 0
+    assert _kava("train", "--config", split, "--resume", "train.max_steps=6") == 0
+    _same_weights(tmp_path / "straight" / "checkpoint-6", tmp_path / "split" / "checkpoint-6")
+    capsys.readouterr()
+    grows = _config(tmp_path, "grows", lr_schedule="constant", warmup_ratio=0.5, max_steps=2)
+    assert _kava("train", "--config", grows) == 0
+    assert _kava("train", "--config", grows, "--resume", "train.max_steps=4") == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "train.max_steps: 2 -> 4 (the warm-up" in err and "1 -> 2 steps" in err
+
+
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("resume")

@@ -115,8 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue from the latest checkpoint in train.output_dir with the run's own config.yaml and the "
         "overrides given now; a field that changes the result is refused. What may change: "
         + ", ".join(f + "*" if f.endswith(".") else f for f in RESUME_MAY_CHANGE)
-        + "; train.max_steps and train.epochs under a constant schedule whose warm-up does not scale "
-        "with them",
+        + "; train.max_steps and train.epochs under a constant schedule whose warm-up keeps its number of "
+        "steps (train.warmup_steps, none, or a train.warmup_ratio of train.max_steps that gives as many)",
     )
     t.add_argument(
         "--overwrite",

@@ -26,7 +26,7 @@ OUTPUT_ROOT_ENV = "KAVA_OUTPUT_ROOT"
 # What a resume may change: where the run is, how it logs, saves and evaluates, what it
 # evaluates on. None of them changes the weights a step computes. A field ending in "." is a
 # section (every field of it). train.max_steps and train.epochs may change too under a constant
-# schedule whose warm-up does not scale with them (RESUME_STEP_COUNT). Checked by
+# schedule whose warm-up keeps its number of steps (RESUME_STEP_COUNT). Checked by
 # kava.training.rundir.check_resume_config.
 RESUME_MAY_CHANGE = (
     "train.output_dir",

@@ -8,6 +8,7 @@ after an answer marker; the headline ``accuracy``) and ``flexible`` (else the la
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from ..io import atomic_write, atomic_write_json, check_output_folder
 from ..model.backbone import KavaModel
 from .decode import MODES, generate, graded_text, hit_cap, kv_bytes_per_token
 from .results import accuracy_stderr, eval_folder_name, provenance, write_results
+
+log = logging.getLogger("kava.eval")
 
 
 def grade(text: str, gold: str, marker: str) -> dict[str, bool]:
@@ -249,6 +252,15 @@ def evaluate_pretrained(
     )
     eval_examples = load_data(cfg, "eval")  # bad data fails before the model is loaded
     model = build_model(cfg, with_adapter=False)
+    chosen = any(o.split("=", 1)[0].strip() == "model.use_chat_template" for o in overrides)
+    if config is None and not chosen and getattr(model.tokenizer, "chat_template", None):
+        # The defaults put a bare question in front of an Instruct model: say so, and how to match the runs.
+        log.warning(
+            "kava eval --model without --config: %s has a chat template, but the default config gives the "
+            "question without it (model.use_chat_template=false) and decodes with the default eval.*: add "
+            "model.use_chat_template=true, or --config the file the runs to compare with were trained with",
+            name_or_path,
+        )
     out = Path(out) if out else Path("runs") / "eval" / Path(name_or_path.rstrip("/")).name / eval_folder_name(cfg)
     results = evaluate(model, eval_examples, cfg, modes, out)
     write_results(out, results, provenance(cfg, modes, None, str(next(model.parameters()).device)))

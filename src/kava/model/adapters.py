@@ -3,6 +3,8 @@ trainable rows for them, or full fine-tuning."""
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -68,7 +70,11 @@ def apply_adapter(model, cfg: ModelConfig, token_ids: list[int]):
             f"model.lora_target_modules: {unknown[0]!r} is not a module of this model; "
             f"its linear layers are {', '.join(linear)}"
         )
-    peft_model = get_peft_model(model, lora)
+    with warnings.catch_warnings():
+        # peft asks transformers 5 for its deprecated `is_gradient_checkpointing`: a FutureWarning on
+        # every LoRA command that says nothing about the run (kava sets gradient checkpointing itself).
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+        peft_model = get_peft_model(model, lora)
     fast_trainable_tokens(peft_model)
     return peft_model
 

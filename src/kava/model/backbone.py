@@ -173,20 +173,9 @@ def _hub_access(name: str, repo: str, gguf: str | None, cache_dir: str | None) -
     )
 
 
-def load_backbone(cfg: ModelConfig, seed: int = 0):
-    """(tokenizer, causal LM) for ``cfg.name_or_path``: built in code, a local folder, a .gguf
-    file, the packaged SmolLM2 GGUF (``smollm2``), or the hub (``model.init_from`` is
-    :func:`kava.model.checkpoints.start_backbone`'s).
-
-    A tokenizer without a pad token gets its eos as pad (sequences carry explicit masks, so
-    pad == eos never hides the eos that ends an answer)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .tokenizer import build_synthetic_tokenizer
-
-    if cfg.name_or_path == "tiny":
-        tok = build_synthetic_tokenizer(chars=cfg.tiny.tokenizer == "char", verbose=cfg.tiny.tokenizer == "verbose")
-        return tok, _tiny_model(cfg, tok, seed)
+def _model_source(cfg: ModelConfig) -> tuple[str, str | None]:
+    """(folder or hub id, GGUF file name or None) that ``cfg.name_or_path`` names, a local folder
+    checked for remote code and pickles first."""
     path, gguf = cfg.name_or_path, cfg.gguf_file or None
     if path == SMOLLM2:
         path = find_smollm2_gguf()
@@ -204,6 +193,24 @@ def load_backbone(cfg: ModelConfig, seed: int = 0):
         refuse_remote_code(path, cfg.trust_remote_code)
         if not gguf:
             refuse_pickled(path, only_if_no_safetensors=True)
+    return path, gguf
+
+
+def load_backbone(cfg: ModelConfig, seed: int = 0):
+    """(tokenizer, causal LM) for ``cfg.name_or_path``: built in code, a local folder, a .gguf
+    file, the packaged SmolLM2 GGUF (``smollm2``), or the hub (``model.init_from`` is
+    :func:`kava.model.checkpoints.start_backbone`'s).
+
+    A tokenizer without a pad token gets its eos as pad (sequences carry explicit masks, so
+    pad == eos never hides the eos that ends an answer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .tokenizer import build_synthetic_tokenizer
+
+    if cfg.name_or_path == "tiny":
+        tok = build_synthetic_tokenizer(chars=cfg.tiny.tokenizer == "char", verbose=cfg.tiny.tokenizer == "verbose")
+        return tok, _tiny_model(cfg, tok, seed)
+    path, gguf = _model_source(cfg)
     kw = dict(trust_remote_code=cfg.trust_remote_code)  # always explicit: transformers never prompts
     if cfg.cache_dir:  # else Hugging Face's own cache ($HF_HUB_CACHE, $HF_HOME)
         kw["cache_dir"] = cfg.cache_dir

@@ -336,11 +336,32 @@ def _may_change(key: str, old: KavaConfig, new: KavaConfig) -> bool:
     if key in RESUME_MAY_CHANGE or any(p.endswith(".") and key.startswith(p) for p in RESUME_MAY_CHANGE):
         return True
     if key in RESUME_STEP_COUNT:
-        return all(
-            c.train.lr_schedule == "constant" and (c.train.warmup_steps > 0 or c.train.warmup_ratio == 0)
-            for c in (old, new)
-        )
+        # Under a constant schedule only the warm-up depends on the step count: the change is exact
+        # when both give the same number of warm-up steps (the trainer's warmup_steps or
+        # int(warmup_ratio * max_steps)).
+        constant = old.train.lr_schedule == new.train.lr_schedule == "constant"
+        return constant and _warmup_steps(old) == _warmup_steps(new) is not None
     return False
+
+
+def _warmup_steps(cfg: KavaConfig) -> int | None:
+    """The warm-up steps the trainer gives ``cfg``, or None where they depend on the data (a warm-up
+    ratio of an epoch count)."""
+    tc = cfg.train
+    if tc.warmup_steps > 0 or tc.warmup_ratio == 0:
+        return tc.warmup_steps
+    return int(tc.warmup_ratio * tc.max_steps) if tc.max_steps > 0 else None
+
+
+def _why_refused(key: str, old: KavaConfig, new: KavaConfig) -> str:
+    if key not in RESUME_STEP_COUNT:
+        return ""
+    if not old.train.lr_schedule == new.train.lr_schedule == "constant":
+        return " (a cosine schedule's length sets every step's learning rate)"
+    before, after = _warmup_steps(old), _warmup_steps(new)
+    if before is None or after is None:
+        return " (a train.warmup_ratio of a step count that train.epochs sets: the warm-up depends on the data)"
+    return f" (the warm-up of train.warmup_ratio {new.train.warmup_ratio} would change: {before} -> {after} steps)"
 
 
 def config_changes(saved: KavaConfig, cfg: KavaConfig) -> list[tuple[str, object, object]]:
@@ -369,7 +390,7 @@ def check_resume_config(folder: Path, cfg: KavaConfig) -> None:
         cfg.model.init_from = resolve_init_from(cfg.model.init_from)
     refused = [(k, a, b) for k, a, b in config_changes(saved, cfg) if not _may_change(k, saved, cfg)]
     if refused:
-        shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in refused)
+        shown = "; ".join(f"{k}: {a!r} -> {b!r}{_why_refused(k, saved, cfg)}" for k, a, b in refused)
         raise ConfigError(
             f"--resume into {folder}: the config differs from the run's {CONFIG_FILE} in {shown}; a resume "
             "continues the run as it was configured (what may change: kava train --help): start a new run "
