@@ -188,6 +188,7 @@ def test_export_writes_a_merged_model_with_a_card_and_pushes(tmp_path, monkeypat
     assert second["provenance"]["data"] == "synthetic?n=4&seed=3" and second["results"]["student"]["n"] == 3
     assert json.loads((ckpt / "eval" / "synthetic-test" / "results.json").read_text())["results"] == results
     calls = []
+    monkeypatch.setattr("kava.model.export.hub_unreachable", lambda: None)  # a hub that answers, offline
     monkeypatch.setattr(huggingface_hub, "create_repo", lambda *a, **kw: calls.append(("create_repo", a, kw)))
     monkeypatch.setattr(
         huggingface_hub, "upload_folder", lambda **kw: calls.append(("upload_folder", (), kw)) or "https://hub/commit/1"
