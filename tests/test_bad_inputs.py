@@ -1315,3 +1315,41 @@ def test_ctrl_c_outside_a_training_loop_is_one_line_and_exit_130(tmp_path, monke
     code, err = _kava(["data", "export", "synthetic?n=2", "--out", tmp_path / "o.jsonl"], capsys)
     assert code == 130 and "interrupted" in _one_error_line(err)
     assert list(tmp_path.iterdir()) == []
+
+
+# --- weights of the wrong kind, and an empty model name ------------------------------------------
+
+
+def test_integer_weights_are_refused_not_cast(tmp_path, capsys):
+    from kava.model import build_model, save_checkpoint
+
+    cfg = tiny_config(model={"adapter": "full"})
+    save_checkpoint(build_model(cfg), tmp_path / "ckpt")
+    weights = tmp_path / "ckpt" / "model.safetensors"
+    state = load_file(weights)
+    name = next(n for n in sorted(state) if n.endswith("mlp.up_proj.weight"))
+    state[name] = state[name].round().to(torch.int64)
+    save_file(state, weights)
+    assert main(["eval", "--checkpoint", str(tmp_path / "ckpt"), "--limit", "2"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(weights) in err[0] and name in err[0] and "I64" in err[0], err
+
+
+def test_check_shapes_refuses_integer_values_for_float_weights(tmp_path):
+    from kava.model.files import ModelLoadError, check_shapes
+
+    module = torch.nn.Linear(2, 2)
+    check_shapes(module, {"weight": torch.zeros(2, 2)}, tmp_path / "w")
+    with pytest.raises(ModelLoadError, match=r"'bias' holds int32 values where the model has float32 weights"):
+        check_shapes(module, {"bias": torch.zeros(2, dtype=torch.int32)}, tmp_path / "w")
+
+
+@pytest.mark.parametrize("name", ["", "   "])
+def test_an_empty_model_name_is_a_config_error(name, capsys):
+    from kava.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.name_or_path.*empty"):
+        tiny_config(model={"name_or_path": name})
+    assert main(["config", "--show", f"model.name_or_path={name}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.name_or_path" in err[0], err

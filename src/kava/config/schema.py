@@ -88,6 +88,11 @@ class ModelConfig:
     )
 
     def __post_init__(self) -> None:
+        _check(
+            bool(self.name_or_path.strip()),
+            "model.name_or_path",
+            "empty: give a hub id, a local model folder, a .gguf file, smollm2 or tiny",
+        )
         _choice(self.dtype, "model.dtype", ("auto", "float32", "bfloat16", "float16"))
         _choice(self.adapter, "model.adapter", ("lora", "full"))
         _choice(self.quantization, "model.quantization", ("none", "4bit", "8bit"))

@@ -101,9 +101,10 @@ def read_tensors(path: Path) -> dict:
 
 
 def check_readable(path: Path) -> dict[str, tuple[int, ...]]:
-    """The tensor shapes of safetensors file ``path``, from its header only (a check before a
-    library loads the file itself); stop, naming ``path``, when it is missing, empty,
-    truncated or corrupted."""
+    """The tensor shapes of the model weight file ``path``, from its header only (a check before
+    a library loads the file itself); stop, naming ``path``, when it is missing, empty,
+    truncated or corrupted, or when a tensor holds integers or booleans (model weights are
+    floating point; a loader would cast them silently)."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -111,15 +112,24 @@ def check_readable(path: Path) -> dict[str, tuple[int, ...]]:
         raise ModelLoadError(f"{path}: no such file")
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+            shapes, dtypes = {}, {}
+            for name in f.keys():
+                part = f.get_slice(name)
+                shapes[name], dtypes[name] = tuple(part.get_shape()), str(part.get_dtype())
     except (SafetensorError, OSError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ModelLoadError(f"{path}: not a readable safetensors file, truncated or corrupted ({first})") from None
+    for name, dtype in dtypes.items():
+        if not dtype.upper().startswith(("F", "BF")):  # F16, F32, F64, F8_*, BF16
+            raise ModelLoadError(f"{path}: tensor {name!r} holds {dtype} values; model weights are floating point")
+    return shapes
 
 
 def check_shapes(module, state: dict, source: Path) -> None:
     """Stop, naming ``source`` and the tensor, where a tensor of ``state`` has another shape
-    than ``module``'s tensor of that name (``load_state_dict`` would raise a long traceback)."""
+    than ``module``'s tensor of that name (``load_state_dict`` would raise a long traceback), or
+    integer or boolean values where the model holds floating-point weights (``load_state_dict``
+    would cast them silently)."""
     own = module.state_dict()
     for name, tensor in state.items():
         mine = own.get(name)
@@ -127,6 +137,11 @@ def check_shapes(module, state: dict, source: Path) -> None:
             raise ModelLoadError(
                 f"{source}: tensor {name!r} has shape {tuple(tensor.shape)} but the model built from the "
                 f"config expects {tuple(mine.shape)} (weights of another architecture?)"
+            )
+        if mine is not None and mine.is_floating_point() and not tensor.is_floating_point():
+            raise ModelLoadError(
+                f"{source}: tensor {name!r} holds {str(tensor.dtype).removeprefix('torch.')} values where the model "
+                f"has {str(mine.dtype).removeprefix('torch.')} weights (a damaged or foreign weight file?)"
             )
 
 
