@@ -43,6 +43,7 @@ def test_model_cache_dir_reaches_from_pretrained(monkeypatch):
         raise OSError("offline")
 
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fake)
+    monkeypatch.setattr("kava.io._probe", lambda *a: None)  # a hub that answers (this machine may have no network)
     cfg = tiny_config(model={"name_or_path": "org/model", "cache_dir": "/scratch/hf"})
     with pytest.raises(ModelLoadError, match="org/model"):
         load_backbone(cfg.model)
@@ -63,6 +64,7 @@ def test_data_cache_dir_reaches_load_dataset(monkeypatch):
         return [{"question": "Q?", "answer": "#### 3"}]
 
     monkeypatch.setattr(datasets, "load_dataset", fake)
+    monkeypatch.setattr("kava.io._probe", lambda *a: None)  # a hub that answers (this machine may have no network)
     cfg = tiny_config(data={"eval": "gsm8k", "cache_dir": "/scratch/datasets"})
     assert [e.answer for e in load_data(cfg, "eval")] == ["3"]
     assert seen == {"hub_id": "openai/gsm8k", "cache_dir": "/scratch/datasets"}

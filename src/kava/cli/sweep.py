@@ -30,27 +30,36 @@ def parse_seeds(text: str) -> set[int]:
     return out
 
 
+def _selected_runs(args: argparse.Namespace) -> list:
+    """The sweep's runs that ``--only`` and ``--seeds`` select, in ``--by-seed`` order if asked;
+    job-script options checked first (:class:`SweepError` naming the flag)."""
+    from ..experiments.sweep import SweepError, expand_sweep
+
+    for flag, text in (("--queue", args.queue), ("--partition", args.partition), ("--setup", args.setup)):
+        if not text.isprintable():  # one line each in a job script: a newline would add directives
+            raise SweepError(f"{flag} {text!r}: holds a newline or control character; give one line")
+    specs = expand_sweep(args.sweep, validate=True, extra=args.set, output_dir=args.output_dir)
+    if args.only:
+        specs = [s for s in specs if any(fnmatch.fnmatchcase(s.name, pat) for pat in args.only)]
+        if not specs:
+            raise SweepError(f"no run name matches {', '.join(args.only)}")
+    if args.seeds:
+        wanted = parse_seeds(args.seeds)
+        specs = [s for s in specs if s.seed in wanted]
+        if not specs:
+            raise SweepError(f"--seeds {args.seeds}: no run of the sweep has these seeds")
+    if args.by_seed:
+        specs = sorted(specs, key=lambda s: s.seed)  # stable: file order within a seed
+    return specs
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Run, submit or list the sweep; the exit code is non-zero if a local run failed."""
     from ..experiments.cluster import submit_slurm, write_pbs
-    from ..experiments.sweep import SweepError, describe, expand_sweep, run_local
+    from ..experiments.sweep import SweepError, describe, run_local
 
     try:
-        for flag, text in (("--queue", args.queue), ("--partition", args.partition), ("--setup", args.setup)):
-            if not text.isprintable():  # one line each in a job script: a newline would add directives
-                raise SweepError(f"{flag} {text!r}: holds a newline or control character; give one line")
-        specs = expand_sweep(args.sweep, validate=True, extra=args.set, output_dir=args.output_dir)
-        if args.only:
-            specs = [s for s in specs if any(fnmatch.fnmatchcase(s.name, pat) for pat in args.only)]
-            if not specs:
-                raise SweepError(f"no run name matches {', '.join(args.only)}")
-        if args.seeds:
-            wanted = parse_seeds(args.seeds)
-            specs = [s for s in specs if s.seed in wanted]
-            if not specs:
-                raise SweepError(f"--seeds {args.seeds}: no run of the sweep has these seeds")
-        if args.by_seed:
-            specs = sorted(specs, key=lambda s: s.seed)  # stable: file order within a seed
+        specs = _selected_runs(args)
         if args.slurm and args.pbs:
             raise SweepError("--slurm and --pbs exclude each other")
         resume = not args.no_resume
