@@ -15,7 +15,7 @@ decoding calls evaluation's prefill and greedy, so the benchmark times what trai
 evaluation run. For inference it decodes the same batch in latent mode and in CoT mode
 (greedy, with the KV cache, lengths fixed to the examples' own so that random weights decode
 as many tokens as a trained model would) and reports forward passes, wall time and KV-cache
-bytes. Targets: (c) within 10% of (b); selection + losses under 5% of (c); latent decoding
+bytes. Targets: (c) within 10% of (b); selection + losses at most 3% of (c); latent decoding
 speed-up at least 80% of the forward-pass ratio.
 
   python benchmarks/bench_step.py                       # tiny model of configs/curriculum/kava.yaml
@@ -512,7 +512,7 @@ def run_benchmark(args) -> dict:
 
     targets = {
         "kava_within_10pct_of_passes": summary["kava_over_passes"] <= 0.10,
-        "selection_losses_under_5pct": summary["selection_losses_share"] < 0.05,
+        "selection_losses_at_most_3pct": summary["selection_losses_share"] <= 0.03,
         "latent_speedup_at_least_80pct_of_pass_ratio": inference["speedup_over_pass_ratio"] >= 0.80,
     }
     c = model.base_model.config

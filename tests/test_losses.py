@@ -178,3 +178,22 @@ def test_kv_scale_from_summed_moments_is_the_masked_std():
     parts = torch.cat([kv_moments(k[:, i : i + 1], v[:, i : i + 1], mask[:, i : i + 1]) for i in range(4)])
     torch.testing.assert_close(scale_from_moments(parts.sum(0)), want, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(scale_from_moments(parts[:2].sum(0)), want)  # half the batch is another std
+
+
+@pytest.mark.parametrize("full_mask", [False, True])
+def test_kv_moments_are_each_examples_count_sum_and_square_sum_per_layer(full_mask):
+    torch.manual_seed(1)
+    k, v = torch.randn(3, 4, 2, 5, 8) * 2 + 1, torch.randn(3, 4, 2, 5, 8)
+    shape = (3, 4, 2, 5) if full_mask else (1, 4, 1, 5)
+    mask = torch.rand(shape) > 0.4
+    mask[:, 2] = False  # an example with nothing kept has zero moments
+    got = losses.kv_moments(k, v, mask)  # [B, 2, L, 3]
+    assert got.shape == (4, 2, 3, 3) and got.dtype == torch.float64
+    m = mask.expand(k.shape[:-1])
+    for b in range(4):
+        for j, x in enumerate((k, v)):
+            for layer in range(3):
+                xs = x[layer, b][m[layer, b]].double()  # [kept, d]
+                want = torch.stack([torch.tensor(float(xs.numel()), dtype=torch.float64), xs.sum(), (xs * xs).sum()])
+                torch.testing.assert_close(got[b, j, layer], want)
+    assert (got[2] == 0).all() and (got[0, :, :, 0] > 0).all()
