@@ -197,3 +197,12 @@ def test_kv_moments_are_each_examples_count_sum_and_square_sum_per_layer(full_ma
                 want = torch.stack([torch.tensor(float(xs.numel()), dtype=torch.float64), xs.sum(), (xs * xs).sum()])
                 torch.testing.assert_close(got[b, j, layer], want)
     assert (got[2] == 0).all() and (got[0, :, :, 0] > 0).all()
+
+
+def test_kv_moments_count_each_tensors_own_head_size():
+    """Keys and values may have different head sizes (e.g. an MLA-style cache): each count is its own."""
+    k, v = torch.ones(2, 3, 1, 4, 8), torch.ones(2, 3, 1, 4, 5)
+    mask = torch.tensor([[True, True, False, False]] * 3)[None, :, None, :]
+    got = losses.kv_moments(k, v, mask)
+    assert (got[:, 0, :, 0] == 2 * 8).all() and (got[:, 1, :, 0] == 2 * 5).all()
+    assert (got[:, 0, :, 1] == 16).all() and (got[:, 1, :, 2] == 10).all()

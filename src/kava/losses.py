@@ -63,14 +63,14 @@ def kv_moments(keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> 
 
     Only the masked entries are lifted to float64 (the CoT is a fraction of the teacher sequence),
     and their sums go to their ``(layer, example)`` with ``index_add_``."""
-    n_layers, b, d = keys.shape[0], keys.shape[1], keys.shape[-1]
+    n_layers, b = keys.shape[:2]
     m = mask.expand(keys.shape[:-1])
     shape = (n_layers, b) + (1,) * (m.dim() - 2)
     group = torch.arange(n_layers * b, device=keys.device).view(shape).expand(m.shape)[m]  # [K]
     out = []
     for x in (keys, values):
         xs = x.detach()[m].double()  # [K, d]
-        stats = torch.stack([torch.full_like(xs[:, 0], d), xs.sum(-1), (xs * xs).sum(-1)], -1)  # [K, 3]
+        stats = torch.stack([torch.full_like(xs[:, 0], x.shape[-1]), xs.sum(-1), (xs * xs).sum(-1)], -1)  # [K, 3]
         sums = xs.new_zeros(n_layers * b, 3).index_add_(0, group, stats)
         out.append(sums.view(n_layers, b, 3))
     return torch.stack(out).permute(2, 0, 1, 3)  # [B, 2, L, 3]
