@@ -74,6 +74,7 @@ positions in T + 1 passes; CODI: ``P + M + S`` in M + 2; PCCoT: ``P + (T + 1) M 
   python benchmarks/bench_peers.py --quick                 # one small shape, under a minute
   python benchmarks/bench_peers.py --model medium --shapes 16x12x6,16x60x6
   python benchmarks/bench_peers.py                         # the tiny model, B 16/64 x C 12/60 x M 6/24, T 3
+  python benchmarks/bench_peers.py --quick --profile 8       # and where each arm's step spends its time
 """
 
 from __future__ import annotations
@@ -449,7 +450,30 @@ def time_shape(model, shape: Shape, args, device) -> dict:
         for peer in (a for a in fns if not a.startswith("kava")):
             med, lo, hi = median_ratio(times[k], times[peer], seed=len(ratios))
             ratios[f"{k}/{peer}"] = {"median": med, "low": lo, "high": hi}
-    return {"shape": asdict(shape), "arms": arms, "ratios": ratios, "rounds": args.iters}
+    out = {"shape": asdict(shape), "arms": arms, "ratios": ratios, "rounds": args.iters}
+    if args.profile:
+        out["profile"] = {name: profile_step(fn, args.profile) for name, fn in fns.items()}
+    return out
+
+
+MATMULS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm")
+
+
+def profile_step(fn, top: int) -> dict:
+    """One step of ``fn`` under ``torch.profiler`` (CPU): its total self CPU time, the share spent
+    in matrix products, and the ``top`` operators by self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in ops)
+    mm = sum(e.self_cpu_time_total for e in ops if e.key in MATMULS)
+    return {
+        "self_cpu_ms": total / 1e3,
+        "matmul_share": mm / total if total else 0.0,
+        "top": [{"op": e.key, "self_cpu_ms": e.self_cpu_time_total / 1e3, "calls": e.count} for e in ops[:top]],
+    }
 
 
 def table(results: list[dict], model_name: str) -> str:
@@ -562,6 +586,14 @@ def parse_args(argv=None):
     p.add_argument(
         "--answer-tokens", type=int, default=3, help="answer tokens, <eos> included (after the answer prefix)"
     )
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after timing a shape, one step of every arm under torch.profiler: self CPU time, "
+        "matrix-product share and the N costliest operators",
+    )
     p.add_argument("--json", help="also write every figure here")
     p.add_argument(
         "overrides", nargs="*", help="kava config overrides key=value (the backbone's adapter applies to every arm)"
@@ -623,6 +655,13 @@ def report(r: dict) -> str:
     t = targets(res, mod["name"])
     if t:
         lines += ["", *t]
+    for x in res:
+        for arm, prof in x.get("profile", {}).items():
+            top = ", ".join(f"{o['op']} {o['self_cpu_ms']:.0f} ms ({o['calls']})" for o in prof["top"])
+            lines.append(
+                f"profile {Shape(**x['shape']).label()} {arm}: {prof['self_cpu_ms']:.0f} ms self CPU, "
+                f"matrix products {prof['matmul_share']:.0%}; top: {top}"
+            )
     return "\n".join(lines)
 
 

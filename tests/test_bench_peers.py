@@ -170,3 +170,17 @@ def test_one_round_of_every_arm_prints_a_table(monkeypatch):
     text = bp.report(r)
     assert "| kava/codi | kava/codi_1pass | kava/pccot | kava_codi/codi |" in text
     assert len([line for line in text.splitlines() if line.startswith("| tiny | 3 | 8 | 3 | 2 |")]) == 1
+
+
+def test_profile_reports_each_arms_self_time_and_matrix_share(monkeypatch):
+    monkeypatch.setitem(bp.MODELS, "tiny", MICRO)
+    base = "--shapes 3x8x3x2 --arms kava,codi --iters 1 --warmup 0 --question-tokens 5 --answer-tokens 2 --device cpu"
+    r = bp.run(bp.parse_args(f"{base} --profile 3".split()))
+    prof = r["results"][0]["profile"]
+    assert set(prof) == {"kava", "codi"}
+    for p in prof.values():
+        assert p["self_cpu_ms"] > 0 and 0 < p["matmul_share"] < 1 and len(p["top"]) == 3
+        costs = [o["self_cpu_ms"] for o in p["top"]]
+        assert costs == sorted(costs, reverse=True) and sum(costs) <= p["self_cpu_ms"] + 1e-6
+    assert "profile 3x8x3x2 kava:" in bp.report(r) and "matrix products" in bp.report(r)
+    assert "profile" not in bp.run(bp.parse_args(base.split()))["results"][0]  # off by default
